@@ -1,0 +1,140 @@
+//! `policy`: check and explain a gateway policy before it is deployed.
+//!
+//! ```text
+//! policy check   [FILE]   every error with its JSON path; exit 1 if any, 0 if valid
+//! policy explain [FILE]   a table of the routes: what each accepts and where it writes
+//! policy schema           the JSON Schema generated from the model (policy.schema.json)
+//! ```
+//! FILE defaults to `policy.json`.
+
+#[cfg(target_arch = "wasm32")]
+fn main() {}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn main() {
+    std::process::exit(cli::run(std::env::args().skip(1).collect()));
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+mod cli {
+    use azure_edge_gateway::policy::{self, Policy, Route};
+
+    const USAGE: &str = "usage: policy check [FILE] | policy explain [FILE] | policy schema\n\
+        FILE defaults to policy.json";
+
+    pub fn run(args: Vec<String>) -> i32 {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        match args.as_slice() {
+            ["check", rest @ ..] if rest.len() <= 1 => {
+                check(rest.first().copied().unwrap_or("policy.json"))
+            }
+            ["explain", rest @ ..] if rest.len() <= 1 => {
+                explain(rest.first().copied().unwrap_or("policy.json"))
+            }
+            ["schema"] => {
+                print!("{}", policy::schema::policy_schema_json());
+                0
+            }
+            ["-h" | "--help" | "help"] => {
+                println!("{USAGE}");
+                0
+            }
+            _ => {
+                eprintln!("{USAGE}");
+                2
+            }
+        }
+    }
+
+    fn load(file: &str) -> Result<Policy, i32> {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            eprintln!("policy: cannot read {file}: {e}");
+            2
+        })?;
+        policy::load(&text).map_err(|errors| {
+            for e in &errors {
+                println!("{file}: {e}");
+            }
+            println!("{file}: {} error(s)", errors.len());
+            1
+        })
+    }
+
+    fn check(file: &str) -> i32 {
+        match load(file) {
+            Ok(p) => {
+                println!(
+                    "{file}: valid ({} route(s), {} identit{})",
+                    p.routes.len(),
+                    p.identities.len(),
+                    if p.identities.len() == 1 { "y" } else { "ies" }
+                );
+                0
+            }
+            Err(code) => code,
+        }
+    }
+
+    fn explain(file: &str) -> i32 {
+        let p = match load(file) {
+            Ok(p) => p,
+            Err(code) => return code,
+        };
+        let header = [
+            "ROUTE", "METHODS", "PATH", "BACKEND", "TARGET", "IDENTITY", "AUDIENCE", "INBOUND",
+        ];
+        let rows: Vec<[String; 8]> = p.routes.iter().map(|r| row(&p, r)).collect();
+        let widths: Vec<usize> = (0..header.len())
+            .map(|i| {
+                rows.iter()
+                    .map(|r| r[i].chars().count())
+                    .chain([header[i].len()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let print_row = |cells: &[String]| {
+            let line: Vec<String> = cells
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect();
+            println!("{}", line.join("  ").trim_end());
+        };
+        print_row(&header.map(String::from));
+        for r in &rows {
+            print_row(r);
+        }
+        0
+    }
+
+    fn row(p: &Policy, r: &Route) -> [String; 8] {
+        let methods: Vec<&str> = r.methods.iter().map(|m| m.as_str()).collect();
+        let target = r.backend.target(p.cloud);
+        let local = p
+            .local_endpoints
+            .iter()
+            .any(|l| target.starts_with(l.trim_end_matches('/')));
+        let inbound = match r.inbound.as_ref().and_then(|i| i.api_key.as_ref()) {
+            Some(k) => {
+                let names: Vec<&str> = k.keys.iter().map(|k| k.name.as_str()).collect();
+                format!("api_key {} ({})", k.header, names.join(", "))
+            }
+            None => "PUBLIC: none".to_owned(),
+        };
+        [
+            r.name.clone(),
+            methods.join(","),
+            r.path.clone(),
+            r.backend.kind().to_owned(),
+            if local {
+                format!("{target} (local)")
+            } else {
+                target
+            },
+            r.backend.identity().to_owned(),
+            r.backend.audience().to_owned(),
+            inbound,
+        ]
+    }
+}

@@ -1,0 +1,285 @@
+//! The typed shape of `policy.json`.
+//!
+//! These types are the single source of truth: serde reads the file into them (unknown fields
+//! are rejected everywhere), and `policy.schema.json` is generated from them, so an editor
+//! and the gateway agree on what a policy may say. Rules that a type cannot express (name
+//! formats, references between parts, hosts) live in [`super::validate`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[cfg(not(target_arch = "wasm32"))]
+use schemars::JsonSchema;
+
+/// A gateway policy: who the gateway is towards Azure (identities) and what callers may ask
+/// it to do (routes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// The JSON Schema that editors use to check this file (`./policy.schema.json`).
+    #[serde(rename = "$schema", default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
+    /// The Azure cloud every backend and Entra authority belongs to.
+    #[serde(default)]
+    pub cloud: Cloud,
+    /// Origins (`scheme://host:port`) that are not Azure hosts but may be used as backend or
+    /// token endpoints anyway: local emulators such as Azurite. Each one is a deliberate,
+    /// visible exception; `policy explain` marks routes that use one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub local_endpoints: Vec<String>,
+    /// Named identities (OAuth2 clients) that backends obtain Azure tokens as.
+    #[serde(default)]
+    pub identities: BTreeMap<String, Identity>,
+    /// The routes callers may use, matched by method and path.
+    pub routes: Vec<Route>,
+}
+
+/// Azure clouds: each has its own Entra authority and service host suffixes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Cloud {
+    /// Azure public cloud (`login.microsoftonline.com`, `*.windows.net`).
+    #[default]
+    Public,
+    /// Azure US Government (`login.microsoftonline.us`, `*.usgovcloudapi.net`).
+    UsGovernment,
+    /// Azure operated by 21Vianet in China (`login.chinacloudapi.cn`, `*.chinacloudapi.cn`).
+    China,
+}
+
+/// An OAuth2 client the gateway authenticates as: the stand-in for a managed identity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    /// Where tokens are requested.
+    pub token_endpoint: TokenEndpoint,
+    /// The application (client) id.
+    pub client_id: String,
+    /// How the client proves who it is.
+    pub credential: Credential,
+}
+
+/// A token endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum TokenEndpoint {
+    /// Microsoft Entra ID v2 endpoint: `scope={audience}/.default`.
+    EntraV2 {
+        /// Tenant id (a GUID) or verified domain.
+        tenant: String,
+    },
+    /// Microsoft Entra ID v1 endpoint: `resource={audience}`.
+    EntraV1 {
+        /// Tenant id (a GUID) or verified domain.
+        tenant: String,
+    },
+    /// Any OAuth2 token URL that takes `scope={audience}/.default`.
+    Url(String),
+}
+
+/// A client credential. Secret values never appear in the policy: it names the Worker secrets
+/// (`wrangler secret put NAME`) that hold them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Credential {
+    /// A client secret.
+    ClientSecret {
+        /// Name of the Worker secret that holds the client secret.
+        secret: String,
+        /// During rotation: name of a second Worker secret, tried when the first is rejected.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next_secret: Option<String>,
+        /// How the secret is sent: in the form body (`post`, the default) or as HTTP Basic.
+        #[serde(default)]
+        auth: ClientAuth,
+    },
+    /// A certificate: the gateway signs a client assertion (RS256 JWT) with its private key.
+    Certificate {
+        /// Name of the Worker secret that holds the PEM private key (PKCS#8).
+        private_key_secret: String,
+        /// Name of the Worker secret that holds the PEM certificate (for the `x5t` thumbprints).
+        certificate_secret: String,
+    },
+}
+
+/// How a client secret is presented to the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// `client_secret_post`: `client_id` and `client_secret` in the form body.
+    #[default]
+    Post,
+    /// `client_secret_basic`: HTTP Basic authentication.
+    Basic,
+}
+
+/// One route: requests that match `methods` and `path` go through `inbound`, then to `backend`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// A unique name, used in logs and errors.
+    pub name: String,
+    /// The HTTP methods this route accepts.
+    pub methods: Vec<Method>,
+    /// Path template: literal segments and whole-segment parameters, e.g. `/orders/{tenant}`.
+    pub path: String,
+    /// Set to `true` to let anyone call this route without inbound protection.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub public: bool,
+    /// Checks a caller must pass before anything is sent to Azure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<Inbound>,
+    /// Where an accepted request goes.
+    pub backend: Backend,
+}
+
+/// HTTP methods a route may accept (`OPTIONS` is the gateway's own, for CORS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Method {
+    Get,
+    Head,
+    Post,
+    Put,
+    Patch,
+    Delete,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Head => "HEAD",
+            Method::Post => "POST",
+            Method::Put => "PUT",
+            Method::Patch => "PATCH",
+            Method::Delete => "DELETE",
+        }
+    }
+
+    /// The method named by an HTTP request line, if a route can accept it.
+    pub fn parse(s: &str) -> Option<Method> {
+        [
+            Method::Get,
+            Method::Head,
+            Method::Post,
+            Method::Put,
+            Method::Patch,
+            Method::Delete,
+        ]
+        .into_iter()
+        .find(|m| m.as_str() == s)
+    }
+}
+
+/// Inbound checks of a route.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Inbound {
+    /// Callers must present one of these API keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<ApiKeyCheck>,
+}
+
+impl Inbound {
+    /// Whether any check is configured: a route without one must be marked public.
+    pub fn protects(&self) -> bool {
+        self.api_key.is_some()
+    }
+}
+
+/// API key check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyCheck {
+    /// The request header that carries the key.
+    #[serde(default = "default_api_key_header")]
+    pub header: String,
+    /// Accepted keys, each with a name (logged) and the Worker secret holding its value.
+    pub keys: Vec<ApiKey>,
+}
+
+fn default_api_key_header() -> String {
+    "x-api-key".to_owned()
+}
+
+/// One accepted API key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// Name of the key, written to the log line instead of the key.
+    pub name: String,
+    /// Name of the Worker secret that holds the key.
+    pub secret: String,
+}
+
+/// A backend: the Azure service a route writes to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Backend {
+    /// Send messages to a Service Bus queue or topic.
+    ServiceBus(ServiceBusBackend),
+    /// Write or read blobs in a Blob Storage container.
+    Blob(BlobBackend),
+}
+
+/// A Service Bus queue or topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ServiceBusBackend {
+    /// Namespace name: `{namespace}.servicebus.windows.net` (or the cloud's suffix).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Explicit namespace URL instead of `namespace`, e.g. a local stand-in listed in
+    /// `local_endpoints`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Queue name (exactly one of `queue` and `topic`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    /// Topic name (exactly one of `queue` and `topic`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// The identity whose token is sent.
+    pub identity: String,
+    /// Token audience; default `https://servicebus.azure.net`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+}
+
+/// A Blob Storage container.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct BlobBackend {
+    /// Storage account name: `{account}.blob.core.windows.net` (or the cloud's suffix).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// Explicit account URL instead of `account`, e.g. Azurite's
+    /// `https://127.0.0.1:10000/devstoreaccount1` listed in `local_endpoints`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Container name.
+    pub container: String,
+    /// Blob name template, e.g. `{path.tenant}/{uuid}.json`.
+    pub blob: String,
+    /// The identity whose token is sent.
+    pub identity: String,
+    /// Token audience; default `https://storage.azure.com`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+}

@@ -1,0 +1,723 @@
+//! Checks a policy as a whole, after its shape has been read: what serde cannot see.
+//!
+//! Every rule pushes a [`PolicyError`] with the JSON path of the offending value and what was
+//! expected there, and validation never stops at the first error. Values that may be secrets
+//! are never quoted back.
+
+use std::collections::BTreeSet;
+
+use super::model::*;
+use super::PolicyError;
+use crate::routing::PathTemplate;
+use crate::template::{Template, Var};
+
+/// Default token audiences per backend kind (scope = audience + `/.default`).
+pub const SERVICE_BUS_AUDIENCE: &str = "https://servicebus.azure.net";
+pub const STORAGE_AUDIENCE: &str = "https://storage.azure.com";
+
+impl Cloud {
+    pub fn authority_host(self) -> &'static str {
+        match self {
+            Cloud::Public => "login.microsoftonline.com",
+            Cloud::UsGovernment => "login.microsoftonline.us",
+            Cloud::China => "login.chinacloudapi.cn",
+        }
+    }
+
+    pub fn service_bus_suffix(self) -> &'static str {
+        match self {
+            Cloud::Public => "servicebus.windows.net",
+            Cloud::UsGovernment => "servicebus.usgovcloudapi.net",
+            Cloud::China => "servicebus.chinacloudapi.cn",
+        }
+    }
+
+    pub fn blob_suffix(self) -> &'static str {
+        match self {
+            Cloud::Public => "blob.core.windows.net",
+            Cloud::UsGovernment => "blob.core.usgovcloudapi.net",
+            Cloud::China => "blob.core.chinacloudapi.cn",
+        }
+    }
+
+    /// Service Bus audiences other than the namespace URL that this cloud's Entra issues.
+    fn service_bus_audiences(self) -> &'static [&'static str] {
+        match self {
+            Cloud::Public => &[SERVICE_BUS_AUDIENCE],
+            Cloud::UsGovernment => &[SERVICE_BUS_AUDIENCE, "https://servicebus.usgovcloudapi.net"],
+            Cloud::China => &[SERVICE_BUS_AUDIENCE, "https://servicebus.chinacloudapi.cn"],
+        }
+    }
+}
+
+/// A URL split into the parts the policy cares about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Url<'a> {
+    pub scheme: &'a str,
+    pub host: &'a str,
+    pub port: Option<u16>,
+    pub path: &'a str,
+}
+
+impl<'a> Url<'a> {
+    /// Parses `scheme://host[:port][/path]`; no user info, query or fragment.
+    pub fn parse(s: &'a str) -> Option<Url<'a>> {
+        let (scheme, rest) = s.split_once("://")?;
+        if !matches!(scheme, "http" | "https") || s.contains(['?', '#', '@', ' ', '\\']) {
+            return None;
+        }
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let end = v6.find(']')?;
+            let port = v6[end + 1..].strip_prefix(':');
+            (&authority[..end + 2], port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            }
+        };
+        let port = match port {
+            Some(p) => Some(p.parse::<u16>().ok()?),
+            None => None,
+        };
+        let host_ok = !host.is_empty()
+            && host.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':')
+            });
+        host_ok.then_some(Url {
+            scheme,
+            host,
+            port,
+            path,
+        })
+    }
+
+    /// `scheme://host:port` with the scheme's default port made explicit, for comparison.
+    pub fn origin(&self) -> String {
+        let port = self
+            .port
+            .unwrap_or(if self.scheme == "https" { 443 } else { 80 });
+        format!(
+            "{}://{}:{}",
+            self.scheme,
+            self.host.to_ascii_lowercase(),
+            port
+        )
+    }
+}
+
+struct Checker<'p> {
+    policy: &'p Policy,
+    local_origins: BTreeSet<String>,
+    errors: Vec<PolicyError>,
+}
+
+impl Checker<'_> {
+    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(PolicyError::new(path, message));
+    }
+
+    fn is_local(&self, url: &Url) -> bool {
+        self.local_origins.contains(&url.origin())
+    }
+}
+
+/// Validates a policy whose shape has been read. `route_positions[i]` is the index in the file
+/// of `policy.routes[i]`; identities named in `unreadable_identities` exist in the file but
+/// could not be read, so references to them are not reported again.
+pub fn validate(
+    policy: &Policy,
+    route_positions: &[usize],
+    unreadable_identities: &BTreeSet<String>,
+) -> Vec<PolicyError> {
+    let mut c = Checker {
+        policy,
+        local_origins: BTreeSet::new(),
+        errors: Vec::new(),
+    };
+    check_local_endpoints(&mut c);
+    for (name, identity) in &policy.identities {
+        check_identity(&mut c, name, identity);
+    }
+    let position = |i: usize| route_positions.get(i).copied().unwrap_or(i);
+    let mut templates: Vec<Option<PathTemplate>> = Vec::new();
+    for (i, route) in policy.routes.iter().enumerate() {
+        let at = format!("routes[{}]", position(i));
+        templates.push(check_route(&mut c, &at, route, unreadable_identities));
+    }
+    check_overlaps(&mut c, &templates, position);
+    c.errors
+}
+
+fn check_local_endpoints(c: &mut Checker) {
+    for (i, endpoint) in c.policy.local_endpoints.iter().enumerate() {
+        match Url::parse(endpoint) {
+            Some(url) if url.path.is_empty() || url.path == "/" => {
+                c.local_origins.insert(url.origin());
+            }
+            _ => c.err(
+                format!("local_endpoints[{i}]"),
+                format!("an origin such as \"https://127.0.0.1:10000\" (scheme, host, optional port; no path), got \"{endpoint}\""),
+            ),
+        }
+    }
+}
+
+fn check_identity(c: &mut Checker, name: &str, identity: &Identity) {
+    let at = format!("identities.{name}");
+    if !is_name(name) {
+        c.err(
+            &at,
+            format!(
+                "an identity name of letters, digits, '.', '_' or '-' (at most 64), got \"{name}\""
+            ),
+        );
+    }
+    let entra = match &identity.token_endpoint {
+        TokenEndpoint::EntraV2 { tenant } | TokenEndpoint::EntraV1 { tenant } => {
+            let v = if matches!(identity.token_endpoint, TokenEndpoint::EntraV2 { .. }) {
+                "entra_v2"
+            } else {
+                "entra_v1"
+            };
+            if !is_tenant(tenant) {
+                c.err(
+                    format!("{at}.token_endpoint.{v}.tenant"),
+                    format!("a tenant id (GUID) or verified domain such as contoso.onmicrosoft.com (not common/organizations/consumers, which client credentials cannot use), got \"{tenant}\""),
+                );
+            }
+            true
+        }
+        TokenEndpoint::Url(url) => {
+            match Url::parse(url) {
+                Some(u) if u.scheme == "https" || c.is_local(&u) => {}
+                Some(u) if u.scheme == "http" => c.err(
+                    format!("{at}.token_endpoint.url"),
+                    format!("an https:// URL (plain http only for an origin listed in local_endpoints), got \"{url}\""),
+                ),
+                _ => c.err(
+                    format!("{at}.token_endpoint.url"),
+                    format!("an absolute https:// token URL without query or fragment, got \"{url}\""),
+                ),
+            }
+            false
+        }
+    };
+    if entra && !is_guid(&identity.client_id) {
+        c.err(
+            format!("{at}.client_id"),
+            format!(
+                "the application (client) id, a GUID, got \"{}\"",
+                identity.client_id
+            ),
+        );
+    } else if identity.client_id.trim().is_empty() || identity.client_id.len() > 256 {
+        c.err(
+            format!("{at}.client_id"),
+            "a client id of 1 to 256 characters",
+        );
+    }
+    match &identity.credential {
+        Credential::ClientSecret {
+            secret,
+            next_secret,
+            ..
+        } => {
+            check_secret_name(c, &format!("{at}.credential.client_secret.secret"), secret);
+            if let Some(next) = next_secret {
+                let path = format!("{at}.credential.client_secret.next_secret");
+                check_secret_name(c, &path, next);
+                if next == secret {
+                    c.err(path, "a different Worker secret than \"secret\" (it is tried when the first is rejected)");
+                }
+            }
+        }
+        Credential::Certificate {
+            private_key_secret,
+            certificate_secret,
+        } => {
+            check_secret_name(
+                c,
+                &format!("{at}.credential.certificate.private_key_secret"),
+                private_key_secret,
+            );
+            check_secret_name(
+                c,
+                &format!("{at}.credential.certificate.certificate_secret"),
+                certificate_secret,
+            );
+        }
+    }
+}
+
+/// Secret names only: a value that is not a name may be the secret itself, so it is not quoted.
+fn check_secret_name(c: &mut Checker, path: &str, value: &str) {
+    let ok = value.len() <= 128
+        && value
+            .chars()
+            .next()
+            .is_some_and(|ch| ch.is_ascii_alphabetic() || ch == '_')
+        && value
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
+    if !ok {
+        c.err(
+            path,
+            format!("the name of a Worker secret (letters, digits and '_', e.g. ORDERS_CLIENT_SECRET; set its value with `wrangler secret put NAME`), got a value of {} characters that is not such a name (not shown, in case it is the secret itself)", value.chars().count()),
+        );
+    }
+}
+
+fn check_route(
+    c: &mut Checker,
+    at: &str,
+    route: &Route,
+    unreadable_identities: &BTreeSet<String>,
+) -> Option<PathTemplate> {
+    if !is_name(&route.name) {
+        c.err(
+            format!("{at}.name"),
+            format!(
+                "a route name of letters, digits, '.', '_' or '-' (at most 64), got \"{}\"",
+                route.name
+            ),
+        );
+    }
+    if route.methods.is_empty() {
+        c.err(
+            format!("{at}.methods"),
+            "at least one method, e.g. [\"POST\"]",
+        );
+    }
+    let mut seen = BTreeSet::new();
+    for (j, m) in route.methods.iter().enumerate() {
+        if !seen.insert(*m) {
+            c.err(
+                format!("{at}.methods[{j}]"),
+                format!("each method once, got \"{}\" again", m.as_str()),
+            );
+        }
+    }
+    let template = match PathTemplate::parse(&route.path) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            c.err(format!("{at}.path"), e);
+            None
+        }
+    };
+    let protected = route.inbound.as_ref().is_some_and(Inbound::protects);
+    if !protected && !route.public {
+        c.err(
+            at,
+            "inbound protection (e.g. \"inbound\": {\"api_key\": …}) or \"public\": true to let anyone call it; a route with an Azure identity and no protection is an open relay",
+        );
+    }
+    if let Some(api_key) = route.inbound.as_ref().and_then(|i| i.api_key.as_ref()) {
+        check_api_key(c, &format!("{at}.inbound.api_key"), api_key);
+    }
+    let params: BTreeSet<&str> = template.iter().flat_map(|t| t.params()).collect();
+    let path_ok = template.is_some();
+    match &route.backend {
+        Backend::ServiceBus(sb) => check_service_bus(
+            c,
+            &format!("{at}.backend.service_bus"),
+            sb,
+            unreadable_identities,
+        ),
+        Backend::Blob(blob) => check_blob(
+            c,
+            &format!("{at}.backend.blob"),
+            blob,
+            &params,
+            path_ok,
+            unreadable_identities,
+        ),
+    }
+    template
+}
+
+fn check_api_key(c: &mut Checker, at: &str, check: &ApiKeyCheck) {
+    if !is_header_name(&check.header) {
+        c.err(
+            format!("{at}.header"),
+            format!("an HTTP header name, got \"{}\"", check.header),
+        );
+    }
+    if check.keys.is_empty() {
+        c.err(
+            format!("{at}.keys"),
+            "at least one key: {\"name\": …, \"secret\": WORKER_SECRET_NAME}",
+        );
+    }
+    let mut names = BTreeSet::new();
+    for (k, key) in check.keys.iter().enumerate() {
+        if !is_name(&key.name) {
+            c.err(
+                format!("{at}.keys[{k}].name"),
+                format!(
+                    "a key name of letters, digits, '.', '_' or '-', got \"{}\"",
+                    key.name
+                ),
+            );
+        } else if !names.insert(key.name.as_str()) {
+            c.err(
+                format!("{at}.keys[{k}].name"),
+                format!(
+                    "a name no other key of this route has, got \"{}\" again",
+                    key.name
+                ),
+            );
+        }
+        check_secret_name(c, &format!("{at}.keys[{k}].secret"), &key.secret);
+    }
+}
+
+fn check_identity_ref(c: &mut Checker, at: &str, name: &str, unreadable: &BTreeSet<String>) {
+    if c.policy.identities.contains_key(name) || unreadable.contains(name) {
+        return;
+    }
+    let defined: Vec<&str> = c.policy.identities.keys().map(String::as_str).collect();
+    let defined = if defined.is_empty() {
+        "none is defined".to_owned()
+    } else {
+        format!("defined: {}", defined.join(", "))
+    };
+    c.err(
+        format!("{at}.identity"),
+        format!("the name of an identity under \"identities\" ({defined}), got \"{name}\""),
+    );
+}
+
+/// Checks `namespace`/`account` against `endpoint`: exactly one, and the endpoint's host is
+/// this cloud's host for the service or a declared local endpoint.
+fn check_endpoint(
+    c: &mut Checker,
+    at: &str,
+    name_field: &str,
+    name: Option<&str>,
+    endpoint: Option<&str>,
+    suffix: &str,
+    allow_path: bool,
+) {
+    match (name, endpoint) {
+        (Some(_), Some(_)) => c.err(
+            at,
+            format!("either \"{name_field}\" or \"endpoint\", not both"),
+        ),
+        (None, None) => c.err(
+            at,
+            format!("\"{name_field}\" (the Azure resource name) or \"endpoint\" (a URL)"),
+        ),
+        (None, Some(endpoint)) => {
+            let at = format!("{at}.endpoint");
+            let Some(url) = Url::parse(endpoint) else {
+                c.err(at, format!("an absolute https:// URL, got \"{endpoint}\""));
+                return;
+            };
+            if c.is_local(&url) {
+                if !(allow_path || url.path.is_empty() || url.path == "/") {
+                    c.err(at, format!("a URL without a path, got \"{endpoint}\""));
+                }
+                return;
+            }
+            let azure_host = url
+                .host
+                .to_ascii_lowercase()
+                .strip_suffix(suffix)
+                .is_some_and(|h| h.ends_with('.') && h.len() > 1);
+            if url.scheme != "https"
+                || !azure_host
+                || url.port.is_some_and(|p| p != 443)
+                || !(url.path.is_empty() || url.path == "/")
+            {
+                c.err(
+                    at,
+                    format!("https://NAME.{suffix} (the host of this cloud, no path) or an origin listed in local_endpoints, got \"{endpoint}\""),
+                );
+            }
+        }
+        (Some(_), None) => {}
+    }
+}
+
+fn check_audience(
+    c: &mut Checker,
+    at: &str,
+    audience: Option<&str>,
+    allowed: &[String],
+    kind: &str,
+) {
+    let Some(audience) = audience else { return };
+    let trimmed = audience.strip_suffix('/').unwrap_or(audience);
+    if !allowed.iter().any(|a| a.as_str() == trimmed) {
+        c.err(
+            format!("{at}.audience"),
+            format!(
+                "an audience {kind} accepts: {}, got \"{audience}\"",
+                allowed.join(" or ")
+            ),
+        );
+    }
+}
+
+fn check_service_bus(
+    c: &mut Checker,
+    at: &str,
+    sb: &ServiceBusBackend,
+    unreadable: &BTreeSet<String>,
+) {
+    let cloud = c.policy.cloud;
+    if let Some(ns) = &sb.namespace {
+        if !is_namespace(ns) {
+            c.err(format!("{at}.namespace"), format!("a namespace name: 6-50 letters, digits or hyphens, starting with a letter and ending with a letter or digit, got \"{ns}\""));
+        }
+    }
+    check_endpoint(
+        c,
+        at,
+        "namespace",
+        sb.namespace.as_deref(),
+        sb.endpoint.as_deref(),
+        cloud.service_bus_suffix(),
+        false,
+    );
+    match (&sb.queue, &sb.topic) {
+        (Some(_), Some(_)) => c.err(at, "either \"queue\" or \"topic\", not both"),
+        (None, None) => c.err(
+            at,
+            "\"queue\" or \"topic\": the entity messages are sent to",
+        ),
+        (Some(name), None) | (None, Some(name)) => {
+            let field = if sb.queue.is_some() { "queue" } else { "topic" };
+            if !is_entity(name) {
+                c.err(format!("{at}.{field}"), format!("an entity name: 1-260 letters, digits, '.', '-', '_' or '/', not starting or ending with '/', got \"{name}\""));
+            }
+        }
+    }
+    check_identity_ref(c, at, &sb.identity, unreadable);
+    let mut allowed: Vec<String> = cloud
+        .service_bus_audiences()
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if let Some(ns) = &sb.namespace {
+        allowed.push(format!("https://{ns}.{}", cloud.service_bus_suffix()));
+    }
+    check_audience(c, at, sb.audience.as_deref(), &allowed, "Service Bus");
+}
+
+fn check_blob(
+    c: &mut Checker,
+    at: &str,
+    blob: &BlobBackend,
+    params: &BTreeSet<&str>,
+    path_ok: bool,
+    unreadable: &BTreeSet<String>,
+) {
+    let cloud = c.policy.cloud;
+    if let Some(account) = &blob.account {
+        if !is_account(account) {
+            c.err(
+                format!("{at}.account"),
+                format!(
+                    "a storage account name: 3-24 lowercase letters or digits, got \"{account}\""
+                ),
+            );
+        }
+    }
+    check_endpoint(
+        c,
+        at,
+        "account",
+        blob.account.as_deref(),
+        blob.endpoint.as_deref(),
+        cloud.blob_suffix(),
+        true,
+    );
+    if !is_container(&blob.container) {
+        c.err(
+            format!("{at}.container"),
+            format!(
+                "3-63 lowercase letters, digits or single hyphens, got \"{}\"",
+                blob.container
+            ),
+        );
+    }
+    check_blob_template(c, &format!("{at}.blob"), &blob.blob, params, path_ok);
+    check_identity_ref(c, at, &blob.identity, unreadable);
+    let mut allowed = vec![STORAGE_AUDIENCE.to_owned()];
+    if let Some(account) = &blob.account {
+        allowed.push(format!("https://{account}.{}", cloud.blob_suffix()));
+    }
+    if let Some(endpoint) = &blob.endpoint {
+        allowed.push(endpoint.trim_end_matches('/').to_owned());
+    }
+    check_audience(c, at, blob.audience.as_deref(), &allowed, "Blob Storage");
+}
+
+fn check_blob_template(
+    c: &mut Checker,
+    at: &str,
+    text: &str,
+    params: &BTreeSet<&str>,
+    path_ok: bool,
+) {
+    let template = match Template::parse(text) {
+        Ok(t) => t,
+        Err(e) => return c.err(at, e),
+    };
+    if template.parts.is_empty() {
+        return c.err(
+            at,
+            "a blob name template, e.g. \"{path.tenant}/{uuid}.json\"",
+        );
+    }
+    for var in template.vars() {
+        if let Var::Path(name) = var {
+            if path_ok && !params.contains(name.as_str()) {
+                let have: Vec<&str> = params.iter().copied().collect();
+                let have = if have.is_empty() {
+                    "the path has none".to_owned()
+                } else {
+                    format!("the path has {}", have.join(", "))
+                };
+                c.err(
+                    at,
+                    format!(
+                        "{{path.NAME}} naming a parameter of the route's path ({have}), got {var}"
+                    ),
+                );
+            }
+        }
+    }
+    let literal: String = template.literals().collect();
+    if literal.chars().any(|ch| ch.is_control() || ch == '\\') {
+        c.err(at, "a blob name without control characters or backslashes");
+    }
+    if text.split('/').any(|seg| seg == "." || seg == "..") || text.starts_with('/') {
+        c.err(
+            at,
+            format!("a blob name without '.' or '..' segments or a leading '/', got \"{text}\""),
+        );
+    }
+    if literal.chars().count() > 1024 {
+        c.err(at, "a blob name of at most 1024 characters");
+    }
+}
+
+fn check_overlaps(
+    c: &mut Checker,
+    templates: &[Option<PathTemplate>],
+    position: impl Fn(usize) -> usize,
+) {
+    let routes = &c.policy.routes;
+    let mut errors = Vec::new();
+    for (j, b) in routes.iter().enumerate() {
+        for (i, a) in routes[..j].iter().enumerate() {
+            if a.name == b.name {
+                errors.push(PolicyError::new(
+                    format!("routes[{}].name", position(j)),
+                    format!(
+                        "a name no other route has, got \"{}\" (also routes[{}])",
+                        b.name,
+                        position(i)
+                    ),
+                ));
+            }
+            let (Some(ta), Some(tb)) = (&templates[i], &templates[j]) else {
+                continue;
+            };
+            if !ta.same_shape(tb) {
+                continue;
+            }
+            let shared: Vec<&str> = b
+                .methods
+                .iter()
+                .filter(|m| a.methods.contains(m))
+                .map(|m| m.as_str())
+                .collect();
+            if !shared.is_empty() {
+                errors.push(PolicyError::new(
+                    format!("routes[{}]", position(j)),
+                    format!(
+                        "a method and path no other route matches, got {} {} which routes[{}] (\"{}\") already matches as {}",
+                        shared.join(", "),
+                        b.path,
+                        position(i),
+                        a.name,
+                        a.path
+                    ),
+                ));
+            }
+        }
+    }
+    c.errors.extend(errors);
+}
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn is_guid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && groups
+            .iter()
+            .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn is_tenant(s: &str) -> bool {
+    is_guid(s)
+        || (s.contains('.')
+            && s.len() <= 253
+            && s.split('.').all(|l| {
+                !l.is_empty()
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            }))
+}
+
+fn is_namespace(s: &str) -> bool {
+    (6..=50).contains(&s.len())
+        && s.starts_with(|ch: char| ch.is_ascii_alphabetic())
+        && s.ends_with(|ch: char| ch.is_ascii_alphanumeric())
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+fn is_entity(s: &str) -> bool {
+    (1..=260).contains(&s.len())
+        && !s.starts_with('/')
+        && !s.ends_with('/')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'/'))
+}
+
+fn is_account(s: &str) -> bool {
+    (3..=24).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+fn is_container(s: &str) -> bool {
+    (3..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && !s.contains("--")
+}
+
+pub fn is_header_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}

@@ -1,0 +1,144 @@
+//! The one error type a caller ever sees: RFC 9457 `application/problem+json`.
+//!
+//! Every rejection the gateway makes is a [`Problem`]: a status that fits, a stable `type`
+//! URI a client can switch on, a `title` per type, and a `detail` that says what to do next.
+//! Details are written by the gateway, never copied from a secret, a token or a backend body.
+
+use serde_json::{json, Map, Value};
+
+pub const CONTENT_TYPE: &str = "application/problem+json";
+
+/// A problem response, before it is rendered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub status: u16,
+    /// Last part of the `type` URI, e.g. `route-not-found`.
+    pub kind: &'static str,
+    pub title: &'static str,
+    pub detail: String,
+    /// Extra headers the status calls for (`Allow`, `WWW-Authenticate`, `Retry-After`).
+    pub headers: Vec<(&'static str, String)>,
+    /// Extension members (RFC 9457 §3.2), e.g. the list of policy errors.
+    pub extensions: Map<String, Value>,
+}
+
+impl Problem {
+    pub fn new(
+        status: u16,
+        kind: &'static str,
+        title: &'static str,
+        detail: impl Into<String>,
+    ) -> Problem {
+        Problem {
+            status,
+            kind,
+            title,
+            detail: detail.into(),
+            headers: Vec::new(),
+            extensions: Map::new(),
+        }
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Problem {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    pub fn with_extension(mut self, name: &str, value: Value) -> Problem {
+        self.extensions.insert(name.to_owned(), value);
+        self
+    }
+
+    /// The `type` URI. A URN: stable, and no web page has to exist for it.
+    pub fn type_uri(&self) -> String {
+        format!("urn:azure-edge-gateway:problem:{}", self.kind)
+    }
+
+    /// The JSON body; `instance` is the request path and `request_id` lets a caller quote the
+    /// log line to an operator.
+    pub fn body(&self, instance: &str, request_id: &str) -> String {
+        let mut body = json!({
+            "type": self.type_uri(),
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "instance": instance,
+            "request_id": request_id,
+        });
+        if let Value::Object(map) = &mut body {
+            for (k, v) in &self.extensions {
+                map.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        body.to_string()
+    }
+
+    pub fn not_found(path: &str) -> Problem {
+        Problem::new(
+            404,
+            "route-not-found",
+            "No route for this path",
+            format!("No route of this gateway matches the path {path}; check the URL against the routes in policy.json (`policy explain` lists them)."),
+        )
+    }
+
+    pub fn method_not_allowed(method: &str, allow: &str) -> Problem {
+        Problem::new(
+            405,
+            "method-not-allowed",
+            "Method not allowed on this path",
+            format!("This path does not accept {method}; it accepts {allow}."),
+        )
+        .with_header("allow", allow)
+    }
+
+    pub fn bad_path() -> Problem {
+        Problem::new(
+            400,
+            "bad-path",
+            "Malformed request path",
+            "The path has a malformed percent-escape or is not valid UTF-8 once decoded; encode each segment as UTF-8 with %XX escapes.",
+        )
+    }
+
+    /// A request that passed every check for a backend kind this build cannot forward to.
+    pub fn backend_not_available(route: &str, kind: &str) -> Problem {
+        Problem::new(
+            501,
+            "backend-not-available",
+            "Backend not available in this build",
+            format!("The request matched route {route} and passed its checks, but this build of the gateway does not forward to {kind} backends; nothing was sent."),
+        )
+        .with_extension("route", Value::from(route))
+    }
+
+    pub fn policy_invalid(error_count: usize) -> Problem {
+        Problem::new(
+            500,
+            "policy-invalid",
+            "Gateway policy is invalid",
+            format!("This gateway was deployed with a policy.json that fails validation ({error_count} error(s)), so it forwards nothing. The operator should run `policy check policy.json`, fix what it reports and redeploy; the errors are in the worker's log."),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_rfc9457_with_request_id_and_extensions() {
+        let p = Problem::method_not_allowed("PUT", "GET, POST")
+            .with_extension("route", json!("orders"));
+        let body: Value = serde_json::from_str(&p.body("/orders/1", "req-1")).unwrap();
+        assert_eq!(
+            body["type"],
+            "urn:azure-edge-gateway:problem:method-not-allowed"
+        );
+        assert_eq!(body["status"], 405);
+        assert_eq!(body["instance"], "/orders/1");
+        assert_eq!(body["request_id"], "req-1");
+        assert_eq!(body["route"], "orders");
+        assert_eq!(p.headers, vec![("allow", "GET, POST".to_owned())]);
+    }
+}

@@ -1,0 +1,489 @@
+//! Every validation rule of `policy.json`, each with a policy broken in one way and the exact
+//! JSON path and message the user sees.
+
+use azure_edge_gateway::policy;
+use serde_json::{json, Value};
+
+/// A valid policy using every part of the model; each test breaks one thing.
+fn base() -> Value {
+    json!({
+        "$schema": "./policy.schema.json",
+        "cloud": "public",
+        "local_endpoints": ["https://127.0.0.1:10000"],
+        "identities": {
+            "gw": {
+                "token_endpoint": { "entra_v2": { "tenant": "00000000-0000-0000-0000-000000000001" } },
+                "client_id": "00000000-0000-0000-0000-000000000002",
+                "credential": { "client_secret": { "secret": "GW_SECRET", "next_secret": "GW_SECRET_NEXT", "auth": "basic" } }
+            },
+            "cert": {
+                "token_endpoint": { "url": "https://idp.example.com/oauth2/token" },
+                "client_id": "gateway",
+                "credential": { "certificate": { "private_key_secret": "GW_KEY", "certificate_secret": "GW_CERT" } }
+            }
+        },
+        "routes": [
+            {
+                "name": "orders",
+                "methods": ["POST"],
+                "path": "/orders/{tenant}",
+                "inbound": { "api_key": { "keys": [{ "name": "primary", "secret": "ORDERS_KEY" }] } },
+                "backend": { "service_bus": { "namespace": "contoso-orders", "queue": "orders", "identity": "gw" } }
+            },
+            {
+                "name": "files",
+                "methods": ["PUT", "GET"],
+                "path": "/files/{tenant}/{name}",
+                "inbound": { "api_key": { "header": "x-files-key", "keys": [{ "name": "a", "secret": "FILES_KEY" }] } },
+                "backend": { "blob": {
+                    "account": "contosofiles", "container": "uploads",
+                    "blob": "{path.tenant}/{date:%Y/%m/%d}/{path.name}-{uuid}", "identity": "cert",
+                    "audience": "https://contosofiles.blob.core.windows.net"
+                } }
+            },
+            {
+                "name": "local",
+                "methods": ["PUT"],
+                "path": "/local/{name}",
+                "public": true,
+                "backend": { "blob": {
+                    "endpoint": "https://127.0.0.1:10000/devstoreaccount1", "container": "uploads",
+                    "blob": "{path.name}", "identity": "gw"
+                } }
+            }
+        ]
+    })
+}
+
+fn errors_after(change: impl FnOnce(&mut Value)) -> Vec<String> {
+    let mut policy = base();
+    change(&mut policy);
+    match policy::load(&policy.to_string()) {
+        Ok(_) => Vec::new(),
+        Err(errors) => errors.iter().map(ToString::to_string).collect(),
+    }
+}
+
+/// Asserts exactly one error, at `path`, whose message contains `expected`.
+#[track_caller]
+fn assert_one_error(change: impl FnOnce(&mut Value), path: &str, expected: &str) {
+    let errors = errors_after(change);
+    assert_eq!(
+        errors.len(),
+        1,
+        "expected one error at {path}, got {errors:#?}"
+    );
+    let (got_path, message) = errors[0].split_once(": ").expect("path: message");
+    assert_eq!(got_path, path, "{errors:#?}");
+    assert!(
+        message.contains(expected),
+        "{message:?} should contain {expected:?}"
+    );
+}
+
+#[test]
+fn the_base_policy_is_valid() {
+    assert_eq!(errors_after(|_| {}), Vec::<String>::new());
+}
+
+#[test]
+fn the_shipped_policies_are_valid() {
+    for file in ["policy.json", "dev/policy.json"] {
+        let text = std::fs::read_to_string(file).unwrap();
+        if let Err(errors) = policy::load(&text) {
+            panic!("{file}: {errors:#?}");
+        }
+    }
+}
+
+#[test]
+fn container_names_follow_azure_rules() {
+    assert_one_error(
+        |p| p["routes"][1]["backend"]["blob"]["container"] = json!("My_Files"),
+        "routes[1].backend.blob.container",
+        "3-63 lowercase letters, digits or single hyphens, got \"My_Files\"",
+    );
+    assert_one_error(
+        |p| p["routes"][1]["backend"]["blob"]["container"] = json!("a--b"),
+        "routes[1].backend.blob.container",
+        "got \"a--b\"",
+    );
+}
+
+#[test]
+fn unknown_fields_are_rejected_and_the_rest_still_read() {
+    let errors = errors_after(|p| {
+        p["routes"][0]["colour"] = json!("red");
+        p["routes"][0]["backend"]["service_bus"]["queue"] = json!("/bad/");
+    });
+    assert_eq!(
+        errors,
+        vec![
+            "routes[0].colour: not a known field (\"colour\"); expected one of name, methods, path, public, inbound, backend".to_owned(),
+            "routes[0].backend.service_bus.queue: an entity name: 1-260 letters, digits, '.', '-', '_' or '/', not starting or ending with '/', got \"/bad/\"".to_owned(),
+        ]
+    );
+}
+
+#[test]
+fn wrong_types_and_missing_fields_name_their_path() {
+    assert_one_error(
+        |p| p["routes"][0]["public"] = json!("yes"),
+        "routes[0].public",
+        "a boolean, got string \"yes\"",
+    );
+    assert_one_error(
+        |p| {
+            p["routes"][2].as_object_mut().unwrap().remove("backend");
+        },
+        "routes[2].backend",
+        "required, but missing",
+    );
+    assert_one_error(
+        |p| p["routes"][0]["methods"] = json!(["POST", "PUTT"]),
+        "routes[0].methods[1]",
+        "got \"PUTT\"",
+    );
+    assert_one_error(
+        |p| p["cloud"] = json!("mars"),
+        "cloud",
+        "one of public, us_government, china, got \"mars\"",
+    );
+}
+
+#[test]
+fn json_syntax_errors_give_line_and_column() {
+    let errors = policy::load("{\n  \"routes\": [,]\n}").unwrap_err();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].path, "line 2 column 14");
+    assert!(
+        errors[0].message.starts_with("valid JSON"),
+        "{}",
+        errors[0].message
+    );
+}
+
+#[test]
+fn references_to_undefined_identities_list_the_defined_ones() {
+    assert_one_error(
+        |p| p["routes"][0]["backend"]["service_bus"]["identity"] = json!("nobody"),
+        "routes[0].backend.service_bus.identity",
+        "(defined: cert, gw), got \"nobody\"",
+    );
+}
+
+#[test]
+fn a_reference_to_an_identity_that_failed_to_read_is_not_reported_twice() {
+    assert_one_error(
+        |p| p["identities"]["gw"]["client_idd"] = json!("x"),
+        "identities.gw.client_idd",
+        "not a known field",
+    );
+}
+
+#[test]
+fn duplicate_route_names_point_at_both() {
+    assert_one_error(
+        |p| p["routes"][2]["name"] = json!("orders"),
+        "routes[2].name",
+        "a name no other route has, got \"orders\" (also routes[0])",
+    );
+}
+
+#[test]
+fn two_routes_for_the_same_method_and_path_shape_conflict() {
+    assert_one_error(
+        |p| {
+            p["routes"][2]["path"] = json!("/orders/{name}");
+            p["routes"][2]["methods"] = json!(["PUT", "POST"]);
+        },
+        "routes[2]",
+        "got POST /orders/{name} which routes[0] (\"orders\") already matches as /orders/{tenant}",
+    );
+    // Same path, other methods: no conflict. A literal where the other has a parameter: no
+    // conflict either (the literal wins).
+    assert!(errors_after(|p| p["routes"][2]["path"] = json!("/orders/{name}")).is_empty());
+    assert!(errors_after(|p| {
+        p["routes"][2]["path"] = json!("/orders/new");
+        p["routes"][2]["methods"] = json!(["POST"]);
+        p["routes"][2]["backend"]["blob"]["blob"] = json!("new-{uuid}");
+    })
+    .is_empty());
+}
+
+#[test]
+fn malformed_path_templates_say_what_was_expected() {
+    for (path, expected) in [
+        ("orders", "a path starting with '/'"),
+        ("/orders//x", "no empty segment"),
+        ("/orders/x{id}", "whole segment"),
+        ("/orders/{Tenant}", "parameter names of lowercase letters"),
+        ("/orders/{id}/{id}", "each parameter once"),
+        ("/orders?x=1", "without query or fragment"),
+    ] {
+        assert_one_error(
+            |p| p["routes"][0]["path"] = json!(path),
+            "routes[0].path",
+            expected,
+        );
+    }
+}
+
+#[test]
+fn templates_may_only_name_what_exists() {
+    assert_one_error(
+        |p| p["routes"][1]["backend"]["blob"]["blob"] = json!("{path.tenant}/{path.nam}"),
+        "routes[1].backend.blob.blob",
+        "(the path has name, tenant), got {path.nam}",
+    );
+    assert_one_error(
+        |p| p["routes"][1]["backend"]["blob"]["blob"] = json!("{body.id}"),
+        "routes[1].backend.blob.blob",
+        "one of path.NAME, query.NAME, header.NAME, uuid, request_id or date:FORMAT, got {body.id}",
+    );
+    assert_one_error(
+        |p| p["routes"][1]["backend"]["blob"]["blob"] = json!("{date:%Y-%q}"),
+        "routes[1].backend.blob.blob",
+        "got %q",
+    );
+    assert_one_error(
+        |p| p["routes"][1]["backend"]["blob"]["blob"] = json!("a/../{uuid}"),
+        "routes[1].backend.blob.blob",
+        "without '.' or '..' segments",
+    );
+}
+
+#[test]
+fn backend_hosts_must_belong_to_the_cloud_or_be_declared_local() {
+    assert_one_error(
+        |p| p["routes"][2]["backend"]["blob"]["endpoint"] = json!("https://evil.example.com"),
+        "routes[2].backend.blob.endpoint",
+        "https://NAME.blob.core.windows.net (the host of this cloud, no path) or an origin listed in local_endpoints, got \"https://evil.example.com\"",
+    );
+    // A host of another cloud is not this cloud's.
+    assert_one_error(
+        |p| {
+            p["routes"][2]["backend"]["blob"]["endpoint"] =
+                json!("https://acct.blob.core.chinacloudapi.cn")
+        },
+        "routes[2].backend.blob.endpoint",
+        "got \"https://acct.blob.core.chinacloudapi.cn\"",
+    );
+    // Suffix tricks do not pass.
+    assert_one_error(
+        |p| {
+            p["routes"][2]["backend"]["blob"]["endpoint"] =
+                json!("https://blob.core.windows.net.evil.com")
+        },
+        "routes[2].backend.blob.endpoint",
+        "or an origin listed in local_endpoints",
+    );
+    // Plain http to Azure is refused; the declared local origin on another port is not local.
+    assert_one_error(
+        |p| {
+            p["routes"][2]["backend"]["blob"]["endpoint"] =
+                json!("https://127.0.0.1:10001/devstoreaccount1")
+        },
+        "routes[2].backend.blob.endpoint",
+        "or an origin listed in local_endpoints",
+    );
+    assert!(
+        errors_after(|p| p["routes"][2]["backend"]["blob"]["endpoint"] =
+            json!("https://acct.blob.core.windows.net"))
+        .is_empty()
+    );
+    // In the US Government cloud, names resolve to its hosts, so a public-cloud audience is wrong.
+    assert_one_error(
+        |p| p["cloud"] = json!("us_government"),
+        "routes[1].backend.blob.audience",
+        "https://storage.azure.com or https://contosofiles.blob.core.usgovcloudapi.net, got \"https://contosofiles.blob.core.windows.net\"",
+    );
+}
+
+#[test]
+fn exactly_one_of_name_and_endpoint_and_of_queue_and_topic() {
+    assert_one_error(
+        |p| p["routes"][0]["backend"]["service_bus"]["topic"] = json!("events"),
+        "routes[0].backend.service_bus",
+        "either \"queue\" or \"topic\", not both",
+    );
+    assert_one_error(
+        |p| p["routes"][2]["backend"]["blob"]["account"] = json!("acct"),
+        "routes[2].backend.blob",
+        "either \"account\" or \"endpoint\", not both",
+    );
+    assert_one_error(
+        |p| {
+            p["routes"][0]["backend"]["service_bus"]
+                .as_object_mut()
+                .unwrap()
+                .remove("namespace");
+        },
+        "routes[0].backend.service_bus",
+        "\"namespace\" (the Azure resource name) or \"endpoint\" (a URL)",
+    );
+}
+
+#[test]
+fn resource_names_follow_azure_rules() {
+    assert_one_error(
+        |p| p["routes"][0]["backend"]["service_bus"]["namespace"] = json!("1bad"),
+        "routes[0].backend.service_bus.namespace",
+        "6-50 letters, digits or hyphens",
+    );
+    assert_one_error(
+        |p| {
+            p["routes"][1]["backend"]["blob"]["account"] = json!("Contoso");
+            p["routes"][1]["backend"]["blob"]
+                .as_object_mut()
+                .unwrap()
+                .remove("audience");
+        },
+        "routes[1].backend.blob.account",
+        "3-24 lowercase letters or digits, got \"Contoso\"",
+    );
+}
+
+#[test]
+fn audiences_must_fit_the_backend_kind() {
+    assert_one_error(
+        |p| p["routes"][0]["backend"]["service_bus"]["audience"] = json!("https://storage.azure.com"),
+        "routes[0].backend.service_bus.audience",
+        "an audience Service Bus accepts: https://servicebus.azure.net or https://contoso-orders.servicebus.windows.net, got \"https://storage.azure.com\"",
+    );
+    assert_one_error(
+        |p| p["routes"][1]["backend"]["blob"]["audience"] = json!("https://servicebus.azure.net"),
+        "routes[1].backend.blob.audience",
+        "an audience Blob Storage accepts",
+    );
+    assert!(
+        errors_after(|p| p["routes"][0]["backend"]["service_bus"]["audience"] =
+            json!("https://servicebus.azure.net/"))
+        .is_empty()
+    );
+}
+
+#[test]
+fn a_route_without_protection_must_say_it_is_public() {
+    assert_one_error(
+        |p| p["routes"][2]["public"] = json!(false),
+        "routes[2]",
+        "inbound protection (e.g. \"inbound\": {\"api_key\": …}) or \"public\": true",
+    );
+    assert_one_error(
+        |p| p["routes"][0]["inbound"] = json!({}),
+        "routes[0]",
+        "or \"public\": true",
+    );
+}
+
+#[test]
+fn secrets_are_named_never_written_and_never_echoed() {
+    let secret_value = "Qx8~abc.DEFghij_klmnop-qrs";
+    let errors = errors_after(|p| {
+        p["identities"]["gw"]["credential"]["client_secret"]["secret"] = json!(secret_value)
+    });
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(errors[0]
+        .starts_with("identities.gw.credential.client_secret.secret: the name of a Worker secret"));
+    assert!(
+        !errors[0].contains(secret_value),
+        "the error must not quote a possible secret"
+    );
+    assert_one_error(
+        |p| {
+            p["routes"][0]["inbound"]["api_key"]["keys"][0]["secret"] = json!("-----BEGIN KEY-----")
+        },
+        "routes[0].inbound.api_key.keys[0].secret",
+        "not such a name (not shown",
+    );
+    assert_one_error(
+        |p| {
+            p["identities"]["gw"]["credential"]["client_secret"]["next_secret"] = json!("GW_SECRET")
+        },
+        "identities.gw.credential.client_secret.next_secret",
+        "a different Worker secret",
+    );
+}
+
+#[test]
+fn identities_need_a_usable_tenant_client_and_endpoint() {
+    assert_one_error(
+        |p| p["identities"]["gw"]["token_endpoint"]["entra_v2"]["tenant"] = json!("common"),
+        "identities.gw.token_endpoint.entra_v2.tenant",
+        "got \"common\"",
+    );
+    assert_one_error(
+        |p| p["identities"]["gw"]["client_id"] = json!("my-app"),
+        "identities.gw.client_id",
+        "a GUID, got \"my-app\"",
+    );
+    assert_one_error(
+        |p| {
+            p["identities"]["cert"]["token_endpoint"]["url"] = json!("http://idp.example.com/token")
+        },
+        "identities.cert.token_endpoint.url",
+        "an https:// URL (plain http only for an origin listed in local_endpoints)",
+    );
+    // A malformed local endpoint declares nothing, so the route using it is reported too.
+    let errors = errors_after(|p| {
+        p["local_endpoints"] = json!(["https://127.0.0.1:10000/devstoreaccount1"])
+    });
+    assert!(
+        errors[0].starts_with("local_endpoints[0]: an origin such as \"https://127.0.0.1:10000\""),
+        "{errors:#?}"
+    );
+    assert!(
+        errors[1].starts_with("routes[2].backend.blob.endpoint: "),
+        "{errors:#?}"
+    );
+}
+
+#[test]
+fn api_key_checks_need_keys_with_unique_names_and_a_header() {
+    assert_one_error(
+        |p| p["routes"][0]["inbound"]["api_key"]["keys"] = json!([]),
+        "routes[0].inbound.api_key.keys",
+        "at least one key",
+    );
+    assert_one_error(
+        |p| {
+            p["routes"][0]["inbound"]["api_key"]["keys"] =
+                json!([{ "name": "a", "secret": "K1" }, { "name": "a", "secret": "K2" }])
+        },
+        "routes[0].inbound.api_key.keys[1].name",
+        "got \"a\" again",
+    );
+    assert_one_error(
+        |p| p["routes"][0]["inbound"]["api_key"]["header"] = json!("x key"),
+        "routes[0].inbound.api_key.header",
+        "an HTTP header name",
+    );
+}
+
+#[test]
+fn methods_are_listed_once_and_at_least_once() {
+    assert_one_error(
+        |p| p["routes"][0]["methods"] = json!([]),
+        "routes[0].methods",
+        "at least one method",
+    );
+    assert_one_error(
+        |p| p["routes"][0]["methods"] = json!(["POST", "POST"]),
+        "routes[0].methods[1]",
+        "each method once",
+    );
+}
+
+#[test]
+fn all_errors_are_reported_at_once_in_one_pass() {
+    let errors = errors_after(|p| {
+        p["routes"][0]["name"] = json!("files");
+        p["routes"][1]["backend"]["blob"]["container"] = json!("My_Files");
+        p["routes"][1]["backend"]["blob"]["identity"] = json!("nobody");
+        p["routes"][2]["public"] = json!(false);
+        p["routes"][2]["path"] = json!("/local//x");
+        p["identities"]["gw"]["client_id"] = json!("nope");
+    });
+    assert_eq!(errors.len(), 6, "{errors:#?}");
+}
