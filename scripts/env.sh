@@ -19,4 +19,3 @@ export WASM_OPT_BIN="$AEG_ROOT/node_modules/.bin/wasm-opt"
 # wrangler: no telemetry, no error reports, no `cf` object fetch, no update check.
 export WRANGLER_SEND_METRICS=false WRANGLER_SEND_ERROR_REPORTS=false CLOUDFLARE_CF_FETCH_ENABLED=false
 export NO_UPDATE_NOTIFIER=1 WRANGLER_LOG_PATH="$AEG_ROOT/target/wrangler-logs"
-unset CLOUDFLARE_API_TOKEN CLOUDFLARE_ACCOUNT_ID CF_API_TOKEN

@@ -1,7 +1,7 @@
 //! azure-edge-gateway: a Cloudflare Worker that writes to Azure services on behalf of callers
 //! that hold no Azure credential.
 //!
-//! The crate has two halves (see `docs/architecture.md`):
+//! The crate has two halves (README, "Layout"):
 //! - a pure core, plain Rust tested on the host: [`policy`] (model and validation),
 //!   [`routing`], [`template`], [`problem`] and [`pipeline`], the request's life as data;
 //! - a thin edge, [`edge`], compiled only for wasm32: the one place that names `worker` types.
@@ -13,4 +13,4 @@ pub mod routing;
 pub mod template;
 
 #[cfg(target_arch = "wasm32")]
-mod edge;
+pub mod edge;

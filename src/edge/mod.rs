@@ -21,6 +21,11 @@ extern "C" {
     fn random_uuid() -> String;
 }
 
+/// A fresh request id: a random UUID from the runtime's WebCrypto.
+pub fn new_request_id() -> String {
+    random_uuid()
+}
+
 #[event(start)]
 fn start() {
     // A panic is written to the log with its message and location instead of a bare trap.
@@ -51,7 +56,7 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> Result<Response> {
     let caller_id = req.headers().get("x-request-id").ok().flatten();
     let request_id = match pipeline::request_id(caller_id.as_deref()) {
         Some(id) => id.to_owned(),
-        None => random_uuid(),
+        None => new_request_id(),
     };
     let mut log = LogLine {
         request_id: &request_id,

@@ -1,0 +1,112 @@
+/**
+ * The whole local Azure-like stack: Entra-like issuer, Azurite over HTTPS, and the gateway worker.
+ *
+ * Why one function: the dev orchestrator (dev/up.mjs) and the end-to-end tests must run the very
+ * same wiring — a fresh random client secret per start, registered in the issuer for client
+ * `dev-gateway` and handed to the worker as the secret DEV_CLIENT_SECRET; Azurite trusted by
+ * workerd; container `uploads` created with a real storage token. If any part fails, the parts
+ * already started are stopped before the error (labelled with the part's name) propagates.
+ */
+import { randomBytes } from 'node:crypto';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { createContainer, startAzurite } from './azurite.mjs';
+import { startGateway } from './gateway.mjs';
+import { requestToken, startIssuer } from './issuer.mjs';
+import { REPO_ROOT } from './proc.mjs';
+
+export const TENANT = '11111111-2222-3333-4444-555555555555';
+export const CLIENT_ID = 'dev-gateway';
+export const STORAGE_AUDIENCE = 'https://storage.azure.com';
+export const SERVICEBUS_AUDIENCE = 'https://servicebus.azure.net';
+export const CONTAINER = 'uploads';
+export const DEFAULT_PORTS = { issuer: 8400, azurite: 10000, gateway: 8787 };
+export const DEFAULT_STATE_DIR = join(REPO_ROOT, 'dev', '.state');
+
+/**
+ * Start issuer, Azurite and (unless gateway: false) the worker.
+ * Returns { tenant, clientId, clientSecret, secretPath, apiKey, apiKeyPath, stateDir, issuer, azurite,
+ * gateway, stop }. The worker gets secrets DEV_CLIENT_SECRET and DEV_API_KEY (dev/policy.json's
+ * inbound key), both random per start and also written to <stateDir>/client-secret and /api-key.
+ * Options passed through: gatewayVars / gatewaySecrets (more Worker vars and secrets),
+ * gatewayOptions (extra startGateway options), log (one-line progress messages),
+ * onLog ({ azurite, gateway } line callbacks).
+ */
+export async function startStack({
+  policyPath,
+  ports = {},
+  stateDir = DEFAULT_STATE_DIR,
+  gateway: withGateway = true,
+  gatewayVars = {},
+  gatewaySecrets = {},
+  gatewayOptions = {},
+  log = () => {},
+  onLog = {},
+} = {}) {
+  const port = { ...DEFAULT_PORTS, ...ports };
+  const dir = resolve(stateDir);
+  mkdirSync(dir, { recursive: true });
+  const clientSecret = randomBytes(32).toString('base64url');
+  const secretPath = writeSecret(dir, 'client-secret', clientSecret);
+  const apiKey = randomBytes(24).toString('base64url');
+  const apiKeyPath = writeSecret(dir, 'api-key', apiKey);
+
+  const started = [];
+  const stop = async () => {
+    for (const part of started.reverse()) await part.stop().catch(() => {});
+    started.length = 0;
+  };
+  const step = async (name, start) => {
+    const t0 = Date.now();
+    try {
+      const handle = await start();
+      if (handle?.stop) started.push(handle);
+      log(`${name} ready in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+      return handle;
+    } catch (err) {
+      await stop();
+      err.message = `[${name}] ${err.message}`;
+      err.part = name;
+      throw err;
+    }
+  };
+
+  const issuer = await step('issuer', () =>
+    startIssuer({ port: port.issuer, tenant: TENANT, clients: { [CLIENT_ID]: clientSecret }, log }));
+  const azurite = await step('azurite', () => startAzurite({ port: port.azurite, stateDir: dir, onLog: onLog.azurite }));
+  await step('container', async () => {
+    const token = await storageToken(issuer, clientSecret);
+    await createContainer(azurite.url, CONTAINER, token, { ca: azurite.ca });
+  });
+  const gateway = withGateway
+    ? await step('gateway', () => startGateway({
+      policyPath,
+      port: port.gateway,
+      stateDir: join(dir, 'gateway'),
+      secrets: { DEV_CLIENT_SECRET: clientSecret, DEV_API_KEY: apiKey, ...gatewaySecrets },
+      vars: gatewayVars,
+      caCertPaths: [azurite.certPath],
+      onLog: onLog.gateway,
+      ...gatewayOptions,
+    }))
+    : null;
+
+  return {
+    tenant: TENANT, clientId: CLIENT_ID, clientSecret, secretPath, apiKey, apiKeyPath,
+    stateDir: dir, issuer, azurite, gateway, stop,
+  };
+}
+
+/** A storage-audience access token for `dev-gateway` (v2 endpoint). */
+export async function storageToken(issuer, clientSecret) {
+  const res = await requestToken(issuer.tokenUrlV2, { clientId: CLIENT_ID, secret: clientSecret, scope: `${STORAGE_AUDIENCE}/.default` });
+  if (res.status !== 200) throw new Error(`storage token: HTTP ${res.status} ${res.body.error}`);
+  return res.body.access_token;
+}
+
+/** A secret goes to a 0600 file without trailing newline, so curl can read it with @file. */
+function writeSecret(dir, name, secret) {
+  const path = join(dir, name);
+  writeFileSync(path, secret, { mode: 0o600 });
+  return path;
+}

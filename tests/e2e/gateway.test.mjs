@@ -1,0 +1,143 @@
+/**
+ * The worker under workerd (wrangler dev), over real HTTP: routing answers, problem+json,
+ * x-request-id, the API key check, the one JSON log line per request, and the 500 of a worker
+ * built with an invalid policy. No backend is called by anything here.
+ */
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { startGateway } from '../../dev/gateway.mjs';
+import { REPO_ROOT } from '../../dev/proc.mjs';
+
+const fixture = (name) => join(REPO_ROOT, 'tests', 'e2e', 'fixtures', name);
+const stateDir = (name) => join(REPO_ROOT, 'target', 'e2e', name);
+const KEYS = { E2E_KEY_OLD: 'key-old-4b1d', E2E_KEY_NEW: 'key-new-93ac' };
+
+async function call(gateway, method, path, headers = {}) {
+  const res = await fetch(gateway.url + path, { method, headers });
+  const text = await res.text();
+  let body = null;
+  try { body = JSON.parse(text); } catch { /* not JSON */ }
+  return { status: res.status, headers: res.headers, body, text };
+}
+
+/** The worker's JSON log line for a request id. */
+function logLine(gateway, requestId) {
+  return gateway
+    .waitForLog((_line, json) => json?.request_id === requestId && 'status' in json, 10_000)
+    .then((line) => JSON.parse(line));
+}
+
+function assertProblem(res, status, kind) {
+  assert.equal(res.status, status, res.text);
+  assert.equal(res.headers.get('content-type'), 'application/problem+json');
+  assert.equal(res.body.status, status);
+  assert.equal(res.body.type, `urn:azure-edge-gateway:problem:${kind}`);
+  assert.ok(res.body.title && res.body.detail, 'a title and a detail that says what to do');
+  assert.equal(res.body.request_id, res.headers.get('x-request-id'));
+}
+
+describe('a worker built with a valid policy', () => {
+  let gw;
+  before(async () => {
+    gw = await startGateway({ policyPath: fixture('gateway-policy.json'), port: 18787, stateDir: stateDir('valid'), secrets: KEYS });
+  });
+  after(() => gw?.stop());
+
+  test('a matched route with a valid key passes the checks and names the route', async () => {
+    const res = await call(gw, 'PUT', '/files/contoso/report.pdf', { 'x-api-key': KEYS.E2E_KEY_NEW, 'x-request-id': 'e2e-match-1' });
+    // No backend is wired in this build: the request stops after the checks, with nothing sent.
+    assertProblem(res, 501, 'backend-not-available');
+    assert.equal(res.body.route, 'upload');
+    const log = await logLine(gw, 'e2e-match-1');
+    assert.equal(log.route, 'upload');
+    assert.equal(log.api_key, 'new', 'the log names the key, never its value');
+    assert.equal(log.status, 501);
+    assert.equal(log.method, 'PUT');
+    assert.equal(typeof log.duration_ms, 'number');
+  });
+
+  test('percent-encoded segments match one parameter each', async () => {
+    const res = await call(gw, 'PUT', '/files/contoso/a%2Fb%20c', { 'x-api-key': KEYS.E2E_KEY_OLD });
+    assert.equal(res.status, 501);
+    assert.equal(res.body.route, 'upload');
+    const trailing = await call(gw, 'GET', '/files/contoso/');
+    assert.equal(trailing.body.route, 'status', 'a trailing slash is ignored');
+  });
+
+  test('a missing or wrong API key is 401 with a challenge and reaches nothing', async () => {
+    for (const headers of [{}, { 'x-api-key': 'key-new-93a' }, { 'x-api-key': KEYS.E2E_KEY_NEW + 'x' }]) {
+      const res = await call(gw, 'PUT', '/files/contoso/x', { ...headers, 'x-request-id': `e2e-401-${Object.keys(headers).length}` });
+      assertProblem(res, 401, headers['x-api-key'] ? 'api-key-invalid' : 'api-key-missing');
+      assert.equal(res.headers.get('www-authenticate'), 'ApiKey header="x-api-key"');
+      if (headers['x-api-key']) assert.ok(!res.text.includes(headers['x-api-key']), 'no key value in the answer');
+    }
+  });
+
+  test('an unknown path is 404 problem+json', async () => {
+    const res = await call(gw, 'GET', '/nothing/here?x=1');
+    assertProblem(res, 404, 'route-not-found');
+    assert.equal(res.body.instance, '/nothing/here');
+  });
+
+  test('a wrong method is 405 with Allow', async () => {
+    const res = await call(gw, 'DELETE', '/files/contoso');
+    assertProblem(res, 405, 'method-not-allowed');
+    assert.equal(res.headers.get('allow'), 'GET, HEAD');
+    const put = await call(gw, 'POST', '/files/contoso/x');
+    assert.equal(put.headers.get('allow'), 'PUT');
+  });
+
+  test('x-request-id is echoed when sane and generated otherwise', async () => {
+    const sane = await call(gw, 'GET', '/nothing', { 'x-request-id': '0af7651916cd43dd8448eb211c80319c' });
+    assert.equal(sane.headers.get('x-request-id'), '0af7651916cd43dd8448eb211c80319c');
+    const uuid = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
+    const ids = [];
+    for (const headers of [{}, { 'x-request-id': 'has spaces' }, { 'x-request-id': 'x'.repeat(200) }, { 'x-request-id': '{"forged":true}' }]) {
+      const res = await call(gw, 'GET', '/nothing', headers);
+      assert.match(res.headers.get('x-request-id'), uuid);
+      ids.push(res.headers.get('x-request-id'));
+    }
+    assert.equal(new Set(ids).size, ids.length, 'each generated id is new');
+    // The log line carries the generated id, so a caller can quote it to an operator.
+    const log = await logLine(gw, ids[0]);
+    assert.equal(log.status, 404);
+    assert.equal(log.route, null);
+  });
+
+  test('every request writes exactly one JSON log line', async () => {
+    const id = 'e2e-one-line';
+    await call(gw, 'GET', '/files/contoso', { 'x-request-id': id });
+    await logLine(gw, id);
+    await new Promise((r) => setTimeout(r, 300));
+    const lines = gw.logs.filter((l) => l.includes(`"request_id":"${id}"`));
+    assert.equal(lines.length, 1, lines.join('\n'));
+    assert.equal(JSON.parse(lines[0]).route, 'status');
+  });
+});
+
+describe('a worker built with an invalid policy', () => {
+  let gw;
+  before(async () => {
+    gw = await startGateway({ policyPath: fixture('invalid-policy.json'), port: 18788, stateDir: stateDir('invalid') });
+  });
+  after(() => gw?.stop());
+
+  test('answers 500 problem+json for every request and forwards nothing', async () => {
+    for (const [method, path] of [['POST', '/anything'], ['GET', '/'], ['PUT', '/files/x/y']]) {
+      const res = await call(gw, method, path);
+      assertProblem(res, 500, 'policy-invalid');
+      assert.match(res.body.detail, /policy check/);
+      assert.ok(!res.text.includes('Sup3r'), 'no secret-looking value from the policy in the answer');
+    }
+  });
+
+  test('logs every validation error, without secrets', async () => {
+    const line = await gw.waitForLog((_l, json) => Array.isArray(json?.errors), 10_000);
+    const { errors } = JSON.parse(line);
+    assert.ok(errors.some((e) => e.startsWith('routes[0]: inbound protection')), errors.join('\n'));
+    assert.ok(errors.some((e) => e.startsWith('routes[0].backend.blob.container:')), errors.join('\n'));
+    assert.ok(errors.some((e) => e.startsWith('identities.e2e.credential.client_secret.secret:')), errors.join('\n'));
+    assert.ok(!gw.logs.some((l) => l.includes('Sup3r')), 'the secret-looking value never reaches the log');
+  });
+});
