@@ -6,11 +6,16 @@
 //!   [`routing`], [`template`], [`problem`] and [`pipeline`], the request's life as data;
 //! - a thin edge, [`edge`], compiled only for wasm32: the one place that names `worker` types.
 
+pub mod backend;
+pub mod encoding;
+pub mod identity;
 pub mod pipeline;
 pub mod policy;
 pub mod problem;
+pub mod retry;
 pub mod routing;
 pub mod template;
+pub mod time;
 
 #[cfg(target_arch = "wasm32")]
 pub mod edge;

@@ -38,6 +38,11 @@ impl Gateway {
         }
     }
 
+    /// The policy, when it is valid.
+    pub fn policy(&self) -> Option<&Policy> {
+        self.state.as_ref().ok().map(|(p, _)| p)
+    }
+
     /// The validation errors of an invalid policy, for the log.
     pub fn policy_errors(&self) -> Option<&[PolicyError]> {
         self.state.as_ref().err().map(Vec::as_slice)
@@ -153,6 +158,14 @@ pub struct LogLine<'a> {
     pub duration_ms: f64,
     pub problem: Option<&'a str>,
     pub api_key: Option<&'a str>,
+    /// The identity whose token was used, where the token came from (`cache`, `fetched`, …),
+    /// the time this request spent on the identity provider, and how many seconds the token
+    /// still had to live when it was sent.
+    pub identity: Option<&'a str>,
+    pub token: Option<&'a str>,
+    pub idp_ms: Option<f64>,
+    pub token_ttl_s: Option<f64>,
+    pub backend_status: Option<u16>,
 }
 
 impl LogLine<'_> {
@@ -170,8 +183,21 @@ impl LogLine<'_> {
             if let Some(kind) = self.problem {
                 map.insert("problem".into(), json!(kind));
             }
-            if let Some(key) = self.api_key {
-                map.insert("api_key".into(), json!(key));
+            let optional = [
+                ("api_key", self.api_key.map(Value::from)),
+                ("identity", self.identity.map(Value::from)),
+                ("token", self.token.map(Value::from)),
+                ("idp_ms", self.idp_ms.map(Value::from)),
+                (
+                    "token_ttl_s",
+                    self.token_ttl_s.map(|s| Value::from(s.floor())),
+                ),
+                ("backend_status", self.backend_status.map(Value::from)),
+            ];
+            for (name, value) in optional {
+                if let Some(value) = value {
+                    map.insert(name.into(), value);
+                }
             }
         }
         line.to_string()

@@ -101,6 +101,52 @@ impl Problem {
         )
     }
 
+    /// Why no token could be had for a route's identity, as the caller's answer. The identity
+    /// provider's error code and AADSTS number are named; its description is not copied.
+    pub fn from_token_error(identity: &str, error: &crate::identity::TokenError) -> Problem {
+        use crate::identity::TokenError;
+        let ext = |p: Problem| p.with_extension("identity", Value::from(identity));
+        match error {
+            TokenError::Rejected { status, error, aadsts } => {
+                let code = aadsts.map(|c| format!("AADSTS{c}"));
+                let named = match &code {
+                    Some(c) => format!("{error} ({c})"),
+                    None => error.clone(),
+                };
+                let mut p = ext(Problem::new(
+                    502,
+                    "identity-rejected",
+                    "The gateway's identity was refused by its token endpoint",
+                    format!("The token endpoint refused identity '{identity}' with {status} {named}; nothing was forwarded. The operator should check the identity's tenant, client id, credential and audience in policy.json and its Worker secrets."),
+                ))
+                .with_extension("error", Value::from(error.as_str()));
+                if let Some(code) = code {
+                    p = p.with_extension("aadsts", Value::from(code));
+                }
+                p
+            }
+            TokenError::Transient { retry_after_secs, .. } => ext(Problem::new(
+                503,
+                "identity-unavailable",
+                "The gateway could not get a token",
+                format!("The token endpoint of identity '{identity}' is throttling or unavailable; nothing was forwarded. Retry after the time in Retry-After."),
+            ))
+            .with_header("retry-after", retry_after_secs.unwrap_or(5).max(1).to_string()),
+            TokenError::Malformed { .. } => ext(Problem::new(
+                502,
+                "identity-bad-response",
+                "The token endpoint answered something that is not a token",
+                format!("The token endpoint of identity '{identity}' answered without a usable Bearer token; nothing was forwarded. The operator should check the identity's token endpoint."),
+            )),
+            TokenError::Credential { .. } => ext(Problem::new(
+                500,
+                "gateway-misconfigured",
+                "Gateway is misconfigured",
+                format!("A Worker secret that identity '{identity}' needs is not set or unusable; nothing was forwarded. The operator should check the log and set it with `wrangler secret put`."),
+            )),
+        }
+    }
+
     /// A request that passed every check for a backend kind this build cannot forward to.
     pub fn backend_not_available(route: &str, kind: &str) -> Problem {
         Problem::new(
@@ -125,6 +171,44 @@ impl Problem {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::TokenError;
+
+    #[test]
+    fn token_failures_name_the_identity_and_code_never_the_secret() {
+        let rejected = TokenError::Rejected {
+            status: 401,
+            error: "invalid_client".into(),
+            aadsts: Some(7_000_215),
+        };
+        let p = Problem::from_token_error("orders-writer", &rejected);
+        assert_eq!((p.status, p.kind), (502, "identity-rejected"));
+        let body: Value = serde_json::from_str(&p.body("/x", "r")).unwrap();
+        assert_eq!(body["aadsts"], "AADSTS7000215");
+        assert_eq!(body["identity"], "orders-writer");
+        assert!(body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("invalid_client (AADSTS7000215)"));
+        let throttled = TokenError::Transient {
+            status: Some(429),
+            retry_after_secs: Some(60),
+            reason: String::new(),
+        };
+        let p = Problem::from_token_error("id", &throttled);
+        assert_eq!(
+            (p.status, &p.headers),
+            (503, &vec![("retry-after", "60".to_owned())])
+        );
+        let down = TokenError::Transient {
+            status: None,
+            retry_after_secs: None,
+            reason: String::new(),
+        };
+        assert_eq!(
+            Problem::from_token_error("id", &down).headers,
+            vec![("retry-after", "5".to_owned())]
+        );
+    }
 
     #[test]
     fn body_is_rfc9457_with_request_id_and_extensions() {

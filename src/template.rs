@@ -113,6 +113,55 @@ impl Template {
     }
 }
 
+/// What a template is filled from: one request.
+pub struct RenderContext<'a> {
+    pub path: &'a [(String, String)],
+    pub query: &'a [(String, String)],
+    /// Looks up a request header by lowercase name.
+    pub header: &'a dyn Fn(&str) -> Option<String>,
+    pub request_id: &'a str,
+    /// A new random UUID each call.
+    pub uuid: &'a dyn Fn() -> String,
+    pub now_ms: f64,
+}
+
+impl Template {
+    /// Fills the template. The error names what the request lacks (a caller's mistake: 400).
+    pub fn render(&self, ctx: &RenderContext) -> Result<String, String> {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(l) => out.push_str(l),
+                Part::Var(var) => out.push_str(&render_var(var, ctx)?),
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn render_var(var: &Var, ctx: &RenderContext) -> Result<String, String> {
+    let find = |pairs: &[(String, String)], name: &str| {
+        pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    match var {
+        Var::Path(name) => {
+            find(ctx.path, name).ok_or_else(|| format!("the path has no parameter {name}"))
+        }
+        Var::Query(name) => {
+            find(ctx.query, name).ok_or_else(|| format!("the query parameter {name} is required"))
+        }
+        Var::Header(name) => {
+            (ctx.header)(name).ok_or_else(|| format!("the header {name} is required"))
+        }
+        Var::Uuid => Ok((ctx.uuid)()),
+        Var::RequestId => Ok(ctx.request_id.to_owned()),
+        Var::Date(fmt_) => Ok(crate::time::Utc::from_millis(ctx.now_ms).format(fmt_)),
+    }
+}
+
 fn parse_var(inner: &str) -> Result<Var, String> {
     let named = |source: &str, name: &str, make: fn(String) -> Var| {
         if is_token(name) {
@@ -181,6 +230,28 @@ mod tests {
                 Part::Var(Var::Header("x-id".into())),
             ]
         );
+    }
+
+    #[test]
+    fn renders_from_the_request() {
+        let t =
+            Template::parse("{path.t}/{date:%Y/%m}/{query.v}-{header.x-id}-{uuid}-{request_id}")
+                .unwrap();
+        let header = |name: &str| (name == "x-id").then(|| "h1".to_owned());
+        let ctx = RenderContext {
+            path: &[("t".into(), "contoso".into())],
+            query: &[("v".into(), "2".into())],
+            header: &header,
+            request_id: "r1",
+            uuid: &|| "u1".to_owned(),
+            now_ms: 1_709_210_096_000.0,
+        };
+        assert_eq!(t.render(&ctx).unwrap(), "contoso/2024/02/2-h1-u1-r1");
+        let missing = Template::parse("{query.nope}")
+            .unwrap()
+            .render(&ctx)
+            .unwrap_err();
+        assert_eq!(missing, "the query parameter nope is required");
     }
 
     #[test]

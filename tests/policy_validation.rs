@@ -88,7 +88,12 @@ fn the_base_policy_is_valid() {
 
 #[test]
 fn the_shipped_policies_are_valid() {
-    for file in ["policy.json", "dev/policy.json"] {
+    for file in [
+        "policy.json",
+        "dev/policy.json",
+        "tests/e2e/fixtures/gateway-policy.json",
+        "tests/e2e/fixtures/identity-policy.json",
+    ] {
         let text = std::fs::read_to_string(file).unwrap();
         if let Err(errors) = policy::load(&text) {
             panic!("{file}: {errors:#?}");
@@ -458,6 +463,15 @@ fn api_key_checks_need_keys_with_unique_names_and_a_header() {
         |p| p["routes"][0]["inbound"]["api_key"]["header"] = json!("x key"),
         "routes[0].inbound.api_key.header",
         "an HTTP header name",
+    );
+}
+
+#[test]
+fn blob_routes_only_take_methods_that_read_or_write() {
+    assert_one_error(
+        |p| p["routes"][1]["methods"] = json!(["PUT", "DELETE"]),
+        "routes[1].methods[1]",
+        "a method a blob route serves (GET, HEAD, PUT or POST), got \"DELETE\"",
     );
 }
 

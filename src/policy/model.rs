@@ -61,6 +61,13 @@ pub struct Identity {
     pub client_id: String,
     /// How the client proves who it is.
     pub credential: Credential,
+    /// Share of a token's lifetime after which the next request refreshes it in the
+    /// background (with a little jitter so isolates do not refresh together). Default 0.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_ahead: Option<f64>,
+    /// Time limit of one token request, in milliseconds. Default 5000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u32>,
 }
 
 /// A token endpoint.
@@ -72,11 +79,19 @@ pub enum TokenEndpoint {
     EntraV2 {
         /// Tenant id (a GUID) or verified domain.
         tenant: String,
+        /// Authority origin; default the cloud's (`https://login.microsoftonline.com`).
+        /// Another origin must be listed in `local_endpoints`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        authority: Option<String>,
     },
     /// Microsoft Entra ID v1 endpoint: `resource={audience}`.
     EntraV1 {
         /// Tenant id (a GUID) or verified domain.
         tenant: String,
+        /// Authority origin; default the cloud's. Another origin must be listed in
+        /// `local_endpoints`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        authority: Option<String>,
     },
     /// Any OAuth2 token URL that takes `scope={audience}/.default`.
     Url(String),
@@ -277,6 +292,10 @@ pub struct BlobBackend {
     pub container: String,
     /// Blob name template, e.g. `{path.tenant}/{uuid}.json`.
     pub blob: String,
+    /// Writes replace an existing blob when `true`; by default they only create
+    /// (`If-None-Match: *`), and an existing blob is a 409.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub overwrite: bool,
     /// The identity whose token is sent.
     pub identity: String,
     /// Token audience; default `https://storage.azure.com`.

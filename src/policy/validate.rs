@@ -178,7 +178,8 @@ fn check_identity(c: &mut Checker, name: &str, identity: &Identity) {
         );
     }
     let entra = match &identity.token_endpoint {
-        TokenEndpoint::EntraV2 { tenant } | TokenEndpoint::EntraV1 { tenant } => {
+        TokenEndpoint::EntraV2 { tenant, authority }
+        | TokenEndpoint::EntraV1 { tenant, authority } => {
             let v = if matches!(identity.token_endpoint, TokenEndpoint::EntraV2 { .. }) {
                 "entra_v2"
             } else {
@@ -190,7 +191,29 @@ fn check_identity(c: &mut Checker, name: &str, identity: &Identity) {
                     format!("a tenant id (GUID) or verified domain such as contoso.onmicrosoft.com (not common/organizations/consumers, which client credentials cannot use), got \"{tenant}\""),
                 );
             }
-            true
+            let local_authority = authority
+                .as_deref()
+                .and_then(Url::parse)
+                .is_some_and(|u| c.is_local(&u));
+            if let Some(authority) = authority {
+                let cloud_authority = format!("https://{}", c.policy.cloud.authority_host());
+                let ok = match Url::parse(authority) {
+                    Some(u) if u.path.is_empty() || u.path == "/" => {
+                        local_authority
+                            || Url::parse(&cloud_authority)
+                                .is_some_and(|a| a.origin() == u.origin())
+                    }
+                    _ => false,
+                };
+                if !ok {
+                    c.err(
+                        format!("{at}.token_endpoint.{v}.authority"),
+                        format!("{cloud_authority} (this cloud's authority) or an origin listed in local_endpoints, got \"{authority}\""),
+                    );
+                }
+            }
+            // A local stand-in of Entra is not bound to Entra's client id format.
+            !local_authority
         }
         TokenEndpoint::Url(url) => {
             match Url::parse(url) {
@@ -220,6 +243,22 @@ fn check_identity(c: &mut Checker, name: &str, identity: &Identity) {
             format!("{at}.client_id"),
             "a client id of 1 to 256 characters",
         );
+    }
+    if let Some(share) = identity.refresh_ahead {
+        if !(0.1..=0.9).contains(&share) {
+            c.err(
+                format!("{at}.refresh_ahead"),
+                format!("a share of the token lifetime between 0.1 and 0.9, got {share}"),
+            );
+        }
+    }
+    if let Some(ms) = identity.timeout_ms {
+        if !(100..=60_000).contains(&ms) {
+            c.err(
+                format!("{at}.timeout_ms"),
+                format!("a timeout between 100 and 60000 milliseconds, got {ms}"),
+            );
+        }
     }
     match &identity.credential {
         Credential::ClientSecret {
@@ -300,6 +339,19 @@ fn check_route(
                 format!("{at}.methods[{j}]"),
                 format!("each method once, got \"{}\" again", m.as_str()),
             );
+        }
+    }
+    if matches!(route.backend, Backend::Blob(_)) {
+        for (j, m) in route.methods.iter().enumerate() {
+            if matches!(m, Method::Patch | Method::Delete) {
+                c.err(
+                    format!("{at}.methods[{j}]"),
+                    format!(
+                        "a method a blob route serves (GET, HEAD, PUT or POST), got \"{}\"",
+                        m.as_str()
+                    ),
+                );
+            }
         }
     }
     let template = match PathTemplate::parse(&route.path) {
