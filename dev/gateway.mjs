@@ -151,8 +151,10 @@ export function withoutBuildSection(toml) {
 function writeDevVars(path, secrets) {
   const lines = Object.entries(secrets).map(([key, value]) => {
     if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(key)) throw new Error(`invalid secret name ${key}`);
-    if (/["\r\n]/.test(String(value))) throw new Error(`secret ${key} contains a quote or newline`);
-    return `${key}="${value}"`;
+    // Double-quoted dotenv values turn \n back into newlines (PEM secrets have them).
+    const text = String(value);
+    if (/["\\]/.test(text)) throw new Error(`secret ${key} contains a quote or backslash`);
+    return `${key}="${text.replace(/\r?\n/g, '\\n')}"`;
   });
   writeFileSync(path, lines.length ? `${lines.join('\n')}\n` : '', { mode: 0o600 });
 }

@@ -29,6 +29,7 @@ export const DEFAULT_STATE_DIR = join(REPO_ROOT, 'dev', '.state');
  * gateway, stop }. The worker gets secrets DEV_CLIENT_SECRET and DEV_API_KEY (dev/policy.json's
  * inbound key), both random per start and also written to <stateDir>/client-secret and /api-key.
  * Options passed through: gatewayVars / gatewaySecrets (more Worker vars and secrets),
+ * clients (more issuer clients, as startIssuer takes them), issuerOptions (e.g. lifetimeSeconds),
  * gatewayOptions (extra startGateway options), log (one-line progress messages),
  * onLog ({ azurite, gateway } line callbacks).
  */
@@ -40,6 +41,8 @@ export async function startStack({
   gatewayVars = {},
   gatewaySecrets = {},
   gatewayOptions = {},
+  clients = {},
+  issuerOptions = {},
   log = () => {},
   onLog = {},
 } = {}) {
@@ -72,7 +75,7 @@ export async function startStack({
   };
 
   const issuer = await step('issuer', () =>
-    startIssuer({ port: port.issuer, tenant: TENANT, clients: { [CLIENT_ID]: clientSecret }, log }));
+    startIssuer({ port: port.issuer, tenant: TENANT, clients: { [CLIENT_ID]: clientSecret, ...clients }, log, ...issuerOptions }));
   const azurite = await step('azurite', () => startAzurite({ port: port.azurite, stateDir: dir, onLog: onLog.azurite }));
   await step('container', async () => {
     const token = await storageToken(issuer, clientSecret);

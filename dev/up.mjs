@@ -106,10 +106,12 @@ Try:
 Ctrl-C stops everything.`);
 }
 
-/** Requests matching dev/policy.json's routes (PUT /files/{name} with x-api-key, public GET /files). */
+/** Requests matching dev/policy.json's routes: upload a file, read it back, and a refusal. */
 function gatewayCommands(url, apiKeyPath) {
+  const key = `-H "x-api-key: $(cat ${apiKeyPath})"`;
   return [
-    `curl -i -X PUT ${url}/files/hello.txt -H "x-api-key: $(cat ${apiKeyPath})" -H 'content-type: text/plain' --data-binary 'hello from the gateway'`,
-    `curl -i ${url}/files`,
+    `curl -i -X PUT ${url}/files/hello.txt ${key} -H 'content-type: text/plain' --data-binary 'hello from the gateway'`,
+    `curl -i ${url}/files/hello.txt ${key}`,
+    `curl -i -X PUT ${url}/files/hello.txt --data-binary 'no key'   # 401 problem+json`,
   ].join('\n  ');
 }

@@ -1,16 +1,26 @@
 //! The edge: the only code that names `worker` types. It turns a `worker::Request` into the
-//! core's inputs, asks [`crate::pipeline`] what to do, performs it, and writes the log line.
+//! core's inputs, asks the core what to do, performs the I/O, and writes the log line.
+
+mod crypto;
+mod http;
+mod tokens;
 
 use std::sync::OnceLock;
 
 use wasm_bindgen::prelude::*;
 use worker::{console_log, event, Context, Env, Request, Response, Result};
 
+use crate::backend::blob::{self, BlobOp};
 use crate::pipeline::{self, Gateway, LogLine};
+use crate::policy::{Backend, BlobBackend, Route};
 use crate::problem::{self, Problem};
+use crate::template::{RenderContext, Template};
 
 /// The policy, bundled at build time by `build.rs`.
 const POLICY: &str = include_str!(concat!(env!("OUT_DIR"), "/policy.json"));
+
+/// Time limit of one backend call, in milliseconds.
+const BACKEND_TIMEOUT_MS: f64 = 30_000.0;
 
 /// Loaded once per isolate, on the first request.
 static GATEWAY: OnceLock<Gateway> = OnceLock::new();
@@ -24,6 +34,14 @@ extern "C" {
 /// A fresh request id: a random UUID from the runtime's WebCrypto.
 pub fn new_request_id() -> String {
     random_uuid()
+}
+
+fn now() -> f64 {
+    js_sys::Date::now()
+}
+
+fn random() -> f64 {
+    js_sys::Math::random()
 }
 
 #[event(start)]
@@ -49,8 +67,8 @@ fn gateway() -> &'static Gateway {
 }
 
 #[event(fetch)]
-async fn fetch(req: Request, env: Env, _ctx: Context) -> Result<Response> {
-    let started = js_sys::Date::now();
+async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
+    let started = now();
     let method = req.inner().method();
     let path = req.path();
     let caller_id = req.headers().get("x-request-id").ok().flatten();
@@ -65,36 +83,31 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> Result<Response> {
         ..LogLine::default()
     };
 
-    let outcome = handle(&req, &env, &mut log);
-    let problem = match outcome {
-        Ok(p) | Err(p) => p,
+    let mut response = match handle(&req, &env, &ctx, &mut log).await {
+        Ok(response) => response,
+        Err(problem) => {
+            log.problem = Some(problem.kind);
+            problem_response(&problem, &path, &request_id)?
+        }
     };
-    log.status = problem.status;
-    log.problem = Some(problem.kind);
-    let response = problem_response(&problem, &path, &request_id);
-    log.duration_ms = js_sys::Date::now() - started;
+    response.headers_mut().set("x-request-id", &request_id)?;
+    log.status = response.status_code();
+    log.duration_ms = now() - started;
     console_log!("{}", log.to_json());
-    response
+    Ok(response)
 }
 
-/// Runs the stages for one request. Every stage so far ends in a problem: `Ok` is a request
-/// that passed every check and reached a backend this build cannot forward to yet.
-fn handle<'r>(
+/// The stages of one request: route, inbound checks, backend.
+async fn handle<'r>(
     req: &Request,
     env: &Env,
+    ctx: &Context,
     log: &mut LogLine<'r>,
-) -> std::result::Result<Problem, Problem>
-where
-    'static: 'r,
-{
+) -> std::result::Result<Response, Problem> {
     let matched = gateway().route(log.method, log.path)?;
-    log.route = Some(&matched.route.name);
-    if let Some(check) = matched
-        .route
-        .inbound
-        .as_ref()
-        .and_then(|i| i.api_key.as_ref())
-    {
+    let route: &'static Route = matched.route;
+    log.route = Some(&route.name);
+    if let Some(check) = route.inbound.as_ref().and_then(|i| i.api_key.as_ref()) {
         let presented = req.headers().get(&check.header).ok().flatten();
         let secret = |name: &str| env.secret(name).ok().map(|s| s.to_string());
         log.api_key = Some(pipeline::check_api_key(
@@ -103,13 +116,187 @@ where
             secret,
         )?);
     }
-    Ok(Problem::backend_not_available(
-        &matched.route.name,
-        matched.route.backend.kind(),
-    ))
+    match &route.backend {
+        Backend::Blob(backend) => blob_call(req, env, ctx, log, backend, &matched.params).await,
+        Backend::ServiceBus(_) => Err(Problem::backend_not_available(
+            &route.name,
+            route.backend.kind(),
+        )),
+    }
 }
 
-/// Renders a problem as an RFC 9457 response with `x-request-id` and the status's headers.
+/// A blob route: build the name, get a token, call Blob Storage, map its answer.
+async fn blob_call(
+    req: &Request,
+    env: &Env,
+    ctx: &Context,
+    log: &mut LogLine<'_>,
+    backend: &'static BlobBackend,
+    params: &[(String, String)],
+) -> std::result::Result<Response, Problem> {
+    let op = BlobOp::for_method(log.method)
+        .ok_or_else(|| Problem::method_not_allowed(log.method, "GET, HEAD, PUT, POST"))?;
+    let name = render(&backend.blob, req, params, log.request_id)?;
+    let encoded = blob::encode_blob_name(&name)?;
+    let content_length = match op {
+        BlobOp::Write => Some(content_length(req)?),
+        _ => None,
+    };
+
+    let policy = gateway()
+        .policy()
+        .ok_or_else(|| Problem::policy_invalid(0))?;
+    let identity = policy
+        .identities
+        .get(&backend.identity)
+        .ok_or_else(|| Problem::policy_invalid(1))?;
+    log.identity = Some(&backend.identity);
+    let obtained = tokens::obtain(&backend.identity, identity, policy.cloud, backend.audience(), env, ctx)
+        .await
+        .map_err(|e| {
+            console_log!("{}", serde_json::json!({"level": "warn", "event": "token_failed", "request_id": log.request_id, "identity": backend.identity, "error": tokens::describe(&e)}));
+            Problem::from_token_error(&backend.identity, &e)
+        })?;
+    log.token = Some(obtained.source.as_str());
+    log.idp_ms = obtained.idp_ms;
+
+    let content_type = req.headers().get("content-type").ok().flatten();
+    let call_time = now();
+    log.token_ttl_s = Some((obtained.token.expires_at - call_time) / 1000.0);
+    let info = blob::BodyInfo {
+        content_type: content_type.as_deref(),
+        content_length,
+    };
+    let request = blob::request(
+        backend,
+        policy.cloud,
+        op,
+        &encoded,
+        &obtained.token.access_token,
+        call_time,
+        info,
+    );
+    let body = match op {
+        BlobOp::Write => req.inner().body().map(JsValue::from),
+        _ => None,
+    };
+    let mut response = http::send(
+        request.method,
+        &request.url,
+        &request.headers,
+        body,
+        BACKEND_TIMEOUT_MS,
+    )
+    .await
+    .map_err(|e| {
+        Problem::new(
+            503,
+            "backend-unavailable",
+            "Blob Storage is unavailable",
+            format!("The call to Blob Storage {e}; try again later."),
+        )
+        .with_header("retry-after", "5")
+    })?;
+    let status = response.status_code();
+    log.backend_status = Some(status);
+    let header = |name: &str| response.headers().get(name).ok().flatten();
+    match (op, status) {
+        (BlobOp::Write, 201) => {
+            let body = blob::created_body(&backend.container, &name, header("etag").as_deref());
+            let mut created = Response::ok(body).map_err(internal)?.with_status(201);
+            created
+                .headers_mut()
+                .set("content-type", "application/json")
+                .map_err(internal)?;
+            Ok(created)
+        }
+        (BlobOp::Read | BlobOp::Head, 200) => {
+            let headers = worker::Headers::new();
+            for name in ["content-type", "content-length", "etag", "last-modified"] {
+                if let Some(value) = header(name) {
+                    headers.set(name, &value).map_err(internal)?;
+                }
+            }
+            let builder = Response::builder().with_status(200).with_headers(headers);
+            Ok(match response.body() {
+                worker::ResponseBody::Stream(stream) if op == BlobOp::Read => {
+                    builder.stream(stream.clone())
+                }
+                _ => builder.empty(),
+            })
+        }
+        _ => {
+            let code = header("x-ms-error-code");
+            // Drain the error body; it is not passed on.
+            let _ = response.text().await;
+            let (problem, evict) =
+                blob::map_error(op, status, code.as_deref(), &backend.container, &name);
+            if evict {
+                tokens::evict(&obtained.key, &obtained.token.access_token);
+            }
+            Err(problem)
+        }
+    }
+}
+
+fn internal(e: worker::Error) -> Problem {
+    Problem::new(
+        500,
+        "internal-error",
+        "Internal error",
+        format!("The gateway failed to build the response: {e}"),
+    )
+}
+
+/// The caller's `Content-Length`: Put Blob needs the length before the body.
+fn content_length(req: &Request) -> std::result::Result<u64, Problem> {
+    req.headers()
+        .get("content-length")
+        .ok()
+        .flatten()
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| {
+            Problem::new(
+                411,
+                "length-required",
+                "Content-Length required",
+                "This route needs the body's length up front; send a Content-Length header.",
+            )
+        })
+}
+
+/// Fills a template from this request.
+fn render(
+    text: &str,
+    req: &Request,
+    params: &[(String, String)],
+    request_id: &str,
+) -> std::result::Result<String, Problem> {
+    let template = Template::parse(text).map_err(|_| Problem::policy_invalid(1))?;
+    // Parsed by hand: `req.url()` would pull the whole `url` crate (IDNA tables) into the wasm.
+    let url = req.inner().url();
+    let query =
+        crate::encoding::query_pairs(url.split_once('?').map(|(_, q)| q).unwrap_or_default());
+    let header = |name: &str| req.headers().get(name).ok().flatten();
+    let ctx = RenderContext {
+        path: params,
+        query: &query,
+        header: &header,
+        request_id,
+        uuid: &new_request_id,
+        now_ms: now(),
+    };
+    template.render(&ctx).map_err(|missing| {
+        Problem::new(
+            400,
+            "missing-request-value",
+            "The request lacks a value this route needs",
+            format!("This route builds a name from the request, but {missing}."),
+        )
+    })
+}
+
+/// Renders a problem as an RFC 9457 response with the status's headers.
 pub fn problem_response(problem: &Problem, instance: &str, request_id: &str) -> Result<Response> {
     let mut response =
         Response::ok(problem.body(instance, request_id))?.with_status(problem.status);

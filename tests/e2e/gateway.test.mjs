@@ -46,7 +46,7 @@ describe('a worker built with a valid policy', () => {
 
   test('a matched route with a valid key passes the checks and names the route', async () => {
     const res = await call(gw, 'PUT', '/files/contoso/report.pdf', { 'x-api-key': KEYS.E2E_KEY_NEW, 'x-request-id': 'e2e-match-1' });
-    // No backend is wired in this build: the request stops after the checks, with nothing sent.
+    // Service Bus forwarding is not built yet: the request stops after the checks, with nothing sent.
     assertProblem(res, 501, 'backend-not-available');
     assert.equal(res.body.route, 'upload');
     const log = await logLine(gw, 'e2e-match-1');

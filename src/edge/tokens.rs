@@ -1,0 +1,299 @@
+//! Tokens at the edge: the isolate's [`TokenCache`] and the I/O it asks for.
+//!
+//! Waiting callers re-read the cache on their own short timer rather than being woken by the
+//! leader: a caller never touches another request's I/O objects, and a leader that goes away
+//! (its client hung up) only delays the others until the cache's leader timeout.
+
+use std::cell::RefCell;
+use std::time::Duration;
+
+use worker::{Context, Delay, Env};
+
+use super::{crypto, http, now, random};
+use crate::encoding::{base64url, pem_block};
+use crate::identity::cache::{Lookup, TokenCache};
+use crate::identity::endpoint::{assertion_signing_input, parse_token_response, Proof};
+use crate::identity::fetch::{Step, TokenFetch};
+use crate::identity::{Token, TokenError, TokenKey};
+use crate::policy::{Cloud, Credential, Identity};
+use crate::retry::RetryPolicy;
+
+thread_local! {
+    static CACHE: RefCell<TokenCache> = RefCell::new(TokenCache::default());
+}
+
+/// How long a waiting caller sleeps between looks at the cache.
+const WAIT_POLL: Duration = Duration::from_millis(5);
+
+/// Where the token of a request came from, for its log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Served from the cache.
+    Cache,
+    /// Served from the cache, and this request started a background refresh.
+    CacheRefreshAhead,
+    /// Fetched by this request (it was the leader of a miss).
+    Fetched,
+    /// Fetched by another request while this one waited.
+    Waited,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Cache => "cache",
+            Source::CacheRefreshAhead => "cache_refresh_ahead",
+            Source::Fetched => "fetched",
+            Source::Waited => "waited",
+        }
+    }
+}
+
+/// A token for a request, with what the log line says about it.
+pub struct Obtained {
+    pub key: TokenKey,
+    pub token: Token,
+    pub source: Source,
+    /// Time spent on the identity provider by this request (fetch or wait).
+    pub idp_ms: Option<f64>,
+}
+
+/// The token for `identity` and `audience`: from the cache, or fetched once for all callers.
+pub async fn obtain(
+    name: &str,
+    identity: &Identity,
+    cloud: Cloud,
+    audience: &str,
+    env: &Env,
+    ctx: &Context,
+) -> Result<Obtained, TokenError> {
+    let key = identity.token_key(cloud, audience);
+    let started = now();
+    let mut waited = false;
+    loop {
+        let lookup = CACHE.with(|c| c.borrow_mut().lookup(&key, now()));
+        let (token, source) = match lookup {
+            Lookup::Hit {
+                token,
+                refresh: false,
+            } => (
+                token,
+                if waited {
+                    Source::Waited
+                } else {
+                    Source::Cache
+                },
+            ),
+            Lookup::Hit {
+                token,
+                refresh: true,
+            } => {
+                ctx.wait_until(refresh(
+                    name.to_owned(),
+                    identity.clone(),
+                    key.clone(),
+                    env.clone(),
+                ));
+                (token, Source::CacheRefreshAhead)
+            }
+            Lookup::Fetch => {
+                let token = fetch_and_store(identity, &key, env).await?;
+                (token, Source::Fetched)
+            }
+            Lookup::Wait => {
+                waited = true;
+                Delay::from(WAIT_POLL).await;
+                continue;
+            }
+            Lookup::Failed(error) => return Err(error),
+        };
+        let idp_ms = matches!(source, Source::Fetched | Source::Waited).then(|| now() - started);
+        return Ok(Obtained {
+            key,
+            token,
+            source,
+            idp_ms,
+        });
+    }
+}
+
+/// A backend refused this token (401): drop it from the cache.
+pub fn evict(key: &TokenKey, access_token: &str) -> bool {
+    CACHE.with(|c| c.borrow_mut().evict(key, access_token))
+}
+
+/// The background refresh started by a hit past the refresh point; it writes its own log line.
+async fn refresh(name: String, identity: Identity, key: TokenKey, env: Env) {
+    let started = now();
+    let result = fetch_and_store(&identity, &key, &env).await;
+    let line = serde_json::json!({
+        "level": if result.is_ok() { "info" } else { "warn" },
+        "event": "token_refresh",
+        "identity": name,
+        "ok": result.is_ok(),
+        "error": result.as_ref().err().map(describe),
+        "idp_ms": now() - started,
+    });
+    worker::console_log!("{line}");
+}
+
+async fn fetch_and_store(
+    identity: &Identity,
+    key: &TokenKey,
+    env: &Env,
+) -> Result<Token, TokenError> {
+    let result = fetch(identity, key, env).await;
+    CACHE.with(|c| {
+        c.borrow_mut().complete(
+            key,
+            result.clone(),
+            now(),
+            identity.refresh_ahead(),
+            random(),
+        )
+    });
+    result
+}
+
+/// One fetch: credentials, retries and back-off as [`TokenFetch`] decides.
+async fn fetch(identity: &Identity, key: &TokenKey, env: &Env) -> Result<Token, TokenError> {
+    let credentials = match &identity.credential {
+        Credential::ClientSecret {
+            next_secret: Some(_),
+            ..
+        } => 2,
+        _ => 1,
+    };
+    let (mut fetch, mut step) = TokenFetch::new(credentials, RetryPolicy::default(), now());
+    loop {
+        step = match step {
+            Step::Done(result) => return result,
+            Step::Sleep(ms) => {
+                Delay::from(Duration::from_millis(ms as u64)).await;
+                fetch.resume()
+            }
+            Step::Send { credential } => {
+                let result = attempt(identity, key, credential, env).await;
+                fetch.on_result(result, now(), random())
+            }
+        };
+    }
+}
+
+fn secret(env: &Env, name: &str) -> Result<String, TokenError> {
+    env.secret(name)
+        .map(|s| s.to_string())
+        .map_err(|_| TokenError::Credential {
+            reason: format!("the Worker secret {name} is not set"),
+        })
+}
+
+/// One token request with credential number `credential`.
+async fn attempt(
+    identity: &Identity,
+    key: &TokenKey,
+    credential: usize,
+    env: &Env,
+) -> Result<Token, TokenError> {
+    let request = match &identity.credential {
+        Credential::ClientSecret {
+            secret: first,
+            next_secret,
+            auth,
+        } => {
+            let name = match (credential, next_secret) {
+                (1, Some(next)) => next,
+                _ => first,
+            };
+            let value = secret(env, name)?;
+            identity.token_request(
+                key,
+                Proof::Secret {
+                    value: &value,
+                    auth: *auth,
+                },
+            )
+        }
+        Credential::Certificate {
+            private_key_secret,
+            certificate_secret,
+        } => {
+            let jwt = client_assertion(
+                key,
+                &secret(env, private_key_secret)?,
+                &secret(env, certificate_secret)?,
+            )
+            .await?;
+            identity.token_request(key, Proof::Assertion(&jwt))
+        }
+    };
+    let sent_at = now();
+    let transient = |reason: String| TokenError::Transient {
+        status: None,
+        retry_after_secs: None,
+        reason,
+    };
+    let mut response = http::send(
+        "POST",
+        &request.url,
+        &request.headers,
+        Some(request.body.into()),
+        identity.timeout_ms(),
+    )
+    .await
+    .map_err(|e| transient(format!("the token request {e}")))?;
+    let retry_after = response.headers().get("retry-after").ok().flatten();
+    let body = response
+        .text()
+        .await
+        .map_err(|e| transient(format!("reading the token response failed: {e}")))?;
+    parse_token_response(
+        response.status_code(),
+        retry_after.as_deref(),
+        &body,
+        sent_at,
+    )
+}
+
+/// A client assertion signed with the certificate's key (RS256, `x5t` and `x5t#S256`).
+async fn client_assertion(
+    key: &TokenKey,
+    private_key_pem: &str,
+    certificate_pem: &str,
+) -> Result<String, TokenError> {
+    let unusable = |what: &str| TokenError::Credential {
+        reason: what.to_owned(),
+    };
+    let private_key = pem_block(private_key_pem, "PRIVATE KEY")
+        .ok_or_else(|| unusable("the private key secret holds no PEM PRIVATE KEY (PKCS#8)"))?;
+    let certificate = pem_block(certificate_pem, "CERTIFICATE")
+        .ok_or_else(|| unusable("the certificate secret holds no PEM CERTIFICATE"))?;
+    let x5t = crypto::digest("SHA-1", &certificate)
+        .await
+        .map_err(|e| unusable(&e))?;
+    let x5t_s256 = crypto::digest("SHA-256", &certificate)
+        .await
+        .map_err(|e| unusable(&e))?;
+    let input = assertion_signing_input(key, now(), &super::new_request_id(), &x5t, &x5t_s256);
+    let signature = crypto::sign_rs256(&private_key, input.as_bytes())
+        .await
+        .map_err(|e| unusable(&e))?;
+    Ok(format!("{input}.{}", base64url(&signature)))
+}
+
+/// A token error for a log line: what happened, never a secret.
+pub fn describe(error: &TokenError) -> String {
+    match error {
+        TokenError::Rejected {
+            status,
+            error,
+            aadsts,
+        } => match aadsts {
+            Some(code) => format!("rejected {status} {error} AADSTS{code}"),
+            None => format!("rejected {status} {error}"),
+        },
+        TokenError::Transient { reason, .. } => format!("unavailable: {reason}"),
+        TokenError::Malformed { reason } => format!("bad response: {reason}"),
+        TokenError::Credential { reason } => format!("credential: {reason}"),
+    }
+}
