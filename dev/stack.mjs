@@ -1,11 +1,13 @@
 /**
- * The whole local Azure-like stack: Entra-like issuer, Azurite over HTTPS, and the gateway worker.
+ * The whole local Azure-like stack: Entra-like issuer, Azurite over HTTPS, the Service Bus stand-in
+ * (dev/servicebus) and the gateway worker.
  *
  * Why one function: the dev orchestrator (dev/up.mjs) and the end-to-end tests must run the very
  * same wiring — a fresh random client secret per start, registered in the issuer for client
  * `dev-gateway` and handed to the worker as the secret DEV_CLIENT_SECRET; Azurite trusted by
- * workerd; container `uploads` created with a real storage token. If any part fails, the parts
- * already started are stopped before the error (labelled with the part's name) propagates.
+ * workerd; container `uploads` created with a real storage token; the Service Bus stand-in checking
+ * tokens against the issuer's JWKS. If any part fails, the parts already started are stopped
+ * before the error (labelled with the part's name) propagates.
  */
 import { randomBytes } from 'node:crypto';
 import { mkdirSync, writeFileSync } from 'node:fs';
@@ -14,24 +16,34 @@ import { createContainer, startAzurite } from './azurite.mjs';
 import { startGateway } from './gateway.mjs';
 import { requestToken, startIssuer } from './issuer.mjs';
 import { REPO_ROOT } from './proc.mjs';
+import { DEFAULT_ENTITIES, startServiceBus } from './servicebus.mjs';
 
 export const TENANT = '11111111-2222-3333-4444-555555555555';
 export const CLIENT_ID = 'dev-gateway';
 export const STORAGE_AUDIENCE = 'https://storage.azure.com';
 export const SERVICEBUS_AUDIENCE = 'https://servicebus.azure.net';
 export const CONTAINER = 'uploads';
-export const DEFAULT_PORTS = { issuer: 8400, azurite: 10000, gateway: 8787 };
+export const DEFAULT_PORTS = { issuer: 8400, azurite: 10000, serviceBus: 8410, gateway: 8787 };
+/** Queues of the Service Bus stand-in unless serviceBus.entities says otherwise. */
+export const SERVICEBUS_ENTITIES = DEFAULT_ENTITIES;
 export const DEFAULT_STATE_DIR = join(REPO_ROOT, 'dev', '.state');
 
 /**
- * Start issuer, Azurite and (unless gateway: false) the worker.
+ * Start issuer, Azurite, the Service Bus stand-in (unless serviceBus: false) and (unless
+ * gateway: false) the worker.
  * Returns { tenant, clientId, clientSecret, secretPath, apiKey, apiKeyPath, stateDir, issuer, azurite,
- * gateway, stop }. The worker gets secrets DEV_CLIENT_SECRET and DEV_API_KEY (dev/policy.json's
- * inbound key), both random per start and also written to <stateDir>/client-secret and /api-key.
+ * serviceBus, gateway, stop }. The worker gets secrets DEV_CLIENT_SECRET and DEV_API_KEY
+ * (dev/policy.json's inbound key), both random per start and also written to
+ * <stateDir>/client-secret and /api-key.
  * Options passed through: gatewayVars / gatewaySecrets (more Worker vars and secrets),
  * clients (more issuer clients, as startIssuer takes them), issuerOptions (e.g. lifetimeSeconds),
  * gatewayOptions (extra startGateway options), log (one-line progress messages),
- * onLog ({ azurite, gateway } line callbacks).
+ * onLog ({ azurite, serviceBus, gateway } line callbacks),
+ * serviceBus (options of startServiceBus in dev/servicebus.mjs, e.g. { entities: ['orders',
+ * 'dedup:duplicate-detection=60'] }; default SERVICEBUS_ENTITIES; false to leave it out).
+ * ports.serviceBus defaults to ports.issuer + 10 when only the issuer's port is given (tests on
+ * 18400 get 18410), else 8410. The stand-in's URL is handed to nothing: tests and policies that
+ * use it name it themselves.
  */
 export async function startStack({
   policyPath,
@@ -43,10 +55,12 @@ export async function startStack({
   gatewayOptions = {},
   clients = {},
   issuerOptions = {},
+  serviceBus: serviceBusOptions = {},
   log = () => {},
   onLog = {},
 } = {}) {
   const port = { ...DEFAULT_PORTS, ...ports };
+  if (ports.serviceBus === undefined && ports.issuer !== undefined) port.serviceBus = ports.issuer + 10;
   const dir = resolve(stateDir);
   mkdirSync(dir, { recursive: true });
   const clientSecret = randomBytes(32).toString('base64url');
@@ -81,6 +95,15 @@ export async function startStack({
     const token = await storageToken(issuer, clientSecret);
     await createContainer(azurite.url, CONTAINER, token, { ca: azurite.ca });
   });
+  const serviceBus = serviceBusOptions === false
+    ? null
+    : await step('servicebus', () => startServiceBus({
+      port: port.serviceBus,
+      jwksUrl: issuer.jwksUrl,
+      stateDir: dir,
+      onLog: onLog.serviceBus,
+      ...serviceBusOptions,
+    }));
   const gateway = withGateway
     ? await step('gateway', () => startGateway({
       policyPath,
@@ -96,7 +119,7 @@ export async function startStack({
 
   return {
     tenant: TENANT, clientId: CLIENT_ID, clientSecret, secretPath, apiKey, apiKeyPath,
-    stateDir: dir, issuer, azurite, gateway, stop,
+    stateDir: dir, issuer, azurite, serviceBus, gateway, stop,
   };
 }
 
@@ -104,6 +127,13 @@ export async function startStack({
 export async function storageToken(issuer, clientSecret) {
   const res = await requestToken(issuer.tokenUrlV2, { clientId: CLIENT_ID, secret: clientSecret, scope: `${STORAGE_AUDIENCE}/.default` });
   if (res.status !== 200) throw new Error(`storage token: HTTP ${res.status} ${res.body.error}`);
+  return res.body.access_token;
+}
+
+/** A Service Bus-audience access token for `dev-gateway` (v2 endpoint). */
+export async function serviceBusToken(issuer, clientSecret) {
+  const res = await requestToken(issuer.tokenUrlV2, { clientId: CLIENT_ID, secret: clientSecret, scope: `${SERVICEBUS_AUDIENCE}/.default` });
+  if (res.status !== 200) throw new Error(`service bus token: HTTP ${res.status} ${res.body.error}`);
   return res.body.access_token;
 }
 

@@ -3,8 +3,9 @@
  * `node dev/up.mjs [--policy FILE] [--no-gateway]`: run the local Azure-like stack until Ctrl-C.
  *
  * Why: one command gives a developer the same stack the end-to-end tests use (issuer on 8400,
- * Azurite on 10000, the gateway worker on 8787, state in dev/.state), prints where each part
- * listens plus ready-to-paste curl commands, echoes the worker's log lines, and on SIGINT/SIGTERM
+ * Azurite on 10000, the Service Bus stand-in on 8410, the gateway worker on 8787, state in
+ * dev/.state), prints where each part listens plus ready-to-paste curl commands, echoes the
+ * worker's and the stand-in's log lines, and on SIGINT/SIGTERM
  * stops everything it started and exits 0. If a part does not become healthy in time (or dies
  * later), it says which one and why, stops the rest and exits 1.
  * Run it with scripts/env.sh sourced (Node 22 first on PATH).
@@ -14,7 +15,7 @@ import { relative, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { BLOB_API_VERSION } from './azurite.mjs';
 import { REPO_ROOT } from './proc.mjs';
-import { CLIENT_ID, CONTAINER, DEFAULT_PORTS, STORAGE_AUDIENCE, startStack } from './stack.mjs';
+import { CLIENT_ID, CONTAINER, DEFAULT_PORTS, SERVICEBUS_AUDIENCE, SERVICEBUS_ENTITIES, STORAGE_AUDIENCE, startStack } from './stack.mjs';
 
 const BUILD_TIMEOUT_MS = 300_000; // a cold cargo build of the worker on 2 shared cores
 const WRANGLER_START_TIMEOUT_MS = 30_000;
@@ -43,8 +44,9 @@ try {
     policyPath: resolve(args.policy),
     gateway: !args['no-gateway'],
     log: say,
-    onLog: { gateway: (line) => console.log(`[gateway] ${line}`) },
+    onLog: { gateway: (line) => console.log(`[gateway] ${line}`), serviceBus: (line) => console.log(`[servicebus] ${line}`) },
     gatewayOptions: { buildTimeoutMs: BUILD_TIMEOUT_MS, startTimeoutMs: WRANGLER_START_TIMEOUT_MS },
+    serviceBus: { buildTimeoutMs: BUILD_TIMEOUT_MS },
   });
 } catch (err) {
   console.error(`[up] ${err.part ?? 'stack'} did not become healthy; everything started was stopped.\n${err.message}`);
@@ -66,17 +68,18 @@ async function shutdown(code, why) {
 }
 
 /** A child that exits while the stack is up is a failure: report its last lines and stop. */
-function watchForCrashes({ azurite, gateway }) {
+function watchForCrashes({ azurite, serviceBus, gateway }) {
   const watch = (name, part) => part?.exited.then((info) => {
     if (stopping) return;
     console.error(`[up] ${name} exited unexpectedly (${info.code ?? info.signal}); last lines:\n${part.tail(20)}`);
     shutdown(1, `${name} died`);
   });
   watch('azurite', azurite);
+  watch('servicebus', serviceBus);
   watch('gateway', gateway);
 }
 
-function printSummary({ issuer, azurite, gateway, secretPath, apiKeyPath, stateDir }, seconds) {
+function printSummary({ issuer, azurite, serviceBus, gateway, secretPath, apiKeyPath, stateDir }, seconds) {
   const rel = (p) => relative(process.cwd(), p) || '.';
   const cert = rel(azurite.certPath);
   const tokenCmd = [
@@ -86,6 +89,7 @@ function printSummary({ issuer, azurite, gateway, secretPath, apiKeyPath, stateD
     `--data-urlencode client_secret@${rel(secretPath)}`,
     `-d scope=${STORAGE_AUDIENCE}/.default`,
   ].join(' ');
+  const sbTokenCmd = tokenCmd.replace(`scope=${STORAGE_AUDIENCE}/.default`, `scope=${SERVICEBUS_AUDIENCE}/.default`);
   console.log(`
 Local stack ready in ${seconds} s (state in ${rel(stateDir)})
   issuer   token v2  ${issuer.tokenUrlV2}
@@ -94,12 +98,15 @@ Local stack ready in ${seconds} s (state in ${rel(stateDir)})
            control   ${issuer.url}/__control/stats  (POST/DELETE ${issuer.url}/__control/faults)
            client    ${CLIENT_ID}, secret in ${rel(secretPath)} (new each start)
   azurite  ${azurite.url}  (container ${CONTAINER}; certificate ${cert})
+  servicebus ${serviceBus.url}  (stand-in; queues ${SERVICEBUS_ENTITIES.join(', ')}; control ${serviceBus.url}/__control/stats)
   gateway  ${gateway ? `${gateway.url}  (policy ${rel(resolve(args.policy))}; API key in ${rel(apiKeyPath)})` : 'not started (--no-gateway)'}
 
 Try:
   ${tokenCmd} | jq .
   TOKEN=$(${tokenCmd} | jq -r .access_token)
   curl -s --cacert ${cert} -H "Authorization: Bearer $TOKEN" -H "x-ms-version: ${BLOB_API_VERSION}" "${azurite.url}/${CONTAINER}?restype=container&comp=list"
+  SBTOKEN=$(${sbTokenCmd} | jq -r .access_token)
+  curl -i -X DELETE -H "Authorization: Bearer $SBTOKEN" "${serviceBus.url}/orders/messages/head?timeout=5"   # read one message back (204: none)
   ${gateway ? gatewayCommands(gateway.url, rel(apiKeyPath)) : `# (gateway not started; default port ${DEFAULT_PORTS.gateway})`}
   curl -s ${issuer.url}/__control/stats | jq .
 

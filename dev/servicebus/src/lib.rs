@@ -1,0 +1,44 @@
+//! `servicebus-standin`: a local stand-in for the Azure Service Bus REST API, for the gateway's
+//! end-to-end tests. No Service Bus emulator speaks the HTTP API (Microsoft's is a container and
+//! AMQP-only), so this one enforces the documented REST contract strictly and keeps what it
+//! accepted in memory, so tests can read it back.
+//!
+//! # Command line
+//!
+//! ```text
+//! servicebus-standin --jwks-url http://127.0.0.1:8400/{tenant}/discovery/v2.0/keys \
+//!     --entity orders --entity dedup:duplicate-detection=60 --entity events:max-size=262144 \
+//!     [--port 8410] [--issuer-prefix https://sts.windows.net/]
+//! ```
+//!
+//! `--entity NAME[:OPTION=VALUE[,OPTION=VALUE...]]`, repeatable, at least one. Options:
+//! `duplicate-detection=SECONDS` (off by default), `max-size=BYTES` (body and properties,
+//! default 262144), `lock-duration=SECONDS` (peek-lock, default 60). `--port 0` takes any free
+//! port. It binds 127.0.0.1 only, prints `servicebus-standin listening on http://127.0.0.1:PORT`
+//! when ready, one line per request after that, and exits 0 on SIGTERM or SIGINT.
+//!
+//! # Contract
+//!
+//! Every route but `/__control/*` needs `Authorization: Bearer <jwt>`: RS256, `kid` in the JWKS
+//! (refetched at most every 10 s on an unknown kid), `aud` `https://servicebus.azure.net[/]` or
+//! `http://127.0.0.1:PORT[/]`, `iss` under the issuer prefix, `nbf <= now < exp` with no skew.
+//! Errors are Service Bus's XML: `<Error><Code>401</Code><Detail>ExpiredToken: … TrackingId:…,
+//! SystemTracker:…, Timestamp:…</Detail></Error>`.
+//!
+//! - `POST /{entity}/messages` sends one message (body, `Content-Type`, optional
+//!   `BrokerProperties` JSON header, other headers as custom properties) or, with
+//!   `Content-Type: application/vnd.microsoft.servicebus.json`, a batch. 201 empty; 400 invalid;
+//!   410 unknown entity; 413 over the entity's size. Duplicates (entity with duplicate detection)
+//!   are answered 201 and not stored.
+//! - `DELETE /{entity}/messages/head?timeout=N`: receive and delete (200, or 204 after waiting up
+//!   to N s, default 0, at most 10). `POST` on the same path: peek-lock (201, `Location` of the
+//!   lock); `DELETE` on that location completes, `PUT` abandons (200, or 404).
+//! - `/__control/`: `GET stats`, `DELETE stats`, `GET|POST|DELETE faults`, `DELETE messages`
+//!   (purge all), `GET messages/{entity}` (everything stored, body in base64).
+
+pub mod config;
+pub mod jwt;
+pub mod message;
+pub mod server;
+pub mod store;
+pub mod util;

@@ -1,0 +1,643 @@
+//! The HTTP surface: Service Bus's REST send / receive / peek-lock routes behind Bearer-token
+//! checks, Azure-shaped XML errors, and the unauthenticated `/__control/*` routes for tests.
+
+use std::io::Read;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde_json::{json, Map, Value};
+
+use crate::jwt::{AuthError, Authenticator, ClaimRules};
+use crate::message::{self, BrokerProperties, MessageError, NewMessage};
+use crate::store::{Broker, Fault, Received};
+use crate::util::{iso_seconds, unix_seconds, uuid_v4, xml_escape};
+
+/// Receive waits at most this long, whatever `timeout` asks.
+pub const MAX_RECEIVE_WAIT: Duration = Duration::from_secs(10);
+/// Request bodies above this are refused unread (413); entities' limits are far below it.
+const MAX_READ_BYTES: usize = 64 * 1024 * 1024;
+/// What Service Bus answers as the Content-Type of a message sent without one (batch elements).
+const DEFAULT_RECEIVE_CONTENT_TYPE: &str = "application/atom+xml;type=entry;charset=utf-8";
+const XML: &str = "application/xml; charset=utf-8";
+
+pub struct App {
+    broker: Mutex<Broker>,
+    arrived: Condvar,
+    auth: Authenticator,
+    port: u16,
+}
+
+/// An answer before it is written.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// For the log line: the error code word, when the answer is an error.
+    pub note: Option<String>,
+}
+
+impl Reply {
+    fn empty(status: u16) -> Reply {
+        Reply {
+            status,
+            headers: vec![],
+            body: vec![],
+            note: None,
+        }
+    }
+
+    fn json(status: u16, value: &Value) -> Reply {
+        Reply {
+            status,
+            headers: vec![(
+                "Content-Type".into(),
+                "application/json; charset=utf-8".into(),
+            )],
+            body: value.to_string().into_bytes(),
+            note: None,
+        }
+    }
+}
+
+/// The parsed route of a non-control request.
+#[derive(Debug, PartialEq)]
+enum Route<'a> {
+    Send(&'a str),
+    Receive {
+        entity: &'a str,
+        peek_lock: bool,
+    },
+    Complete {
+        entity: &'a str,
+        sequence: &'a str,
+        token: &'a str,
+    },
+    Unlock {
+        entity: &'a str,
+        sequence: &'a str,
+        token: &'a str,
+    },
+    Unknown,
+}
+
+fn route<'a>(method: &str, path: &'a str) -> Route<'a> {
+    let segments: Vec<&str> = path
+        .trim_start_matches('/')
+        .trim_end_matches('/')
+        .split('/')
+        .collect();
+    match (method, segments.as_slice()) {
+        ("POST", [entity, "messages"]) => Route::Send(entity),
+        ("DELETE", [entity, "messages", "head"]) => Route::Receive {
+            entity,
+            peek_lock: false,
+        },
+        ("POST", [entity, "messages", "head"]) => Route::Receive {
+            entity,
+            peek_lock: true,
+        },
+        ("DELETE", [entity, "messages", sequence, token]) => Route::Complete {
+            entity,
+            sequence,
+            token,
+        },
+        ("PUT", [entity, "messages", sequence, token]) => Route::Unlock {
+            entity,
+            sequence,
+            token,
+        },
+        _ => Route::Unknown,
+    }
+}
+
+fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// `timeout`, when given, must be a whole number of seconds.
+fn timeout_param(query: &str) -> Result<Option<u64>, String> {
+    match query_param(query, "timeout") {
+        None => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("The timeout '{v}' is not a whole number of seconds.")),
+    }
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+impl App {
+    pub fn new(broker: Broker, port: u16, jwks_url: &str, issuer_prefix: &str) -> App {
+        let rules = ClaimRules::for_namespace(&format!("http://127.0.0.1:{port}"), issuer_prefix);
+        App {
+            broker: Mutex::new(broker),
+            arrived: Condvar::new(),
+            auth: Authenticator::new(rules, jwks_url),
+            port,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Broker> {
+        self.broker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Azure's error shape: `<Error><Code>status</Code><Detail>Code: message TrackingId:…,
+    /// SystemTracker:…, Timestamp:…</Detail></Error>`.
+    fn error(&self, status: u16, code: &str, message: &str, entity: Option<&str>) -> Reply {
+        let tracker = match entity {
+            Some(e) => format!("127.0.0.1:{}:{e}", self.port),
+            None => "NoSystemTracker".to_string(),
+        };
+        let detail = format!(
+            "{code}: {message} TrackingId:{}_G0, SystemTracker:{tracker}, Timestamp:{}",
+            uuid_v4(),
+            iso_seconds(SystemTime::now())
+        );
+        let body = format!(
+            "<Error><Code>{status}</Code><Detail>{}</Detail></Error>",
+            xml_escape(&detail)
+        );
+        Reply {
+            status,
+            headers: vec![("Content-Type".into(), XML.into())],
+            body: body.into_bytes(),
+            note: Some(code.to_string()),
+        }
+    }
+
+    fn auth_error(&self, e: &AuthError, entity: Option<&str>) -> Reply {
+        self.error(401, e.code, &e.message, entity)
+    }
+
+    fn message_error(&self, e: &MessageError, entity: &str) -> Reply {
+        self.error(e.status, e.code, &e.message, Some(entity))
+    }
+
+    /// Answer one request. `body` is the whole request body.
+    pub fn handle(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(String, String)],
+        body: Vec<u8>,
+        log: &dyn Fn(&str),
+    ) -> Reply {
+        let (path, query) = url.split_once('?').unwrap_or((url, ""));
+        if let Some(rest) = path.strip_prefix("/__control/") {
+            return self.control(method, rest.trim_end_matches('/'), &body);
+        }
+        self.lock().requests += 1;
+        let route = route(method, path);
+        if let Route::Send(entity) = route {
+            let reply = self.send(entity, query, headers, body, log);
+            if reply.status >= 400 {
+                if let Some(e) = self.lock().entity(entity) {
+                    e.reject(reply.status);
+                }
+            }
+            return reply;
+        }
+        if let Err(e) = self.auth.authenticate(
+            header(headers, "authorization"),
+            unix_seconds(SystemTime::now()),
+            log,
+        ) {
+            return self.auth_error(&e, None);
+        }
+        match route {
+            Route::Receive { entity, peek_lock } => self.receive(entity, peek_lock, query),
+            Route::Complete {
+                entity,
+                sequence,
+                token,
+            } => self.settle(entity, sequence, token, true),
+            Route::Unlock {
+                entity,
+                sequence,
+                token,
+            } => self.settle(entity, sequence, token, false),
+            Route::Send(_) | Route::Unknown => self.error(
+                404,
+                "NotFound",
+                &format!("No operation {method} {path} is supported here."),
+                None,
+            ),
+        }
+    }
+
+    fn unknown_entity(&self, entity: &str) -> Reply {
+        self.lock().unknown_entity += 1;
+        self.error(
+            410,
+            "EntityNotFound",
+            &format!(
+                "The messaging entity '127.0.0.1:{}:{entity}' could not be found.",
+                self.port
+            ),
+            Some(entity),
+        )
+    }
+
+    fn send(
+        &self,
+        entity: &str,
+        query: &str,
+        headers: &[(String, String)],
+        body: Vec<u8>,
+        log: &dyn Fn(&str),
+    ) -> Reply {
+        let fault = self.lock().take_fault(entity);
+        if let Some(fault) = fault {
+            if fault.delay_ms > 0 {
+                std::thread::sleep(Duration::from_millis(fault.delay_ms));
+            }
+            if let Some(status) = fault.status {
+                return self.fault_reply(&fault, status, entity);
+            }
+        }
+        if let Err(e) = self.auth.authenticate(
+            header(headers, "authorization"),
+            unix_seconds(SystemTime::now()),
+            log,
+        ) {
+            return self.auth_error(&e, Some(entity));
+        }
+        let Some(max_size) = self.lock().entity_ref(entity).map(|e| e.config.max_size) else {
+            return self.unknown_entity(entity);
+        };
+        let messages = match parse_send(query, headers, body, max_size) {
+            Ok(m) => m,
+            Err(e) => return self.message_error(&e, entity),
+        };
+        let mut broker = self.lock();
+        let Some(target) = broker.entity(entity) else {
+            return self.unknown_entity(entity);
+        };
+        target.enqueue(messages, SystemTime::now(), Instant::now());
+        drop(broker);
+        self.arrived.notify_all();
+        Reply::empty(201)
+    }
+
+    fn fault_reply(&self, fault: &Fault, status: u16, entity: &str) -> Reply {
+        let (code, message) = match status {
+            429 => ("Throttled", "The request was throttled (injected fault)."),
+            500 => (
+                "InternalServerError",
+                "An internal error occurred (injected fault).",
+            ),
+            503 => (
+                "ServerBusy",
+                "The server is busy. Please retry the operation (injected fault).",
+            ),
+            _ => ("InjectedFault", "Injected fault."),
+        };
+        let mut reply = self.error(status, code, message, Some(entity));
+        if let Some(after) = fault.retry_after {
+            reply
+                .headers
+                .push(("Retry-After".into(), after.to_string()));
+        }
+        reply
+    }
+
+    fn receive(&self, entity: &str, peek_lock: bool, query: &str) -> Reply {
+        let wait = match timeout_param(query) {
+            Ok(t) => Duration::from_secs(t.unwrap_or(0)).min(MAX_RECEIVE_WAIT),
+            Err(e) => return self.error(400, "BadRequest", &e, Some(entity)),
+        };
+        let deadline = Instant::now() + wait;
+        let mut broker = self.lock();
+        loop {
+            let Some(target) = broker.entity(entity) else {
+                drop(broker);
+                return self.unknown_entity(entity);
+            };
+            if let Some(received) = target.take(peek_lock, SystemTime::now(), Instant::now()) {
+                let name = target.config.name.clone();
+                drop(broker);
+                return received_reply(&name, received, peek_lock);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Reply::empty(204);
+            }
+            // Wake at least every 250 ms: scheduled messages become due without a send.
+            let step = (deadline - now).min(Duration::from_millis(250));
+            broker = self
+                .arrived
+                .wait_timeout(broker, step)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn settle(&self, entity: &str, sequence: &str, token: &str, complete: bool) -> Reply {
+        let mut broker = self.lock();
+        let Some(target) = broker.entity(entity) else {
+            drop(broker);
+            return self.unknown_entity(entity);
+        };
+        let done = sequence.parse::<u64>().is_ok_and(|seq| {
+            if complete {
+                target.complete(seq, token, Instant::now())
+            } else {
+                target.unlock(seq, token, Instant::now())
+            }
+        });
+        drop(broker);
+        if done {
+            if !complete {
+                self.arrived.notify_all();
+            }
+            Reply::empty(200)
+        } else {
+            self.error(
+                404,
+                "MessageLockLost",
+                "The lock supplied is invalid: it expired, or the message was already settled.",
+                Some(entity),
+            )
+        }
+    }
+
+    fn control(&self, method: &str, path: &str, body: &[u8]) -> Reply {
+        let mut broker = self.lock();
+        match (method, path) {
+            ("GET", "stats") => Reply::json(200, &broker.stats()),
+            ("DELETE", "stats") => {
+                broker.reset_stats();
+                Reply::json(200, &broker.stats())
+            }
+            ("GET", "faults") => Reply::json(200, &json!({ "fault": broker.fault })),
+            ("DELETE", "faults") => {
+                broker.fault = None;
+                Reply::json(200, &json!({ "fault": null }))
+            }
+            ("POST", "faults") => match Fault::parse(body) {
+                Ok(fault) => {
+                    broker.fault = Some(fault);
+                    Reply::json(200, &json!({ "fault": broker.fault }))
+                }
+                Err(e) => Reply::json(400, &json!({ "error": e })),
+            },
+            ("DELETE", "messages") => {
+                broker.purge();
+                Reply::json(200, &broker.stats())
+            }
+            ("GET", p) if p.starts_with("messages/") => {
+                let name = &p["messages/".len()..];
+                match broker.entity_ref(name) {
+                    Some(e) => Reply::json(
+                        200,
+                        &Value::Array(
+                            e.snapshot()
+                                .into_iter()
+                                .map(|(m, state)| {
+                                    let user: Map<String, Value> = m
+                                        .user
+                                        .iter()
+                                        .map(|(n, v)| (n.clone(), Value::String(v.clone())))
+                                        .collect();
+                                    json!({
+                                        "sequenceNumber": m.sequence_number,
+                                        "state": state,
+                                        "body": STANDARD.encode(&m.body),
+                                        "contentType": m.content_type,
+                                        "brokerProperties": m.broker_json(None),
+                                        "userProperties": user,
+                                    })
+                                })
+                                .collect(),
+                        ),
+                    ),
+                    None => Reply::json(404, &json!({ "error": format!("no entity {name}") })),
+                }
+            }
+            _ => Reply::json(
+                404,
+                &json!({ "error": format!("no control route {method} /__control/{path}") }),
+            ),
+        }
+    }
+}
+
+/// Validate a send request into the messages to store (one, or a batch).
+fn parse_send(
+    query: &str,
+    headers: &[(String, String)],
+    body: Vec<u8>,
+    max_size: usize,
+) -> Result<Vec<NewMessage>, MessageError> {
+    let bad = |message: String| MessageError {
+        status: 400,
+        code: "BadRequest",
+        message,
+    };
+    timeout_param(query).map_err(bad)?;
+    message::check_header_sizes(headers)?;
+    let content_type = header(headers, "content-type");
+    if message::is_batch_content_type(content_type) {
+        message::check_size(body.len(), max_size, "batch")?;
+        let batch = message::parse_batch(&body)?;
+        for (i, m) in batch.iter().enumerate() {
+            message::check_size(m.size(), max_size, &format!("batch message {i}"))?;
+        }
+        return Ok(batch);
+    }
+    let broker = match header(headers, "brokerproperties") {
+        Some(text) => BrokerProperties::parse_header(text)?,
+        None => BrokerProperties::default(),
+    };
+    let user = message::properties_from_headers(headers)?;
+    let m = NewMessage {
+        body,
+        content_type: content_type.map(String::from),
+        broker,
+        user,
+    };
+    message::check_size(m.size(), max_size, "message")?;
+    Ok(vec![m])
+}
+
+fn received_reply(entity: &str, (message, lock): Received, peek_lock: bool) -> Reply {
+    let broker =
+        Value::Object(message.broker_json(lock.as_ref().map(|(t, until)| (t.as_str(), *until))));
+    let mut headers = vec![
+        (
+            "Content-Type".to_string(),
+            message
+                .content_type
+                .clone()
+                .unwrap_or_else(|| DEFAULT_RECEIVE_CONTENT_TYPE.into()),
+        ),
+        ("BrokerProperties".to_string(), broker.to_string()),
+    ];
+    if let Some((token, _)) = &lock {
+        headers.push((
+            "Location".into(),
+            format!("/{entity}/messages/{}/{token}", message.sequence_number),
+        ));
+    }
+    headers.extend(message.user.iter().cloned());
+    Reply {
+        status: if peek_lock { 201 } else { 200 },
+        headers,
+        body: message.body,
+        note: None,
+    }
+}
+
+/// Read a tiny_http request, answer it, and log one line.
+pub fn serve(app: &App, mut request: tiny_http::Request, log: &dyn Fn(&str)) {
+    let started = Instant::now();
+    let method = request.method().as_str().to_string();
+    let url = request.url().to_string();
+    let headers: Vec<(String, String)> = request
+        .headers()
+        .iter()
+        .map(|h| {
+            (
+                h.field.as_str().as_str().to_string(),
+                h.value.as_str().to_string(),
+            )
+        })
+        .collect();
+    let mut body = Vec::new();
+    let read = request
+        .as_reader()
+        .take(MAX_READ_BYTES as u64 + 1)
+        .read_to_end(&mut body);
+    let reply = match read {
+        Err(e) => app.error(
+            400,
+            "BadRequest",
+            &format!("The request body could not be read: {e}."),
+            None,
+        ),
+        Ok(n) if n > MAX_READ_BYTES => app.error(
+            413,
+            "MessageSizeExceeded",
+            "The request body is too large.",
+            None,
+        ),
+        Ok(_) => app.handle(&method, &url, &headers, body, log),
+    };
+    let note = reply
+        .note
+        .as_deref()
+        .map(|n| format!(" {n}"))
+        .unwrap_or_default();
+    log(&format!(
+        "{method} {url} -> {}{note} ({} ms)",
+        reply.status,
+        started.elapsed().as_millis()
+    ));
+    let mut response = tiny_http::Response::from_data(reply.body).with_status_code(reply.status);
+    for (name, value) in reply.headers {
+        match tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()) {
+            Ok(h) => response.add_header(h),
+            Err(()) => log(&format!(
+                "  header {name:?} cannot be sent over HTTP/1.1; left out"
+            )),
+        }
+    }
+    if let Err(e) = request.respond(response) {
+        log(&format!("  answer to {method} {url} not delivered: {e}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(route("POST", "/orders/messages"), Route::Send("orders"));
+        assert_eq!(route("POST", "/orders/messages/"), Route::Send("orders"));
+        assert_eq!(
+            route("DELETE", "/orders/messages/head"),
+            Route::Receive {
+                entity: "orders",
+                peek_lock: false
+            }
+        );
+        assert_eq!(
+            route("POST", "/orders/messages/head"),
+            Route::Receive {
+                entity: "orders",
+                peek_lock: true
+            }
+        );
+        assert_eq!(
+            route("DELETE", "/o/messages/3/abc"),
+            Route::Complete {
+                entity: "o",
+                sequence: "3",
+                token: "abc"
+            }
+        );
+        assert_eq!(
+            route("PUT", "/o/messages/3/abc"),
+            Route::Unlock {
+                entity: "o",
+                sequence: "3",
+                token: "abc"
+            }
+        );
+        assert_eq!(route("GET", "/orders/messages"), Route::Unknown);
+        assert_eq!(route("POST", "/orders"), Route::Unknown);
+        assert_eq!(route("POST", "/a/b/messages"), Route::Unknown);
+    }
+
+    #[test]
+    fn query_parameters() {
+        assert_eq!(
+            timeout_param("timeout=30&api-version=2015-01"),
+            Ok(Some(30))
+        );
+        assert_eq!(timeout_param("api-version=2015-01"), Ok(None));
+        assert!(timeout_param("timeout=abc").is_err());
+        assert!(timeout_param("timeout=-1").is_err());
+    }
+
+    #[test]
+    fn error_shape() {
+        let app = App::new(
+            Broker::default(),
+            8410,
+            "http://127.0.0.1:1/keys",
+            "https://sts.windows.net/",
+        );
+        let reply = app.error(
+            401,
+            "ExpiredToken",
+            "The token is expired <now>.",
+            Some("orders"),
+        );
+        let text = String::from_utf8(reply.body).unwrap();
+        assert!(text.starts_with("<Error><Code>401</Code><Detail>ExpiredToken: The token is expired &lt;now&gt;. TrackingId:"), "{text}");
+        assert!(
+            text.contains(", SystemTracker:127.0.0.1:8410:orders, Timestamp:"),
+            "{text}"
+        );
+        assert!(text.ends_with("</Detail></Error>"));
+        assert_eq!(
+            reply.headers,
+            vec![("Content-Type".to_string(), XML.to_string())]
+        );
+    }
+}

@@ -1,0 +1,543 @@
+//! What the stand-in accepted: per entity, an ordered queue of messages with sequence numbers,
+//! duplicate detection, peek-locks, and counters; plus injected faults for the control surface.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::config::EntityConfig;
+use crate::message::NewMessage;
+use crate::util::{parse_rfc1123, rfc1123, uuid_v4};
+
+/// Azure's duplicate detection: a MessageId first accepted within the window makes a later
+/// message with that id a duplicate (dropped, but answered 201). Duplicates do not extend it.
+#[derive(Debug)]
+pub struct DedupWindow {
+    window: Duration,
+    first_seen: HashMap<String, Instant>,
+}
+
+impl DedupWindow {
+    pub fn new(window: Duration) -> Self {
+        DedupWindow {
+            window,
+            first_seen: HashMap::new(),
+        }
+    }
+
+    /// True when `id` was accepted less than `window` before `now`; otherwise records it.
+    pub fn is_duplicate(&mut self, id: &str, now: Instant) -> bool {
+        if self.first_seen.len() > 4096 {
+            let window = self.window;
+            self.first_seen
+                .retain(|_, seen| now.saturating_duration_since(*seen) < window);
+        }
+        match self.first_seen.get(id) {
+            Some(seen) if now.saturating_duration_since(*seen) < self.window => true,
+            _ => {
+                self.first_seen.insert(id.to_string(), now);
+                false
+            }
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.first_seen.clear();
+    }
+}
+
+/// A message as stored: numbered, with its MessageId filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredMessage {
+    pub sequence_number: u64,
+    pub body: Vec<u8>,
+    pub content_type: Option<String>,
+    pub broker: crate::message::BrokerProperties,
+    pub user: Vec<(String, String)>,
+    pub enqueued: SystemTime,
+    pub delivery_count: u32,
+}
+
+impl StoredMessage {
+    fn scheduled(&self) -> Option<SystemTime> {
+        self.broker
+            .scheduled_enqueue_time_utc
+            .as_deref()
+            .and_then(parse_rfc1123)
+    }
+
+    fn expired(&self, now: SystemTime) -> bool {
+        let ttl = self.broker.time_to_live.as_ref().and_then(|n| n.as_f64());
+        let start = self.scheduled().unwrap_or(self.enqueued).max(self.enqueued);
+        ttl.is_some_and(|s| start + Duration::from_secs_f64(s.min(1e10)) <= now)
+    }
+
+    /// The `BrokerProperties` a receiver sees: what the sender set plus what the broker adds.
+    pub fn broker_json(&self, lock: Option<(&str, SystemTime)>) -> Map<String, Value> {
+        let mut map = self.broker.to_map();
+        map.insert("SequenceNumber".into(), self.sequence_number.into());
+        map.insert("EnqueuedSequenceNumber".into(), self.sequence_number.into());
+        map.insert("EnqueuedTimeUtc".into(), rfc1123(self.enqueued).into());
+        map.insert("DeliveryCount".into(), self.delivery_count.into());
+        map.insert("State".into(), "Active".into());
+        if let Some((token, until)) = lock {
+            map.insert("LockToken".into(), token.into());
+            map.insert("LockedUntilUtc".into(), rfc1123(until).into());
+        }
+        map
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Lock {
+    token: String,
+    until: Instant,
+    message: StoredMessage,
+}
+
+/// Counters of one entity. `rejected` counts send requests answered with an error, by status.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EntityStats {
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub rejected: BTreeMap<String, u64>,
+    pub received: u64,
+    pub completed: u64,
+}
+
+#[derive(Debug)]
+pub struct Entity {
+    pub config: EntityConfig,
+    queue: VecDeque<StoredMessage>,
+    locked: Vec<Lock>,
+    next_sequence: u64,
+    dedup: Option<DedupWindow>,
+    pub stats: EntityStats,
+}
+
+/// A received message and, for peek-lock, its lock token and lock expiry.
+pub type Received = (StoredMessage, Option<(String, SystemTime)>);
+
+impl Entity {
+    pub fn new(config: EntityConfig) -> Self {
+        let dedup = config.duplicate_detection.map(DedupWindow::new);
+        Entity {
+            config,
+            queue: VecDeque::new(),
+            locked: Vec::new(),
+            next_sequence: 1,
+            dedup,
+            stats: EntityStats::default(),
+        }
+    }
+
+    /// Store messages in order (all or, for duplicates, some); returns (stored, duplicates).
+    pub fn enqueue(
+        &mut self,
+        messages: Vec<NewMessage>,
+        now: SystemTime,
+        mono: Instant,
+    ) -> (usize, usize) {
+        let (mut stored, mut duplicates) = (0, 0);
+        for m in messages {
+            let mut broker = m.broker;
+            let id = broker
+                .message_id
+                .get_or_insert_with(|| uuid_v4().replace('-', ""))
+                .clone();
+            if let Some(dedup) = &mut self.dedup {
+                if dedup.is_duplicate(&id, mono) {
+                    duplicates += 1;
+                    continue;
+                }
+            }
+            self.queue.push_back(StoredMessage {
+                sequence_number: self.next_sequence,
+                body: m.body,
+                content_type: m.content_type,
+                broker,
+                user: m.user,
+                enqueued: now,
+                delivery_count: 0,
+            });
+            self.next_sequence += 1;
+            stored += 1;
+        }
+        self.stats.accepted += stored as u64;
+        self.stats.duplicates += duplicates as u64;
+        (stored, duplicates)
+    }
+
+    /// Take the first deliverable message: expired locks return first, messages whose
+    /// TimeToLive has passed are dropped, scheduled ones wait for their time.
+    pub fn take(&mut self, peek_lock: bool, now: SystemTime, mono: Instant) -> Option<Received> {
+        self.release_expired_locks(mono);
+        self.queue.retain(|m| !m.expired(now));
+        let index = self
+            .queue
+            .iter()
+            .position(|m| m.scheduled().is_none_or(|t| t <= now))?;
+        let mut message = self.queue.remove(index)?;
+        message.delivery_count += 1;
+        self.stats.received += 1;
+        if !peek_lock {
+            return Some((message, None));
+        }
+        let token = uuid_v4();
+        let duration = self.config.lock_duration;
+        self.locked.push(Lock {
+            token: token.clone(),
+            until: mono + duration,
+            message: message.clone(),
+        });
+        Some((message, Some((token, now + duration))))
+    }
+
+    fn release_expired_locks(&mut self, mono: Instant) {
+        let (expired, live): (Vec<Lock>, Vec<Lock>) =
+            self.locked.drain(..).partition(|l| l.until <= mono);
+        self.locked = live;
+        for lock in expired {
+            self.requeue(lock.message);
+        }
+    }
+
+    fn requeue(&mut self, message: StoredMessage) {
+        let at = self
+            .queue
+            .partition_point(|m| m.sequence_number < message.sequence_number);
+        self.queue.insert(at, message);
+    }
+
+    fn lock_index(&mut self, sequence: u64, token: &str, mono: Instant) -> Option<usize> {
+        self.release_expired_locks(mono);
+        self.locked.iter().position(|l| {
+            l.message.sequence_number == sequence && l.token.eq_ignore_ascii_case(token)
+        })
+    }
+
+    /// Complete (delete) a peek-locked message; false when there is no such live lock.
+    pub fn complete(&mut self, sequence: u64, token: &str, mono: Instant) -> bool {
+        let Some(i) = self.lock_index(sequence, token, mono) else {
+            return false;
+        };
+        self.locked.remove(i);
+        self.stats.completed += 1;
+        true
+    }
+
+    /// Abandon a peek-lock: the message is deliverable again.
+    pub fn unlock(&mut self, sequence: u64, token: &str, mono: Instant) -> bool {
+        let Some(i) = self.lock_index(sequence, token, mono) else {
+            return false;
+        };
+        let lock = self.locked.remove(i);
+        self.requeue(lock.message);
+        true
+    }
+
+    /// Drop every message, lock and remembered MessageId (sequence numbers keep counting).
+    pub fn purge(&mut self) {
+        self.queue.clear();
+        self.locked.clear();
+        if let Some(d) = &mut self.dedup {
+            d.clear();
+        }
+    }
+
+    /// Everything stored, locked or not, by sequence number, with its state.
+    pub fn snapshot(&self) -> Vec<(&StoredMessage, &'static str)> {
+        let mut all: Vec<(&StoredMessage, &'static str)> =
+            self.queue.iter().map(|m| (m, "active")).collect();
+        all.extend(self.locked.iter().map(|l| (&l.message, "locked")));
+        all.sort_by_key(|(m, _)| m.sequence_number);
+        all
+    }
+
+    pub fn depth(&self) -> usize {
+        self.queue.len() + self.locked.len()
+    }
+
+    pub fn locked_count(&self) -> usize {
+        self.locked.len()
+    }
+
+    pub fn reject(&mut self, status: u16) {
+        *self.stats.rejected.entry(status.to_string()).or_insert(0) += 1;
+    }
+}
+
+/// An injected fault: the next `count` send requests (to `entity`, or any) wait `delayMs` and
+/// then answer `status` (with `Retry-After` when given), or, without status, go on normally.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Fault {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
+    #[serde(default)]
+    pub delay_ms: u64,
+    #[serde(default = "one")]
+    pub count: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entity: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+pub const MAX_FAULT_DELAY_MS: u64 = 120_000;
+
+impl Fault {
+    pub fn parse(body: &[u8]) -> Result<Fault, String> {
+        let fault: Fault =
+            serde_json::from_slice(body).map_err(|e| format!("invalid fault: {e}"))?;
+        if let Some(s) = fault.status {
+            if !(400..=599).contains(&s) {
+                return Err("fault.status must be 400..599".into());
+            }
+        }
+        if fault.count == 0 {
+            return Err("fault.count must be a positive integer".into());
+        }
+        if fault.delay_ms > MAX_FAULT_DELAY_MS {
+            return Err(format!("fault.delayMs must be 0..{MAX_FAULT_DELAY_MS}"));
+        }
+        if fault.status.is_none() && fault.delay_ms == 0 {
+            return Err("a fault needs a status or a delayMs".into());
+        }
+        Ok(fault)
+    }
+
+    fn applies_to(&self, entity: &str) -> bool {
+        self.entity
+            .as_deref()
+            .is_none_or(|e| e.eq_ignore_ascii_case(entity))
+    }
+}
+
+/// Everything mutable, behind one mutex.
+#[derive(Debug, Default)]
+pub struct Broker {
+    entities: Vec<Entity>,
+    pub fault: Option<Fault>,
+    pub requests: u64,
+    pub unknown_entity: u64,
+}
+
+impl Broker {
+    pub fn new(configs: Vec<EntityConfig>) -> Self {
+        Broker {
+            entities: configs.into_iter().map(Entity::new).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Entity names are case-insensitive, as in Azure.
+    pub fn entity(&mut self, name: &str) -> Option<&mut Entity> {
+        self.entities
+            .iter_mut()
+            .find(|e| e.config.name.eq_ignore_ascii_case(name))
+    }
+
+    pub fn entity_ref(&self, name: &str) -> Option<&Entity> {
+        self.entities
+            .iter()
+            .find(|e| e.config.name.eq_ignore_ascii_case(name))
+    }
+
+    /// Use up one application of the fault for a send to `entity`, if one applies.
+    pub fn take_fault(&mut self, entity: &str) -> Option<Fault> {
+        let fault = self.fault.as_mut().filter(|f| f.applies_to(entity))?;
+        fault.count -= 1;
+        let taken = fault.clone();
+        if fault.count == 0 {
+            self.fault = None;
+        }
+        Some(taken)
+    }
+
+    pub fn purge(&mut self) {
+        for e in &mut self.entities {
+            e.purge();
+        }
+    }
+
+    pub fn reset_stats(&mut self) {
+        for e in &mut self.entities {
+            e.stats = EntityStats::default();
+        }
+        self.requests = 0;
+        self.unknown_entity = 0;
+    }
+
+    pub fn stats(&self) -> Value {
+        let mut entities = Map::new();
+        for e in &self.entities {
+            let mut v = serde_json::to_value(&e.stats).unwrap_or(Value::Null);
+            v["depth"] = e.depth().into();
+            v["locked"] = e.locked_count().into();
+            entities.insert(e.config.name.clone(), v);
+        }
+        serde_json::json!({ "requests": self.requests, "unknownEntity": self.unknown_entity, "entities": entities })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::BrokerProperties;
+
+    fn config(name: &str, dedup: Option<u64>) -> EntityConfig {
+        EntityConfig {
+            name: name.into(),
+            duplicate_detection: dedup.map(Duration::from_secs),
+            max_size: 1024,
+            lock_duration: Duration::from_secs(30),
+        }
+    }
+
+    fn msg(body: &str, id: Option<&str>) -> NewMessage {
+        NewMessage {
+            body: body.as_bytes().to_vec(),
+            content_type: Some("text/plain".into()),
+            broker: BrokerProperties {
+                message_id: id.map(String::from),
+                ..Default::default()
+            },
+            user: vec![],
+        }
+    }
+
+    #[test]
+    fn duplicate_window() {
+        let t0 = Instant::now();
+        let mut w = DedupWindow::new(Duration::from_secs(60));
+        assert!(!w.is_duplicate("a", t0));
+        assert!(w.is_duplicate("a", t0 + Duration::from_secs(59)));
+        assert!(!w.is_duplicate("b", t0 + Duration::from_secs(59)));
+        // The window runs from the first acceptance; the duplicate at 59 s did not extend it.
+        assert!(!w.is_duplicate("a", t0 + Duration::from_secs(60)));
+        assert!(w.is_duplicate("a", t0 + Duration::from_secs(61)));
+        w.clear();
+        assert!(!w.is_duplicate("a", t0 + Duration::from_secs(62)));
+    }
+
+    #[test]
+    fn enqueue_numbers_in_order_and_drops_duplicates() {
+        let (now, mono) = (SystemTime::now(), Instant::now());
+        let mut e = Entity::new(config("d", Some(60)));
+        assert_eq!(
+            e.enqueue(
+                vec![
+                    msg("1", Some("x")),
+                    msg("2", Some("y")),
+                    msg("3", Some("x"))
+                ],
+                now,
+                mono
+            ),
+            (2, 1)
+        );
+        assert_eq!(
+            e.enqueue(vec![msg("4", None), msg("5", None)], now, mono),
+            (2, 0),
+            "generated ids differ"
+        );
+        let seqs: Vec<u64> = e
+            .snapshot()
+            .iter()
+            .map(|(m, _)| m.sequence_number)
+            .collect();
+        assert_eq!(seqs, [1, 2, 3, 4]);
+        assert_eq!(e.stats.accepted, 4);
+        assert_eq!(e.stats.duplicates, 1);
+        assert_eq!(
+            e.snapshot()[2].0.broker.message_id.as_ref().unwrap().len(),
+            32
+        );
+
+        let mut plain = Entity::new(config("p", None));
+        assert_eq!(
+            plain.enqueue(vec![msg("1", Some("x")), msg("2", Some("x"))], now, mono),
+            (2, 0)
+        );
+    }
+
+    #[test]
+    fn receive_peek_lock_complete_and_expiry() {
+        let (now, mono) = (SystemTime::now(), Instant::now());
+        let mut e = Entity::new(config("q", None));
+        e.enqueue(vec![msg("a", None), msg("b", None)], now, mono);
+        let (first, lock) = e.take(true, now, mono).unwrap();
+        assert_eq!(first.body, b"a");
+        let (token, _) = lock.unwrap();
+        assert_eq!(e.depth(), 2);
+        assert_eq!(e.take(false, now, mono).unwrap().0.body, b"b");
+        assert!(
+            e.take(false, now, mono).is_none(),
+            "the locked message is not delivered again"
+        );
+        assert!(!e.complete(first.sequence_number, "wrong", mono));
+        assert!(e.complete(first.sequence_number, &token, mono));
+        assert!(
+            !e.complete(first.sequence_number, &token, mono),
+            "completed once"
+        );
+        assert_eq!(e.depth(), 0);
+
+        e.enqueue(vec![msg("c", None)], now, mono);
+        let (c, lock) = e.take(true, now, mono).unwrap();
+        let later = mono + Duration::from_secs(31);
+        let (again, _) = e.take(false, now, later).unwrap();
+        assert_eq!(
+            (again.body.as_slice(), again.delivery_count),
+            (b"c".as_slice(), 2),
+            "an expired lock returns the message"
+        );
+        assert!(!e.complete(c.sequence_number, &lock.unwrap().0, later));
+    }
+
+    #[test]
+    fn scheduled_and_expired_messages() {
+        let (now, mono) = (SystemTime::now(), Instant::now());
+        let mut e = Entity::new(config("s", None));
+        let mut later = msg("later", None);
+        later.broker.scheduled_enqueue_time_utc = Some(rfc1123(now + Duration::from_secs(3600)));
+        let mut short = msg("short", None);
+        short.broker.time_to_live = Some(1.into());
+        e.enqueue(vec![later, short, msg("now", None)], now, mono);
+        let t = now + Duration::from_secs(2);
+        assert_eq!(e.take(false, t, mono).unwrap().0.body, b"now");
+        assert!(e.take(false, t, mono).is_none());
+        assert_eq!(
+            e.take(false, now + Duration::from_secs(3601), mono)
+                .unwrap()
+                .0
+                .body,
+            b"later"
+        );
+    }
+
+    #[test]
+    fn faults_count_down_per_entity() {
+        let mut b = Broker::new(vec![config("a", None), config("b", None)]);
+        assert!(Fault::parse(br#"{"status":99}"#).is_err());
+        assert!(Fault::parse(br#"{"count":2}"#).is_err());
+        assert!(Fault::parse(br#"{"status":503,"bogus":1}"#).is_err());
+        b.fault =
+            Some(Fault::parse(br#"{"status":503,"retryAfter":2,"count":2,"entity":"b"}"#).unwrap());
+        assert!(b.take_fault("a").is_none());
+        assert_eq!(b.take_fault("B").unwrap().retry_after, Some(2));
+        assert!(b.take_fault("b").is_some());
+        assert!(b.take_fault("b").is_none());
+        assert!(b.fault.is_none());
+        assert!(b.entity("A").is_some());
+        assert!(b.entity("c").is_none());
+    }
+}
