@@ -165,6 +165,8 @@ pub struct LogLine<'a> {
     pub token: Option<&'a str>,
     pub idp_ms: Option<f64>,
     pub token_ttl_s: Option<f64>,
+    /// Why no token could be had (never a secret).
+    pub token_error: Option<String>,
     pub backend_status: Option<u16>,
 }
 
@@ -192,6 +194,7 @@ impl LogLine<'_> {
                     "token_ttl_s",
                     self.token_ttl_s.map(|s| Value::from(s.floor())),
                 ),
+                ("token_error", self.token_error.clone().map(Value::from)),
                 ("backend_status", self.backend_status.map(Value::from)),
             ];
             for (name, value) in optional {

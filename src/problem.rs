@@ -147,17 +147,6 @@ impl Problem {
         }
     }
 
-    /// A request that passed every check for a backend kind this build cannot forward to.
-    pub fn backend_not_available(route: &str, kind: &str) -> Problem {
-        Problem::new(
-            501,
-            "backend-not-available",
-            "Backend not available in this build",
-            format!("The request matched route {route} and passed its checks, but this build of the gateway does not forward to {kind} backends; nothing was sent."),
-        )
-        .with_extension("route", Value::from(route))
-    }
-
     pub fn policy_invalid(error_count: usize) -> Problem {
         Problem::new(
             500,

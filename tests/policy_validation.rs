@@ -476,6 +476,48 @@ fn blob_routes_only_take_methods_that_read_or_write() {
 }
 
 #[test]
+fn message_mappings_are_templates_over_what_the_route_has() {
+    assert!(errors_after(
+        |p| p["routes"][0]["backend"]["service_bus"]["message"] = json!({
+            "session_id": "{path.tenant}", "label": "created", "time_to_live": 60,
+            "properties": { "tenant": "{path.tenant}", "source": "edge" }
+        })
+    )
+    .is_empty());
+    assert_one_error(
+        |p| {
+            p["routes"][0]["backend"]["service_bus"]["message"] =
+                json!({ "session_id": "{path.tenantt}" })
+        },
+        "routes[0].backend.service_bus.message.session_id",
+        "(the path has tenant), got {path.tenantt}",
+    );
+    assert_one_error(
+        |p| {
+            p["routes"][0]["backend"]["service_bus"]["message"] =
+                json!({ "properties": { "Authorization": "x" } })
+        },
+        "routes[0].backend.service_bus.message.properties.Authorization",
+        "not one HTTP or Service Bus reserves",
+    );
+    assert_one_error(
+        |p| p["routes"][0]["backend"]["service_bus"]["message"] = json!({ "time_to_live": 0 }),
+        "routes[0].backend.service_bus.message.time_to_live",
+        "at least 1 second",
+    );
+    assert_one_error(
+        |p| p["routes"][0]["backend"]["service_bus"]["max_message_bytes"] = json!(200_000_000),
+        "routes[0].backend.service_bus.max_message_bytes",
+        "between 1024 and 104857600",
+    );
+    assert_one_error(
+        |p| p["routes"][0]["backend"]["service_bus"]["message"] = json!({ "sessionid": "x" }),
+        "routes[0].backend.service_bus.message.sessionid",
+        "not a known field",
+    );
+}
+
+#[test]
 fn methods_are_listed_once_and_at_least_once() {
     assert_one_error(
         |p| p["routes"][0]["methods"] = json!([]),

@@ -102,25 +102,25 @@ pub fn request(
         backend.container,
         encoded_name
     );
-    let mut headers = vec![
-        ("authorization", format!("Bearer {token}")),
-        ("x-ms-version", API_VERSION.to_owned()),
-        ("x-ms-date", Utc::from_millis(now_ms).http_date()),
+    let mut headers: Vec<(String, String)> = vec![
+        ("authorization".into(), format!("Bearer {token}")),
+        ("x-ms-version".into(), API_VERSION.to_owned()),
+        ("x-ms-date".into(), Utc::from_millis(now_ms).http_date()),
     ];
     let method = match op {
         BlobOp::Write => {
-            headers.push(("x-ms-blob-type", "BlockBlob".to_owned()));
+            headers.push(("x-ms-blob-type".into(), "BlockBlob".to_owned()));
             headers.push((
-                "content-type",
+                "content-type".into(),
                 body.content_type
                     .unwrap_or("application/octet-stream")
                     .to_owned(),
             ));
             if let Some(len) = body.content_length {
-                headers.push(("content-length", len.to_string()));
+                headers.push(("content-length".into(), len.to_string()));
             }
             if !backend.overwrite {
-                headers.push(("if-none-match", "*".to_owned()));
+                headers.push(("if-none-match".into(), "*".to_owned()));
             }
             "PUT"
         }

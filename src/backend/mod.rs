@@ -3,13 +3,14 @@
 //! edge sends.
 
 pub mod blob;
+pub mod service_bus;
 
 /// An HTTP request to a backend, without its body (the edge streams that).
 #[derive(Clone, PartialEq, Eq)]
 pub struct BackendRequest {
     pub method: &'static str,
     pub url: String,
-    pub headers: Vec<(&'static str, String)>,
+    pub headers: Vec<(String, String)>,
 }
 
 // Carries a bearer token: never print the headers.

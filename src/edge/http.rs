@@ -28,16 +28,16 @@ impl std::fmt::Display for SendError {
 
 /// Sends `method url` with `headers` and an optional body (a string or a stream), aborting
 /// after `timeout_ms`.
-pub async fn send(
+pub async fn send<H: AsRef<str>>(
     method: &str,
     url: &str,
-    headers: &[(&'static str, String)],
+    headers: &[(H, String)],
     body: Option<JsValue>,
     timeout_ms: f64,
 ) -> Result<Response, SendError> {
     let h = Headers::new();
     for (name, value) in headers {
-        h.set(name, value)
+        h.set(name.as_ref(), value)
             .map_err(|e| SendError::Network(e.to_string()))?;
     }
     let mut init = RequestInit::new();

@@ -11,9 +11,11 @@ use wasm_bindgen::prelude::*;
 use worker::{console_log, event, Context, Env, Request, Response, Result};
 
 use crate::backend::blob::{self, BlobOp};
+use crate::backend::service_bus as sb;
 use crate::pipeline::{self, Gateway, LogLine};
-use crate::policy::{Backend, BlobBackend, Route};
+use crate::policy::{Backend, BlobBackend, Policy, Route, ServiceBusBackend};
 use crate::problem::{self, Problem};
+use crate::retry::RetryPolicy;
 use crate::template::{RenderContext, Template};
 
 /// The policy, bundled at build time by `build.rs`.
@@ -118,10 +120,9 @@ async fn handle<'r>(
     }
     match &route.backend {
         Backend::Blob(backend) => blob_call(req, env, ctx, log, backend, &matched.params).await,
-        Backend::ServiceBus(_) => Err(Problem::backend_not_available(
-            &route.name,
-            route.backend.kind(),
-        )),
+        Backend::ServiceBus(backend) => {
+            service_bus_send(req, env, ctx, log, backend, &matched.params).await
+        }
     }
 }
 
@@ -143,22 +144,8 @@ async fn blob_call(
         _ => None,
     };
 
-    let policy = gateway()
-        .policy()
-        .ok_or_else(|| Problem::policy_invalid(0))?;
-    let identity = policy
-        .identities
-        .get(&backend.identity)
-        .ok_or_else(|| Problem::policy_invalid(1))?;
-    log.identity = Some(&backend.identity);
-    let obtained = tokens::obtain(&backend.identity, identity, policy.cloud, backend.audience(), env, ctx)
-        .await
-        .map_err(|e| {
-            console_log!("{}", serde_json::json!({"level": "warn", "event": "token_failed", "request_id": log.request_id, "identity": backend.identity, "error": tokens::describe(&e)}));
-            Problem::from_token_error(&backend.identity, &e)
-        })?;
-    log.token = Some(obtained.source.as_str());
-    log.idp_ms = obtained.idp_ms;
+    let (policy, obtained) =
+        backend_token(&backend.identity, backend.audience(), env, ctx, log).await?;
 
     let content_type = req.headers().get("content-type").ok().flatten();
     let call_time = now();
@@ -239,6 +226,206 @@ async fn blob_call(
     }
 }
 
+/// A Service Bus route: build the message (or batch), get a token, send with retries that
+/// reuse the same `MessageId`, map the answer. Bodies are read whole: they are bounded by the
+/// message size limit, and a retry must send the same bytes.
+async fn service_bus_send(
+    req: &Request,
+    env: &Env,
+    ctx: &Context,
+    log: &mut LogLine<'_>,
+    backend: &'static ServiceBusBackend,
+    params: &[(String, String)],
+) -> std::result::Result<Response, Problem> {
+    let limit = backend.max_message_bytes();
+    let declared = req
+        .headers()
+        .get("content-length")
+        .ok()
+        .flatten()
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    if let Some(length) = declared.filter(|&l| l > limit) {
+        return Err(sb::too_large(length, limit));
+    }
+    let body = read_capped(req, limit).await?;
+    let header = |name: &str| req.headers().get(name).ok().flatten();
+    let (idempotency_key, traceparent) = (header("idempotency-key"), header("traceparent"));
+    let defaults = sb::Defaults {
+        idempotency_key: idempotency_key.as_deref(),
+        traceparent: traceparent.as_deref(),
+        request_id: log.request_id,
+    };
+    let query = query_pairs(req);
+    let values = RenderContext {
+        path: params,
+        query: &query,
+        header: &header,
+        request_id: log.request_id,
+        uuid: &new_request_id,
+        now_ms: now(),
+    };
+
+    // Everything is checked before a token is fetched.
+    let (payload, ids, props) = if backend.batch {
+        let (batch, ids) = sb::batch_body(&body, backend.message.as_ref(), &values, &defaults)?;
+        if batch.len() > limit {
+            return Err(sb::too_large(batch.len(), limit));
+        }
+        (batch.into_bytes(), ids, None)
+    } else {
+        let props = sb::properties(backend.message.as_ref(), &values, &defaults, None)?;
+        let size = sb::message_size(body.len(), &props);
+        if size > limit {
+            return Err(sb::too_large(size, limit));
+        }
+        let id = props.message_id().to_owned();
+        (body, vec![id], Some(props))
+    };
+    let content_type =
+        header("content-type").unwrap_or_else(|| "application/octet-stream".to_owned());
+
+    let (policy, obtained) =
+        backend_token(&backend.identity, backend.audience(), env, ctx, log).await?;
+    let base = backend.base_url(policy.cloud);
+    let request = match &props {
+        Some(props) => sb::single_request(
+            backend,
+            &base,
+            &obtained.token.access_token,
+            &content_type,
+            props,
+        ),
+        None => sb::batch_request(backend, &base, &obtained.token.access_token),
+    };
+
+    let retry = RetryPolicy::default();
+    let started = now();
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        log.token_ttl_s = Some((obtained.token.expires_at - now()) / 1000.0);
+        let body = js_sys::Uint8Array::from(payload.as_slice());
+        let (retry_after, why) = match http::send(
+            request.method,
+            &request.url,
+            &request.headers,
+            Some(body.into()),
+            BACKEND_TIMEOUT_MS,
+        )
+        .await
+        {
+            Ok(mut response) => {
+                let status = response.status_code();
+                log.backend_status = Some(status);
+                let retry_after = crate::retry::parse_retry_after_secs(
+                    response
+                        .headers()
+                        .get("retry-after")
+                        .ok()
+                        .flatten()
+                        .as_deref(),
+                );
+                let text = response.text().await.unwrap_or_default();
+                match sb::map_response(status, retry_after, &text, backend.entity()) {
+                    sb::SendOutcome::Accepted => {
+                        let body = sb::accepted_body(backend.entity(), &ids, backend.batch);
+                        let mut accepted = Response::ok(body).map_err(internal)?.with_status(202);
+                        accepted
+                            .headers_mut()
+                            .set("content-type", "application/json")
+                            .map_err(internal)?;
+                        return Ok(accepted);
+                    }
+                    sb::SendOutcome::Failed { problem, evict } => {
+                        if evict {
+                            tokens::evict(&obtained.key, &obtained.token.access_token);
+                        }
+                        return Err(problem);
+                    }
+                    sb::SendOutcome::Retry { retry_after_secs } => {
+                        (retry_after_secs, format!("answered {status}"))
+                    }
+                }
+            }
+            // The same MessageId goes out again, so a send that did arrive is dropped as a
+            // duplicate by an entity with duplicate detection.
+            Err(e) => (None, format!("could not be reached ({e})")),
+        };
+        match retry.next_delay(
+            attempts,
+            now() - started,
+            retry_after.map(|s| s as f64 * 1000.0),
+            random(),
+        ) {
+            Some(delay) => {
+                worker::Delay::from(std::time::Duration::from_millis(delay as u64)).await
+            }
+            None => return Err(sb::unavailable(retry_after, &why)),
+        }
+    }
+}
+
+/// The whole body, refused with 413 as soon as it passes `limit` bytes (a body without
+/// `Content-Length` is never read further than that).
+async fn read_capped(req: &Request, limit: usize) -> std::result::Result<Vec<u8>, Problem> {
+    use futures_util::StreamExt;
+    let unreadable = |e: worker::Error| {
+        Problem::new(
+            400,
+            "bad-body",
+            "The request body could not be read",
+            format!("Reading the body failed: {e}"),
+        )
+    };
+    let mut req = req.clone().map_err(internal)?;
+    let mut body = Vec::new();
+    if req.inner().body().is_none() {
+        return Ok(body);
+    }
+    let mut stream = req.stream().map_err(unreadable)?;
+    while let Some(chunk) = stream.next().await {
+        body.extend_from_slice(&chunk.map_err(unreadable)?);
+        if body.len() > limit {
+            return Err(sb::too_large(body.len(), limit));
+        }
+    }
+    Ok(body)
+}
+
+/// The token for a backend's identity and audience, with what the log line says about it.
+async fn backend_token(
+    name: &'static str,
+    audience: &str,
+    env: &Env,
+    ctx: &Context,
+    log: &mut LogLine<'_>,
+) -> std::result::Result<(&'static Policy, tokens::Obtained), Problem> {
+    let policy = gateway()
+        .policy()
+        .ok_or_else(|| Problem::policy_invalid(0))?;
+    let identity = policy
+        .identities
+        .get(name)
+        .ok_or_else(|| Problem::policy_invalid(1))?;
+    log.identity = Some(name);
+    let obtained = tokens::obtain(name, identity, policy.cloud, audience, env, ctx)
+        .await
+        .map_err(|e| {
+            log.token_error = Some(tokens::describe(&e));
+            Problem::from_token_error(name, &e)
+        })?;
+    log.token = Some(obtained.source.as_str());
+    log.idp_ms = obtained.idp_ms;
+    Ok((policy, obtained))
+}
+
+/// The query string's pairs. Parsed by hand: `req.url()` would pull the whole `url` crate
+/// (IDNA tables) into the wasm.
+fn query_pairs(req: &Request) -> Vec<(String, String)> {
+    let url = req.inner().url();
+    crate::encoding::query_pairs(url.split_once('?').map(|(_, q)| q).unwrap_or_default())
+}
+
 fn internal(e: worker::Error) -> Problem {
     Problem::new(
         500,
@@ -273,10 +460,7 @@ fn render(
     request_id: &str,
 ) -> std::result::Result<String, Problem> {
     let template = Template::parse(text).map_err(|_| Problem::policy_invalid(1))?;
-    // Parsed by hand: `req.url()` would pull the whole `url` crate (IDNA tables) into the wasm.
-    let url = req.inner().url();
-    let query =
-        crate::encoding::query_pairs(url.split_once('?').map(|(_, q)| q).unwrap_or_default());
+    let query = query_pairs(req);
     let header = |name: &str| req.headers().get(name).ok().flatten();
     let ctx = RenderContext {
         path: params,

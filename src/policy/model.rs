@@ -244,6 +244,8 @@ pub struct ApiKey {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
+// Built once per isolate and never moved on a request path: variant sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Backend {
     /// Send messages to a Service Bus queue or topic.
     ServiceBus(ServiceBusBackend),
@@ -274,6 +276,71 @@ pub struct ServiceBusBackend {
     /// Token audience; default `https://servicebus.azure.net`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audience: Option<String>,
+    /// How the message's properties are built from the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<MessageMapping>,
+    /// Accept a JSON array of messages (`[{"Body": …, "BrokerProperties": {…},
+    /// "UserProperties": {…}}]`) and send it as one batch.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub batch: bool,
+    /// Largest message (body and properties) or batch accepted, in bytes; larger requests get
+    /// 413 before anything is sent. Default 262144 (256 KB, the Standard tier).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_message_bytes: Option<u32>,
+}
+
+/// Templates for a message's broker properties and application properties. Each string is a
+/// template over the request (`{path.x}`, `{query.x}`, `{header.x}`, `{uuid}`,
+/// `{request_id}`, `{date:…}`, literals).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct MessageMapping {
+    /// Default: the caller's `Idempotency-Key` header when present (so a client's retry is a
+    /// duplicate Service Bus can drop), else a generated id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// Default: the trace id of `traceparent`, else the request id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+    /// Time to live in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_to_live: Option<u64>,
+    /// Must render to an RFC 1123 date, e.g. `Sun, 06 Nov 1994 08:49:37 GMT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_enqueue_time_utc: Option<String>,
+    /// Application (custom) properties: name → template.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub properties: BTreeMap<String, String>,
+}
+
+impl MessageMapping {
+    /// The broker property templates, with Service Bus's names.
+    pub fn broker_templates(&self) -> Vec<(&'static str, &str)> {
+        [
+            ("MessageId", &self.message_id),
+            ("CorrelationId", &self.correlation_id),
+            ("SessionId", &self.session_id),
+            ("PartitionKey", &self.partition_key),
+            ("Label", &self.label),
+            ("To", &self.to),
+            ("ReplyTo", &self.reply_to),
+            ("ScheduledEnqueueTimeUtc", &self.scheduled_enqueue_time_utc),
+        ]
+        .into_iter()
+        .filter_map(|(name, t)| t.as_deref().map(|t| (name, t)))
+        .collect()
+    }
 }
 
 /// A Blob Storage container.

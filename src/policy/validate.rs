@@ -378,6 +378,8 @@ fn check_route(
             c,
             &format!("{at}.backend.service_bus"),
             sb,
+            &params,
+            path_ok,
             unreadable_identities,
         ),
         Backend::Blob(blob) => check_blob(
@@ -520,9 +522,19 @@ fn check_service_bus(
     c: &mut Checker,
     at: &str,
     sb: &ServiceBusBackend,
+    params: &BTreeSet<&str>,
+    path_ok: bool,
     unreadable: &BTreeSet<String>,
 ) {
     let cloud = c.policy.cloud;
+    if let Some(mapping) = &sb.message {
+        check_message_mapping(c, &format!("{at}.message"), mapping, params, path_ok);
+    }
+    if let Some(max) = sb.max_message_bytes {
+        if !(1_024..=104_857_600).contains(&max) {
+            c.err(format!("{at}.max_message_bytes"), format!("a size between 1024 and 104857600 bytes (100 MB, the Premium limit), got {max}"));
+        }
+    }
     if let Some(ns) = &sb.namespace {
         if !is_namespace(ns) {
             c.err(format!("{at}.namespace"), format!("a namespace name: 6-50 letters, digits or hyphens, starting with a letter and ending with a letter or digit, got \"{ns}\""));
@@ -560,6 +572,63 @@ fn check_service_bus(
         allowed.push(format!("https://{ns}.{}", cloud.service_bus_suffix()));
     }
     check_audience(c, at, sb.audience.as_deref(), &allowed, "Service Bus");
+}
+
+/// Headers a message property may not be named as: they mean something to HTTP or to Service Bus.
+const RESERVED_PROPERTY_NAMES: &[&str] = &[
+    "authorization",
+    "brokerproperties",
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "host",
+    "connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "x-ms-version",
+    "user-agent",
+];
+
+fn check_message_mapping(
+    c: &mut Checker,
+    at: &str,
+    m: &MessageMapping,
+    params: &BTreeSet<&str>,
+    path_ok: bool,
+) {
+    let fields = [
+        ("message_id", &m.message_id),
+        ("correlation_id", &m.correlation_id),
+        ("session_id", &m.session_id),
+        ("partition_key", &m.partition_key),
+        ("label", &m.label),
+        ("to", &m.to),
+        ("reply_to", &m.reply_to),
+        ("scheduled_enqueue_time_utc", &m.scheduled_enqueue_time_utc),
+    ];
+    for (field, template) in fields {
+        if let Some(text) = template {
+            check_template(c, &format!("{at}.{field}"), text, params, path_ok);
+        }
+    }
+    if m.time_to_live == Some(0) {
+        c.err(
+            format!("{at}.time_to_live"),
+            "a time to live of at least 1 second, got 0",
+        );
+    }
+    for (name, text) in &m.properties {
+        let path = format!("{at}.properties.{name}");
+        if !is_header_name(name)
+            || RESERVED_PROPERTY_NAMES.contains(&name.to_ascii_lowercase().as_str())
+        {
+            c.err(&path, format!("a property name that is an HTTP header name and not one HTTP or Service Bus reserves, got \"{name}\""));
+        }
+        check_template(c, &path, text, params, path_ok);
+    }
 }
 
 fn check_blob(
@@ -611,23 +680,21 @@ fn check_blob(
     check_audience(c, at, blob.audience.as_deref(), &allowed, "Blob Storage");
 }
 
-fn check_blob_template(
+/// Parses a template and checks that every `{path.NAME}` is a parameter of the route's path.
+fn check_template(
     c: &mut Checker,
     at: &str,
     text: &str,
     params: &BTreeSet<&str>,
     path_ok: bool,
-) {
+) -> Option<Template> {
     let template = match Template::parse(text) {
         Ok(t) => t,
-        Err(e) => return c.err(at, e),
+        Err(e) => {
+            c.err(at, e);
+            return None;
+        }
     };
-    if template.parts.is_empty() {
-        return c.err(
-            at,
-            "a blob name template, e.g. \"{path.tenant}/{uuid}.json\"",
-        );
-    }
     for var in template.vars() {
         if let Var::Path(name) = var {
             if path_ok && !params.contains(name.as_str()) {
@@ -645,6 +712,25 @@ fn check_blob_template(
                 );
             }
         }
+    }
+    Some(template)
+}
+
+fn check_blob_template(
+    c: &mut Checker,
+    at: &str,
+    text: &str,
+    params: &BTreeSet<&str>,
+    path_ok: bool,
+) {
+    let Some(template) = check_template(c, at, text, params, path_ok) else {
+        return;
+    };
+    if template.parts.is_empty() {
+        return c.err(
+            at,
+            "a blob name template, e.g. \"{path.tenant}/{uuid}.json\"",
+        );
     }
     let literal: String = template.literals().collect();
     if literal.chars().any(|ch| ch.is_control() || ch == '\\') {

@@ -12,6 +12,7 @@ import { REPO_ROOT } from '../../dev/proc.mjs';
 const fixture = (name) => join(REPO_ROOT, 'tests', 'e2e', 'fixtures', name);
 const stateDir = (name) => join(REPO_ROOT, 'target', 'e2e', name);
 const KEYS = { E2E_KEY_OLD: 'key-old-4b1d', E2E_KEY_NEW: 'key-new-93ac' };
+const SECRETS = { ...KEYS, DEV_CLIENT_SECRET: 'client-secret-e2e' };
 
 async function call(gateway, method, path, headers = {}) {
   const res = await fetch(gateway.url + path, { method, headers });
@@ -40,29 +41,30 @@ function assertProblem(res, status, kind) {
 describe('a worker built with a valid policy', () => {
   let gw;
   before(async () => {
-    gw = await startGateway({ policyPath: fixture('gateway-policy.json'), port: 18787, stateDir: stateDir('valid'), secrets: KEYS });
+    gw = await startGateway({ policyPath: fixture('gateway-policy.json'), port: 18787, stateDir: stateDir('valid'), secrets: SECRETS });
   });
   after(() => gw?.stop());
 
-  test('a matched route with a valid key passes the checks and names the route', async () => {
+  test('a matched route with a valid key passes the checks and goes for a token', async () => {
     const res = await call(gw, 'PUT', '/files/contoso/report.pdf', { 'x-api-key': KEYS.E2E_KEY_NEW, 'x-request-id': 'e2e-match-1' });
-    // Service Bus forwarding is not built yet: the request stops after the checks, with nothing sent.
-    assertProblem(res, 501, 'backend-not-available');
-    assert.equal(res.body.route, 'upload');
+    // No identity provider runs for this suite: the request gets as far as the token, and stops.
+    assertProblem(res, 503, 'identity-unavailable');
+    assert.ok(Number(res.headers.get('retry-after')) >= 1);
     const log = await logLine(gw, 'e2e-match-1');
     assert.equal(log.route, 'upload');
     assert.equal(log.api_key, 'new', 'the log names the key, never its value');
-    assert.equal(log.status, 501);
+    assert.equal(log.identity, 'e2e');
+    assert.equal(log.status, 503);
+    assert.match(log.token_error, /^unavailable: /);
     assert.equal(log.method, 'PUT');
     assert.equal(typeof log.duration_ms, 'number');
   });
 
   test('percent-encoded segments match one parameter each', async () => {
-    const res = await call(gw, 'PUT', '/files/contoso/a%2Fb%20c', { 'x-api-key': KEYS.E2E_KEY_OLD });
-    assert.equal(res.status, 501);
-    assert.equal(res.body.route, 'upload');
-    const trailing = await call(gw, 'GET', '/files/contoso/');
-    assert.equal(trailing.body.route, 'status', 'a trailing slash is ignored');
+    const res = await call(gw, 'PUT', '/files/contoso/a%2Fb%20c', { 'x-api-key': KEYS.E2E_KEY_OLD, 'x-request-id': 'e2e-pct' });
+    assert.equal((await logLine(gw, 'e2e-pct')).route, 'upload', res.text);
+    await call(gw, 'GET', '/files/contoso/', { 'x-request-id': 'e2e-slash' });
+    assert.equal((await logLine(gw, 'e2e-slash')).route, 'status', 'a trailing slash is ignored');
   });
 
   test('a missing or wrong API key is 401 with a challenge and reaches nothing', async () => {

@@ -1,0 +1,713 @@
+//! Service Bus: an accepted request becomes one message (or one batch) sent with
+//! `POST {namespace}/{entity}/messages`, and Service Bus's answer becomes the caller's.
+//!
+//! Everything Service Bus would refuse is refused here first, before a token is fetched or a
+//! byte is sent: id lengths, `SessionId` = `PartitionKey`, property and header sizes, the
+//! message size, and (for a batch) every element, named by its index.
+
+use serde_json::{json, Map, Value};
+
+use super::BackendRequest;
+use crate::policy::{MessageMapping, ServiceBusBackend};
+use crate::problem::Problem;
+use crate::template::{RenderContext, Template};
+
+pub const BATCH_CONTENT_TYPE: &str = "application/vnd.microsoft.servicebus.json";
+/// 256 KB: the Standard tier's message size, properties included.
+pub const DEFAULT_MAX_MESSAGE_BYTES: u32 = 262_144;
+const MAX_ID_CHARS: usize = 128;
+const MAX_PROPERTY_BYTES: usize = 32 * 1024;
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Broker properties a sender may set, and their JSON types.
+const SENDER_PROPERTIES: &[(&str, PropertyType)] = &[
+    ("MessageId", PropertyType::String),
+    ("CorrelationId", PropertyType::String),
+    ("SessionId", PropertyType::String),
+    ("PartitionKey", PropertyType::String),
+    ("Label", PropertyType::String),
+    ("To", PropertyType::String),
+    ("ReplyTo", PropertyType::String),
+    ("ReplyToSessionId", PropertyType::String),
+    ("TimeToLive", PropertyType::Number),
+    ("ScheduledEnqueueTimeUtc", PropertyType::String),
+    ("ForcePersistence", PropertyType::Bool),
+];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PropertyType {
+    String,
+    Number,
+    Bool,
+}
+
+impl ServiceBusBackend {
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES) as usize
+    }
+}
+
+/// Where defaults come from.
+pub struct Defaults<'a> {
+    /// The caller's `Idempotency-Key`: the default `MessageId` (suffixed `-{index}` in a batch).
+    pub idempotency_key: Option<&'a str>,
+    /// The caller's `traceparent`: its trace id is the default `CorrelationId`.
+    pub traceparent: Option<&'a str>,
+    pub request_id: &'a str,
+}
+
+/// A message's metadata, rendered and checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Properties {
+    pub broker: Map<String, Value>,
+    pub custom: Vec<(String, String)>,
+}
+
+impl Properties {
+    pub fn message_id(&self) -> &str {
+        self.broker
+            .get("MessageId")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    }
+}
+
+fn bad_message(detail: String) -> Problem {
+    Problem::new(
+        400,
+        "bad-message",
+        "The message would be refused by Service Bus",
+        format!("{detail}; nothing was sent."),
+    )
+}
+
+/// Renders the route's mapping for this request, fills the defaults and checks the result.
+/// `index` is the element of a batch, if any.
+pub fn properties(
+    mapping: Option<&MessageMapping>,
+    ctx: &RenderContext,
+    defaults: &Defaults,
+    index: Option<usize>,
+) -> Result<Properties, Problem> {
+    let render = |what: &str, text: &str| -> Result<String, Problem> {
+        let template = Template::parse(text).map_err(|_| Problem::policy_invalid(1))?;
+        template.render(ctx).map_err(|missing| {
+            bad_message(format!("{what} is built from the request, but {missing}"))
+        })
+    };
+    let mut broker = Map::new();
+    let mut custom = Vec::new();
+    if let Some(m) = mapping {
+        for (name, text) in m.broker_templates() {
+            broker.insert(name.to_owned(), Value::from(render(name, text)?));
+        }
+        if let Some(ttl) = m.time_to_live {
+            broker.insert("TimeToLive".into(), Value::from(ttl));
+        }
+        for (name, text) in &m.properties {
+            custom.push((name.clone(), render(&format!("property {name}"), text)?));
+        }
+    }
+    if !broker.contains_key("MessageId") {
+        let id = match (defaults.idempotency_key, index) {
+            (Some(key), Some(i)) => format!("{key}-{i}"),
+            (Some(key), None) => key.to_owned(),
+            (None, _) => (ctx.uuid)(),
+        };
+        broker.insert("MessageId".into(), Value::from(id));
+    }
+    if !broker.contains_key("CorrelationId") {
+        let trace_id = defaults.traceparent.and_then(trace_id);
+        broker.insert(
+            "CorrelationId".into(),
+            Value::from(trace_id.unwrap_or(defaults.request_id)),
+        );
+    }
+    let props = Properties { broker, custom };
+    check(&props, "")?;
+    Ok(props)
+}
+
+/// The trace id of a W3C `traceparent` (`00-{32 hex}-{16 hex}-{2 hex}`).
+fn trace_id(traceparent: &str) -> Option<&str> {
+    let parts: Vec<&str> = traceparent.trim().split('-').collect();
+    match parts.as_slice() {
+        [_, id, _, _]
+            if id.len() == 32
+                && id.bytes().all(|b| b.is_ascii_hexdigit())
+                && id.bytes().any(|b| b != b'0') =>
+        {
+            Some(id)
+        }
+        _ => None,
+    }
+}
+
+/// Service Bus's rules for one message's properties; `at` prefixes errors (`batch[3].`).
+fn check(props: &Properties, at: &str) -> Result<(), Problem> {
+    for (name, value) in &props.broker {
+        let Some((_, ty)) = SENDER_PROPERTIES.iter().find(|(n, _)| n == name) else {
+            let known: Vec<&str> = SENDER_PROPERTIES.iter().map(|(n, _)| *n).collect();
+            return Err(bad_message(format!("{at}BrokerProperties.{name} is not a property a sender may set (expected one of {})", known.join(", "))));
+        };
+        let type_ok = match ty {
+            PropertyType::String => value.is_string(),
+            PropertyType::Number => value.as_f64().is_some_and(|n| n > 0.0),
+            PropertyType::Bool => value.is_boolean(),
+        };
+        if !type_ok {
+            let expected = match ty {
+                PropertyType::String => "a string",
+                PropertyType::Number => "a positive number of seconds",
+                PropertyType::Bool => "true or false",
+            };
+            return Err(bad_message(format!(
+                "{at}BrokerProperties.{name} must be {expected}"
+            )));
+        }
+    }
+    let text = |name: &str| props.broker.get(name).and_then(Value::as_str);
+    for name in ["MessageId", "SessionId"] {
+        if let Some(v) = text(name) {
+            let n = v.chars().count();
+            if n == 0 || n > MAX_ID_CHARS {
+                return Err(bad_message(format!(
+                    "{at}{name} must be 1 to {MAX_ID_CHARS} characters, got {n}"
+                )));
+            }
+        }
+    }
+    if let (Some(session), Some(partition)) = (text("SessionId"), text("PartitionKey")) {
+        if session != partition {
+            return Err(bad_message(format!(
+                "{at}SessionId and PartitionKey must be equal when both are set"
+            )));
+        }
+    }
+    if let Some(when) = text("ScheduledEnqueueTimeUtc") {
+        if !is_rfc1123(when) {
+            return Err(bad_message(format!("{at}ScheduledEnqueueTimeUtc must be an RFC 1123 date such as \"Sun, 06 Nov 1994 08:49:37 GMT\"")));
+        }
+    }
+    let mut header_bytes =
+        "BrokerProperties".len() + Value::Object(props.broker.clone()).to_string().len();
+    for (name, value) in &props.custom {
+        if !value
+            .bytes()
+            .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+        {
+            return Err(bad_message(format!(
+                "{at}property {name} must be printable ASCII (it travels as an HTTP header)"
+            )));
+        }
+        if value.len() > MAX_PROPERTY_BYTES {
+            return Err(bad_message(format!("{at}property {name} is {} bytes; one property may have at most {MAX_PROPERTY_BYTES}", value.len())));
+        }
+        header_bytes += name.len() + value.len();
+    }
+    if header_bytes > MAX_HEADER_BYTES {
+        return Err(bad_message(format!("{at}the properties take {header_bytes} bytes of headers; at most {MAX_HEADER_BYTES} are allowed")));
+    }
+    Ok(())
+}
+
+/// `Sun, 06 Nov 1994 08:49:37 GMT`, strictly.
+fn is_rfc1123(s: &str) -> bool {
+    const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let parts: Vec<&str> = s.split(' ').collect();
+    let [day, dd, mon, yyyy, time, "GMT"] = parts.as_slice() else {
+        return false;
+    };
+    let digits = |t: &str, n: usize| t.len() == n && t.bytes().all(|b| b.is_ascii_digit());
+    let hms: Vec<&str> = time.split(':').collect();
+    day.strip_suffix(',').is_some_and(|d| DAYS.contains(&d))
+        && digits(dd, 2)
+        && MONTHS.contains(mon)
+        && digits(yyyy, 4)
+        && hms.len() == 3
+        && hms.iter().all(|p| digits(p, 2))
+}
+
+/// Size of one message as Service Bus counts it: body plus properties.
+pub fn message_size(body_len: usize, props: &Properties) -> usize {
+    body_len
+        + Value::Object(props.broker.clone()).to_string().len()
+        + props
+            .custom
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+}
+
+pub fn too_large(size: usize, limit: usize) -> Problem {
+    Problem::new(
+        413,
+        "body-too-large",
+        "Message too large",
+        format!("The message is {size} bytes with its properties; this route accepts at most {limit}. Nothing was sent."),
+    )
+}
+
+/// The send request for one message; the body is the caller's, as it came.
+pub fn single_request(
+    backend: &ServiceBusBackend,
+    base_url: &str,
+    token: &str,
+    content_type: &str,
+    props: &Properties,
+) -> BackendRequest {
+    let mut headers = vec![
+        ("authorization".to_owned(), format!("Bearer {token}")),
+        ("content-type".to_owned(), content_type.to_owned()),
+        (
+            "brokerproperties".to_owned(),
+            Value::Object(props.broker.clone()).to_string(),
+        ),
+    ];
+    headers.extend(props.custom.iter().cloned());
+    BackendRequest {
+        method: "POST",
+        url: format!("{base_url}/{}/messages", backend.entity()),
+        headers,
+    }
+}
+
+/// A caller's batch (a JSON array of `{"Body", "BrokerProperties", "UserProperties"}`) as
+/// Service Bus's batch body, with the route's mapping as defaults for every element and each
+/// element checked. Returns the body and the message ids in order.
+pub fn batch_body(
+    body: &[u8],
+    mapping: Option<&MessageMapping>,
+    ctx: &RenderContext,
+    defaults: &Defaults,
+) -> Result<(String, Vec<String>), Problem> {
+    let elements: Vec<Value> = match serde_json::from_slice(body) {
+        Ok(Value::Array(items)) if !items.is_empty() => items,
+        _ => {
+            return Err(bad_message(
+                "This route takes a batch: a non-empty JSON array of {\"Body\": …, \"BrokerProperties\": {…}, \"UserProperties\": {…}}".into(),
+            ))
+        }
+    };
+    let mut out = Vec::with_capacity(elements.len());
+    let mut ids = Vec::with_capacity(elements.len());
+    for (i, element) in elements.into_iter().enumerate() {
+        let at = format!("batch[{i}].");
+        let Value::Object(mut element) = element else {
+            return Err(bad_message(format!(
+                "batch[{i}] must be an object with \"Body\""
+            )));
+        };
+        let body = match element.remove("Body") {
+            Some(Value::String(s)) => s,
+            Some(Value::Null) | None => return Err(bad_message(format!("{at}Body is required"))),
+            Some(other) => other.to_string(),
+        };
+        let mut props = properties(mapping, ctx, defaults, Some(i)).map_err(|p| prefix(p, &at))?;
+        match element.remove("BrokerProperties") {
+            Some(Value::Object(own)) => props.broker.extend(own),
+            None | Some(Value::Null) => {}
+            Some(_) => {
+                return Err(bad_message(format!(
+                    "{at}BrokerProperties must be an object"
+                )))
+            }
+        }
+        match element.remove("UserProperties") {
+            Some(Value::Object(own)) => {
+                for (k, v) in own {
+                    let v = match v {
+                        Value::String(s) => s,
+                        Value::Number(_) | Value::Bool(_) => v.to_string(),
+                        _ => {
+                            return Err(bad_message(format!(
+                                "{at}UserProperties.{k} must be a string, number or boolean"
+                            )))
+                        }
+                    };
+                    props.custom.retain(|(name, _)| name != &k);
+                    props.custom.push((k, v));
+                }
+            }
+            None | Some(Value::Null) => {}
+            Some(_) => return Err(bad_message(format!("{at}UserProperties must be an object"))),
+        }
+        if let Some(extra) = element.keys().next() {
+            return Err(bad_message(format!("{at}{extra} is not a field of a batch message (Body, BrokerProperties, UserProperties)")));
+        }
+        check(&props, &at)?;
+        ids.push(props.message_id().to_owned());
+        let user: Map<String, Value> = props
+            .custom
+            .into_iter()
+            .map(|(k, v)| (k, Value::from(v)))
+            .collect();
+        out.push(json!({ "Body": body, "BrokerProperties": props.broker, "UserProperties": user }));
+    }
+    Ok((Value::Array(out).to_string(), ids))
+}
+
+fn prefix(mut p: Problem, at: &str) -> Problem {
+    p.detail = format!("{at}{}", p.detail);
+    p
+}
+
+/// The batch send request.
+pub fn batch_request(backend: &ServiceBusBackend, base_url: &str, token: &str) -> BackendRequest {
+    BackendRequest {
+        method: "POST",
+        url: format!("{base_url}/{}/messages", backend.entity()),
+        headers: vec![
+            ("authorization".to_owned(), format!("Bearer {token}")),
+            ("content-type".to_owned(), BATCH_CONTENT_TYPE.to_owned()),
+        ],
+    }
+}
+
+/// The caller's 202.
+pub fn accepted_body(entity: &str, ids: &[String], batch: bool) -> String {
+    if batch {
+        json!({ "entity": entity, "messageIds": ids }).to_string()
+    } else {
+        json!({ "entity": entity, "messageId": ids.first() }).to_string()
+    }
+}
+
+/// What Service Bus's answer means.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SendOutcome {
+    Accepted,
+    /// Throttled or failing: worth a retry with the same message (and `MessageId`).
+    Retry {
+        retry_after_secs: Option<u64>,
+    },
+    /// Final; `evict`: the token was refused (401) and must leave the cache.
+    Failed {
+        problem: Problem,
+        evict: bool,
+    },
+}
+
+pub fn map_response(
+    status: u16,
+    retry_after_secs: Option<u64>,
+    body: &str,
+    entity: &str,
+) -> SendOutcome {
+    let reason = error_detail(body);
+    let failed = |problem: Problem| SendOutcome::Failed {
+        problem: problem.with_extension("backend_status", json!(status)),
+        evict: status == 401,
+    };
+    match status {
+        201 => SendOutcome::Accepted,
+        429 | 500 | 502 | 503 | 504 => SendOutcome::Retry { retry_after_secs },
+        400 => failed(Problem::new(400, "bad-message", "Service Bus refused the message", format!("Service Bus answered 400: {reason}"))),
+        401 | 403 => failed(Problem::new(
+            502,
+            "backend-authorization-failed",
+            "Service Bus refused the gateway's identity",
+            format!("Service Bus answered {status}: {reason}. The identity's token may have the wrong audience or lack the Azure Service Bus Data Sender role on '{entity}' (403 can also mean a quota is exceeded); the operator should check them."),
+        )),
+        404 | 410 => failed(Problem::new(
+            502,
+            "backend-entity-not-found",
+            "The Service Bus entity does not exist",
+            format!("Service Bus has no queue or topic '{entity}' (it answered {status}); the operator should create it or fix the route."),
+        )),
+        413 => failed(Problem::new(413, "body-too-large", "Message too large", format!("Service Bus refused the message as too large: {reason}"))),
+        _ => failed(Problem::new(502, "backend-error", "Service Bus refused the request", format!("Service Bus answered {status}: {reason}"))),
+    }
+}
+
+/// After the last retry: 503 with the last `Retry-After` (or 5 s).
+pub fn unavailable(retry_after_secs: Option<u64>, why: &str) -> Problem {
+    Problem::new(503, "backend-unavailable", "Service Bus is unavailable", format!("Service Bus {why} after retries; nothing was accepted. Retry after the time in Retry-After."))
+        .with_header("retry-after", retry_after_secs.unwrap_or(5).max(1).to_string())
+}
+
+/// The human part of Service Bus's XML error (`<Detail>…</Detail>`), without tracking ids.
+fn error_detail(body: &str) -> String {
+    let detail = body
+        .split_once("<Detail>")
+        .and_then(|(_, rest)| rest.split_once("</Detail>"))
+        .map(|(d, _)| d)
+        .unwrap_or("no reason given");
+    let detail = detail.split(" TrackingId:").next().unwrap_or(detail);
+    detail
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(300)
+        .collect::<String>()
+        .trim_end_matches(['.', ',', ' '])
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mapping() -> MessageMapping {
+        MessageMapping {
+            session_id: Some("{path.tenant}".into()),
+            label: Some("order-created".into()),
+            time_to_live: Some(3600),
+            properties: [
+                ("tenant".to_owned(), "{path.tenant}".to_owned()),
+                ("source".to_owned(), "edge".to_owned()),
+            ]
+            .into(),
+            ..MessageMapping::default()
+        }
+    }
+
+    fn with_ctx<T>(tenant: &str, f: impl FnOnce(&RenderContext) -> T) -> T {
+        let path = vec![("tenant".to_owned(), tenant.to_owned())];
+        let header = |_: &str| None;
+        let uuid = || "generated-id".to_owned();
+        let ctx = RenderContext {
+            path: &path,
+            query: &[],
+            header: &header,
+            request_id: "req-1",
+            uuid: &uuid,
+            now_ms: 0.0,
+        };
+        f(&ctx)
+    }
+
+    fn defaults(key: Option<&'static str>, traceparent: Option<&'static str>) -> Defaults<'static> {
+        Defaults {
+            idempotency_key: key,
+            traceparent,
+            request_id: "req-1",
+        }
+    }
+
+    #[test]
+    fn mapping_and_defaults_fill_broker_and_custom_properties() {
+        let p = with_ctx("contoso", |ctx| {
+            properties(Some(&mapping()), ctx, &defaults(Some("idem-9"), None), None)
+        })
+        .unwrap();
+        assert_eq!(
+            Value::Object(p.broker.clone()),
+            json!({"SessionId": "contoso", "Label": "order-created", "TimeToLive": 3600, "MessageId": "idem-9", "CorrelationId": "req-1"})
+        );
+        assert_eq!(
+            p.custom,
+            vec![
+                ("source".to_owned(), "edge".to_owned()),
+                ("tenant".to_owned(), "contoso".to_owned())
+            ]
+        );
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let p = with_ctx("c", |ctx| {
+            properties(None, ctx, &defaults(None, Some(tp)), None)
+        })
+        .unwrap();
+        assert_eq!(p.message_id(), "generated-id");
+        assert_eq!(
+            p.broker["CorrelationId"],
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        let p = with_ctx("c", |ctx| {
+            properties(None, ctx, &defaults(None, Some("garbage")), None)
+        })
+        .unwrap();
+        assert_eq!(p.broker["CorrelationId"], "req-1");
+    }
+
+    #[test]
+    fn service_bus_rules_are_checked_before_sending() {
+        let long = "x".repeat(129);
+        let p = with_ctx(&long, |ctx| {
+            properties(Some(&mapping()), ctx, &defaults(None, None), None)
+        })
+        .unwrap_err();
+        assert_eq!((p.status, p.kind), (400, "bad-message"));
+        assert!(
+            p.detail
+                .contains("SessionId must be 1 to 128 characters, got 129"),
+            "{}",
+            p.detail
+        );
+        let m = MessageMapping {
+            partition_key: Some("other".into()),
+            ..mapping()
+        };
+        let p = with_ctx("contoso", |ctx| {
+            properties(Some(&m), ctx, &defaults(None, None), None)
+        })
+        .unwrap_err();
+        assert!(p
+            .detail
+            .contains("SessionId and PartitionKey must be equal"));
+        let m = MessageMapping {
+            scheduled_enqueue_time_utc: Some("tomorrow".into()),
+            ..MessageMapping::default()
+        };
+        let p = with_ctx("c", |ctx| {
+            properties(Some(&m), ctx, &defaults(None, None), None)
+        })
+        .unwrap_err();
+        assert!(p.detail.contains("RFC 1123"));
+        let m = MessageMapping {
+            scheduled_enqueue_time_utc: Some("Sun, 06 Nov 1994 08:49:37 GMT".into()),
+            ..MessageMapping::default()
+        };
+        assert!(with_ctx("c", |ctx| properties(
+            Some(&m),
+            ctx,
+            &defaults(None, None),
+            None
+        ))
+        .is_ok());
+        let m = MessageMapping {
+            properties: [("big".to_owned(), "y".repeat(33 * 1024))].into(),
+            ..MessageMapping::default()
+        };
+        let p = with_ctx("c", |ctx| {
+            properties(Some(&m), ctx, &defaults(None, None), None)
+        })
+        .unwrap_err();
+        assert!(p.detail.contains("one property may have at most 32768"));
+        let p = with_ctx("ünï", |ctx| {
+            properties(Some(&mapping()), ctx, &defaults(None, None), None)
+        })
+        .unwrap_err();
+        assert!(p.detail.contains("printable ASCII"));
+    }
+
+    #[test]
+    fn a_batch_takes_defaults_per_element_and_names_a_bad_element() {
+        let body = br#"[{"Body": "a"}, {"Body": {"n": 1}, "BrokerProperties": {"Label": "own"}, "UserProperties": {"n": 1}}]"#;
+        let (out, ids) = with_ctx("contoso", |ctx| {
+            batch_body(body, Some(&mapping()), ctx, &defaults(Some("k"), None))
+        })
+        .unwrap();
+        assert_eq!(ids, vec!["k-0", "k-1"]);
+        let out: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(out[0]["Body"], "a");
+        assert_eq!(out[1]["Body"], "{\"n\":1}");
+        assert_eq!(out[1]["BrokerProperties"]["Label"], "own");
+        assert_eq!(out[1]["BrokerProperties"]["SessionId"], "contoso");
+        assert_eq!(out[1]["UserProperties"]["n"], "1");
+        assert_eq!(out[0]["UserProperties"]["tenant"], "contoso");
+
+        let bad = br#"[{"Body": "a"}, {"Body": "b"}, {"Body": "c", "BrokerProperties": {"SessionId": "x", "PartitionKey": "y"}}]"#;
+        let p = with_ctx("c", |ctx| batch_body(bad, None, ctx, &defaults(None, None))).unwrap_err();
+        assert_eq!(p.status, 400);
+        assert!(
+            p.detail.starts_with("batch[2].SessionId and PartitionKey"),
+            "{}",
+            p.detail
+        );
+        for (body, expected) in [
+            (
+                &br#"[{"Body": "a", "BrokerProperties": {"Color": "red"}}]"#[..],
+                "batch[0].BrokerProperties.Color is not a property a sender may set",
+            ),
+            (
+                br#"[{"Body": "a", "BrokerProperties": {"TimeToLive": "1h"}}]"#,
+                "batch[0].BrokerProperties.TimeToLive must be a positive number",
+            ),
+            (br#"[{"Bod": "a"}]"#, "batch[0].Body is required"),
+            (br#"[]"#, "non-empty JSON array"),
+            (br#"{"Body": "a"}"#, "non-empty JSON array"),
+        ] {
+            let p = with_ctx("c", |ctx| {
+                batch_body(body, None, ctx, &defaults(None, None))
+            })
+            .unwrap_err();
+            assert!(
+                p.detail.contains(expected),
+                "{} should contain {expected}",
+                p.detail
+            );
+        }
+    }
+
+    #[test]
+    fn requests_carry_the_token_properties_and_content_type() {
+        let backend: ServiceBusBackend = serde_json::from_value(
+            json!({"namespace": "contoso-orders", "queue": "orders", "identity": "gw"}),
+        )
+        .unwrap();
+        let props = with_ctx("t", |ctx| {
+            properties(Some(&mapping()), ctx, &defaults(Some("m1"), None), None)
+        })
+        .unwrap();
+        let r = single_request(
+            &backend,
+            "https://contoso-orders.servicebus.windows.net",
+            "tok",
+            "application/json",
+            &props,
+        );
+        assert_eq!(
+            r.url,
+            "https://contoso-orders.servicebus.windows.net/orders/messages"
+        );
+        assert_eq!(r.header("authorization"), Some("Bearer tok"));
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        let broker: Value = serde_json::from_str(r.header("brokerproperties").unwrap()).unwrap();
+        assert_eq!(broker["MessageId"], "m1");
+        assert_eq!(r.header("tenant"), Some("t"));
+        assert_eq!(
+            batch_request(&backend, "http://127.0.0.1:8410", "t").header("content-type"),
+            Some(BATCH_CONTENT_TYPE)
+        );
+    }
+
+    #[test]
+    fn answers_map_to_what_the_caller_can_act_on() {
+        let xml = "<Error><Code>400</Code><Detail>The value for BrokerProperties is invalid. TrackingId:abc, SystemTracker:x</Detail></Error>";
+        let SendOutcome::Failed { problem, evict } = map_response(400, None, xml, "orders") else {
+            panic!()
+        };
+        assert_eq!((problem.status, evict), (400, false));
+        assert!(
+            problem
+                .detail
+                .ends_with("The value for BrokerProperties is invalid"),
+            "{}",
+            problem.detail
+        );
+        let SendOutcome::Failed { problem, evict } = map_response(401, None, "", "orders") else {
+            panic!()
+        };
+        assert_eq!(
+            (problem.status, problem.kind, evict),
+            (502, "backend-authorization-failed", true)
+        );
+        for status in [404, 410] {
+            let SendOutcome::Failed { problem, .. } = map_response(status, None, "", "orders")
+            else {
+                panic!()
+            };
+            assert_eq!(
+                (problem.status, problem.kind),
+                (502, "backend-entity-not-found")
+            );
+        }
+        let SendOutcome::Failed { problem, .. } = map_response(413, None, "", "orders") else {
+            panic!()
+        };
+        assert_eq!(problem.status, 413);
+        assert_eq!(
+            map_response(429, Some(3), "", "orders"),
+            SendOutcome::Retry {
+                retry_after_secs: Some(3)
+            }
+        );
+        assert_eq!(map_response(201, None, "", "orders"), SendOutcome::Accepted);
+        assert_eq!(
+            unavailable(Some(7), "x").headers,
+            vec![("retry-after", "7".to_owned())]
+        );
+    }
+}

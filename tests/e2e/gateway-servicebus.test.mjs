@@ -1,0 +1,200 @@
+/**
+ * Service Bus routes end to end: the worker in workerd sends to the Service Bus stand-in of the
+ * local stack (which checks the token's signature, audience and expiry, the properties and the
+ * sizes like Azure), and the tests read what arrived from the stand-in.
+ */
+import { after, before, beforeEach, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { join } from 'node:path';
+import { startStack } from './stack.mjs';
+import { REPO_ROOT } from '../../dev/proc.mjs';
+
+const KEY = randomBytes(18).toString('base64url');
+const report = [];
+
+describe('Service Bus routes', () => {
+  let stack;
+  let gw;
+  let sb;
+  const send = async (path, body, headers = {}) => {
+    const res = await fetch(`${gw.url}${path}`, { method: 'POST', body, headers });
+    const text = await res.text();
+    let json = null;
+    try { json = JSON.parse(text); } catch { /* not JSON */ }
+    return { status: res.status, headers: res.headers, text, json };
+  };
+  const logOf = async (res) => {
+    const id = res.headers.get('x-request-id');
+    return JSON.parse(await gw.waitForLog((_l, j) => j?.request_id === id && 'status' in j, 10_000));
+  };
+  const stored = (entity) => sb.messages(entity);
+  const sendCount = async () => {
+    const s = await sb.stats();
+    return Object.values(s.entities).reduce((n, e) => n + e.accepted + Object.values(e.rejected).reduce((a, b) => a + b, 0), 0);
+  };
+
+  before(async () => {
+    stack = await startStack({
+      policyPath: join(REPO_ROOT, 'tests', 'e2e', 'fixtures', 'servicebus-policy.json'),
+      ports: { issuer: 18400, azurite: 20000, serviceBus: 18410, gateway: 18791 },
+      stateDir: join(REPO_ROOT, 'target', 'e2e', 'servicebus'),
+      serviceBus: { entities: ['orders', 'orders-dedup:duplicate-detection=60', 'events', 'load:duplicate-detection=600'] },
+      gatewaySecrets: { E2E_KEY: KEY },
+    });
+    gw = stack.gateway;
+    sb = stack.serviceBus;
+  });
+  beforeEach(async () => {
+    await sb.clearFaults();
+    await sb.purge();
+  });
+  after(async () => {
+    await stack?.stop();
+    if (report.length) console.log(`\n# service bus figures\n${report.map((l) => `#   ${l}`).join('\n')}`);
+  });
+
+  test('a JSON message arrives byte-identical with every mapped property', async () => {
+    const body = JSON.stringify({ order: 42, items: ['a', 'b'], note: 'ünïcödé' });
+    const traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01';
+    const res = await send('/orders/contoso', body, { 'x-api-key': KEY, 'content-type': 'application/json', 'idempotency-key': 'order-42', traceparent, authorization: 'Bearer caller-token-never-forwarded' });
+    assert.equal(res.status, 202, res.text);
+    assert.deepEqual(res.json, { entity: 'orders', messageId: 'order-42' });
+    const [m] = await stored('orders');
+    assert.equal(m.body.toString('utf8'), body);
+    assert.equal(m.contentType, 'application/json');
+    assert.equal(m.brokerProperties.MessageId, 'order-42');
+    assert.equal(m.brokerProperties.CorrelationId, '4bf92f3577b34da6a3ce929d0e0e4736');
+    assert.equal(m.brokerProperties.Label, 'order-created');
+    assert.equal(m.brokerProperties.TimeToLive, 3600);
+    assert.equal(m.userProperties.tenant, 'contoso');
+    assert.equal(m.userProperties.source, 'edge');
+    assert.equal(m.userProperties.authorization, undefined, "the caller's Authorization never reaches Azure");
+    const log = await logOf(res);
+    assert.equal(log.backend_status, 201);
+    assert.equal(log.identity, 'main');
+  });
+
+  test('a binary message arrives byte-identical', async () => {
+    const body = randomBytes(64 * 1024);
+    const res = await send('/orders/fabrikam', body, { 'x-api-key': KEY, 'content-type': 'application/octet-stream' });
+    assert.equal(res.status, 202, res.text);
+    const [m] = await stored('orders');
+    assert.ok(m.body.equals(body), 'bytes differ');
+    assert.equal(m.brokerProperties.MessageId, res.json.messageId);
+    assert.match(res.json.messageId, /^[0-9a-f-]{36}$/);
+  });
+
+  test('the same Idempotency-Key twice yields one message', async () => {
+    for (let i = 0; i < 2; i++) {
+      const res = await send('/dedup/contoso', 'pay once', { 'idempotency-key': 'pay-7' });
+      assert.equal(res.status, 202, res.text);
+    }
+    assert.equal((await stored('orders-dedup')).length, 1);
+  });
+
+  test('a batch of 100 arrives in order, as one send', async () => {
+    const batch = Array.from({ length: 100 }, (_, i) => ({ Body: { n: i }, UserProperties: { n: i } }));
+    const before = (await sb.stats()).requests;
+    const res = await send('/batch/contoso', JSON.stringify(batch), { 'content-type': 'application/json', 'idempotency-key': 'b1' });
+    assert.equal(res.status, 202, res.text);
+    assert.equal(res.json.messageIds.length, 100);
+    assert.equal(res.json.messageIds[99], 'b1-99');
+    assert.equal((await sb.stats()).requests - before, 1);
+    const msgs = await stored('events');
+    assert.deepEqual(msgs.map((m) => JSON.parse(m.body.toString()).n), [...Array(100).keys()]);
+    assert.equal(msgs[7].userProperties.tenant, 'contoso');
+    assert.equal(msgs[7].userProperties.n, '7');
+  });
+
+  test('every validation rule answers its 4xx and sends nothing', async () => {
+    const sends = await sendCount();
+    const at = { 'x-deliver-at': 'Sun, 06 Nov 1994 08:49:37 GMT' };
+    const cases = [
+      ['/sessions/' + 'x'.repeat(129) + '?pk=' + 'x'.repeat(129), 'b', at, 400, /SessionId must be 1 to 128 characters/],
+      ['/sessions/a?pk=b', 'b', at, 400, /SessionId and PartitionKey must be equal/],
+      ['/sessions/a?pk=a', 'b', { 'x-deliver-at': 'tomorrow' }, 400, /RFC 1123/],
+      ['/sessions/a', 'b', at, 400, /query parameter pk is required/],
+      ['/sessions/a?pk=a', 'b', {}, 400, /header x-deliver-at is required/],
+      ['/dedup/a', 'b', { 'idempotency-key': 'k'.repeat(129) }, 400, /MessageId must be 1 to 128/],
+      ['/small', 'x'.repeat(2000), {}, 413, /at most 1024/],
+      ['/small', 'x'.repeat(980), {}, 413, /with its properties/], // 980 + ~110 bytes of BrokerProperties
+      ['/batch/a', JSON.stringify([{ Body: 'ok' }, { Body: 'bad', BrokerProperties: { TimeToLive: 'soon' } }]), {}, 400, /batch\[1\]\.BrokerProperties\.TimeToLive/],
+      ['/batch/a', '{"not": "an array"}', {}, 400, /non-empty JSON array/],
+      ['/orders/a', 'b', {}, 401, /x-api-key/],
+    ];
+    for (const [path, body, headers, status, detail] of cases) {
+      const res = await send(path, body, headers);
+      assert.equal(res.status, status, `${path}: ${res.text}`);
+      assert.equal(res.headers.get('content-type'), 'application/problem+json');
+      assert.match(res.json.detail, detail, path);
+    }
+    // A body streamed without Content-Length is cut off at the limit, too.
+    const stream = new ReadableStream({ start(c) { c.enqueue(new Uint8Array(800)); c.enqueue(new Uint8Array(800)); c.close(); } });
+    const chunked = await fetch(`${gw.url}/small`, { method: 'POST', body: stream, duplex: 'half' });
+    assert.equal(chunked.status, 413, await chunked.text());
+    assert.equal(await sendCount(), sends, 'nothing reached Service Bus');
+    assert.equal((await stored('orders')).length + (await stored('events')).length, 0);
+  });
+
+  test('Service Bus failures map as specified', async () => {
+    // 503 twice with Retry-After, then accepted: retried with the same MessageId, stored once.
+    await sb.setFault({ status: 503, retryAfter: 1, count: 2, entity: 'orders' });
+    let res = await send('/orders/a', 'retry me', { 'x-api-key': KEY, 'idempotency-key': 'retry-1' });
+    assert.equal(res.status, 202, res.text);
+    const msgs = await stored('orders');
+    assert.equal(msgs.length, 1);
+    assert.equal(msgs[0].brokerProperties.MessageId, 'retry-1');
+
+    // Failing on and on: 503 with Retry-After, never a 2xx.
+    await sb.setFault({ status: 429, retryAfter: 2, count: 10, entity: 'orders' });
+    res = await send('/orders/a', 'x', { 'x-api-key': KEY });
+    assert.equal(res.status, 503, res.text);
+    assert.equal(res.json.type, 'urn:azure-edge-gateway:problem:backend-unavailable');
+    assert.ok(Number(res.headers.get('retry-after')) >= 1);
+    await sb.clearFaults();
+
+    const mapped = [[400, 400, 'bad-message'], [403, 502, 'backend-authorization-failed'], [413, 413, 'body-too-large'], [410, 502, 'backend-entity-not-found']];
+    for (const [fault, status, kind] of mapped) {
+      await sb.setFault({ status: fault, count: 1, entity: 'orders' });
+      res = await send('/orders/a', 'x', { 'x-api-key': KEY });
+      assert.equal(res.status, status, `${fault}: ${res.text}`);
+      assert.equal(res.json.type, `urn:azure-edge-gateway:problem:${kind}`);
+    }
+    // An entity that does not exist: the stand-in answers 410 like Azure.
+    res = await send('/missing', 'x');
+    assert.equal(res.status, 502, res.text);
+    assert.equal(res.json.type, 'urn:azure-edge-gateway:problem:backend-entity-not-found');
+
+    // 401 evicts the token: the next request fetches a new one.
+    await sb.setFault({ status: 401, count: 1, entity: 'orders' });
+    res = await send('/orders/a', 'x', { 'x-api-key': KEY });
+    assert.equal(res.status, 502, res.text);
+    assert.equal(res.json.type, 'urn:azure-edge-gateway:problem:backend-authorization-failed');
+    assert.ok(!res.text.includes('eyJ'), 'no token in the answer');
+    res = await send('/orders/a', 'x', { 'x-api-key': KEY });
+    assert.equal(res.status, 202, res.text);
+    assert.equal((await logOf(res)).token, 'fetched');
+  });
+
+  test('1,000 messages sent with 32 in flight all arrive exactly once', async () => {
+    const ids = Array.from({ length: 1000 }, (_, i) => `load-${i}`);
+    let next = 0;
+    const failures = [];
+    const t0 = performance.now();
+    await Promise.all(Array.from({ length: 32 }, async () => {
+      while (next < ids.length) {
+        const id = ids[next++];
+        const res = await send('/load', `message ${id}`, { 'idempotency-key': id });
+        if (res.status !== 202) failures.push(`${id}: ${res.status} ${res.text}`);
+      }
+    }));
+    const seconds = (performance.now() - t0) / 1000;
+    assert.deepEqual(failures, []);
+    const msgs = await stored('load');
+    assert.equal(msgs.length, 1000);
+    assert.deepEqual(new Set(msgs.map((m) => m.brokerProperties.MessageId)), new Set(ids));
+    for (const m of msgs) assert.equal(m.body.toString(), `message ${m.brokerProperties.MessageId}`);
+    report.push(`1000 messages, 32 in flight: ${(1000 / seconds).toFixed(0)} msg/s through the gateway, all stored once`);
+  });
+});
