@@ -105,20 +105,21 @@ Try:
   ${tokenCmd} | jq .
   TOKEN=$(${tokenCmd} | jq -r .access_token)
   curl -s --cacert ${cert} -H "Authorization: Bearer $TOKEN" -H "x-ms-version: ${BLOB_API_VERSION}" "${azurite.url}/${CONTAINER}?restype=container&comp=list"
+  ${gateway ? gatewayCommands(gateway.url, rel(apiKeyPath)) : `# (gateway not started; default port ${DEFAULT_PORTS.gateway})`}
   SBTOKEN=$(${sbTokenCmd} | jq -r .access_token)
   curl -i -X DELETE -H "Authorization: Bearer $SBTOKEN" "${serviceBus.url}/orders/messages/head?timeout=5"   # read one message back (204: none)
-  ${gateway ? gatewayCommands(gateway.url, rel(apiKeyPath)) : `# (gateway not started; default port ${DEFAULT_PORTS.gateway})`}
   curl -s ${issuer.url}/__control/stats | jq .
 
 Ctrl-C stops everything.`);
 }
 
-/** Requests matching dev/policy.json's routes: upload a file, read it back, and a refusal. */
+/** Requests matching dev/policy.json's routes: upload a file, read it back, a refusal, an order. */
 function gatewayCommands(url, apiKeyPath) {
   const key = `-H "x-api-key: $(cat ${apiKeyPath})"`;
   return [
     `curl -i -X PUT ${url}/files/hello.txt ${key} -H 'content-type: text/plain' --data-binary 'hello from the gateway'`,
     `curl -i ${url}/files/hello.txt ${key}`,
     `curl -i -X PUT ${url}/files/hello.txt --data-binary 'no key'   # 401 problem+json`,
+    `curl -i -X POST ${url}/orders/contoso ${key} -H 'content-type: application/json' -H 'idempotency-key: order-1' --data-binary '{"order": 1}'`,
   ].join('\n  ');
 }
