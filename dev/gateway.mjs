@@ -22,7 +22,8 @@ const WRANGLER_JS = join(REPO_ROOT, 'node_modules', 'wrangler', 'bin', 'wrangler
 const BUILD_SCRIPT = join(REPO_ROOT, 'scripts', 'build');
 
 /**
- * Build and start the gateway. Returns { url, logs, buildLogs, waitForLog, tail, exited, stop }.
+ * Build and start the gateway. Returns { url, logs, buildLogs, pid (of wrangler, the leader of
+ * the process group workerd runs in), waitForLog, tail, exited, stop }.
  * - vars: plain-text Worker vars (passed as --var); secrets: written to .dev.vars.
  * - caCertPaths: PEM files the worker must trust for outbound HTTPS (bundled into one file).
  * - env: extra environment for wrangler. build: false reuses an existing <stateDir>/build.
@@ -87,7 +88,7 @@ export async function startGateway({
     throw err;
   }
   return {
-    url, logs: wrangler.logs, buildLogs,
+    url, logs: wrangler.logs, buildLogs, pid: wrangler.pid,
     waitForLog: wrangler.waitForLog, tail: wrangler.tail, exited: wrangler.exited,
     stop: () => wrangler.stop(),
   };

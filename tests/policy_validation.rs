@@ -93,6 +93,8 @@ fn the_shipped_policies_are_valid() {
         "dev/policy.json",
         "tests/e2e/fixtures/gateway-policy.json",
         "tests/e2e/fixtures/identity-policy.json",
+        "tests/e2e/fixtures/servicebus-policy.json",
+        "tests/e2e/fixtures/blob-policy.json",
     ] {
         let text = std::fs::read_to_string(file).unwrap();
         if let Err(errors) = policy::load(&text) {
@@ -514,6 +516,49 @@ fn message_mappings_are_templates_over_what_the_route_has() {
         |p| p["routes"][0]["backend"]["service_bus"]["message"] = json!({ "sessionid": "x" }),
         "routes[0].backend.service_bus.message.sessionid",
         "not a known field",
+    );
+}
+
+#[test]
+fn blob_write_options_are_checked() {
+    assert!(errors_after(|p| {
+        let b = &mut p["routes"][1]["backend"]["blob"];
+        b["metadata"] = json!({ "tenant": "{path.tenant}", "_source": "edge" });
+        b["content_type"] = json!("application/json");
+        b["single_put_max_bytes"] = json!(1_048_576);
+        b["block_bytes"] = json!(262_144);
+        b["max_body_bytes"] = json!(10_000_000);
+    })
+    .is_empty());
+    assert_one_error(
+        |p| p["routes"][1]["backend"]["blob"]["metadata"] = json!({ "x-tenant": "a" }),
+        "routes[1].backend.blob.metadata.x-tenant",
+        "a metadata name that is a C# identifier",
+    );
+    assert_one_error(
+        |p| p["routes"][1]["backend"]["blob"]["metadata"] = json!({ "tenant": "{path.nope}" }),
+        "routes[1].backend.blob.metadata.tenant",
+        "got {path.nope}",
+    );
+    assert_one_error(
+        |p| p["routes"][1]["backend"]["blob"]["content_type"] = json!("json"),
+        "routes[1].backend.blob.content_type",
+        "a media type",
+    );
+    assert_one_error(
+        |p| p["routes"][1]["backend"]["blob"]["single_put_max_bytes"] = json!(300_000_000u64),
+        "routes[1].backend.blob.single_put_max_bytes",
+        "at most 268435456",
+    );
+    assert_one_error(
+        |p| p["routes"][1]["backend"]["blob"]["block_bytes"] = json!(1000),
+        "routes[1].backend.blob.block_bytes",
+        "between 65536",
+    );
+    assert_one_error(
+        |p| p["routes"][1]["backend"]["blob"]["max_body_bytes"] = json!(0),
+        "routes[1].backend.blob.max_body_bytes",
+        "between 1 byte",
     );
 }
 

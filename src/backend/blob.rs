@@ -79,11 +79,215 @@ fn encode_segment(seg: &str) -> String {
     out
 }
 
-/// What the caller said about the body of a write.
+/// What a write stores besides the bytes: its content type and metadata, and the body's
+/// length when the caller said it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BodyInfo<'a> {
     pub content_type: Option<&'a str>,
     pub content_length: Option<u64>,
+    pub metadata: &'a [(String, String)],
+}
+
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 100 * 1024 * 1024;
+pub const DEFAULT_SINGLE_PUT_MAX_BYTES: u64 = 32 * 1024 * 1024;
+pub const DEFAULT_BLOCK_BYTES: u32 = 4 * 1024 * 1024;
+
+impl BlobBackend {
+    pub fn max_body_bytes(&self) -> u64 {
+        self.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES)
+    }
+
+    pub fn single_put_max_bytes(&self) -> u64 {
+        self.single_put_max_bytes
+            .unwrap_or(DEFAULT_SINGLE_PUT_MAX_BYTES)
+    }
+
+    pub fn block_bytes(&self) -> u32 {
+        self.block_bytes.unwrap_or(DEFAULT_BLOCK_BYTES)
+    }
+}
+
+/// How a write's body goes to Azure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upload {
+    /// One Put Blob, the caller's stream passed through untouched.
+    Single { length: u64 },
+    /// Put Block calls of at most `block_bytes`, then Put Block List.
+    Blocks,
+}
+
+/// Chooses the upload, or refuses a body whose declared length is over the route's limit.
+pub fn upload_for(backend: &BlobBackend, content_length: Option<u64>) -> Result<Upload, Problem> {
+    match content_length {
+        Some(length) if length > backend.max_body_bytes() => {
+            Err(body_too_large(length, backend.max_body_bytes()))
+        }
+        Some(length) if length <= backend.single_put_max_bytes() => Ok(Upload::Single { length }),
+        _ => Ok(Upload::Blocks),
+    }
+}
+
+pub fn body_too_large(size: u64, limit: u64) -> Problem {
+    Problem::new(
+        413,
+        "body-too-large",
+        "Request body too large",
+        format!("The body is {size} bytes or more; this route accepts at most {limit}. Nothing was committed."),
+    )
+}
+
+/// Cuts a stream of chunks into blocks of exactly `block_bytes` (the last may be shorter),
+/// holding at most one block and one chunk at a time.
+#[derive(Debug)]
+pub struct BlockBuffer {
+    block_bytes: usize,
+    buf: Vec<u8>,
+}
+
+impl BlockBuffer {
+    pub fn new(block_bytes: u32) -> BlockBuffer {
+        BlockBuffer {
+            block_bytes: block_bytes.max(1) as usize,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Adds a chunk; returns the blocks it completed, in order.
+    pub fn push(&mut self, mut chunk: &[u8]) -> Vec<Vec<u8>> {
+        let mut full = Vec::new();
+        while !chunk.is_empty() {
+            let take = (self.block_bytes - self.buf.len()).min(chunk.len());
+            self.buf.extend_from_slice(&chunk[..take]);
+            chunk = &chunk[take..];
+            if self.buf.len() == self.block_bytes {
+                full.push(std::mem::replace(
+                    &mut self.buf,
+                    Vec::with_capacity(self.block_bytes),
+                ));
+            }
+        }
+        full
+    }
+
+    /// The last, partial block, if any bytes are left.
+    pub fn finish(self) -> Option<Vec<u8>> {
+        (!self.buf.is_empty()).then_some(self.buf)
+    }
+}
+
+/// Block ids must all have the same length within a blob: base64 of a fixed-width counter.
+pub fn block_id(index: u32) -> String {
+    crate::encoding::base64(format!("block-{index:08}").as_bytes())
+}
+
+/// `PUT …?comp=block&blockid=…` with one block.
+pub fn put_block_request(
+    backend: &BlobBackend,
+    cloud: Cloud,
+    encoded_name: &str,
+    token: &str,
+    now_ms: f64,
+    id: &str,
+    length: usize,
+) -> BackendRequest {
+    let mut r = base_request(backend, cloud, encoded_name, token, now_ms);
+    r.url.push_str(&format!(
+        "?comp=block&blockid={}",
+        crate::encoding::form_encode(id)
+    ));
+    r.headers
+        .push(("content-length".into(), length.to_string()));
+    r.method = "PUT";
+    r
+}
+
+/// `PUT …?comp=blocklist`: commits the blocks as the blob, with its content type, metadata and
+/// create-only condition. The body is [`block_list_body`].
+pub fn put_block_list_request(
+    backend: &BlobBackend,
+    cloud: Cloud,
+    encoded_name: &str,
+    token: &str,
+    now_ms: f64,
+    ids: &[String],
+    info: BodyInfo,
+) -> (BackendRequest, String) {
+    let body = block_list_body(ids);
+    let mut r = base_request(backend, cloud, encoded_name, token, now_ms);
+    r.url.push_str("?comp=blocklist");
+    r.method = "PUT";
+    r.headers
+        .push(("content-type".into(), "application/xml".into()));
+    r.headers
+        .push(("content-length".into(), body.len().to_string()));
+    r.headers.push((
+        "x-ms-blob-content-type".into(),
+        content_type(backend, info).to_owned(),
+    ));
+    push_write_headers(&mut r, backend, info);
+    (r, body)
+}
+
+pub fn block_list_body(ids: &[String]) -> String {
+    let mut body = String::from("<?xml version=\"1.0\" encoding=\"utf-8\"?><BlockList>");
+    for id in ids {
+        body.push_str(&format!("<Latest>{id}</Latest>"));
+    }
+    body.push_str("</BlockList>");
+    body
+}
+
+fn content_type<'a>(backend: &'a BlobBackend, info: BodyInfo<'a>) -> &'a str {
+    backend
+        .content_type
+        .as_deref()
+        .or(info.content_type)
+        .unwrap_or("application/octet-stream")
+}
+
+fn push_write_headers(r: &mut BackendRequest, backend: &BlobBackend, info: BodyInfo) {
+    for (name, value) in info.metadata {
+        r.headers.push((format!("x-ms-meta-{name}"), value.clone()));
+    }
+    if !backend.overwrite {
+        r.headers.push(("if-none-match".into(), "*".into()));
+    }
+}
+
+fn base_request(
+    backend: &BlobBackend,
+    cloud: Cloud,
+    encoded_name: &str,
+    token: &str,
+    now_ms: f64,
+) -> BackendRequest {
+    BackendRequest {
+        method: "GET",
+        url: format!(
+            "{}/{}/{}",
+            backend.base_url(cloud),
+            backend.container,
+            encoded_name
+        ),
+        headers: vec![
+            ("authorization".into(), format!("Bearer {token}")),
+            ("x-ms-version".into(), API_VERSION.to_owned()),
+            ("x-ms-date".into(), Utc::from_millis(now_ms).http_date()),
+        ],
+    }
+}
+
+/// A metadata value must travel as an HTTP header: printable ASCII.
+pub fn check_metadata(metadata: &[(String, String)]) -> Result<(), Problem> {
+    match metadata.iter().find(|(_, v)| !v.bytes().all(|b| (0x20..0x7f).contains(&b))) {
+        Some((name, _)) => Err(Problem::new(
+            400,
+            "bad-metadata",
+            "Blob metadata built from this request is not allowed",
+            format!("The metadata value {name} built from the request must be printable ASCII; nothing was written."),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// The request for `op` on the blob `encoded_name`; the edge streams a write's body.
@@ -94,44 +298,66 @@ pub fn request(
     encoded_name: &str,
     token: &str,
     now_ms: f64,
-    body: BodyInfo,
+    info: BodyInfo,
 ) -> BackendRequest {
-    let url = format!(
-        "{}/{}/{}",
-        backend.base_url(cloud),
-        backend.container,
-        encoded_name
-    );
-    let mut headers: Vec<(String, String)> = vec![
-        ("authorization".into(), format!("Bearer {token}")),
-        ("x-ms-version".into(), API_VERSION.to_owned()),
-        ("x-ms-date".into(), Utc::from_millis(now_ms).http_date()),
-    ];
-    let method = match op {
+    let mut r = base_request(backend, cloud, encoded_name, token, now_ms);
+    match op {
         BlobOp::Write => {
-            headers.push(("x-ms-blob-type".into(), "BlockBlob".to_owned()));
-            headers.push((
+            r.method = "PUT";
+            r.headers
+                .push(("x-ms-blob-type".into(), "BlockBlob".into()));
+            r.headers.push((
                 "content-type".into(),
-                body.content_type
-                    .unwrap_or("application/octet-stream")
-                    .to_owned(),
+                content_type(backend, info).to_owned(),
             ));
-            if let Some(len) = body.content_length {
-                headers.push(("content-length".into(), len.to_string()));
+            if let Some(len) = info.content_length {
+                r.headers.push(("content-length".into(), len.to_string()));
             }
-            if !backend.overwrite {
-                headers.push(("if-none-match".into(), "*".to_owned()));
-            }
-            "PUT"
+            push_write_headers(&mut r, backend, info);
         }
-        BlobOp::Read => "GET",
-        BlobOp::Head => "HEAD",
-    };
-    BackendRequest {
-        method,
-        url,
-        headers,
+        BlobOp::Read => r.method = "GET",
+        BlobOp::Head => r.method = "HEAD",
     }
+    r
+}
+
+/// The path of a route that reads back what `writer` wrote with these path parameters: a GET
+/// route on the same container and blob name template whose parameters the write had.
+pub fn read_location(
+    routes: &[crate::policy::Route],
+    writer: &BlobBackend,
+    params: &[(String, String)],
+) -> Option<String> {
+    use crate::policy::{Backend, Method};
+    use crate::routing::{PathTemplate, Segment};
+    routes.iter().find_map(|route| {
+        let Backend::Blob(reader) = &route.backend else {
+            return None;
+        };
+        let same_blob = reader.blob == writer.blob
+            && reader.container == writer.container
+            && reader.account == writer.account
+            && reader.endpoint == writer.endpoint;
+        if !same_blob || !route.methods.contains(&Method::Get) {
+            return None;
+        }
+        let template = PathTemplate::parse(&route.path).ok()?;
+        let mut path = String::new();
+        for segment in &template.segments {
+            path.push('/');
+            match segment {
+                Segment::Literal(l) => path.push_str(&encode_segment(l)),
+                Segment::Param(p) => {
+                    path.push_str(&encode_segment(&params.iter().find(|(k, _)| k == p)?.1))
+                }
+            }
+        }
+        Some(if path.is_empty() {
+            "/".to_owned()
+        } else {
+            path
+        })
+    })
 }
 
 /// The caller's answer to a successful write.
@@ -199,6 +425,11 @@ mod tests {
             endpoint: None,
             container: "uploads".into(),
             blob: "{path.name}".into(),
+            content_type: None,
+            metadata: Default::default(),
+            max_body_bytes: Some(1000),
+            single_put_max_bytes: Some(100),
+            block_bytes: Some(64 * 1024),
             overwrite,
             identity: "gw".into(),
             audience: None,
@@ -241,6 +472,7 @@ mod tests {
             BodyInfo {
                 content_type: Some("text/plain"),
                 content_length: Some(5),
+                metadata: &[],
             },
         );
         assert_eq!(
@@ -268,6 +500,7 @@ mod tests {
             BodyInfo {
                 content_type: None,
                 content_length: Some(0),
+                metadata: &[],
             },
         );
         assert_eq!(over.header("if-none-match"), None);
@@ -288,9 +521,150 @@ mod tests {
             BodyInfo {
                 content_type: None,
                 content_length: None,
+                metadata: &[],
             },
         );
         assert_eq!((read.method, read.header("x-ms-blob-type")), ("GET", None));
+    }
+
+    #[test]
+    fn the_upload_follows_the_declared_length() {
+        let b = backend(false);
+        assert_eq!(
+            upload_for(&b, Some(100)),
+            Ok(Upload::Single { length: 100 })
+        );
+        assert_eq!(upload_for(&b, Some(101)), Ok(Upload::Blocks));
+        assert_eq!(upload_for(&b, None), Ok(Upload::Blocks));
+        let p = upload_for(&b, Some(1001)).unwrap_err();
+        assert_eq!((p.status, p.kind), (413, "body-too-large"));
+    }
+
+    #[test]
+    fn blocks_are_cut_to_size_whatever_the_chunks() {
+        let data: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+        for chunk_size in [1, 7, 300, 333, 1000] {
+            let mut buffer = BlockBuffer::new(300);
+            let mut blocks = Vec::new();
+            for chunk in data.chunks(chunk_size) {
+                blocks.extend(buffer.push(chunk));
+            }
+            blocks.extend(buffer.finish());
+            assert_eq!(
+                blocks.iter().map(Vec::len).collect::<Vec<_>>(),
+                vec![300, 300, 300, 100],
+                "chunks of {chunk_size}"
+            );
+            assert_eq!(blocks.concat(), data);
+        }
+        let mut exact = BlockBuffer::new(4);
+        assert_eq!(
+            exact.push(b"abcdefgh"),
+            vec![b"abcd".to_vec(), b"efgh".to_vec()]
+        );
+        assert_eq!(exact.finish(), None);
+    }
+
+    #[test]
+    fn block_ids_have_one_length_and_the_list_commits_them_in_order() {
+        let ids: Vec<String> = [0, 9, 10, 49_999].into_iter().map(block_id).collect();
+        assert!(ids.iter().all(|id| id.len() == ids[0].len()));
+        assert_eq!(
+            crate::encoding::base64_decode(&ids[3]).unwrap(),
+            b"block-00049999"
+        );
+        assert_eq!(
+            block_list_body(&ids[..2]),
+            format!("<?xml version=\"1.0\" encoding=\"utf-8\"?><BlockList><Latest>{}</Latest><Latest>{}</Latest></BlockList>", ids[0], ids[1])
+        );
+        let r = put_block_request(
+            &backend(false),
+            Cloud::Public,
+            "a.bin",
+            "t",
+            0.0,
+            &ids[0],
+            300,
+        );
+        assert_eq!(
+            r.url,
+            format!(
+                "https://acct.blob.core.windows.net/uploads/a.bin?comp=block&blockid={}",
+                crate::encoding::form_encode(&ids[0])
+            )
+        );
+        assert_eq!(r.header("content-length"), Some("300"));
+        let meta = [("tenant".to_owned(), "contoso".to_owned())];
+        let info = BodyInfo {
+            content_type: Some("image/png"),
+            content_length: None,
+            metadata: &meta,
+        };
+        let (list, body) = put_block_list_request(
+            &backend(false),
+            Cloud::Public,
+            "a.bin",
+            "t",
+            0.0,
+            &ids,
+            info,
+        );
+        assert!(list.url.ends_with("/uploads/a.bin?comp=blocklist"));
+        assert_eq!(list.header("x-ms-blob-content-type"), Some("image/png"));
+        assert_eq!(list.header("x-ms-meta-tenant"), Some("contoso"));
+        assert_eq!(list.header("if-none-match"), Some("*"));
+        assert_eq!(
+            list.header("content-length"),
+            Some(body.len().to_string().as_str())
+        );
+    }
+
+    #[test]
+    fn a_fixed_content_type_wins_and_metadata_travels_as_headers() {
+        let mut b = backend(true);
+        b.content_type = Some("application/json".into());
+        let meta = [("source".to_owned(), "edge".to_owned())];
+        let info = BodyInfo {
+            content_type: Some("text/plain"),
+            content_length: Some(2),
+            metadata: &meta,
+        };
+        let r = request(&b, Cloud::Public, BlobOp::Write, "x", "t", 0.0, info);
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(r.header("x-ms-meta-source"), Some("edge"));
+        assert!(check_metadata(&[("a".into(), "ok".into())]).is_ok());
+        assert_eq!(
+            check_metadata(&[("a".into(), "nö".into())])
+                .unwrap_err()
+                .status,
+            400
+        );
+    }
+
+    #[test]
+    fn the_read_route_of_a_written_blob_is_its_location() {
+        let routes: Vec<crate::policy::Route> = serde_json::from_value(serde_json::json!([
+            { "name": "up", "methods": ["PUT"], "path": "/files/{name}", "public": true,
+              "backend": { "blob": { "account": "acct", "container": "uploads", "blob": "{path.name}", "identity": "gw" } } },
+            { "name": "down", "methods": ["GET", "HEAD"], "path": "/read/{name}", "public": true,
+              "backend": { "blob": { "account": "acct", "container": "uploads", "blob": "{path.name}", "identity": "gw" } } }
+        ]))
+        .unwrap();
+        let crate::policy::Backend::Blob(writer) = &routes[0].backend else {
+            panic!()
+        };
+        let params = vec![("name".to_owned(), "a b.txt".to_owned())];
+        assert_eq!(
+            read_location(&routes, writer, &params),
+            Some("/read/a%20b.txt".to_owned())
+        );
+        let mut other = writer.clone();
+        other.blob = "{uuid}".into();
+        assert_eq!(
+            read_location(&routes, &other, &params),
+            None,
+            "no route reads that name back"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The edge: the only code that names `worker` types. It turns a `worker::Request` into the
 //! core's inputs, asks the core what to do, performs the I/O, and writes the log line.
 
+mod body;
 mod crypto;
 mod http;
 mod tokens;
@@ -139,64 +140,80 @@ async fn blob_call(
         .ok_or_else(|| Problem::method_not_allowed(log.method, "GET, HEAD, PUT, POST"))?;
     let name = render(&backend.blob, req, params, log.request_id)?;
     let encoded = blob::encode_blob_name(&name)?;
-    let content_length = match op {
-        BlobOp::Write => Some(content_length(req)?),
-        _ => None,
+    // Checked before a token is fetched: names, metadata, the declared size.
+    let (upload, metadata) = match op {
+        BlobOp::Write => {
+            let mut metadata = Vec::with_capacity(backend.metadata.len());
+            for (meta, text) in &backend.metadata {
+                metadata.push((meta.clone(), render(text, req, params, log.request_id)?));
+            }
+            blob::check_metadata(&metadata)?;
+            (
+                Some(blob::upload_for(backend, declared_length(req))?),
+                metadata,
+            )
+        }
+        _ => (None, Vec::new()),
     };
-
     let (policy, obtained) =
         backend_token(&backend.identity, backend.audience(), env, ctx, log).await?;
-
-    let content_type = req.headers().get("content-type").ok().flatten();
-    let call_time = now();
-    log.token_ttl_s = Some((obtained.token.expires_at - call_time) / 1000.0);
+    log.token_ttl_s = Some((obtained.token.expires_at - now()) / 1000.0);
+    let caller_type = req.headers().get("content-type").ok().flatten();
     let info = blob::BodyInfo {
-        content_type: content_type.as_deref(),
-        content_length,
+        content_type: caller_type.as_deref(),
+        content_length: None,
+        metadata: &metadata,
     };
-    let request = blob::request(
+    let call = BlobCall {
         backend,
-        policy.cloud,
-        op,
-        &encoded,
-        &obtained.token.access_token,
-        call_time,
-        info,
-    );
-    let body = match op {
-        BlobOp::Write => req.inner().body().map(JsValue::from),
-        _ => None,
+        cloud: policy.cloud,
+        encoded: &encoded,
+        name: &name,
+        obtained: &obtained,
     };
-    let mut response = http::send(
-        request.method,
-        &request.url,
-        &request.headers,
-        body,
-        BACKEND_TIMEOUT_MS,
-    )
-    .await
-    .map_err(|e| {
-        Problem::new(
-            503,
-            "backend-unavailable",
-            "Blob Storage is unavailable",
-            format!("The call to Blob Storage {e}; try again later."),
-        )
-        .with_header("retry-after", "5")
-    })?;
+
+    let mut response = match upload {
+        Some(blob::Upload::Blocks) => {
+            return call
+                .write_blocks(req, info, log)
+                .await
+                .map(|etag| created(policy, backend, &name, params, etag))?
+        }
+        Some(blob::Upload::Single { length }) => {
+            let info = blob::BodyInfo {
+                content_length: Some(length),
+                ..info
+            };
+            let request = blob::request(
+                backend,
+                policy.cloud,
+                op,
+                &encoded,
+                &obtained.token.access_token,
+                now(),
+                info,
+            );
+            // The caller's stream goes straight through: not replayable, so no retry (503 instead).
+            call.send(&request, req.inner().body().map(JsValue::from), log)
+                .await?
+        }
+        None => {
+            let request = blob::request(
+                backend,
+                policy.cloud,
+                op,
+                &encoded,
+                &obtained.token.access_token,
+                now(),
+                info,
+            );
+            call.send(&request, None, log).await?
+        }
+    };
     let status = response.status_code();
-    log.backend_status = Some(status);
     let header = |name: &str| response.headers().get(name).ok().flatten();
     match (op, status) {
-        (BlobOp::Write, 201) => {
-            let body = blob::created_body(&backend.container, &name, header("etag").as_deref());
-            let mut created = Response::ok(body).map_err(internal)?.with_status(201);
-            created
-                .headers_mut()
-                .set("content-type", "application/json")
-                .map_err(internal)?;
-            Ok(created)
-        }
+        (BlobOp::Write, 201) => created(policy, backend, &name, params, header("etag")),
         (BlobOp::Read | BlobOp::Head, 200) => {
             let headers = worker::Headers::new();
             for name in ["content-type", "content-length", "etag", "last-modified"] {
@@ -212,18 +229,213 @@ async fn blob_call(
                 _ => builder.empty(),
             })
         }
-        _ => {
-            let code = header("x-ms-error-code");
-            // Drain the error body; it is not passed on.
-            let _ = response.text().await;
-            let (problem, evict) =
-                blob::map_error(op, status, code.as_deref(), &backend.container, &name);
-            if evict {
-                tokens::evict(&obtained.key, &obtained.token.access_token);
+        _ => Err(call.failure(op, &mut response).await),
+    }
+}
+
+/// One blob and the token it is written or read with.
+struct BlobCall<'a> {
+    backend: &'a BlobBackend,
+    cloud: crate::policy::Cloud,
+    encoded: &'a str,
+    name: &'a str,
+    obtained: &'a tokens::Obtained,
+}
+
+impl BlobCall<'_> {
+    async fn send(
+        &self,
+        request: &crate::backend::BackendRequest,
+        body: Option<JsValue>,
+        log: &mut LogLine<'_>,
+    ) -> std::result::Result<Response, Problem> {
+        let response = http::send(
+            request.method,
+            &request.url,
+            &request.headers,
+            body,
+            BACKEND_TIMEOUT_MS,
+        )
+        .await
+        .map_err(|e| blob_unavailable(&format!("could not be reached ({e})"), None))?;
+        log.backend_status = Some(response.status_code());
+        Ok(response)
+    }
+
+    /// The problem for a failed call; a 401 also evicts the token.
+    async fn failure(&self, op: BlobOp, response: &mut Response) -> Problem {
+        let code = response.headers().get("x-ms-error-code").ok().flatten();
+        // Drain the error body; it is not passed on.
+        let _ = response.text().await;
+        let (problem, evict) = blob::map_error(
+            op,
+            response.status_code(),
+            code.as_deref(),
+            &self.backend.container,
+            self.name,
+        );
+        if evict {
+            tokens::evict(&self.obtained.key, &self.obtained.token.access_token);
+        }
+        problem
+    }
+
+    /// Put Block per block of the body as it arrives (one block in memory), each retried on
+    /// 429/5xx/network errors, then Put Block List. Any failure leaves nothing committed.
+    async fn write_blocks(
+        &self,
+        req: &Request,
+        info: blob::BodyInfo<'_>,
+        log: &mut LogLine<'_>,
+    ) -> std::result::Result<Option<String>, Problem> {
+        let limit = self.backend.max_body_bytes();
+        let mut buffer = blob::BlockBuffer::new(self.backend.block_bytes());
+        let mut ids: Vec<String> = Vec::new();
+        let mut total: u64 = 0;
+        let mut reader = body::BodyReader::new(req);
+        loop {
+            let chunk = match reader.as_mut() {
+                Some(r) => r.next().await.map_err(unreadable)?,
+                None => None,
+            };
+            let blocks = match &chunk {
+                Some(chunk) => {
+                    total += chunk.len() as u64;
+                    if total > limit {
+                        return Err(blob::body_too_large(total, limit));
+                    }
+                    buffer.push(chunk)
+                }
+                None => std::mem::replace(&mut buffer, blob::BlockBuffer::new(1))
+                    .finish()
+                    .into_iter()
+                    .collect(),
+            };
+            for block in blocks {
+                let id = blob::block_id(ids.len() as u32);
+                let request = blob::put_block_request(
+                    self.backend,
+                    self.cloud,
+                    self.encoded,
+                    &self.obtained.token.access_token,
+                    now(),
+                    &id,
+                    block.len(),
+                );
+                self.send_retried(&request, &block, BlobOp::Write, log)
+                    .await?;
+                ids.push(id);
             }
-            Err(problem)
+            if chunk.is_none() {
+                break;
+            }
+        }
+        let (request, list) = blob::put_block_list_request(
+            self.backend,
+            self.cloud,
+            self.encoded,
+            &self.obtained.token.access_token,
+            now(),
+            &ids,
+            info,
+        );
+        let response = self
+            .send_retried(&request, list.as_bytes(), BlobOp::Write, log)
+            .await?;
+        Ok(response.headers().get("etag").ok().flatten())
+    }
+
+    /// Sends a body held in memory, retrying what a retry can fix within the retry policy.
+    async fn send_retried(
+        &self,
+        request: &crate::backend::BackendRequest,
+        body: &[u8],
+        op: BlobOp,
+        log: &mut LogLine<'_>,
+    ) -> std::result::Result<Response, Problem> {
+        let retry = RetryPolicy::default();
+        let started = now();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let payload = js_sys::Uint8Array::from(body);
+            let (retry_after, why) = match http::send(
+                request.method,
+                &request.url,
+                &request.headers,
+                Some(payload.into()),
+                BACKEND_TIMEOUT_MS,
+            )
+            .await
+            {
+                Ok(mut response) => {
+                    let status = response.status_code();
+                    log.backend_status = Some(status);
+                    if (200..300).contains(&status) {
+                        return Ok(response);
+                    }
+                    if !(status == 429 || status >= 500) {
+                        return Err(self.failure(op, &mut response).await);
+                    }
+                    let retry_after = crate::retry::parse_retry_after_secs(
+                        response
+                            .headers()
+                            .get("retry-after")
+                            .ok()
+                            .flatten()
+                            .as_deref(),
+                    );
+                    let _ = response.text().await;
+                    (retry_after, format!("answered {status}"))
+                }
+                Err(e) => (None, format!("could not be reached ({e})")),
+            };
+            match retry.next_delay(
+                attempts,
+                now() - started,
+                retry_after.map(|s| s as f64 * 1000.0),
+                random(),
+            ) {
+                Some(delay) => {
+                    worker::Delay::from(std::time::Duration::from_millis(delay as u64)).await
+                }
+                None => return Err(blob_unavailable(&why, retry_after)),
+            }
         }
     }
+}
+
+fn blob_unavailable(why: &str, retry_after: Option<u64>) -> Problem {
+    Problem::new(
+        503,
+        "backend-unavailable",
+        "Blob Storage is unavailable",
+        format!("Blob Storage {why}; nothing was committed. Try again later."),
+    )
+    .with_header("retry-after", retry_after.unwrap_or(5).max(1).to_string())
+}
+
+/// The caller's 201, with a `Location` on the route that reads this blob back, if there is one.
+fn created(
+    policy: &Policy,
+    backend: &BlobBackend,
+    name: &str,
+    params: &[(String, String)],
+    etag: Option<String>,
+) -> std::result::Result<Response, Problem> {
+    let body = blob::created_body(&backend.container, name, etag.as_deref());
+    let mut created = Response::ok(body).map_err(internal)?.with_status(201);
+    created
+        .headers_mut()
+        .set("content-type", "application/json")
+        .map_err(internal)?;
+    if let Some(location) = blob::read_location(&policy.routes, backend, params) {
+        created
+            .headers_mut()
+            .set("location", &location)
+            .map_err(internal)?;
+    }
+    Ok(created)
 }
 
 /// A Service Bus route: build the message (or batch), get a token, send with retries that
@@ -238,14 +450,8 @@ async fn service_bus_send(
     params: &[(String, String)],
 ) -> std::result::Result<Response, Problem> {
     let limit = backend.max_message_bytes();
-    let declared = req
-        .headers()
-        .get("content-length")
-        .ok()
-        .flatten()
-        .and_then(|v| v.trim().parse::<usize>().ok());
-    if let Some(length) = declared.filter(|&l| l > limit) {
-        return Err(sb::too_large(length, limit));
+    if let Some(length) = declared_length(req).filter(|&l| l > limit as u64) {
+        return Err(sb::too_large(length as usize, limit));
     }
     let body = read_capped(req, limit).await?;
     let header = |name: &str| req.headers().get(name).ok().flatten();
@@ -368,28 +574,26 @@ async fn service_bus_send(
 /// The whole body, refused with 413 as soon as it passes `limit` bytes (a body without
 /// `Content-Length` is never read further than that).
 async fn read_capped(req: &Request, limit: usize) -> std::result::Result<Vec<u8>, Problem> {
-    use futures_util::StreamExt;
-    let unreadable = |e: worker::Error| {
-        Problem::new(
-            400,
-            "bad-body",
-            "The request body could not be read",
-            format!("Reading the body failed: {e}"),
-        )
-    };
-    let mut req = req.clone().map_err(internal)?;
     let mut body = Vec::new();
-    if req.inner().body().is_none() {
+    let Some(mut reader) = body::BodyReader::new(req) else {
         return Ok(body);
-    }
-    let mut stream = req.stream().map_err(unreadable)?;
-    while let Some(chunk) = stream.next().await {
-        body.extend_from_slice(&chunk.map_err(unreadable)?);
+    };
+    while let Some(chunk) = reader.next().await.map_err(unreadable)? {
+        body.extend_from_slice(&chunk);
         if body.len() > limit {
             return Err(sb::too_large(body.len(), limit));
         }
     }
     Ok(body)
+}
+
+fn unreadable(e: String) -> Problem {
+    Problem::new(
+        400,
+        "bad-body",
+        "The request body could not be read",
+        format!("Reading the body failed: {e}"),
+    )
 }
 
 /// The token for a backend's identity and audience, with what the log line says about it.
@@ -435,21 +639,13 @@ fn internal(e: worker::Error) -> Problem {
     )
 }
 
-/// The caller's `Content-Length`: Put Blob needs the length before the body.
-fn content_length(req: &Request) -> std::result::Result<u64, Problem> {
+/// The caller's `Content-Length`, when it sent a valid one.
+fn declared_length(req: &Request) -> Option<u64> {
     req.headers()
         .get("content-length")
         .ok()
         .flatten()
         .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| {
-            Problem::new(
-                411,
-                "length-required",
-                "Content-Length required",
-                "This route needs the body's length up front; send a Content-Length header.",
-            )
-        })
 }
 
 /// Fills a template from this request.

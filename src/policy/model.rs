@@ -359,6 +359,24 @@ pub struct BlobBackend {
     pub container: String,
     /// Blob name template, e.g. `{path.tenant}/{uuid}.json`.
     pub blob: String,
+    /// Content type stored with a written blob; default: the caller's `Content-Type`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    /// Blob metadata (`x-ms-meta-NAME`): name → template. Names are C# identifiers.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// Largest body a write accepts, in bytes; larger ones get 413 and nothing is committed.
+    /// Default 104857600 (100 MiB, the Workers request body limit on most plans).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u64>,
+    /// A body with a known length up to this many bytes is streamed as one Put Blob; a larger
+    /// one, or one of unknown length, goes as Put Block calls and a Put Block List.
+    /// Default 33554432 (32 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub single_put_max_bytes: Option<u64>,
+    /// Size of one Put Block (the only part of a body held in memory). Default 4194304 (4 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_bytes: Option<u32>,
     /// Writes replace an existing blob when `true`; by default they only create
     /// (`If-None-Match: *`), and an existing blob is a 409.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

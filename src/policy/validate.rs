@@ -669,6 +669,48 @@ fn check_blob(
         );
     }
     check_blob_template(c, &format!("{at}.blob"), &blob.blob, params, path_ok);
+    for (name, text) in &blob.metadata {
+        let path = format!("{at}.metadata.{name}");
+        let identifier = name.starts_with(|ch: char| ch.is_ascii_alphabetic() || ch == '_')
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !identifier {
+            c.err(&path, format!("a metadata name that is a C# identifier (letters, digits, '_', not starting with a digit), got \"{name}\""));
+        }
+        check_template(c, &path, text, params, path_ok);
+    }
+    if let Some(ct) = &blob.content_type {
+        if ct.is_empty() || !ct.contains('/') || !ct.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            c.err(
+                format!("{at}.content_type"),
+                format!("a media type such as \"application/json\", got \"{ct}\""),
+            );
+        }
+    }
+    let max = blob.max_body_bytes();
+    if !(1..=5_000 * 1024 * 1024 * 1024).contains(&max) {
+        c.err(
+            format!("{at}.max_body_bytes"),
+            format!("a size between 1 byte and 5000 GiB, got {max}"),
+        );
+    }
+    if blob.single_put_max_bytes() > 256 * 1024 * 1024 {
+        c.err(
+            format!("{at}.single_put_max_bytes"),
+            format!(
+                "at most 268435456 (256 MiB, the largest Put Blob), got {}",
+                blob.single_put_max_bytes()
+            ),
+        );
+    }
+    if !(64 * 1024..=100 * 1024 * 1024).contains(&blob.block_bytes()) {
+        c.err(
+            format!("{at}.block_bytes"),
+            format!(
+                "a block size between 65536 and 104857600 bytes, got {}",
+                blob.block_bytes()
+            ),
+        );
+    }
     check_identity_ref(c, at, &blob.identity, unreadable);
     let mut allowed = vec![STORAGE_AUDIENCE.to_owned()];
     if let Some(account) = &blob.account {
