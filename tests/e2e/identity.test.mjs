@@ -22,6 +22,7 @@ const secrets = {
   WRONG_SECRET: randomBytes(24).toString('base64url'),
   ROTATING_OLD: randomBytes(24).toString('base64url'),
   ROTATING_NEW: randomBytes(24).toString('base64url'),
+  SLOW_SECRET: randomBytes(24).toString('base64url'),
 };
 const report = []; // figures for the closing note, printed at the end
 
@@ -58,6 +59,7 @@ describe('identities', () => {
         'v1-client': secrets.V1_SECRET,
         'wrong-client': randomBytes(24).toString('base64url'),
         'rotating-client': secrets.ROTATING_NEW,
+        'slow-client': secrets.SLOW_SECRET,
         'cert-client': { certificatePem: certPem },
       },
       gatewaySecrets: { ...secrets, CERT_KEY: keyPem, CERT_PEM: certPem },
@@ -167,6 +169,19 @@ describe('identities', () => {
     for (const text of gw.logs) {
       assert.ok(!text.includes(secrets.ROTATING_OLD) && !text.includes(secrets.ROTATING_NEW), 'secret leaked');
     }
+  });
+
+  test('a token request slower than its timeout is aborted, retried, then 503', async () => {
+    // The identity allows 300 ms; the issuer now takes 3 s for each of the next requests.
+    await stack.issuer.setFault({ delayMs: 3000, count: 3 });
+    const t0 = performance.now();
+    const r = await put('slow');
+    const ms = performance.now() - t0;
+    await stack.issuer.clearFaults();
+    assert.equal(r.status, 503, r.text);
+    assert.equal(JSON.parse(r.text).type, 'urn:azure-edge-gateway:problem:identity-unavailable');
+    assert.ok(ms < 3000, `answered after ${ms.toFixed(0)} ms: the slow requests were not aborted`);
+    assert.match((await logOf(r.headers.get('x-request-id'))).token_error, /timed out/);
   });
 
   test('with the issuer stopped, cached tokens serve until they expire, then 503 with Retry-After', async () => {
