@@ -9,11 +9,13 @@
 pub mod backend;
 pub mod encoding;
 pub mod identity;
+pub mod inbound;
 pub mod pipeline;
 pub mod policy;
 pub mod problem;
 pub mod retry;
 pub mod routing;
+pub mod sha256;
 pub mod template;
 pub mod time;
 

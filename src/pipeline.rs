@@ -4,7 +4,7 @@
 //! Stages, in order (each a function below):
 //! 1. [`request_id`]: keep the caller's `x-request-id` when it is sane, else the edge makes one;
 //! 2. [`Gateway::route`]: method and path to a route, or 404 / 405 with `Allow`;
-//! 3. [`check_api_key`]: the route's inbound protection;
+//! 3. the route's inbound checks ([`crate::inbound`]), over the policy's defaults;
 //! 4. backend: building and sending the Azure request (later stages).
 //!
 //! A policy that fails validation turns every request into a 500 at stage 2: nothing is
@@ -12,19 +12,21 @@
 
 use serde_json::{json, Value};
 
-use crate::policy::{self, ApiKeyCheck, Policy, PolicyError, Route};
+use crate::policy::{self, Inbound, Policy, PolicyError, Route};
 use crate::problem::Problem;
 use crate::routing::{RouteMatch, Router};
 
 /// A loaded policy, or the reasons it could not be loaded. Built once per isolate.
 pub struct Gateway {
-    state: Result<(Policy, Router), Vec<PolicyError>>,
+    state: Result<(Policy, Router, Vec<Inbound>), Vec<PolicyError>>,
 }
 
 /// A request that matched a route.
 #[derive(Debug)]
 pub struct Matched<'g> {
     pub route: &'g Route,
+    /// The route's inbound checks over the policy's defaults.
+    pub inbound: &'g Inbound,
     pub params: Vec<(String, String)>,
 }
 
@@ -33,14 +35,15 @@ impl Gateway {
         Gateway {
             state: policy::load(policy_text).map(|p| {
                 let router = Router::new(&p.routes);
-                (p, router)
+                let inbound = p.routes.iter().map(|r| p.effective_inbound(r)).collect();
+                (p, router, inbound)
             }),
         }
     }
 
     /// The policy, when it is valid.
     pub fn policy(&self) -> Option<&Policy> {
-        self.state.as_ref().ok().map(|(p, _)| p)
+        self.state.as_ref().ok().map(|(p, _, _)| p)
     }
 
     /// The validation errors of an invalid policy, for the log.
@@ -50,15 +53,21 @@ impl Gateway {
 
     /// Stage 2: the route for a method and a raw path (without query string).
     pub fn route(&self, method: &str, raw_path: &str) -> Result<Matched<'_>, Problem> {
-        let (policy, router) = match &self.state {
+        let (policy, router, inbound) = match &self.state {
             Ok(state) => state,
             Err(errors) => return Err(Problem::policy_invalid(errors.len())),
         };
         match router.find(method, raw_path) {
-            RouteMatch::Found { route, params } => match policy.routes.get(route) {
-                Some(route) => Ok(Matched { route, params }),
-                None => Err(Problem::not_found(raw_path)),
-            },
+            RouteMatch::Found { route, params } => {
+                match (policy.routes.get(route), inbound.get(route)) {
+                    (Some(route), Some(inbound)) => Ok(Matched {
+                        route,
+                        inbound,
+                        params,
+                    }),
+                    _ => Err(Problem::not_found(raw_path)),
+                }
+            }
             RouteMatch::MethodNotAllowed { allow } => {
                 let allow: Vec<&str> = allow.iter().map(|m| m.as_str()).collect();
                 Err(Problem::method_not_allowed(method, &allow.join(", ")))
@@ -78,72 +87,6 @@ pub fn request_id(header: Option<&str>) -> Option<&str> {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':'))
     })
-}
-
-/// Stage 3: the API key check. `presented` is the header's value; `secret` looks up a Worker
-/// secret by name. Every configured key is compared, in constant time, whatever matched
-/// first, so timing says nothing about which key (or how much of one) was right.
-/// On success, the name of the key (for the log line, never the key).
-pub fn check_api_key<'c>(
-    check: &'c ApiKeyCheck,
-    presented: Option<&str>,
-    secret: impl Fn(&str) -> Option<String>,
-) -> Result<&'c str, Problem> {
-    let challenge = format!("ApiKey header=\"{}\"", check.header);
-    let Some(presented) = presented else {
-        return Err(Problem::new(
-            401,
-            "api-key-missing",
-            "API key required",
-            format!(
-                "This route needs an API key in the {} header.",
-                check.header
-            ),
-        )
-        .with_header("www-authenticate", challenge));
-    };
-    let mut matched = None;
-    let mut configured = 0;
-    for key in &check.keys {
-        let Some(value) = secret(&key.secret) else {
-            continue;
-        };
-        configured += 1;
-        if constant_time_eq(value.as_bytes(), presented.as_bytes()) && matched.is_none() {
-            matched = Some(key.name.as_str());
-        }
-    }
-    if configured == 0 {
-        return Err(Problem::new(
-            500,
-            "gateway-misconfigured",
-            "Gateway is misconfigured",
-            "None of the Worker secrets holding this route's API keys is set, so no caller can be let in; the operator should set them with `wrangler secret put`.",
-        ));
-    }
-    matched.ok_or_else(|| {
-        Problem::new(
-            401,
-            "api-key-invalid",
-            "API key not accepted",
-            format!(
-                "The key in the {} header is not one this route accepts.",
-                check.header
-            ),
-        )
-        .with_header("www-authenticate", challenge)
-    })
-}
-
-/// Compares two byte strings without an early exit on the first difference.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u64;
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= u64::from(x ^ y);
-    }
-    diff == 0
 }
 
 /// The one JSON log line every request writes.
@@ -210,67 +153,6 @@ impl LogLine<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::ApiKey;
-
-    fn check() -> ApiKeyCheck {
-        ApiKeyCheck {
-            header: "x-api-key".into(),
-            keys: vec![
-                ApiKey {
-                    name: "old".into(),
-                    secret: "KEY_OLD".into(),
-                },
-                ApiKey {
-                    name: "new".into(),
-                    secret: "KEY_NEW".into(),
-                },
-            ],
-        }
-    }
-
-    fn secrets(name: &str) -> Option<String> {
-        match name {
-            "KEY_OLD" => Some("s3cret-old".into()),
-            "KEY_NEW" => Some("s3cret-new".into()),
-            _ => None,
-        }
-    }
-
-    #[test]
-    fn api_key_names_the_key_that_matched() {
-        assert_eq!(
-            check_api_key(&check(), Some("s3cret-new"), secrets),
-            Ok("new")
-        );
-        assert_eq!(
-            check_api_key(&check(), Some("s3cret-old"), secrets),
-            Ok("old")
-        );
-    }
-
-    #[test]
-    fn api_key_rejections_challenge_and_never_echo_the_key() {
-        let missing = check_api_key(&check(), None, secrets).unwrap_err();
-        assert_eq!((missing.status, missing.kind), (401, "api-key-missing"));
-        assert_eq!(missing.headers[0].0, "www-authenticate");
-        let wrong = check_api_key(&check(), Some("s3cret-ol"), secrets).unwrap_err();
-        assert_eq!((wrong.status, wrong.kind), (401, "api-key-invalid"));
-        assert!(!wrong.body("/", "r").contains("s3cret"));
-    }
-
-    #[test]
-    fn api_key_without_any_configured_secret_is_a_500_not_an_open_door() {
-        let p = check_api_key(&check(), Some(""), |_| None).unwrap_err();
-        assert_eq!(p.status, 500);
-    }
-
-    #[test]
-    fn constant_time_eq_compares_whole_values() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
-        assert!(!constant_time_eq(b"", b"a"));
-    }
 
     #[test]
     fn request_id_keeps_sane_ids_only() {

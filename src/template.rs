@@ -34,6 +34,8 @@ pub enum Var {
     RequestId,
     /// The current UTC time, formatted with `%Y %m %d %H %M %S` (and `%%`).
     Date(String),
+    /// A claim of the caller's validated JWT (`{jwt.sub}`, `{jwt.oid}`).
+    Jwt(String),
 }
 
 impl fmt::Display for Var {
@@ -45,13 +47,14 @@ impl fmt::Display for Var {
             Var::Uuid => f.write_str("{uuid}"),
             Var::RequestId => f.write_str("{request_id}"),
             Var::Date(fmt_) => write!(f, "{{date:{fmt_}}}"),
+            Var::Jwt(n) => write!(f, "{{jwt.{n}}}"),
         }
     }
 }
 
 /// The variables a template may use, for error messages.
 pub const EXPECTED_VARS: &str =
-    "path.NAME, query.NAME, header.NAME, uuid, request_id or date:FORMAT";
+    "path.NAME, query.NAME, header.NAME, jwt.CLAIM, uuid, request_id or date:FORMAT";
 
 impl Template {
     /// Parses a template. The error says what was expected at the first bad spot.
@@ -123,6 +126,8 @@ pub struct RenderContext<'a> {
     /// A new random UUID each call.
     pub uuid: &'a dyn Fn() -> String,
     pub now_ms: f64,
+    /// The claims of the caller's validated JWT, when the route checks one.
+    pub jwt: Option<&'a serde_json::Map<String, serde_json::Value>>,
 }
 
 impl Template {
@@ -159,6 +164,13 @@ fn render_var(var: &Var, ctx: &RenderContext) -> Result<String, String> {
         Var::Uuid => Ok((ctx.uuid)()),
         Var::RequestId => Ok(ctx.request_id.to_owned()),
         Var::Date(fmt_) => Ok(crate::time::Utc::from_millis(ctx.now_ms).format(fmt_)),
+        Var::Jwt(name) => match ctx.jwt.and_then(|claims| claims.get(name)) {
+            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+            Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
+                Ok(v.to_string())
+            }
+            _ => Err(format!("the caller's token has no text claim {name}")),
+        },
     }
 }
 
@@ -179,6 +191,7 @@ fn parse_var(inner: &str) -> Result<Var, String> {
         Some(("path", name)) => named("path", name, Var::Path),
         Some(("query", name)) => named("query", name, Var::Query),
         Some(("header", name)) => named("header", &name.to_ascii_lowercase(), Var::Header),
+        Some(("jwt", name)) => named("jwt", name, Var::Jwt),
         None if inner == "uuid" => Ok(Var::Uuid),
         None if inner == "request_id" => Ok(Var::RequestId),
         _ => Err(format!("one of {EXPECTED_VARS}, got {{{inner}}}")),
@@ -238,6 +251,10 @@ mod tests {
             Template::parse("{path.t}/{date:%Y/%m}/{query.v}-{header.x-id}-{uuid}-{request_id}")
                 .unwrap();
         let header = |name: &str| (name == "x-id").then(|| "h1".to_owned());
+        let claims = serde_json::json!({"sub": "user-1", "n": 5})
+            .as_object()
+            .cloned()
+            .unwrap();
         let ctx = RenderContext {
             path: &[("t".into(), "contoso".into())],
             query: &[("v".into(), "2".into())],
@@ -245,6 +262,7 @@ mod tests {
             request_id: "r1",
             uuid: &|| "u1".to_owned(),
             now_ms: 1_709_210_096_000.0,
+            jwt: Some(&claims),
         };
         assert_eq!(t.render(&ctx).unwrap(), "contoso/2024/02/2-h1-u1-r1");
         let missing = Template::parse("{query.nope}")
@@ -252,6 +270,18 @@ mod tests {
             .render(&ctx)
             .unwrap_err();
         assert_eq!(missing, "the query parameter nope is required");
+        assert_eq!(
+            Template::parse("{jwt.sub}/{jwt.n}")
+                .unwrap()
+                .render(&ctx)
+                .unwrap(),
+            "user-1/5"
+        );
+        assert!(Template::parse("{jwt.roles}")
+            .unwrap()
+            .render(&ctx)
+            .unwrap_err()
+            .contains("no text claim roles"));
     }
 
     #[test]

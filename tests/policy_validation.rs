@@ -103,6 +103,39 @@ fn the_shipped_policies_are_valid() {
     }
 }
 
+/// A rate limit in policy.json only works if wrangler.toml declares its binding with the same
+/// numbers; a mismatch would silently enforce other limits than the policy says.
+#[test]
+fn rate_limit_bindings_of_the_shipped_policy_are_declared_in_wrangler_toml() {
+    let policy = policy::load(&std::fs::read_to_string("policy.json").unwrap()).unwrap();
+    let toml = std::fs::read_to_string("wrangler.toml").unwrap();
+    let limits: Vec<_> = policy
+        .routes
+        .iter()
+        .filter_map(|r| policy.effective_inbound(r).rate_limit)
+        .collect();
+    assert!(!limits.is_empty(), "policy.json shows a rate limit");
+    for rl in limits {
+        let block = toml
+            .split("[[ratelimits]]")
+            .find(|b| b.contains(&format!("name = \"{}\"", rl.binding)));
+        let block = block.unwrap_or_else(|| {
+            panic!(
+                "wrangler.toml declares no [[ratelimits]] named {}",
+                rl.binding
+            )
+        });
+        assert!(
+            block.contains(&format!(
+                "limit = {}, period = {} }}",
+                rl.limit, rl.period_seconds
+            )),
+            "{} differs:\n{block}",
+            rl.binding
+        );
+    }
+}
+
 #[test]
 fn container_names_follow_azure_rules() {
     assert_one_error(
@@ -246,7 +279,7 @@ fn templates_may_only_name_what_exists() {
     assert_one_error(
         |p| p["routes"][1]["backend"]["blob"]["blob"] = json!("{body.id}"),
         "routes[1].backend.blob.blob",
-        "one of path.NAME, query.NAME, header.NAME, uuid, request_id or date:FORMAT, got {body.id}",
+        "one of path.NAME, query.NAME, header.NAME, jwt.CLAIM, uuid, request_id or date:FORMAT, got {body.id}",
     );
     assert_one_error(
         |p| p["routes"][1]["backend"]["blob"]["blob"] = json!("{date:%Y-%q}"),
@@ -375,7 +408,7 @@ fn a_route_without_protection_must_say_it_is_public() {
     assert_one_error(
         |p| p["routes"][2]["public"] = json!(false),
         "routes[2]",
-        "inbound protection (e.g. \"inbound\": {\"api_key\": …}) or \"public\": true",
+        "inbound protection (\"api_key\", \"jwt\" or an \"ip\" allow list, on the route or in the policy's \"inbound\" defaults) or \"public\": true",
     );
     assert_one_error(
         |p| p["routes"][0]["inbound"] = json!({}),
@@ -559,6 +592,158 @@ fn blob_write_options_are_checked() {
         |p| p["routes"][1]["backend"]["blob"]["max_body_bytes"] = json!(0),
         "routes[1].backend.blob.max_body_bytes",
         "between 1 byte",
+    );
+}
+
+fn jwt_check() -> Value {
+    json!({
+        "issuers": ["https://sts.windows.net/t/"], "audiences": ["api://orders"],
+        "jwks_url": "https://login.microsoftonline.com/t/discovery/v2.0/keys",
+        "algorithms": ["RS256", "ES256"], "required_claims": { "roles": ["Orders.Write"] }
+    })
+}
+
+#[test]
+fn api_keys_are_a_secret_name_or_a_sha256_never_both() {
+    let hash = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    assert!(errors_after(
+        |p| p["routes"][0]["inbound"]["api_key"]["keys"] = json!([{ "name": "h", "sha256": hash }])
+    )
+    .is_empty());
+    assert_one_error(
+        |p| {
+            p["routes"][0]["inbound"]["api_key"]["keys"] = json!([{ "name": "h", "sha256": "abc" }])
+        },
+        "routes[0].inbound.api_key.keys[0].sha256",
+        "64 hex digits",
+    );
+    assert_one_error(
+        |p| {
+            p["routes"][0]["inbound"]["api_key"]["keys"] =
+                json!([{ "name": "h", "sha256": hash, "secret": "K" }])
+        },
+        "routes[0].inbound.api_key.keys[0]",
+        "exactly one of",
+    );
+}
+
+#[test]
+fn jwt_checks_need_issuers_audiences_and_a_trusted_key_set() {
+    assert!(errors_after(|p| p["routes"][0]["inbound"] = json!({ "jwt": jwt_check() })).is_empty());
+    let mut bad = jwt_check();
+    bad["audiences"] = json!([]);
+    assert_one_error(
+        |p| p["routes"][0]["inbound"] = json!({ "jwt": bad }),
+        "routes[0].inbound.jwt.audiences",
+        "at least one accepted audience",
+    );
+    let mut bad = jwt_check();
+    bad["jwks_url"] = json!("http://keys.example.com/jwks");
+    assert_one_error(
+        |p| p["routes"][0]["inbound"] = json!({ "jwt": bad }),
+        "routes[0].inbound.jwt.jwks_url",
+        "an https:// URL",
+    );
+    let mut bad = jwt_check();
+    bad["algorithms"] = json!(["HS256"]);
+    assert_one_error(
+        |p| p["routes"][0]["inbound"] = json!({ "jwt": bad }),
+        "routes[0].inbound.jwt.algorithms[0]",
+        "one of RS256, PS256, ES256, got \"HS256\"",
+    );
+}
+
+#[test]
+fn jwt_claims_in_templates_need_a_jwt_check() {
+    let with_jwt = |p: &mut Value| {
+        p["routes"][0]["inbound"] = json!({ "jwt": jwt_check() });
+        p["routes"][0]["backend"]["service_bus"]["message"] = json!({ "session_id": "{jwt.sub}" });
+    };
+    assert!(errors_after(with_jwt).is_empty());
+    assert_one_error(
+        |p| {
+            p["routes"][0]["backend"]["service_bus"]["message"] =
+                json!({ "session_id": "{jwt.sub}" })
+        },
+        "routes[0].backend.service_bus.message.session_id",
+        "{jwt.CLAIM} only on a route with a \"jwt\" inbound check, got {jwt.sub}",
+    );
+}
+
+#[test]
+fn ip_lists_are_cidrs() {
+    assert!(errors_after(|p| p["routes"][2]["inbound"] = json!({ "ip": { "allow": ["203.0.113.0/24", "2001:db8::/32"], "deny": ["203.0.113.9"] } })).is_empty());
+    assert_one_error(
+        |p| p["routes"][2]["inbound"] = json!({ "ip": { "deny": ["10.0.0.0/40"] } }),
+        "routes[2].inbound.ip.deny[0]",
+        "a prefix length of 0 to 32",
+    );
+}
+
+#[test]
+fn an_ip_allow_list_protects_a_route_but_a_deny_list_alone_does_not() {
+    assert!(errors_after(|p| {
+        p["routes"][2]["public"] = json!(false);
+        p["routes"][2]["inbound"] = json!({ "ip": { "allow": ["203.0.113.0/24"] } });
+    })
+    .is_empty());
+    assert_one_error(
+        |p| {
+            p["routes"][2]["public"] = json!(false);
+            p["routes"][2]["inbound"] = json!({ "ip": { "deny": ["203.0.113.0/24"] }, "rate_limit": { "binding": "RL", "key": "client_ip", "limit": 5, "period_seconds": 10 } });
+        },
+        "routes[2]",
+        "inbound protection",
+    );
+}
+
+#[test]
+fn defaults_protect_every_route_that_does_not_override_them() {
+    let errors = errors_after(|p| {
+        p["inbound"] =
+            json!({ "api_key": { "keys": [{ "name": "default", "secret": "DEFAULT_KEY" }] } });
+        p["routes"][0].as_object_mut().unwrap().remove("inbound");
+        p["routes"][2]["public"] = json!(false);
+    });
+    assert_eq!(errors, Vec::<String>::new());
+    assert_one_error(
+        |p| p["inbound"] = json!({ "content_types": ["json"] }),
+        "inbound.content_types[0]",
+        "a media type such as \"application/json\"",
+    );
+}
+
+#[test]
+fn rate_limits_use_a_binding_a_supported_period_and_a_key_the_route_has() {
+    let rl = |key: &str, period: u32| json!({ "binding": "ORDERS_LIMIT", "key": key, "limit": 100, "period_seconds": period });
+    assert!(
+        errors_after(|p| p["routes"][0]["inbound"]["rate_limit"] = rl("api_key", 60)).is_empty()
+    );
+    assert_one_error(
+        |p| p["routes"][0]["inbound"]["rate_limit"] = rl("api_key", 30),
+        "routes[0].inbound.rate_limit.period_seconds",
+        "10 or 60",
+    );
+    assert_one_error(
+        |p| p["routes"][0]["inbound"]["rate_limit"] = rl("jwt_subject", 60),
+        "routes[0].inbound.rate_limit.key",
+        "counts by its jwt check, which this route does not have",
+    );
+}
+
+#[test]
+fn cors_names_origins_headers_and_the_route_s_methods() {
+    let cors = |c: Value| move |p: &mut Value| p["routes"][0]["inbound"]["cors"] = c;
+    assert!(errors_after(cors(json!({ "origins": ["https://app.example.com"], "methods": ["POST"], "headers": ["x-api-key"] }))).is_empty());
+    assert_one_error(
+        cors(json!({ "origins": ["https://app.example.com/path"] })),
+        "routes[0].inbound.cors.origins[0]",
+        "an origin such as",
+    );
+    assert_one_error(
+        cors(json!({ "origins": ["*"], "methods": ["GET"] })),
+        "routes[0].inbound.cors.methods[0]",
+        "one of the route's methods, got \"GET\"",
     );
 }
 

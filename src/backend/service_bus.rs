@@ -475,6 +475,7 @@ mod tests {
             request_id: "req-1",
             uuid: &uuid,
             now_ms: 0.0,
+            jwt: None,
         };
         f(&ctx)
     }

@@ -17,7 +17,7 @@ fn main() {
 
 #[cfg(not(target_arch = "wasm32"))]
 mod cli {
-    use azure_edge_gateway::policy::{self, Policy, Route};
+    use azure_edge_gateway::policy::{self, Inbound, Policy, Route};
 
     const USAGE: &str = "usage: policy check [FILE] | policy explain [FILE] | policy schema\n\
         FILE defaults to policy.json";
@@ -108,6 +108,61 @@ mod cli {
         0
     }
 
+    /// Every check a route runs, in the order it runs them.
+    fn describe_inbound(i: &Inbound, public: bool) -> String {
+        let mut checks = Vec::new();
+        if let Some(ip) = &i.ip {
+            checks.push(format!(
+                "ip(allow {}, deny {})",
+                ip.allow.len(),
+                ip.deny.len()
+            ));
+        }
+        if let Some(max) = i.max_body_bytes {
+            checks.push(format!("max {max} B"));
+        }
+        if !i.content_types.is_empty() {
+            checks.push(format!("types({})", i.content_types.join(",")));
+        }
+        for h in &i.required_headers {
+            checks.push(format!("header {}", h.name));
+        }
+        if let Some(k) = &i.api_key {
+            let names: Vec<&str> = k.keys.iter().map(|k| k.name.as_str()).collect();
+            checks.push(format!("api_key {}({})", k.header, names.join(",")));
+        }
+        if let Some(j) = &i.jwt {
+            let roles: Vec<String> = j
+                .required_claims
+                .iter()
+                .map(|(c, v)| format!("{c}={}", v.join("+")))
+                .collect();
+            checks.push(format!(
+                "jwt(aud {}{})",
+                j.audiences.join(","),
+                if roles.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {}", roles.join(";"))
+                }
+            ));
+        }
+        if let Some(r) = &i.rate_limit {
+            checks.push(format!(
+                "rate {}/{}s by {:?}",
+                r.limit, r.period_seconds, r.key
+            ));
+        }
+        if let Some(c) = &i.cors {
+            checks.push(format!("cors({})", c.origins.join(",")));
+        }
+        match (checks.is_empty(), public) {
+            (true, _) => "PUBLIC: none".to_owned(),
+            (false, true) => format!("PUBLIC: {}", checks.join("; ")),
+            (false, false) => checks.join("; "),
+        }
+    }
+
     fn row(p: &Policy, r: &Route) -> [String; 8] {
         let methods: Vec<&str> = r.methods.iter().map(|m| m.as_str()).collect();
         let target = r.backend.target(p.cloud);
@@ -115,13 +170,7 @@ mod cli {
             .local_endpoints
             .iter()
             .any(|l| target.starts_with(l.trim_end_matches('/')));
-        let inbound = match r.inbound.as_ref().and_then(|i| i.api_key.as_ref()) {
-            Some(k) => {
-                let names: Vec<&str> = k.keys.iter().map(|k| k.name.as_str()).collect();
-                format!("api_key {} ({})", k.header, names.join(", "))
-            }
-            None => "PUBLIC: none".to_owned(),
-        };
+        let inbound = describe_inbound(&p.effective_inbound(r), r.public);
         [
             r.name.clone(),
             methods.join(","),

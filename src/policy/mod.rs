@@ -100,6 +100,7 @@ fn parse(text: &str) -> Result<Parsed, Vec<PolicyError>> {
                 schema: None,
                 cloud: Cloud::Public,
                 local_endpoints: Vec::new(),
+                inbound: None,
                 identities: Default::default(),
                 routes: Vec::new(),
             }

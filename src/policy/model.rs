@@ -29,6 +29,9 @@ pub struct Policy {
     /// visible exception; `policy explain` marks routes that use one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub local_endpoints: Vec<String>,
+    /// Inbound checks every route starts from; a route's own check of a kind replaces these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<Inbound>,
     /// Named identities (OAuth2 clients) that backends obtain Azure tokens as.
     #[serde(default)]
     pub identities: BTreeMap<String, Identity>,
@@ -196,7 +199,8 @@ impl Method {
     }
 }
 
-/// Inbound checks of a route.
+/// Inbound checks of a route (or, at the top of the policy, the defaults every route starts
+/// from: a route's own check of a kind replaces the default of that kind).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
 #[serde(deny_unknown_fields)]
@@ -204,13 +208,173 @@ pub struct Inbound {
     /// Callers must present one of these API keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key: Option<ApiKeyCheck>,
+    /// Callers must present a valid JWT (`Authorization: Bearer …`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtCheck>,
+    /// Allow and deny lists of client addresses (`CF-Connecting-IP`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<IpFilter>,
+    /// Headers a request must carry, optionally with one of given values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub required_headers: Vec<RequiredHeader>,
+    /// A rate limit through a Cloudflare rate-limiting binding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// Cross-origin access from browsers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cors: Option<Cors>,
+    /// Largest request body accepted, in bytes (413 above it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u64>,
+    /// Media types a request body may have (415 otherwise), e.g. `["application/json"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub content_types: Vec<String>,
 }
 
 impl Inbound {
-    /// Whether any check is configured: a route without one must be marked public.
+    /// Whether a check that identifies or restricts callers is configured: a route without
+    /// one must be marked public. Rate limits, CORS and size limits do not keep anyone out.
     pub fn protects(&self) -> bool {
         self.api_key.is_some()
+            || self.jwt.is_some()
+            || self.ip.as_ref().is_some_and(|ip| !ip.allow.is_empty())
     }
+
+    /// This route's checks over the policy's defaults: each kind of check the route sets
+    /// replaces the default of that kind.
+    pub fn over(&self, defaults: &Inbound) -> Inbound {
+        Inbound {
+            api_key: self.api_key.clone().or_else(|| defaults.api_key.clone()),
+            jwt: self.jwt.clone().or_else(|| defaults.jwt.clone()),
+            ip: self.ip.clone().or_else(|| defaults.ip.clone()),
+            required_headers: if self.required_headers.is_empty() {
+                defaults.required_headers.clone()
+            } else {
+                self.required_headers.clone()
+            },
+            rate_limit: self
+                .rate_limit
+                .clone()
+                .or_else(|| defaults.rate_limit.clone()),
+            cors: self.cors.clone().or_else(|| defaults.cors.clone()),
+            max_body_bytes: self.max_body_bytes.or(defaults.max_body_bytes),
+            content_types: if self.content_types.is_empty() {
+                defaults.content_types.clone()
+            } else {
+                self.content_types.clone()
+            },
+        }
+    }
+}
+
+/// JWT validation, like API Management's `validate-jwt`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct JwtCheck {
+    /// Accepted `iss` values (exact match).
+    pub issuers: Vec<String>,
+    /// Accepted `aud` values; the token's `aud` (a string or an array) must contain one.
+    pub audiences: Vec<String>,
+    /// Where the signing keys are published (JSON Web Key Set).
+    pub jwks_url: String,
+    /// Accepted signature algorithms. Default `["RS256"]`. `none` and HMAC are never accepted.
+    #[serde(default = "default_jwt_algorithms")]
+    pub algorithms: Vec<JwtAlgorithm>,
+    /// Claims that must be present: claim → values it must contain (a string claim is split
+    /// at spaces, like `scp`; an array claim, like `roles`, is matched element-wise). An empty
+    /// list only requires the claim.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub required_claims: BTreeMap<String, Vec<String>>,
+    /// Tolerance for `exp` and `nbf`, in seconds. Default 60.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_skew_seconds: Option<u32>,
+    /// How long fetched keys are used before they are fetched again, in seconds. Default 600.
+    /// An unknown `kid` refetches sooner, at most once a minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_ttl_seconds: Option<u32>,
+}
+
+fn default_jwt_algorithms() -> Vec<JwtAlgorithm> {
+    vec![JwtAlgorithm::RS256]
+}
+
+/// JWS algorithms the gateway verifies (with WebCrypto).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+pub enum JwtAlgorithm {
+    RS256,
+    PS256,
+    ES256,
+}
+
+/// Address filter on `CF-Connecting-IP`. A denied address is refused even if allowed; with an
+/// allow list, every other address is refused.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct IpFilter {
+    /// CIDRs (IPv4 or IPv6) or single addresses that may call.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// CIDRs or single addresses that may not call.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
+}
+
+/// A header a request must carry (like API Management's `check-header`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RequiredHeader {
+    pub name: String,
+    /// When given, the header's value must be one of these (exact match).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+}
+
+/// A rate limit enforced by a Cloudflare rate-limiting binding declared in `wrangler.toml`
+/// (`[[ratelimits]]`), whose `simple = { limit, period }` must match `limit` and `period_seconds`
+/// here. Counts are kept per Cloudflare location, not globally.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// The binding's name in `wrangler.toml`.
+    pub binding: String,
+    /// What is counted: the API key's name, the JWT's subject, or the client's address.
+    pub key: RateLimitKey,
+    /// Requests allowed per period (as declared in `wrangler.toml`).
+    pub limit: u32,
+    /// 10 or 60 seconds (as declared in `wrangler.toml`).
+    pub period_seconds: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum RateLimitKey {
+    ApiKey,
+    JwtSubject,
+    ClientIp,
+}
+
+/// CORS for browser callers; preflight requests are answered by the gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Cors {
+    /// Allowed origins (`https://app.example.com`), or `["*"]` for any.
+    pub origins: Vec<String>,
+    /// Methods allowed cross-origin; default the route's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<Method>,
+    /// Request headers allowed cross-origin (besides the CORS-safelisted ones).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<String>,
+    /// How long browsers may cache a preflight answer, in seconds. Default 600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_seconds: Option<u32>,
 }
 
 /// API key check.
@@ -229,7 +393,7 @@ fn default_api_key_header() -> String {
     "x-api-key".to_owned()
 }
 
-/// One accepted API key.
+/// One accepted API key: held in a Worker secret, or as the SHA-256 of the key (exactly one).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
 #[serde(deny_unknown_fields)]
@@ -237,7 +401,11 @@ pub struct ApiKey {
     /// Name of the key, written to the log line instead of the key.
     pub name: String,
     /// Name of the Worker secret that holds the key.
-    pub secret: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// SHA-256 of the key, 64 hex digits (`printf %s "$KEY" | sha256sum`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 /// A backend: the Azure service a route writes to.

@@ -1,7 +1,7 @@
 //! What a validated backend resolves to: its base URL, entity and token audience, with the
 //! defaults filled in. Used by `policy explain` and by the backends that build requests.
 
-use super::model::{Backend, BlobBackend, Cloud, ServiceBusBackend};
+use super::model::{Backend, BlobBackend, Cloud, Inbound, Policy, Route, ServiceBusBackend};
 use super::validate::{SERVICE_BUS_AUDIENCE, STORAGE_AUDIENCE};
 
 impl ServiceBusBackend {
@@ -70,5 +70,17 @@ impl Backend {
             Backend::ServiceBus(sb) => format!("{}/{}", sb.base_url(cloud), sb.entity()),
             Backend::Blob(b) => format!("{}/{}/{}", b.base_url(cloud), b.container, b.blob),
         }
+    }
+}
+
+impl Policy {
+    /// A route's inbound checks over the policy's defaults.
+    pub fn effective_inbound(&self, route: &Route) -> Inbound {
+        let defaults = self.inbound.clone().unwrap_or_default();
+        route
+            .inbound
+            .as_ref()
+            .map(|i| i.over(&defaults))
+            .unwrap_or(defaults)
     }
 }

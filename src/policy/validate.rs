@@ -140,6 +140,9 @@ pub fn validate(
         errors: Vec::new(),
     };
     check_local_endpoints(&mut c);
+    if let Some(defaults) = &policy.inbound {
+        check_inbound(&mut c, "inbound", defaults, None);
+    }
     for (name, identity) in &policy.identities {
         check_identity(&mut c, name, identity);
     }
@@ -361,33 +364,28 @@ fn check_route(
             None
         }
     };
-    let protected = route.inbound.as_ref().is_some_and(Inbound::protects);
-    if !protected && !route.public {
-        c.err(
-            at,
-            "inbound protection (e.g. \"inbound\": {\"api_key\": …}) or \"public\": true to let anyone call it; a route with an Azure identity and no protection is an open relay",
-        );
+    check_effective_inbound(c, at, route);
+    if let Some(inbound) = &route.inbound {
+        check_inbound(c, &format!("{at}.inbound"), inbound, Some(&route.methods));
     }
-    if let Some(api_key) = route.inbound.as_ref().and_then(|i| i.api_key.as_ref()) {
-        check_api_key(c, &format!("{at}.inbound.api_key"), api_key);
-    }
-    let params: BTreeSet<&str> = template.iter().flat_map(|t| t.params()).collect();
-    let path_ok = template.is_some();
+    let scope = Scope {
+        params: template.iter().flat_map(|t| t.params()).collect(),
+        path_ok: template.is_some(),
+        jwt: c.policy.effective_inbound(route).jwt.is_some(),
+    };
     match &route.backend {
         Backend::ServiceBus(sb) => check_service_bus(
             c,
             &format!("{at}.backend.service_bus"),
             sb,
-            &params,
-            path_ok,
+            &scope,
             unreadable_identities,
         ),
         Backend::Blob(blob) => check_blob(
             c,
             &format!("{at}.backend.blob"),
             blob,
-            &params,
-            path_ok,
+            &scope,
             unreadable_identities,
         ),
     }
@@ -426,7 +424,161 @@ fn check_api_key(c: &mut Checker, at: &str, check: &ApiKeyCheck) {
                 ),
             );
         }
-        check_secret_name(c, &format!("{at}.keys[{k}].secret"), &key.secret);
+        match (&key.secret, &key.sha256) {
+            (Some(secret), None) => check_secret_name(c, &format!("{at}.keys[{k}].secret"), secret),
+            (None, Some(hash)) => {
+                if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    c.err(format!("{at}.keys[{k}].sha256"), "the SHA-256 of the key as 64 hex digits (printf %s \"$KEY\" | sha256sum), got something else (not shown)");
+                }
+            }
+            _ => c.err(format!("{at}.keys[{k}]"), "exactly one of \"secret\" (a Worker secret's name) and \"sha256\" (the key's SHA-256)"),
+        }
+    }
+}
+
+/// The checks of one `inbound` section (a route's own, or the policy's defaults).
+fn check_inbound(c: &mut Checker, at: &str, inbound: &Inbound, methods: Option<&[Method]>) {
+    if let Some(api_key) = &inbound.api_key {
+        check_api_key(c, &format!("{at}.api_key"), api_key);
+    }
+    if let Some(jwt) = &inbound.jwt {
+        let at = format!("{at}.jwt");
+        if jwt.issuers.is_empty() {
+            c.err(format!("{at}.issuers"), "at least one accepted issuer, e.g. \"https://login.microsoftonline.com/{tenant}/v2.0\"");
+        }
+        if jwt.audiences.is_empty() {
+            c.err(
+                format!("{at}.audiences"),
+                "at least one accepted audience, e.g. \"api://orders\"",
+            );
+        }
+        if jwt.algorithms.is_empty() {
+            c.err(
+                format!("{at}.algorithms"),
+                "at least one of RS256, PS256, ES256",
+            );
+        }
+        match Url::parse(&jwt.jwks_url) {
+            Some(u) if u.scheme == "https" || c.is_local(&u) => {}
+            _ => c.err(format!("{at}.jwks_url"), format!("an https:// URL of a JSON Web Key Set (http only for an origin listed in local_endpoints), got \"{}\"", jwt.jwks_url)),
+        }
+        if jwt.clock_skew_seconds.is_some_and(|s| s > 600) {
+            c.err(format!("{at}.clock_skew_seconds"), "at most 600 seconds");
+        }
+        if jwt
+            .jwks_ttl_seconds
+            .is_some_and(|s| !(60..=86_400).contains(&s))
+        {
+            c.err(
+                format!("{at}.jwks_ttl_seconds"),
+                "between 60 and 86400 seconds",
+            );
+        }
+    }
+    if let Some(ip) = &inbound.ip {
+        for (list, items) in [("allow", &ip.allow), ("deny", &ip.deny)] {
+            for (i, cidr) in items.iter().enumerate() {
+                if let Err(e) = crate::inbound::ip::Cidr::parse(cidr) {
+                    c.err(format!("{at}.ip.{list}[{i}]"), e);
+                }
+            }
+        }
+    }
+    for (i, h) in inbound.required_headers.iter().enumerate() {
+        if !is_header_name(&h.name) {
+            c.err(
+                format!("{at}.required_headers[{i}].name"),
+                format!("an HTTP header name, got \"{}\"", h.name),
+            );
+        }
+    }
+    if let Some(rl) = &inbound.rate_limit {
+        let at = format!("{at}.rate_limit");
+        let binding_ok = rl.binding.starts_with(|ch: char| ch.is_ascii_alphabetic())
+            && rl
+                .binding
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !binding_ok {
+            c.err(format!("{at}.binding"), format!("the name of a [[ratelimits]] binding in wrangler.toml (letters, digits, '_'), got \"{}\"", rl.binding));
+        }
+        if rl.limit == 0 {
+            c.err(format!("{at}.limit"), "at least 1 request per period");
+        }
+        if !matches!(rl.period_seconds, 10 | 60) {
+            c.err(
+                format!("{at}.period_seconds"),
+                format!(
+                    "10 or 60 (the periods Cloudflare's rate limiting supports), got {}",
+                    rl.period_seconds
+                ),
+            );
+        }
+    }
+    if let Some(cors) = &inbound.cors {
+        let at = format!("{at}.cors");
+        if cors.origins.is_empty() {
+            c.err(format!("{at}.origins"), "at least one origin, or [\"*\"]");
+        }
+        for (i, o) in cors.origins.iter().enumerate() {
+            let ok = o == "*" || Url::parse(o).is_some_and(|u| u.path.is_empty());
+            if !ok {
+                c.err(format!("{at}.origins[{i}]"), format!("an origin such as \"https://app.example.com\" (no path) or \"*\", got \"{o}\""));
+            }
+        }
+        for (i, h) in cors.headers.iter().enumerate() {
+            if !is_header_name(h) {
+                c.err(
+                    format!("{at}.headers[{i}]"),
+                    format!("an HTTP header name, got \"{h}\""),
+                );
+            }
+        }
+        if let Some(methods) = methods {
+            for (i, m) in cors.methods.iter().enumerate() {
+                if !methods.contains(m) {
+                    c.err(
+                        format!("{at}.methods[{i}]"),
+                        format!("one of the route's methods, got \"{}\"", m.as_str()),
+                    );
+                }
+            }
+        }
+    }
+    if inbound.max_body_bytes == Some(0) {
+        c.err(format!("{at}.max_body_bytes"), "at least 1 byte");
+    }
+    for (i, ct) in inbound.content_types.iter().enumerate() {
+        let ok = ct
+            .split_once('/')
+            .is_some_and(|(t, s)| is_header_name(t) && is_header_name(s));
+        if !ok {
+            c.err(
+                format!("{at}.content_types[{i}]"),
+                format!("a media type such as \"application/json\" (no parameters), got \"{ct}\""),
+            );
+        }
+    }
+}
+
+/// Rules that hold for the checks a route ends up with, its own over the defaults.
+fn check_effective_inbound(c: &mut Checker, at: &str, route: &Route) {
+    let effective = c.policy.effective_inbound(route);
+    if !effective.protects() && !route.public {
+        c.err(
+            at,
+            "inbound protection (\"api_key\", \"jwt\" or an \"ip\" allow list, on the route or in the policy's \"inbound\" defaults) or \"public\": true to let anyone call it; a route with an Azure identity and no protection is an open relay",
+        );
+    }
+    if let Some(rl) = &effective.rate_limit {
+        let missing = match rl.key {
+            RateLimitKey::ApiKey if effective.api_key.is_none() => Some("api_key"),
+            RateLimitKey::JwtSubject if effective.jwt.is_none() => Some("jwt"),
+            _ => None,
+        };
+        if let Some(check) = missing {
+            c.err(format!("{at}.inbound.rate_limit.key"), format!("a key the route has: it counts by its {check} check, which this route does not have"));
+        }
     }
 }
 
@@ -522,13 +674,12 @@ fn check_service_bus(
     c: &mut Checker,
     at: &str,
     sb: &ServiceBusBackend,
-    params: &BTreeSet<&str>,
-    path_ok: bool,
+    scope: &Scope,
     unreadable: &BTreeSet<String>,
 ) {
     let cloud = c.policy.cloud;
     if let Some(mapping) = &sb.message {
-        check_message_mapping(c, &format!("{at}.message"), mapping, params, path_ok);
+        check_message_mapping(c, &format!("{at}.message"), mapping, scope);
     }
     if let Some(max) = sb.max_message_bytes {
         if !(1_024..=104_857_600).contains(&max) {
@@ -592,13 +743,7 @@ const RESERVED_PROPERTY_NAMES: &[&str] = &[
     "user-agent",
 ];
 
-fn check_message_mapping(
-    c: &mut Checker,
-    at: &str,
-    m: &MessageMapping,
-    params: &BTreeSet<&str>,
-    path_ok: bool,
-) {
+fn check_message_mapping(c: &mut Checker, at: &str, m: &MessageMapping, scope: &Scope) {
     let fields = [
         ("message_id", &m.message_id),
         ("correlation_id", &m.correlation_id),
@@ -611,7 +756,7 @@ fn check_message_mapping(
     ];
     for (field, template) in fields {
         if let Some(text) = template {
-            check_template(c, &format!("{at}.{field}"), text, params, path_ok);
+            check_template(c, &format!("{at}.{field}"), text, scope);
         }
     }
     if m.time_to_live == Some(0) {
@@ -627,7 +772,7 @@ fn check_message_mapping(
         {
             c.err(&path, format!("a property name that is an HTTP header name and not one HTTP or Service Bus reserves, got \"{name}\""));
         }
-        check_template(c, &path, text, params, path_ok);
+        check_template(c, &path, text, scope);
     }
 }
 
@@ -635,8 +780,7 @@ fn check_blob(
     c: &mut Checker,
     at: &str,
     blob: &BlobBackend,
-    params: &BTreeSet<&str>,
-    path_ok: bool,
+    scope: &Scope,
     unreadable: &BTreeSet<String>,
 ) {
     let cloud = c.policy.cloud;
@@ -668,7 +812,7 @@ fn check_blob(
             ),
         );
     }
-    check_blob_template(c, &format!("{at}.blob"), &blob.blob, params, path_ok);
+    check_blob_template(c, &format!("{at}.blob"), &blob.blob, scope);
     for (name, text) in &blob.metadata {
         let path = format!("{at}.metadata.{name}");
         let identifier = name.starts_with(|ch: char| ch.is_ascii_alphabetic() || ch == '_')
@@ -676,7 +820,7 @@ fn check_blob(
         if !identifier {
             c.err(&path, format!("a metadata name that is a C# identifier (letters, digits, '_', not starting with a digit), got \"{name}\""));
         }
-        check_template(c, &path, text, params, path_ok);
+        check_template(c, &path, text, scope);
     }
     if let Some(ct) = &blob.content_type {
         if ct.is_empty() || !ct.contains('/') || !ct.bytes().all(|b| (0x20..0x7f).contains(&b)) {
@@ -723,13 +867,7 @@ fn check_blob(
 }
 
 /// Parses a template and checks that every `{path.NAME}` is a parameter of the route's path.
-fn check_template(
-    c: &mut Checker,
-    at: &str,
-    text: &str,
-    params: &BTreeSet<&str>,
-    path_ok: bool,
-) -> Option<Template> {
+fn check_template(c: &mut Checker, at: &str, text: &str, scope: &Scope) -> Option<Template> {
     let template = match Template::parse(text) {
         Ok(t) => t,
         Err(e) => {
@@ -739,8 +877,8 @@ fn check_template(
     };
     for var in template.vars() {
         if let Var::Path(name) = var {
-            if path_ok && !params.contains(name.as_str()) {
-                let have: Vec<&str> = params.iter().copied().collect();
+            if scope.path_ok && !scope.params.contains(name.as_str()) {
+                let have: Vec<&str> = scope.params.iter().copied().collect();
                 let have = if have.is_empty() {
                     "the path has none".to_owned()
                 } else {
@@ -755,17 +893,26 @@ fn check_template(
             }
         }
     }
+    if !scope.jwt {
+        if let Some(var) = template.vars().find(|v| matches!(v, Var::Jwt(_))) {
+            c.err(
+                at,
+                format!("{{jwt.CLAIM}} only on a route with a \"jwt\" inbound check, got {var}"),
+            );
+        }
+    }
     Some(template)
 }
 
-fn check_blob_template(
-    c: &mut Checker,
-    at: &str,
-    text: &str,
-    params: &BTreeSet<&str>,
+/// What a route's templates may name: its path parameters, and JWT claims when it checks a JWT.
+struct Scope<'a> {
+    params: BTreeSet<&'a str>,
     path_ok: bool,
-) {
-    let Some(template) = check_template(c, at, text, params, path_ok) else {
+    jwt: bool,
+}
+
+fn check_blob_template(c: &mut Checker, at: &str, text: &str, scope: &Scope) {
+    let Some(template) = check_template(c, at, text, scope) else {
         return;
     };
     if template.parts.is_empty() {

@@ -1,0 +1,332 @@
+//! Blob routes at the edge: name, token, then Put Blob (the caller's stream passed through),
+//! Put Block + Put Block List (one block in memory), or Get Blob streamed back.
+
+use worker::{Context, Env, Request, Response};
+
+use super::{
+    backend_token, body, declared_length, http, internal, now, random, render, tokens, unreadable,
+    Caller, BACKEND_TIMEOUT_MS,
+};
+use crate::backend::blob::{self, BlobOp};
+use crate::backend::BackendRequest;
+use crate::pipeline::LogLine;
+use crate::policy::{BlobBackend, Policy};
+use crate::problem::Problem;
+use crate::retry::RetryPolicy;
+use wasm_bindgen::JsValue;
+
+/// A blob route: build the name, get a token, call Blob Storage, map its answer.
+pub(super) async fn call(
+    req: &Request,
+    env: &Env,
+    ctx: &Context,
+    log: &mut LogLine<'_>,
+    backend: &'static BlobBackend,
+    caller: &Caller<'_>,
+) -> std::result::Result<Response, Problem> {
+    let params = caller.params;
+    let op = BlobOp::for_method(log.method)
+        .ok_or_else(|| Problem::method_not_allowed(log.method, "GET, HEAD, PUT, POST"))?;
+    let name = render(&backend.blob, req, caller, log.request_id)?;
+    let encoded = blob::encode_blob_name(&name)?;
+    // Checked before a token is fetched: names, metadata, the declared size.
+    let (upload, metadata) = match op {
+        BlobOp::Write => {
+            let mut metadata = Vec::with_capacity(backend.metadata.len());
+            for (meta, text) in &backend.metadata {
+                metadata.push((meta.clone(), render(text, req, caller, log.request_id)?));
+            }
+            blob::check_metadata(&metadata)?;
+            (
+                Some(blob::upload_for(backend, declared_length(req))?),
+                metadata,
+            )
+        }
+        _ => (None, Vec::new()),
+    };
+    let (policy, obtained) =
+        backend_token(&backend.identity, backend.audience(), env, ctx, log).await?;
+    log.token_ttl_s = Some((obtained.token.expires_at - now()) / 1000.0);
+    let caller_type = req.headers().get("content-type").ok().flatten();
+    let info = blob::BodyInfo {
+        content_type: caller_type.as_deref(),
+        content_length: None,
+        metadata: &metadata,
+    };
+    let call = BlobCall {
+        backend,
+        cloud: policy.cloud,
+        encoded: &encoded,
+        name: &name,
+        obtained: &obtained,
+    };
+
+    let mut response = match upload {
+        Some(blob::Upload::Blocks) => {
+            return call
+                .write_blocks(req, info, caller.max_body, log)
+                .await
+                .map(|etag| created(policy, backend, &name, params, etag))?
+        }
+        Some(blob::Upload::Single { length }) => {
+            let info = blob::BodyInfo {
+                content_length: Some(length),
+                ..info
+            };
+            let request = blob::request(
+                backend,
+                policy.cloud,
+                op,
+                &encoded,
+                &obtained.token.access_token,
+                now(),
+                info,
+            );
+            // The caller's stream goes straight through: not replayable, so no retry (503 instead).
+            call.send(&request, req.inner().body().map(JsValue::from), log)
+                .await?
+        }
+        None => {
+            let request = blob::request(
+                backend,
+                policy.cloud,
+                op,
+                &encoded,
+                &obtained.token.access_token,
+                now(),
+                info,
+            );
+            call.send(&request, None, log).await?
+        }
+    };
+    let status = response.status_code();
+    let header = |name: &str| response.headers().get(name).ok().flatten();
+    match (op, status) {
+        (BlobOp::Write, 201) => created(policy, backend, &name, params, header("etag")),
+        (BlobOp::Read | BlobOp::Head, 200) => {
+            let headers = worker::Headers::new();
+            for name in ["content-type", "content-length", "etag", "last-modified"] {
+                if let Some(value) = header(name) {
+                    headers.set(name, &value).map_err(internal)?;
+                }
+            }
+            let builder = Response::builder().with_status(200).with_headers(headers);
+            Ok(match response.body() {
+                worker::ResponseBody::Stream(stream) if op == BlobOp::Read => {
+                    builder.stream(stream.clone())
+                }
+                _ => builder.empty(),
+            })
+        }
+        _ => Err(call.failure(op, &mut response).await),
+    }
+}
+
+/// One blob and the token it is written or read with.
+struct BlobCall<'a> {
+    backend: &'a BlobBackend,
+    cloud: crate::policy::Cloud,
+    encoded: &'a str,
+    name: &'a str,
+    obtained: &'a tokens::Obtained,
+}
+
+impl BlobCall<'_> {
+    async fn send(
+        &self,
+        request: &BackendRequest,
+        body: Option<JsValue>,
+        log: &mut LogLine<'_>,
+    ) -> std::result::Result<Response, Problem> {
+        let response = http::send(
+            request.method,
+            &request.url,
+            &request.headers,
+            body,
+            BACKEND_TIMEOUT_MS,
+        )
+        .await
+        .map_err(|e| blob_unavailable(&format!("could not be reached ({e})"), None))?;
+        log.backend_status = Some(response.status_code());
+        Ok(response)
+    }
+
+    /// The problem for a failed call; a 401 also evicts the token.
+    async fn failure(&self, op: BlobOp, response: &mut Response) -> Problem {
+        let code = response.headers().get("x-ms-error-code").ok().flatten();
+        // Drain the error body; it is not passed on.
+        let _ = response.text().await;
+        let (problem, evict) = blob::map_error(
+            op,
+            response.status_code(),
+            code.as_deref(),
+            &self.backend.container,
+            self.name,
+        );
+        if evict {
+            tokens::evict(&self.obtained.key, &self.obtained.token.access_token);
+        }
+        problem
+    }
+
+    /// Put Block per block of the body as it arrives (one block in memory), each retried on
+    /// 429/5xx/network errors, then Put Block List. Any failure leaves nothing committed.
+    async fn write_blocks(
+        &self,
+        req: &Request,
+        info: blob::BodyInfo<'_>,
+        inbound_limit: Option<u64>,
+        log: &mut LogLine<'_>,
+    ) -> std::result::Result<Option<String>, Problem> {
+        let limit = self
+            .backend
+            .max_body_bytes()
+            .min(inbound_limit.unwrap_or(u64::MAX));
+        let mut buffer = blob::BlockBuffer::new(self.backend.block_bytes());
+        let mut ids: Vec<String> = Vec::new();
+        let mut total: u64 = 0;
+        let mut reader = body::BodyReader::new(req);
+        loop {
+            let chunk = match reader.as_mut() {
+                Some(r) => r.next().await.map_err(unreadable)?,
+                None => None,
+            };
+            let blocks = match &chunk {
+                Some(chunk) => {
+                    total += chunk.len() as u64;
+                    if total > limit {
+                        return Err(blob::body_too_large(total, limit));
+                    }
+                    buffer.push(chunk)
+                }
+                None => std::mem::replace(&mut buffer, blob::BlockBuffer::new(1))
+                    .finish()
+                    .into_iter()
+                    .collect(),
+            };
+            for block in blocks {
+                let id = blob::block_id(ids.len() as u32);
+                let request = blob::put_block_request(
+                    self.backend,
+                    self.cloud,
+                    self.encoded,
+                    &self.obtained.token.access_token,
+                    now(),
+                    &id,
+                    block.len(),
+                );
+                self.send_retried(&request, &block, BlobOp::Write, log)
+                    .await?;
+                ids.push(id);
+            }
+            if chunk.is_none() {
+                break;
+            }
+        }
+        let (request, list) = blob::put_block_list_request(
+            self.backend,
+            self.cloud,
+            self.encoded,
+            &self.obtained.token.access_token,
+            now(),
+            &ids,
+            info,
+        );
+        let response = self
+            .send_retried(&request, list.as_bytes(), BlobOp::Write, log)
+            .await?;
+        Ok(response.headers().get("etag").ok().flatten())
+    }
+
+    /// Sends a body held in memory, retrying what a retry can fix within the retry policy.
+    async fn send_retried(
+        &self,
+        request: &BackendRequest,
+        body: &[u8],
+        op: BlobOp,
+        log: &mut LogLine<'_>,
+    ) -> std::result::Result<Response, Problem> {
+        let retry = RetryPolicy::default();
+        let started = now();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let payload = js_sys::Uint8Array::from(body);
+            let (retry_after, why) = match http::send(
+                request.method,
+                &request.url,
+                &request.headers,
+                Some(payload.into()),
+                BACKEND_TIMEOUT_MS,
+            )
+            .await
+            {
+                Ok(mut response) => {
+                    let status = response.status_code();
+                    log.backend_status = Some(status);
+                    if (200..300).contains(&status) {
+                        return Ok(response);
+                    }
+                    if !(status == 429 || status >= 500) {
+                        return Err(self.failure(op, &mut response).await);
+                    }
+                    let retry_after = crate::retry::parse_retry_after_secs(
+                        response
+                            .headers()
+                            .get("retry-after")
+                            .ok()
+                            .flatten()
+                            .as_deref(),
+                    );
+                    let _ = response.text().await;
+                    (retry_after, format!("answered {status}"))
+                }
+                Err(e) => (None, format!("could not be reached ({e})")),
+            };
+            match retry.next_delay(
+                attempts,
+                now() - started,
+                retry_after.map(|s| s as f64 * 1000.0),
+                random(),
+            ) {
+                Some(delay) => {
+                    worker::Delay::from(std::time::Duration::from_millis(delay as u64)).await
+                }
+                None => return Err(blob_unavailable(&why, retry_after)),
+            }
+        }
+    }
+}
+
+fn blob_unavailable(why: &str, retry_after: Option<u64>) -> Problem {
+    Problem::new(
+        503,
+        "backend-unavailable",
+        "Blob Storage is unavailable",
+        format!("Blob Storage {why}; nothing was committed. Try again later."),
+    )
+    .with_header("retry-after", retry_after.unwrap_or(5).max(1).to_string())
+}
+
+/// The caller's 201, with a `Location` on the route that reads this blob back, if there is one.
+fn created(
+    policy: &Policy,
+    backend: &BlobBackend,
+    name: &str,
+    params: &[(String, String)],
+    etag: Option<String>,
+) -> std::result::Result<Response, Problem> {
+    let body = blob::created_body(&backend.container, name, etag.as_deref());
+    let mut created = Response::ok(body).map_err(internal)?.with_status(201);
+    created
+        .headers_mut()
+        .set("content-type", "application/json")
+        .map_err(internal)?;
+    if let Some(location) = blob::read_location(&policy.routes, backend, params) {
+        created
+            .headers_mut()
+            .set("location", &location)
+            .map_err(internal)?;
+    }
+    Ok(created)
+}

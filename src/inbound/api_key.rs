@@ -1,0 +1,165 @@
+//! API keys: a header compared with keys held in Worker secrets or as SHA-256 hashes.
+//!
+//! The presented key is hashed once and compared with every configured key's hash in constant
+//! time, without an early exit: timing says nothing about which key matched, nor how much of
+//! one, nor how long the right key is. The log names the key that matched, never the key.
+
+use crate::policy::ApiKeyCheck;
+use crate::problem::Problem;
+use crate::sha256::{hex, sha256};
+
+/// On success, the name of the key (for the log line and rate limits).
+pub fn check<'c>(
+    check: &'c ApiKeyCheck,
+    presented: Option<&str>,
+    secret: impl Fn(&str) -> Option<String>,
+) -> Result<&'c str, Problem> {
+    let challenge = format!("ApiKey header=\"{}\"", check.header);
+    let Some(presented) = presented.filter(|p| !p.is_empty()) else {
+        return Err(Problem::new(
+            401,
+            "api-key-missing",
+            "API key required",
+            format!(
+                "This route needs an API key in the {} header.",
+                check.header
+            ),
+        )
+        .with_header("www-authenticate", challenge));
+    };
+    let presented = hex(&sha256(presented.as_bytes()));
+    let mut matched = None;
+    let mut configured = 0;
+    for key in &check.keys {
+        let expected = match (&key.sha256, &key.secret) {
+            (Some(hash), _) => hash.to_ascii_lowercase(),
+            (None, Some(name)) => match secret(name) {
+                Some(value) => hex(&sha256(value.as_bytes())),
+                None => continue,
+            },
+            (None, None) => continue,
+        };
+        configured += 1;
+        if constant_time_eq(expected.as_bytes(), presented.as_bytes()) && matched.is_none() {
+            matched = Some(key.name.as_str());
+        }
+    }
+    if configured == 0 {
+        return Err(Problem::new(
+            500,
+            "gateway-misconfigured",
+            "Gateway is misconfigured",
+            "None of the Worker secrets holding this route's API keys is set, so no caller can be let in; the operator should set them with `wrangler secret put`.",
+        ));
+    }
+    matched.ok_or_else(|| {
+        Problem::new(
+            401,
+            "api-key-invalid",
+            "API key not accepted",
+            format!(
+                "The key in the {} header is not one this route accepts.",
+                check.header
+            ),
+        )
+        .with_header("www-authenticate", challenge)
+    })
+}
+
+/// Compares two byte strings without an early exit on the first difference.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u64;
+    for i in 0..a.len().max(b.len()) {
+        diff |= u64::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0));
+    }
+    diff == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::ApiKey;
+
+    fn keys() -> ApiKeyCheck {
+        ApiKeyCheck {
+            header: "x-api-key".into(),
+            keys: vec![
+                ApiKey {
+                    name: "old".into(),
+                    secret: Some("KEY_OLD".into()),
+                    sha256: None,
+                },
+                ApiKey {
+                    name: "new".into(),
+                    secret: Some("KEY_NEW".into()),
+                    sha256: None,
+                },
+                // sha256("hashed-key-1")
+                ApiKey {
+                    name: "hashed".into(),
+                    secret: None,
+                    sha256: Some(hex(&sha256(b"hashed-key-1")).to_uppercase()),
+                },
+            ],
+        }
+    }
+
+    fn secrets(name: &str) -> Option<String> {
+        match name {
+            "KEY_OLD" => Some("s3cret-old".into()),
+            "KEY_NEW" => Some("s3cret-new".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn names_the_key_that_matched_from_a_secret_or_a_hash() {
+        assert_eq!(check(&keys(), Some("s3cret-new"), secrets), Ok("new"));
+        assert_eq!(check(&keys(), Some("s3cret-old"), secrets), Ok("old"));
+        assert_eq!(
+            check(&keys(), Some("hashed-key-1"), secrets),
+            Ok("hashed"),
+            "hash compared case-insensitively"
+        );
+    }
+
+    #[test]
+    fn rejections_challenge_and_never_echo_the_key() {
+        let missing = check(&keys(), None, secrets).unwrap_err();
+        assert_eq!((missing.status, missing.kind), (401, "api-key-missing"));
+        assert_eq!(
+            missing.headers[0],
+            ("www-authenticate", "ApiKey header=\"x-api-key\"".to_owned())
+        );
+        assert_eq!(
+            check(&keys(), Some(""), secrets).unwrap_err().kind,
+            "api-key-missing"
+        );
+        let wrong = check(&keys(), Some("s3cret-ol"), secrets).unwrap_err();
+        assert_eq!((wrong.status, wrong.kind), (401, "api-key-invalid"));
+        assert!(!wrong.body("/", "r").contains("s3cret"));
+    }
+
+    #[test]
+    fn keys_whose_secrets_are_unset_are_skipped_and_none_at_all_is_a_500() {
+        let only_secrets = ApiKeyCheck {
+            keys: keys().keys[..2].to_vec(),
+            ..keys()
+        };
+        assert_eq!(
+            check(&only_secrets, Some("x"), |_| None)
+                .unwrap_err()
+                .status,
+            500
+        );
+        assert_eq!(check(&keys(), Some("hashed-key-1"), |_| None), Ok("hashed"));
+    }
+
+    #[test]
+    fn comparison_looks_at_every_byte() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
+    }
+}

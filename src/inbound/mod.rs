@@ -1,0 +1,204 @@
+//! Inbound checks: what a caller must pass before anything is sent to Azure, in the order a
+//! gateway should run them, cheap first: IP filter, body size, content type, required headers
+//! (here, [`check_request`]), then credentials (API key: [`api_key`]; JWT: [`jwt`]), then the
+//! rate limit (a Cloudflare binding, at the edge). CORS preflights are answered before any of
+//! them ([`cors`]). Every rejection is a problem+json that reaches no backend and no token
+//! endpoint.
+
+pub mod api_key;
+pub mod cors;
+pub mod ip;
+pub mod jwt;
+
+use crate::policy::Inbound;
+use crate::problem::Problem;
+
+/// What the cheap checks look at.
+pub struct RequestFacts<'a> {
+    /// `CF-Connecting-IP`.
+    pub client_ip: Option<&'a str>,
+    pub content_length: Option<u64>,
+    /// Whether the request has a body at all (a length above zero, or a chunked body).
+    pub has_body: bool,
+    pub content_type: Option<&'a str>,
+    /// A request header by lowercase name.
+    pub header: &'a dyn Fn(&str) -> Option<String>,
+}
+
+/// IP filter (403), body size (413), content type (415), required headers (400), in that order.
+pub fn check_request(inbound: &Inbound, facts: &RequestFacts) -> Result<(), Problem> {
+    if let Some(filter) = &inbound.ip {
+        if !ip::allowed(&filter.allow, &filter.deny, facts.client_ip) {
+            return Err(Problem::new(
+                403,
+                "ip-forbidden",
+                "Client address not allowed",
+                "This route does not accept requests from your address.",
+            ));
+        }
+    }
+    if let (Some(max), Some(length)) = (inbound.max_body_bytes, facts.content_length) {
+        if length > max {
+            return Err(Problem::new(
+                413,
+                "body-too-large",
+                "Request body too large",
+                format!("The body is {length} bytes; this route accepts at most {max}."),
+            ));
+        }
+    }
+    if !inbound.content_types.is_empty() && facts.has_body {
+        let media = facts.content_type.map(|ct| {
+            ct.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        });
+        if !media.as_deref().is_some_and(|m| {
+            inbound
+                .content_types
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(m))
+        }) {
+            return Err(Problem::new(
+                415,
+                "unsupported-media-type",
+                "Content type not accepted",
+                format!(
+                    "This route accepts bodies of type {}; send one with a matching Content-Type.",
+                    inbound.content_types.join(", ")
+                ),
+            )
+            .with_header("accept", inbound.content_types.join(", ")));
+        }
+    }
+    for required in &inbound.required_headers {
+        let value = (facts.header)(&required.name.to_ascii_lowercase());
+        let ok = match &value {
+            None => false,
+            Some(v) => required.values.is_empty() || required.values.iter().any(|a| a == v),
+        };
+        if !ok {
+            let detail = if required.values.is_empty() {
+                format!("This route needs the header {}.", required.name)
+            } else {
+                format!(
+                    "This route needs the header {} with one of: {}.",
+                    required.name,
+                    required.values.join(", ")
+                )
+            };
+            return Err(Problem::new(
+                400,
+                "header-required",
+                "A required header is missing or not accepted",
+                detail,
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{IpFilter, RequiredHeader};
+
+    fn inbound() -> Inbound {
+        Inbound {
+            ip: Some(IpFilter {
+                allow: vec!["203.0.113.0/24".into()],
+                deny: vec![],
+            }),
+            max_body_bytes: Some(100),
+            content_types: vec!["application/json".into()],
+            required_headers: vec![RequiredHeader {
+                name: "X-Tenant".into(),
+                values: vec!["a".into(), "b".into()],
+            }],
+            ..Inbound::default()
+        }
+    }
+
+    fn facts<'a>(
+        ip: &'a str,
+        length: u64,
+        ct: Option<&'a str>,
+        header: &'a dyn Fn(&str) -> Option<String>,
+    ) -> RequestFacts<'a> {
+        RequestFacts {
+            client_ip: Some(ip),
+            content_length: Some(length),
+            has_body: length > 0,
+            content_type: ct,
+            header,
+        }
+    }
+
+    #[test]
+    fn each_cheap_check_answers_its_status_in_order() {
+        let tenant = |n: &str| (n == "x-tenant").then(|| "a".to_owned());
+        let none = |_: &str| None;
+        let ok = facts(
+            "203.0.113.9",
+            10,
+            Some("application/json; charset=utf-8"),
+            &tenant,
+        );
+        assert_eq!(check_request(&inbound(), &ok), Ok(()));
+        // The IP is checked first: a bad IP with every other fault is a 403.
+        assert_eq!(
+            check_request(&inbound(), &facts("198.51.100.1", 1000, None, &none))
+                .unwrap_err()
+                .status,
+            403
+        );
+        assert_eq!(
+            check_request(&inbound(), &facts("203.0.113.9", 1000, None, &none))
+                .unwrap_err()
+                .status,
+            413
+        );
+        let p = check_request(
+            &inbound(),
+            &facts("203.0.113.9", 10, Some("text/plain"), &none),
+        )
+        .unwrap_err();
+        assert_eq!(
+            (p.status, &p.headers[0]),
+            (415, &("accept", "application/json".to_owned()))
+        );
+        assert_eq!(
+            check_request(&inbound(), &facts("203.0.113.9", 10, None, &none))
+                .unwrap_err()
+                .status,
+            415
+        );
+        assert_eq!(
+            check_request(
+                &inbound(),
+                &facts("203.0.113.9", 10, Some("application/json"), &none)
+            )
+            .unwrap_err()
+            .status,
+            400
+        );
+        let other = |n: &str| (n == "x-tenant").then(|| "c".to_owned());
+        let p = check_request(
+            &inbound(),
+            &facts("203.0.113.9", 10, Some("application/json"), &other),
+        )
+        .unwrap_err();
+        assert!(p.detail.contains("one of: a, b"));
+    }
+
+    #[test]
+    fn a_request_without_body_needs_no_content_type() {
+        let tenant = |n: &str| (n == "x-tenant").then(|| "b".to_owned());
+        assert_eq!(
+            check_request(&inbound(), &facts("203.0.113.9", 0, None, &tenant)),
+            Ok(())
+        );
+    }
+}
