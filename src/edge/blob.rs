@@ -4,15 +4,14 @@
 use worker::{Context, Env, Request, Response};
 
 use super::{
-    backend_token, body, declared_length, http, internal, now, random, render, tokens, unreadable,
-    Caller, BACKEND_TIMEOUT_MS,
+    backend_token, body, declared_length, http, internal, now, render, tokens, unreadable, Caller,
+    BACKEND_TIMEOUT_MS,
 };
 use crate::backend::blob::{self, BlobOp};
 use crate::backend::BackendRequest;
 use crate::pipeline::LogLine;
 use crate::policy::{BlobBackend, Policy};
 use crate::problem::Problem;
-use crate::retry::RetryPolicy;
 use wasm_bindgen::JsValue;
 
 /// A blob route: build the name, get a token, call Blob Storage, map its answer.
@@ -68,36 +67,16 @@ pub(super) async fn call(
                 .await
                 .map(|etag| created(policy, backend, &name, params, etag))?
         }
+        // The caller's stream goes straight through: not replayable, so no retry (503 instead).
         Some(blob::Upload::Single { length }) => {
             let info = blob::BodyInfo {
                 content_length: Some(length),
                 ..info
             };
-            let request = blob::request(
-                backend,
-                policy.cloud,
-                op,
-                &encoded,
-                &obtained.token.access_token,
-                now(),
-                info,
-            );
-            // The caller's stream goes straight through: not replayable, so no retry (503 instead).
-            call.send(&request, req.inner().body().map(JsValue::from), log)
+            call.send_once(op, info, req.inner().body().map(JsValue::from), log)
                 .await?
         }
-        None => {
-            let request = blob::request(
-                backend,
-                policy.cloud,
-                op,
-                &encoded,
-                &obtained.token.access_token,
-                now(),
-                info,
-            );
-            call.send(&request, None, log).await?
-        }
+        None => call.send_once(op, info, None, log).await?,
     };
     let status = response.status_code();
     let header = |name: &str| response.headers().get(name).ok().flatten();
@@ -132,12 +111,23 @@ struct BlobCall<'a> {
 }
 
 impl BlobCall<'_> {
-    async fn send(
+    /// One call, not retried: a read, or a write of the caller's own stream.
+    async fn send_once(
         &self,
-        request: &BackendRequest,
+        op: BlobOp,
+        info: blob::BodyInfo<'_>,
         body: Option<JsValue>,
         log: &mut LogLine<'_>,
     ) -> std::result::Result<Response, Problem> {
+        let request = blob::request(
+            self.backend,
+            self.cloud,
+            op,
+            self.encoded,
+            &self.obtained.token.access_token,
+            now(),
+            info,
+        );
         let response = http::send(
             request.method,
             &request.url,
@@ -246,55 +236,19 @@ impl BlobCall<'_> {
         op: BlobOp,
         log: &mut LogLine<'_>,
     ) -> std::result::Result<Response, Problem> {
-        let retry = RetryPolicy::default();
-        let started = now();
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let payload = js_sys::Uint8Array::from(body);
-            let (retry_after, why) = match http::send(
-                request.method,
-                &request.url,
-                &request.headers,
-                Some(payload.into()),
-                BACKEND_TIMEOUT_MS,
-            )
-            .await
-            {
-                Ok(mut response) => {
-                    let status = response.status_code();
-                    log.backend_status = Some(status);
-                    if (200..300).contains(&status) {
-                        return Ok(response);
-                    }
-                    if !(status == 429 || status >= 500) {
-                        return Err(self.failure(op, &mut response).await);
-                    }
-                    let retry_after = crate::retry::parse_retry_after_secs(
-                        response
-                            .headers()
-                            .get("retry-after")
-                            .ok()
-                            .flatten()
-                            .as_deref(),
-                    );
-                    let _ = response.text().await;
-                    (retry_after, format!("answered {status}"))
-                }
-                Err(e) => (None, format!("could not be reached ({e})")),
-            };
-            match retry.next_delay(
-                attempts,
-                now() - started,
-                retry_after.map(|s| s as f64 * 1000.0),
-                random(),
-            ) {
-                Some(delay) => {
-                    worker::Delay::from(std::time::Duration::from_millis(delay as u64)).await
-                }
-                None => return Err(blob_unavailable(&why, retry_after)),
+        let judge = async |mut response: Response| {
+            let status = response.status_code();
+            log.backend_status = Some(status);
+            if (200..300).contains(&status) {
+                return http::Verdict::Done(response);
             }
-        }
+            if status == 429 || status >= 500 {
+                let _ = response.text().await;
+                return http::Verdict::Retry(http::retry_after(&response));
+            }
+            http::Verdict::Fail(self.failure(op, &mut response).await)
+        };
+        http::send_retried(request, body, BACKEND_TIMEOUT_MS, judge, blob_unavailable).await
     }
 }
 

@@ -4,14 +4,13 @@
 use worker::{Context, Env, Request, Response};
 
 use super::{
-    backend_token, body, declared_length, http, internal, new_request_id, now, query_pairs, random,
-    tokens, unreadable, Caller, BACKEND_TIMEOUT_MS,
+    backend_token, body, declared_length, http, internal, new_request_id, now, query_pairs, tokens,
+    unreadable, Caller, BACKEND_TIMEOUT_MS,
 };
 use crate::backend::service_bus as sb;
 use crate::pipeline::LogLine;
 use crate::policy::ServiceBusBackend;
 use crate::problem::Problem;
-use crate::retry::RetryPolicy;
 use crate::template::RenderContext;
 
 /// A Service Bus route: build the message (or batch), get a token, send with retries that
@@ -84,71 +83,41 @@ pub(super) async fn send(
         None => sb::batch_request(backend, &base, &obtained.token.access_token),
     };
 
-    let retry = RetryPolicy::default();
-    let started = now();
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        log.token_ttl_s = Some((obtained.token.expires_at - now()) / 1000.0);
-        let body = js_sys::Uint8Array::from(payload.as_slice());
-        let (retry_after, why) = match http::send(
-            request.method,
-            &request.url,
-            &request.headers,
-            Some(body.into()),
-            BACKEND_TIMEOUT_MS,
-        )
-        .await
-        {
-            Ok(mut response) => {
-                let status = response.status_code();
-                log.backend_status = Some(status);
-                let retry_after = crate::retry::parse_retry_after_secs(
-                    response
-                        .headers()
-                        .get("retry-after")
-                        .ok()
-                        .flatten()
-                        .as_deref(),
-                );
-                let text = response.text().await.unwrap_or_default();
-                match sb::map_response(status, retry_after, &text, backend.entity()) {
-                    sb::SendOutcome::Accepted => {
-                        let body = sb::accepted_body(backend.entity(), &ids, backend.batch);
-                        let mut accepted = Response::ok(body).map_err(internal)?.with_status(202);
-                        accepted
-                            .headers_mut()
-                            .set("content-type", "application/json")
-                            .map_err(internal)?;
-                        return Ok(accepted);
-                    }
-                    sb::SendOutcome::Failed { problem, evict } => {
-                        if evict {
-                            tokens::evict(&obtained.key, &obtained.token.access_token);
-                        }
-                        return Err(problem);
-                    }
-                    sb::SendOutcome::Retry { retry_after_secs } => {
-                        (retry_after_secs, format!("answered {status}"))
-                    }
+    log.token_ttl_s = Some((obtained.token.expires_at - now()) / 1000.0);
+    let judge = async |mut response: Response| {
+        let status = response.status_code();
+        log.backend_status = Some(status);
+        let retry_after = http::retry_after(&response);
+        let text = response.text().await.unwrap_or_default();
+        match sb::map_response(status, retry_after, &text, backend.entity()) {
+            sb::SendOutcome::Accepted => http::Verdict::Done(()),
+            sb::SendOutcome::Retry { retry_after_secs } => http::Verdict::Retry(retry_after_secs),
+            sb::SendOutcome::Failed { problem, evict } => {
+                if evict {
+                    tokens::evict(&obtained.key, &obtained.token.access_token);
                 }
+                http::Verdict::Fail(problem)
             }
-            // The same MessageId goes out again, so a send that did arrive is dropped as a
-            // duplicate by an entity with duplicate detection.
-            Err(e) => (None, format!("could not be reached ({e})")),
-        };
-        match retry.next_delay(
-            attempts,
-            now() - started,
-            retry_after.map(|s| s as f64 * 1000.0),
-            random(),
-        ) {
-            Some(delay) => {
-                worker::Delay::from(std::time::Duration::from_millis(delay as u64)).await
-            }
-            None => return Err(sb::unavailable(retry_after, &why)),
         }
-    }
+    };
+    // The same bytes and MessageId go out on every attempt, so a send that did arrive before
+    // a timeout is dropped as a duplicate by an entity with duplicate detection.
+    http::send_retried(
+        &request,
+        &payload,
+        BACKEND_TIMEOUT_MS,
+        judge,
+        |why, retry_after| sb::unavailable(retry_after, why),
+    )
+    .await?;
+    let mut accepted = Response::ok(sb::accepted_body(backend.entity(), &ids, backend.batch))
+        .map_err(internal)?
+        .with_status(202);
+    accepted
+        .headers_mut()
+        .set("content-type", "application/json")
+        .map_err(internal)?;
+    Ok(accepted)
 }
 
 /// The whole body, refused with 413 as soon as it passes `limit` bytes (a body without
