@@ -19,7 +19,7 @@ import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, wri
 import { dirname, join, relative } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { REPO_ROOT } from '../dev/proc.mjs';
+import { REPO_ROOT, workerdRss } from '../dev/proc.mjs';
 import { startGateway } from '../dev/gateway.mjs';
 import { CLIENT_ID, CONTAINER, TENANT, serviceBusToken, startStack, storageToken } from '../dev/stack.mjs';
 import { BLOB_API_VERSION } from '../dev/azurite.mjs';
@@ -62,20 +62,6 @@ function oha(args) {
   });
 }
 
-/** Resident memory (kB) of every workerd process in process group `pgid` (as tests/e2e/blob.test.mjs). */
-function workerdRss(pgid) {
-  let total = 0;
-  for (const pid of readdirSync('/proc').filter((d) => /^\d+$/.test(d))) {
-    try {
-      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      if (Number(fields[2]) !== pgid) continue;
-      if (!readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('workerd')) continue;
-      total += Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0);
-    } catch { /* gone */ }
-  }
-  return total;
-}
 
 /**
  * CPU time (ms, utime + stime) used so far by the processes of process group `pgid`, split into

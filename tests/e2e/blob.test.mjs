@@ -6,32 +6,17 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
-import { readFileSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { Agent } from 'node:https';
 import { request as httpsRequest } from 'node:https';
 import { blobRequest, BLOB_API_VERSION, startStack } from './stack.mjs';
 import { storageToken } from '../../dev/stack.mjs';
-import { REPO_ROOT } from '../../dev/proc.mjs';
+import { REPO_ROOT, workerdRss } from '../../dev/proc.mjs';
 
 const MB = 1024 * 1024;
 const report = [];
 const sha = (buf) => createHash('sha256').update(buf).digest('hex');
 
-/** Resident memory (kB) of every workerd process in the process group `pgid`. */
-function workerdRss(pgid) {
-  let total = 0;
-  for (const pid of readdirSync('/proc').filter((d) => /^\d+$/.test(d))) {
-    try {
-      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      if (Number(fields[2]) !== pgid) continue;
-      if (!readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('workerd')) continue;
-      total += Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0);
-    } catch { /* gone */ }
-  }
-  return total;
-}
 
 /** Runs `fn` while sampling workerd's memory; resolves its result and the peak in MB. */
 async function withPeakMemory(pgid, fn) {
