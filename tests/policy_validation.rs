@@ -95,6 +95,8 @@ fn the_shipped_policies_are_valid() {
         "tests/e2e/fixtures/identity-policy.json",
         "tests/e2e/fixtures/servicebus-policy.json",
         "tests/e2e/fixtures/blob-policy.json",
+        "tests/e2e/fixtures/inbound-policy.json",
+        "bench/policy.json",
     ] {
         let text = std::fs::read_to_string(file).unwrap();
         if let Err(errors) = policy::load(&text) {
