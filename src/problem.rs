@@ -147,6 +147,17 @@ impl Problem {
         }
     }
 
+    /// Something the gateway itself got wrong: a state its validated policy rules out, or a
+    /// response it could not build. Not the caller's fault, and not a policy error.
+    pub fn internal(what: &str) -> Problem {
+        Problem::new(
+            500,
+            "internal-error",
+            "Internal error",
+            format!("The gateway failed: {what}. Nothing was forwarded after the failure; please report the request id."),
+        )
+    }
+
     pub fn policy_invalid(error_count: usize) -> Problem {
         Problem::new(
             500,

@@ -90,7 +90,8 @@ pub fn properties(
     index: Option<usize>,
 ) -> Result<Properties, Problem> {
     let render = |what: &str, text: &str| -> Result<String, Problem> {
-        let template = Template::parse(text).map_err(|_| Problem::policy_invalid(1))?;
+        let template = Template::parse(text)
+            .map_err(|_| Problem::internal("a template that passed validation did not parse"))?;
         template.render(ctx).map_err(|missing| {
             bad_message(format!("{what} is built from the request, but {missing}"))
         })

@@ -271,11 +271,11 @@ pub(crate) async fn backend_token(
 ) -> std::result::Result<(&'static Policy, tokens::Obtained), Problem> {
     let policy = gateway()
         .policy()
-        .ok_or_else(|| Problem::policy_invalid(0))?;
+        .ok_or_else(|| Problem::internal("a backend call without a valid policy"))?;
     let identity = policy
         .identities
         .get(name)
-        .ok_or_else(|| Problem::policy_invalid(1))?;
+        .ok_or_else(|| Problem::internal("a backend names an identity the policy lacks"))?;
     log.identity = Some(name);
     let obtained = tokens::obtain(name, identity, policy.cloud, audience, env, ctx)
         .await
@@ -306,12 +306,7 @@ pub(crate) fn query_pairs(req: &Request) -> Vec<(String, String)> {
 }
 
 pub(crate) fn internal(e: worker::Error) -> Problem {
-    Problem::new(
-        500,
-        "internal-error",
-        "Internal error",
-        format!("The gateway failed to build the response: {e}"),
-    )
+    Problem::internal(&format!("building the response failed ({e})"))
 }
 
 /// The caller's `Content-Length`, when it sent a valid one.
@@ -330,7 +325,8 @@ pub(crate) fn render(
     caller: &Caller<'_>,
     request_id: &str,
 ) -> std::result::Result<String, Problem> {
-    let template = Template::parse(text).map_err(|_| Problem::policy_invalid(1))?;
+    let template = Template::parse(text)
+        .map_err(|_| Problem::internal("a template that passed validation did not parse"))?;
     let query = query_pairs(req);
     let header = |name: &str| req.headers().get(name).ok().flatten();
     let ctx = RenderContext {
