@@ -78,6 +78,27 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// The route a CORS preflight asks about (`Access-Control-Request-Method` on this path). A
+    /// path the gateway has but not for that method is a CORS refusal (403 `cors-rejected`, as
+    /// for any method, origin or header the route does not allow cross-origin), not a 405: the
+    /// preflight itself, an OPTIONS, is what the browser sent.
+    pub fn preflight_route(&self, requested: &str, raw_path: &str) -> Result<Matched<'_>, Problem> {
+        self.route(requested, raw_path).map_err(|p| {
+            if p.status == 405 {
+                Problem::new(
+                    403,
+                    "cors-rejected",
+                    "Cross-origin request not allowed",
+                    format!("{requested} is not a method of this route, so browsers may not send it cross-origin."),
+                )
+            } else {
+                p
+            }
+        })
+    }
+}
+
 /// Stage 1: the caller's request id, when it is one we can safely echo and log: 1 to 128
 /// characters of letters, digits and `-._:`. Anything else is replaced by a generated id.
 pub fn request_id(header: Option<&str>) -> Option<&str> {
@@ -111,6 +132,9 @@ pub struct LogLine<'a> {
     /// Why no token could be had (never a secret).
     pub token_error: Option<String>,
     pub backend_status: Option<u16>,
+    /// The backend's own reason for refusing (Service Bus's `<Detail>`), for the operator: it is
+    /// never copied into the caller's answer.
+    pub backend_detail: Option<String>,
 }
 
 impl LogLine<'_> {
@@ -139,6 +163,10 @@ impl LogLine<'_> {
                 ),
                 ("token_error", self.token_error.clone().map(Value::from)),
                 ("backend_status", self.backend_status.map(Value::from)),
+                (
+                    "backend_detail",
+                    self.backend_detail.clone().map(Value::from),
+                ),
             ];
             for (name, value) in optional {
                 if let Some(value) = value {

@@ -126,3 +126,23 @@ fn an_invalid_policy_refuses_every_request_with_500() {
     assert_eq!((p.status, p.kind), (500, "policy-invalid"));
     assert!(p.detail.contains("policy check"));
 }
+
+#[test]
+fn a_preflight_for_a_method_the_route_lacks_is_a_cors_refusal_not_a_405() {
+    let g = gateway();
+    let p = g.preflight_route("DELETE", "/orders/contoso").unwrap_err();
+    assert_eq!((p.status, p.kind), (403, "cors-rejected"));
+    assert!(p.detail.contains("DELETE"), "{}", p.detail);
+    // A method the route has finds it; an unknown path stays a 404.
+    assert_eq!(
+        g.preflight_route("POST", "/orders/contoso")
+            .unwrap()
+            .route
+            .name,
+        "create"
+    );
+    assert_eq!(
+        g.preflight_route("POST", "/nowhere").unwrap_err().status,
+        404
+    );
+}

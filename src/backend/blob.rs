@@ -47,7 +47,12 @@ pub fn encode_blob_name(name: &str) -> Result<String, Problem> {
         return Err(bad("is empty"));
     }
     if name.chars().count() > 1024 {
-        return Err(bad("is longer than 1024 characters"));
+        return Err(bad("is longer than 1024 characters (Azure's limit)"));
+    }
+    if name.split('/').count() > MAX_NAME_SEGMENTS {
+        return Err(bad(&format!(
+            "has more than {MAX_NAME_SEGMENTS} path segments (Azure's limit)"
+        )));
     }
     if name.chars().any(|c| c.is_control() || c == '\\') {
         return Err(bad("contains a control character or a backslash"));
@@ -91,6 +96,7 @@ pub struct BodyInfo<'a> {
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 100 * 1024 * 1024;
 pub const DEFAULT_SINGLE_PUT_MAX_BYTES: u64 = 32 * 1024 * 1024;
 pub const DEFAULT_BLOCK_BYTES: u32 = 4 * 1024 * 1024;
+pub const DEFAULT_IDLE_TIMEOUT_MS: u32 = 30_000;
 
 impl BlobBackend {
     pub fn max_body_bytes(&self) -> u64 {
@@ -104,6 +110,10 @@ impl BlobBackend {
 
     pub fn block_bytes(&self) -> u32 {
         self.block_bytes.unwrap_or(DEFAULT_BLOCK_BYTES)
+    }
+
+    pub fn idle_timeout_ms(&self) -> f64 {
+        f64::from(self.idle_timeout_ms.unwrap_or(DEFAULT_IDLE_TIMEOUT_MS))
     }
 }
 
@@ -175,22 +185,44 @@ impl BlockBuffer {
     }
 }
 
-/// Block ids must all have the same length within a blob: base64 of a fixed-width counter.
-pub fn block_id(index: u32) -> String {
-    crate::encoding::base64(format!("block-{index:08}").as_bytes())
+/// The prefix of one upload's block ids: 32 hex digits from the upload's random UUID.
+///
+/// Azure keeps uncommitted blocks per blob *name*, not per upload: with ids that were the same
+/// for every upload of a name (`block-00000000`, …), a second caller writing the same name could
+/// replace a block of the first caller's upload before it was committed. Each upload's ids start
+/// with its own random prefix, and its commit lists only its own ids.
+pub fn upload_prefix(uuid: &str) -> String {
+    let hex: String = uuid
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(32)
+        .collect();
+    format!("{hex:0>32}")
 }
+
+/// Block ids must all have the same length within a blob: base64 of the upload's prefix and a
+/// fixed-width counter (at most [`MAX_BLOCKS`] blocks, so six digits always suffice).
+pub fn block_id(prefix: &str, index: u32) -> String {
+    crate::encoding::base64(format!("{prefix}-{index:06}").as_bytes())
+}
+
+/// Azure's limit of committed blocks in one blob.
+pub const MAX_BLOCKS: u64 = 50_000;
+/// Azure's limit on a blob name's path segments.
+pub const MAX_NAME_SEGMENTS: usize = 254;
+/// Azure's limit on a blob's metadata: names and values together, in bytes.
+pub const MAX_METADATA_BYTES: usize = 8 * 1024;
 
 /// `PUT …?comp=block&blockid=…` with one block.
 pub fn put_block_request(
     backend: &BlobBackend,
     cloud: Cloud,
     encoded_name: &str,
-    token: &str,
     now_ms: f64,
     id: &str,
     length: usize,
 ) -> BackendRequest {
-    let mut r = base_request(backend, cloud, encoded_name, token, now_ms);
+    let mut r = base_request(backend, cloud, encoded_name, now_ms);
     r.url.push_str(&format!(
         "?comp=block&blockid={}",
         crate::encoding::form_encode(id)
@@ -207,13 +239,12 @@ pub fn put_block_list_request(
     backend: &BlobBackend,
     cloud: Cloud,
     encoded_name: &str,
-    token: &str,
     now_ms: f64,
     ids: &[String],
     info: BodyInfo,
 ) -> (BackendRequest, String) {
     let body = block_list_body(ids);
-    let mut r = base_request(backend, cloud, encoded_name, token, now_ms);
+    let mut r = base_request(backend, cloud, encoded_name, now_ms);
     r.url.push_str("?comp=blocklist");
     r.method = "PUT";
     r.headers
@@ -258,7 +289,6 @@ fn base_request(
     backend: &BlobBackend,
     cloud: Cloud,
     encoded_name: &str,
-    token: &str,
     now_ms: f64,
 ) -> BackendRequest {
     BackendRequest {
@@ -270,24 +300,25 @@ fn base_request(
             encoded_name
         ),
         headers: vec![
-            ("authorization".into(), format!("Bearer {token}")),
             ("x-ms-version".into(), API_VERSION.to_owned()),
             ("x-ms-date".into(), Utc::from_millis(now_ms).http_date()),
         ],
     }
 }
 
-/// A metadata value must travel as an HTTP header: printable ASCII.
+/// Metadata Azure will store: at most [`MAX_METADATA_BYTES`] of names and values together.
+/// (That each value can travel as a header is the outgoing gate's job, [`super::check`].)
 pub fn check_metadata(metadata: &[(String, String)]) -> Result<(), Problem> {
-    match metadata.iter().find(|(_, v)| !v.bytes().all(|b| (0x20..0x7f).contains(&b))) {
-        Some((name, _)) => Err(Problem::new(
+    let total: usize = metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if total > MAX_METADATA_BYTES {
+        return Err(Problem::new(
             400,
-            "bad-metadata",
-            "Blob metadata built from this request is not allowed",
-            format!("The metadata value {name} built from the request must be printable ASCII; nothing was written."),
-        )),
-        None => Ok(()),
+            "metadata-too-large",
+            "Blob metadata built from this request is too large",
+            format!("The metadata built from the request takes {total} bytes (names and values); Azure allows at most {MAX_METADATA_BYTES} (8 KB) per blob. Send shorter values; nothing was written."),
+        ));
     }
+    Ok(())
 }
 
 /// The request for `op` on the blob `encoded_name`; the edge streams a write's body.
@@ -296,11 +327,10 @@ pub fn request(
     cloud: Cloud,
     op: BlobOp,
     encoded_name: &str,
-    token: &str,
     now_ms: f64,
     info: BodyInfo,
 ) -> BackendRequest {
-    let mut r = base_request(backend, cloud, encoded_name, token, now_ms);
+    let mut r = base_request(backend, cloud, encoded_name, now_ms);
     match op {
         BlobOp::Write => {
             r.method = "PUT";
@@ -373,8 +403,14 @@ pub fn map_error(
     container: &str,
     blob: &str,
 ) -> (Problem, bool) {
-    let code = error_code.unwrap_or("unknown");
-    let problem = match (status, code) {
+    // Azure's error codes are identifiers; anything else is not passed on.
+    let code: String = error_code
+        .unwrap_or("unknown")
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(64)
+        .collect();
+    let problem = match (status, code.as_str()) {
         (404, "ContainerNotFound") => Problem::new(
             502,
             "backend-container-not-found",
@@ -430,6 +466,7 @@ mod tests {
             max_body_bytes: Some(1000),
             single_put_max_bytes: Some(100),
             block_bytes: Some(64 * 1024),
+            idle_timeout_ms: None,
             overwrite,
             identity: "gw".into(),
             audience: None,
@@ -458,6 +495,9 @@ mod tests {
         }
         assert!(encode_blob_name(&"x".repeat(1025)).is_err());
         assert!(encode_blob_name(&"x".repeat(1024)).is_ok());
+        assert!(encode_blob_name(&["s"; 254].join("/")).is_ok());
+        let deep = encode_blob_name(&["s"; 255].join("/")).unwrap_err();
+        assert!(deep.detail.contains("254"), "{}", deep.detail);
     }
 
     #[test]
@@ -467,7 +507,6 @@ mod tests {
             Cloud::Public,
             BlobOp::Write,
             "a/b.txt",
-            "tok",
             784_111_777_000.0,
             BodyInfo {
                 content_type: Some("text/plain"),
@@ -479,7 +518,11 @@ mod tests {
             (r.method, r.url.as_str()),
             ("PUT", "https://acct.blob.core.windows.net/uploads/a/b.txt")
         );
-        assert_eq!(r.header("authorization"), Some("Bearer tok"));
+        assert_eq!(
+            r.header("authorization"),
+            None,
+            "the edge adds the token when it sends"
+        );
         assert_eq!(r.header("x-ms-version"), Some(API_VERSION));
         assert!(
             API_VERSION >= "2017-11-09",
@@ -489,13 +532,11 @@ mod tests {
         assert_eq!(r.header("x-ms-blob-type"), Some("BlockBlob"));
         assert_eq!(r.header("content-length"), Some("5"));
         assert_eq!(r.header("if-none-match"), Some("*"));
-        assert!(!format!("{r:?}").contains("tok"));
         let over = request(
             &backend(true),
             Cloud::China,
             BlobOp::Write,
             "x",
-            "t",
             0.0,
             BodyInfo {
                 content_type: None,
@@ -516,7 +557,6 @@ mod tests {
             Cloud::Public,
             BlobOp::Read,
             "x",
-            "t",
             0.0,
             BodyInfo {
                 content_type: None,
@@ -567,25 +607,29 @@ mod tests {
 
     #[test]
     fn block_ids_have_one_length_and_the_list_commits_them_in_order() {
-        let ids: Vec<String> = [0, 9, 10, 49_999].into_iter().map(block_id).collect();
+        let prefix = upload_prefix("0af76519-16cd-43dd-8448-eb211c80319c");
+        assert_eq!(prefix, "0af7651916cd43dd8448eb211c80319c");
+        let ids: Vec<String> = [0, 9, 10, 49_999]
+            .into_iter()
+            .map(|i| block_id(&prefix, i))
+            .collect();
         assert!(ids.iter().all(|id| id.len() == ids[0].len()));
         assert_eq!(
             crate::encoding::base64_decode(&ids[3]).unwrap(),
-            b"block-00049999"
+            b"0af7651916cd43dd8448eb211c80319c-049999"
         );
+        // Azure: at most 64 bytes before encoding.
+        assert!(crate::encoding::base64_decode(&ids[3]).unwrap().len() <= 64);
+        // Two uploads of the same name never share an id, whatever their block numbers.
+        let other = upload_prefix("7c9e6679-7425-40de-944b-e07fc1f90ae7");
+        assert!(ids
+            .iter()
+            .all(|id| (0..50_000).all(|i| *id != block_id(&other, i))));
         assert_eq!(
             block_list_body(&ids[..2]),
             format!("<?xml version=\"1.0\" encoding=\"utf-8\"?><BlockList><Latest>{}</Latest><Latest>{}</Latest></BlockList>", ids[0], ids[1])
         );
-        let r = put_block_request(
-            &backend(false),
-            Cloud::Public,
-            "a.bin",
-            "t",
-            0.0,
-            &ids[0],
-            300,
-        );
+        let r = put_block_request(&backend(false), Cloud::Public, "a.bin", 0.0, &ids[0], 300);
         assert_eq!(
             r.url,
             format!(
@@ -600,15 +644,8 @@ mod tests {
             content_length: None,
             metadata: &meta,
         };
-        let (list, body) = put_block_list_request(
-            &backend(false),
-            Cloud::Public,
-            "a.bin",
-            "t",
-            0.0,
-            &ids,
-            info,
-        );
+        let (list, body) =
+            put_block_list_request(&backend(false), Cloud::Public, "a.bin", 0.0, &ids, info);
         assert!(list.url.ends_with("/uploads/a.bin?comp=blocklist"));
         assert_eq!(list.header("x-ms-blob-content-type"), Some("image/png"));
         assert_eq!(list.header("x-ms-meta-tenant"), Some("contoso"));
@@ -629,16 +666,35 @@ mod tests {
             content_length: Some(2),
             metadata: &meta,
         };
-        let r = request(&b, Cloud::Public, BlobOp::Write, "x", "t", 0.0, info);
+        let r = request(&b, Cloud::Public, BlobOp::Write, "x", 0.0, info);
         assert_eq!(r.header("content-type"), Some("application/json"));
         assert_eq!(r.header("x-ms-meta-source"), Some("edge"));
         assert!(check_metadata(&[("a".into(), "ok".into())]).is_ok());
-        assert_eq!(
-            check_metadata(&[("a".into(), "nö".into())])
-                .unwrap_err()
-                .status,
-            400
+        // Names and values count together against Azure's 8 KB.
+        let at_limit = [("note".to_owned(), "x".repeat(MAX_METADATA_BYTES - 4))];
+        assert!(check_metadata(&at_limit).is_ok());
+        let over = [
+            ("note".to_owned(), "x".repeat(MAX_METADATA_BYTES - 4)),
+            ("b".to_owned(), String::new()),
+        ];
+        let p = check_metadata(&over).unwrap_err();
+        assert_eq!((p.status, p.kind), (400, "metadata-too-large"));
+        assert!(p.detail.contains("8192"), "{}", p.detail);
+        // A non-ASCII value is the outgoing gate's to refuse, naming the metadata.
+        let r = request(
+            &b,
+            Cloud::Public,
+            BlobOp::Write,
+            "x",
+            0.0,
+            BodyInfo {
+                metadata: &[("a".into(), "nö".into())],
+                ..info
+            },
         );
+        let p = crate::backend::check(&r).unwrap_err();
+        assert_eq!(p.status, 400);
+        assert!(p.detail.contains("metadata value a"), "{}", p.detail);
     }
 
     #[test]
@@ -680,6 +736,9 @@ mod tests {
         let (p, evict) = map(BlobOp::Write, 403, "AuthorizationPermissionMismatch");
         assert_eq!((p.status, evict), (502, false));
         assert!(p.detail.contains("AuthorizationPermissionMismatch"));
+        // Only an identifier is passed on from Azure's error code header.
+        let (p, _) = map(BlobOp::Write, 400, "Bad\r\n<script>");
+        assert!(p.detail.contains("(Badscript)"), "{}", p.detail);
         let (p, _) = map(BlobOp::Write, 503, "ServerBusy");
         assert_eq!((p.status, p.headers[0].0), (503, "retry-after"));
     }

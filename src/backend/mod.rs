@@ -1,11 +1,19 @@
 //! Backends: how an accepted request becomes an Azure REST call, and how Azure's answer
 //! becomes the caller's. Each backend builds its request as data and maps the response; the
 //! edge sends.
+//!
+//! Every request a backend builds passes [`check`] before the first byte of it (or of any
+//! request of the same call) is sent: it is the one gate between values that came from a caller
+//! and what goes on the wire. Requests are built without their bearer token, so the gate runs
+//! before a token is fetched; the edge adds `Authorization` at send time.
 
 pub mod blob;
 pub mod service_bus;
 
-/// An HTTP request to a backend, without its body (the edge streams that).
+use crate::problem::Problem;
+
+/// An HTTP request to a backend, without its body (the edge streams that) and without its
+/// `Authorization` header (the edge adds the token when it sends).
 #[derive(Clone, PartialEq, Eq)]
 pub struct BackendRequest {
     pub method: &'static str,
@@ -13,7 +21,7 @@ pub struct BackendRequest {
     pub headers: Vec<(String, String)>,
 }
 
-// Carries a bearer token: never print the headers.
+// Headers may hold caller values: print the method and URL only.
 impl std::fmt::Debug for BackendRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BackendRequest")
@@ -29,5 +37,141 @@ impl BackendRequest {
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Whether `value` travels unchanged as an HTTP header value: visible ASCII, spaces and tabs
+/// inside (RFC 9110 field-value without obs-text), nothing that a runtime would trim.
+///
+/// Non-ASCII is refused rather than encoded: a runtime sends it as UTF-8, which Azure reads as
+/// something else or drops the connection over (and a dropped connection is retried as a network
+/// error: the same bad bytes three times, then 503).
+pub fn is_header_value(value: &str) -> bool {
+    value
+        .bytes()
+        .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+        && !value.starts_with([' ', '\t'])
+        && !value.ends_with([' ', '\t'])
+}
+
+/// Whether `url` travels unchanged: an `http(s)` URL of visible ASCII, no fragment.
+fn is_wire_url(url: &str) -> bool {
+    (url.starts_with("https://") || url.starts_with("http://"))
+        && url.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b'#')
+}
+
+/// The gate every backend request passes before anything of its call is sent: every header
+/// name is a token, every value is what HTTP carries unchanged, the URL is plain ASCII. A
+/// failure names the field the value came from, and nothing is sent.
+pub fn check(request: &BackendRequest) -> Result<(), Problem> {
+    if !is_wire_url(&request.url) {
+        return Err(unsendable("The backend URL built from the request"));
+    }
+    for (name, value) in &request.headers {
+        if !crate::policy::validate::is_header_name(name) {
+            return Err(unsendable(&format!("The header name {name:?}")));
+        }
+        if !is_header_value(value) {
+            return Err(unsendable(&field_of(name, value)));
+        }
+    }
+    Ok(())
+}
+
+/// Which field of the caller's view a header carries, for the error message.
+fn field_of(header: &str, value: &str) -> String {
+    let header = header.to_ascii_lowercase();
+    if header == "brokerproperties" {
+        // Name the broker property that holds the bad character.
+        if let Ok(serde_json::Value::Object(props)) = serde_json::from_str(value) {
+            if let Some((name, _)) = props
+                .iter()
+                .find(|(_, v)| v.as_str().is_some_and(|s| !is_header_value(s)))
+            {
+                return format!("BrokerProperties.{name}");
+            }
+        }
+        return "BrokerProperties".to_owned();
+    }
+    if let Some(meta) = header.strip_prefix("x-ms-meta-") {
+        return format!("The metadata value {meta}");
+    }
+    match header.as_str() {
+        "content-type" | "x-ms-blob-content-type" => "Content-Type".to_owned(),
+        _ => format!("The value of {header}"),
+    }
+}
+
+fn unsendable(what: &str) -> Problem {
+    Problem::new(
+        400,
+        "unsendable-value",
+        "A value from this request cannot be sent to Azure",
+        format!("{what} contains a character HTTP headers cannot carry unchanged (only printable ASCII, without leading or trailing spaces); change the request value it is built from. Nothing was sent."),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(headers: &[(&str, &str)]) -> BackendRequest {
+        BackendRequest {
+            method: "POST",
+            url: "https://ns.servicebus.windows.net/orders/messages".into(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn header_values_must_travel_unchanged() {
+        assert!(check(&request(&[(
+            "content-type",
+            "application/json; charset=utf-8"
+        )]))
+        .is_ok());
+        for bad in [
+            "café",
+            "a\r\nx-injected: 1",
+            "nul\0",
+            " padded",
+            "padded ",
+            "tab\u{7f}",
+        ] {
+            let problem = check(&request(&[("x-note", bad)])).unwrap_err();
+            assert_eq!(problem.status, 400, "{bad:?}");
+            assert_eq!(problem.kind, "unsendable-value");
+            assert!(problem.detail.contains("x-note"), "{}", problem.detail);
+        }
+    }
+
+    #[test]
+    fn the_problem_names_the_broker_property_metadata_or_content_type() {
+        let props = serde_json::json!({"MessageId": "m-1", "Label": "caf\u{e9}"}).to_string();
+        let p = check(&request(&[("brokerproperties", &props)])).unwrap_err();
+        assert!(
+            p.detail.starts_with("BrokerProperties.Label "),
+            "{}",
+            p.detail
+        );
+        let p = check(&request(&[("x-ms-meta-note", "ü")])).unwrap_err();
+        assert!(p.detail.contains("metadata value note"), "{}", p.detail);
+        let p = check(&request(&[("content-type", "text/plain; x=ü")])).unwrap_err();
+        assert!(p.detail.starts_with("Content-Type "), "{}", p.detail);
+        // The value itself is not echoed.
+        assert!(!p.detail.contains('ü'));
+    }
+
+    #[test]
+    fn urls_and_header_names_are_checked_too() {
+        let mut r = request(&[]);
+        r.url = "https://a.blob.core.windows.net/c/b lob".into();
+        assert!(check(&r).is_err());
+        r.url = "https://a.blob.core.windows.net/c/b#x".into();
+        assert!(check(&r).is_err());
+        assert!(check(&request(&[("bad name", "v")])).is_err());
     }
 }

@@ -256,12 +256,10 @@ pub fn too_large(size: usize, limit: usize) -> Problem {
 pub fn single_request(
     backend: &ServiceBusBackend,
     base_url: &str,
-    token: &str,
     content_type: &str,
     props: &Properties,
 ) -> BackendRequest {
     let mut headers = vec![
-        ("authorization".to_owned(), format!("Bearer {token}")),
         ("content-type".to_owned(), content_type.to_owned()),
         (
             "brokerproperties".to_owned(),
@@ -308,8 +306,20 @@ pub fn batch_body(
             Some(other) => other.to_string(),
         };
         let mut props = properties(mapping, ctx, defaults, Some(i)).map_err(|p| prefix(p, &at))?;
+        let mapped = mapping.map(MessageMapping::mapped_broker_properties);
         match element.remove("BrokerProperties") {
-            Some(Value::Object(own)) => props.broker.extend(own),
+            Some(Value::Object(own)) => {
+                // What the route maps is the route's: an element may not replace it (a tenant
+                // taken from the caller's token, say). Defaults (MessageId, CorrelationId) it
+                // may set.
+                if let Some(name) = own
+                    .keys()
+                    .find(|k| mapped.iter().flatten().any(|m| m.eq_ignore_ascii_case(k)))
+                {
+                    return Err(set_by_route(&at, &format!("BrokerProperties.{name}")));
+                }
+                props.broker.extend(own)
+            }
             None | Some(Value::Null) => {}
             Some(_) => {
                 return Err(bad_message(format!(
@@ -319,6 +329,12 @@ pub fn batch_body(
         }
         match element.remove("UserProperties") {
             Some(Value::Object(own)) => {
+                if let Some(name) = own
+                    .keys()
+                    .find(|k| mapping.is_some_and(|m| m.maps_property(k)))
+                {
+                    return Err(set_by_route(&at, &format!("UserProperties.{name}")));
+                }
                 for (k, v) in own {
                     let v = match v {
                         Value::String(s) => s,
@@ -351,20 +367,23 @@ pub fn batch_body(
     Ok((Value::Array(out).to_string(), ids))
 }
 
+fn set_by_route(at: &str, field: &str) -> Problem {
+    bad_message(format!(
+        "{at}{field} is set by this route and may not be set by a batch element; leave it out (policy explain lists what an element may set)"
+    ))
+}
+
 fn prefix(mut p: Problem, at: &str) -> Problem {
     p.detail = format!("{at}{}", p.detail);
     p
 }
 
 /// The batch send request.
-pub fn batch_request(backend: &ServiceBusBackend, base_url: &str, token: &str) -> BackendRequest {
+pub fn batch_request(backend: &ServiceBusBackend, base_url: &str) -> BackendRequest {
     BackendRequest {
         method: "POST",
         url: format!("{base_url}/{}/messages", backend.entity()),
-        headers: vec![
-            ("authorization".to_owned(), format!("Bearer {token}")),
-            ("content-type".to_owned(), BATCH_CONTENT_TYPE.to_owned()),
-        ],
+        headers: vec![("content-type".to_owned(), BATCH_CONTENT_TYPE.to_owned())],
     }
 }
 
@@ -385,33 +404,40 @@ pub enum SendOutcome {
     Retry {
         retry_after_secs: Option<u64>,
     },
-    /// Final; `evict`: the token was refused (401) and must leave the cache.
+    /// Final; `evict`: the token was refused (401) and must leave the cache. `detail`: Service
+    /// Bus's own reason, for the gateway's log line only.
     Failed {
         problem: Problem,
         evict: bool,
+        detail: String,
     },
 }
 
+/// Service Bus's answer as the caller's. Its error body is never copied into the caller's
+/// problem (it names the namespace, tracking ids and at times the values sent); the caller
+/// gets what it can act on, and the operator finds Service Bus's reason in the log line of the
+/// same request id.
 pub fn map_response(
     status: u16,
     retry_after_secs: Option<u64>,
     body: &str,
     entity: &str,
 ) -> SendOutcome {
-    let reason = error_detail(body);
     let failed = |problem: Problem| SendOutcome::Failed {
         problem: problem.with_extension("backend_status", json!(status)),
         evict: status == 401,
+        detail: error_detail(body),
     };
+    const SEE_LOG: &str = "Service Bus's reason is in the gateway's log under this request id";
     match status {
         201 => SendOutcome::Accepted,
         429 | 500 | 502 | 503 | 504 => SendOutcome::Retry { retry_after_secs },
-        400 => failed(Problem::new(400, "bad-message", "Service Bus refused the message", format!("Service Bus answered 400: {reason}"))),
+        400 => failed(Problem::new(400, "bad-message", "Service Bus refused the message", format!("Service Bus answered 400: it refused something in the message that the gateway's own checks let through ({SEE_LOG}). Check the message's properties and body; nothing was accepted."))),
         401 | 403 => failed(Problem::new(
             502,
             "backend-authorization-failed",
             "Service Bus refused the gateway's identity",
-            format!("Service Bus answered {status}: {reason}. The identity's token may have the wrong audience or lack the Azure Service Bus Data Sender role on '{entity}' (403 can also mean a quota is exceeded); the operator should check them."),
+            format!("Service Bus answered {status}. The identity's token may have the wrong audience or lack the Azure Service Bus Data Sender role on '{entity}' (403 can also mean a quota is exceeded); the operator should check them ({SEE_LOG})."),
         )),
         404 | 410 => failed(Problem::new(
             502,
@@ -419,8 +445,8 @@ pub fn map_response(
             "The Service Bus entity does not exist",
             format!("Service Bus has no queue or topic '{entity}' (it answered {status}); the operator should create it or fix the route."),
         )),
-        413 => failed(Problem::new(413, "body-too-large", "Message too large", format!("Service Bus refused the message as too large: {reason}"))),
-        _ => failed(Problem::new(502, "backend-error", "Service Bus refused the request", format!("Service Bus answered {status}: {reason}"))),
+        413 => failed(Problem::new(413, "body-too-large", "Message too large", "Service Bus refused the message as too large; send a smaller body or fewer properties.")),
+        _ => failed(Problem::new(502, "backend-error", "Service Bus refused the request", format!("Service Bus answered {status} ({SEE_LOG})."))),
     }
 }
 
@@ -586,7 +612,7 @@ mod tests {
 
     #[test]
     fn a_batch_takes_defaults_per_element_and_names_a_bad_element() {
-        let body = br#"[{"Body": "a"}, {"Body": {"n": 1}, "BrokerProperties": {"Label": "own"}, "UserProperties": {"n": 1}}]"#;
+        let body = br#"[{"Body": "a"}, {"Body": {"n": 1}, "BrokerProperties": {"To": "own"}, "UserProperties": {"n": 1}}]"#;
         let (out, ids) = with_ctx("contoso", |ctx| {
             batch_body(body, Some(&mapping()), ctx, &defaults(Some("k"), None))
         })
@@ -595,7 +621,8 @@ mod tests {
         let out: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(out[0]["Body"], "a");
         assert_eq!(out[1]["Body"], "{\"n\":1}");
-        assert_eq!(out[1]["BrokerProperties"]["Label"], "own");
+        assert_eq!(out[1]["BrokerProperties"]["To"], "own");
+        assert_eq!(out[1]["BrokerProperties"]["Label"], "order-created");
         assert_eq!(out[1]["BrokerProperties"]["SessionId"], "contoso");
         assert_eq!(out[1]["UserProperties"]["n"], "1");
         assert_eq!(out[0]["UserProperties"]["tenant"], "contoso");
@@ -634,6 +661,62 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_element_cannot_replace_what_the_route_maps() {
+        // The route maps SessionId and the tenant property from the path (or a JWT claim): an
+        // element that tries to send as another tenant is refused, whatever the letter case.
+        for (element, field) in [
+            (
+                r#"{"Body": "a", "BrokerProperties": {"SessionId": "fabrikam"}}"#,
+                "BrokerProperties.SessionId",
+            ),
+            (
+                r#"{"Body": "a", "BrokerProperties": {"Label": "x"}}"#,
+                "BrokerProperties.Label",
+            ),
+            (
+                r#"{"Body": "a", "BrokerProperties": {"timetolive": 1}}"#,
+                "BrokerProperties.timetolive",
+            ),
+            (
+                r#"{"Body": "a", "UserProperties": {"tenant": "fabrikam"}}"#,
+                "UserProperties.tenant",
+            ),
+            (
+                r#"{"Body": "a", "UserProperties": {"Tenant": "fabrikam"}}"#,
+                "UserProperties.Tenant",
+            ),
+        ] {
+            let body = format!("[{{\"Body\": \"ok\"}}, {element}]");
+            let p = with_ctx("contoso", |ctx| {
+                batch_body(
+                    body.as_bytes(),
+                    Some(&mapping()),
+                    ctx,
+                    &defaults(None, None),
+                )
+            })
+            .unwrap_err();
+            assert_eq!((p.status, p.kind), (400, "bad-message"));
+            assert!(
+                p.detail
+                    .starts_with(&format!("batch[1].{field} is set by this route")),
+                "{}",
+                p.detail
+            );
+        }
+        // What the route leaves unmapped, an element may set: its own MessageId and properties.
+        let body = br#"[{"Body": "a", "BrokerProperties": {"MessageId": "own-id", "ReplyTo": "r"}, "UserProperties": {"color": "red"}}]"#;
+        let (out, ids) = with_ctx("contoso", |ctx| {
+            batch_body(body, Some(&mapping()), ctx, &defaults(None, None))
+        })
+        .unwrap();
+        assert_eq!(ids, vec!["own-id"]);
+        let out: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(out[0]["UserProperties"]["color"], "red");
+        assert_eq!(out[0]["UserProperties"]["tenant"], "contoso");
+    }
+
+    #[test]
     fn requests_carry_the_token_properties_and_content_type() {
         let backend: ServiceBusBackend = serde_json::from_value(
             json!({"namespace": "contoso-orders", "queue": "orders", "identity": "gw"}),
@@ -646,7 +729,6 @@ mod tests {
         let r = single_request(
             &backend,
             "https://contoso-orders.servicebus.windows.net",
-            "tok",
             "application/json",
             &props,
         );
@@ -654,13 +736,13 @@ mod tests {
             r.url,
             "https://contoso-orders.servicebus.windows.net/orders/messages"
         );
-        assert_eq!(r.header("authorization"), Some("Bearer tok"));
+        assert_eq!(r.header("authorization"), None, "the edge adds the token");
         assert_eq!(r.header("content-type"), Some("application/json"));
         let broker: Value = serde_json::from_str(r.header("brokerproperties").unwrap()).unwrap();
         assert_eq!(broker["MessageId"], "m1");
         assert_eq!(r.header("tenant"), Some("t"));
         assert_eq!(
-            batch_request(&backend, "http://127.0.0.1:8410", "t").header("content-type"),
+            batch_request(&backend, "http://127.0.0.1:8410").header("content-type"),
             Some(BATCH_CONTENT_TYPE)
         );
     }
@@ -668,18 +750,21 @@ mod tests {
     #[test]
     fn answers_map_to_what_the_caller_can_act_on() {
         let xml = "<Error><Code>400</Code><Detail>The value for BrokerProperties is invalid. TrackingId:abc, SystemTracker:x</Detail></Error>";
-        let SendOutcome::Failed { problem, evict } = map_response(400, None, xml, "orders") else {
+        let SendOutcome::Failed {
+            problem,
+            evict,
+            detail,
+        } = map_response(400, None, xml, "orders")
+        else {
             panic!()
         };
         assert_eq!((problem.status, evict), (400, false));
-        assert!(
-            problem
-                .detail
-                .ends_with("The value for BrokerProperties is invalid"),
-            "{}",
-            problem.detail
-        );
-        let SendOutcome::Failed { problem, evict } = map_response(401, None, "", "orders") else {
+        // Service Bus's reason goes to the log, not to the caller.
+        assert_eq!(detail, "The value for BrokerProperties is invalid");
+        assert!(!problem.detail.contains("value for"), "{}", problem.detail);
+        assert!(problem.detail.contains("log"), "{}", problem.detail);
+        let SendOutcome::Failed { problem, evict, .. } = map_response(401, None, "", "orders")
+        else {
             panic!()
         };
         assert_eq!(

@@ -4,8 +4,8 @@
 use worker::{Context, Env, Request, Response};
 
 use super::{
-    backend_token, body, declared_length, http, internal, now, render, tokens, unreadable, Caller,
-    BACKEND_TIMEOUT_MS,
+    backend_token, body, cloud, declared_length, http, internal, new_request_id, now, render,
+    tokens, unreadable, Caller, BACKEND_TIMEOUT_MS,
 };
 use crate::backend::blob::{self, BlobOp};
 use crate::backend::BackendRequest;
@@ -28,33 +28,49 @@ pub(super) async fn call(
         .ok_or_else(|| Problem::method_not_allowed(log.method, "GET, HEAD, PUT, POST"))?;
     let name = render(&backend.blob, req, caller, log.request_id)?;
     let encoded = blob::encode_blob_name(&name)?;
-    // Checked before a token is fetched: names, metadata, the declared size.
-    let (upload, metadata) = match op {
-        BlobOp::Write => {
-            let mut metadata = Vec::with_capacity(backend.metadata.len());
-            for (meta, text) in &backend.metadata {
-                metadata.push((meta.clone(), render(text, req, caller, log.request_id)?));
-            }
-            blob::check_metadata(&metadata)?;
-            (
-                Some(blob::upload_for(backend, declared_length(req))?),
-                metadata,
-            )
-        }
-        _ => (None, Vec::new()),
-    };
-    let (policy, obtained) =
-        backend_token(&backend.identity, backend.audience(), env, ctx, log).await?;
-    log.token_ttl_s = Some((obtained.token.expires_at - now()) / 1000.0);
+    let cloud = cloud();
+    // Checked before a token is fetched: names, metadata, the declared size, and (through the
+    // outgoing gate) every header that carries a caller's value.
     let caller_type = req.headers().get("content-type").ok().flatten();
+    let mut metadata = Vec::new();
+    if op == BlobOp::Write {
+        for (meta, text) in &backend.metadata {
+            metadata.push((meta.clone(), render(text, req, caller, log.request_id)?));
+        }
+        blob::check_metadata(&metadata)?;
+    }
     let info = blob::BodyInfo {
         content_type: caller_type.as_deref(),
         content_length: None,
         metadata: &metadata,
     };
+    let upload = match op {
+        BlobOp::Write => Some(blob::upload_for(backend, declared_length(req))?),
+        _ => None,
+    };
+    // The request that carries the caller's values: for blocks, the commit (Put Block List)
+    // that ends the upload, built now so that it is checked before the first block is sent.
+    let first = match upload {
+        Some(blob::Upload::Blocks) => {
+            blob::put_block_list_request(backend, cloud, &encoded, now(), &[], info).0
+        }
+        Some(blob::Upload::Single { length }) => {
+            let info = blob::BodyInfo {
+                content_length: Some(length),
+                ..info
+            };
+            blob::request(backend, cloud, op, &encoded, now(), info)
+        }
+        None => blob::request(backend, cloud, op, &encoded, now(), info),
+    };
+    crate::backend::check(&first)?;
+
+    let (policy, obtained) =
+        backend_token(&backend.identity, backend.audience(), env, ctx, log).await?;
+    log.token_ttl_s = Some((obtained.token.expires_at - now()) / 1000.0);
     let call = BlobCall {
         backend,
-        cloud: policy.cloud,
+        cloud,
         encoded: &encoded,
         name: &name,
         obtained: &obtained,
@@ -69,14 +85,16 @@ pub(super) async fn call(
         }
         // The caller's stream goes straight through: not replayable, so no retry (503 instead).
         Some(blob::Upload::Single { length }) => {
-            let info = blob::BodyInfo {
-                content_length: Some(length),
-                ..info
+            let body = match req.inner().body() {
+                Some(stream) => http::Body::Stream {
+                    stream: JsValue::from(stream),
+                    length: Some(length),
+                },
+                None => http::Body::Bytes(JsValue::from_str("")),
             };
-            call.send_once(op, info, req.inner().body().map(JsValue::from), log)
-                .await?
+            call.send_once(&first, body, log).await?
         }
-        None => call.send_once(op, info, None, log).await?,
+        None => call.send_once(&first, http::Body::None, log).await?,
     };
     let status = response.status_code();
     let header = |name: &str| response.headers().get(name).ok().flatten();
@@ -111,32 +129,27 @@ struct BlobCall<'a> {
 }
 
 impl BlobCall<'_> {
-    /// One call, not retried: a read, or a write of the caller's own stream.
+    /// One call, not retried: a read, or a write of the caller's own stream. A streamed body
+    /// (either way) is cut off only when no bytes move for the route's idle time limit, so a
+    /// slow large transfer that keeps moving completes.
     async fn send_once(
         &self,
-        op: BlobOp,
-        info: blob::BodyInfo<'_>,
-        body: Option<JsValue>,
+        request: &BackendRequest,
+        body: http::Body,
         log: &mut LogLine<'_>,
     ) -> std::result::Result<Response, Problem> {
-        let request = blob::request(
-            self.backend,
-            self.cloud,
-            op,
-            self.encoded,
-            &self.obtained.token.access_token,
-            now(),
-            info,
-        );
-        let response = http::send(
-            request.method,
-            &request.url,
-            &request.headers,
-            body,
-            BACKEND_TIMEOUT_MS,
-        )
-        .await
-        .map_err(|e| blob_unavailable(&format!("could not be reached ({e})"), None))?;
+        let limit = match request.method {
+            "HEAD" => http::Limit::Deadline(BACKEND_TIMEOUT_MS),
+            _ => http::Limit::Idle(self.backend.idle_timeout_ms()),
+        };
+        let token = &self.obtained.token.access_token;
+        let response = http::send(request, Some(token), body, limit)
+            .await
+            .map_err(|e| match e {
+                http::SendError::Unsendable(problem) => problem,
+                http::SendError::Timeout => blob_timeout(self.backend.idle_timeout_ms()),
+                e => blob_unavailable(&format!("could not be reached ({e})"), None),
+            })?;
         log.backend_status = Some(response.status_code());
         Ok(response)
     }
@@ -173,6 +186,8 @@ impl BlobCall<'_> {
             .max_body_bytes()
             .min(inbound_limit.unwrap_or(u64::MAX));
         let mut buffer = blob::BlockBuffer::new(self.backend.block_bytes());
+        // This upload's own block ids: another upload of the same name cannot touch them.
+        let prefix = blob::upload_prefix(&new_request_id());
         let mut ids: Vec<String> = Vec::new();
         let mut total: u64 = 0;
         let mut reader = body::BodyReader::new(req);
@@ -195,12 +210,11 @@ impl BlobCall<'_> {
                     .collect(),
             };
             for block in blocks {
-                let id = blob::block_id(ids.len() as u32);
+                let id = blob::block_id(&prefix, ids.len() as u32);
                 let request = blob::put_block_request(
                     self.backend,
                     self.cloud,
                     self.encoded,
-                    &self.obtained.token.access_token,
                     now(),
                     &id,
                     block.len(),
@@ -213,15 +227,8 @@ impl BlobCall<'_> {
                 break;
             }
         }
-        let (request, list) = blob::put_block_list_request(
-            self.backend,
-            self.cloud,
-            self.encoded,
-            &self.obtained.token.access_token,
-            now(),
-            &ids,
-            info,
-        );
+        let (request, list) =
+            blob::put_block_list_request(self.backend, self.cloud, self.encoded, now(), &ids, info);
         let response = self
             .send_retried(&request, list.as_bytes(), BlobOp::Write, log)
             .await?;
@@ -248,8 +255,27 @@ impl BlobCall<'_> {
             }
             http::Verdict::Fail(self.failure(op, &mut response).await)
         };
-        http::send_retried(request, body, BACKEND_TIMEOUT_MS, judge, blob_unavailable).await
+        let token = &self.obtained.token.access_token;
+        http::send_retried(
+            request,
+            token,
+            body,
+            BACKEND_TIMEOUT_MS,
+            judge,
+            blob_unavailable,
+        )
+        .await
     }
+}
+
+/// A streamed transfer that stopped moving.
+fn blob_timeout(idle_ms: f64) -> Problem {
+    Problem::new(
+        504,
+        "backend-timeout",
+        "The transfer stalled",
+        format!("No bytes moved between the caller and Blob Storage for {} ms, so the transfer was stopped; a write was not committed. Try again.", idle_ms as u64),
+    )
 }
 
 fn blob_unavailable(why: &str, retry_after: Option<u64>) -> Problem {

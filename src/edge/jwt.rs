@@ -82,9 +82,10 @@ async fn key_for(check: &JwtCheck, parsed: &Parsed, now_ms: f64) -> Result<Value
     let found = match cached {
         Cached::Key(found) => found,
         Cached::Failed => return Err(jwt::jwks_unavailable("a recent fetch failed")),
-        // Just fetched: a second fetch would find the same keys.
+        // Just fetched (by this request or the one it waited for): a second fetch would find
+        // the same keys.
         Cached::Fetch => {
-            let jwks = fetch(check, now_ms).await?;
+            let jwks = fetch_once(check).await?;
             return jwt::select_key(&jwks, parsed)
                 .cloned()
                 .ok_or_else(jwt::no_key);
@@ -103,6 +104,43 @@ async fn key_for(check: &JwtCheck, parsed: &Parsed, now_ms: f64) -> Result<Value
         .ok_or_else(jwt::no_key)
 }
 
+/// The key set of `check` when the cache has none fresh: fetched by this request if no other is
+/// fetching it, else the other's result, read from the cache when it lands (single flight: a
+/// burst on an empty cache fetches the key set once).
+async fn fetch_once(check: &JwtCheck) -> Result<Value, Problem> {
+    enum Next {
+        Use(Value),
+        Lead,
+        Wait,
+        Failed,
+    }
+    let started = super::now();
+    loop {
+        let now_ms = super::now();
+        let next = CACHE.with(|c| {
+            let mut cache = c.borrow_mut();
+            let next = match cache.lookup(check, now_ms) {
+                JwksLookup::Fresh(jwks) => Next::Use(jwks.clone()),
+                JwksLookup::Failed => Next::Failed,
+                JwksLookup::Missing | JwksLookup::Expired => Next::Wait,
+            };
+            match next {
+                Next::Wait if cache.claim_fetch(check, now_ms) => Next::Lead,
+                next => next,
+            }
+        });
+        match next {
+            Next::Use(jwks) => return Ok(jwks),
+            Next::Lead => return fetch(check, now_ms).await,
+            Next::Failed => return Err(jwt::jwks_unavailable("a recent fetch failed")),
+            Next::Wait if now_ms - started > jwt::JWKS_LEADER_TIMEOUT_MS => {
+                return Err(jwt::jwks_unavailable("the key set fetch took too long"))
+            }
+            Next::Wait => worker::Delay::from(std::time::Duration::from_millis(5)).await,
+        }
+    }
+}
+
 /// Fetches the key set of `check` and records the outcome in the cache.
 async fn fetch(check: &JwtCheck, now_ms: f64) -> Result<Value, Problem> {
     let result = fetch_jwks(&check.jwks_url).await;
@@ -118,11 +156,16 @@ async fn fetch(check: &JwtCheck, now_ms: f64) -> Result<Value, Problem> {
 
 /// One GET of a JWKS URL; the error says what went wrong in words safe for a caller.
 async fn fetch_jwks(url: &str) -> Result<Value, &'static str> {
-    let headers = [("accept", "application/json".to_string())];
-    let mut response = match http::send("GET", url, &headers, None, JWKS_TIMEOUT_MS).await {
+    let request = crate::backend::BackendRequest {
+        method: "GET",
+        url: url.to_owned(),
+        headers: vec![("accept".into(), "application/json".into())],
+    };
+    let limit = http::Limit::Deadline(JWKS_TIMEOUT_MS);
+    let mut response = match http::send(&request, None, http::Body::None, limit).await {
         Ok(response) => response,
         Err(http::SendError::Timeout) => return Err("the key set URL timed out"),
-        Err(http::SendError::Network(_)) => return Err("the key set URL could not be reached"),
+        Err(_) => return Err("the key set URL could not be reached"),
     };
     if !(200..300).contains(&response.status_code()) {
         return Err("the key set URL answered with an error");

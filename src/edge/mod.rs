@@ -16,7 +16,7 @@ use worker::{console_log, event, Context, Env, Request, Response, Result};
 
 use crate::inbound;
 use crate::pipeline::{self, Gateway, LogLine};
-use crate::policy::{Backend, Policy, RateLimitKey, Route};
+use crate::policy::{Backend, Policy, Route};
 use crate::problem::{self, Problem};
 use crate::template::{RenderContext, Template};
 
@@ -88,21 +88,46 @@ async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
     };
 
     let mut cors = Vec::new();
-    let mut response = match handle(&req, &env, &ctx, &mut log, &mut cors).await {
-        Ok(response) => response,
-        Err(problem) => {
-            log.problem = Some(problem.kind);
-            problem_response(&problem, &path, &request_id)?
-        }
+    let outcome = handle(&req, &env, &ctx, &mut log, &mut cors).await;
+    // Whatever happens from here on, the request writes its one log line before it returns.
+    let response = answer(outcome, &cors, &path, &request_id, &mut log);
+    log.status = match &response {
+        Ok(response) => response.status_code(),
+        Err(_) => 500,
     };
-    response.headers_mut().set("x-request-id", &request_id)?;
-    for (name, value) in cors {
-        response.headers_mut().set(name, &value)?;
-    }
-    log.status = response.status_code();
     log.duration_ms = now() - started;
     console_log!("{}", log.to_json());
-    Ok(response)
+    response
+}
+
+/// The caller's response: the route's answer or its problem, with the request id and CORS
+/// headers. When even that cannot be built, a bare 500 problem; the error only if that fails too.
+fn answer(
+    outcome: std::result::Result<Response, Problem>,
+    cors: &[(&'static str, String)],
+    path: &str,
+    request_id: &str,
+    log: &mut LogLine<'_>,
+) -> Result<Response> {
+    let decorate = |mut response: Response| -> Result<Response> {
+        response.headers_mut().set("x-request-id", request_id)?;
+        for (name, value) in cors {
+            response.headers_mut().set(name, value)?;
+        }
+        Ok(response)
+    };
+    let built = match outcome {
+        Ok(response) => decorate(response),
+        Err(problem) => {
+            log.problem = Some(problem.kind);
+            problem_response(&problem, path, request_id).and_then(decorate)
+        }
+    };
+    built.or_else(|e| {
+        let problem = internal(e);
+        log.problem = Some(problem.kind);
+        problem_response(&problem, path, request_id)
+    })
 }
 
 /// The stages of one request: CORS preflight, route, inbound checks (cheap ones, credentials,
@@ -162,21 +187,13 @@ async fn handle<'r>(
     };
     // Then the rate limit, counted per route and caller.
     if let Some(limit) = &inbound.rate_limit {
-        let who = match limit.key {
-            RateLimitKey::ApiKey => log.api_key.map(str::to_owned),
-            RateLimitKey::JwtSubject => claims
-                .as_ref()
-                .and_then(|c| c.get("sub"))
-                .and_then(|s| s.as_str())
-                .map(str::to_owned),
-            RateLimitKey::ClientIp => header("cf-connecting-ip"),
-        };
-        rate_limit(
-            env,
-            limit,
-            &format!("{}:{}", route.name, who.unwrap_or_default()),
-        )
-        .await?;
+        let subject = claims
+            .as_ref()
+            .and_then(|c| c.get("sub"))
+            .and_then(|s| s.as_str());
+        let who =
+            inbound::rate_limit_subject(limit.key, log.api_key, subject, client_ip.as_deref())?;
+        rate_limit(env, limit, &format!("{}:{who}", route.name)).await?;
     }
 
     let caller = Caller {
@@ -207,7 +224,7 @@ fn preflight(
     origin: Option<&str>,
     headers: Option<&str>,
 ) -> std::result::Result<Response, Problem> {
-    let matched = gateway().route(requested, log.path)?;
+    let matched = gateway().preflight_route(requested, log.path)?;
     log.route = Some(&matched.route.name);
     let cors = matched.inbound.cors.as_ref().ok_or_else(|| {
         Problem::new(
@@ -259,6 +276,13 @@ async fn rate_limit(
         format!("This route allows {} requests per {} seconds for each caller; retry after the time in Retry-After.", limit.limit, limit.period_seconds),
     )
     .with_header("retry-after", limit.period_seconds.to_string()))
+}
+
+/// The policy's cloud (the policy is valid whenever a backend runs).
+pub(crate) fn cloud() -> crate::policy::Cloud {
+    gateway()
+        .policy()
+        .map_or(crate::policy::Cloud::Public, |p| p.cloud)
 }
 
 /// The token for a backend's identity and audience, with what the log line says about it.

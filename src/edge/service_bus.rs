@@ -4,8 +4,8 @@
 use worker::{Context, Env, Request, Response};
 
 use super::{
-    backend_token, body, declared_length, http, internal, new_request_id, now, query_pairs, tokens,
-    unreadable, Caller, BACKEND_TIMEOUT_MS,
+    backend_token, body, cloud, declared_length, http, internal, new_request_id, now, query_pairs,
+    tokens, unreadable, Caller, BACKEND_TIMEOUT_MS,
 };
 use crate::backend::service_bus as sb;
 use crate::pipeline::LogLine;
@@ -68,20 +68,16 @@ pub(super) async fn send(
     };
     let content_type =
         header("content-type").unwrap_or_else(|| "application/octet-stream".to_owned());
-
-    let (policy, obtained) =
-        backend_token(&backend.identity, backend.audience(), env, ctx, log).await?;
-    let base = backend.base_url(policy.cloud);
+    let base = backend.base_url(cloud());
     let request = match &props {
-        Some(props) => sb::single_request(
-            backend,
-            &base,
-            &obtained.token.access_token,
-            &content_type,
-            props,
-        ),
-        None => sb::batch_request(backend, &base, &obtained.token.access_token),
+        Some(props) => sb::single_request(backend, &base, &content_type, props),
+        None => sb::batch_request(backend, &base),
     };
+    // The outgoing gate, before a token is fetched: nothing from the caller that HTTP cannot
+    // carry unchanged goes further.
+    crate::backend::check(&request)?;
+
+    let (_, obtained) = backend_token(&backend.identity, backend.audience(), env, ctx, log).await?;
 
     log.token_ttl_s = Some((obtained.token.expires_at - now()) / 1000.0);
     let judge = async |mut response: Response| {
@@ -92,7 +88,12 @@ pub(super) async fn send(
         match sb::map_response(status, retry_after, &text, backend.entity()) {
             sb::SendOutcome::Accepted => http::Verdict::Done(()),
             sb::SendOutcome::Retry { retry_after_secs } => http::Verdict::Retry(retry_after_secs),
-            sb::SendOutcome::Failed { problem, evict } => {
+            sb::SendOutcome::Failed {
+                problem,
+                evict,
+                detail,
+            } => {
+                log.backend_detail = Some(detail);
                 if evict {
                     tokens::evict(&obtained.key, &obtained.token.access_token);
                 }
@@ -104,6 +105,7 @@ pub(super) async fn send(
     // a timeout is dropped as a duplicate by an entity with duplicate detection.
     http::send_retried(
         &request,
+        &obtained.token.access_token,
         &payload,
         BACKEND_TIMEOUT_MS,
         judge,

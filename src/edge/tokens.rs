@@ -20,6 +20,10 @@ use crate::retry::RetryPolicy;
 
 thread_local! {
     static CACHE: RefCell<TokenCache> = RefCell::new(TokenCache::default());
+    /// Per client (token URL and client id): the credential that worked last, tried first by the
+    /// next fetch ([`TokenFetch::new`]).
+    static WORKED: RefCell<std::collections::HashMap<(String, String), usize>> =
+        RefCell::new(std::collections::HashMap::new());
 }
 
 /// How long a waiting caller sleeps between looks at the cache.
@@ -164,10 +168,18 @@ async fn fetch(identity: &Identity, key: &TokenKey, env: &Env) -> Result<Token, 
         } => 2,
         _ => 1,
     };
-    let (mut fetch, mut step) = TokenFetch::new(credentials, RetryPolicy::default(), now());
+    let client = (key.token_url.clone(), key.client_id.clone());
+    let first = WORKED.with(|w| w.borrow().get(&client).copied().unwrap_or(0));
+    let (mut fetch, mut step) = TokenFetch::new(credentials, first, RetryPolicy::default(), now());
     loop {
         step = match step {
-            Step::Done(result) => return result,
+            Step::Done(result) => {
+                if result.is_ok() {
+                    let worked = fetch.credential();
+                    WORKED.with(|w| w.borrow_mut().insert(client, worked));
+                }
+                return result;
+            }
             Step::Sleep(ms) => {
                 Delay::from(Duration::from_millis(ms as u64)).await;
                 fetch.resume()
@@ -233,15 +245,29 @@ async fn attempt(
         retry_after_secs: None,
         reason,
     };
+    let outgoing = crate::backend::BackendRequest {
+        method: "POST",
+        url: request.url,
+        headers: request
+            .headers
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+    };
     let mut response = http::send(
-        "POST",
-        &request.url,
-        &request.headers,
-        Some(request.body.into()),
-        identity.timeout_ms(),
+        &outgoing,
+        None,
+        http::Body::Bytes(request.body.into()),
+        http::Limit::Deadline(identity.timeout_ms()),
     )
     .await
-    .map_err(|e| transient(format!("the token request {e}")))?;
+    .map_err(|e| match e {
+        // A secret that cannot travel in a header (Basic auth) is a credential problem.
+        http::SendError::Unsendable(_) => TokenError::Credential {
+            reason: "a credential holds characters an HTTP header cannot carry".into(),
+        },
+        e => transient(format!("the token request {e}")),
+    })?;
     let retry_after = response.headers().get("retry-after").ok().flatten();
     let body = response
         .text()

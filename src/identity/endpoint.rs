@@ -238,6 +238,15 @@ pub fn assertion_signing_input(
     )
 }
 
+/// RFC 6750's `b64token`: letters, digits, `-._~+/`, then `=` padding.
+fn is_b64token(t: &str) -> bool {
+    let body = t.trim_end_matches('=');
+    !body.is_empty()
+        && body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
+}
+
 /// Reads a token endpoint's answer. `now_ms` is when the request was sent: a token's
 /// lifetime counts from then, so a slow answer errs on the early side.
 pub fn parse_token_response(
@@ -279,7 +288,13 @@ pub fn parse_token_response(
         });
     }
     let access_token = match json["access_token"].as_str() {
-        Some(t) if !t.is_empty() => t.to_owned(),
+        // RFC 6750's b64token: what `Authorization: Bearer …` can carry unchanged.
+        Some(t) if is_b64token(t) => t.to_owned(),
+        Some(t) if !t.is_empty() => {
+            return Err(TokenError::Malformed {
+                reason: "access_token has characters a bearer token cannot have".into(),
+            })
+        }
         _ => {
             return Err(TokenError::Malformed {
                 reason: "no access_token".into(),
@@ -520,6 +535,21 @@ mod tests {
             parse_token_response(200, None, "<html>", now),
             Err(TokenError::Malformed { .. })
         ));
+        // A token that an Authorization header could not carry unchanged is not used.
+        for bad in ["a b", "t\r\nx-injected: 1", "tök", "=="] {
+            let body =
+                format!(r#"{{"token_type":"Bearer","expires_in":60,"access_token":"{bad}"}}"#);
+            assert!(
+                matches!(
+                    parse_token_response(200, None, &body, now),
+                    Err(TokenError::Malformed { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        let jwt_like =
+            r#"{"token_type":"Bearer","expires_in":60,"access_token":"eyJ0.eyJz-_.c2ln+/=="}"#;
+        assert!(parse_token_response(200, None, jwt_like, now).is_ok());
     }
 
     #[test]

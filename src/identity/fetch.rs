@@ -5,7 +5,9 @@
 //!   `Retry-After`, within the [`RetryPolicy`]'s attempts and time budget;
 //! - a refused credential (invalid or expired secret, failed assertion, or a Worker secret that
 //!   is not set) moves on to the identity's second secret, when one is configured: during a
-//!   rotation either secret may be the one Entra knows;
+//!   rotation either secret may be the one Entra knows. The fetch starts with the credential
+//!   that last worked (the edge remembers it per identity), so once the second secret has taken
+//!   over, refreshes do not pay a refused sign-in at Entra for the first one each time;
 //! - anything else ends the fetch with its error.
 
 use super::endpoint::{Token, TokenError};
@@ -27,22 +29,33 @@ pub enum Step {
 pub struct TokenFetch {
     credentials: usize,
     credential: usize,
+    /// How many credentials have been tried (each at most once).
+    tried: usize,
     attempts: u32,
     started_at: f64,
     retry: RetryPolicy,
 }
 
 impl TokenFetch {
-    /// `credentials`: how many the identity has (1, or 2 during a rotation).
-    pub fn new(credentials: usize, retry: RetryPolicy, now: f64) -> (TokenFetch, Step) {
+    /// `credentials`: how many the identity has (1, or 2 during a rotation); `first`: the one
+    /// to try first, the one that worked last time (0 when none has yet).
+    pub fn new(
+        credentials: usize,
+        first: usize,
+        retry: RetryPolicy,
+        now: f64,
+    ) -> (TokenFetch, Step) {
+        let credentials = credentials.max(1);
+        let credential = if first < credentials { first } else { 0 };
         let fetch = TokenFetch {
-            credentials: credentials.max(1),
-            credential: 0,
+            credentials,
+            credential,
+            tried: 1,
             attempts: 0,
             started_at: now,
             retry,
         };
-        (fetch, Step::Send { credential: 0 })
+        (fetch, Step::Send { credential })
     }
 
     /// The credential the last [`Step::Send`] asked for.
@@ -65,8 +78,9 @@ impl TokenFetch {
             Err(e) => e,
         };
         let refused = error.is_bad_credential() || matches!(error, TokenError::Credential { .. });
-        if refused && self.credential + 1 < self.credentials {
-            self.credential += 1;
+        if refused && self.tried < self.credentials {
+            self.tried += 1;
+            self.credential = (self.credential + 1) % self.credentials;
             return Step::Send {
                 credential: self.credential,
             };
@@ -116,15 +130,38 @@ mod tests {
     }
 
     #[test]
+    fn the_credential_that_worked_last_is_tried_first_and_the_other_only_when_refused() {
+        // Rotation done: the second secret worked last time, so it goes first.
+        let (mut f, step) = TokenFetch::new(2, 1, RetryPolicy::default(), 0.0);
+        assert_eq!(step, Step::Send { credential: 1 });
+        assert_eq!(f.on_result(Ok(token()), 10.0, 0.5), Step::Done(Ok(token())));
+        // Refused in turn (rotated back): the first is tried, once.
+        let (mut f, _) = TokenFetch::new(2, 1, RetryPolicy::default(), 0.0);
+        assert_eq!(
+            f.on_result(Err(bad_secret()), 10.0, 0.5),
+            Step::Send { credential: 0 }
+        );
+        assert_eq!(f.credential(), 0);
+        assert_eq!(
+            f.on_result(Err(bad_secret()), 20.0, 0.5),
+            Step::Done(Err(bad_secret())),
+            "each credential is tried at most once per fetch"
+        );
+        // A remembered index beyond the identity's credentials starts at the first.
+        let (_, step) = TokenFetch::new(1, 1, RetryPolicy::default(), 0.0);
+        assert_eq!(step, Step::Send { credential: 0 });
+    }
+
+    #[test]
     fn success_at_once() {
-        let (mut f, step) = TokenFetch::new(1, RetryPolicy::default(), 0.0);
+        let (mut f, step) = TokenFetch::new(1, 0, RetryPolicy::default(), 0.0);
         assert_eq!(step, Step::Send { credential: 0 });
         assert_eq!(f.on_result(Ok(token()), 10.0, 0.5), Step::Done(Ok(token())));
     }
 
     #[test]
     fn a_refused_first_secret_rotates_to_the_second() {
-        let (mut f, _) = TokenFetch::new(2, RetryPolicy::default(), 0.0);
+        let (mut f, _) = TokenFetch::new(2, 0, RetryPolicy::default(), 0.0);
         assert_eq!(
             f.on_result(Err(bad_secret()), 10.0, 0.5),
             Step::Send { credential: 1 }
@@ -132,7 +169,7 @@ mod tests {
         assert_eq!(f.credential(), 1);
         assert_eq!(f.on_result(Ok(token()), 20.0, 0.5), Step::Done(Ok(token())));
         // A first secret that is not set at all also moves on.
-        let (mut f, _) = TokenFetch::new(2, RetryPolicy::default(), 0.0);
+        let (mut f, _) = TokenFetch::new(2, 0, RetryPolicy::default(), 0.0);
         let unset = TokenError::Credential {
             reason: "not set".into(),
         };
@@ -144,14 +181,14 @@ mod tests {
 
     #[test]
     fn both_secrets_refused_ends_with_the_refusal() {
-        let (mut f, _) = TokenFetch::new(2, RetryPolicy::default(), 0.0);
+        let (mut f, _) = TokenFetch::new(2, 0, RetryPolicy::default(), 0.0);
         f.on_result(Err(bad_secret()), 10.0, 0.5);
         assert_eq!(
             f.on_result(Err(bad_secret()), 20.0, 0.5),
             Step::Done(Err(bad_secret()))
         );
         // Without a second secret, a refusal is final at once.
-        let (mut f, _) = TokenFetch::new(1, RetryPolicy::default(), 0.0);
+        let (mut f, _) = TokenFetch::new(1, 0, RetryPolicy::default(), 0.0);
         assert_eq!(
             f.on_result(Err(bad_secret()), 10.0, 0.5),
             Step::Done(Err(bad_secret()))
@@ -160,7 +197,7 @@ mod tests {
 
     #[test]
     fn transient_failures_retry_honouring_retry_after_then_give_up() {
-        let (mut f, _) = TokenFetch::new(1, RetryPolicy::default(), 0.0);
+        let (mut f, _) = TokenFetch::new(1, 0, RetryPolicy::default(), 0.0);
         assert_eq!(
             f.on_result(Err(throttled(Some(2))), 10.0, 0.5),
             Step::Sleep(2_000.0)
@@ -178,7 +215,7 @@ mod tests {
 
     #[test]
     fn a_retry_after_beyond_the_budget_ends_the_fetch_at_once() {
-        let (mut f, _) = TokenFetch::new(1, RetryPolicy::default(), 0.0);
+        let (mut f, _) = TokenFetch::new(1, 0, RetryPolicy::default(), 0.0);
         assert_eq!(
             f.on_result(Err(throttled(Some(60))), 10.0, 0.5),
             Step::Done(Err(throttled(Some(60))))
@@ -187,7 +224,7 @@ mod tests {
 
     #[test]
     fn a_rejection_other_than_the_credential_is_not_retried() {
-        let (mut f, _) = TokenFetch::new(2, RetryPolicy::default(), 0.0);
+        let (mut f, _) = TokenFetch::new(2, 0, RetryPolicy::default(), 0.0);
         let scope = TokenError::Rejected {
             status: 400,
             error: "invalid_scope".into(),

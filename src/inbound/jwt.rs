@@ -494,7 +494,13 @@ struct JwksEntry {
     /// When the key set was last fetched or a fetch was last started for an unknown kid.
     last_fetch: Option<f64>,
     failed_until: f64,
+    /// When the fetch in flight started, if one is (single flight: one fetch per URL at a time).
+    fetching_since: Option<f64>,
 }
+
+/// A fetch in flight for longer than this is taken to be gone (its request ended without
+/// storing anything), and the next caller leads a new one.
+pub const JWKS_LEADER_TIMEOUT_MS: f64 = 10_000.0;
 
 /// The key sets of one isolate, by JWKS URL. The caller says what time it is.
 #[derive(Debug, Default)]
@@ -524,6 +530,7 @@ impl JwksCache {
     /// A fetched key set (from [`parse_jwks`]).
     pub fn store(&mut self, check: &JwtCheck, jwks: Value, now_ms: f64) {
         let entry = self.entries.entry(check.jwks_url.clone()).or_default();
+        entry.fetching_since = None;
         entry.jwks = Some(jwks);
         entry.stored_at = now_ms;
         entry.last_fetch = Some(now_ms);
@@ -534,8 +541,25 @@ impl JwksCache {
     /// [`JWKS_FAILURE_BACKOFF_MS`] without trying again.
     pub fn fail(&mut self, check: &JwtCheck, now_ms: f64) {
         let entry = self.entries.entry(check.jwks_url.clone()).or_default();
+        entry.fetching_since = None;
         entry.last_fetch = Some(now_ms);
         entry.failed_until = now_ms + JWKS_FAILURE_BACKOFF_MS;
+    }
+
+    /// After [`JwksLookup::Missing`] or [`JwksLookup::Expired`]: may this caller fetch the key
+    /// set? `true` makes it the one fetch in flight for the URL; every other caller gets
+    /// `false` and waits for the outcome by looking up again, so a burst of requests on an
+    /// empty cache fetches the key set once. A leader gone for [`JWKS_LEADER_TIMEOUT_MS`] is
+    /// replaced.
+    pub fn claim_fetch(&mut self, check: &JwtCheck, now_ms: f64) -> bool {
+        let entry = self.entries.entry(check.jwks_url.clone()).or_default();
+        let free = entry
+            .fetching_since
+            .is_none_or(|since| now_ms - since >= JWKS_LEADER_TIMEOUT_MS);
+        if free {
+            entry.fetching_since = Some(now_ms);
+        }
+        free
     }
 
     /// A token names a `kid` the fresh key set lacks (the issuer may have rotated keys): may
@@ -1379,6 +1403,35 @@ mod tests {
         assert_eq!(cache.lookup(&short, NOW_MS + 30_000.0), JwksLookup::Expired);
         let other_url = check_with(json!({"jwks_url": "https://other.example/keys"}));
         assert_eq!(cache.lookup(&other_url, NOW_MS), JwksLookup::Missing);
+    }
+
+    #[test]
+    fn one_fetch_at_a_time_per_key_set() {
+        let check = check();
+        let mut cache = JwksCache::new();
+        assert!(cache.claim_fetch(&check, NOW_MS), "the first caller leads");
+        for i in 1..200 {
+            assert!(
+                !cache.claim_fetch(&check, NOW_MS + i as f64),
+                "caller {i} waits"
+            );
+        }
+        cache.store(&check, jwks(), NOW_MS + 300.0);
+        assert!(matches!(
+            cache.lookup(&check, NOW_MS + 301.0),
+            JwksLookup::Fresh(_)
+        ));
+        // After a failure, the next fetch (once the back-off ends) has a free slot.
+        let later = NOW_MS + 700_000.0;
+        assert!(cache.claim_fetch(&check, later));
+        cache.fail(&check, later + 10.0);
+        assert!(cache.claim_fetch(&check, later + 5_010.0));
+        // A leader whose request vanished is replaced after the leader timeout.
+        assert!(!cache.claim_fetch(&check, later + 5_010.0 + JWKS_LEADER_TIMEOUT_MS - 1.0));
+        assert!(cache.claim_fetch(&check, later + 5_010.0 + JWKS_LEADER_TIMEOUT_MS));
+        // Another URL has its own slot.
+        let other = check_with(json!({"jwks_url": "https://other.example/keys"}));
+        assert!(cache.claim_fetch(&other, NOW_MS));
     }
 
     #[test]

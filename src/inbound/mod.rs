@@ -10,8 +10,41 @@ pub mod cors;
 pub mod ip;
 pub mod jwt;
 
-use crate::policy::Inbound;
+use crate::policy::{Inbound, RateLimitKey};
 use crate::problem::Problem;
+
+/// Whom a request counts against in the route's rate limit: the API key's name, the JWT's
+/// `sub`, or the client address, each in its own namespace (`key:`, `sub:`, `ip:`) so one kind
+/// can never land in another's bucket.
+///
+/// A token without `sub` (some client-credential flows) counts against its client address,
+/// like Kong's fallback to the IP when no consumer is identified; rather than one bucket shared
+/// by every such caller. A request that cannot be attributed at all is refused: a limit that
+/// anyone could share is no limit.
+pub fn rate_limit_subject(
+    key: RateLimitKey,
+    api_key: Option<&str>,
+    jwt_subject: Option<&str>,
+    client_ip: Option<&str>,
+) -> Result<String, Problem> {
+    fn present(v: Option<&str>) -> Option<&str> {
+        v.filter(|v| !v.is_empty())
+    }
+    let ip = present(client_ip).map(|ip| format!("ip:{ip}"));
+    let subject = match key {
+        RateLimitKey::ApiKey => present(api_key).map(|k| format!("key:{k}")),
+        RateLimitKey::JwtSubject => present(jwt_subject).map(|s| format!("sub:{s}")).or(ip),
+        RateLimitKey::ClientIp => ip,
+    };
+    subject.ok_or_else(|| {
+        Problem::new(
+            400,
+            "rate-limit-unattributable",
+            "The request cannot be counted against a rate limit",
+            "This route limits each caller's rate, but the request names no caller it can be counted against (no API key, token subject or client address).",
+        )
+    })
+}
 
 /// What the cheap checks look at.
 pub struct RequestFacts<'a> {
@@ -103,6 +136,50 @@ pub fn check_request(inbound: &Inbound, facts: &RequestFacts) -> Result<(), Prob
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rate_limit_subjects_never_share_a_bucket_across_kinds() {
+        use RateLimitKey::*;
+        let subject = |k, a, s, i| rate_limit_subject(k, a, s, i);
+        assert_eq!(
+            subject(ApiKey, Some("partner"), None, Some("1.2.3.4")).unwrap(),
+            "key:partner"
+        );
+        assert_eq!(
+            subject(JwtSubject, None, Some("u1"), Some("1.2.3.4")).unwrap(),
+            "sub:u1"
+        );
+        // No `sub`: the token's caller counts against its address, not a bucket shared by all.
+        assert_eq!(
+            subject(JwtSubject, None, None, Some("1.2.3.4")).unwrap(),
+            "ip:1.2.3.4"
+        );
+        assert_eq!(
+            subject(JwtSubject, None, Some(""), Some("1.2.3.4")).unwrap(),
+            "ip:1.2.3.4"
+        );
+        assert_ne!(
+            subject(JwtSubject, None, None, Some("1.2.3.4")).unwrap(),
+            subject(JwtSubject, None, None, Some("5.6.7.8")).unwrap()
+        );
+        // A subject that looks like an address is still a subject.
+        assert_eq!(
+            subject(JwtSubject, None, Some("ip:1.2.3.4"), None).unwrap(),
+            "sub:ip:1.2.3.4"
+        );
+        assert_eq!(
+            subject(ClientIp, None, None, Some("::1")).unwrap(),
+            "ip:::1"
+        );
+        for (k, a, s, i) in [
+            (JwtSubject, None, None, None),
+            (ClientIp, None, Some("u"), None),
+            (ApiKey, None, None, Some("1.2.3.4")),
+        ] {
+            let p = subject(k, a, s, i).unwrap_err();
+            assert_eq!((p.status, p.kind), (400, "rate-limit-unattributable"));
+        }
+    }
     use crate::policy::{IpFilter, RequiredHeader};
 
     fn inbound() -> Inbound {

@@ -509,6 +509,26 @@ impl MessageMapping {
         .filter_map(|(name, t)| t.as_deref().map(|t| (name, t)))
         .collect()
     }
+
+    /// The BrokerProperties this mapping sets, by Service Bus's names. In a batch, an element
+    /// may not set these itself: what the route maps (a tenant from `{jwt.*}`, say) wins.
+    pub fn mapped_broker_properties(&self) -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = self
+            .broker_templates()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        if self.time_to_live.is_some() {
+            names.push("TimeToLive");
+        }
+        names
+    }
+
+    /// Whether the mapping sets the application property `name` (compared without case: the
+    /// property travels as an HTTP header).
+    pub fn maps_property(&self, name: &str) -> bool {
+        self.properties.keys().any(|k| k.eq_ignore_ascii_case(name))
+    }
 }
 
 /// A Blob Storage container.
@@ -545,6 +565,11 @@ pub struct BlobBackend {
     /// Size of one Put Block (the only part of a body held in memory). Default 4194304 (4 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_bytes: Option<u32>,
+    /// A streamed transfer (a single Put Blob of the caller's body, or a read streamed back) is
+    /// stopped when no bytes move for this long, in milliseconds; a slow transfer that keeps
+    /// moving is never cut off. Default 30000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u32>,
     /// Writes replace an existing blob when `true`; by default they only create
     /// (`If-None-Match: *`), and an existing blob is a 409.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -855,6 +855,14 @@ fn check_blob(
             ),
         );
     }
+    if let Some(idle) = blob.idle_timeout_ms {
+        if !(100..=600_000).contains(&idle) {
+            c.err(
+                format!("{at}.idle_timeout_ms"),
+                format!("between 100 and 600000 milliseconds, got {idle}"),
+            );
+        }
+    }
     check_identity_ref(c, at, &blob.identity, unreadable);
     let mut allowed = vec![STORAGE_AUDIENCE.to_owned()];
     if let Some(account) = &blob.account {
