@@ -125,7 +125,10 @@ async function route(ctx, req, res) {
     return tokenEndpoint(ctx, req, res, { tenant: m[1], version: m[2] ? 2 : 1 });
   }
   // Entra's tenant-scoped discovery paths are served by the library's own handlers.
-  if (req.method === 'GET' && KEYS_PATH.test(pathname)) req.url = '/jwks';
+  if (req.method === 'GET' && KEYS_PATH.test(pathname)) {
+    ctx.state.stats.jwksRequests += 1;
+    req.url = '/jwks';
+  }
   else if (req.method === 'GET' && OPENID_PATH.test(pathname)) req.url = '/.well-known/openid-configuration';
   ctx.service.requestHandler(req, res);
 }
@@ -407,7 +410,7 @@ function faultError(fault) {
 }
 
 function emptyStats() {
-  return { tokenRequests: 0, tokensIssued: 0, errors: 0, faultsInjected: 0, byClient: {}, byAudience: {} };
+  return { tokenRequests: 0, tokensIssued: 0, jwksRequests: 0, errors: 0, faultsInjected: 0, byClient: {}, byAudience: {} };
 }
 const bump = (counts, key) => { counts[key] = (counts[key] ?? 0) + 1; };
 

@@ -171,6 +171,17 @@ describe('identities', () => {
     }
   });
 
+  test('after a rotation, the secret that worked is tried first: no refused sign-in per token fetch', async () => {
+    // Let the rotating identity's token expire, so the next request fetches a new one.
+    await new Promise((r) => setTimeout(r, (LIFETIME_S + 1) * 1000));
+    const before = stack.issuer.stats();
+    const r = await put('rotating');
+    assert.equal(r.status, 201, r.text);
+    const after = stack.issuer.stats();
+    assert.equal(after.tokenRequests - before.tokenRequests, 1, 'one token request, with the secret that worked last time');
+    assert.equal(after.errors - before.errors, 0, 'the retired secret was not offered again');
+  });
+
   test('a token request slower than its timeout is aborted, retried, then 503', async () => {
     // The identity allows 300 ms; the issuer now takes 3 s for each of the next requests.
     await stack.issuer.setFault({ delayMs: 3000, count: 3 });
