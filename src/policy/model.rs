@@ -53,6 +53,26 @@ pub enum Cloud {
     China,
 }
 
+/// Whether the value at a JSON path (its field names, array indices left out) may hold a
+/// secret: a credential, an API key check, a SHA-256 of a key, a required header's values, any
+/// field whose name ends in `secret`, and everything under them. A secret's *name* lives there,
+/// and that is exactly where a user pastes the secret itself by mistake, so no error about a
+/// value at or under such a path quotes a string or number from it (nor an unknown field or
+/// variant name). A new field named `*_secret` is covered by the rule; list any other here.
+pub fn is_secret_bearing_path<'a>(fields: impl IntoIterator<Item = &'a str>) -> bool {
+    let mut previous = "";
+    for field in fields {
+        if field.ends_with("secret")
+            || matches!(field, "credential" | "api_key" | "sha256")
+            || (previous == "required_headers" && field == "values")
+        {
+            return true;
+        }
+        previous = field;
+    }
+    false
+}
+
 /// An OAuth2 client the gateway authenticates as: the stand-in for a managed identity.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]

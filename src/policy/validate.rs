@@ -4,10 +4,10 @@
 //! expected there, and validation never stops at the first error. Values that may be secrets
 //! are never quoted back.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::model::*;
-use super::PolicyError;
+use super::{hidden_string, PolicyError};
 use crate::routing::PathTemplate;
 use crate::template::{Template, Var};
 
@@ -393,10 +393,14 @@ fn check_route(
 }
 
 fn check_api_key(c: &mut Checker, at: &str, check: &ApiKeyCheck) {
+    // Nothing under an api_key check is quoted back: a key pasted in the wrong place would be.
     if !is_header_name(&check.header) {
         c.err(
             format!("{at}.header"),
-            format!("an HTTP header name, got \"{}\"", check.header),
+            format!(
+                "an HTTP header name such as x-api-key, got {} that is not one",
+                hidden_string(&check.header)
+            ),
         );
     }
     if check.keys.is_empty() {
@@ -405,24 +409,25 @@ fn check_api_key(c: &mut Checker, at: &str, check: &ApiKeyCheck) {
             "at least one key: {\"name\": …, \"secret\": WORKER_SECRET_NAME}",
         );
     }
-    let mut names = BTreeSet::new();
+    let mut names: BTreeMap<&str, usize> = BTreeMap::new();
     for (k, key) in check.keys.iter().enumerate() {
         if !is_name(&key.name) {
             c.err(
                 format!("{at}.keys[{k}].name"),
                 format!(
-                    "a key name of letters, digits, '.', '_' or '-', got \"{}\"",
-                    key.name
+                    "a key name of letters, digits, '.', '_' or '-' (it is logged; the key is not), got {} that is not one",
+                    hidden_string(&key.name)
                 ),
             );
-        } else if !names.insert(key.name.as_str()) {
+        } else if let Some(&first) = names.get(key.name.as_str()) {
             c.err(
                 format!("{at}.keys[{k}].name"),
                 format!(
-                    "a name no other key of this route has, got \"{}\" again",
-                    key.name
+                    "a name no other key of this check has, got the name of keys[{first}] again"
                 ),
             );
+        } else {
+            names.insert(key.name.as_str(), k);
         }
         match (&key.secret, &key.sha256) {
             (Some(secret), None) => check_secret_name(c, &format!("{at}.keys[{k}].secret"), secret),
