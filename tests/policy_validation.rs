@@ -1083,3 +1083,93 @@ fn policy_check_prints_where_a_secret_is_misplaced_but_never_the_secret() {
     }
     assert!(!stdout.contains("739146"), "{stdout}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Overlapping routes and duplicate names: each reported once, naming the first.
+
+/// `n` public Service Bus routes; `path(i)` and `name(i)` say what route `i` looks like.
+fn many_routes(n: usize, name: impl Fn(usize) -> String, path: impl Fn(usize) -> String) -> Value {
+    let mut p = base();
+    p["routes"] = (0..n)
+        .map(|i| {
+            json!({
+                "name": name(i), "methods": ["POST"], "path": path(i), "public": true,
+                "backend": { "service_bus": { "namespace": "contoso-orders", "queue": "orders", "identity": "gw" } }
+            })
+        })
+        .collect();
+    p
+}
+
+#[test]
+fn ten_thousand_copies_of_one_route_are_reported_once_each_against_the_first() {
+    let p = many_routes(
+        10_000,
+        |i| format!("r{i}"),
+        |i| format!("/orders/{{p{}}}", i % 7),
+    );
+    let errors = policy::load(&p.to_string()).unwrap_err();
+    assert_eq!(errors.len(), 9_999);
+    for (k, e) in errors.iter().enumerate() {
+        assert_eq!(e.path, format!("routes[{}]", k + 1));
+        assert!(
+            e.message.ends_with(&format!(
+                "got POST {} which routes[0] (\"r0\") already matches as /orders/{{p0}}",
+                p["routes"][k + 1]["path"].as_str().unwrap()
+            )),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn ten_thousand_distinct_routes_are_valid() {
+    let p = many_routes(
+        10_000,
+        |i| format!("r{i}"),
+        |i| format!("/t{}/{{id}}/items{}", i % 100, i / 100),
+    );
+    assert!(policy::load(&p.to_string()).is_ok());
+}
+
+#[test]
+fn a_duplicate_name_is_reported_once_per_duplicate() {
+    let p = many_routes(
+        4,
+        |i| {
+            if i == 2 {
+                "other".into()
+            } else {
+                "same".into()
+            }
+        },
+        |i| format!("/r{i}"),
+    );
+    let errors: Vec<String> = policy::load(&p.to_string())
+        .unwrap_err()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            "routes[1].name: a name no other route has, got \"same\" (also routes[0])",
+            "routes[3].name: a name no other route has, got \"same\" (also routes[0])",
+        ]
+    );
+}
+
+#[test]
+fn a_route_taken_by_two_earlier_routes_is_one_error_naming_both() {
+    let errors = errors_after(|p| {
+        p["routes"][1]["path"] = json!("/orders/{id}");
+        p["routes"][1]["backend"]["blob"]["blob"] = json!("{path.id}");
+        p["routes"][1]["methods"] = json!(["PUT"]);
+        p["routes"][2]["path"] = json!("/orders/{name}");
+        p["routes"][2]["methods"] = json!(["PUT", "GET", "POST"]);
+    });
+    assert_eq!(
+        errors,
+        ["routes[2]: a method and path no other route matches, got POST /orders/{name} which routes[0] (\"orders\") already matches as /orders/{tenant}, and PUT which routes[1] (\"files\") matches as /orders/{id}"]
+    );
+}

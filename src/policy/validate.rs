@@ -4,7 +4,7 @@
 //! expected there, and validation never stops at the first error. Values that may be secrets
 //! are never quoted back.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::model::*;
 use super::{hidden_string, PolicyError};
@@ -591,11 +591,14 @@ fn check_identity_ref(c: &mut Checker, at: &str, name: &str, unreadable: &BTreeS
     if c.policy.identities.contains_key(name) || unreadable.contains(name) {
         return;
     }
-    let defined: Vec<&str> = c.policy.identities.keys().map(String::as_str).collect();
-    let defined = if defined.is_empty() {
-        "none is defined".to_owned()
-    } else {
-        format!("defined: {}", defined.join(", "))
+    // At most a few names: many routes may name a missing identity among many.
+    const LISTED: usize = 10;
+    let ids = &c.policy.identities;
+    let names: Vec<&str> = ids.keys().take(LISTED).map(String::as_str).collect();
+    let defined = match ids.len() {
+        0 => "none is defined".to_owned(),
+        n if n <= LISTED => format!("defined: {}", names.join(", ")),
+        n => format!("defined: {} and {} more", names.join(", "), n - LISTED),
     };
     c.err(
         format!("{at}.identity"),
@@ -941,51 +944,81 @@ fn check_blob_template(c: &mut Checker, at: &str, text: &str, scope: &Scope) {
     }
 }
 
+/// Duplicate names and routes that another route already serves: each route is reported
+/// once, naming the first route it conflicts with, in one pass keyed by name and by path shape
+/// (so 10,000 copies of one route are 9,999 errors, not 50 million).
 fn check_overlaps(
     c: &mut Checker,
     templates: &[Option<PathTemplate>],
     position: impl Fn(usize) -> usize,
 ) {
     let routes = &c.policy.routes;
+    let mut first_named: HashMap<&str, usize> = HashMap::new();
+    // Path shape → the first route serving each method with that shape.
+    let mut owners: HashMap<Vec<Option<&str>>, Vec<(Method, usize)>> = HashMap::new();
     let mut errors = Vec::new();
     for (j, b) in routes.iter().enumerate() {
-        for (i, a) in routes[..j].iter().enumerate() {
-            if a.name == b.name {
-                errors.push(PolicyError::new(
-                    format!("routes[{}].name", position(j)),
-                    format!(
-                        "a name no other route has, got \"{}\" (also routes[{}])",
-                        b.name,
-                        position(i)
-                    ),
-                ));
-            }
-            let (Some(ta), Some(tb)) = (&templates[i], &templates[j]) else {
-                continue;
-            };
-            if !ta.same_shape(tb) {
-                continue;
-            }
-            let shared: Vec<&str> = b
-                .methods
-                .iter()
-                .filter(|m| a.methods.contains(m))
-                .map(|m| m.as_str())
-                .collect();
-            if !shared.is_empty() {
-                errors.push(PolicyError::new(
-                    format!("routes[{}]", position(j)),
-                    format!(
-                        "a method and path no other route matches, got {} {} which routes[{}] (\"{}\") already matches as {}",
-                        shared.join(", "),
-                        b.path,
-                        position(i),
-                        a.name,
-                        a.path
-                    ),
-                ));
+        let first = *first_named.entry(b.name.as_str()).or_insert(j);
+        if first != j {
+            errors.push(PolicyError::new(
+                format!("routes[{}].name", position(j)),
+                format!(
+                    "a name no other route has, got \"{}\" (also routes[{}])",
+                    b.name,
+                    position(first)
+                ),
+            ));
+        }
+        let Some(tb) = &templates[j] else {
+            continue;
+        };
+        let served = owners.entry(tb.shape()).or_default();
+        // (owner, method) for each method of this route that an earlier route serves.
+        let mut taken: Vec<(usize, Method)> = Vec::new();
+        for m in &b.methods {
+            match served.iter().find(|(method, _)| method == m) {
+                Some(&(_, owner)) if owner != j => taken.push((owner, *m)),
+                Some(_) => {}
+                None => served.push((*m, j)),
             }
         }
+        if taken.is_empty() {
+            continue;
+        }
+        taken.sort_by_key(|&(owner, _)| owner);
+        let mut parts: Vec<String> = Vec::new();
+        let mut rest = taken.as_slice();
+        while let Some(&(owner, _)) = rest.first() {
+            let n = rest.iter().take_while(|(o, _)| *o == owner).count();
+            let methods: Vec<&str> = rest[..n].iter().map(|(_, m)| m.as_str()).collect();
+            let a = &routes[owner];
+            parts.push(if parts.is_empty() {
+                format!(
+                    "got {} {} which routes[{}] (\"{}\") already matches as {}",
+                    methods.join(", "),
+                    b.path,
+                    position(owner),
+                    a.name,
+                    a.path
+                )
+            } else {
+                format!(
+                    "and {} which routes[{}] (\"{}\") matches as {}",
+                    methods.join(", "),
+                    position(owner),
+                    a.name,
+                    a.path
+                )
+            });
+            rest = &rest[n..];
+        }
+        errors.push(PolicyError::new(
+            format!("routes[{}]", position(j)),
+            format!(
+                "a method and path no other route matches, {}",
+                parts.join(", ")
+            ),
+        ));
     }
     c.errors.extend(errors);
 }
