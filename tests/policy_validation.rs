@@ -1173,3 +1173,42 @@ fn a_route_taken_by_two_earlier_routes_is_one_error_naming_both() {
         ["routes[2]: a method and path no other route matches, got POST /orders/{name} which routes[0] (\"orders\") already matches as /orders/{tenant}, and PUT which routes[1] (\"files\") matches as /orders/{id}"]
     );
 }
+
+#[test]
+fn blob_blocks_must_be_large_enough_for_the_largest_body_in_50000_blocks() {
+    let tib: u64 = 1 << 40;
+    // The defaults (100 MiB in 4 MiB blocks) and small blocks for small bodies fit.
+    assert!(errors_after(|p| {
+        let b = &mut p["routes"][1]["backend"]["blob"];
+        b["block_bytes"] = json!(65_536);
+        b["max_body_bytes"] = json!(3_276_800_000u64);
+    })
+    .is_empty());
+    assert!(errors_after(|p| {
+        let b = &mut p["routes"][1]["backend"]["blob"];
+        b["block_bytes"] = json!(21_990_233);
+        b["max_body_bytes"] = json!(tib);
+    })
+    .is_empty());
+    // 1 TiB in the default 4 MiB blocks needs 262,144 blocks.
+    assert_one_error(
+        |p| p["routes"][1]["backend"]["blob"]["max_body_bytes"] = json!(tib),
+        "routes[1].backend.blob.block_bytes",
+        "at least 21990233 bytes (max_body_bytes 1099511627776 in at most 50000 blocks, Azure's limit per blob), got 4194304, which holds at most 209715200000 bytes; raise block_bytes to 21990233 or more, or lower max_body_bytes to 209715200000 or less",
+    );
+    assert_one_error(
+        |p| {
+            let b = &mut p["routes"][1]["backend"]["blob"];
+            b["block_bytes"] = json!(65_536);
+            b["max_body_bytes"] = json!(3_276_800_001u64);
+        },
+        "routes[1].backend.blob.block_bytes",
+        "at least 65537 bytes",
+    );
+    // No block size the gateway allows holds 5000 GiB: the body limit is what must change.
+    assert_one_error(
+        |p| p["routes"][1]["backend"]["blob"]["max_body_bytes"] = json!(5_000 * (1u64 << 30)),
+        "routes[1].backend.blob.max_body_bytes",
+        "at most 5242880000000 bytes (50000 blocks, Azure's limit per blob, of the largest block_bytes, 104857600), got 5368709120000; with block_bytes 4194304, at most 209715200000",
+    );
+}

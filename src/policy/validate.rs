@@ -839,7 +839,8 @@ fn check_blob(
         }
     }
     let max = blob.max_body_bytes();
-    if !(1..=5_000 * 1024 * 1024 * 1024).contains(&max) {
+    let max_ok = (1..=MAX_BLOB_BYTES).contains(&max);
+    if !max_ok {
         c.err(
             format!("{at}.max_body_bytes"),
             format!("a size between 1 byte and 5000 GiB, got {max}"),
@@ -854,14 +855,33 @@ fn check_blob(
             ),
         );
     }
-    if !(64 * 1024..=100 * 1024 * 1024).contains(&blob.block_bytes()) {
+    // Azure allows blocks of up to 4000 MiB; one block is held in memory, hence 100 MiB here.
+    let block = u64::from(blob.block_bytes());
+    let block_ok = (MIN_BLOCK_BYTES..=MAX_BLOCK_BYTES).contains(&block);
+    if !block_ok {
         c.err(
             format!("{at}.block_bytes"),
             format!(
-                "a block size between 65536 and 104857600 bytes, got {}",
-                blob.block_bytes()
+                "a block size between {MIN_BLOCK_BYTES} and {MAX_BLOCK_BYTES} bytes, got {block}"
             ),
         );
+    }
+    // A blob has at most 50,000 committed blocks, so the blocks must be large enough for the
+    // largest body the route accepts, or a write fails at Azure after most of it was sent.
+    let largest_blob = block * MAX_BLOCKS_PER_BLOB;
+    if block_ok && max_ok && largest_blob < max {
+        let needed = max.div_ceil(MAX_BLOCKS_PER_BLOB);
+        if needed <= MAX_BLOCK_BYTES {
+            c.err(
+                format!("{at}.block_bytes"),
+                format!("at least {needed} bytes (max_body_bytes {max} in at most {MAX_BLOCKS_PER_BLOB} blocks, Azure's limit per blob), got {block}, which holds at most {largest_blob} bytes; raise block_bytes to {needed} or more, or lower max_body_bytes to {largest_blob} or less"),
+            );
+        } else {
+            c.err(
+                format!("{at}.max_body_bytes"),
+                format!("at most {} bytes ({MAX_BLOCKS_PER_BLOB} blocks, Azure's limit per blob, of the largest block_bytes, {MAX_BLOCK_BYTES}), got {max}; with block_bytes {block}, at most {largest_blob}", MAX_BLOCK_BYTES * MAX_BLOCKS_PER_BLOB),
+            );
+        }
     }
     check_identity_ref(c, at, &blob.identity, unreadable);
     let mut allowed = vec![STORAGE_AUDIENCE.to_owned()];
@@ -873,6 +893,13 @@ fn check_blob(
     }
     check_audience(c, at, blob.audience.as_deref(), &allowed, "Blob Storage");
 }
+
+/// The largest block blob Azure stores (5000 GiB in this API version's terms).
+const MAX_BLOB_BYTES: u64 = 5_000 * 1024 * 1024 * 1024;
+/// Azure commits at most this many blocks to one blob.
+const MAX_BLOCKS_PER_BLOB: u64 = 50_000;
+const MIN_BLOCK_BYTES: u64 = 64 * 1024;
+const MAX_BLOCK_BYTES: u64 = 100 * 1024 * 1024;
 
 /// Parses a template and checks that every `{path.NAME}` is a parameter of the route's path.
 fn check_template(c: &mut Checker, at: &str, text: &str, scope: &Scope) -> Option<Template> {
