@@ -1043,6 +1043,18 @@ fn every_secret_bearing_field_of_the_schema_is_tested() {
     }
 }
 
+/// Runs the built `policy` binary on a policy written to a file: exit code, stdout, stderr.
+fn run_policy_tool(command: &str, name: &str, policy: &Value) -> (Option<i32>, String, String) {
+    let file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::write(&file, serde_json::to_string_pretty(policy).unwrap()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_policy"))
+        .args([command, file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+    (out.status.code(), text(out.stdout), text(out.stderr))
+}
+
 /// What a user sees: `policy check` on a file full of misplaced secrets prints the paths and
 /// not one of the secrets.
 #[test]
@@ -1056,15 +1068,8 @@ fn policy_check_prints_where_a_secret_is_misplaced_but_never_the_secret() {
     p["routes"][0]["inbound"]["api_key"]["keys"] =
         json!([s2, { "name": "b", "secret": NUMERIC_SECRET }]);
     p["routes"][1]["inbound"]["api_key"]["keys"][0][*s3] = json!("x");
-    let file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("secrets-policy.json");
-    std::fs::write(&file, serde_json::to_string_pretty(&p).unwrap()).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_policy"))
-        .args(["check", file.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    let (code, stdout, stderr) = run_policy_tool("check", "secrets-policy.json", &p);
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
     for path in [
         "identities.gw.credential.client_secret: an object, got a string of 24 characters (not shown: it may be a secret)",
         "identities.cert.credential: client_secret or certificate, got a key of 32 characters (not shown: it may be a secret)",
@@ -1211,4 +1216,47 @@ fn blob_blocks_must_be_large_enough_for_the_largest_body_in_50000_blocks() {
         "routes[1].backend.blob.max_body_bytes",
         "at most 5242880000000 bytes (50000 blocks, Azure's limit per blob, of the largest block_bytes, 104857600), got 5368709120000; with block_bytes 4194304, at most 209715200000",
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The policy tool.
+
+#[test]
+fn explain_says_what_each_element_of_a_batch_may_set() {
+    let mut p = base();
+    let sb = |message: Option<Value>| {
+        let mut sb = json!({
+            "namespace": "contoso-orders", "queue": "orders", "identity": "gw", "batch": true
+        });
+        if let Some(m) = message {
+            sb["message"] = m;
+        }
+        json!({ "service_bus": sb })
+    };
+    let route = |name: &str, path: &str, backend: Value| json!({ "name": name, "methods": ["POST"], "path": path, "public": true, "backend": backend });
+    let routes = p["routes"].as_array_mut().unwrap();
+    routes.push(route(
+        "mapped-batch",
+        "/batch/{tenant}",
+        sb(Some(json!({
+            "session_id": "{path.tenant}", "label": "order", "time_to_live": 60,
+            "properties": { "tenant": "{path.tenant}", "Source": "edge" }
+        }))),
+    ));
+    routes.push(route("plain-batch", "/plain", sb(None)));
+    let (code, out, _) = run_policy_tool("explain", "batch-policy.json", &p);
+    assert_eq!(code, Some(0), "{out}");
+    let section = out
+        .split_once("\nBatch routes: what each element of the caller's array may set\n")
+        .map(|(_, s)| s)
+        .unwrap_or_else(|| panic!("no batch section in:\n{out}"));
+    assert_eq!(
+        section,
+        "  mapped-batch: BrokerProperties MessageId, CorrelationId, PartitionKey, To, ReplyTo, ReplyToSessionId, ScheduledEnqueueTimeUtc, ForcePersistence (not SessionId, Label, TimeToLive: the route sets them); UserProperties of any name but Source, tenant (the route sets them; names compare case-insensitively)\n\
+         \x20 plain-batch: BrokerProperties MessageId, CorrelationId, SessionId, PartitionKey, Label, To, ReplyTo, ReplyToSessionId, TimeToLive, ScheduledEnqueueTimeUtc, ForcePersistence; UserProperties of any name\n"
+    );
+    // Without a batch route there is no such section.
+    let (code, out, _) = run_policy_tool("explain", "no-batch-policy.json", &base());
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("Batch routes"), "{out}");
 }

@@ -513,6 +513,29 @@ pub struct MessageMapping {
 }
 
 impl MessageMapping {
+    /// The `BrokerProperties` this mapping sets, with Service Bus's names, in Service Bus's
+    /// order: each field that is present (`time_to_live` included). In a batch, an element may
+    /// not set one of these itself (the route's value stands); `policy explain` lists the rest.
+    pub fn mapped_broker_properties(&self) -> Vec<&'static str> {
+        [
+            ("MessageId", self.message_id.is_some()),
+            ("CorrelationId", self.correlation_id.is_some()),
+            ("SessionId", self.session_id.is_some()),
+            ("PartitionKey", self.partition_key.is_some()),
+            ("Label", self.label.is_some()),
+            ("To", self.to.is_some()),
+            ("ReplyTo", self.reply_to.is_some()),
+            ("TimeToLive", self.time_to_live.is_some()),
+            (
+                "ScheduledEnqueueTimeUtc",
+                self.scheduled_enqueue_time_utc.is_some(),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect()
+    }
+
     /// The broker property templates, with Service Bus's names.
     pub fn broker_templates(&self) -> Vec<(&'static str, &str)> {
         [
