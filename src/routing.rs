@@ -78,16 +78,20 @@ impl PathTemplate {
 
     /// Whether two templates match exactly the same paths (parameter names aside).
     pub fn same_shape(&self, other: &PathTemplate) -> bool {
-        self.segments.len() == other.segments.len()
-            && self
-                .segments
-                .iter()
-                .zip(&other.segments)
-                .all(|pair| match pair {
-                    (Segment::Param(_), Segment::Param(_)) => true,
-                    (Segment::Literal(a), Segment::Literal(b)) => a == b,
-                    _ => false,
-                })
+        self.shape() == other.shape()
+    }
+
+    /// The template with parameter names left out (`None` for a parameter, the decoded text
+    /// for a literal): two shapes are equal exactly when the templates have the same shape,
+    /// so it can key a map of routes.
+    pub fn shape(&self) -> Vec<Option<&str>> {
+        self.segments
+            .iter()
+            .map(|s| match s {
+                Segment::Literal(l) => Some(l.as_str()),
+                Segment::Param(_) => None,
+            })
+            .collect()
     }
 
     /// Matches decoded request segments; on success, the parameters in template order.
@@ -189,7 +193,8 @@ impl Router {
                 })
             })
             .collect();
-        entries.sort_by_key(|e| e.template.specificity());
+        // Stable, so templates of equal rank keep the order of the policy.
+        entries.sort_by_cached_key(|e| e.template.specificity());
         Router { entries }
     }
 

@@ -494,7 +494,7 @@ fn api_key_checks_need_keys_with_unique_names_and_a_header() {
                 json!([{ "name": "a", "secret": "K1" }, { "name": "a", "secret": "K2" }])
         },
         "routes[0].inbound.api_key.keys[1].name",
-        "got \"a\" again",
+        "got the name of keys[0] again",
     );
     assert_one_error(
         |p| p["routes"][0]["inbound"]["api_key"]["header"] = json!("x key"),
@@ -774,4 +774,489 @@ fn all_errors_are_reported_at_once_in_one_pass() {
         p["identities"]["gw"]["client_id"] = json!("nope");
     });
     assert_eq!(errors.len(), 6, "{errors:#?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Secrets are never quoted back, whatever shape they arrive in.
+
+/// Distinctive secrets, in the shapes real ones have; the last one carries serde's own message
+/// syntax, so a parser that looks for "expected" or "at line" in the wrong place would leak it.
+const SECRETS: &[&str] = &[
+    "Xq8~SuperSecretValue.123",
+    "sk-LIVE-4eC39HqLyjWDarjtT1zdp7dc",
+    "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEF",
+    "Zq7`, expected `Wv9~Kk2\" at line 1 column 2",
+];
+/// A secret that is a number (a PIN, a numeric key).
+const NUMERIC_SECRET: u64 = 73_914_682_005;
+
+/// What must not appear in an error: the secret and every 6-character piece of it, except
+/// pieces of lowercase letters and spaces only ("expect", "at lin"), which are words the
+/// messages themselves use.
+fn pieces(secret: &str) -> Vec<String> {
+    let chars: Vec<char> = secret.chars().collect();
+    let mut out = vec![secret.to_owned()];
+    for w in chars.windows(6) {
+        if !w.iter().all(|c| c.is_ascii_lowercase() || *c == ' ') {
+            out.push(w.iter().collect());
+        }
+    }
+    out
+}
+
+/// The base policy with every secret-bearing field present: both credential kinds, api_key
+/// checks with a secret name and with a sha256, in the defaults and on routes, and a
+/// required header's values.
+fn secret_base() -> Value {
+    let mut p = base();
+    p["inbound"] =
+        json!({ "api_key": { "keys": [{ "name": "default", "secret": "DEFAULT_KEY" }] } });
+    p["routes"][0]["inbound"]["required_headers"] =
+        json!([{ "name": "x-origin", "values": ["ORIGIN_TOKEN"] }]);
+    p["routes"][1]["inbound"]["api_key"]["keys"] = json!([{
+        "name": "hashed",
+        "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    }]);
+    p
+}
+
+/// Every secret-bearing place of `secret_base()`, as JSON pointers: the secret names, the
+/// credential and api_key objects around them, and the enum and array positions in between.
+/// A new secret-bearing field goes here (the schema test below finds one that is missing).
+const SECRET_LOCATIONS: &[&str] = &[
+    "/identities/gw/credential",
+    "/identities/gw/credential/client_secret",
+    "/identities/gw/credential/client_secret/secret",
+    "/identities/gw/credential/client_secret/next_secret",
+    "/identities/gw/credential/client_secret/auth",
+    "/identities/cert/credential",
+    "/identities/cert/credential/certificate",
+    "/identities/cert/credential/certificate/private_key_secret",
+    "/identities/cert/credential/certificate/certificate_secret",
+    "/inbound/api_key",
+    "/inbound/api_key/keys",
+    "/inbound/api_key/keys/0",
+    "/inbound/api_key/keys/0/secret",
+    "/routes/0/inbound/api_key",
+    "/routes/0/inbound/api_key/header",
+    "/routes/0/inbound/api_key/keys",
+    "/routes/0/inbound/api_key/keys/0",
+    "/routes/0/inbound/api_key/keys/0/name",
+    "/routes/0/inbound/api_key/keys/0/secret",
+    "/routes/1/inbound/api_key/keys/0/sha256",
+    "/routes/0/inbound/required_headers/0/values",
+];
+
+/// `/routes/0/inbound` → `routes[0].inbound`.
+fn dotted(pointer: &str) -> String {
+    let mut out = String::new();
+    for part in pointer.split('/').skip(1) {
+        if part.parse::<usize>().is_ok() {
+            out.push_str(&format!("[{part}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(part);
+        }
+    }
+    out
+}
+
+/// Wrong (or right) shapes a secret can arrive in, put where a value is expected.
+fn value_shapes(secret: &str) -> Vec<(&'static str, Value)> {
+    vec![
+        ("the secret as a string", json!(secret)),
+        ("the secret as an array element", json!([secret])),
+        ("an object keyed by the secret", json!({ secret: secret })),
+        (
+            "the secret as a variant",
+            json!({ secret: { "secret": "A" } }),
+        ),
+        (
+            "the secret inside a key object",
+            json!({ "name": "k", "secret": secret }),
+        ),
+        (
+            "the secret under an unknown field",
+            json!({ "key": secret }),
+        ),
+        ("a number", json!(NUMERIC_SECRET)),
+        ("a fraction", json!(7_391.468_200_5)),
+        ("an array of numbers", json!([NUMERIC_SECRET])),
+        ("a boolean", json!(true)),
+        ("null", Value::Null),
+    ]
+}
+
+/// Puts `value` at `pointer` (replacing what is there, or adding the member), or, with
+/// `as_field`, adds it to the object there as a member named `as_field`.
+fn place(policy: &mut Value, pointer: &str, value: Value, as_field: Option<&str>) -> bool {
+    let (holder, name) = match as_field {
+        Some(name) => (pointer, name),
+        None => match pointer.rsplit_once('/') {
+            Some((holder, name)) => (holder, name),
+            None => return false,
+        },
+    };
+    match policy.pointer_mut(holder) {
+        Some(Value::Object(o)) => {
+            o.insert(name.to_owned(), value);
+            true
+        }
+        Some(Value::Array(a)) => match name.parse::<usize>().ok().and_then(|i| a.get_mut(i)) {
+            Some(slot) => {
+                *slot = value;
+                true
+            }
+            None => false,
+        },
+        _ => false,
+    }
+}
+
+/// Runs one case; returns the errors, after asserting none leaks and one names the place
+/// (or, for a `null` that reads as an absent optional field, the object holding it).
+#[track_caller]
+fn secret_case(case: &str, policy: &Value, place_path: &str, forbidden: &[String]) -> Vec<String> {
+    let holder = match place_path.rfind(['.', '[']) {
+        Some(i) if case.contains("← null") => &place_path[..i],
+        _ => place_path,
+    };
+    let errors: Vec<String> = match policy::load(&policy.to_string()) {
+        Ok(_) => return Vec::new(),
+        Err(errors) => errors.iter().map(ToString::to_string).collect(),
+    };
+    for e in &errors {
+        for f in forbidden {
+            assert!(!e.contains(f.as_str()), "{case}: {e:?} quotes {f:?}");
+        }
+    }
+    assert!(
+        errors.iter().any(|e| {
+            let path = e.split_once(": ").map_or("", |(p, _)| p);
+            path == place_path
+                || path == holder
+                || path.starts_with(&format!("{place_path}."))
+                || path.starts_with(&format!("{place_path}["))
+        }),
+        "{case}: no error names {place_path}: {errors:#?}"
+    );
+    errors
+}
+
+#[test]
+fn no_error_quotes_a_secret_in_any_shape_at_any_secret_bearing_place() {
+    assert_eq!(errors_after(|p| *p = secret_base()), Vec::<String>::new());
+    let numeric = pieces(&NUMERIC_SECRET.to_string())
+        .into_iter()
+        .chain(pieces("7391.4682005"))
+        .collect::<Vec<_>>();
+    let mut valid = Vec::new();
+    let mut cases = 0;
+    for &location in SECRET_LOCATIONS {
+        let at = dotted(location);
+        let holds_object = secret_base()
+            .pointer(location)
+            .is_some_and(Value::is_object);
+        for &secret in SECRETS {
+            let mut forbidden = pieces(secret);
+            forbidden.extend(numeric.iter().cloned());
+            let mut run = |label: &str, value: Value, as_field: Option<&str>| {
+                let mut p = secret_base();
+                assert!(place(&mut p, location, value, as_field), "{location}");
+                let case = format!("{location} ← {label} {secret:?}");
+                cases += 1;
+                if secret_case(&case, &p, &at, &forbidden).is_empty() {
+                    valid.push(format!("{location} ← {label}"));
+                }
+            };
+            for (label, value) in value_shapes(secret) {
+                run(label, value, None);
+            }
+            if holds_object {
+                // An unknown member named by the secret, or holding it.
+                run("an unknown field named by", json!("x"), Some(secret));
+                run("an unknown field holding", json!(secret), Some("key"));
+                run(
+                    "an unknown field holding a number",
+                    json!(NUMERIC_SECRET),
+                    Some("pin"),
+                );
+            }
+        }
+    }
+    assert!(cases > 800, "{cases} cases");
+    // The only shapes that are valid policy: `null` for an optional member; a required
+    // header's values, which may be any strings; an api_key header, which may be any header
+    // name; and a key name, for a secret that happens to look like one (no check can tell).
+    valid.sort();
+    valid.dedup();
+    assert_eq!(
+        valid,
+        vec![
+            "/identities/gw/credential/client_secret/next_secret ← null",
+            "/inbound/api_key ← null",
+            "/routes/0/inbound/api_key ← null",
+            "/routes/0/inbound/api_key/header ← the secret as a string",
+            "/routes/0/inbound/api_key/keys/0/name ← the secret as a string",
+            "/routes/0/inbound/required_headers/0/values ← the secret as an array element",
+        ],
+    );
+}
+
+/// Every field of the model that the redaction rule counts as secret-bearing has a place in
+/// SECRET_LOCATIONS, so a new `*_secret` field cannot go untested.
+#[test]
+fn every_secret_bearing_field_of_the_schema_is_tested() {
+    fn names(schema: &Value, out: &mut std::collections::BTreeSet<String>) {
+        match schema {
+            Value::Object(o) => {
+                for (k, v) in o {
+                    if k == "properties" || k == "required" {
+                        if let Value::Object(props) = v {
+                            out.extend(props.keys().cloned());
+                        }
+                    }
+                    names(v, out);
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|v| names(v, out)),
+            _ => {}
+        }
+    }
+    let schema: Value = serde_json::from_str(&policy::schema::policy_schema_json()).unwrap();
+    let mut all = std::collections::BTreeSet::new();
+    names(&schema, &mut all);
+    let secret_fields: Vec<&String> = all
+        .iter()
+        .filter(|n| policy::is_secret_bearing_path([n.as_str()]))
+        .collect();
+    assert!(secret_fields.len() >= 7, "{secret_fields:?}");
+    for field in secret_fields {
+        assert!(
+            SECRET_LOCATIONS
+                .iter()
+                .any(|l| l.split('/').any(|part| part == field)),
+            "{field} is secret-bearing but no SECRET_LOCATIONS entry tests it"
+        );
+    }
+}
+
+/// Runs the built `policy` binary on a policy written to a file: exit code, stdout, stderr.
+fn run_policy_tool(command: &str, name: &str, policy: &Value) -> (Option<i32>, String, String) {
+    let file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::write(&file, serde_json::to_string_pretty(policy).unwrap()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_policy"))
+        .args([command, file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+    (out.status.code(), text(out.stdout), text(out.stderr))
+}
+
+/// What a user sees: `policy check` on a file full of misplaced secrets prints the paths and
+/// not one of the secrets.
+#[test]
+fn policy_check_prints_where_a_secret_is_misplaced_but_never_the_secret() {
+    let [s0, s1, s2, s3] = SECRETS else {
+        unreachable!()
+    };
+    let mut p = secret_base();
+    p["identities"]["gw"]["credential"] = json!({ "client_secret": s0 });
+    p["identities"]["cert"]["credential"] = json!({ *s1: { "private_key_secret": "K" } });
+    p["routes"][0]["inbound"]["api_key"]["keys"] =
+        json!([s2, { "name": "b", "secret": NUMERIC_SECRET }]);
+    p["routes"][1]["inbound"]["api_key"]["keys"][0][*s3] = json!("x");
+    let (code, stdout, stderr) = run_policy_tool("check", "secrets-policy.json", &p);
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    for path in [
+        "identities.gw.credential.client_secret: an object, got a string of 24 characters (not shown: it may be a secret)",
+        "identities.cert.credential: client_secret or certificate, got a key of 32 characters (not shown: it may be a secret)",
+        "routes[0].inbound.api_key.keys[0]: an object, got a string of ",
+        "routes[1].inbound.api_key.keys[0]: not a known field (a name of 43 characters, not shown: it may be a secret)",
+    ] {
+        assert!(stdout.contains(path), "{path:?} missing from:\n{stdout}");
+    }
+    for secret in SECRETS {
+        for piece in pieces(secret) {
+            assert!(
+                !stdout.contains(&piece) && !stderr.contains(&piece),
+                "{piece:?} in:\n{stdout}{stderr}"
+            );
+        }
+    }
+    assert!(!stdout.contains("739146"), "{stdout}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Overlapping routes and duplicate names: each reported once, naming the first.
+
+/// `n` public Service Bus routes; `path(i)` and `name(i)` say what route `i` looks like.
+fn many_routes(n: usize, name: impl Fn(usize) -> String, path: impl Fn(usize) -> String) -> Value {
+    let mut p = base();
+    p["routes"] = (0..n)
+        .map(|i| {
+            json!({
+                "name": name(i), "methods": ["POST"], "path": path(i), "public": true,
+                "backend": { "service_bus": { "namespace": "contoso-orders", "queue": "orders", "identity": "gw" } }
+            })
+        })
+        .collect();
+    p
+}
+
+#[test]
+fn ten_thousand_copies_of_one_route_are_reported_once_each_against_the_first() {
+    let p = many_routes(
+        10_000,
+        |i| format!("r{i}"),
+        |i| format!("/orders/{{p{}}}", i % 7),
+    );
+    let errors = policy::load(&p.to_string()).unwrap_err();
+    assert_eq!(errors.len(), 9_999);
+    for (k, e) in errors.iter().enumerate() {
+        assert_eq!(e.path, format!("routes[{}]", k + 1));
+        assert!(
+            e.message.ends_with(&format!(
+                "got POST {} which routes[0] (\"r0\") already matches as /orders/{{p0}}",
+                p["routes"][k + 1]["path"].as_str().unwrap()
+            )),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn ten_thousand_distinct_routes_are_valid() {
+    let p = many_routes(
+        10_000,
+        |i| format!("r{i}"),
+        |i| format!("/t{}/{{id}}/items{}", i % 100, i / 100),
+    );
+    assert!(policy::load(&p.to_string()).is_ok());
+}
+
+#[test]
+fn a_duplicate_name_is_reported_once_per_duplicate() {
+    let p = many_routes(
+        4,
+        |i| {
+            if i == 2 {
+                "other".into()
+            } else {
+                "same".into()
+            }
+        },
+        |i| format!("/r{i}"),
+    );
+    let errors: Vec<String> = policy::load(&p.to_string())
+        .unwrap_err()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            "routes[1].name: a name no other route has, got \"same\" (also routes[0])",
+            "routes[3].name: a name no other route has, got \"same\" (also routes[0])",
+        ]
+    );
+}
+
+#[test]
+fn a_route_taken_by_two_earlier_routes_is_one_error_naming_both() {
+    let errors = errors_after(|p| {
+        p["routes"][1]["path"] = json!("/orders/{id}");
+        p["routes"][1]["backend"]["blob"]["blob"] = json!("{path.id}");
+        p["routes"][1]["methods"] = json!(["PUT"]);
+        p["routes"][2]["path"] = json!("/orders/{name}");
+        p["routes"][2]["methods"] = json!(["PUT", "GET", "POST"]);
+    });
+    assert_eq!(
+        errors,
+        ["routes[2]: a method and path no other route matches, got POST /orders/{name} which routes[0] (\"orders\") already matches as /orders/{tenant}, and PUT which routes[1] (\"files\") matches as /orders/{id}"]
+    );
+}
+
+#[test]
+fn blob_blocks_must_be_large_enough_for_the_largest_body_in_50000_blocks() {
+    let tib: u64 = 1 << 40;
+    // The defaults (100 MiB in 4 MiB blocks) and small blocks for small bodies fit.
+    assert!(errors_after(|p| {
+        let b = &mut p["routes"][1]["backend"]["blob"];
+        b["block_bytes"] = json!(65_536);
+        b["max_body_bytes"] = json!(3_276_800_000u64);
+    })
+    .is_empty());
+    assert!(errors_after(|p| {
+        let b = &mut p["routes"][1]["backend"]["blob"];
+        b["block_bytes"] = json!(21_990_233);
+        b["max_body_bytes"] = json!(tib);
+    })
+    .is_empty());
+    // 1 TiB in the default 4 MiB blocks needs 262,144 blocks.
+    assert_one_error(
+        |p| p["routes"][1]["backend"]["blob"]["max_body_bytes"] = json!(tib),
+        "routes[1].backend.blob.block_bytes",
+        "at least 21990233 bytes (max_body_bytes 1099511627776 in at most 50000 blocks, Azure's limit per blob), got 4194304, which holds at most 209715200000 bytes; raise block_bytes to 21990233 or more, or lower max_body_bytes to 209715200000 or less",
+    );
+    assert_one_error(
+        |p| {
+            let b = &mut p["routes"][1]["backend"]["blob"];
+            b["block_bytes"] = json!(65_536);
+            b["max_body_bytes"] = json!(3_276_800_001u64);
+        },
+        "routes[1].backend.blob.block_bytes",
+        "at least 65537 bytes",
+    );
+    // No block size the gateway allows holds 5000 GiB: the body limit is what must change.
+    assert_one_error(
+        |p| p["routes"][1]["backend"]["blob"]["max_body_bytes"] = json!(5_000 * (1u64 << 30)),
+        "routes[1].backend.blob.max_body_bytes",
+        "at most 5242880000000 bytes (50000 blocks, Azure's limit per blob, of the largest block_bytes, 104857600), got 5368709120000; with block_bytes 4194304, at most 209715200000",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The policy tool.
+
+#[test]
+fn explain_says_what_each_element_of_a_batch_may_set() {
+    let mut p = base();
+    let sb = |message: Option<Value>| {
+        let mut sb = json!({
+            "namespace": "contoso-orders", "queue": "orders", "identity": "gw", "batch": true
+        });
+        if let Some(m) = message {
+            sb["message"] = m;
+        }
+        json!({ "service_bus": sb })
+    };
+    let route = |name: &str, path: &str, backend: Value| json!({ "name": name, "methods": ["POST"], "path": path, "public": true, "backend": backend });
+    let routes = p["routes"].as_array_mut().unwrap();
+    routes.push(route(
+        "mapped-batch",
+        "/batch/{tenant}",
+        sb(Some(json!({
+            "session_id": "{path.tenant}", "label": "order", "time_to_live": 60,
+            "properties": { "tenant": "{path.tenant}", "Source": "edge" }
+        }))),
+    ));
+    routes.push(route("plain-batch", "/plain", sb(None)));
+    let (code, out, _) = run_policy_tool("explain", "batch-policy.json", &p);
+    assert_eq!(code, Some(0), "{out}");
+    let section = out
+        .split_once("\nBatch routes: what each element of the caller's array may set\n")
+        .map(|(_, s)| s)
+        .unwrap_or_else(|| panic!("no batch section in:\n{out}"));
+    assert_eq!(
+        section,
+        "  mapped-batch: BrokerProperties MessageId, CorrelationId, PartitionKey, To, ReplyTo, ReplyToSessionId, ScheduledEnqueueTimeUtc, ForcePersistence (not SessionId, Label, TimeToLive: the route sets them); UserProperties of any name but Source, tenant (the route sets them; names compare case-insensitively)\n\
+         \x20 plain-batch: BrokerProperties MessageId, CorrelationId, SessionId, PartitionKey, Label, To, ReplyTo, ReplyToSessionId, TimeToLive, ScheduledEnqueueTimeUtc, ForcePersistence; UserProperties of any name\n"
+    );
+    // Without a batch route there is no such section.
+    let (code, out, _) = run_policy_tool("explain", "no-batch-policy.json", &base());
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("Batch routes"), "{out}");
 }

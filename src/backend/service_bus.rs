@@ -41,6 +41,11 @@ enum PropertyType {
     Bool,
 }
 
+/// The names of the broker properties a sender may set, in Service Bus's order.
+pub fn sender_property_names() -> impl Iterator<Item = &'static str> {
+    SENDER_PROPERTIES.iter().map(|(name, _)| *name)
+}
+
 impl ServiceBusBackend {
     pub fn max_message_bytes(&self) -> usize {
         self.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES) as usize

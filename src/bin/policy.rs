@@ -17,7 +17,8 @@ fn main() {
 
 #[cfg(not(target_arch = "wasm32"))]
 mod cli {
-    use azure_edge_gateway::policy::{self, Inbound, Policy, Route};
+    use azure_edge_gateway::backend::service_bus::sender_property_names;
+    use azure_edge_gateway::policy::{self, Backend, Inbound, Policy, Route};
 
     const USAGE: &str = "usage: policy check [FILE] | policy explain [FILE] | policy schema\n\
         FILE defaults to policy.json";
@@ -105,7 +106,59 @@ mod cli {
         for r in &rows {
             print_row(r);
         }
+        let batches: Vec<String> = p.routes.iter().filter_map(batch_line).collect();
+        if !batches.is_empty() {
+            println!();
+            println!("Batch routes: what each element of the caller's array may set");
+            for line in batches {
+                println!("  {line}");
+            }
+        }
         0
+    }
+
+    /// For a batch route: the `BrokerProperties` an element may set (a sender's, less those the
+    /// route maps) and the `UserProperties` names the route keeps for itself.
+    fn batch_line(r: &Route) -> Option<String> {
+        let Backend::ServiceBus(sb) = &r.backend else {
+            return None;
+        };
+        if !sb.batch {
+            return None;
+        }
+        let mapped = sb
+            .message
+            .as_ref()
+            .map(|m| m.mapped_broker_properties())
+            .unwrap_or_default();
+        let settable: Vec<&str> = sender_property_names()
+            .filter(|n| !mapped.contains(n))
+            .collect();
+        let broker = match (settable.is_empty(), mapped.is_empty()) {
+            (true, _) => "no BrokerProperties".to_owned(),
+            (false, true) => format!("BrokerProperties {}", settable.join(", ")),
+            (false, false) => format!(
+                "BrokerProperties {} (not {}: the route sets {})",
+                settable.join(", "),
+                mapped.join(", "),
+                if mapped.len() == 1 { "it" } else { "them" }
+            ),
+        };
+        let reserved: Vec<&str> = sb
+            .message
+            .iter()
+            .flat_map(|m| m.properties.keys().map(String::as_str))
+            .collect();
+        let user = if reserved.is_empty() {
+            "UserProperties of any name".to_owned()
+        } else {
+            format!(
+                "UserProperties of any name but {} (the route sets {}; names compare case-insensitively)",
+                reserved.join(", "),
+                if reserved.len() == 1 { "it" } else { "them" }
+            )
+        };
+        Some(format!("{}: {broker}; {user}", r.name))
     }
 
     /// Every check a route runs, in the order it runs them.

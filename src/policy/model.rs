@@ -53,6 +53,26 @@ pub enum Cloud {
     China,
 }
 
+/// Whether the value at a JSON path (its field names, array indices left out) may hold a
+/// secret: a credential, an API key check, a SHA-256 of a key, a required header's values, any
+/// field whose name ends in `secret`, and everything under them. A secret's *name* lives there,
+/// and that is exactly where a user pastes the secret itself by mistake, so no error about a
+/// value at or under such a path quotes a string or number from it (nor an unknown field or
+/// variant name). A new field named `*_secret` is covered by the rule; list any other here.
+pub fn is_secret_bearing_path<'a>(fields: impl IntoIterator<Item = &'a str>) -> bool {
+    let mut previous = "";
+    for field in fields {
+        if field.ends_with("secret")
+            || matches!(field, "credential" | "api_key" | "sha256")
+            || (previous == "required_headers" && field == "values")
+        {
+            return true;
+        }
+        previous = field;
+    }
+    false
+}
+
 /// An OAuth2 client the gateway authenticates as: the stand-in for a managed identity.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
@@ -493,6 +513,29 @@ pub struct MessageMapping {
 }
 
 impl MessageMapping {
+    /// The `BrokerProperties` this mapping sets, with Service Bus's names, in Service Bus's
+    /// order: each field that is present (`time_to_live` included). In a batch, an element may
+    /// not set one of these itself (the route's value stands); `policy explain` lists the rest.
+    pub fn mapped_broker_properties(&self) -> Vec<&'static str> {
+        [
+            ("MessageId", self.message_id.is_some()),
+            ("CorrelationId", self.correlation_id.is_some()),
+            ("SessionId", self.session_id.is_some()),
+            ("PartitionKey", self.partition_key.is_some()),
+            ("Label", self.label.is_some()),
+            ("To", self.to.is_some()),
+            ("ReplyTo", self.reply_to.is_some()),
+            ("TimeToLive", self.time_to_live.is_some()),
+            (
+                "ScheduledEnqueueTimeUtc",
+                self.scheduled_enqueue_time_utc.is_some(),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect()
+    }
+
     /// The broker property templates, with Service Bus's names.
     pub fn broker_templates(&self) -> Vec<(&'static str, &str)> {
         [
@@ -508,20 +551,6 @@ impl MessageMapping {
         .into_iter()
         .filter_map(|(name, t)| t.as_deref().map(|t| (name, t)))
         .collect()
-    }
-
-    /// The BrokerProperties this mapping sets, by Service Bus's names. In a batch, an element
-    /// may not set these itself: what the route maps (a tenant from `{jwt.*}`, say) wins.
-    pub fn mapped_broker_properties(&self) -> Vec<&'static str> {
-        let mut names: Vec<&'static str> = self
-            .broker_templates()
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
-        if self.time_to_live.is_some() {
-            names.push("TimeToLive");
-        }
-        names
     }
 
     /// Whether the mapping sets the application property `name` (compared without case: the

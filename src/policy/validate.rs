@@ -4,10 +4,10 @@
 //! expected there, and validation never stops at the first error. Values that may be secrets
 //! are never quoted back.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::model::*;
-use super::PolicyError;
+use super::{hidden_string, PolicyError};
 use crate::routing::PathTemplate;
 use crate::template::{Template, Var};
 
@@ -393,10 +393,14 @@ fn check_route(
 }
 
 fn check_api_key(c: &mut Checker, at: &str, check: &ApiKeyCheck) {
+    // Nothing under an api_key check is quoted back: a key pasted in the wrong place would be.
     if !is_header_name(&check.header) {
         c.err(
             format!("{at}.header"),
-            format!("an HTTP header name, got \"{}\"", check.header),
+            format!(
+                "an HTTP header name such as x-api-key, got {} that is not one",
+                hidden_string(&check.header)
+            ),
         );
     }
     if check.keys.is_empty() {
@@ -405,24 +409,25 @@ fn check_api_key(c: &mut Checker, at: &str, check: &ApiKeyCheck) {
             "at least one key: {\"name\": …, \"secret\": WORKER_SECRET_NAME}",
         );
     }
-    let mut names = BTreeSet::new();
+    let mut names: BTreeMap<&str, usize> = BTreeMap::new();
     for (k, key) in check.keys.iter().enumerate() {
         if !is_name(&key.name) {
             c.err(
                 format!("{at}.keys[{k}].name"),
                 format!(
-                    "a key name of letters, digits, '.', '_' or '-', got \"{}\"",
-                    key.name
+                    "a key name of letters, digits, '.', '_' or '-' (it is logged; the key is not), got {} that is not one",
+                    hidden_string(&key.name)
                 ),
             );
-        } else if !names.insert(key.name.as_str()) {
+        } else if let Some(&first) = names.get(key.name.as_str()) {
             c.err(
                 format!("{at}.keys[{k}].name"),
                 format!(
-                    "a name no other key of this route has, got \"{}\" again",
-                    key.name
+                    "a name no other key of this check has, got the name of keys[{first}] again"
                 ),
             );
+        } else {
+            names.insert(key.name.as_str(), k);
         }
         match (&key.secret, &key.sha256) {
             (Some(secret), None) => check_secret_name(c, &format!("{at}.keys[{k}].secret"), secret),
@@ -586,11 +591,14 @@ fn check_identity_ref(c: &mut Checker, at: &str, name: &str, unreadable: &BTreeS
     if c.policy.identities.contains_key(name) || unreadable.contains(name) {
         return;
     }
-    let defined: Vec<&str> = c.policy.identities.keys().map(String::as_str).collect();
-    let defined = if defined.is_empty() {
-        "none is defined".to_owned()
-    } else {
-        format!("defined: {}", defined.join(", "))
+    // At most a few names: many routes may name a missing identity among many.
+    const LISTED: usize = 10;
+    let ids = &c.policy.identities;
+    let names: Vec<&str> = ids.keys().take(LISTED).map(String::as_str).collect();
+    let defined = match ids.len() {
+        0 => "none is defined".to_owned(),
+        n if n <= LISTED => format!("defined: {}", names.join(", ")),
+        n => format!("defined: {} and {} more", names.join(", "), n - LISTED),
     };
     c.err(
         format!("{at}.identity"),
@@ -831,7 +839,8 @@ fn check_blob(
         }
     }
     let max = blob.max_body_bytes();
-    if !(1..=5_000 * 1024 * 1024 * 1024).contains(&max) {
+    let max_ok = (1..=MAX_BLOB_BYTES).contains(&max);
+    if !max_ok {
         c.err(
             format!("{at}.max_body_bytes"),
             format!("a size between 1 byte and 5000 GiB, got {max}"),
@@ -846,14 +855,33 @@ fn check_blob(
             ),
         );
     }
-    if !(64 * 1024..=100 * 1024 * 1024).contains(&blob.block_bytes()) {
+    // Azure allows blocks of up to 4000 MiB; one block is held in memory, hence 100 MiB here.
+    let block = u64::from(blob.block_bytes());
+    let block_ok = (MIN_BLOCK_BYTES..=MAX_BLOCK_BYTES).contains(&block);
+    if !block_ok {
         c.err(
             format!("{at}.block_bytes"),
             format!(
-                "a block size between 65536 and 104857600 bytes, got {}",
-                blob.block_bytes()
+                "a block size between {MIN_BLOCK_BYTES} and {MAX_BLOCK_BYTES} bytes, got {block}"
             ),
         );
+    }
+    // A blob has at most 50,000 committed blocks, so the blocks must be large enough for the
+    // largest body the route accepts, or a write fails at Azure after most of it was sent.
+    let largest_blob = block * MAX_BLOCKS_PER_BLOB;
+    if block_ok && max_ok && largest_blob < max {
+        let needed = max.div_ceil(MAX_BLOCKS_PER_BLOB);
+        if needed <= MAX_BLOCK_BYTES {
+            c.err(
+                format!("{at}.block_bytes"),
+                format!("at least {needed} bytes (max_body_bytes {max} in at most {MAX_BLOCKS_PER_BLOB} blocks, Azure's limit per blob), got {block}, which holds at most {largest_blob} bytes; raise block_bytes to {needed} or more, or lower max_body_bytes to {largest_blob} or less"),
+            );
+        } else {
+            c.err(
+                format!("{at}.max_body_bytes"),
+                format!("at most {} bytes ({MAX_BLOCKS_PER_BLOB} blocks, Azure's limit per blob, of the largest block_bytes, {MAX_BLOCK_BYTES}), got {max}; with block_bytes {block}, at most {largest_blob}", MAX_BLOCK_BYTES * MAX_BLOCKS_PER_BLOB),
+            );
+        }
     }
     if let Some(idle) = blob.idle_timeout_ms {
         if !(100..=600_000).contains(&idle) {
@@ -873,6 +901,13 @@ fn check_blob(
     }
     check_audience(c, at, blob.audience.as_deref(), &allowed, "Blob Storage");
 }
+
+/// The largest block blob Azure stores (5000 GiB in this API version's terms).
+const MAX_BLOB_BYTES: u64 = 5_000 * 1024 * 1024 * 1024;
+/// Azure commits at most this many blocks to one blob.
+const MAX_BLOCKS_PER_BLOB: u64 = 50_000;
+const MIN_BLOCK_BYTES: u64 = 64 * 1024;
+const MAX_BLOCK_BYTES: u64 = 100 * 1024 * 1024;
 
 /// Parses a template and checks that every `{path.NAME}` is a parameter of the route's path.
 fn check_template(c: &mut Checker, at: &str, text: &str, scope: &Scope) -> Option<Template> {
@@ -944,51 +979,81 @@ fn check_blob_template(c: &mut Checker, at: &str, text: &str, scope: &Scope) {
     }
 }
 
+/// Duplicate names and routes that another route already serves: each route is reported
+/// once, naming the first route it conflicts with, in one pass keyed by name and by path shape
+/// (so 10,000 copies of one route are 9,999 errors, not 50 million).
 fn check_overlaps(
     c: &mut Checker,
     templates: &[Option<PathTemplate>],
     position: impl Fn(usize) -> usize,
 ) {
     let routes = &c.policy.routes;
+    let mut first_named: HashMap<&str, usize> = HashMap::new();
+    // Path shape → the first route serving each method with that shape.
+    let mut owners: HashMap<Vec<Option<&str>>, Vec<(Method, usize)>> = HashMap::new();
     let mut errors = Vec::new();
     for (j, b) in routes.iter().enumerate() {
-        for (i, a) in routes[..j].iter().enumerate() {
-            if a.name == b.name {
-                errors.push(PolicyError::new(
-                    format!("routes[{}].name", position(j)),
-                    format!(
-                        "a name no other route has, got \"{}\" (also routes[{}])",
-                        b.name,
-                        position(i)
-                    ),
-                ));
-            }
-            let (Some(ta), Some(tb)) = (&templates[i], &templates[j]) else {
-                continue;
-            };
-            if !ta.same_shape(tb) {
-                continue;
-            }
-            let shared: Vec<&str> = b
-                .methods
-                .iter()
-                .filter(|m| a.methods.contains(m))
-                .map(|m| m.as_str())
-                .collect();
-            if !shared.is_empty() {
-                errors.push(PolicyError::new(
-                    format!("routes[{}]", position(j)),
-                    format!(
-                        "a method and path no other route matches, got {} {} which routes[{}] (\"{}\") already matches as {}",
-                        shared.join(", "),
-                        b.path,
-                        position(i),
-                        a.name,
-                        a.path
-                    ),
-                ));
+        let first = *first_named.entry(b.name.as_str()).or_insert(j);
+        if first != j {
+            errors.push(PolicyError::new(
+                format!("routes[{}].name", position(j)),
+                format!(
+                    "a name no other route has, got \"{}\" (also routes[{}])",
+                    b.name,
+                    position(first)
+                ),
+            ));
+        }
+        let Some(tb) = &templates[j] else {
+            continue;
+        };
+        let served = owners.entry(tb.shape()).or_default();
+        // (owner, method) for each method of this route that an earlier route serves.
+        let mut taken: Vec<(usize, Method)> = Vec::new();
+        for m in &b.methods {
+            match served.iter().find(|(method, _)| method == m) {
+                Some(&(_, owner)) if owner != j => taken.push((owner, *m)),
+                Some(_) => {}
+                None => served.push((*m, j)),
             }
         }
+        if taken.is_empty() {
+            continue;
+        }
+        taken.sort_by_key(|&(owner, _)| owner);
+        let mut parts: Vec<String> = Vec::new();
+        let mut rest = taken.as_slice();
+        while let Some(&(owner, _)) = rest.first() {
+            let n = rest.iter().take_while(|(o, _)| *o == owner).count();
+            let methods: Vec<&str> = rest[..n].iter().map(|(_, m)| m.as_str()).collect();
+            let a = &routes[owner];
+            parts.push(if parts.is_empty() {
+                format!(
+                    "got {} {} which routes[{}] (\"{}\") already matches as {}",
+                    methods.join(", "),
+                    b.path,
+                    position(owner),
+                    a.name,
+                    a.path
+                )
+            } else {
+                format!(
+                    "and {} which routes[{}] (\"{}\") matches as {}",
+                    methods.join(", "),
+                    position(owner),
+                    a.name,
+                    a.path
+                )
+            });
+            rest = &rest[n..];
+        }
+        errors.push(PolicyError::new(
+            format!("routes[{}]", position(j)),
+            format!(
+                "a method and path no other route matches, {}",
+                parts.join(", ")
+            ),
+        ));
     }
     c.errors.extend(errors);
 }
