@@ -118,6 +118,9 @@ describe('a worker built with a valid policy', () => {
   });
 });
 
+/** Values pasted into the invalid policy where a secret *name* belongs, in every wrong shape. */
+const PASTED = ['Sup3r~Secret.Value-That-Was-Pasted', 'Xq8~SuperSecretValue.123', '98765432101234', 'Yz9~AnotherPastedSecret.456', 'Wq7~AuthFieldSecret.789', 'Kk5~PastedApiKeyValue.321'];
+
 describe('a worker built with an invalid policy', () => {
   let gw;
   before(async () => {
@@ -130,7 +133,7 @@ describe('a worker built with an invalid policy', () => {
       const res = await call(gw, method, path);
       assertProblem(res, 500, 'policy-invalid');
       assert.match(res.body.detail, /policy check/);
-      assert.ok(!res.text.includes('Sup3r'), 'no secret-looking value from the policy in the answer');
+      for (const secret of PASTED) assert.ok(!res.text.includes(secret), `${secret} is not in the answer`);
     }
   });
 
@@ -140,6 +143,13 @@ describe('a worker built with an invalid policy', () => {
     assert.ok(errors.some((e) => e.startsWith('routes[0]: inbound protection')), errors.join('\n'));
     assert.ok(errors.some((e) => e.startsWith('routes[0].backend.blob.container:')), errors.join('\n'));
     assert.ok(errors.some((e) => e.startsWith('identities.e2e.credential.client_secret.secret:')), errors.join('\n'));
-    assert.ok(!gw.logs.some((l) => l.includes('Sup3r')), 'the secret-looking value never reaches the log');
+    // Each pasted secret is reported at its place, and quoted nowhere.
+    for (const id of ['pasted-string', 'pasted-number', 'pasted-variant', 'pasted-auth']) {
+      assert.ok(errors.some((e) => e.startsWith(`identities.${id}.credential`)), `${id}: ${errors.join('\n')}`);
+    }
+    assert.ok(errors.some((e) => e.startsWith('routes[1].inbound.api_key.keys')), errors.join('\n'));
+    for (const secret of PASTED) {
+      assert.ok(!gw.logs.some((l) => l.includes(secret)), `${secret} never reaches the log`);
+    }
   });
 });
