@@ -1,8 +1,7 @@
-//! Bundles the policy into the worker at build time: edit `policy.json`, rebuild, redeploy.
-//! `GATEWAY_POLICY=path/to/other.json` bundles another file (the local stack and the
-//! end-to-end tests use this). The file is copied as it is; an invalid policy still builds, and
-//! the worker then refuses every request with a 500 that says so. Check it before deploying
-//! with `policy check`.
+//! Compiles the policy into the worker at build time: read, validate and prepare `policy.json`
+//! (or the file named by `GATEWAY_POLICY`) with the same code as `policy check`, and embed the
+//! prepared form. An invalid policy fails the build with exactly what `policy check` prints,
+//! so no worker with a policy its operator did not mean can be built, let alone deployed.
 
 use std::path::PathBuf;
 
@@ -13,11 +12,35 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| manifest_dir.join("policy.json"));
     println!("cargo:rerun-if-changed={}", source.display());
-    let out = PathBuf::from(std::env::var_os("OUT_DIR").unwrap_or_default()).join("policy.json");
-    if let Err(e) = std::fs::copy(&source, &out) {
-        panic!(
-            "cannot bundle the policy {}: {e} (set GATEWAY_POLICY to a readable file)",
-            source.display()
-        );
+    let shown = std::env::var("GATEWAY_POLICY").unwrap_or_else(|_| "policy.json".to_owned());
+    let text = match std::fs::read_to_string(&source) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!(
+                "policy: cannot read {}: {e} (set GATEWAY_POLICY to a readable file)",
+                source.display()
+            );
+            std::process::exit(1);
+        }
+    };
+    let prepared = match aeg_core::policy::prepared::compile(&text) {
+        Ok(prepared) => prepared,
+        Err(errors) => {
+            eprint!("{}", aeg_core::policy::report(&shown, &errors));
+            eprintln!("The worker is not built from an invalid policy: fix these and build again (`policy check {shown}` prints the same).");
+            std::process::exit(1);
+        }
+    };
+    let json = match serde_json::to_string(&prepared) {
+        Ok(json) => json,
+        Err(e) => {
+            eprintln!("policy: cannot serialise the compiled policy: {e}");
+            std::process::exit(1);
+        }
+    };
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").unwrap_or_default()).join("prepared.json");
+    if let Err(e) = std::fs::write(&out, json) {
+        eprintln!("policy: cannot write {}: {e}", out.display());
+        std::process::exit(1);
     }
 }

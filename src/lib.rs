@@ -1,23 +1,14 @@
 //! azure-edge-gateway: a Cloudflare Worker that writes to Azure services on behalf of callers
 //! that hold no Azure credential.
 //!
-//! The crate has two halves (README, "Layout"):
-//! - a pure core, plain Rust tested on the host: [`policy`] (model and validation),
-//!   [`routing`], [`template`], [`problem`] and [`pipeline`], the request's life as data;
-//! - a thin edge, [`edge`], compiled only for wasm32: the one place that names `worker` types.
+//! Two halves (README, "Architecture"):
+//! - the core, [`aeg_core`] (crates/core): the policy and its compiler, and the phases of a
+//!   request as plain Rust, re-exported here;
+//! - the edge, [`edge`], compiled only for wasm32: the one place that touches JavaScript. It
+//!   reads the request once, performs the I/O the core asks for, and writes the answer and
+//!   the log line.
 
-pub mod backend;
-pub mod encoding;
-pub mod identity;
-pub mod inbound;
-pub mod pipeline;
-pub mod policy;
-pub mod problem;
-pub mod retry;
-pub mod routing;
-pub mod sha256;
-pub mod template;
-pub mod time;
+pub use aeg_core::*;
 
 #[cfg(target_arch = "wasm32")]
 pub mod edge;

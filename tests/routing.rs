@@ -23,9 +23,7 @@ fn gateway() -> Gateway {
               "routes": [{}] }}"#,
         routes.join(",")
     );
-    let g = Gateway::load(&policy);
-    assert!(g.policy_errors().is_none(), "{:?}", g.policy_errors());
-    g
+    Gateway::load(&policy).unwrap_or_else(|e| panic!("{e:?}"))
 }
 
 fn matched(method: &str, path: &str) -> (String, Vec<(String, String)>) {
@@ -117,14 +115,14 @@ fn a_known_path_with_another_method_is_405_with_allow() {
 }
 
 #[test]
-fn an_invalid_policy_refuses_every_request_with_500() {
-    let g = Gateway::load(
+fn an_invalid_policy_does_not_load_at_all() {
+    // No gateway is made from an invalid policy (build.rs refuses to build the worker).
+    let errors = Gateway::load(
         r#"{ "routes": [{ "name": "x", "methods": ["GET"], "path": "/x", "backend": {} }] }"#,
-    );
-    assert!(g.policy_errors().is_some());
-    let p = g.route("GET", "/x").unwrap_err();
-    assert_eq!((p.status, p.kind), (500, "policy-invalid"));
-    assert!(p.detail.contains("policy check"));
+    )
+    .err()
+    .unwrap();
+    assert!(!errors.is_empty());
 }
 
 #[test]

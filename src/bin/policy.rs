@@ -53,10 +53,7 @@ mod cli {
             2
         })?;
         policy::load(&text).map_err(|errors| {
-            for e in &errors {
-                println!("{file}: {e}");
-            }
-            println!("{file}: {} error(s)", errors.len());
+            print!("{}", policy::report(file, &errors));
             1
         })
     }

@@ -5,17 +5,20 @@
 //! (its client hung up) only delays the others until the cache's leader timeout.
 
 use std::cell::RefCell;
-use std::time::Duration;
 
-use worker::{Context, Delay, Env};
+use wasm_bindgen::JsValue;
+use worker::wasm_bindgen_futures::{future_to_promise, JsFuture};
 
-use super::{crypto, http, now, random};
+use super::{crypto, now, random};
 use crate::encoding::{base64url, pem_block};
 use crate::identity::cache::{Lookup, TokenCache};
 use crate::identity::endpoint::{assertion_signing_input, parse_token_response, Proof};
 use crate::identity::fetch::{Step, TokenFetch};
 use crate::identity::{Token, TokenError, TokenKey};
-use crate::policy::{Cloud, Credential, Identity};
+use crate::pipeline::{Grant, NoToken};
+use crate::policy::prepared::TokenTarget;
+use crate::policy::{Credential, Identity};
+use crate::problem::Problem;
 use crate::retry::RetryPolicy;
 
 thread_local! {
@@ -26,8 +29,8 @@ thread_local! {
         RefCell::new(std::collections::HashMap::new());
 }
 
-/// How long a waiting caller sleeps between looks at the cache.
-const WAIT_POLL: Duration = Duration::from_millis(5);
+/// How long a waiting caller sleeps between looks at the cache, in milliseconds.
+const WAIT_POLL_MS: f64 = 5.0;
 
 /// Where the token of a request came from, for its log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,29 +56,21 @@ impl Source {
     }
 }
 
-/// A token for a request, with what the log line says about it.
-pub struct Obtained {
-    pub key: TokenKey,
-    pub token: Token,
-    pub source: Source,
-    /// Time spent on the identity provider by this request (fetch or wait).
-    pub idp_ms: Option<f64>,
-}
-
-/// The token for `identity` and `audience`: from the cache, or fetched once for all callers.
-pub async fn obtain(
-    name: &str,
-    identity: &Identity,
-    cloud: Cloud,
-    audience: &str,
-    env: &Env,
-    ctx: &Context,
-) -> Result<Obtained, TokenError> {
-    let key = identity.token_key(cloud, audience);
+/// The token for `target`: from the cache, or fetched once for all callers. `c` is the
+/// request's context in `edge.js` (its env holds the secrets, its ctx runs refreshes).
+pub async fn obtain(target: &TokenTarget, c: &JsValue) -> Result<Grant, NoToken> {
+    let Some(identity) = super::gateway().and_then(|g| g.prepared().identity(&target.identity))
+    else {
+        return Err(NoToken {
+            problem: Problem::internal("a backend names an identity the policy lacks"),
+            log: "no such identity".into(),
+        });
+    };
+    let key = &target.key;
     let started = now();
     let mut waited = false;
     loop {
-        let lookup = CACHE.with(|c| c.borrow_mut().lookup(&key, now()));
+        let lookup = CACHE.with(|cache| cache.borrow_mut().lookup(key, now()));
         let (token, source) = match lookup {
             Lookup::Hit {
                 token,
@@ -92,32 +87,43 @@ pub async fn obtain(
                 token,
                 refresh: true,
             } => {
-                ctx.wait_until(refresh(
-                    name.to_owned(),
+                let (name, identity, key, c2) = (
+                    target.identity.clone(),
                     identity.clone(),
                     key.clone(),
-                    env.clone(),
-                ));
+                    c.clone(),
+                );
+                let task = future_to_promise(async move {
+                    refresh(name, identity, key, c2).await;
+                    Ok(JsValue::UNDEFINED)
+                });
+                super::wait_until(c, &task);
                 (token, Source::CacheRefreshAhead)
             }
-            Lookup::Fetch => {
-                let token = fetch_and_store(identity, &key, env).await?;
-                (token, Source::Fetched)
-            }
+            Lookup::Fetch => match fetch_and_store(identity, key, c).await {
+                Ok(token) => (token, Source::Fetched),
+                Err(e) => return Err(no_token(&target.identity, &e)),
+            },
             Lookup::Wait => {
                 waited = true;
-                Delay::from(WAIT_POLL).await;
+                let _ = JsFuture::from(super::sleep(WAIT_POLL_MS)).await;
                 continue;
             }
-            Lookup::Failed(error) => return Err(error),
+            Lookup::Failed(error) => return Err(no_token(&target.identity, &error)),
         };
         let idp_ms = matches!(source, Source::Fetched | Source::Waited).then(|| now() - started);
-        return Ok(Obtained {
-            key,
+        return Ok(Grant {
             token,
-            source,
+            source: source.as_str(),
             idp_ms,
         });
+    }
+}
+
+fn no_token(identity: &str, error: &TokenError) -> NoToken {
+    NoToken {
+        problem: Problem::from_token_error(identity, error),
+        log: describe(error),
     }
 }
 
@@ -127,9 +133,9 @@ pub fn evict(key: &TokenKey, access_token: &str) -> bool {
 }
 
 /// The background refresh started by a hit past the refresh point; it writes its own log line.
-async fn refresh(name: String, identity: Identity, key: TokenKey, env: Env) {
+async fn refresh(name: String, identity: Identity, key: TokenKey, c: JsValue) {
     let started = now();
-    let result = fetch_and_store(&identity, &key, &env).await;
+    let result = fetch_and_store(&identity, &key, &c).await;
     let line = serde_json::json!({
         "level": if result.is_ok() { "info" } else { "warn" },
         "event": "token_refresh",
@@ -138,15 +144,15 @@ async fn refresh(name: String, identity: Identity, key: TokenKey, env: Env) {
         "error": result.as_ref().err().map(describe),
         "idp_ms": now() - started,
     });
-    worker::console_log!("{line}");
+    super::console_log(&line.to_string());
 }
 
 async fn fetch_and_store(
     identity: &Identity,
     key: &TokenKey,
-    env: &Env,
+    c: &JsValue,
 ) -> Result<Token, TokenError> {
-    let result = fetch(identity, key, env).await;
+    let result = fetch(identity, key, c).await;
     CACHE.with(|c| {
         c.borrow_mut().complete(
             key,
@@ -160,7 +166,7 @@ async fn fetch_and_store(
 }
 
 /// One fetch: credentials, retries and back-off as [`TokenFetch`] decides.
-async fn fetch(identity: &Identity, key: &TokenKey, env: &Env) -> Result<Token, TokenError> {
+async fn fetch(identity: &Identity, key: &TokenKey, c: &JsValue) -> Result<Token, TokenError> {
     let credentials = match &identity.credential {
         Credential::ClientSecret {
             next_secret: Some(_),
@@ -181,23 +187,21 @@ async fn fetch(identity: &Identity, key: &TokenKey, env: &Env) -> Result<Token, 
                 return result;
             }
             Step::Sleep(ms) => {
-                Delay::from(Duration::from_millis(ms as u64)).await;
+                let _ = JsFuture::from(super::sleep(ms)).await;
                 fetch.resume()
             }
             Step::Send { credential } => {
-                let result = attempt(identity, key, credential, env).await;
+                let result = attempt(identity, key, credential, c).await;
                 fetch.on_result(result, now(), random())
             }
         };
     }
 }
 
-fn secret(env: &Env, name: &str) -> Result<String, TokenError> {
-    env.secret(name)
-        .map(|s| s.to_string())
-        .map_err(|_| TokenError::Credential {
-            reason: format!("the Worker secret {name} is not set"),
-        })
+fn secret(c: &JsValue, name: &str) -> Result<String, TokenError> {
+    super::secret(c, name).ok_or_else(|| TokenError::Credential {
+        reason: format!("the Worker secret {name} is not set"),
+    })
 }
 
 /// One token request with credential number `credential`.
@@ -205,7 +209,7 @@ async fn attempt(
     identity: &Identity,
     key: &TokenKey,
     credential: usize,
-    env: &Env,
+    c: &JsValue,
 ) -> Result<Token, TokenError> {
     let request = match &identity.credential {
         Credential::ClientSecret {
@@ -217,7 +221,7 @@ async fn attempt(
                 (1, Some(next)) => next,
                 _ => first,
             };
-            let value = secret(env, name)?;
+            let value = secret(c, name)?;
             identity.token_request(
                 key,
                 Proof::Secret {
@@ -232,8 +236,8 @@ async fn attempt(
         } => {
             let jwt = client_assertion(
                 key,
-                &secret(env, private_key_secret)?,
-                &secret(env, certificate_secret)?,
+                &secret(c, private_key_secret)?,
+                &secret(c, certificate_secret)?,
             )
             .await?;
             identity.token_request(key, Proof::Assertion(&jwt))
@@ -254,31 +258,38 @@ async fn attempt(
             .map(|(k, v)| (k.to_owned(), v))
             .collect(),
     };
-    let mut response = http::send(
-        &outgoing,
-        None,
-        http::Body::Bytes(request.body.into()),
-        http::Limit::Deadline(identity.timeout_ms()),
-    )
-    .await
-    .map_err(|e| match e {
-        // A secret that cannot travel in a header (Basic auth) is a credential problem.
-        http::SendError::Unsendable(_) => TokenError::Credential {
-            reason: "a credential holds characters an HTTP header cannot carry".into(),
-        },
-        e => transient(format!("the token request {e}")),
+    // The outgoing gate: a secret that cannot travel in a header (Basic auth) is a credential
+    // problem, and is not sent.
+    crate::backend::check(&outgoing).map_err(|_| TokenError::Credential {
+        reason: "a credential holds characters an HTTP header cannot carry".into(),
     })?;
-    let retry_after = response.headers().get("retry-after").ok().flatten();
-    let body = response
-        .text()
-        .await
-        .map_err(|e| transient(format!("reading the token response failed: {e}")))?;
-    parse_token_response(
-        response.status_code(),
-        retry_after.as_deref(),
-        &body,
-        sent_at,
+    let mut headers = String::new();
+    for (name, value) in &outgoing.headers {
+        super::push_header(&mut headers, name, value);
+    }
+    let promise = super::fetch_text(
+        &outgoing.url,
+        "POST",
+        &headers,
+        Some(request.body),
+        identity.timeout_ms(),
     )
+    .map_err(|e| transient(format!("the token request failed: {}", super::describe(&e))))?;
+    let summary = match JsFuture::from(promise).await {
+        Ok(summary) => summary.as_string().unwrap_or_default(),
+        Err(e) if super::is_timeout(&e) => {
+            return Err(transient("the token request timed out".into()))
+        }
+        Err(e) => {
+            return Err(transient(format!(
+                "the token request failed: {}",
+                super::describe(&e)
+            )))
+        }
+    };
+    let (status, retry_after, body): (u16, Option<String>, String) = serde_json::from_str(&summary)
+        .map_err(|_| transient("reading the token response failed".into()))?;
+    parse_token_response(status, retry_after.as_deref(), &body, sent_at)
 }
 
 /// A client assertion signed with the certificate's key (RS256, `x5t` and `x5t#S256`).

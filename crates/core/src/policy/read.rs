@@ -1,50 +1,15 @@
-//! `policy.json`: reading it into types, then checking it as a whole.
-//!
-//! [`load`] is the one entry point. It reports every problem it can find at once, each as a
-//! JSON path and what was expected there, because a user fixing a policy before a deploy wants
-//! the whole list, not one error per round trip:
-//!
-//! 1. JSON syntax (the only stage that stops early: nothing can be read past broken syntax);
-//! 2. shape, per route and per identity, so a broken route does not hide the next one; an
-//!    unknown field is reported and skipped so the rest of that object is still read;
-//! 3. meaning ([`validate`]): names, references, hosts, templates, overlaps, protection.
-
-pub mod model;
-mod resolve;
-#[cfg(not(target_arch = "wasm32"))]
-pub mod schema;
-pub mod validate;
+//! Reading `policy.json`: JSON syntax, then shape (per route and per identity, so a broken route
+//! does not hide the next one; an unknown field is reported and skipped so the rest of that
+//! object is still read), then meaning ([`super::validate`]). Native only (the `compile`
+//! feature): build.rs and the `policy` tool run it; the worker loads what build.rs compiled.
 
 use std::collections::BTreeSet;
-use std::fmt;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-pub use model::*;
-
-/// One thing wrong with a policy: where (a JSON path such as `routes[2].backend.blob.container`)
-/// and what was expected there.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicyError {
-    pub path: String,
-    pub message: String,
-}
-
-impl PolicyError {
-    pub fn new(path: impl Into<String>, message: impl Into<String>) -> PolicyError {
-        PolicyError {
-            path: path.into(),
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for PolicyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)
-    }
-}
+use super::model::*;
+use super::{validate, PolicyError};
 
 /// Reads and validates a policy. `Err` holds every error found, in file order where possible.
 pub fn load(text: &str) -> Result<Policy, Vec<PolicyError>> {

@@ -10,7 +10,8 @@ pub mod cors;
 pub mod ip;
 pub mod jwt;
 
-use crate::policy::{Inbound, RateLimitKey};
+use crate::policy::prepared::IpLists;
+use crate::policy::{Inbound, RateLimit, RateLimitKey};
 use crate::problem::Problem;
 
 /// Whom a request counts against in the route's rate limit: the API key's name, the JWT's
@@ -58,10 +59,46 @@ pub struct RequestFacts<'a> {
     pub header: &'a dyn Fn(&str) -> Option<String>,
 }
 
+/// Over the limit: 429 with the period as `Retry-After`.
+pub fn rate_limited(limit: &RateLimit) -> Problem {
+    Problem::new(
+        429,
+        "rate-limited",
+        "Too many requests",
+        format!("This route allows {} requests per {} seconds for each caller; retry after the time in Retry-After.", limit.limit, limit.period_seconds),
+    )
+    .with_header("retry-after", limit.period_seconds.to_string())
+}
+
+/// The rate limiter could not count: fail closed. `missing`: the binding is not declared.
+pub fn rate_limit_unavailable(missing: bool) -> Problem {
+    if missing {
+        Problem::new(
+            500,
+            "gateway-misconfigured",
+            "Gateway is misconfigured",
+            "The rate-limiting binding this route names is not declared in wrangler.toml; the operator should add it and redeploy.",
+        )
+    } else {
+        Problem::new(
+            503,
+            "rate-limit-unavailable",
+            "Rate limiting is unavailable",
+            "The rate limiter did not answer; try again shortly.",
+        )
+        .with_header("retry-after", "1")
+    }
+}
+
 /// IP filter (403), body size (413), content type (415), required headers (400), in that order.
-pub fn check_request(inbound: &Inbound, facts: &RequestFacts) -> Result<(), Problem> {
-    if let Some(filter) = &inbound.ip {
-        if !ip::allowed(&filter.allow, &filter.deny, facts.client_ip) {
+/// `ip` holds the route's IP lists, parsed when the policy was compiled.
+pub fn check_request(
+    inbound: &Inbound,
+    ip: Option<&IpLists>,
+    facts: &RequestFacts,
+) -> Result<(), Problem> {
+    if let Some(lists) = ip {
+        if !ip::allowed(&lists.allow, &lists.deny, facts.client_ip) {
             return Err(Problem::new(
                 403,
                 "ip-forbidden",
@@ -136,6 +173,19 @@ pub fn check_request(inbound: &Inbound, facts: &RequestFacts) -> Result<(), Prob
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cheap checks with the IP lists parsed as the compiler does.
+    fn check(inbound: &Inbound, facts: &RequestFacts) -> Result<(), Problem> {
+        let lists = inbound.ip.as_ref().map(|f| IpLists {
+            allow: f
+                .allow
+                .iter()
+                .map(|c| ip::Cidr::parse(c).unwrap())
+                .collect(),
+            deny: f.deny.iter().map(|c| ip::Cidr::parse(c).unwrap()).collect(),
+        });
+        check_request(inbound, lists.as_ref(), facts)
+    }
 
     #[test]
     fn rate_limit_subjects_never_share_a_bucket_across_kinds() {
@@ -223,21 +273,21 @@ mod tests {
             Some("application/json; charset=utf-8"),
             &tenant,
         );
-        assert_eq!(check_request(&inbound(), &ok), Ok(()));
+        assert_eq!(check(&inbound(), &ok), Ok(()));
         // The IP is checked first: a bad IP with every other fault is a 403.
         assert_eq!(
-            check_request(&inbound(), &facts("198.51.100.1", 1000, None, &none))
+            check(&inbound(), &facts("198.51.100.1", 1000, None, &none))
                 .unwrap_err()
                 .status,
             403
         );
         assert_eq!(
-            check_request(&inbound(), &facts("203.0.113.9", 1000, None, &none))
+            check(&inbound(), &facts("203.0.113.9", 1000, None, &none))
                 .unwrap_err()
                 .status,
             413
         );
-        let p = check_request(
+        let p = check(
             &inbound(),
             &facts("203.0.113.9", 10, Some("text/plain"), &none),
         )
@@ -247,13 +297,13 @@ mod tests {
             (415, &("accept", "application/json".to_owned()))
         );
         assert_eq!(
-            check_request(&inbound(), &facts("203.0.113.9", 10, None, &none))
+            check(&inbound(), &facts("203.0.113.9", 10, None, &none))
                 .unwrap_err()
                 .status,
             415
         );
         assert_eq!(
-            check_request(
+            check(
                 &inbound(),
                 &facts("203.0.113.9", 10, Some("application/json"), &none)
             )
@@ -262,7 +312,7 @@ mod tests {
             400
         );
         let other = |n: &str| (n == "x-tenant").then(|| "c".to_owned());
-        let p = check_request(
+        let p = check(
             &inbound(),
             &facts("203.0.113.9", 10, Some("application/json"), &other),
         )
@@ -274,7 +324,7 @@ mod tests {
     fn a_request_without_body_needs_no_content_type() {
         let tenant = |n: &str| (n == "x-tenant").then(|| "b".to_owned());
         assert_eq!(
-            check_request(&inbound(), &facts("203.0.113.9", 0, None, &tenant)),
+            check(&inbound(), &facts("203.0.113.9", 0, None, &tenant)),
             Ok(())
         );
     }

@@ -4,17 +4,19 @@
 //! time, without an early exit: timing says nothing about which key matched, nor how much of
 //! one, nor how long the right key is. The log names the key that matched, never the key.
 
-use crate::policy::ApiKeyCheck;
+use crate::policy::prepared::PreparedApiKey;
 use crate::problem::Problem;
-use crate::sha256::{hex, sha256};
+use crate::sha256::sha256;
 
-/// On success, the name of the key (for the log line and rate limits).
+/// On success, the name of the key (for the log line and rate limits). `digest(name)` is the
+/// SHA-256 of the key held in the Worker secret `name` (the gateway hashes each once per
+/// isolate), `None` when that secret is not set.
 pub fn check<'c>(
-    check: &'c ApiKeyCheck,
+    check: &'c PreparedApiKey,
     presented: Option<&str>,
-    secret: impl Fn(&str) -> Option<String>,
+    digest: impl Fn(&str) -> Option<[u8; 32]>,
 ) -> Result<&'c str, Problem> {
-    let challenge = format!("ApiKey header=\"{}\"", check.header);
+    let challenge = format!("ApiKey header=\"{}\"", check.header_display);
     let Some(presented) = presented.filter(|p| !p.is_empty()) else {
         return Err(Problem::new(
             401,
@@ -22,25 +24,25 @@ pub fn check<'c>(
             "API key required",
             format!(
                 "This route needs an API key in the {} header.",
-                check.header
+                check.header_display
             ),
         )
         .with_header("www-authenticate", challenge));
     };
-    let presented = hex(&sha256(presented.as_bytes()));
+    let presented = sha256(presented.as_bytes());
     let mut matched = None;
     let mut configured = 0;
     for key in &check.keys {
-        let expected = match (&key.sha256, &key.secret) {
-            (Some(hash), _) => hash.to_ascii_lowercase(),
-            (None, Some(name)) => match secret(name) {
-                Some(value) => hex(&sha256(value.as_bytes())),
+        let expected = match (&key.digest, &key.secret) {
+            (Some(digest), _) => *digest,
+            (None, Some(name)) => match digest(name) {
+                Some(digest) => digest,
                 None => continue,
             },
             (None, None) => continue,
         };
         configured += 1;
-        if constant_time_eq(expected.as_bytes(), presented.as_bytes()) && matched.is_none() {
+        if constant_time_eq(&expected, &presented) && matched.is_none() {
             matched = Some(key.name.as_str());
         }
     }
@@ -59,7 +61,7 @@ pub fn check<'c>(
             "API key not accepted",
             format!(
                 "The key in the {} header is not one this route accepts.",
-                check.header
+                check.header_display
             ),
         )
         .with_header("www-authenticate", challenge)
@@ -78,36 +80,29 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::ApiKey;
+    use crate::policy::prepared::PreparedKey;
 
-    fn keys() -> ApiKeyCheck {
-        ApiKeyCheck {
+    fn keys() -> PreparedApiKey {
+        let key = |name: &str, secret: Option<&str>, digest: Option<[u8; 32]>| PreparedKey {
+            name: name.into(),
+            secret: secret.map(Into::into),
+            digest,
+        };
+        PreparedApiKey {
             header: "x-api-key".into(),
+            header_display: "x-api-key".into(),
             keys: vec![
-                ApiKey {
-                    name: "old".into(),
-                    secret: Some("KEY_OLD".into()),
-                    sha256: None,
-                },
-                ApiKey {
-                    name: "new".into(),
-                    secret: Some("KEY_NEW".into()),
-                    sha256: None,
-                },
-                // sha256("hashed-key-1")
-                ApiKey {
-                    name: "hashed".into(),
-                    secret: None,
-                    sha256: Some(hex(&sha256(b"hashed-key-1")).to_uppercase()),
-                },
+                key("old", Some("KEY_OLD"), None),
+                key("new", Some("KEY_NEW"), None),
+                key("hashed", None, Some(sha256(b"hashed-key-1"))),
             ],
         }
     }
 
-    fn secrets(name: &str) -> Option<String> {
+    fn secrets(name: &str) -> Option<[u8; 32]> {
         match name {
-            "KEY_OLD" => Some("s3cret-old".into()),
-            "KEY_NEW" => Some("s3cret-new".into()),
+            "KEY_OLD" => Some(sha256(b"s3cret-old")),
+            "KEY_NEW" => Some(sha256(b"s3cret-new")),
             _ => None,
         }
     }
@@ -116,11 +111,7 @@ mod tests {
     fn names_the_key_that_matched_from_a_secret_or_a_hash() {
         assert_eq!(check(&keys(), Some("s3cret-new"), secrets), Ok("new"));
         assert_eq!(check(&keys(), Some("s3cret-old"), secrets), Ok("old"));
-        assert_eq!(
-            check(&keys(), Some("hashed-key-1"), secrets),
-            Ok("hashed"),
-            "hash compared case-insensitively"
-        );
+        assert_eq!(check(&keys(), Some("hashed-key-1"), secrets), Ok("hashed"));
     }
 
     #[test]
@@ -142,7 +133,7 @@ mod tests {
 
     #[test]
     fn keys_whose_secrets_are_unset_are_skipped_and_none_at_all_is_a_500() {
-        let only_secrets = ApiKeyCheck {
+        let only_secrets = PreparedApiKey {
             keys: keys().keys[..2].to_vec(),
             ..keys()
         };

@@ -24,6 +24,13 @@ fn encode_with(bytes: &[u8], alphabet: &[u8; 64], pad: bool) -> String {
 }
 
 /// Standard base64 with padding (RFC 4648 §4), as HTTP Basic and PEM use.
+/// An HTTP field name (RFC 9110 `token`).
+pub fn is_header_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 pub fn base64(bytes: &[u8]) -> String {
     encode_with(bytes, STANDARD, true)
 }

@@ -9,13 +9,13 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-#[cfg(not(target_arch = "wasm32"))]
+#[cfg(feature = "compile")]
 use schemars::JsonSchema;
 
 /// A gateway policy: who the gateway is towards Azure (identities) and what callers may ask
 /// it to do (routes).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     /// The JSON Schema that editors use to check this file (`./policy.schema.json`).
@@ -41,7 +41,7 @@ pub struct Policy {
 
 /// Azure clouds: each has its own Entra authority and service host suffixes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Cloud {
     /// Azure public cloud (`login.microsoftonline.com`, `*.windows.net`).
@@ -75,7 +75,7 @@ pub fn is_secret_bearing_path<'a>(fields: impl IntoIterator<Item = &'a str>) -> 
 
 /// An OAuth2 client the gateway authenticates as: the stand-in for a managed identity.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Identity {
     /// Where tokens are requested.
@@ -95,7 +95,7 @@ pub struct Identity {
 
 /// A token endpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum TokenEndpoint {
     /// Microsoft Entra ID v2 endpoint: `scope={audience}/.default`.
@@ -123,7 +123,7 @@ pub enum TokenEndpoint {
 /// A client credential. Secret values never appear in the policy: it names the Worker secrets
 /// (`wrangler secret put NAME`) that hold them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Credential {
     /// A client secret.
@@ -148,7 +148,7 @@ pub enum Credential {
 
 /// How a client secret is presented to the token endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ClientAuth {
     /// `client_secret_post`: `client_id` and `client_secret` in the form body.
@@ -160,7 +160,7 @@ pub enum ClientAuth {
 
 /// One route: requests that match `methods` and `path` go through `inbound`, then to `backend`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     /// A unique name, used in logs and errors.
@@ -181,7 +181,7 @@ pub struct Route {
 
 /// HTTP methods a route may accept (`OPTIONS` is the gateway's own, for CORS).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Method {
     Get,
@@ -222,7 +222,7 @@ impl Method {
 /// Inbound checks of a route (or, at the top of the policy, the defaults every route starts
 /// from: a route's own check of a kind replaces the default of that kind).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Inbound {
     /// Callers must present one of these API keys.
@@ -289,7 +289,7 @@ impl Inbound {
 
 /// JWT validation, like API Management's `validate-jwt`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct JwtCheck {
     /// Accepted `iss` values (exact match).
@@ -321,7 +321,7 @@ fn default_jwt_algorithms() -> Vec<JwtAlgorithm> {
 
 /// JWS algorithms the gateway verifies (with WebCrypto).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
 pub enum JwtAlgorithm {
     RS256,
     PS256,
@@ -331,7 +331,7 @@ pub enum JwtAlgorithm {
 /// Address filter on `CF-Connecting-IP`. A denied address is refused even if allowed; with an
 /// allow list, every other address is refused.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct IpFilter {
     /// CIDRs (IPv4 or IPv6) or single addresses that may call.
@@ -344,7 +344,7 @@ pub struct IpFilter {
 
 /// A header a request must carry (like API Management's `check-header`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RequiredHeader {
     pub name: String,
@@ -357,7 +357,7 @@ pub struct RequiredHeader {
 /// (`[[ratelimits]]`), whose `simple = { limit, period }` must match `limit` and `period_seconds`
 /// here. Counts are kept per Cloudflare location, not globally.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
     /// The binding's name in `wrangler.toml`.
@@ -371,7 +371,7 @@ pub struct RateLimit {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RateLimitKey {
     ApiKey,
@@ -381,7 +381,7 @@ pub enum RateLimitKey {
 
 /// CORS for browser callers; preflight requests are answered by the gateway.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Cors {
     /// Allowed origins (`https://app.example.com`), or `["*"]` for any.
@@ -399,7 +399,7 @@ pub struct Cors {
 
 /// API key check.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeyCheck {
     /// The request header that carries the key.
@@ -415,7 +415,7 @@ fn default_api_key_header() -> String {
 
 /// One accepted API key: held in a Worker secret, or as the SHA-256 of the key (exactly one).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ApiKey {
     /// Name of the key, written to the log line instead of the key.
@@ -430,7 +430,7 @@ pub struct ApiKey {
 
 /// A backend: the Azure service a route writes to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 // Built once per isolate and never moved on a request path: variant sizes do not matter.
 #[allow(clippy::large_enum_variant)]
@@ -443,7 +443,7 @@ pub enum Backend {
 
 /// A Service Bus queue or topic.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ServiceBusBackend {
     /// Namespace name: `{namespace}.servicebus.windows.net` (or the cloud's suffix).
@@ -481,7 +481,7 @@ pub struct ServiceBusBackend {
 /// template over the request (`{path.x}`, `{query.x}`, `{header.x}`, `{uuid}`,
 /// `{request_id}`, `{date:…}`, literals).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MessageMapping {
     /// Default: the caller's `Idempotency-Key` header when present (so a client's retry is a
@@ -562,7 +562,7 @@ impl MessageMapping {
 
 /// A Blob Storage container.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(JsonSchema))]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BlobBackend {
     /// Storage account name: `{account}.blob.core.windows.net` (or the cloud's suffix).

@@ -10,7 +10,9 @@
 pub mod blob;
 pub mod service_bus;
 
+use crate::pipeline::{Io, Limit, LogFields, OutBody, Reply, SendError};
 use crate::problem::Problem;
+use crate::retry::RetryPolicy;
 
 /// An HTTP request to a backend, without its body (the edge streams that) and without its
 /// `Authorization` header (the edge adds the token when it sends).
@@ -68,7 +70,7 @@ pub fn check(request: &BackendRequest) -> Result<(), Problem> {
         return Err(unsendable("The backend URL built from the request"));
     }
     for (name, value) in &request.headers {
-        if !crate::policy::validate::is_header_name(name) {
+        if !crate::encoding::is_header_name(name) {
             return Err(unsendable(&format!("The header name {name:?}")));
         }
         if !is_header_value(value) {
@@ -108,6 +110,77 @@ fn unsendable(what: &str) -> Problem {
         "unsendable-value",
         "A value from this request cannot be sent to Azure",
         format!("{what} contains a character HTTP headers cannot carry unchanged (only printable ASCII, without leading or trailing spaces); change the request value it is built from. Nothing was sent."),
+    )
+}
+
+/// What one backend reply means to [`send_retried`].
+pub enum Verdict<S> {
+    Done(Reply<S>),
+    /// Final; `detail` is the backend's own reason, for the log line only.
+    Fail {
+        problem: Problem,
+        detail: Option<String>,
+    },
+    /// Worth another attempt (429, 5xx), after at least this many seconds if given.
+    Retry(Option<u64>),
+}
+
+/// Sends a request whose body the edge holds (so every attempt carries the same bytes) until
+/// `judge` says done or failed. Network errors, timeouts and [`Verdict::Retry`] are retried
+/// within the [`RetryPolicy`], honouring `Retry-After`; then `unavailable(why, retry_after)`.
+/// A request the outgoing gate refuses is never retried.
+#[allow(clippy::too_many_arguments)]
+pub async fn send_retried<I: Io>(
+    io: &I,
+    request: &BackendRequest,
+    token: &str,
+    body: OutBody<'_, I::Bytes>,
+    limit: Limit,
+    log: &mut LogFields,
+    mut judge: impl AsyncFnMut(Reply<I::Stream>) -> Verdict<I::Stream>,
+    unavailable: impl Fn(&str, Option<u64>) -> Problem,
+) -> Result<Reply<I::Stream>, Problem> {
+    let retry = RetryPolicy::default();
+    let started = io.now();
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let (retry_after, why) = match io.send(request, Some(token), body, limit).await {
+            Ok(reply) => {
+                let status = reply.status;
+                log.backend_status = Some(status);
+                match judge(reply).await {
+                    Verdict::Done(reply) => return Ok(reply),
+                    Verdict::Fail { problem, detail } => {
+                        log.backend_detail = detail;
+                        return Err(problem);
+                    }
+                    Verdict::Retry(retry_after) => (retry_after, format!("answered {status}")),
+                }
+            }
+            Err(SendError::Unsendable(problem)) => return Err(problem),
+            Err(e) => (None, format!("could not be reached ({e})")),
+        };
+        let wait = retry.next_delay(
+            attempts,
+            io.now() - started,
+            retry_after.map(|s| s as f64 * 1000.0),
+            io.random(),
+        );
+        match wait {
+            Some(delay) => io.sleep(delay).await,
+            None => return Err(unavailable(&why, retry_after)),
+        }
+    }
+}
+
+/// A request body that could not be read.
+pub fn unreadable(why: &str) -> Problem {
+    Problem::new(
+        400,
+        "bad-body",
+        "The request body could not be read",
+        format!("Reading the body failed: {why}"),
     )
 }
 

@@ -8,7 +8,9 @@ use crate::policy::{ClientAuth, Cloud, Identity, TokenEndpoint};
 use crate::retry::parse_retry_after_secs;
 
 /// The cache key of a token: endpoint, client and scope (or resource, for Entra v1).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct TokenKey {
     pub token_url: String,
     pub client_id: String,

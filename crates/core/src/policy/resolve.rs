@@ -2,7 +2,7 @@
 //! defaults filled in. Used by `policy explain` and by the backends that build requests.
 
 use super::model::{Backend, BlobBackend, Cloud, Inbound, Policy, Route, ServiceBusBackend};
-use super::validate::{SERVICE_BUS_AUDIENCE, STORAGE_AUDIENCE};
+use super::{SERVICE_BUS_AUDIENCE, STORAGE_AUDIENCE};
 
 impl ServiceBusBackend {
     /// `https://{namespace}.servicebus.windows.net` or the explicit endpoint, no trailing slash.

@@ -7,20 +7,22 @@
 
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
 /// A parsed template: literal text and variables, in order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Template {
     pub parts: Vec<Part>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Part {
     Literal(String),
     Var(Var),
 }
 
 /// What a template variable is filled from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Var {
     /// A parameter of the route's path template.
     Path(String),

@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 
 /// An address range: `10.0.0.0/8`, `2001:db8::/32`, or a single address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Cidr {
     addr: IpAddr,
     prefix: u8,
@@ -65,13 +65,9 @@ fn masked(net: u128, ip: u128, prefix: u8, bits: u8) -> bool {
 /// Whether `client` may call, given the lists (already validated). Deny wins; with an allow
 /// list, only listed addresses pass; an unknown or unparsable address passes only when there
 /// is no allow list.
-pub fn allowed(allow: &[String], deny: &[String], client: Option<&str>) -> bool {
+pub fn allowed(allow: &[Cidr], deny: &[Cidr], client: Option<&str>) -> bool {
     let ip = client.and_then(|c| c.trim().parse::<IpAddr>().ok());
-    let any = |list: &[String], ip: IpAddr| {
-        list.iter()
-            .filter_map(|c| Cidr::parse(c).ok())
-            .any(|c| c.contains(ip))
-    };
+    let any = |list: &[Cidr], ip: IpAddr| list.iter().any(|c| c.contains(ip));
     match ip {
         Some(ip) if any(deny, ip) => false,
         Some(ip) => allow.is_empty() || any(allow, ip),
@@ -83,8 +79,8 @@ pub fn allowed(allow: &[String], deny: &[String], client: Option<&str>) -> bool 
 mod tests {
     use super::*;
 
-    fn list(items: &[&str]) -> Vec<String> {
-        items.iter().map(|s| s.to_string()).collect()
+    fn list(items: &[&str]) -> Vec<Cidr> {
+        items.iter().map(|s| Cidr::parse(s).unwrap()).collect()
     }
 
     #[test]

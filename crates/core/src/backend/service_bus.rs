@@ -8,7 +8,10 @@
 use serde_json::{json, Map, Value};
 
 use super::BackendRequest;
-use crate::policy::{MessageMapping, ServiceBusBackend};
+use super::Verdict;
+use crate::pipeline::{BodyError, Cx, Grant, Io, Limit, OutBody, Reply};
+use crate::policy::prepared::{PreparedMessage, PreparedServiceBus};
+use crate::policy::ServiceBusBackend;
 use crate::problem::Problem;
 use crate::template::{RenderContext, Template};
 
@@ -89,30 +92,26 @@ fn bad_message(detail: String) -> Problem {
 /// Renders the route's mapping for this request, fills the defaults and checks the result.
 /// `index` is the element of a batch, if any.
 pub fn properties(
-    mapping: Option<&MessageMapping>,
+    mapping: &PreparedMessage,
     ctx: &RenderContext,
     defaults: &Defaults,
     index: Option<usize>,
 ) -> Result<Properties, Problem> {
-    let render = |what: &str, text: &str| -> Result<String, Problem> {
-        let template = Template::parse(text)
-            .map_err(|_| Problem::internal("a template that passed validation did not parse"))?;
+    let render = |what: &str, template: &Template| -> Result<String, Problem> {
         template.render(ctx).map_err(|missing| {
             bad_message(format!("{what} is built from the request, but {missing}"))
         })
     };
     let mut broker = Map::new();
     let mut custom = Vec::new();
-    if let Some(m) = mapping {
-        for (name, text) in m.broker_templates() {
-            broker.insert(name.to_owned(), Value::from(render(name, text)?));
-        }
-        if let Some(ttl) = m.time_to_live {
-            broker.insert("TimeToLive".into(), Value::from(ttl));
-        }
-        for (name, text) in &m.properties {
-            custom.push((name.clone(), render(&format!("property {name}"), text)?));
-        }
+    for (name, template) in &mapping.broker {
+        broker.insert(name.clone(), Value::from(render(name, template)?));
+    }
+    if let Some(ttl) = mapping.time_to_live {
+        broker.insert("TimeToLive".into(), Value::from(ttl));
+    }
+    for (name, template) in &mapping.properties {
+        custom.push((name.clone(), render(&format!("property {name}"), template)?));
     }
     if !broker.contains_key("MessageId") {
         let id = match (defaults.idempotency_key, index) {
@@ -259,8 +258,7 @@ pub fn too_large(size: usize, limit: usize) -> Problem {
 
 /// The send request for one message; the body is the caller's, as it came.
 pub fn single_request(
-    backend: &ServiceBusBackend,
-    base_url: &str,
+    backend: &PreparedServiceBus,
     content_type: &str,
     props: &Properties,
 ) -> BackendRequest {
@@ -274,7 +272,7 @@ pub fn single_request(
     headers.extend(props.custom.iter().cloned());
     BackendRequest {
         method: "POST",
-        url: format!("{base_url}/{}/messages", backend.entity()),
+        url: backend.send_url.clone(),
         headers,
     }
 }
@@ -284,7 +282,7 @@ pub fn single_request(
 /// element checked. Returns the body and the message ids in order.
 pub fn batch_body(
     body: &[u8],
-    mapping: Option<&MessageMapping>,
+    mapping: &PreparedMessage,
     ctx: &RenderContext,
     defaults: &Defaults,
 ) -> Result<(String, Vec<String>), Problem> {
@@ -311,16 +309,12 @@ pub fn batch_body(
             Some(other) => other.to_string(),
         };
         let mut props = properties(mapping, ctx, defaults, Some(i)).map_err(|p| prefix(p, &at))?;
-        let mapped = mapping.map(MessageMapping::mapped_broker_properties);
         match element.remove("BrokerProperties") {
             Some(Value::Object(own)) => {
                 // What the route maps is the route's: an element may not replace it (a tenant
                 // taken from the caller's token, say). Defaults (MessageId, CorrelationId) it
                 // may set.
-                if let Some(name) = own
-                    .keys()
-                    .find(|k| mapped.iter().flatten().any(|m| m.eq_ignore_ascii_case(k)))
-                {
+                if let Some(name) = own.keys().find(|k| mapping.maps_broker(k)) {
                     return Err(set_by_route(&at, &format!("BrokerProperties.{name}")));
                 }
                 props.broker.extend(own)
@@ -334,10 +328,7 @@ pub fn batch_body(
         }
         match element.remove("UserProperties") {
             Some(Value::Object(own)) => {
-                if let Some(name) = own
-                    .keys()
-                    .find(|k| mapping.is_some_and(|m| m.maps_property(k)))
-                {
+                if let Some(name) = own.keys().find(|k| mapping.maps_property(k)) {
                     return Err(set_by_route(&at, &format!("UserProperties.{name}")));
                 }
                 for (k, v) in own {
@@ -384,12 +375,158 @@ fn prefix(mut p: Problem, at: &str) -> Problem {
 }
 
 /// The batch send request.
-pub fn batch_request(backend: &ServiceBusBackend, base_url: &str) -> BackendRequest {
+pub fn batch_request(backend: &PreparedServiceBus) -> BackendRequest {
     BackendRequest {
         method: "POST",
-        url: format!("{base_url}/{}/messages", backend.entity()),
+        url: backend.send_url.clone(),
         headers: vec![("content-type".to_owned(), BATCH_CONTENT_TYPE.to_owned())],
     }
+}
+
+/// Time limit of one send attempt, in milliseconds.
+pub const SEND_TIMEOUT_MS: f64 = 30_000.0;
+
+/// What [`build`] decided: the request and the bytes every attempt sends (so a retry carries
+/// the same body and `MessageId`, and an entity with duplicate detection drops a repeat).
+pub struct Plan<B> {
+    request: BackendRequest,
+    payload: Payload<B>,
+    ids: Vec<String>,
+}
+
+enum Payload<B> {
+    /// The caller's body, held by the edge.
+    Bytes(B),
+    /// A batch, rebuilt here.
+    Text(String),
+    Empty,
+}
+
+/// Phase 7: reads the body (within the message size), builds the message or batch with the
+/// route's mapping, checks everything Service Bus would refuse, and passes the request through
+/// the outgoing gate: all before a token is fetched.
+pub async fn build<I: Io>(
+    sb: &PreparedServiceBus,
+    cx: &mut Cx<'_>,
+    io: &I,
+) -> Result<Plan<I::Bytes>, Problem> {
+    let limit = sb
+        .config
+        .max_message_bytes()
+        .min(cx.max_body().map_or(usize::MAX, |m| m as usize));
+    let head = cx.head;
+    if let Some(length) = head.content_length().filter(|&l| l > limit as u64) {
+        return Err(too_large(length as usize, limit));
+    }
+    let body = match io.read_body(limit as u64).await {
+        Ok(body) => body,
+        Err(BodyError::TooLarge(seen)) => return Err(too_large(seen as usize, limit)),
+        Err(BodyError::Unreadable(why)) => return Err(crate::backend::unreadable(&why)),
+    };
+    let defaults = Defaults {
+        idempotency_key: head.header("idempotency-key"),
+        traceparent: head.header("traceparent"),
+        request_id: &cx.request_id,
+    };
+    let header = |name: &str| head.header(name).map(str::to_owned);
+    let uuid = || io.uuid();
+    let values = cx.render_context(&header, &uuid, io.now());
+    let plan = if sb.config.batch {
+        let bytes = body.as_ref().map(|(b, _)| io.bytes(b)).unwrap_or_default();
+        let (batch, ids) = batch_body(&bytes, &sb.message, &values, &defaults)?;
+        if batch.len() > limit {
+            return Err(too_large(batch.len(), limit));
+        }
+        Plan {
+            request: batch_request(sb),
+            payload: Payload::Text(batch),
+            ids,
+        }
+    } else {
+        let props = properties(&sb.message, &values, &defaults, None)?;
+        let size = message_size(body.as_ref().map_or(0, |(_, n)| *n as usize), &props);
+        if size > limit {
+            return Err(too_large(size, limit));
+        }
+        let content_type = head
+            .header("content-type")
+            .unwrap_or("application/octet-stream");
+        Plan {
+            request: single_request(sb, content_type, &props),
+            ids: vec![props.message_id().to_owned()],
+            payload: body.map_or(Payload::Empty, |(b, _)| Payload::Bytes(b)),
+        }
+    };
+    crate::backend::check(&plan.request)?;
+    Ok(plan)
+}
+
+/// Phase 9: sends, retrying 429, 5xx, timeouts and network errors with the same bytes within
+/// the retry policy; a final refusal is mapped (and a 401 evicts the token).
+pub async fn send<I: Io>(
+    sb: &PreparedServiceBus,
+    plan: &Plan<I::Bytes>,
+    grant: &Grant,
+    cx: &mut Cx<'_>,
+    io: &I,
+) -> Result<Reply<I::Stream>, Problem> {
+    let body = match &plan.payload {
+        Payload::Bytes(b) => OutBody::Bytes(b),
+        Payload::Text(t) => OutBody::Text(t),
+        Payload::Empty => OutBody::Text(""),
+    };
+    let entity = sb.config.entity();
+    let token = &grant.token.access_token;
+    crate::backend::send_retried(
+        io,
+        &plan.request,
+        token,
+        body,
+        Limit::Deadline(SEND_TIMEOUT_MS),
+        &mut cx.log,
+        async |reply: Reply<I::Stream>| {
+            let status = reply.status;
+            if status == 201 {
+                return Verdict::Done(reply);
+            }
+            let retry_after = crate::retry::parse_retry_after_secs(reply.header("retry-after"));
+            let text = match reply.body {
+                Some(body) => io.text(body).await,
+                None => String::new(),
+            };
+            match map_response(status, retry_after, &text, entity) {
+                SendOutcome::Accepted => Verdict::Done(Reply {
+                    status,
+                    headers: Vec::new(),
+                    body: None,
+                }),
+                SendOutcome::Retry { retry_after_secs } => Verdict::Retry(retry_after_secs),
+                SendOutcome::Failed {
+                    problem,
+                    evict,
+                    detail,
+                } => {
+                    if evict {
+                        io.evict_token(&sb.token.key, token);
+                    }
+                    Verdict::Fail {
+                        problem,
+                        detail: Some(detail),
+                    }
+                }
+            }
+        },
+        |why, retry_after| unavailable(retry_after, why),
+    )
+    .await
+}
+
+/// Phase 10: the caller's 202 with the message id(s).
+pub fn answer<B, S>(sb: &PreparedServiceBus, plan: &Plan<B>) -> crate::pipeline::Answer<S> {
+    crate::pipeline::Answer::json(
+        202,
+        accepted_body(sb.config.entity(), &plan.ids, sb.config.batch),
+    )
 }
 
 /// The caller's 202.
@@ -481,6 +618,11 @@ fn error_detail(body: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::MessageMapping;
+
+    fn prep(m: &MessageMapping) -> PreparedMessage {
+        PreparedMessage::from_mapping(m).unwrap()
+    }
 
     fn mapping() -> MessageMapping {
         MessageMapping {
@@ -523,7 +665,12 @@ mod tests {
     #[test]
     fn mapping_and_defaults_fill_broker_and_custom_properties() {
         let p = with_ctx("contoso", |ctx| {
-            properties(Some(&mapping()), ctx, &defaults(Some("idem-9"), None), None)
+            properties(
+                &prep(&mapping()),
+                ctx,
+                &defaults(Some("idem-9"), None),
+                None,
+            )
         })
         .unwrap();
         assert_eq!(
@@ -539,7 +686,12 @@ mod tests {
         );
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let p = with_ctx("c", |ctx| {
-            properties(None, ctx, &defaults(None, Some(tp)), None)
+            properties(
+                &PreparedMessage::default(),
+                ctx,
+                &defaults(None, Some(tp)),
+                None,
+            )
         })
         .unwrap();
         assert_eq!(p.message_id(), "generated-id");
@@ -548,7 +700,12 @@ mod tests {
             "4bf92f3577b34da6a3ce929d0e0e4736"
         );
         let p = with_ctx("c", |ctx| {
-            properties(None, ctx, &defaults(None, Some("garbage")), None)
+            properties(
+                &PreparedMessage::default(),
+                ctx,
+                &defaults(None, Some("garbage")),
+                None,
+            )
         })
         .unwrap();
         assert_eq!(p.broker["CorrelationId"], "req-1");
@@ -558,7 +715,7 @@ mod tests {
     fn service_bus_rules_are_checked_before_sending() {
         let long = "x".repeat(129);
         let p = with_ctx(&long, |ctx| {
-            properties(Some(&mapping()), ctx, &defaults(None, None), None)
+            properties(&prep(&mapping()), ctx, &defaults(None, None), None)
         })
         .unwrap_err();
         assert_eq!((p.status, p.kind), (400, "bad-message"));
@@ -573,7 +730,7 @@ mod tests {
             ..mapping()
         };
         let p = with_ctx("contoso", |ctx| {
-            properties(Some(&m), ctx, &defaults(None, None), None)
+            properties(&prep(&m), ctx, &defaults(None, None), None)
         })
         .unwrap_err();
         assert!(p
@@ -584,7 +741,7 @@ mod tests {
             ..MessageMapping::default()
         };
         let p = with_ctx("c", |ctx| {
-            properties(Some(&m), ctx, &defaults(None, None), None)
+            properties(&prep(&m), ctx, &defaults(None, None), None)
         })
         .unwrap_err();
         assert!(p.detail.contains("RFC 1123"));
@@ -593,7 +750,7 @@ mod tests {
             ..MessageMapping::default()
         };
         assert!(with_ctx("c", |ctx| properties(
-            Some(&m),
+            &prep(&m),
             ctx,
             &defaults(None, None),
             None
@@ -604,12 +761,12 @@ mod tests {
             ..MessageMapping::default()
         };
         let p = with_ctx("c", |ctx| {
-            properties(Some(&m), ctx, &defaults(None, None), None)
+            properties(&prep(&m), ctx, &defaults(None, None), None)
         })
         .unwrap_err();
         assert!(p.detail.contains("one property may have at most 32768"));
         let p = with_ctx("ünï", |ctx| {
-            properties(Some(&mapping()), ctx, &defaults(None, None), None)
+            properties(&prep(&mapping()), ctx, &defaults(None, None), None)
         })
         .unwrap_err();
         assert!(p.detail.contains("printable ASCII"));
@@ -619,7 +776,7 @@ mod tests {
     fn a_batch_takes_defaults_per_element_and_names_a_bad_element() {
         let body = br#"[{"Body": "a"}, {"Body": {"n": 1}, "BrokerProperties": {"To": "own"}, "UserProperties": {"n": 1}}]"#;
         let (out, ids) = with_ctx("contoso", |ctx| {
-            batch_body(body, Some(&mapping()), ctx, &defaults(Some("k"), None))
+            batch_body(body, &prep(&mapping()), ctx, &defaults(Some("k"), None))
         })
         .unwrap();
         assert_eq!(ids, vec!["k-0", "k-1"]);
@@ -633,7 +790,10 @@ mod tests {
         assert_eq!(out[0]["UserProperties"]["tenant"], "contoso");
 
         let bad = br#"[{"Body": "a"}, {"Body": "b"}, {"Body": "c", "BrokerProperties": {"SessionId": "x", "PartitionKey": "y"}}]"#;
-        let p = with_ctx("c", |ctx| batch_body(bad, None, ctx, &defaults(None, None))).unwrap_err();
+        let p = with_ctx("c", |ctx| {
+            batch_body(bad, &PreparedMessage::default(), ctx, &defaults(None, None))
+        })
+        .unwrap_err();
         assert_eq!(p.status, 400);
         assert!(
             p.detail.starts_with("batch[2].SessionId and PartitionKey"),
@@ -654,7 +814,12 @@ mod tests {
             (br#"{"Body": "a"}"#, "non-empty JSON array"),
         ] {
             let p = with_ctx("c", |ctx| {
-                batch_body(body, None, ctx, &defaults(None, None))
+                batch_body(
+                    body,
+                    &PreparedMessage::default(),
+                    ctx,
+                    &defaults(None, None),
+                )
             })
             .unwrap_err();
             assert!(
@@ -695,7 +860,7 @@ mod tests {
             let p = with_ctx("contoso", |ctx| {
                 batch_body(
                     body.as_bytes(),
-                    Some(&mapping()),
+                    &prep(&mapping()),
                     ctx,
                     &defaults(None, None),
                 )
@@ -712,7 +877,7 @@ mod tests {
         // What the route leaves unmapped, an element may set: its own MessageId and properties.
         let body = br#"[{"Body": "a", "BrokerProperties": {"MessageId": "own-id", "ReplyTo": "r"}, "UserProperties": {"color": "red"}}]"#;
         let (out, ids) = with_ctx("contoso", |ctx| {
-            batch_body(body, Some(&mapping()), ctx, &defaults(None, None))
+            batch_body(body, &prep(&mapping()), ctx, &defaults(None, None))
         })
         .unwrap();
         assert_eq!(ids, vec!["own-id"]);
@@ -728,15 +893,27 @@ mod tests {
         )
         .unwrap();
         let props = with_ctx("t", |ctx| {
-            properties(Some(&mapping()), ctx, &defaults(Some("m1"), None), None)
+            properties(&prep(&mapping()), ctx, &defaults(Some("m1"), None), None)
         })
         .unwrap();
-        let r = single_request(
-            &backend,
-            "https://contoso-orders.servicebus.windows.net",
-            "application/json",
-            &props,
-        );
+        let prepared = PreparedServiceBus {
+            send_url: format!(
+                "{}/{}/messages",
+                backend.base_url(crate::policy::Cloud::Public),
+                backend.entity()
+            ),
+            token: crate::policy::prepared::TokenTarget {
+                identity: "gw".into(),
+                key: crate::identity::TokenKey {
+                    token_url: "https://login.example/token".into(),
+                    client_id: "c".into(),
+                    scope: "https://servicebus.azure.net/.default".into(),
+                },
+            },
+            message: prep(&mapping()),
+            config: backend,
+        };
+        let r = single_request(&prepared, "application/json", &props);
         assert_eq!(
             r.url,
             "https://contoso-orders.servicebus.windows.net/orders/messages"
@@ -747,7 +924,7 @@ mod tests {
         assert_eq!(broker["MessageId"], "m1");
         assert_eq!(r.header("tenant"), Some("t"));
         assert_eq!(
-            batch_request(&backend, "http://127.0.0.1:8410").header("content-type"),
+            batch_request(&prepared).header("content-type"),
             Some(BATCH_CONTENT_TYPE)
         );
     }

@@ -593,12 +593,12 @@ mod tests {
     use super::*;
     use crate::encoding::{base64url, pem_block};
 
-    const RSA_SIGNING_PEM: &str = include_str!("../../tests/fixtures/jwt/rsa-signing.pem");
+    const RSA_SIGNING_PEM: &str = include_str!("../../../../tests/fixtures/jwt/rsa-signing.pem");
     const RSA_SIGNING_PUBLIC_PEM: &str =
-        include_str!("../../tests/fixtures/jwt/rsa-signing.pub.pem");
-    const RSA_OTHER_PEM: &str = include_str!("../../tests/fixtures/jwt/rsa-other.pem");
-    const EC_SIGNING_PEM: &str = include_str!("../../tests/fixtures/jwt/ec-signing.pem");
-    const JWKS: &str = include_str!("../../tests/fixtures/jwt/jwks.json");
+        include_str!("../../../../tests/fixtures/jwt/rsa-signing.pub.pem");
+    const RSA_OTHER_PEM: &str = include_str!("../../../../tests/fixtures/jwt/rsa-other.pem");
+    const EC_SIGNING_PEM: &str = include_str!("../../../../tests/fixtures/jwt/ec-signing.pem");
+    const JWKS: &str = include_str!("../../../../tests/fixtures/jwt/jwks.json");
 
     const NOW: i64 = 1_700_000_000;
     const NOW_MS: f64 = NOW as f64 * 1000.0;

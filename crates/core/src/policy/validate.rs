@@ -7,48 +7,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::model::*;
-use super::{hidden_string, PolicyError};
+use super::read::hidden_string;
+use super::PolicyError;
+use super::STORAGE_AUDIENCE;
+use crate::encoding::is_header_name;
 use crate::routing::PathTemplate;
 use crate::template::{Template, Var};
-
-/// Default token audiences per backend kind (scope = audience + `/.default`).
-pub const SERVICE_BUS_AUDIENCE: &str = "https://servicebus.azure.net";
-pub const STORAGE_AUDIENCE: &str = "https://storage.azure.com";
-
-impl Cloud {
-    pub fn authority_host(self) -> &'static str {
-        match self {
-            Cloud::Public => "login.microsoftonline.com",
-            Cloud::UsGovernment => "login.microsoftonline.us",
-            Cloud::China => "login.chinacloudapi.cn",
-        }
-    }
-
-    pub fn service_bus_suffix(self) -> &'static str {
-        match self {
-            Cloud::Public => "servicebus.windows.net",
-            Cloud::UsGovernment => "servicebus.usgovcloudapi.net",
-            Cloud::China => "servicebus.chinacloudapi.cn",
-        }
-    }
-
-    pub fn blob_suffix(self) -> &'static str {
-        match self {
-            Cloud::Public => "blob.core.windows.net",
-            Cloud::UsGovernment => "blob.core.usgovcloudapi.net",
-            Cloud::China => "blob.core.chinacloudapi.cn",
-        }
-    }
-
-    /// Service Bus audiences other than the namespace URL that this cloud's Entra issues.
-    fn service_bus_audiences(self) -> &'static [&'static str] {
-        match self {
-            Cloud::Public => &[SERVICE_BUS_AUDIENCE],
-            Cloud::UsGovernment => &[SERVICE_BUS_AUDIENCE, "https://servicebus.usgovcloudapi.net"],
-            Cloud::China => &[SERVICE_BUS_AUDIENCE, "https://servicebus.chinacloudapi.cn"],
-        }
-    }
-}
 
 /// A URL split into the parts the policy cares about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1114,10 +1078,4 @@ fn is_container(s: &str) -> bool {
         && !s.starts_with('-')
         && !s.ends_with('-')
         && !s.contains("--")
-}
-
-pub fn is_header_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }

@@ -8,17 +8,19 @@
 //! segment from the left; two templates of the same shape for the same method are a policy
 //! error, so the answer never depends on the order of routes.
 
+use serde::{Deserialize, Serialize};
+
 use crate::policy::model::{Method, Route};
 
 /// One segment of a path template.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Segment {
     Literal(String),
     Param(String),
 }
 
 /// A parsed path template.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PathTemplate {
     pub segments: Vec<Segment>,
 }
@@ -149,12 +151,12 @@ pub fn percent_decode(s: &str) -> Option<String> {
 }
 
 /// The routes of a valid policy, ready to match requests.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Router {
     entries: Vec<Entry>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Entry {
     route: usize,
     methods: Vec<Method>,

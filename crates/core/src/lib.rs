@@ -1,0 +1,20 @@
+//! The core of azure-edge-gateway: plain Rust with no `worker` types, tested on the host.
+//!
+//! - [`policy`]: the model of `policy.json`; with the `compile` feature, reading, validation
+//!   and the compiler that build.rs runs; [`policy::prepared`] is what the worker loads.
+//! - [`pipeline`]: the phases of one request, run by one driver over an I/O interface that
+//!   the edge implements (and the tests fake).
+//! - [`routing`], [`template`], [`inbound`], [`identity`], [`backend`]: what the phases use.
+
+pub mod backend;
+pub mod encoding;
+pub mod identity;
+pub mod inbound;
+pub mod pipeline;
+pub mod policy;
+pub mod problem;
+pub mod retry;
+pub mod routing;
+pub mod sha256;
+pub mod template;
+pub mod time;

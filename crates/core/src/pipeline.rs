@@ -1,0 +1,841 @@
+//! The life of one request, in one place: the phases, in order, run by one driver over one
+//! per-request context. Read [`Gateway::handle`] top to bottom:
+//!
+//! 1. **request id**: the caller's `x-request-id` when it is sane, else a new one;
+//! 2. **preflight**: a CORS preflight is answered here, for the route the browser asks about;
+//! 3. **route**: method and path to a route, or 404 / 405;
+//! 4. **cheap checks**: IP, size, content type, required headers;
+//! 5. **credentials**: API key, JWT;
+//! 6. **rate limit**: counted per route and caller;
+//! 7. **build**: the backend reads what it needs of the request and builds its request(s) as
+//!    data, every caller value checked and passed through the outgoing gate;
+//! 8. **token**: the identity's token for the backend's audience;
+//! 9. **send**: the backend request(s), retried where a retry is safe;
+//! 10. **answer**: the backend's reply as the caller's answer;
+//! 11. **log**: one JSON line, whatever happened above.
+//!
+//! The driver decides; it performs no I/O. What it needs from outside (the clock, a secret, a
+//! key set, a signature check, a rate-limit count, a token, a body, a send) it asks of an
+//! [`Io`], which the edge implements with JavaScript and the tests implement with fakes: the
+//! unit tests drive exactly the code production runs. Backends plug in through [`Backend`].
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use serde_json::{json, Map, Value};
+
+use crate::backend::{blob, service_bus, BackendRequest};
+use crate::identity::{Token, TokenKey};
+use crate::inbound::{self, jwt};
+use crate::policy::prepared::{Prepared, PreparedBackend, PreparedRoute, TokenTarget};
+use crate::policy::JwtAlgorithm;
+use crate::problem::Problem;
+use crate::routing::RouteMatch;
+use crate::template::RenderContext;
+
+// ---------------------------------------------------------------------------------------------
+// What the driver works on
+
+/// The request as the edge read it, in one piece: nothing else of it is asked for later.
+#[derive(Debug, Clone, Default)]
+pub struct RequestHead {
+    pub method: String,
+    /// The raw path, without the query string.
+    pub path: String,
+    /// The raw query string, without `?`.
+    pub query: String,
+    /// Header names lowercase, in the order they came.
+    pub headers: Vec<(String, String)>,
+    /// Whether the request has a body stream at all.
+    pub has_body: bool,
+}
+
+impl RequestHead {
+    /// The first value of a header, by lowercase name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The declared `Content-Length`, when it is a number.
+    pub fn content_length(&self) -> Option<u64> {
+        self.header("content-length")
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// Reads the edge's one-string encoding: `[method, url, has_body, [name, value, …]]`.
+    pub fn from_wire(wire: &str) -> Option<RequestHead> {
+        let (method, url, has_body, flat): (String, String, bool, Vec<String>) =
+            serde_json::from_str(wire).ok()?;
+        // An absolute URL: skip the scheme and authority.
+        let after_scheme = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+        let target = after_scheme.find('/').map_or("/", |i| &after_scheme[i..]);
+        let target = target.split('#').next().unwrap_or(target);
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        let headers = flat
+            .chunks_exact(2)
+            .map(|kv| (kv[0].to_ascii_lowercase(), kv[1].clone()))
+            .collect();
+        Some(RequestHead {
+            method,
+            path: path.to_owned(),
+            query: query.to_owned(),
+            headers,
+            has_body,
+        })
+    }
+}
+
+/// A body that passed its size limit, or why it did not.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BodyError {
+    /// More than the limit: at least this many bytes.
+    TooLarge(u64),
+    Unreadable(String),
+}
+
+/// What goes out with a backend request.
+pub enum OutBody<'a, B> {
+    None,
+    /// Bytes the edge holds (a caller's body read whole, a block): the same bytes on a retry.
+    Bytes(&'a B),
+    Text(&'a str),
+    /// The caller's own body stream, passed through untouched (not replayable).
+    CallerStream {
+        length: u64,
+    },
+}
+
+// Only references inside: copyable whatever `B` is (a retry sends the same body again).
+impl<B> Clone for OutBody<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B> Copy for OutBody<'_, B> {}
+
+/// How long a send may take.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Limit {
+    /// The whole call.
+    Deadline(f64),
+    /// A streamed call: stopped only when no bytes move for this long.
+    Idle(f64),
+}
+
+/// Why a send got no reply.
+#[derive(Debug, Clone)]
+pub enum SendError {
+    Timeout,
+    Network(String),
+    /// The outgoing gate refused the request: nothing was sent.
+    Unsendable(Problem),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Timeout => f.write_str("timed out"),
+            SendError::Network(e) => write!(f, "failed: {e}"),
+            SendError::Unsendable(p) => write!(f, "was not sent: {}", p.detail),
+        }
+    }
+}
+
+/// A backend's reply: its status, the headers the gateway reads, and its body (held by the
+/// edge; the core reads it only when it needs the text).
+pub struct Reply<S> {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Option<S>,
+}
+
+impl<S> Reply<S> {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The headers of a backend reply that the core reads (the edge reads no others).
+pub const REPLY_HEADERS: &[&str] = &[
+    "retry-after",
+    "x-ms-error-code",
+    "etag",
+    "content-type",
+    "content-length",
+    "last-modified",
+];
+
+/// A token for a backend call, with what the log line says about it.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub token: Token,
+    /// `cache`, `cache_refresh_ahead`, `fetched` or `waited`.
+    pub source: &'static str,
+    /// Time this request spent on the identity provider.
+    pub idp_ms: Option<f64>,
+}
+
+/// Why no token: the caller's problem and the log's words (never a secret).
+#[derive(Debug, Clone)]
+pub struct NoToken {
+    pub problem: Problem,
+    pub log: String,
+}
+
+/// Everything the driver needs from outside. The edge implements it with JavaScript (one
+/// crossing per call, as a rule); the tests with fakes.
+#[allow(async_fn_in_trait)] // single-threaded: the futures never cross threads
+pub trait Io {
+    /// A body the edge holds: the caller's body read whole, or a block of it.
+    type Bytes;
+    /// A streamed body the edge holds: a backend reply's.
+    type Stream;
+
+    fn now(&self) -> f64;
+    fn uuid(&self) -> String;
+    fn random(&self) -> f64;
+    /// A Worker secret (the edge reads each once per isolate).
+    fn secret(&self, name: &str) -> Option<String>;
+    /// Counts one request against a rate-limiting binding: `Ok(true)` when allowed, `Err`
+    /// when the binding is missing (`Err(true)`) or did not answer (`Err(false)`).
+    async fn rate_limit(&self, binding: &str, key: &str) -> Result<bool, bool>;
+    /// GET a key set URL; the error is safe to tell a caller.
+    async fn fetch_jwks(&self, url: &str) -> Result<String, &'static str>;
+    /// Whether `signature` over `data` verifies with the public `jwk` under `alg`.
+    async fn verify(&self, alg: JwtAlgorithm, jwk: &Value, data: &[u8], signature: &[u8]) -> bool;
+    /// The token of `target`: from the isolate's cache, or fetched once for all callers.
+    async fn token(&self, target: &TokenTarget) -> Result<Grant, NoToken>;
+    /// A backend refused this token (401): drop it from the cache.
+    fn evict_token(&self, key: &TokenKey, access_token: &str);
+    /// The whole body, refused as soon as it passes `limit` bytes; `None` without a body.
+    async fn read_body(&self, limit: u64) -> Result<Option<(Self::Bytes, u64)>, BodyError>;
+    /// The bytes of a body the edge holds (for the few bodies the core must parse).
+    fn bytes(&self, body: &Self::Bytes) -> Vec<u8>;
+    /// The next `block_bytes` of the body (fewer at its end), `None` after the end; refused as
+    /// soon as the body passes `limit` bytes in all.
+    async fn next_block(
+        &self,
+        block_bytes: u32,
+        limit: u64,
+    ) -> Result<Option<(Self::Bytes, u64)>, BodyError>;
+    /// Sends a backend request, with `Authorization: Bearer {token}` when given, after the
+    /// outgoing gate ([`crate::backend::check`]).
+    async fn send(
+        &self,
+        request: &BackendRequest,
+        token: Option<&str>,
+        body: OutBody<'_, Self::Bytes>,
+        limit: Limit,
+    ) -> Result<Reply<Self::Stream>, SendError>;
+    /// A reply body's text (bounded by the edge); draining it.
+    async fn text(&self, body: Self::Stream) -> String;
+    async fn sleep(&self, ms: f64);
+}
+
+/// The caller's answer.
+pub struct Answer<S> {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: AnswerBody<S>,
+}
+
+pub enum AnswerBody<S> {
+    Empty,
+    Text(String),
+    /// A backend reply's body, streamed through.
+    Stream(S),
+}
+
+impl<S> Answer<S> {
+    pub fn json(status: u16, body: String) -> Answer<S> {
+        Answer {
+            status,
+            headers: vec![("content-type", "application/json".to_owned())],
+            body: AnswerBody::Text(body),
+        }
+    }
+
+    fn problem(problem: &Problem, instance: &str, request_id: &str) -> Answer<S> {
+        let mut headers = vec![
+            ("content-type", crate::problem::CONTENT_TYPE.to_owned()),
+            ("cache-control", "no-store".to_owned()),
+        ];
+        headers.extend(problem.headers.iter().cloned());
+        Answer {
+            status: problem.status,
+            headers,
+            body: AnswerBody::Text(problem.body(instance, request_id)),
+        }
+    }
+}
+
+/// One request's context: what each phase learnt, for the next ones and for the log line.
+pub struct Cx<'r> {
+    pub head: &'r RequestHead,
+    pub request_id: String,
+    pub route: Option<&'r PreparedRoute>,
+    pub params: Vec<(String, String)>,
+    pub query: Vec<(String, String)>,
+    /// The name of the API key that let the caller in.
+    pub api_key: Option<String>,
+    /// The caller's validated JWT claims.
+    pub claims: Option<Map<String, Value>>,
+    pub log: LogFields,
+}
+
+impl Cx<'_> {
+    /// The values templates are filled from: this request, at `now_ms`.
+    pub fn render_context<'a>(
+        &'a self,
+        header: &'a dyn Fn(&str) -> Option<String>,
+        uuid: &'a dyn Fn() -> String,
+        now_ms: f64,
+    ) -> RenderContext<'a> {
+        RenderContext {
+            path: &self.params,
+            query: &self.query,
+            header,
+            request_id: &self.request_id,
+            uuid,
+            now_ms,
+            jwt: self.claims.as_ref(),
+        }
+    }
+
+    /// The route's inbound body limit, which also bounds bodies read without a length.
+    pub fn max_body(&self) -> Option<u64> {
+        self.route.and_then(|r| r.inbound.max_body_bytes)
+    }
+}
+
+/// What the log line says beyond the request itself.
+#[derive(Debug, Default, Clone)]
+pub struct LogFields {
+    pub problem: Option<&'static str>,
+    pub identity: Option<String>,
+    pub token: Option<&'static str>,
+    pub idp_ms: Option<f64>,
+    pub token_ttl_s: Option<f64>,
+    pub token_error: Option<String>,
+    pub backend_status: Option<u16>,
+    /// The backend's own reason for refusing (Service Bus's `<Detail>`), for the operator: it
+    /// is never copied into the caller's answer.
+    pub backend_detail: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backends
+
+/// A backend: how an accepted request becomes Azure requests, and Azure's reply the caller's
+/// answer. Phases 7, 9 and 10; the driver runs 8 (the token) between them.
+#[allow(async_fn_in_trait)]
+pub trait Backend {
+    /// What [`Backend::build`] decided: requests as data, and the body to send.
+    type Plan<B>;
+    /// Phase 7: read what is needed of the request, check it, build the request(s). Nothing
+    /// is sent and no token is fetched before this succeeds.
+    async fn build<I: Io>(&self, cx: &mut Cx<'_>, io: &I) -> Result<Self::Plan<I::Bytes>, Problem>;
+    /// Phase 9: send, with the token; the reply that ends the call.
+    async fn send<I: Io>(
+        &self,
+        plan: &Self::Plan<I::Bytes>,
+        grant: &Grant,
+        cx: &mut Cx<'_>,
+        io: &I,
+    ) -> Result<Reply<I::Stream>, Problem>;
+    /// Phase 10: the caller's answer to a reply that [`Backend::send`] accepted.
+    fn answer<B, S>(&self, plan: &Self::Plan<B>, reply: Reply<S>, cx: &Cx<'_>) -> Answer<S>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gateway and its driver
+
+/// A loaded policy and the isolate's shared state. One per isolate.
+pub struct Gateway {
+    prepared: Prepared,
+    /// Key sets of JWT checks, by URL.
+    jwks: RefCell<jwt::JwksCache>,
+    /// SHA-256 of API keys held in Worker secrets, by secret name (hashed once per isolate).
+    key_digests: RefCell<HashMap<String, Option<[u8; 32]>>>,
+}
+
+/// A request that matched a route.
+#[derive(Debug)]
+pub struct Matched<'g> {
+    pub route: &'g PreparedRoute,
+    pub params: Vec<(String, String)>,
+}
+
+impl Gateway {
+    pub fn new(prepared: Prepared) -> Gateway {
+        Gateway {
+            prepared,
+            jwks: RefCell::new(jwt::JwksCache::new()),
+            key_digests: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// Compiles `policy.json` text (as build.rs does) and loads the result: for tests and tools.
+    #[cfg(feature = "compile")]
+    pub fn load(text: &str) -> Result<Gateway, Vec<crate::policy::PolicyError>> {
+        crate::policy::prepared::compile(text).map(Gateway::new)
+    }
+
+    pub fn prepared(&self) -> &Prepared {
+        &self.prepared
+    }
+
+    /// Runs one request through every phase. Returns the caller's answer and the request's one
+    /// log line.
+    pub async fn handle<'r, I: Io>(
+        &'r self,
+        head: &'r RequestHead,
+        io: &I,
+    ) -> (Answer<I::Stream>, String) {
+        let started = io.now();
+        // 1. request id
+        let request_id = match request_id(head.header("x-request-id")) {
+            Some(id) => id.to_owned(),
+            None => io.uuid(),
+        };
+        let mut cx = Cx {
+            head,
+            request_id,
+            route: None,
+            params: Vec::new(),
+            query: crate::encoding::query_pairs(&head.query),
+            api_key: None,
+            claims: None,
+            log: LogFields::default(),
+        };
+        let mut cors = Vec::new();
+        let mut answer = match self.phases(&mut cx, &mut cors, io).await {
+            Ok(answer) => answer,
+            Err(problem) => {
+                cx.log.problem = Some(problem.kind);
+                Answer::problem(&problem, &head.path, &cx.request_id)
+            }
+        };
+        answer.headers.push(("x-request-id", cx.request_id.clone()));
+        answer.headers.extend(cors);
+        // 11. log
+        let line = log_line(&cx, answer.status, io.now() - started);
+        (answer, line)
+    }
+
+    /// Phases 2 to 10.
+    async fn phases<'r, I: Io>(
+        &'r self,
+        cx: &mut Cx<'r>,
+        cors: &mut Vec<(&'static str, String)>,
+        io: &I,
+    ) -> Result<Answer<I::Stream>, Problem> {
+        let head = cx.head;
+        // 2. preflight
+        if head.method == "OPTIONS" {
+            if let Some(requested) = head.header("access-control-request-method") {
+                return self.preflight(cx, requested);
+            }
+        }
+        // 3. route
+        let matched = self.route(&head.method, &head.path)?;
+        let route = matched.route;
+        cx.route = Some(route);
+        cx.params = matched.params;
+        let inbound = &route.inbound;
+        if let Some(policy) = &inbound.cors {
+            *cors = inbound::cors::response_headers(policy, head.header("origin"));
+        }
+        // 4. cheap checks
+        let client_ip = head.header("cf-connecting-ip");
+        let content_length = head.content_length();
+        let header = |name: &str| head.header(name).map(str::to_owned);
+        let facts = inbound::RequestFacts {
+            client_ip,
+            content_length,
+            has_body: head.has_body && content_length != Some(0),
+            content_type: head.header("content-type"),
+            header: &header,
+        };
+        inbound::check_request(inbound, route.ip.as_ref(), &facts)?;
+        // 5. credentials
+        if let Some(check) = &route.api_key {
+            let name = inbound::api_key::check(check, head.header(&check.header), |secret| {
+                self.secret_digest(secret, io)
+            })?;
+            cx.api_key = Some(name.to_owned());
+        }
+        if let Some(check) = &inbound.jwt {
+            cx.claims = Some(
+                self.validate_jwt(check, head.header("authorization"), io)
+                    .await?,
+            );
+        }
+        // 6. rate limit
+        if let Some(limit) = &inbound.rate_limit {
+            let subject = cx
+                .claims
+                .as_ref()
+                .and_then(|c| c.get("sub"))
+                .and_then(Value::as_str);
+            let who =
+                inbound::rate_limit_subject(limit.key, cx.api_key.as_deref(), subject, client_ip)?;
+            match io
+                .rate_limit(&limit.binding, &format!("{}:{who}", route.name))
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => return Err(inbound::rate_limited(limit)),
+                Err(missing) => return Err(inbound::rate_limit_unavailable(missing)),
+            }
+        }
+        // 7–10: the backend, with the token in between.
+        match &route.backend {
+            PreparedBackend::ServiceBus(sb) => self.call(sb, &sb.token, cx, io).await,
+            PreparedBackend::Blob(b) => self.call(b, &b.token, cx, io).await,
+        }
+    }
+
+    /// Phases 7 to 10 for one backend.
+    async fn call<B: Backend, I: Io>(
+        &self,
+        backend: &B,
+        target: &TokenTarget,
+        cx: &mut Cx<'_>,
+        io: &I,
+    ) -> Result<Answer<I::Stream>, Problem> {
+        // 7. build
+        let plan = backend.build(cx, io).await?;
+        // 8. token
+        cx.log.identity = Some(target.identity.clone());
+        let grant = match io.token(target).await {
+            Ok(grant) => grant,
+            Err(no) => {
+                cx.log.token_error = Some(no.log);
+                return Err(no.problem);
+            }
+        };
+        cx.log.token = Some(grant.source);
+        cx.log.idp_ms = grant.idp_ms;
+        cx.log.token_ttl_s = Some((grant.token.expires_at - io.now()) / 1000.0);
+        // 9. send
+        let reply = backend.send(&plan, &grant, cx, io).await?;
+        // 10. answer
+        Ok(backend.answer(&plan, reply, cx))
+    }
+
+    /// Phase 3: the route for a method and a raw path (without query string).
+    pub fn route(&self, method: &str, raw_path: &str) -> Result<Matched<'_>, Problem> {
+        match self.prepared.router.find(method, raw_path) {
+            RouteMatch::Found { route, params } => match self.prepared.routes.get(route) {
+                Some(route) => Ok(Matched { route, params }),
+                None => Err(Problem::not_found(raw_path)),
+            },
+            RouteMatch::MethodNotAllowed { allow } => {
+                let allow: Vec<&str> = allow.iter().map(|m| m.as_str()).collect();
+                Err(Problem::method_not_allowed(method, &allow.join(", ")))
+            }
+            RouteMatch::NotFound => Err(Problem::not_found(raw_path)),
+            RouteMatch::BadPath => Err(Problem::bad_path()),
+        }
+    }
+
+    /// The route a CORS preflight asks about (`Access-Control-Request-Method` on this path). A
+    /// path the gateway has but not for that method is a CORS refusal (403 `cors-rejected`, as
+    /// for any method, origin or header the route does not allow cross-origin), not a 405: the
+    /// preflight itself, an OPTIONS, is what the browser sent.
+    pub fn preflight_route(&self, requested: &str, raw_path: &str) -> Result<Matched<'_>, Problem> {
+        self.route(requested, raw_path).map_err(|p| {
+            if p.status == 405 {
+                Problem::new(
+                    403,
+                    "cors-rejected",
+                    "Cross-origin request not allowed",
+                    format!("{requested} is not a method of this route, so browsers may not send it cross-origin."),
+                )
+            } else {
+                p
+            }
+        })
+    }
+
+    /// Phase 2: a preflight, answered for the route the browser means to call.
+    fn preflight<'r, S>(&'r self, cx: &mut Cx<'r>, requested: &str) -> Result<Answer<S>, Problem> {
+        let head = cx.head;
+        let matched = self.preflight_route(requested, &head.path)?;
+        cx.route = Some(matched.route);
+        let cors = matched.route.inbound.cors.as_ref().ok_or_else(|| {
+            Problem::new(
+                403,
+                "cors-rejected",
+                "Cross-origin request not allowed",
+                "This route does not accept cross-origin requests from browsers.",
+            )
+        })?;
+        let headers = inbound::cors::preflight(
+            cors,
+            &matched.route.methods,
+            head.header("origin"),
+            requested,
+            head.header("access-control-request-headers"),
+        )?;
+        Ok(Answer {
+            status: 204,
+            headers,
+            body: AnswerBody::Empty,
+        })
+    }
+
+    /// The SHA-256 of the API key in a Worker secret: read and hashed once per isolate.
+    fn secret_digest<I: Io>(&self, name: &str, io: &I) -> Option<[u8; 32]> {
+        if let Some(known) = self.key_digests.borrow().get(name) {
+            return *known;
+        }
+        let digest = io
+            .secret(name)
+            .map(|value| crate::sha256::sha256(value.as_bytes()));
+        self.key_digests
+            .borrow_mut()
+            .insert(name.to_owned(), digest);
+        digest
+    }
+
+    /// Phase 5's JWT check: parse, the key from the isolate's key sets (fetched once for all
+    /// callers when missing, again at most once a minute for an unknown `kid`), the signature,
+    /// the claims.
+    async fn validate_jwt<I: Io>(
+        &self,
+        check: &crate::policy::JwtCheck,
+        authorization: Option<&str>,
+        io: &I,
+    ) -> Result<Map<String, Value>, Problem> {
+        let token = jwt::bearer_token(authorization)?;
+        let parsed = jwt::parse(token, check)?;
+        let jwk = self.jwt_key(check, &parsed, io).await?;
+        let verified = io
+            .verify(
+                parsed.alg,
+                &jwt::public_jwk(&jwk),
+                &parsed.signing_input,
+                &parsed.signature,
+            )
+            .await;
+        if !verified {
+            return Err(jwt::bad_signature());
+        }
+        jwt::check_claims(&parsed.claims, check, io.now())?;
+        Ok(parsed.claims)
+    }
+
+    async fn jwt_key<I: Io>(
+        &self,
+        check: &crate::policy::JwtCheck,
+        parsed: &jwt::Parsed,
+        io: &I,
+    ) -> Result<Value, Problem> {
+        enum Next {
+            Found(Option<Value>),
+            Lead,
+            Wait,
+            Failed,
+        }
+        let started = io.now();
+        loop {
+            let now = io.now();
+            let next = {
+                let mut cache = self.jwks.borrow_mut();
+                let next = match cache.lookup(check, now) {
+                    jwt::JwksLookup::Fresh(jwks) => {
+                        Next::Found(jwt::select_key(jwks, parsed).cloned())
+                    }
+                    jwt::JwksLookup::Failed => Next::Failed,
+                    jwt::JwksLookup::Missing | jwt::JwksLookup::Expired => Next::Wait,
+                };
+                match next {
+                    Next::Wait if cache.claim_fetch(check, now) => Next::Lead,
+                    next => next,
+                }
+            };
+            match next {
+                Next::Found(Some(jwk)) => return Ok(jwk),
+                // The issuer may have rotated its keys: fetch again, at most once a minute.
+                Next::Found(None) => {
+                    if !self
+                        .jwks
+                        .borrow_mut()
+                        .may_refetch_for_unknown_kid(check, now)
+                    {
+                        return Err(jwt::no_key());
+                    }
+                    let jwks = self.fetch_jwks(check, io).await?;
+                    return jwt::select_key(&jwks, parsed)
+                        .cloned()
+                        .ok_or_else(jwt::no_key);
+                }
+                Next::Lead => {
+                    let jwks = self.fetch_jwks(check, io).await?;
+                    return jwt::select_key(&jwks, parsed)
+                        .cloned()
+                        .ok_or_else(jwt::no_key);
+                }
+                Next::Failed => return Err(jwt::jwks_unavailable("a recent fetch failed")),
+                Next::Wait if now - started > jwt::JWKS_LEADER_TIMEOUT_MS => {
+                    return Err(jwt::jwks_unavailable("the key set fetch took too long"))
+                }
+                // Another request is fetching the key set: look again shortly.
+                Next::Wait => io.sleep(5.0).await,
+            }
+        }
+    }
+
+    async fn fetch_jwks<I: Io>(
+        &self,
+        check: &crate::policy::JwtCheck,
+        io: &I,
+    ) -> Result<Value, Problem> {
+        let result = io.fetch_jwks(&check.jwks_url).await.and_then(|body| {
+            jwt::parse_jwks(&body).ok_or("the key set URL answered something that is not a key set")
+        });
+        let now = io.now();
+        let mut cache = self.jwks.borrow_mut();
+        match &result {
+            Ok(jwks) => cache.store(check, jwks.clone(), now),
+            Err(_) => cache.fail(check, now),
+        }
+        result.map_err(jwt::jwks_unavailable)
+    }
+}
+
+impl Backend for crate::policy::prepared::PreparedServiceBus {
+    type Plan<B> = service_bus::Plan<B>;
+
+    async fn build<I: Io>(&self, cx: &mut Cx<'_>, io: &I) -> Result<Self::Plan<I::Bytes>, Problem> {
+        service_bus::build(self, cx, io).await
+    }
+
+    async fn send<I: Io>(
+        &self,
+        plan: &Self::Plan<I::Bytes>,
+        grant: &Grant,
+        cx: &mut Cx<'_>,
+        io: &I,
+    ) -> Result<Reply<I::Stream>, Problem> {
+        service_bus::send(self, plan, grant, cx, io).await
+    }
+
+    fn answer<B, S>(&self, plan: &Self::Plan<B>, _reply: Reply<S>, _cx: &Cx<'_>) -> Answer<S> {
+        service_bus::answer(self, plan)
+    }
+}
+
+impl Backend for crate::policy::prepared::PreparedBlob {
+    type Plan<B> = blob::Plan;
+
+    async fn build<I: Io>(&self, cx: &mut Cx<'_>, io: &I) -> Result<Self::Plan<I::Bytes>, Problem> {
+        blob::build(self, cx, io)
+    }
+
+    async fn send<I: Io>(
+        &self,
+        plan: &Self::Plan<I::Bytes>,
+        grant: &Grant,
+        cx: &mut Cx<'_>,
+        io: &I,
+    ) -> Result<Reply<I::Stream>, Problem> {
+        blob::send(self, plan, grant, cx, io).await
+    }
+
+    fn answer<B, S>(&self, plan: &Self::Plan<B>, reply: Reply<S>, cx: &Cx<'_>) -> Answer<S> {
+        blob::answer(self, plan, reply, cx)
+    }
+}
+
+/// Phase 1: the caller's request id, when it is one we can safely echo and log: 1 to 128
+/// characters of letters, digits and `-._:`. Anything else is replaced by a generated id.
+pub fn request_id(header: Option<&str>) -> Option<&str> {
+    header.filter(|id| {
+        (1..=128).contains(&id.len())
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':'))
+    })
+}
+
+/// Phase 11: the one JSON log line of a request.
+fn log_line(cx: &Cx<'_>, status: u16, duration_ms: f64) -> String {
+    let mut line = json!({
+        "level": if status >= 500 { "error" } else { "info" },
+        "request_id": cx.request_id,
+        "method": cx.head.method,
+        // No query string: queries may carry things not meant for logs.
+        "path": cx.head.path,
+        "route": cx.route.map(|r| r.name.as_str()),
+        "status": status,
+        "duration_ms": duration_ms,
+    });
+    let log = &cx.log;
+    if let Value::Object(map) = &mut line {
+        let optional = [
+            ("problem", log.problem.map(Value::from)),
+            ("api_key", cx.api_key.clone().map(Value::from)),
+            ("identity", log.identity.clone().map(Value::from)),
+            ("token", log.token.map(Value::from)),
+            ("idp_ms", log.idp_ms.map(Value::from)),
+            (
+                "token_ttl_s",
+                log.token_ttl_s.map(|s| Value::from(s.floor())),
+            ),
+            ("token_error", log.token_error.clone().map(Value::from)),
+            ("backend_status", log.backend_status.map(Value::from)),
+            (
+                "backend_detail",
+                log.backend_detail.clone().map(Value::from),
+            ),
+        ];
+        for (name, value) in optional {
+            if let Some(value) = value {
+                map.insert(name.into(), value);
+            }
+        }
+    }
+    line.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_id_keeps_sane_ids_only() {
+        assert_eq!(
+            request_id(Some("0af7651916cd43dd8448eb211c80319c")),
+            Some("0af7651916cd43dd8448eb211c80319c")
+        );
+        assert_eq!(request_id(Some("a b")), None);
+        assert_eq!(request_id(Some("")), None);
+        assert_eq!(request_id(Some("x\n{\"forged\":1}")), None);
+        assert_eq!(request_id(Some(&"a".repeat(129))), None);
+        assert_eq!(request_id(None), None);
+    }
+
+    #[test]
+    fn the_request_head_is_read_from_one_string() {
+        let wire = r#"["POST","https://gw.example.com/orders/a%2Fb?x=1&y=2#frag",true,["Content-Type","application/json","X-Api-Key","k"]]"#;
+        let head = RequestHead::from_wire(wire).unwrap();
+        assert_eq!(head.method, "POST");
+        assert_eq!(head.path, "/orders/a%2Fb");
+        assert_eq!(head.query, "x=1&y=2");
+        assert!(head.has_body);
+        assert_eq!(head.header("content-type"), Some("application/json"));
+        assert_eq!(head.header("x-api-key"), Some("k"));
+        let root = RequestHead::from_wire(r#"["GET","http://h:8787",false,[]]"#).unwrap();
+        assert_eq!((root.path.as_str(), root.query.as_str()), ("/", ""));
+        assert!(RequestHead::from_wire("not json").is_none());
+    }
+}

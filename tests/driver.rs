@@ -1,0 +1,586 @@
+//! The request driver, run on the host with fake I/O: the same code the worker runs
+//! (`Gateway::handle`), every phase in order, with a fake clock, fake secrets, a fake rate
+//! limiter, fake Azure replies, and a record of everything that would have been sent.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+use azure_edge_gateway::backend::BackendRequest;
+use azure_edge_gateway::identity::{Token, TokenKey};
+use azure_edge_gateway::pipeline::{
+    AnswerBody, BodyError, Gateway, Grant, Io, Limit, NoToken, OutBody, Reply, RequestHead,
+    SendError,
+};
+use azure_edge_gateway::policy::prepared::TokenTarget;
+use azure_edge_gateway::policy::JwtAlgorithm;
+use azure_edge_gateway::problem::Problem;
+use serde_json::{json, Value};
+
+/// Runs a future whose I/O is all fake (it never waits on anything real).
+fn block_on<F: Future>(future: F) -> F::Output {
+    let mut future = pin!(future);
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+    }
+}
+
+/// What the fake Azure saw: one request.
+#[derive(Debug, Clone)]
+struct Sent {
+    method: &'static str,
+    url: String,
+    headers: Vec<(String, String)>,
+    token: Option<String>,
+    body: Vec<u8>,
+    /// The caller's stream passed through, with this length.
+    stream: Option<u64>,
+    limit: Limit,
+}
+
+impl Sent {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Default)]
+struct Fake {
+    clock: Cell<f64>,
+    uuids: Cell<u32>,
+    secrets: HashMap<String, String>,
+    secret_reads: Cell<u32>,
+    body: Option<Vec<u8>>,
+    body_pos: Cell<usize>,
+    replies: RefCell<VecDeque<Result<(u16, Vec<(String, String)>, String), SendError>>>,
+    sent: RefCell<Vec<Sent>>,
+    tokens_asked: Cell<u32>,
+    no_token: Option<Problem>,
+    rate_allowed: Cell<Option<bool>>,
+    jwks: Option<String>,
+    jwks_fetches: Cell<u32>,
+    verify_ok: bool,
+    evicted: RefCell<Vec<String>>,
+}
+
+impl Fake {
+    fn new() -> Fake {
+        Fake {
+            clock: Cell::new(1_700_000_000_000.0),
+            verify_ok: true,
+            ..Fake::default()
+        }
+    }
+
+    fn with_body(mut self, body: &[u8]) -> Fake {
+        self.body = Some(body.to_vec());
+        self
+    }
+
+    fn reply(self, status: u16, headers: &[(&str, &str)], body: &str) -> Fake {
+        self.replies.borrow_mut().push_back(Ok((
+            status,
+            headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body.to_owned(),
+        )));
+        self
+    }
+
+    fn sent(&self) -> Vec<Sent> {
+        self.sent.borrow().clone()
+    }
+}
+
+impl Io for Fake {
+    type Bytes = Vec<u8>;
+    type Stream = String;
+
+    fn now(&self) -> f64 {
+        // Each look at the clock moves it on a little, as time does.
+        self.clock.set(self.clock.get() + 1.0);
+        self.clock.get()
+    }
+
+    fn uuid(&self) -> String {
+        self.uuids.set(self.uuids.get() + 1);
+        format!("00000000-0000-4000-8000-{:012}", self.uuids.get())
+    }
+
+    fn random(&self) -> f64 {
+        0.5
+    }
+
+    fn secret(&self, name: &str) -> Option<String> {
+        self.secret_reads.set(self.secret_reads.get() + 1);
+        self.secrets.get(name).cloned()
+    }
+
+    async fn rate_limit(&self, _binding: &str, _key: &str) -> Result<bool, bool> {
+        match self.rate_allowed.get() {
+            Some(allowed) => Ok(allowed),
+            None => Err(true),
+        }
+    }
+
+    async fn fetch_jwks(&self, _url: &str) -> Result<String, &'static str> {
+        self.jwks_fetches.set(self.jwks_fetches.get() + 1);
+        self.jwks
+            .clone()
+            .ok_or("the key set URL could not be reached")
+    }
+
+    async fn verify(&self, _alg: JwtAlgorithm, _jwk: &Value, _data: &[u8], _sig: &[u8]) -> bool {
+        self.verify_ok
+    }
+
+    async fn token(&self, target: &TokenTarget) -> Result<Grant, NoToken> {
+        self.tokens_asked.set(self.tokens_asked.get() + 1);
+        if let Some(problem) = &self.no_token {
+            return Err(NoToken {
+                problem: problem.clone(),
+                log: "unavailable".into(),
+            });
+        }
+        Ok(Grant {
+            token: Token {
+                access_token: format!("token-for-{}", target.identity),
+                obtained_at: 0.0,
+                expires_at: self.clock.get() + 3_600_000.0,
+            },
+            source: "cache",
+            idp_ms: None,
+        })
+    }
+
+    fn evict_token(&self, _key: &TokenKey, access_token: &str) {
+        self.evicted.borrow_mut().push(access_token.to_owned());
+    }
+
+    async fn read_body(&self, limit: u64) -> Result<Option<(Vec<u8>, u64)>, BodyError> {
+        match &self.body {
+            None => Ok(None),
+            Some(b) if b.len() as u64 > limit => Err(BodyError::TooLarge(b.len() as u64)),
+            Some(b) => Ok(Some((b.clone(), b.len() as u64))),
+        }
+    }
+
+    fn bytes(&self, body: &Vec<u8>) -> Vec<u8> {
+        body.clone()
+    }
+
+    async fn next_block(
+        &self,
+        block_bytes: u32,
+        limit: u64,
+    ) -> Result<Option<(Vec<u8>, u64)>, BodyError> {
+        let Some(body) = &self.body else {
+            return Ok(None);
+        };
+        let at = self.body_pos.get();
+        if at >= body.len() {
+            return Ok(None);
+        }
+        let end = (at + block_bytes as usize).min(body.len());
+        if end as u64 > limit {
+            return Err(BodyError::TooLarge(end as u64));
+        }
+        self.body_pos.set(end);
+        Ok(Some((body[at..end].to_vec(), (end - at) as u64)))
+    }
+
+    async fn send(
+        &self,
+        request: &BackendRequest,
+        token: Option<&str>,
+        body: OutBody<'_, Vec<u8>>,
+        limit: Limit,
+    ) -> Result<Reply<String>, SendError> {
+        azure_edge_gateway::backend::check(request).map_err(SendError::Unsendable)?;
+        let (bytes, stream) = match body {
+            OutBody::None => (Vec::new(), None),
+            OutBody::Bytes(b) => (b.clone(), None),
+            OutBody::Text(t) => (t.as_bytes().to_vec(), None),
+            OutBody::CallerStream { length } => (Vec::new(), Some(length)),
+        };
+        self.sent.borrow_mut().push(Sent {
+            method: request.method,
+            url: request.url.clone(),
+            headers: request.headers.clone(),
+            token: token.map(str::to_owned),
+            body: bytes,
+            stream,
+            limit,
+        });
+        let reply =
+            self.replies
+                .borrow_mut()
+                .pop_front()
+                .unwrap_or(Ok((201, Vec::new(), String::new())));
+        reply.map(|(status, headers, body)| Reply {
+            status,
+            headers,
+            body: Some(body),
+        })
+    }
+
+    async fn text(&self, body: String) -> String {
+        body
+    }
+
+    async fn sleep(&self, ms: f64) {
+        self.clock.set(self.clock.get() + ms);
+    }
+}
+
+const POLICY: &str = r#"{
+  "identities": { "gw": { "token_endpoint": { "url": "https://idp.example.com/token" },
+      "client_id": "c", "credential": { "client_secret": { "secret": "GW_SECRET" } } } },
+  "routes": [
+    { "name": "orders", "methods": ["POST"], "path": "/orders/{tenant}",
+      "inbound": { "api_key": { "keys": [{ "name": "partner", "secret": "PARTNER_KEY" }] } },
+      "backend": { "service_bus": { "namespace": "contoso-orders", "queue": "orders", "identity": "gw",
+        "message": { "label": "{header.x-label}", "properties": { "tenant": "{path.tenant}" } } } } },
+    { "name": "batch", "methods": ["POST"], "path": "/batch/{tenant}", "public": true,
+      "backend": { "service_bus": { "namespace": "contoso-orders", "queue": "events", "identity": "gw", "batch": true,
+        "message": { "session_id": "{path.tenant}" } } } },
+    { "name": "upload", "methods": ["PUT"], "path": "/files/{name}", "public": true,
+      "backend": { "blob": { "account": "contosofiles", "container": "uploads", "blob": "{path.name}", "identity": "gw",
+        "block_bytes": 65536, "single_put_max_bytes": 100000, "max_body_bytes": 1000000 } } },
+    { "name": "download", "methods": ["GET"], "path": "/read/{name}", "public": true,
+      "backend": { "blob": { "account": "contosofiles", "container": "uploads", "blob": "{path.name}", "identity": "gw",
+        "block_bytes": 65536, "single_put_max_bytes": 100000, "max_body_bytes": 1000000 } } },
+    { "name": "jwt", "methods": ["POST"], "path": "/jwt",
+      "inbound": { "jwt": { "issuers": ["https://issuer.example/"], "audiences": ["api://orders"],
+        "jwks_url": "https://issuer.example/keys" },
+        "rate_limit": { "binding": "RL", "key": "jwt_subject", "limit": 10, "period_seconds": 60 } },
+      "backend": { "service_bus": { "namespace": "contoso-orders", "queue": "orders", "identity": "gw" } } }
+  ]
+}"#;
+
+fn gateway() -> Gateway {
+    Gateway::load(POLICY).unwrap_or_else(|e| panic!("{e:?}"))
+}
+
+fn request(method: &str, path: &str, headers: &[(&str, &str)], has_body: bool) -> RequestHead {
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    RequestHead {
+        method: method.into(),
+        path: path.into(),
+        query: query.into(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+            .collect(),
+        has_body,
+    }
+}
+
+/// Runs one request; returns status, headers, body text and the parsed log line.
+fn run(
+    g: &Gateway,
+    head: &RequestHead,
+    io: &Fake,
+) -> (u16, Vec<(&'static str, String)>, String, Value) {
+    let (answer, line) = block_on(g.handle(head, io));
+    let body = match answer.body {
+        AnswerBody::Empty => String::new(),
+        AnswerBody::Text(t) => t,
+        AnswerBody::Stream(s) => format!("<stream {s}>"),
+    };
+    let log: Value = serde_json::from_str(&line).expect("the log line is JSON");
+    (answer.status, answer.headers, body, log)
+}
+
+fn with_secrets(mut io: Fake) -> Fake {
+    io.secrets.insert("PARTNER_KEY".into(), "k-123".into());
+    io
+}
+
+#[test]
+fn a_path_no_route_has_is_a_404_problem_with_one_log_line() {
+    let io = Fake::new();
+    let (status, headers, body, log) = run(&gateway(), &request("GET", "/nope", &[], false), &io);
+    assert_eq!(status, 404);
+    assert!(headers.contains(&("content-type", "application/problem+json".to_owned())));
+    let request_id = headers.iter().find(|(k, _)| *k == "x-request-id").unwrap();
+    assert_eq!(log["request_id"], request_id.1.as_str());
+    assert_eq!(log["status"], 404);
+    assert_eq!(log["problem"], "route-not-found");
+    assert!(body.contains("urn:azure-edge-gateway:problem:route-not-found"));
+    assert!(io.sent().is_empty());
+}
+
+#[test]
+fn a_service_bus_send_goes_through_every_phase_in_order() {
+    let io = with_secrets(Fake::new()).with_body(br#"{"order":1}"#);
+    let head = request(
+        "POST",
+        "/orders/contoso",
+        &[
+            ("x-api-key", "k-123"),
+            ("x-label", "new"),
+            ("content-type", "application/json"),
+            ("idempotency-key", "order-1"),
+            ("x-request-id", "req-1"),
+        ],
+        true,
+    );
+    let (status, _, body, log) = run(&gateway(), &head, &io);
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"entity": "orders", "messageId": "order-1"})
+    );
+    let sent = io.sent();
+    assert_eq!(sent.len(), 1);
+    let s = &sent[0];
+    assert_eq!(
+        (s.method, s.url.as_str()),
+        (
+            "POST",
+            "https://contoso-orders.servicebus.windows.net/orders/messages"
+        )
+    );
+    assert_eq!(s.token.as_deref(), Some("token-for-gw"));
+    assert_eq!(s.body, br#"{"order":1}"#);
+    let broker: Value = serde_json::from_str(s.header("brokerproperties").unwrap()).unwrap();
+    assert_eq!(broker["MessageId"], "order-1");
+    assert_eq!(broker["Label"], "new");
+    assert_eq!(s.header("tenant"), Some("contoso"));
+    assert_eq!(s.header("authorization"), None, "the token travels apart");
+    assert_eq!(log["route"], "orders");
+    assert_eq!(log["api_key"], "partner");
+    assert_eq!(log["identity"], "gw");
+    assert_eq!(log["token"], "cache");
+    assert_eq!(log["backend_status"], 201);
+    assert_eq!(log["request_id"], "req-1");
+}
+
+#[test]
+fn a_key_held_in_a_secret_is_read_and_hashed_once_per_isolate() {
+    let g = gateway();
+    let io = with_secrets(Fake::new()).with_body(b"{}");
+    for _ in 0..3 {
+        let head = request(
+            "POST",
+            "/orders/a",
+            &[("x-api-key", "k-123"), ("x-label", "l")],
+            true,
+        );
+        assert_eq!(run(&g, &head, &io).0, 202);
+    }
+    let wrong = request("POST", "/orders/a", &[("x-api-key", "nope")], true);
+    assert_eq!(run(&g, &wrong, &io).0, 401);
+    assert_eq!(io.secret_reads.get(), 1);
+}
+
+#[test]
+fn a_throttled_send_is_retried_with_the_same_bytes_and_message_id() {
+    let io = with_secrets(Fake::new())
+        .with_body(b"payload")
+        .reply(503, &[("retry-after", "1")], "")
+        .reply(201, &[], "");
+    let head = request(
+        "POST",
+        "/orders/a",
+        &[("x-api-key", "k-123"), ("x-label", "l")],
+        true,
+    );
+    let (status, _, _, _) = run(&gateway(), &head, &io);
+    assert_eq!(status, 202);
+    let sent = io.sent();
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[0].body, sent[1].body);
+    assert_eq!(
+        sent[0].header("brokerproperties"),
+        sent[1].header("brokerproperties")
+    );
+}
+
+#[test]
+fn service_bus_s_reason_goes_to_the_log_never_to_the_caller() {
+    let xml =
+        "<Error><Code>400</Code><Detail>The value 'x' is bad. TrackingId:abc</Detail></Error>";
+    let io = with_secrets(Fake::new())
+        .with_body(b"{}")
+        .reply(400, &[], xml);
+    let head = request(
+        "POST",
+        "/orders/a",
+        &[("x-api-key", "k-123"), ("x-label", "l")],
+        true,
+    );
+    let (status, _, body, log) = run(&gateway(), &head, &io);
+    assert_eq!(status, 400);
+    assert!(!body.contains("is bad"), "{body}");
+    assert_eq!(log["backend_detail"], "The value 'x' is bad");
+}
+
+#[test]
+fn a_value_http_cannot_carry_is_refused_before_a_token_is_asked_for() {
+    let io = with_secrets(Fake::new()).with_body(b"{}");
+    let head = request(
+        "POST",
+        "/orders/a",
+        &[("x-api-key", "k-123"), ("x-label", "caf\u{e9}")],
+        true,
+    );
+    let (status, _, body, log) = run(&gateway(), &head, &io);
+    assert_eq!(status, 400);
+    assert!(body.contains("BrokerProperties.Label"), "{body}");
+    assert_eq!(log["problem"], "unsendable-value");
+    assert_eq!(io.tokens_asked.get(), 0);
+    assert!(io.sent().is_empty());
+}
+
+#[test]
+fn a_batch_element_cannot_set_what_the_route_maps() {
+    let body = br#"[{"Body": "a"}, {"Body": "b", "BrokerProperties": {"SessionId": "fabrikam"}}]"#;
+    let io = Fake::new().with_body(body);
+    let (status, _, text, _) = run(
+        &gateway(),
+        &request("POST", "/batch/contoso", &[], true),
+        &io,
+    );
+    assert_eq!(status, 400);
+    assert!(text.contains("batch[1].BrokerProperties.SessionId is set by this route"));
+    assert!(io.sent().is_empty());
+}
+
+#[test]
+fn a_body_without_a_length_is_uploaded_in_blocks_of_this_upload_s_own_ids() {
+    let data: Vec<u8> = (0..150_000u32).map(|i| (i % 251) as u8).collect();
+    let io = Fake::new().with_body(&data);
+    let head = request(
+        "PUT",
+        "/files/big.bin",
+        &[("content-type", "image/png")],
+        true,
+    );
+    let (status, headers, body, _) = run(&gateway(), &head, &io);
+    assert_eq!(status, 201, "{body}");
+    assert!(headers.contains(&("location", "/read/big.bin".to_owned())));
+    let sent = io.sent();
+    assert_eq!(sent.len(), 4, "three blocks and the commit");
+    let mut ids = Vec::new();
+    for s in &sent[..3] {
+        let id = s.url.split("blockid=").nth(1).unwrap().to_owned();
+        ids.push(id);
+        assert!(matches!(s.limit, Limit::Deadline(_)));
+    }
+    assert_eq!(
+        sent[..3]
+            .iter()
+            .flat_map(|s| s.body.clone())
+            .collect::<Vec<u8>>(),
+        data
+    );
+    assert!(ids.iter().all(|id| id.len() == ids[0].len()));
+    let commit = &sent[3];
+    assert!(commit.url.ends_with("?comp=blocklist"));
+    assert_eq!(commit.header("x-ms-blob-content-type"), Some("image/png"));
+    assert_eq!(commit.header("if-none-match"), Some("*"));
+    let list = String::from_utf8(commit.body.clone()).unwrap();
+    assert_eq!(list.matches("<Latest>").count(), 3);
+}
+
+#[test]
+fn a_body_with_a_small_length_is_streamed_in_one_put_timed_on_progress() {
+    let io = Fake::new().reply(201, &[("etag", "\"0x1\"")], "");
+    let head = request(
+        "PUT",
+        "/files/small.txt",
+        &[("content-length", "5"), ("content-type", "text/plain")],
+        true,
+    );
+    let (status, _, body, _) = run(&gateway(), &head, &io);
+    assert_eq!(status, 201);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["etag"],
+        "\"0x1\""
+    );
+    let sent = io.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].stream, Some(5));
+    assert_eq!(sent[0].header("content-length"), Some("5"));
+    assert!(matches!(sent[0].limit, Limit::Idle(_)));
+}
+
+#[test]
+fn a_read_streams_azure_s_body_back() {
+    let io = Fake::new().reply(
+        200,
+        &[("content-type", "text/plain"), ("etag", "\"e\"")],
+        "hello",
+    );
+    let (status, headers, body, _) =
+        run(&gateway(), &request("GET", "/read/a.txt", &[], false), &io);
+    assert_eq!(status, 200);
+    assert_eq!(body, "<stream hello>");
+    assert!(headers.contains(&("etag", "\"e\"".to_owned())));
+}
+
+#[test]
+fn jwt_keys_are_fetched_once_and_a_token_without_sub_counts_against_its_address() {
+    let g = gateway();
+    let b64 = |v: &Value| azure_edge_gateway::encoding::base64url(v.to_string().as_bytes());
+    let token = format!(
+        "{}.{}.{}",
+        b64(&json!({"alg": "RS256", "kid": "k1", "typ": "JWT"})),
+        b64(
+            &json!({"iss": "https://issuer.example/", "aud": "api://orders", "exp": 1_800_000_000, "nbf": 1_600_000_000})
+        ),
+        azure_edge_gateway::encoding::base64url(&[1u8; 256]),
+    );
+    let mut io = Fake::new().with_body(b"{}");
+    io.jwks = Some(
+        json!({"keys": [{"kty": "RSA", "kid": "k1", "n": azure_edge_gateway::encoding::base64url(&[0xc5u8; 256]), "e": "AQAB"}]})
+            .to_string(),
+    );
+    io.rate_allowed.set(Some(true));
+    let head = request(
+        "POST",
+        "/jwt",
+        &[
+            ("authorization", &format!("Bearer {token}")),
+            ("cf-connecting-ip", "203.0.113.7"),
+        ],
+        true,
+    );
+    for _ in 0..2 {
+        let (status, _, body, _) = run(&g, &head, &io);
+        assert_eq!(status, 202, "{body}");
+    }
+    assert_eq!(io.jwks_fetches.get(), 1);
+    // Over the limit: 429 with Retry-After, nothing sent.
+    io.rate_allowed.set(Some(false));
+    let before = io.sent().len();
+    let (status, headers, _, _) = run(&g, &head, &io);
+    assert_eq!(status, 429);
+    assert!(headers.contains(&("retry-after", "60".to_owned())));
+    assert_eq!(io.sent().len(), before);
+    // A forged signature is refused.
+    io.verify_ok = false;
+    assert_eq!(run(&g, &head, &io).0, 401);
+}
+
+#[test]
+fn an_identity_provider_outage_is_the_caller_s_503_and_nothing_is_sent() {
+    let mut io = Fake::new().with_body(br#"[{"Body": "a"}]"#);
+    io.no_token = Some(Problem::new(503, "identity-unavailable", "x", "y"));
+    let (status, _, _, log) = run(&gateway(), &request("POST", "/batch/a", &[], true), &io);
+    assert_eq!(status, 503);
+    assert_eq!(log["token_error"], "unavailable");
+    assert!(io.sent().is_empty());
+}
