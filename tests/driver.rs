@@ -52,6 +52,9 @@ impl Sent {
     }
 }
 
+/// A fake Azure reply: status, headers, body; or no reply at all.
+type FakeReply = Result<(u16, Vec<(String, String)>, String), SendError>;
+
 #[derive(Default)]
 struct Fake {
     clock: Cell<f64>,
@@ -60,7 +63,7 @@ struct Fake {
     secret_reads: Cell<u32>,
     body: Option<Vec<u8>>,
     body_pos: Cell<usize>,
-    replies: RefCell<VecDeque<Result<(u16, Vec<(String, String)>, String), SendError>>>,
+    replies: RefCell<VecDeque<FakeReply>>,
     sent: RefCell<Vec<Sent>>,
     tokens_asked: Cell<u32>,
     no_token: Option<Problem>,

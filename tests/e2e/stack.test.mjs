@@ -196,10 +196,12 @@ describe('issuer control surface', () => {
     await tokenV2();
     await tokenV2({ scope: `${SERVICEBUS_AUDIENCE}/.default` });
     await tokenV2({ secret: 'nope' });
+    await fetch(`${stack.issuer.url}/${TENANT}/discovery/v2.0/keys`);
     const stats = stack.issuer.stats();
     assert.deepEqual(stats, {
       tokenRequests: 3,
       tokensIssued: 2,
+      jwksRequests: 1,
       errors: 1,
       faultsInjected: 0,
       byClient: { [CLIENT_ID]: 2 },

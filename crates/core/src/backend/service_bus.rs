@@ -22,8 +22,9 @@ const MAX_ID_CHARS: usize = 128;
 const MAX_PROPERTY_BYTES: usize = 32 * 1024;
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 
-/// Broker properties a sender may set, and their JSON types.
-const SENDER_PROPERTIES: &[(&str, PropertyType)] = &[
+/// Broker properties a sender may set, and their JSON types. Public for the fuzz targets
+/// (`tests/fuzz.rs`), which check every batch element against it.
+pub const SENDER_PROPERTIES: &[(&str, PropertyType)] = &[
     ("MessageId", PropertyType::String),
     ("CorrelationId", PropertyType::String),
     ("SessionId", PropertyType::String),
@@ -37,8 +38,9 @@ const SENDER_PROPERTIES: &[(&str, PropertyType)] = &[
     ("ForcePersistence", PropertyType::Bool),
 ];
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum PropertyType {
+/// The JSON type of a broker property.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PropertyType {
     String,
     Number,
     Bool,

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
-use crate::encoding::base64_decode;
+use crate::encoding::{base64_decode, base64url};
 use crate::policy::{JwtAlgorithm, JwtCheck};
 use crate::problem::Problem;
 
@@ -194,6 +194,13 @@ fn decode_part(part: &str) -> Option<Vec<u8>> {
     base64_decode(part)
 }
 
+/// A segment of the token: a [`decode_part`] spelt the one way base64url spells its bytes (the
+/// spare low bits of the last character zero, RFC 4648 §3.5), so that the text of a signed
+/// token cannot be altered and still be accepted.
+fn decode_segment(segment: &str) -> Option<Vec<u8>> {
+    decode_part(segment).filter(|bytes| base64url(bytes) == segment)
+}
+
 /// `typ` may be absent or name a JWT (RFC 7519 `JWT`, RFC 9068 `at+jwt`); anything else (a
 /// DPoP proof, a logout token) is some other kind of token.
 fn typ_accepted(typ: &str) -> bool {
@@ -213,7 +220,7 @@ pub fn parse(token: &str, check: &JwtCheck) -> Result<Parsed, Problem> {
     else {
         return Err(malformed());
     };
-    let header: Map<String, Value> = decode_part(header_b64)
+    let header: Map<String, Value> = decode_segment(header_b64)
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
         .ok_or_else(malformed)?;
     let alg = header
@@ -236,10 +243,10 @@ pub fn parse(token: &str, check: &JwtCheck) -> Result<Parsed, Problem> {
         Some(Value::String(kid)) => Some(kid.clone()),
         Some(_) => return Err(malformed()),
     };
-    let claims: Map<String, Value> = decode_part(payload_b64)
+    let claims: Map<String, Value> = decode_segment(payload_b64)
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
         .ok_or_else(malformed)?;
-    let signature = decode_part(signature_b64).ok_or_else(malformed)?;
+    let signature = decode_segment(signature_b64).ok_or_else(malformed)?;
     // ES256 is r‖s, 32 bytes each (RFC 7518 §3.4), never DER.
     if alg == JwtAlgorithm::ES256 && signature.len() != 64 {
         return Err(bad_signature());
@@ -1306,6 +1313,26 @@ mod tests {
         // A header whose `alg` is not one of ours is refused as such, before anything else.
         let t = format!("{}.{}.{sig}", b64_json(&json!({"alg": "none"})), p[1]);
         assert_invalid(parse(&t, &check()).map(|p| p.claims), ALG_REFUSED);
+    }
+
+    #[test]
+    fn refuses_a_segment_that_is_not_canonical_base64url() {
+        // Found by tests/fuzz.rs: the spare bits of a segment's last character change no byte,
+        // so a signed token was accepted in 16 spellings of its signature.
+        let good = rs256(&claims());
+        assert!(validate_at(&good, &check()).is_ok());
+        let (input, sig) = good.rsplit_once('.').unwrap();
+        // 256 bytes are 342 characters: the last one carries 2 bits and 4 spare ones.
+        assert_eq!(sig.len() % 4, 2);
+        const URL_SAFE: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let last = URL_SAFE.find(sig.chars().last().unwrap()).unwrap();
+        let sibling = URL_SAFE.as_bytes()[last ^ 1] as char;
+        let altered = format!("{}{sibling}", &sig[..sig.len() - 1]);
+        assert_eq!(base64_decode(&altered), base64_decode(sig));
+        assert_invalid(
+            validate_at(&format!("{input}.{altered}"), &check()),
+            MALFORMED,
+        );
     }
 
     #[test]
