@@ -76,7 +76,10 @@ extern "C" {
         deadline_ms: f64,
     ) -> Result<Promise, JsValue>;
     fn sleep(ms: f64) -> Promise;
+}
 
+#[wasm_bindgen]
+extern "C" {
     #[wasm_bindgen(js_namespace = crypto, js_name = randomUUID)]
     fn random_uuid() -> String;
     #[wasm_bindgen(js_namespace = console, js_name = log)]

@@ -157,15 +157,6 @@ impl Problem {
             format!("The gateway failed: {what}. Nothing was forwarded after the failure; please report the request id."),
         )
     }
-
-    pub fn policy_invalid(error_count: usize) -> Problem {
-        Problem::new(
-            500,
-            "policy-invalid",
-            "Gateway policy is invalid",
-            format!("This gateway was deployed with a policy.json that fails validation ({error_count} error(s)), so it forwards nothing. The operator should run `policy check policy.json`, fix what it reports and redeploy; the errors are in the worker's log."),
-        )
-    }
 }
 
 #[cfg(test)]
