@@ -134,9 +134,10 @@ pub fn fetch(request: JsValue, env: JsValue, ctx: JsValue) -> Promise {
 }
 
 async fn handle(request: JsValue, env: JsValue, ctx: JsValue) -> Result<JsValue, JsValue> {
-    let c = begin(&request, &env, &ctx);
-    let head = RequestHead::from_wire(&head(&c)).unwrap_or_default();
-    let edge = Edge { c };
+    let edge = Edge {
+        c: begin(&request, &env, &ctx),
+    };
+    let head = edge.head();
     let (answer, line) = match gateway() {
         Some(gateway) => gateway.handle(&head, &edge).await,
         None => {
@@ -161,12 +162,29 @@ async fn handle(request: JsValue, env: JsValue, ctx: JsValue) -> Result<JsValue,
 }
 
 /// One request's I/O: the JavaScript context `edge.js` made for it.
-struct Edge {
+pub struct Edge {
     c: JsValue,
 }
 
 impl Edge {
-    fn respond(&self, answer: Answer<u32>) -> JsValue {
+    /// The edge of a JavaScript `Request` (with no env or execution context: for tests).
+    pub fn for_request(request: &JsValue) -> Edge {
+        Edge {
+            c: begin(request, &JsValue::UNDEFINED, &JsValue::UNDEFINED),
+        }
+    }
+
+    /// The request's head, read in one call.
+    pub fn head(&self) -> RequestHead {
+        RequestHead::from_wire(&head(&self.c)).unwrap_or_default()
+    }
+
+    /// The JavaScript `Response` of an answer, built in one call.
+    pub fn respond(&self, answer: Answer<u32>) -> JsValue {
+        self.to_response(answer)
+    }
+
+    fn to_response(&self, answer: Answer<u32>) -> JsValue {
         let mut headers = String::new();
         for (name, value) in &answer.headers {
             push_header(&mut headers, name, value);
