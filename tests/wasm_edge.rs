@@ -27,8 +27,8 @@ extern "C" {
 
 #[wasm_bindgen_test]
 fn the_request_head_is_read_whole_in_one_call() {
-    let headers = js_sys::JSON::parse(r#"{"X-Api-Key": "k", "Content-Type": "application/json"}"#)
-        .unwrap();
+    let headers =
+        js_sys::JSON::parse(r#"{"X-Api-Key": "k", "Content-Type": "application/json"}"#).unwrap();
     let request = make_request(
         "POST",
         "https://gw.example/orders/a%2Fb?x=1&y=%20",

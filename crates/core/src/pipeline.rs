@@ -616,21 +616,16 @@ impl Gateway {
         io: &I,
     ) -> Result<Map<String, Value>, Problem> {
         let token = jwt::bearer_token(authorization)?;
-        let parsed = jwt::parse(token, check)?;
-        let jwk = self.jwt_key(check, &parsed, io).await?;
-        let verified = io
-            .verify(
-                parsed.alg,
-                &jwt::public_jwk(&jwk),
-                &parsed.signing_input,
-                &parsed.signature,
-            )
-            .await;
-        if !verified {
-            return Err(jwt::bad_signature());
-        }
-        jwt::check_claims(&parsed.claims, check, io.now())?;
-        Ok(parsed.claims)
+        jwt::validate(
+            token,
+            check,
+            io.now(),
+            async |parsed: &jwt::Parsed| self.jwt_key(check, parsed, io).await,
+            async |alg, jwk: &Value, input: &[u8], signature: &[u8]| {
+                io.verify(alg, jwk, input, signature).await
+            },
+        )
+        .await
     }
 
     async fn jwt_key<I: Io>(

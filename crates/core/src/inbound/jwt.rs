@@ -8,10 +8,11 @@
 //! 3. [`select_key`]: the key of the token's `kid` from the configured key set, of a type that
 //!    fits the algorithm (an RSA key never verifies anything but RS256/PS256), then
 //!    [`public_jwk`], the members of it that WebCrypto imports;
-//! 4. a signature check ([`Verify`] on the host; WebCrypto at the edge);
+//! 4. a signature check (WebCrypto at the edge; a stand-in in the tests);
 //! 5. [`check_claims`]: `exp`, `nbf`, `iss`, `aud` and the required claims.
 //!
-//! [`validate`] runs them in that order with a [`Verify`]. Every rejection is a [`Problem`]
+//! [`validate`] runs them in that order, for the gateway and for the tests alike (the driver
+//! gives it the isolate's key sets and the edge's WebCrypto). Every rejection is a [`Problem`]
 //! with an RFC 6750 `WWW-Authenticate` challenge; none carries the token, a claim value the
 //! policy did not name, or key material. Keys a token names in its own header (`jwk`, `jku`,
 //! `x5u`, `x5c`) are never used: only the configured key set is trusted.
@@ -61,18 +62,6 @@ impl std::fmt::Debug for Parsed {
             .field("kid", &self.kid)
             .finish_non_exhaustive()
     }
-}
-
-/// A signature check: `true` only if `signature` over `signing_input` verifies with `jwk` (a
-/// public JWK from [`public_jwk`]) under `alg`. The edge does this with WebCrypto instead.
-pub trait Verify {
-    fn verify(
-        &self,
-        alg: JwtAlgorithm,
-        jwk: &Value,
-        signing_input: &[u8],
-        signature: &[u8],
-    ) -> bool;
 }
 
 /// The JWS name of an algorithm (`RS256`).
@@ -455,23 +444,27 @@ pub fn check_claims(
     Ok(())
 }
 
-/// The whole check with a synchronous verifier: parse, select the key, verify, check the
-/// claims. Returns the claims of an accepted token.
-pub fn validate<V: Verify>(
+/// The whole check, in the order the gateway runs it: parse, the key that may verify the
+/// token (`key`: the driver's cached key sets), the signature (`verify`: WebCrypto at the
+/// edge), the claims. Returns the claims of an accepted token. The unit tests below run this
+/// same function, with a key set and a verifier of their own.
+pub async fn validate(
     token: &str,
     check: &JwtCheck,
-    jwks: &Value,
     now_ms: f64,
-    verifier: &V,
+    key: impl AsyncFnOnce(&Parsed) -> Result<Value, Problem>,
+    verify: impl AsyncFnOnce(JwtAlgorithm, &Value, &[u8], &[u8]) -> bool,
 ) -> Result<Map<String, Value>, Problem> {
     let parsed = parse(token, check)?;
-    let jwk = select_key(jwks, &parsed).ok_or_else(no_key)?;
-    if !verifier.verify(
+    let jwk = key(&parsed).await?;
+    if !verify(
         parsed.alg,
-        &public_jwk(jwk),
+        &public_jwk(&jwk),
         &parsed.signing_input,
         &parsed.signature,
-    ) {
+    )
+    .await
+    {
         return Err(bad_signature());
     }
     check_claims(&parsed.claims, check, now_ms)?;
@@ -598,6 +591,36 @@ mod tests {
     use sha2::{Digest, Sha256};
 
     use super::*;
+
+    /// A signature check standing in for WebCrypto.
+    trait Verify {
+        fn verify(&self, alg: JwtAlgorithm, jwk: &Value, input: &[u8], signature: &[u8]) -> bool;
+    }
+
+    /// [`super::validate`], the gateway's own sequence, with a key set and a verifier.
+    fn validate<V: Verify>(
+        token: &str,
+        check: &JwtCheck,
+        jwks: &Value,
+        now_ms: f64,
+        verifier: &V,
+    ) -> Result<Map<String, Value>, Problem> {
+        let key = async |parsed: &Parsed| select_key(jwks, parsed).cloned().ok_or_else(no_key);
+        let verify = async |alg: JwtAlgorithm, jwk: &Value, input: &[u8], signature: &[u8]| {
+            verifier.verify(alg, jwk, input, signature)
+        };
+        block_on(super::validate(token, check, now_ms, key, verify))
+    }
+
+    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        let mut future = std::pin::pin!(future);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        loop {
+            if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+                return out;
+            }
+        }
+    }
     use crate::encoding::{base64url, pem_block};
 
     const RSA_SIGNING_PEM: &str = include_str!("../../../../tests/fixtures/jwt/rsa-signing.pem");
