@@ -1,24 +1,126 @@
-// The edge's JavaScript half: everything the core asks of the platform, one call each.
+// The edge's JavaScript half: it drives each request, and the wasm decides.
 //
-// Each call from wasm into JavaScript costs; the functions here take and return few, flat values
-// (strings, numbers, byte arrays) so that one request crosses the boundary a handful of times:
-// its head is read once as one string, each backend call is one call (its reply summarised as
-// one string), bodies stay on this side (a block or a caller's body is a Uint8Array the wasm
-// only holds a handle to, and a reply body streams to the caller without entering the wasm).
-//
-// A per-request context `c` (made by `begin`) holds the request, its env and execution context,
-// the body reader and the replies of backend calls, so nothing is shared between requests.
+// `drive` reads the request's head, starts the core's driver as a task in the wasm through the
+// stepper, and then performs each op the task stops on (read the body, send a request, count a
+// rate limit, …), resuming the task with the result, until the task is done: then it builds the
+// Response and writes the log line. A step is a call from JavaScript into the wasm, which costs
+// little; the wasm calls out into JavaScript only for what cannot wait for the next step. Bodies
+// stay on this side: the caller's body and its blocks are buffers here that the wasm names by
+// id, and a backend's reply streams to the caller without entering the wasm.
 
-/** The per-request context. */
-export function begin(request, env, ctx) {
-  return { request, env, ctx, reader: null, leftover: null, total: 0, replies: [] };
+let stepper = null;
+/** Per-request contexts, by task id, while the request is in flight (and for its background work). */
+const contexts = new Map();
+
+/** The wasm's one entry point for tasks: `[0, 0, now, head]` starts one, `[1, task, now, result]` resumes it. */
+export function setStepper(f) {
+  stepper = f;
+}
+
+function step(kind, task, result) {
+  return JSON.parse(stepper(JSON.stringify([kind, task, Date.now(), result])));
 }
 
 /** The request's head as one string: [method, url, hasBody, [name, value, …]]. */
-export function head(c) {
+export function headOf(request) {
   const flat = [];
-  for (const [name, value] of c.request.headers) flat.push(name, value);
-  return JSON.stringify([c.request.method, c.request.url, c.request.body !== null, flat]);
+  for (const [name, value] of request.headers) flat.push(name, value);
+  return JSON.stringify([request.method, request.url, request.body !== null, flat]);
+}
+
+/** Runs one request through the wasm's driver; resolves its Response. */
+export async function drive(request, env, ctx) {
+  const c = { request, env, ctx, reader: null, leftover: null, total: 0, buffers: [], replies: [], wake: null, woken: false };
+  let out = step(0, 0, headOf(request));
+  const task = out.t;
+  contexts.set(task, c);
+  try {
+    for (;;) {
+      const op = out.op;
+      if (op[0] === 'done') return finish(c, op);
+      let result = null;
+      if (op[0] === 'wait') {
+        // The task awaits a promise of its own (a token fetch): its waker resumes it.
+        if (!c.woken) await new Promise((resolve) => { c.wake = resolve; });
+        c.woken = false;
+      } else {
+        result = JSON.stringify(await perform(c, op));
+      }
+      out = step(1, task, result);
+    }
+  } catch (e) {
+    console.error(JSON.stringify({ level: 'error', message: 'the request failed inside the gateway', error: String(e && e.message || e) }));
+    return new Response(JSON.stringify({ type: 'urn:azure-edge-gateway:problem:internal-error', title: 'Internal error', status: 500, detail: 'The gateway failed; nothing was forwarded after the failure.' }), { status: 500, headers: { 'content-type': 'application/problem+json' } });
+  } finally {
+    contexts.delete(task);
+  }
+}
+
+/** A task's waker. */
+export function schedule(task) {
+  const c = contexts.get(task);
+  if (!c) return;
+  if (c.wake) {
+    const wake = c.wake;
+    c.wake = null;
+    queueMicrotask(wake);
+  } else {
+    c.woken = true;
+  }
+}
+
+export function contextOf(task) {
+  return contexts.get(task);
+}
+
+/** The final op, ['done', status, headers, text, reply id, log line], as the Response. */
+function finish(c, op) {
+  const response = respond(op, c);
+  if (op[5]) console.log(op[5]);
+  return response;
+}
+
+/** The Response of a 'done' op given as JSON (for the wasm tests). */
+export function responseOf(done) {
+  return respond(JSON.parse(done), null);
+}
+
+function respond([, status, headers, text, stream], c) {
+  let body = null;
+  if (text !== null) body = text;
+  else if (stream !== null && c && c.replies[stream]) body = c.replies[stream].body;
+  // Replies whose bodies nobody reads: let the runtime release them.
+  if (c) {
+    for (const [i, reply] of c.replies.entries()) {
+      if (reply && i !== stream && reply.body && !reply.bodyUsed) reply.body.cancel().catch(() => {});
+    }
+    c.replies = [];
+    c.buffers = [];
+  }
+  return new Response(body, { status, headers: pairs(headers) });
+}
+
+/** Headers from one string, `name\nvalue\n…` (a value never holds a line break). */
+function pairs(joined) {
+  const out = new Headers();
+  if (!joined) return out;
+  const flat = joined.split('\n');
+  for (let i = 0; i + 1 < flat.length; i += 2) out.set(flat[i], flat[i + 1]);
+  return out;
+}
+
+async function perform(c, op) {
+  switch (op[0]) {
+    case 'read': return readBody(c, op[1]);
+    case 'block': return nextBlock(c, op[1], op[2]);
+    case 'send': return send(c, op);
+    case 'text': return text(c, op[1]);
+    case 'rate': return rateLimit(c, op[1], op[2]);
+    case 'jwks': return fetchJwks(op[1], op[2]);
+    case 'verify': return verify(op[1], op[2], op[3], op[4]);
+    case 'sleep': await sleep(op[1]); return null;
+    default: throw new Error(`unknown op ${op[0]}`);
+  }
 }
 
 /** A Worker secret (or plain var) by name, or undefined. */
@@ -27,8 +129,18 @@ export function secret(c, name) {
   return typeof value === 'string' ? value : (value == null ? undefined : String(value));
 }
 
+/** The bytes of a buffer, for the few bodies the wasm must parse (a batch). */
+export function bufferBytes(c, id) {
+  return c.buffers[id] || new Uint8Array(0);
+}
+
+/** Runs a promise past the response (a token refreshed ahead of expiry). */
+export function waitUntil(c, promise) {
+  c.ctx.waitUntil(promise);
+}
+
 /** Counts against a rate-limiting binding: 1 allowed, 0 over the limit, -1 no such binding, -2 no answer. */
-export async function rateLimit(c, binding, key) {
+async function rateLimit(c, binding, key) {
   const limiter = c.env[binding];
   if (!limiter || typeof limiter.limit !== 'function') return -1;
   try {
@@ -39,52 +151,54 @@ export async function rateLimit(c, binding, key) {
   }
 }
 
-/** Runs a promise past the response (a token refreshed ahead of expiry). */
-export function waitUntil(c, promise) {
-  c.ctx.waitUntil(promise);
-}
-
 function reader(c) {
   if (c.reader === null && c.request.body !== null) c.reader = c.request.body.getReader();
   return c.reader;
 }
 
-/**
- * The whole body, or null without one; the number of bytes seen (more than `limit`) as soon as
- * it passes the limit, without reading further.
- */
-export async function readBody(c, limit) {
+function keep(c, bytes) {
+  return [c.buffers.push(bytes) - 1, bytes.byteLength];
+}
+
+/** The whole body ([id, length]), -1 without one, or {seen} as soon as it passes the limit. */
+async function readBody(c, limit) {
   const r = reader(c);
-  if (r === null) return null;
+  if (r === null) return -1;
   const chunks = [];
   let total = 0;
-  for (;;) {
-    const { done, value } = await r.read();
-    if (done) break;
-    total += value.byteLength;
-    if (total > limit) {
-      r.cancel().catch(() => {});
-      return total;
+  try {
+    for (;;) {
+      const { done, value } = await r.read();
+      if (done) break;
+      total += value.byteLength;
+      if (total > limit) {
+        r.cancel().catch(() => {});
+        return { seen: total };
+      }
+      chunks.push(value);
     }
-    chunks.push(value);
+  } catch (e) {
+    return { error: String(e && e.message || e) };
   }
-  if (chunks.length === 1) return chunks[0];
+  if (chunks.length === 1) return keep(c, chunks[0]);
   const body = new Uint8Array(total);
   let at = 0;
   for (const chunk of chunks) {
     body.set(chunk, at);
     at += chunk.byteLength;
   }
-  return body;
+  return keep(c, body);
 }
 
 /**
- * The next `size` bytes of the body as one Uint8Array (fewer at its end), null after the end, or
- * the number of bytes seen when the body passes `limit` in all. One block in memory at a time.
+ * The next `size` bytes of the body ([id, length]; fewer at its end), -1 after the end, or
+ * {seen} when the body passes `limit` in all. One block is held at a time: the previous one's
+ * buffer is dropped when the next is read.
  */
-export async function nextBlock(c, size, limit) {
+async function nextBlock(c, size, limit) {
   const r = reader(c);
-  if (r === null) return null;
+  if (r === null) return -1;
+  c.buffers = [];
   const block = new Uint8Array(size);
   let filled = 0;
   if (c.leftover !== null) {
@@ -93,21 +207,25 @@ export async function nextBlock(c, size, limit) {
     filled = take;
     c.leftover = take < c.leftover.byteLength ? c.leftover.subarray(take) : null;
   }
-  while (filled < size) {
-    const { done, value } = await r.read();
-    if (done) break;
-    c.total += value.byteLength;
-    if (c.total > limit) {
-      r.cancel().catch(() => {});
-      return c.total;
+  try {
+    while (filled < size) {
+      const { done, value } = await r.read();
+      if (done) break;
+      c.total += value.byteLength;
+      if (c.total > limit) {
+        r.cancel().catch(() => {});
+        return { seen: c.total };
+      }
+      const take = Math.min(size - filled, value.byteLength);
+      block.set(value.subarray(0, take), filled);
+      filled += take;
+      if (take < value.byteLength) c.leftover = value.subarray(take);
     }
-    const take = Math.min(size - filled, value.byteLength);
-    block.set(value.subarray(0, take), filled);
-    filled += take;
-    if (take < value.byteLength) c.leftover = value.subarray(take);
+  } catch (e) {
+    return { error: String(e && e.message || e) };
   }
-  if (filled === 0) return null;
-  return filled === size ? block : block.subarray(0, filled);
+  if (filled === 0) return -1;
+  return keep(c, filled === size ? block : block.subarray(0, filled));
 }
 
 /** Throws this (name 'TimeoutError') when a limit cut the call off. */
@@ -132,79 +250,81 @@ function watched(progress, end) {
 const REPLY_HEADERS = ['retry-after', 'x-ms-error-code', 'etag', 'content-type', 'content-length', 'last-modified'];
 
 /**
- * One outbound request. `headers` is `name\nvalue\n…`; `body` is null, a string, a Uint8Array,
- * or `true` for the caller's own body stream (then `length` keeps its Content-Length).
- * Time limits:
+ * One outbound request: ['send', url, method, headers, kind, body, length, deadlineMs, idleMs],
+ * `kind` none | buffer (body: its id) | text | caller (the caller's own stream; `length` keeps its
+ * Content-Length). Time limits:
  * - deadlineMs (whole calls): the request, the reply's headers and, for replies read whole, its
  *   body must be done within it;
  * - idleMs (streamed calls): cut off only when no bytes move for idleMs, in either direction.
- * Resolves to one string, [reply id, status, [name, value, …]] (the headers the core reads); the
- * reply itself stays here, under its id, for `text` or `respond`.
+ * Resolves [reply id, status, headers the core reads as `name\nvalue\n…`] (the reply stays here,
+ * under its id, for 'text' or the answer), or {error: 'timeout' | what failed}.
  */
-export async function send(c, url, method, headers, body, length, deadlineMs, idleMs) {
+async function send(c, [, url, method, headers, kind, ref, length, deadlineMs, idleMs]) {
   const init = { method, headers: pairs(headers) };
+  const body = kind === 'buffer' ? c.buffers[ref] : kind === 'text' ? ref : kind === 'caller' ? (c.request.body ?? new Uint8Array(0)) : null;
   let response;
-  if (!(idleMs > 0)) {
-    init.signal = AbortSignal.timeout(Math.max(1, deadlineMs));
-    if (body !== null) init.body = body === true ? c.request.body : body;
-    try {
-      response = await fetch(url, init);
-    } catch (e) {
-      if (init.signal.aborted) throw timeoutError('no answer within the time limit');
-      throw e;
-    }
-  } else {
-    const controller = new AbortController();
-    let timer;
-    const arm = () => {
-      clearTimeout(timer);
-      timer = setTimeout(() => controller.abort(timeoutError('no bytes moved within the idle time limit')), idleMs);
-    };
-    const disarm = () => clearTimeout(timer);
-    init.signal = controller.signal;
-    arm();
-    const stream = body === true ? c.request.body : body;
-    if (stream instanceof ReadableStream) {
-      // Waiting for the answer after the last byte went out counts as idle time too.
-      const progress = stream.pipeThrough(watched(arm, arm));
-      if (length >= 0) {
-        // A fixed length keeps the Content-Length (Put Blob needs it) instead of chunked encoding.
-        const fixed = new FixedLengthStream(length);
-        progress.pipeTo(fixed.writable).catch(() => {});
-        init.body = fixed.readable;
-      } else {
-        init.body = progress;
+  try {
+    if (!(idleMs > 0)) {
+      init.signal = AbortSignal.timeout(Math.max(1, deadlineMs));
+      if (body !== null) init.body = body;
+      try {
+        response = await fetch(url, init);
+      } catch (e) {
+        if (init.signal.aborted) throw timeoutError('no answer within the time limit');
+        throw e;
       }
-    } else if (stream !== null) {
-      init.body = stream;
-    } else if (body === true) {
-      init.body = new Uint8Array(0);
-    }
-    try {
-      response = await fetch(url, init);
-    } catch (e) {
-      disarm();
-      if (controller.signal.aborted) throw timeoutError('no bytes moved within the idle time limit');
-      throw e;
-    }
-    if (response.body === null) {
-      disarm();
     } else {
+      const controller = new AbortController();
+      let timer;
+      const arm = () => {
+        clearTimeout(timer);
+        timer = setTimeout(() => controller.abort(timeoutError('no bytes moved within the idle time limit')), idleMs);
+      };
+      const disarm = () => clearTimeout(timer);
+      init.signal = controller.signal;
       arm();
-      response = new Response(response.body.pipeThrough(watched(arm, disarm)), response);
+      if (body instanceof ReadableStream) {
+        // Waiting for the answer after the last byte went out counts as idle time too.
+        const progress = body.pipeThrough(watched(arm, arm));
+        if (length >= 0) {
+          // A fixed length keeps the Content-Length (Put Blob needs it) instead of chunked encoding.
+          const fixed = new FixedLengthStream(length);
+          progress.pipeTo(fixed.writable).catch(() => {});
+          init.body = fixed.readable;
+        } else {
+          init.body = progress;
+        }
+      } else if (body !== null) {
+        init.body = body;
+      }
+      try {
+        response = await fetch(url, init);
+      } catch (e) {
+        disarm();
+        if (controller.signal.aborted) throw timeoutError('no bytes moved within the idle time limit');
+        throw e;
+      }
+      if (response.body === null) {
+        disarm();
+      } else {
+        arm();
+        response = new Response(response.body.pipeThrough(watched(arm, disarm)), response);
+      }
     }
+  } catch (e) {
+    if (e && e.name === 'TimeoutError') return { error: 'timeout' };
+    return { error: String(e && e.message || e) };
   }
-  const id = c.replies.push(response) - 1;
   const flat = [];
   for (const name of REPLY_HEADERS) {
     const value = response.headers.get(name);
     if (value !== null) flat.push(name, value);
   }
-  return JSON.stringify([id, response.status, flat]);
+  return [c.replies.push(response) - 1, response.status, flat.join('\n')];
 }
 
 /** A reply's body as text (at most 64 KiB kept), draining it. */
-export async function text(c, id) {
+async function text(c, id) {
   const response = c.replies[id];
   c.replies[id] = undefined;
   if (!response) return '';
@@ -216,33 +336,25 @@ export async function text(c, id) {
   }
 }
 
-/** Headers from the wasm's one string, `name\nvalue\n…` (a value never holds a line break). */
-function pairs(joined) {
-  const out = new Headers();
-  if (!joined) return out;
-  const flat = joined.split('\n');
-  for (let i = 0; i + 1 < flat.length; i += 2) out.set(flat[i], flat[i + 1]);
+/** A key set: [status, text], or {error}. */
+async function fetchJwks(url, deadlineMs) {
+  try {
+    return JSON.parse(await fetchText(url, 'GET', 'accept\napplication/json', null, deadlineMs));
+  } catch (e) {
+    return { error: e && e.name === 'TimeoutError' ? 'timeout' : String(e && e.message || e) };
+  }
+}
+
+function fromBase64url(text) {
+  const b64 = text.replace(/-/g, '+').replace(/_/g, '/');
+  const bin = atob(b64 + '==='.slice((b64.length + 3) % 4));
+  const out = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
   return out;
 }
 
-/**
- * The caller's response: `headers` is `name\nvalue\n…`; the body is a string, or (when `text` is
- * null and `stream` is a reply id) that reply's body streamed through, or nothing.
- */
-export function respond(c, status, headers, text, stream) {
-  let body = null;
-  if (text !== undefined && text !== null) body = text;
-  else if (stream >= 0 && c.replies[stream]) body = c.replies[stream].body;
-  // The other replies' bodies are not read: let the runtime release them.
-  for (const [i, reply] of c.replies.entries()) {
-    if (reply && i !== stream && reply.body && !reply.bodyUsed) reply.body.cancel().catch(() => {});
-  }
-  c.replies = [];
-  return new Response(body, { status, headers: pairs(headers) });
-}
-
-/** WebCrypto verification of a JWS signature with a public JWK (`jwk` as JSON). */
-export async function verify(alg, jwk, data, signature) {
+/** WebCrypto verification of a JWS signature with a public JWK (JSON); data and signature base64url. */
+async function verify(alg, jwk, data, signature) {
   let importParams;
   let verifyParams;
   if (alg === 'RS256') {
@@ -258,16 +370,16 @@ export async function verify(alg, jwk, data, signature) {
   }
   try {
     const key = await crypto.subtle.importKey('jwk', JSON.parse(jwk), importParams, false, ['verify']);
-    return await crypto.subtle.verify(verifyParams, key, signature, data);
+    return await crypto.subtle.verify(verifyParams, key, fromBase64url(signature), fromBase64url(data));
   } catch {
     return false;
   }
 }
 
-/** A GET whose body is read whole as text, with a deadline: [status, retry-after, text] as one string. */
+/** A request whose body is read whole as text, with a deadline: [status, retry-after, text] as one string. */
 export async function fetchText(url, method, headers, body, deadlineMs) {
   const init = { method, headers: pairs(headers), signal: AbortSignal.timeout(Math.max(1, deadlineMs)) };
-  if (body !== null) init.body = body;
+  if (body !== null && body !== undefined) init.body = body;
   let response;
   let text;
   try {

@@ -1,72 +1,60 @@
-//! The edge: the only code that touches JavaScript. It reads the request once, lets the core's
-//! driver ([`crate::pipeline::Gateway::handle`]) run every phase, performs the I/O the driver
-//! asks for through `edge.js` (one call each, as a rule), and writes the answer and the log line.
+//! The edge: the only code that touches JavaScript.
+//!
+//! JavaScript drives a request and the wasm decides, synchronously. The worker's `fetch` makes
+//! one call into `edge.js` (`drive`), which reads the request's head and starts the core's
+//! driver ([`crate::pipeline::Gateway::handle`]) as a task here, through one long-lived entry
+//! point (the stepper). Whenever the driver needs I/O, the task stops with an *op* (read the
+//! body, send this request, count this rate limit, …); `drive` performs it and resumes the task
+//! with the result, until the task ends with the answer and the log line, which `drive` turns
+//! into the `Response` and the console line. So a request crosses from wasm into JavaScript
+//! only for what cannot wait for the next step (a fresh UUID, a Worker secret read once per
+//! isolate), not once per header, await or clock read. The rare paths (a token fetch, a
+//! background refresh) still await JavaScript promises directly; the task's waker resumes it.
 
 mod crypto;
 mod tokens;
 
-use std::cell::OnceCell;
+use std::cell::{Cell, OnceCell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
-use worker::js_sys::{Promise, Uint8Array};
-use worker::wasm_bindgen_futures::JsFuture;
+use worker::js_sys::Promise;
 
 use crate::backend::BackendRequest;
 use crate::identity::TokenKey;
 use crate::pipeline::{
-    Answer, AnswerBody, BodyError, Gateway, Grant, Io, Limit, NoToken, OutBody, Reply, RequestHead,
-    SendError,
+    Answer, AnswerBody, BodyError, Gateway, Grant, Io, Limit, NoToken, OutBody, Reply,
+    RequestHead, SendError,
 };
 use crate::policy::prepared::{Prepared, TokenTarget};
 use crate::policy::JwtAlgorithm;
-use crate::problem::Problem;
 
 /// The policy, compiled and checked by build.rs when the worker was built.
 const PREPARED: &str = include_str!(concat!(env!("OUT_DIR"), "/prepared.json"));
 
-thread_local! {
-    /// Loaded once per isolate, on the first request, and kept for the isolate's life (an
-    /// isolate runs one thread).
-    static GATEWAY: OnceCell<Option<&'static Gateway>> = const { OnceCell::new() };
-}
-
 #[wasm_bindgen(module = "/src/edge/edge.js")]
 extern "C" {
-    fn begin(request: &JsValue, env: &JsValue, ctx: &JsValue) -> JsValue;
-    fn head(c: &JsValue) -> String;
+    /// Runs one request: reads its head, steps its task through every op, builds the answer.
+    fn drive(request: &JsValue, env: &JsValue, ctx: &JsValue) -> Promise;
+    #[wasm_bindgen(js_name = setStepper)]
+    fn set_stepper(stepper: &Closure<dyn FnMut(String) -> String>);
+    /// A task's waker: resume it in a microtask.
+    fn schedule(task: u32);
+    /// The per-request context `drive` keeps for a task (request, env, ctx, bodies, replies).
+    #[wasm_bindgen(js_name = contextOf)]
+    fn context_of(task: u32) -> JsValue;
     fn secret(c: &JsValue, name: &str) -> Option<String>;
-    #[wasm_bindgen(js_name = rateLimit)]
-    fn rate_limit(c: &JsValue, binding: &str, key: &str) -> Promise;
+    #[wasm_bindgen(js_name = bufferBytes)]
+    fn buffer_bytes(c: &JsValue, id: u32) -> Vec<u8>;
     #[wasm_bindgen(js_name = waitUntil)]
     fn wait_until(c: &JsValue, promise: &Promise);
-    #[wasm_bindgen(js_name = readBody)]
-    fn read_body(c: &JsValue, limit: f64) -> Promise;
-    #[wasm_bindgen(js_name = nextBlock)]
-    fn next_block(c: &JsValue, size: u32, limit: f64) -> Promise;
-    #[wasm_bindgen(catch)]
-    #[allow(clippy::too_many_arguments)]
-    fn send(
-        c: &JsValue,
-        url: &str,
-        method: &str,
-        headers: &str,
-        body: &JsValue,
-        length: f64,
-        deadline_ms: f64,
-        idle_ms: f64,
-    ) -> Result<Promise, JsValue>;
-    fn text(c: &JsValue, id: u32) -> Promise;
-    fn respond(
-        c: &JsValue,
-        status: u16,
-        headers: &str,
-        text: Option<String>,
-        stream: i32,
-    ) -> JsValue;
-    #[wasm_bindgen(js_name = verify)]
-    fn verify_signature(alg: &str, jwk: &str, data: &[u8], signature: &[u8]) -> Promise;
     #[wasm_bindgen(catch, js_name = fetchText)]
     fn fetch_text(
         url: &str,
@@ -76,6 +64,11 @@ extern "C" {
         deadline_ms: f64,
     ) -> Result<Promise, JsValue>;
     fn sleep(ms: f64) -> Promise;
+    /// For the wasm tests: the head `drive` would read, and the `Response` of an answer.
+    #[wasm_bindgen(js_name = headOf)]
+    fn head_of(request: &JsValue) -> String;
+    #[wasm_bindgen(js_name = responseOf)]
+    fn response_of(done: &str) -> JsValue;
 }
 
 #[wasm_bindgen]
@@ -109,13 +102,24 @@ fn start() {
     console_error_panic_hook::set_once();
 }
 
+thread_local! {
+    /// Loaded once per isolate, on the first request, and kept for the isolate's life (an
+    /// isolate runs one thread).
+    static GATEWAY: OnceCell<Option<&'static Gateway>> = const { OnceCell::new() };
+    /// The requests in flight, by task id.
+    static TASKS: RefCell<HashMap<u32, Task>> = RefCell::new(HashMap::new());
+    static NEXT_TASK: Cell<u32> = const { Cell::new(1) };
+    /// The one entry point `drive` steps tasks through, made once per isolate.
+    static STEPPER: OnceCell<Closure<dyn FnMut(String) -> String>> = const { OnceCell::new() };
+}
+
 fn gateway() -> Option<&'static Gateway> {
     GATEWAY.with(|cell| {
         *cell.get_or_init(|| match Prepared::load(PREPARED) {
             Ok(prepared) => Some(&*Box::leak(Box::new(Gateway::new(prepared)))),
             Err(e) => {
                 // Impossible for a worker built by build.rs: it wrote this text.
-                let line = serde_json::json!({
+                let line = json!({
                     "level": "error",
                     "message": "the compiled policy does not load; rebuild the worker",
                     "error": e,
@@ -130,76 +134,140 @@ fn gateway() -> Option<&'static Gateway> {
 /// The worker's fetch handler, called by the entry module for every request.
 #[wasm_bindgen]
 pub fn fetch(request: JsValue, env: JsValue, ctx: JsValue) -> Promise {
-    worker::wasm_bindgen_futures::future_to_promise(handle(request, env, ctx))
+    STEPPER.with(|cell| {
+        cell.get_or_init(|| {
+            let stepper = Closure::<dyn FnMut(String) -> String>::new(step);
+            set_stepper(&stepper);
+            stepper
+        });
+    });
+    drive(&request, &env, &ctx)
 }
 
-async fn handle(request: JsValue, env: JsValue, ctx: JsValue) -> Result<JsValue, JsValue> {
-    let edge = Edge {
-        c: begin(&request, &env, &ctx),
+// ---------------------------------------------------------------------------------------------
+// The executor: tasks stepped by `drive`
+
+/// One request's future and the slot through which it trades ops for results.
+struct Task {
+    future: Pin<Box<dyn Future<Output = String>>>,
+    slot: Rc<Slot>,
+}
+
+/// What a task and `drive` exchange.
+#[derive(Default)]
+struct Slot {
+    /// The op the task waits on, for `drive` to perform.
+    op: RefCell<Option<String>>,
+    /// The op's result, as `drive` handed it back.
+    result: RefCell<Option<String>>,
+    /// The clock, read by `drive` at each step (so the task never asks for it).
+    now: Cell<f64>,
+}
+
+struct TaskWaker(u32);
+
+impl Wake for TaskWaker {
+    fn wake(self: Arc<Self>) {
+        schedule(self.0);
+    }
+}
+
+/// The stepper: `[0, 0, now, head]` starts a task, `[1, task, now, result]` resumes one
+/// (result `null` after a wake). Answers `{"t": task, "op": [...]}`: the next op, `["wait"]`
+/// while the task awaits a JavaScript promise of its own, or `["done", …]`.
+fn step(command: String) -> String {
+    let Ok((kind, task, now, payload)) = serde_json::from_str::<(u8, u32, f64, Value)>(&command)
+    else {
+        return done_internal(0, "a step the edge could not read");
     };
-    let head = edge.head();
-    let (answer, line) = match gateway() {
-        Some(gateway) => gateway.handle(&head, &edge).await,
-        None => {
-            let problem = Problem::internal("the compiled policy does not load");
-            let request_id = new_request_id();
-            let answer = Answer {
-                status: 500,
-                headers: vec![
-                    ("content-type", crate::problem::CONTENT_TYPE.to_owned()),
-                    ("x-request-id", request_id.clone()),
-                ],
-                body: AnswerBody::Text(problem.body(&head.path, &request_id)),
-            };
-            (answer, String::new())
-        }
-    };
-    let response = edge.respond(answer);
-    if !line.is_empty() {
-        console_log(&line);
-    }
-    Ok(response)
-}
-
-/// One request's I/O: the JavaScript context `edge.js` made for it.
-pub struct Edge {
-    c: JsValue,
-}
-
-impl Edge {
-    /// The edge of a JavaScript `Request` (with no env or execution context: for tests).
-    pub fn for_request(request: &JsValue) -> Edge {
-        Edge {
-            c: begin(request, &JsValue::UNDEFINED, &JsValue::UNDEFINED),
-        }
-    }
-
-    /// The request's head, read in one call.
-    pub fn head(&self) -> RequestHead {
-        RequestHead::from_wire(&head(&self.c)).unwrap_or_default()
-    }
-
-    /// The JavaScript `Response` of an answer, built in one call.
-    pub fn respond(&self, answer: Answer<u32>) -> JsValue {
-        self.to_response(answer)
-    }
-
-    fn to_response(&self, answer: Answer<u32>) -> JsValue {
-        let mut headers = String::new();
-        for (name, value) in &answer.headers {
-            push_header(&mut headers, name, value);
-        }
-        let (text, stream) = match answer.body {
-            AnswerBody::Empty => (None, -1),
-            AnswerBody::Text(text) => (Some(text), -1),
-            AnswerBody::Stream(id) => (None, id as i32),
+    let task = if kind == 0 {
+        let id = NEXT_TASK.with(|n| {
+            let id = n.get();
+            n.set(id.wrapping_add(1).max(1));
+            id
+        });
+        let head = payload
+            .as_str()
+            .and_then(RequestHead::from_wire)
+            .unwrap_or_default();
+        let slot = Rc::new(Slot::default());
+        let io = Edge {
+            task: id,
+            slot: slot.clone(),
+            c: OnceCell::new(),
         };
-        respond(&self.c, answer.status, &headers, text, stream)
+        let future: Pin<Box<dyn Future<Output = String>>> = Box::pin(async move {
+            match gateway() {
+                Some(gateway) => {
+                    let (answer, line) = gateway.handle(&head, &io).await;
+                    done(answer, &line)
+                }
+                None => done_internal(io.task, "the compiled policy does not load"),
+            }
+        });
+        TASKS.with(|t| t.borrow_mut().insert(id, Task { future, slot }));
+        id
+    } else {
+        task
+    };
+    let Some(mut current) = TASKS.with(|t| t.borrow_mut().remove(&task)) else {
+        return done_internal(task, "a step for a request that is not in flight");
+    };
+    current.slot.now.set(now);
+    if kind == 1 {
+        if let Value::String(result) = payload {
+            *current.slot.result.borrow_mut() = Some(result);
+        }
+    }
+    let waker = Waker::from(Arc::new(TaskWaker(task)));
+    let mut cx = Context::from_waker(&waker);
+    match current.future.as_mut().poll(&mut cx) {
+        Poll::Ready(done) => format!("{{\"t\":{task},\"op\":{done}}}"),
+        Poll::Pending => {
+            let op = current
+                .slot
+                .op
+                .borrow_mut()
+                .take()
+                .unwrap_or_else(|| "[\"wait\"]".to_owned());
+            TASKS.with(|t| t.borrow_mut().insert(task, current));
+            format!("{{\"t\":{task},\"op\":{op}}}")
+        }
     }
 }
 
-/// Headers travel to `edge.js` as one string, `name\nvalue\n…`: a header value never holds
-/// a line break (the outgoing gate refuses one; the runtime's own headers cannot have one).
+/// The final op: status, headers (`name\nvalue\n…`), the body (text, or a reply id to stream),
+/// and the log line.
+fn done(answer: Answer<u32>, line: &str) -> String {
+    let mut headers = String::new();
+    for (name, value) in &answer.headers {
+        push_header(&mut headers, name, value);
+    }
+    let (text, stream) = match answer.body {
+        AnswerBody::Empty => (Value::Null, Value::Null),
+        AnswerBody::Text(text) => (Value::String(text), Value::Null),
+        AnswerBody::Stream(id) => (Value::Null, Value::from(id)),
+    };
+    json!(["done", answer.status, headers, text, stream, line]).to_string()
+}
+
+fn done_internal(task: u32, what: &str) -> String {
+    let problem = crate::problem::Problem::internal(what);
+    let request_id = new_request_id();
+    let answer = Answer {
+        status: 500,
+        headers: vec![
+            ("content-type", crate::problem::CONTENT_TYPE.to_owned()),
+            ("x-request-id", request_id.clone()),
+        ],
+        body: AnswerBody::Text(problem.body("/", &request_id)),
+    };
+    let line = json!({"level": "error", "request_id": request_id, "status": 500, "problem": "internal-error", "task": task});
+    done(answer, &line.to_string())
+}
+
+/// Headers travel as one string, `name\nvalue\n…`: a header value never holds a line break
+/// (the outgoing gate refuses one; the runtime's own headers cannot have one).
 fn push_header(out: &mut String, name: &str, value: &str) {
     if !out.is_empty() {
         out.push('\n');
@@ -208,6 +276,230 @@ fn push_header(out: &mut String, name: &str, value: &str) {
     out.push('\n');
     out.push_str(value);
 }
+
+/// For the wasm tests: the head of a JavaScript `Request` as `drive` reads it.
+pub fn read_head(request: &JsValue) -> RequestHead {
+    RequestHead::from_wire(&head_of(request)).unwrap_or_default()
+}
+
+/// For the wasm tests: the JavaScript `Response` `drive` makes of an answer.
+pub fn to_response(answer: Answer<u32>) -> JsValue {
+    response_of(&done(answer, ""))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The driver's I/O
+
+/// One request's I/O: ops handed to `drive` through the task's slot.
+struct Edge {
+    task: u32,
+    slot: Rc<Slot>,
+    /// The request's JavaScript context, fetched only on the paths that need it.
+    c: OnceCell<JsValue>,
+}
+
+/// Waits for the result of the op in the slot.
+struct Ask<'a>(&'a Slot);
+
+impl Future for Ask<'_> {
+    type Output = String;
+
+    fn poll(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<String> {
+        match self.0.result.borrow_mut().take() {
+            Some(result) => Poll::Ready(result),
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl Edge {
+    /// Hands `op` to `drive` and waits for its result (JSON).
+    async fn ask(&self, op: Value) -> Value {
+        *self.slot.result.borrow_mut() = None;
+        *self.slot.op.borrow_mut() = Some(op.to_string());
+        let result = Ask(&self.slot).await;
+        serde_json::from_str(&result).unwrap_or(Value::Null)
+    }
+
+    fn c(&self) -> &JsValue {
+        self.c.get_or_init(|| context_of(self.task))
+    }
+
+    /// A body `drive` read: `-1` none, a length (the bytes stay in JavaScript under the id the
+    /// length came with), `{"seen": n}` past the limit, `{"error": …}`.
+    fn body(result: Value) -> Result<Option<(u32, u64)>, BodyError> {
+        if let Some(seen) = result.get("seen").and_then(Value::as_u64) {
+            return Err(BodyError::TooLarge(seen));
+        }
+        if let Some(error) = result.get("error").and_then(Value::as_str) {
+            return Err(BodyError::Unreadable(error.to_owned()));
+        }
+        match (
+            result.get(0).and_then(Value::as_u64),
+            result.get(1).and_then(Value::as_u64),
+        ) {
+            (Some(id), Some(length)) => Ok(Some((id as u32, length))),
+            _ => Ok(None),
+        }
+    }
+}
+
+impl Io for Edge {
+    type Bytes = u32;
+    type Stream = u32;
+
+    fn now(&self) -> f64 {
+        self.slot.now.get()
+    }
+
+    fn uuid(&self) -> String {
+        random_uuid()
+    }
+
+    fn random(&self) -> f64 {
+        random()
+    }
+
+    fn secret(&self, name: &str) -> Option<String> {
+        secret(self.c(), name)
+    }
+
+    async fn rate_limit(&self, binding: &str, key: &str) -> Result<bool, bool> {
+        match self.ask(json!(["rate", binding, key])).await.as_i64() {
+            Some(1) => Ok(true),
+            Some(0) => Ok(false),
+            Some(-1) => Err(true),
+            _ => Err(false),
+        }
+    }
+
+    async fn fetch_jwks(&self, url: &str) -> Result<String, &'static str> {
+        let result = self.ask(json!(["jwks", url, JWKS_TIMEOUT_MS])).await;
+        match (result.get(0).and_then(Value::as_u64), result.get(1)) {
+            (Some(status), Some(Value::String(body))) if (200..300).contains(&status) => {
+                Ok(body.clone())
+            }
+            (Some(_), _) => Err("the key set URL answered with an error"),
+            _ if result.get("error").and_then(Value::as_str) == Some("timeout") => {
+                Err("the key set URL timed out")
+            }
+            _ => Err("the key set URL could not be reached"),
+        }
+    }
+
+    async fn verify(&self, alg: JwtAlgorithm, jwk: &Value, data: &[u8], signature: &[u8]) -> bool {
+        let b64 = crate::encoding::base64url;
+        let op = json!([
+            "verify",
+            crate::inbound::jwt::alg_name(alg),
+            jwk.to_string(),
+            b64(data),
+            b64(signature)
+        ]);
+        self.ask(op).await.as_bool() == Some(true)
+    }
+
+    async fn token(&self, target: &TokenTarget) -> Result<Grant, NoToken> {
+        tokens::obtain(target, &|| self.c().clone()).await
+    }
+
+    fn evict_token(&self, key: &TokenKey, access_token: &str) {
+        tokens::evict(key, access_token);
+    }
+
+    async fn read_body(&self, limit: u64) -> Result<Option<(u32, u64)>, BodyError> {
+        Edge::body(self.ask(json!(["read", limit])).await)
+    }
+
+    fn bytes(&self, body: &u32) -> Vec<u8> {
+        buffer_bytes(self.c(), *body)
+    }
+
+    async fn next_block(&self, block_bytes: u32, limit: u64) -> Result<Option<(u32, u64)>, BodyError> {
+        Edge::body(self.ask(json!(["block", block_bytes, limit])).await)
+    }
+
+    async fn send(
+        &self,
+        request: &BackendRequest,
+        token: Option<&str>,
+        body: OutBody<'_, u32>,
+        limit: Limit,
+    ) -> Result<Reply<u32>, SendError> {
+        crate::backend::check(request).map_err(SendError::Unsendable)?;
+        let mut headers = String::new();
+        for (name, value) in &request.headers {
+            push_header(&mut headers, name, value);
+        }
+        if let Some(token) = token {
+            push_header(&mut headers, "authorization", &format!("Bearer {token}"));
+        }
+        // The body: none, a buffer id, a string, or the caller's own stream and its length.
+        let (kind, body, length) = match body {
+            OutBody::None => ("none", Value::Null, -1.0),
+            OutBody::Bytes(id) => ("buffer", Value::from(*id), -1.0),
+            OutBody::Text(text) => ("text", Value::from(text), -1.0),
+            OutBody::CallerStream { length } => ("caller", Value::Null, length as f64),
+        };
+        let (deadline, idle) = match limit {
+            Limit::Deadline(ms) => (ms, 0.0),
+            Limit::Idle(ms) => (0.0, ms),
+        };
+        let op = json!([
+            "send",
+            request.url,
+            request.method,
+            headers,
+            kind,
+            body,
+            length,
+            deadline,
+            idle
+        ]);
+        let result = self.ask(op).await;
+        if let Some(error) = result.get("error").and_then(Value::as_str) {
+            return Err(match error {
+                "timeout" => SendError::Timeout,
+                other => SendError::Network(other.to_owned()),
+            });
+        }
+        let (Some(id), Some(status), Some(flat)) = (
+            result.get(0).and_then(Value::as_u64),
+            result.get(1).and_then(Value::as_u64),
+            result.get(2).and_then(Value::as_str),
+        ) else {
+            return Err(SendError::Network("an unreadable reply".into()));
+        };
+        let parts: Vec<&str> = if flat.is_empty() {
+            Vec::new()
+        } else {
+            flat.split('\n').collect()
+        };
+        let headers = parts
+            .chunks_exact(2)
+            .map(|kv| (kv[0].to_owned(), kv[1].to_owned()))
+            .collect();
+        Ok(Reply {
+            status: status as u16,
+            headers,
+            body: Some(id as u32),
+        })
+    }
+
+    async fn text(&self, body: u32) -> String {
+        match self.ask(json!(["text", body])).await {
+            Value::String(text) => text,
+            _ => String::new(),
+        }
+    }
+
+    async fn sleep(&self, ms: f64) {
+        self.ask(json!(["sleep", ms])).await;
+    }
+}
+
+/// Time limit of one key set fetch, in milliseconds.
+const JWKS_TIMEOUT_MS: f64 = 5_000.0;
 
 fn is_timeout(e: &JsValue) -> bool {
     worker::js_sys::Reflect::get(e, &"name".into())
@@ -224,180 +516,3 @@ fn describe(e: &JsValue) -> String {
         })
         .unwrap_or_else(|| "a network error".to_owned())
 }
-
-/// A body read by `edge.js`: bytes, none, or (a number) the bytes seen past the limit.
-fn body_result(value: Result<JsValue, JsValue>) -> Result<Option<(JsValue, u64)>, BodyError> {
-    match value {
-        Err(e) => Err(BodyError::Unreadable(describe(&e))),
-        Ok(v) if v.is_null() || v.is_undefined() => Ok(None),
-        Ok(v) => match v.as_f64() {
-            Some(seen) => Err(BodyError::TooLarge(seen as u64)),
-            None => {
-                let length = v
-                    .dyn_ref::<Uint8Array>()
-                    .map_or(0, |bytes| bytes.length() as u64);
-                Ok(Some((v, length)))
-            }
-        },
-    }
-}
-
-impl Io for Edge {
-    type Bytes = JsValue;
-    type Stream = u32;
-
-    fn now(&self) -> f64 {
-        now()
-    }
-
-    fn uuid(&self) -> String {
-        random_uuid()
-    }
-
-    fn random(&self) -> f64 {
-        random()
-    }
-
-    fn secret(&self, name: &str) -> Option<String> {
-        secret(&self.c, name)
-    }
-
-    async fn rate_limit(&self, binding: &str, key: &str) -> Result<bool, bool> {
-        let outcome = JsFuture::from(rate_limit(&self.c, binding, key))
-            .await
-            .ok()
-            .and_then(|v| v.as_f64());
-        match outcome {
-            Some(1.0) => Ok(true),
-            Some(0.0) => Ok(false),
-            Some(-1.0) => Err(true),
-            _ => Err(false),
-        }
-    }
-
-    async fn fetch_jwks(&self, url: &str) -> Result<String, &'static str> {
-        let promise = fetch_text(
-            url,
-            "GET",
-            "accept\napplication/json",
-            None,
-            JWKS_TIMEOUT_MS,
-        )
-        .map_err(|_| "the key set URL could not be reached")?;
-        let summary = match JsFuture::from(promise).await {
-            Ok(summary) => summary.as_string().unwrap_or_default(),
-            Err(e) if is_timeout(&e) => return Err("the key set URL timed out"),
-            Err(_) => return Err("the key set URL could not be reached"),
-        };
-        let (status, _, body): (u16, Option<String>, String) =
-            serde_json::from_str(&summary).map_err(|_| "the key set could not be read")?;
-        if !(200..300).contains(&status) {
-            return Err("the key set URL answered with an error");
-        }
-        Ok(body)
-    }
-
-    async fn verify(&self, alg: JwtAlgorithm, jwk: &Value, data: &[u8], signature: &[u8]) -> bool {
-        let alg = crate::inbound::jwt::alg_name(alg);
-        JsFuture::from(verify_signature(alg, &jwk.to_string(), data, signature))
-            .await
-            .ok()
-            .and_then(|v| v.as_bool())
-            == Some(true)
-    }
-
-    async fn token(&self, target: &TokenTarget) -> Result<Grant, NoToken> {
-        tokens::obtain(target, &self.c).await
-    }
-
-    fn evict_token(&self, key: &TokenKey, access_token: &str) {
-        tokens::evict(key, access_token);
-    }
-
-    async fn read_body(&self, limit: u64) -> Result<Option<(JsValue, u64)>, BodyError> {
-        body_result(JsFuture::from(read_body(&self.c, limit as f64)).await)
-    }
-
-    fn bytes(&self, body: &JsValue) -> Vec<u8> {
-        body.dyn_ref::<Uint8Array>()
-            .map(Uint8Array::to_vec)
-            .unwrap_or_default()
-    }
-
-    async fn next_block(
-        &self,
-        block_bytes: u32,
-        limit: u64,
-    ) -> Result<Option<(JsValue, u64)>, BodyError> {
-        body_result(JsFuture::from(next_block(&self.c, block_bytes, limit as f64)).await)
-    }
-
-    async fn send(
-        &self,
-        request: &BackendRequest,
-        token: Option<&str>,
-        body: OutBody<'_, JsValue>,
-        limit: Limit,
-    ) -> Result<Reply<u32>, SendError> {
-        crate::backend::check(request).map_err(SendError::Unsendable)?;
-        let mut headers = String::new();
-        for (name, value) in &request.headers {
-            push_header(&mut headers, name, value);
-        }
-        if let Some(token) = token {
-            push_header(&mut headers, "authorization", &format!("Bearer {token}"));
-        }
-        let (body, length) = match body {
-            OutBody::None => (JsValue::NULL, -1.0),
-            OutBody::Bytes(bytes) => (bytes.clone(), -1.0),
-            OutBody::Text(text) => (JsValue::from_str(text), -1.0),
-            OutBody::CallerStream { length } => (JsValue::TRUE, length as f64),
-        };
-        let (deadline, idle) = match limit {
-            Limit::Deadline(ms) => (ms, 0.0),
-            Limit::Idle(ms) => (0.0, ms),
-        };
-        let promise = send(
-            &self.c,
-            &request.url,
-            request.method,
-            &headers,
-            &body,
-            length,
-            deadline,
-            idle,
-        )
-        .map_err(|e| SendError::Network(describe(&e)))?;
-        let summary = match JsFuture::from(promise).await {
-            Ok(summary) => summary.as_string().unwrap_or_default(),
-            Err(e) if is_timeout(&e) => return Err(SendError::Timeout),
-            Err(e) => return Err(SendError::Network(describe(&e))),
-        };
-        let (id, status, flat): (u32, u16, Vec<String>) = serde_json::from_str(&summary)
-            .map_err(|_| SendError::Network("an unreadable reply".into()))?;
-        let headers = flat
-            .chunks_exact(2)
-            .map(|kv| (kv[0].clone(), kv[1].clone()))
-            .collect();
-        Ok(Reply {
-            status,
-            headers,
-            body: Some(id),
-        })
-    }
-
-    async fn text(&self, body: u32) -> String {
-        JsFuture::from(text(&self.c, body))
-            .await
-            .ok()
-            .and_then(|v| v.as_string())
-            .unwrap_or_default()
-    }
-
-    async fn sleep(&self, ms: f64) {
-        let _ = JsFuture::from(sleep(ms)).await;
-    }
-}
-
-/// Time limit of one key set fetch, in milliseconds.
-const JWKS_TIMEOUT_MS: f64 = 5_000.0;

@@ -58,7 +58,7 @@ impl Source {
 
 /// The token for `target`: from the cache, or fetched once for all callers. `c` is the
 /// request's context in `edge.js` (its env holds the secrets, its ctx runs refreshes).
-pub async fn obtain(target: &TokenTarget, c: &JsValue) -> Result<Grant, NoToken> {
+pub async fn obtain(target: &TokenTarget, c: &dyn Fn() -> JsValue) -> Result<Grant, NoToken> {
     let Some(identity) = super::gateway().and_then(|g| g.prepared().identity(&target.identity))
     else {
         return Err(NoToken {
@@ -87,20 +87,21 @@ pub async fn obtain(target: &TokenTarget, c: &JsValue) -> Result<Grant, NoToken>
                 token,
                 refresh: true,
             } => {
+                let context = c();
                 let (name, identity, key, c2) = (
                     target.identity.clone(),
                     identity.clone(),
                     key.clone(),
-                    c.clone(),
+                    context.clone(),
                 );
                 let task = future_to_promise(async move {
                     refresh(name, identity, key, c2).await;
                     Ok(JsValue::UNDEFINED)
                 });
-                super::wait_until(c, &task);
+                super::wait_until(&context, &task);
                 (token, Source::CacheRefreshAhead)
             }
-            Lookup::Fetch => match fetch_and_store(identity, key, c).await {
+            Lookup::Fetch => match fetch_and_store(identity, key, &c()).await {
                 Ok(token) => (token, Source::Fetched),
                 Err(e) => return Err(no_token(&target.identity, &e)),
             },
