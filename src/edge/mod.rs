@@ -30,8 +30,8 @@ use worker::js_sys::Promise;
 use crate::backend::BackendRequest;
 use crate::identity::TokenKey;
 use crate::pipeline::{
-    Answer, AnswerBody, BodyError, Gateway, Grant, Io, Limit, NoToken, OutBody, Reply,
-    RequestHead, SendError,
+    Answer, AnswerBody, BodyError, Gateway, Grant, Io, Limit, NoToken, OutBody, Reply, RequestHead,
+    SendError,
 };
 use crate::policy::prepared::{Prepared, TokenTarget};
 use crate::policy::JwtAlgorithm;
@@ -415,7 +415,11 @@ impl Io for Edge {
         buffer_bytes(self.c(), *body)
     }
 
-    async fn next_block(&self, block_bytes: u32, limit: u64) -> Result<Option<(u32, u64)>, BodyError> {
+    async fn next_block(
+        &self,
+        block_bytes: u32,
+        limit: u64,
+    ) -> Result<Option<(u32, u64)>, BodyError> {
         Edge::body(self.ask(json!(["block", block_bytes, limit])).await)
     }
 
