@@ -15,6 +15,13 @@ export function makeRequest(method, url, headers, body) {
 export function status(response) { return response.status; }
 export function header(response, name) { return response.headers.get(name); }
 export function bodyText(response) { return response.text(); }
+export function testEnv() {
+  return {
+    ORDERS_API_KEY: 'k-1', GATEWAY_CLIENT_SECRET: 's',
+    ORDERS_RATE_LIMIT: { limit: async () => ({ success: true }) },
+  };
+}
+export function testCtx() { return { waitUntil() {} }; }
 ")]
 extern "C" {
     #[wasm_bindgen(js_name = makeRequest)]
@@ -23,6 +30,53 @@ extern "C" {
     fn header(response: &JsValue, name: &str) -> Option<String>;
     #[wasm_bindgen(js_name = bodyText)]
     fn body_text(response: &JsValue) -> js_sys::Promise;
+    #[wasm_bindgen(js_name = testEnv)]
+    fn test_env() -> JsValue;
+    #[wasm_bindgen(js_name = testCtx)]
+    fn test_ctx() -> JsValue;
+}
+
+/// The worker's own fetch handler, end to end inside Node: the driver stepped by `edge.js`,
+/// through the checks to a token request that cannot succeed (no network here).
+#[wasm_bindgen_test]
+async fn the_fetch_handler_runs_a_request_through_every_phase() {
+    let missing = make_request(
+        "POST",
+        "https://gw.example/orders/contoso",
+        &JsValue::UNDEFINED,
+        Some("{}".into()),
+    );
+    let response = JsFuture::from(azure_edge_gateway::edge::fetch(
+        missing,
+        test_env(),
+        test_ctx(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(status(&response), 401);
+    assert!(header(&response, "x-request-id").is_some());
+    let headers =
+        js_sys::JSON::parse(r#"{"x-api-key": "k-1", "content-type": "application/json"}"#).unwrap();
+    let keyed = make_request(
+        "POST",
+        "https://gw.example/orders/contoso",
+        &headers,
+        Some("{}".into()),
+    );
+    let response = JsFuture::from(azure_edge_gateway::edge::fetch(
+        keyed,
+        test_env(),
+        test_ctx(),
+    ))
+    .await
+    .unwrap();
+    let text = JsFuture::from(body_text(&response))
+        .await
+        .unwrap()
+        .as_string()
+        .unwrap();
+    assert_eq!(status(&response), 503, "{text}");
+    assert!(text.contains("identity-unavailable"), "{text}");
 }
 
 #[wasm_bindgen_test]

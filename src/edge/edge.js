@@ -11,8 +11,9 @@
 let stepper = null;
 /** Per-request contexts, by task id, while the request is in flight (and for its background work). */
 const contexts = new Map();
+let nextTask = 1;
 
-/** The wasm's one entry point for tasks: `[0, 0, now, head]` starts one, `[1, task, now, result]` resumes it. */
+/** The wasm's one entry point for tasks: `[0, task, now, head]` starts one, `[1, task, now, result]` resumes it, `[2, task]` drops it. */
 export function setStepper(f) {
   stepper = f;
 }
@@ -31,10 +32,12 @@ export function headOf(request) {
 /** Runs one request through the wasm's driver; resolves its Response. */
 export async function drive(request, env, ctx) {
   const c = { request, env, ctx, reader: null, leftover: null, total: 0, buffers: [], replies: [], wake: null, woken: false };
-  let out = step(0, 0, headOf(request));
-  const task = out.t;
+  // The context is known before the first step: the task may read a secret in it.
+  const task = nextTask;
+  nextTask = nextTask >= 0x7fffffff ? 1 : nextTask + 1;
   contexts.set(task, c);
   try {
+    let out = step(0, task, headOf(request));
     for (;;) {
       const op = out.op;
       if (op[0] === 'done') return finish(c, op);
@@ -49,6 +52,7 @@ export async function drive(request, env, ctx) {
       out = step(1, task, result);
     }
   } catch (e) {
+    try { step(2, task, null); } catch { /* the task is gone with the instance */ }
     console.error(JSON.stringify({ level: 'error', message: 'the request failed inside the gateway', error: String(e && e.message || e) }));
     return new Response(JSON.stringify({ type: 'urn:azure-edge-gateway:problem:internal-error', title: 'Internal error', status: 500, detail: 'The gateway failed; nothing was forwarded after the failure.' }), { status: 500, headers: { 'content-type': 'application/problem+json' } });
   } finally {
@@ -125,7 +129,7 @@ async function perform(c, op) {
 
 /** A Worker secret (or plain var) by name, or undefined. */
 export function secret(c, name) {
-  const value = c.env[name];
+  const value = c && c.env ? c.env[name] : undefined;
   return typeof value === 'string' ? value : (value == null ? undefined : String(value));
 }
 

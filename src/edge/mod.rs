@@ -96,11 +96,9 @@ pub(crate) fn random() -> f64 {
     math_random()
 }
 
-#[worker::event(start)]
-fn start() {
-    // A panic is written to the log with its message and location instead of a bare trap.
-    console_error_panic_hook::set_once();
-}
+// The `worker` crate is linked for what worker-build's entry module expects of it
+// (`__worker_init_state`); its request types are not used.
+use worker as _;
 
 thread_local! {
     /// Loaded once per isolate, on the first request, and kept for the isolate's life (an
@@ -108,7 +106,6 @@ thread_local! {
     static GATEWAY: OnceCell<Option<&'static Gateway>> = const { OnceCell::new() };
     /// The requests in flight, by task id.
     static TASKS: RefCell<HashMap<u32, Task>> = RefCell::new(HashMap::new());
-    static NEXT_TASK: Cell<u32> = const { Cell::new(1) };
     /// The one entry point `drive` steps tasks through, made once per isolate.
     static STEPPER: OnceCell<Closure<dyn FnMut(String) -> String>> = const { OnceCell::new() };
 }
@@ -136,6 +133,8 @@ fn gateway() -> Option<&'static Gateway> {
 pub fn fetch(request: JsValue, env: JsValue, ctx: JsValue) -> Promise {
     STEPPER.with(|cell| {
         cell.get_or_init(|| {
+            // A panic is written to the log with its message and location, not a bare trap.
+            console_error_panic_hook::set_once();
             let stepper = Closure::<dyn FnMut(String) -> String>::new(step);
             set_stepper(&stepper);
             stepper
@@ -172,20 +171,17 @@ impl Wake for TaskWaker {
     }
 }
 
-/// The stepper: `[0, 0, now, head]` starts a task, `[1, task, now, result]` resumes one
-/// (result `null` after a wake). Answers `{"t": task, "op": [...]}`: the next op, `["wait"]`
+/// The stepper: `[0, task, now, head]` starts task `task` (`drive` numbers them), `[1, task,
+/// now, result]` resumes one (result `null` after a wake), `[2, task, …]` drops one that
+/// `drive` gave up on. Answers `{"t": task, "op": [...]}`: the next op, `["wait"]`
 /// while the task awaits a JavaScript promise of its own, or `["done", …]`.
 fn step(command: String) -> String {
     let Ok((kind, task, now, payload)) = serde_json::from_str::<(u8, u32, f64, Value)>(&command)
     else {
         return done_internal(0, "a step the edge could not read");
     };
-    let task = if kind == 0 {
-        let id = NEXT_TASK.with(|n| {
-            let id = n.get();
-            n.set(id.wrapping_add(1).max(1));
-            id
-        });
+    if kind == 0 {
+        let id = task;
         let head = payload
             .as_str()
             .and_then(RequestHead::from_wire)
@@ -206,10 +202,11 @@ fn step(command: String) -> String {
             }
         });
         TASKS.with(|t| t.borrow_mut().insert(id, Task { future, slot }));
-        id
-    } else {
-        task
-    };
+    }
+    if kind == 2 {
+        TASKS.with(|t| t.borrow_mut().remove(&task));
+        return "{}".to_owned();
+    }
     let Some(mut current) = TASKS.with(|t| t.borrow_mut().remove(&task)) else {
         return done_internal(task, "a step for a request that is not in flight");
     };
