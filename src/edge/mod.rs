@@ -372,7 +372,8 @@ impl Io for Edge {
 
     async fn fetch_jwks(&self, url: &str) -> Result<String, &'static str> {
         let result = self.ask(json!(["jwks", url, JWKS_TIMEOUT_MS])).await;
-        match (result.get(0).and_then(Value::as_u64), result.get(1)) {
+        // [status, retry-after, body], or {error}.
+        match (result.get(0).and_then(Value::as_u64), result.get(2)) {
             (Some(status), Some(Value::String(body))) if (200..300).contains(&status) => {
                 Ok(body.clone())
             }
