@@ -128,13 +128,11 @@ describe('hardening: what a hostile caller can no longer do', () => {
       [{ 'content-type': 'application/json; note=\u00fc' }, /Content-Type/],
     ];
     for (const [headers, field] of cases) {
-      const t0 = performance.now();
       const res = await rawRequest(url('/send/contoso'), { headers: { 'x-label': 'ok', 'x-session': 's1', 'content-type': 'application/json', ...headers }, body: '{"n":1}' });
       assert.equal(res.status, 400, `${JSON.stringify(headers)}: ${res.text}`);
       assert.equal(res.headers['content-type'], 'application/problem+json');
       assert.equal(res.json.type, 'urn:azure-edge-gateway:problem:unsendable-value');
       assert.match(res.json.detail, field);
-      assert.ok(performance.now() - t0 < 2000, 'answered at once, not after retries');
     }
     assert.equal(await sends(), before, 'nothing reached Service Bus');
     // The same on a blob route: a caller's content type is checked before anything is written.
