@@ -223,8 +223,9 @@ describe('hardening: what a hostile caller can no longer do', () => {
     assert.equal(res.status, 200, JSON.stringify(res.body));
     const token = res.body.access_token;
     const before = stack.issuer.stats().jwksRequests;
-    const answers = await Promise.all(Array.from({ length: 20 }, () => post('/jwt', '{}', { authorization: `Bearer ${token}`, 'content-type': 'application/json' })));
-    for (const a of answers) assert.equal(a.status, 202, a.text);
+    // The backend is Azurite (a blob per request): what is counted is the key set fetches.
+    const answers = await Promise.all(Array.from({ length: 20 }, () => put('/jwt', '{}', { authorization: `Bearer ${token}`, 'content-type': 'application/json' })));
+    for (const a of answers) assert.equal(a.status, 201, a.text);
     assert.equal(stack.issuer.stats().jwksRequests - before, 1, 'one key set fetch for 20 cold callers');
   });
 });
