@@ -191,7 +191,7 @@ async function main() {
     }
     log('smoke requests: all 2xx');
 
-    const pgids = { gateway: gw.pid, peer: peer.pid, 'peer+log': peer.pid };
+    const pgids = { gateway: gw.pid, peer: peer.pid, 'peer-nolog': peer.pid };
     /** One oha measurement with token, memory and gateway-log accounting. */
     const measure = async (scenario, way, c, args, { expect2xx = true } = {}) => {
       const before = stack.issuer.stats().tokenRequests;
@@ -269,8 +269,8 @@ async function main() {
     const floorRuns = [];
     for (const c of [16, 64]) {
       for (let rnd = 0; rnd < ROUNDS; rnd++) {
-        for (const way of ['gateway', 'peer', 'peer+log']) {
-          const url = way === 'gateway' ? `${gw.url}/nothing-here` : `${peer.url}/nothing-here${way === 'peer+log' ? '?log' : ''}`;
+        for (const way of ['gateway', 'peer', 'peer-nolog']) {
+          const url = way === 'gateway' ? `${gw.url}/nothing-here` : `${peer.url}/nothing-here${way === 'peer-nolog' ? '?nolog' : ''}`;
           const m = await measure('floor', way, c, ['-z', `${SECONDS}s`, '-c', String(c), '-w', '-t', '30s', url], { expect2xx: false });
           m.way = way;
           m.round = rnd;
@@ -462,11 +462,11 @@ function markdown(r) {
   out.push('', 'workerd RSS: both workerd processes of that wrangler dev (its entry proxy and the worker), sampled every 25 ms, at the start of the first round and the peak over the rounds; it grows over the run in the gateway and the peer alike. CPU ms/req: utime+stime of the workerd processes and of wrangler\'s Node process over the measurement, divided by the requests.');
   out.push('', `Token requests: issuer \`stats().tokenRequests\` difference over each way's measurements (direct used one token per audience fetched before the load). Whole run, stack start and smoke requests included: ${r.issuerTotal.tokenRequests} (${Object.entries(r.issuerTotal.byAudience).map(([k, v]) => `${k}: ${v}`).join(', ')}): the container creation, direct's two, and one per audience for each of the gateway and the peer, fetched by their first (smoke) request.`, '');
   out.push(`## Floor: a 404 (no I/O) through the same wrangler dev (median of ${r.meta.rounds} alternating rounds of ${r.meta.secondsPerMeasurement} s)`, '');
-  out.push('`peer+log`: the peer answering the same 404 but printing one JSON line shaped like the gateway\'s per-request log line (`?log`).', '');
+  out.push('`peer`: the peer answering the same 404 with its one JSON log line per request, shaped like the gateway\'s; `peer-nolog`: without it (`?nolog`).', '');
   out.push('Machine time per request is 1000/req/s ms at saturation. The last column is the part of a Service Bus send\'s machine time that a request doing no I/O already costs (runtime + routing + logging), the rest being the token lookup, the backend call and the stand-in.', '');
   out.push('| way | conc. | 404 req/s | 404 p50 ms | 404 CPU ms/req workerd + wrangler | SB send req/s | SB send CPU ms/req workerd + wrangler | no-I/O floor / send time |', '|---|--:|--:|--:|--:|--:|--:|--:|');
   for (const fl of r.floor) {
-    const sb = fl.way === 'peer+log' ? null : r.summary.find((s) => s.scenario === 'sb' && s.c === fl.c)?.ways[fl.way];
+    const sb = fl.way === 'peer-nolog' ? null : r.summary.find((s) => s.scenario === 'sb' && s.c === fl.c)?.ways[fl.way];
     out.push(`| ${fl.way} | ${fl.c} | ${f(fl.rps)} | ${f(fl.p50_ms)} | ${f(fl.workerdCpuMsPerReq, 2)} + ${f(fl.wranglerCpuMsPerReq, 2)} | ${f(sb?.rps)} | ${sb ? `${f(sb.workerdCpuMsPerReq, 2)} + ${f(sb.wranglerCpuMsPerReq, 2)}` : '–'} | ${sb ? `${f(100 * (sb.rps / fl.rps), 0)} %` : '–'} |`);
   }
   out.push('', '## Gateway log phases (`duration_ms` per route, workerd clock: advances only across I/O)', '');
