@@ -14,7 +14,7 @@
  *    peak, peak − baseline against the isolate's 128 MB limit; every blob HEADed on Azurite for its
  *    size, then deleted.
  *
- * Knobs: BENCH_WORKERD_ROUNDS (default BENCH_ROUNDS when set, else 5), BENCH_WORKERD_SECONDS (3),
+ * Knobs: BENCH_WORKERD_ROUNDS (default BENCH_ROUNDS when set, else 5), BENCH_WORKERD_SECONDS (2),
  * BENCH_WORKERD_CONCURRENCY (16), BENCH_WORKERD_MEM_MB (50; 0 skips the memory part).
  */
 import { execFileSync } from 'node:child_process';
@@ -39,7 +39,7 @@ const median = (xs) => { const s = [...xs].filter((x) => x != null && !Number.is
 export function workerdKnobs(env = process.env) {
   return {
     rounds: Number(env.BENCH_WORKERD_ROUNDS ?? env.BENCH_ROUNDS ?? 5),
-    seconds: Number(env.BENCH_WORKERD_SECONDS ?? 3),
+    seconds: Number(env.BENCH_WORKERD_SECONDS ?? 2),
     concurrency: Number(env.BENCH_WORKERD_CONCURRENCY ?? 16),
     memMb: Number(env.BENCH_WORKERD_MEM_MB ?? 50),
     memN: 16,
@@ -246,11 +246,17 @@ async function memoryRun({ stack, worker, way, path, chunked, n, sizeBytes, log,
     try { name = JSON.parse(r.body).blob; } catch { /* below */ }
     if (!name) { problems.push(`201 without a blob name: ${r.body.slice(0, 200)}`); continue; }
     const blobUrl = `${stack.azurite.url}/${CONTAINER}/${name.split('/').map(encodeURIComponent).join('/')}`;
-    const head = await blobRequest(blobUrl, { method: 'HEAD', token, ca: stack.azurite.ca });
+    let head;
+    try {
+      head = await blobRequest(blobUrl, { method: 'HEAD', token, ca: stack.azurite.ca, timeoutMs: 30_000 });
+    } catch (err) {
+      problems.push(`${name}: HEAD failed: ${err.message}`);
+      continue;
+    }
     const size = Number(head.headers['content-length']);
     if (head.status !== 200 || size !== expected) problems.push(`${name}: HEAD ${head.status}, ${size} bytes (sent ${expected})`);
     else if (r !== first) stored += 1;
-    await blobRequest(blobUrl, { method: 'DELETE', token, ca: stack.azurite.ca, headers: { 'x-ms-version': BLOB_API_VERSION } }).catch(() => {});
+    await blobRequest(blobUrl, { method: 'DELETE', token, ca: stack.azurite.ca, timeoutMs: 30_000, headers: { 'x-ms-version': BLOB_API_VERSION } }).catch(() => {});
   }
   const m = {
     way, label, path, chunked, n, sizeBytes, seconds, mbPerS: (stored * sizeBytes) / MB / seconds,
