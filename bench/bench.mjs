@@ -373,7 +373,7 @@ async function main() {
     console.error(`bench: FAILED: non-2xx answers or connection errors:\n  ${results.failures.join('\n  ')}`);
     process.exit(1);
   }
-  log(`done: ${relative(REPO_ROOT, RESULTS)}/latest.{md,json}, latency.svg`);
+  log(`done: ${relative(REPO_ROOT, RESULTS)}/latest.{md,json}${WRANGLER ? ', latency.svg' : ''}`);
 }
 
 function blobDirect(stack, token, kind, type) {
