@@ -97,7 +97,7 @@ export async function startGateway({
 }
 
 /** scripts/build --out-dir <dir>/build with GATEWAY_POLICY; resolves its output lines or throws. */
-async function buildWorker({ policyPath, dir, buildCommand, timeoutMs, onLog }) {
+export async function buildWorker({ policyPath, dir, buildCommand = BUILD_SCRIPT, timeoutMs = 300_000, onLog }) {
   if (!policyPath) throw new Error('startGateway: policyPath is required');
   const policy = resolve(policyPath);
   if (!existsSync(policy)) throw new Error(`policy file not found: ${policy}`);

@@ -1,20 +1,29 @@
 /**
  * The peer: what an idiomatic JavaScript Worker doing the gateway's two writes looks like, to
- * compare the Rust/wasm gateway against under the same wrangler dev / workerd.
+ * compare the Rust/wasm gateway against on the same runtime (wrangler dev, bare workerd).
  * - POST /sb/{tenant}  -> Service Bus Send Message (BrokerProperties with a fresh MessageId)
  * - PUT  /blob/{kind}  -> Blob Put Blob, body streamed through (bench/peer/{kind}/{uuid})
+ * - anything else      -> 404 application/problem+json, shaped like the gateway's
  * Tokens: OAuth2 client credentials, cached per audience at module level (one fetch in flight
  * per audience; refreshed 5 minutes before expiry).
+ * Every request writes one JSON console.log line shaped like the gateway's (src/pipeline.rs
+ * LogLine: level, request_id, method, path, route, status, duration_ms, and problem / identity /
+ * token / idp_ms / token_ttl_s / backend_status when they apply), so that both pay for a log line.
+ * `?nolog` skips it (bench only: what the line costs under wrangler dev).
+ * Every answer carries x-request-id (the caller's when it is sane, else a fresh UUID).
  * Vars: TOKEN_URL, CLIENT_ID, SB_URL, SB_QUEUE, BLOB_URL, BLOB_CONTAINER; secret CLIENT_SECRET.
  */
 const SB_AUDIENCE = 'https://servicebus.azure.net';
 const STORAGE_AUDIENCE = 'https://storage.azure.com';
 const tokens = new Map(); // audience -> { token, expiresAt } | { pending: Promise }
 
-async function token(env, audience) {
+/** A token for `audience` and where it came from (cache / fetched / waited), noted in `log`. */
+async function token(env, audience, log) {
+  log.identity = 'bench';
   const hit = tokens.get(audience);
-  if (hit?.token && hit.expiresAt - 300_000 > Date.now()) return hit.token;
-  if (hit?.pending) return hit.pending;
+  if (hit?.token && hit.expiresAt - 300_000 > Date.now()) return noteToken(log, 'cache', hit);
+  if (hit?.pending) return noteToken(log, 'waited', await hit.pending);
+  const started = Date.now();
   const pending = (async () => {
     const res = await fetch(env.TOKEN_URL, {
       method: 'POST',
@@ -28,26 +37,39 @@ async function token(env, audience) {
     });
     if (!res.ok) throw new Error(`token endpoint: HTTP ${res.status}`);
     const body = await res.json();
-    tokens.set(audience, { token: body.access_token, expiresAt: Date.now() + Number(body.expires_in) * 1000 });
-    return body.access_token;
+    const entry = { token: body.access_token, expiresAt: Date.now() + Number(body.expires_in) * 1000 };
+    tokens.set(audience, entry);
+    return entry;
   })();
   tokens.set(audience, { pending });
   try {
-    return await pending;
+    const entry = await pending;
+    log.idp_ms = Date.now() - started;
+    return noteToken(log, 'fetched', entry);
   } catch (err) {
     tokens.delete(audience);
+    log.token_error = err.message;
     throw err;
   }
 }
 
-const json = (status, value) => new Response(JSON.stringify(value), { status, headers: { 'content-type': 'application/json' } });
+function noteToken(log, source, entry) {
+  log.token = source;
+  log.token_ttl_s = Math.floor((entry.expiresAt - Date.now()) / 1000);
+  return entry.token;
+}
 
-async function sendMessage(request, env, tenant) {
+const json = (status, value, type = 'application/json') => new Response(JSON.stringify(value), { status, headers: { 'content-type': type } });
+const problem = (status, kind, title, detail, instance, requestId) => json(status, {
+  type: `urn:azure-edge-gateway:problem:${kind}`, title, status, detail, instance, request_id: requestId,
+}, 'application/problem+json');
+
+async function sendMessage(request, env, tenant, log) {
   const messageId = request.headers.get('idempotency-key') ?? crypto.randomUUID();
   const res = await fetch(`${env.SB_URL}/${env.SB_QUEUE}/messages`, {
     method: 'POST',
     headers: {
-      authorization: `Bearer ${await token(env, SB_AUDIENCE)}`,
+      authorization: `Bearer ${await token(env, SB_AUDIENCE, log)}`,
       'content-type': request.headers.get('content-type') ?? 'application/octet-stream',
       brokerproperties: JSON.stringify({ MessageId: messageId }),
       tenant,
@@ -55,16 +77,17 @@ async function sendMessage(request, env, tenant) {
     body: request.body,
   });
   await res.arrayBuffer();
+  log.backend_status = res.status;
   if (res.status !== 201) return json(502, { error: 'backend', backend_status: res.status });
   return json(202, { entity: env.SB_QUEUE, messageId });
 }
 
-async function putBlob(request, env, kind) {
+async function putBlob(request, env, kind, log) {
   const blob = `bench/peer/${kind}/${crypto.randomUUID()}`;
   const res = await fetch(`${env.BLOB_URL}/${env.BLOB_CONTAINER}/${blob}`, {
     method: 'PUT',
     headers: {
-      authorization: `Bearer ${await token(env, STORAGE_AUDIENCE)}`,
+      authorization: `Bearer ${await token(env, STORAGE_AUDIENCE, log)}`,
       'x-ms-version': '2021-08-06',
       'x-ms-date': new Date().toUTCString(),
       'x-ms-blob-type': 'BlockBlob',
@@ -73,23 +96,52 @@ async function putBlob(request, env, kind) {
     body: request.body, // streamed; workerd keeps the incoming Content-Length
   });
   await res.arrayBuffer();
+  log.backend_status = res.status;
   if (res.status !== 201) return json(502, { error: 'backend', backend_status: res.status });
   return json(201, { container: env.BLOB_CONTAINER, blob, etag: res.headers.get('etag') });
 }
 
+async function handle(request, env, log, requestId) {
+  const [, first, param, extra] = log.path.split('/');
+  if (param && extra === undefined) {
+    if (first === 'sb' && request.method === 'POST') {
+      log.route = 'sb-send';
+      return sendMessage(request, env, decodeURIComponent(param), log);
+    }
+    if (first === 'blob' && request.method === 'PUT') {
+      log.route = 'blob-write';
+      return putBlob(request, env, decodeURIComponent(param), log);
+    }
+  }
+  log.problem = 'route-not-found';
+  return problem(404, 'route-not-found', 'No route for this path',
+    `No route of this peer matches the path ${log.path}.`, log.path, requestId);
+}
+
+const SANE_ID = /^[A-Za-z0-9._:-]{1,128}$/;
+
 export default {
   async fetch(request, env) {
-    const { pathname, searchParams } = new URL(request.url);
-    // Bench only: ?log makes the peer print one JSON line like the gateway's per-request log, to
-    // measure what a log line costs under wrangler dev (the idiomatic peer logs nothing).
-    if (searchParams.has('log')) {
-      console.log(JSON.stringify({ duration_ms: 0, level: 'info', method: request.method, path: pathname, problem: 'route-not-found', request_id: crypto.randomUUID(), route: null, status: 404 }));
+    const started = Date.now();
+    const url = new URL(request.url);
+    const callerId = request.headers.get('x-request-id');
+    const requestId = callerId && SANE_ID.test(callerId) ? callerId : crypto.randomUUID();
+    const log = { request_id: requestId, method: request.method, path: url.pathname, route: null };
+    let response;
+    try {
+      response = await handle(request, env, log, requestId);
+    } catch (err) {
+      log.problem = 'internal';
+      response = problem(500, 'internal', 'Internal error', 'The peer failed.', log.path, requestId);
     }
-    const [, first, param, extra] = pathname.split('/');
-    if (param && extra === undefined) {
-      if (first === 'sb' && request.method === 'POST') return sendMessage(request, env, decodeURIComponent(param));
-      if (first === 'blob' && request.method === 'PUT') return putBlob(request, env, decodeURIComponent(param));
+    response.headers.set('x-request-id', requestId);
+    if (!url.searchParams.has('nolog')) {
+      const { request_id, method, path, route, ...rest } = log;
+      console.log(JSON.stringify({
+        level: response.status >= 500 ? 'error' : 'info', request_id, method, path, route,
+        status: response.status, duration_ms: Date.now() - started, ...rest,
+      }));
     }
-    return json(404, { error: 'not found' });
+    return response;
   },
 };
