@@ -24,6 +24,7 @@ export const TENANT = '11111111-2222-3333-4444-555555555555';
 export const CLIENT_ID = 'dev-gateway';
 export const STORAGE_AUDIENCE = 'https://storage.azure.com';
 export const SERVICEBUS_AUDIENCE = 'https://servicebus.azure.net';
+export const EVENTHUBS_AUDIENCE = 'https://eventhubs.azure.net';
 export const ARM_AUDIENCE = 'https://management.azure.com';
 export const CONTAINER = 'uploads';
 /** Storage queues the stack creates in Azurite's queue service unless `queues` says otherwise. */

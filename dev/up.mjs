@@ -106,7 +106,7 @@ Local stack ready in ${seconds} s (state in ${rel(stateDir)})
            client    ${CLIENT_ID}, secret in ${rel(secretPath)} (new each start)
   azurite  ${azurite.url}  (container ${CONTAINER}; certificate ${cert})
   queue    ${queue.url}  (Azurite's queue service; queues ${QUEUES.join(', ')}; same certificate)
-  servicebus ${serviceBus.url}  (stand-in; queues ${SERVICEBUS_ENTITIES.join(', ')}; control ${serviceBus.url}/__control/stats)
+  servicebus ${serviceBus.url}  (stand-in; ${SERVICEBUS_ENTITIES.map(describeEntity).join(', ')}; control ${serviceBus.url}/__control/stats)
   arm      ${arm.url}  (Resource Manager stand-in; site ${DEFAULT_SITE} in ${DEFAULT_RESOURCE_GROUP}; control ${arm.url}/__control/requests)
   gateway  ${gateway ? `${gateway.url}  (policy ${rel(resolve(args.policy))}; API key in ${rel(apiKeyPath)})` : 'not started (--no-gateway)'}
 
@@ -123,6 +123,13 @@ Try:
   curl -s ${issuer.url}/__control/stats | jq .
 
 Ctrl-C stops everything.`);
+}
+
+/** 'orders' → queue orders; 'telemetry:partitions=4' → event hub telemetry (4 partitions). */
+function describeEntity(spec) {
+  const [name, options = ''] = spec.split(':');
+  const partitions = /(?:^|,)partitions=(\d+)/.exec(options)?.[1];
+  return partitions ? `event hub ${name} (${partitions} partitions)` : `queue ${name}`;
 }
 
 /** Requests matching dev/policy.json's routes: upload a file, read it back, a refusal, an order. */

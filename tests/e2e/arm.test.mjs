@@ -4,10 +4,12 @@
  *     management.azure.com accepts and refuses, or gateway tests against it prove nothing;
  *   - Azurite's Queue service over HTTPS with `--oauth basic` (dev/azurite.mjs): the queue helpers,
  *     and what Azurite actually checks in a Bearer token, measured (the answers below are pinned, so
- *     an Azurite upgrade that changes them fails here first).
+ *     an Azurite upgrade that changes them fails here first);
+ *   - Event Hubs sends on the Service Bus stand-in (an entity with partitions=N), with the
+ *     issuer's Event Hubs tokens (the stand-in's own Rust tests cover the rest).
  * Tokens come from the stack's Entra-like issuer; bad ones are made with its signing hook.
- * Own ports (issuer 18700, ARM 18720, Azurite Blob 20300 and Queue 20301) so that neither a dev
- * stack nor the other test files interfere.
+ * Own ports (issuer 18700, Service Bus stand-in 18710, ARM 18720, Azurite Blob 20300 and Queue
+ * 20301) so that neither a dev stack nor the other test files interfere.
  * Run: source scripts/env.sh && node --test tests/e2e/arm.test.mjs
  */
 import assert from 'node:assert/strict';
@@ -19,11 +21,11 @@ import { after, before, beforeEach, describe, test } from 'node:test';
 import { Events } from 'oauth2-mock-server';
 import { startArm } from '../../dev/arm.mjs';
 import {
-  ARM_AUDIENCE, blobRequest, CLIENT_ID, createQueue, decodeBase64Text, parseQueueMessagesList, peekQueueMessages,
+  ARM_AUDIENCE, blobRequest, CLIENT_ID, EVENTHUBS_AUDIENCE, SERVICEBUS_AUDIENCE, createQueue, decodeBase64Text, parseQueueMessagesList, peekQueueMessages,
   putQueueMessage, QUEUES, requestToken, startStack, STORAGE_AUDIENCE, TENANT,
 } from './stack.mjs';
 
-const PORTS = { issuer: 18700, arm: 18720, azurite: 20300, queue: 20301 };
+const PORTS = { issuer: 18700, serviceBus: 18710, arm: 18720, azurite: 20300, queue: 20301 };
 const SUB = '11111111-aaaa-4bbb-8ccc-000000000001';
 const TENANT_BOUND_SUB = '22222222-aaaa-4bbb-8ccc-000000000002';
 const RG = 'rg-web';
@@ -53,13 +55,13 @@ before(async () => {
     ports: PORTS,
     stateDir,
     gateway: false,
-    serviceBus: false,
+    serviceBus: { entities: ['orders', 'telemetry:partitions=4'] },
     arm: { subscriptions: SUBSCRIPTIONS, pollsBeforeDone: 2 },
   });
   arm = stack.arm;
   armTok = await token(`${ARM_AUDIENCE}/.default`);
   storageTok = await token(`${STORAGE_AUDIENCE}/.default`);
-}, { timeout: 120_000 });
+}, { timeout: 300_000 }); // the Service Bus stand-in may need a cargo build
 
 after(async () => {
   await stack?.stop();
@@ -567,5 +569,55 @@ describe('Azurite Queue over HTTPS with issuer tokens', () => {
     const lower = await blobRequest(`${stack.queue.url}/${name}/messages?peekonly=true`, { ca: ca(), headers: { authorization: `bearer ${storageTok}` } });
     assert.equal(lower.status, 400, lower.body.toString());
     assert.equal(lower.headers['x-ms-error-code'], 'InvalidAuthenticationInfo');
+  });
+});
+
+describe('Event Hubs on the Service Bus stand-in', () => {
+  const ATOM = 'application/atom+xml;type=entry;charset=utf-8';
+  const send = async (path, tok, { headers = {}, body = '{"t": 21.5}' } = {}) => {
+    const res = await fetch(`${stack.serviceBus.url}${path}?timeout=60&api-version=2014-01`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${tok}`, 'content-type': ATOM, ...headers },
+      body,
+      signal: AbortSignal.timeout(10_000),
+    });
+    return { status: res.status, text: await res.text() };
+  };
+  beforeEach(() => stack.serviceBus.purge());
+
+  test('an Event Hubs token sends single, keyed, partition and batch events; they are read back with their partition', T, async () => {
+    const hubTok = await token(`${EVENTHUBS_AUDIENCE}/.default`);
+    assert.equal(JSON.parse(Buffer.from(hubTok.split('.')[1], 'base64url')).aud, EVENTHUBS_AUDIENCE);
+    assert.equal((await send('/telemetry/messages', hubTok, { headers: { BrokerProperties: '{"PartitionKey":"device-7"}', Site: 'north' } })).status, 201);
+    assert.equal((await send('/telemetry/messages', hubTok, { headers: { BrokerProperties: '{"PartitionKey":"device-7"}' } })).status, 201);
+    assert.equal((await send('/telemetry/partitions/3/messages', hubTok)).status, 201);
+    const batch = JSON.stringify([{ Body: 'a', UserProperties: { Alert: 'Strong Wind' } }, { Body: 'b' }]);
+    assert.equal((await send('/telemetry/messages', hubTok, { headers: { 'content-type': 'application/vnd.microsoft.servicebus.json' }, body: batch })).status, 201);
+
+    const events = await stack.serviceBus.messages('telemetry');
+    assert.equal(events.length, 5);
+    assert.equal(events[0].partitionId, events[1].partitionId, 'one key, one partition');
+    assert.equal(events[2].partitionId, '3');
+    assert.ok(events.every((e) => ['0', '1', '2', '3'].includes(e.partitionId)));
+    assert.equal(events[0].body.toString(), '{"t": 21.5}');
+    assert.equal(events[0].contentType, ATOM);
+    assert.equal(events[0].brokerProperties.PartitionKey, 'device-7');
+    assert.deepEqual(events[0].userProperties, { site: 'north' });
+    assert.deepEqual(events[3].userProperties, { Alert: 'Strong Wind' });
+    const stats = await stack.serviceBus.stats();
+    assert.equal(stats.entities.telemetry.accepted, 5);
+    assert.equal(Object.values(stats.entities.telemetry.partitions).reduce((a, b) => a + b, 0), 5);
+  });
+
+  test('audiences do not cross: Service Bus token on the hub, Event Hubs token on a queue: 401', T, async () => {
+    const hubTok = await token(`${EVENTHUBS_AUDIENCE}/.default`);
+    const sbTok = await token(`${SERVICEBUS_AUDIENCE}/.default`);
+    const onHub = await send('/telemetry/messages', sbTok);
+    assert.equal(onHub.status, 401);
+    assert.match(onHub.text, /InvalidAudience: .*expected &apos;https:\/\/eventhubs\.azure\.net&apos;/);
+    assert.equal((await send('/orders/messages', hubTok)).status, 401);
+    assert.equal((await send('/orders/messages', sbTok)).status, 201, 'Service Bus unchanged');
+    assert.equal((await send('/telemetry/partitions/4/messages', hubTok)).status, 400, 'partitions 0..3 only');
+    assert.equal((await send('/telemetry/messages', hubTok, { headers: { BrokerProperties: '{"SessionId":"s"}' } })).status, 400);
   });
 });
