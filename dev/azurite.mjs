@@ -1,11 +1,21 @@
 /**
- * Azurite (the real Blob Storage emulator) over HTTPS on 127.0.0.1, for the local stack.
+ * Azurite (the real Storage emulator: Blob, and Queue for the azure_rest backend) over HTTPS on
+ * 127.0.0.1, for the local stack.
  *
  * Why HTTPS: Azurite accepts `Authorization: Bearer` tokens only over HTTPS and only with
  * `--oauth basic`; over HTTP it answers 403. So we make a self-signed certificate for
  * 127.0.0.1/localhost with the openssl CLI (kept in stateDir and reused while it is valid) and
  * hand the same file to whoever must trust it (Node's `ca` option here, NODE_EXTRA_CA_CERTS for
- * wrangler/workerd in dev/gateway.mjs).
+ * wrangler/workerd in dev/gateway.mjs). Blob and Queue are two processes sharing that certificate.
+ *
+ * What `--oauth basic` checks in a token (Azurite 3.37, measured by tests/e2e/arm.test.mjs for
+ * the queue service and tests/e2e/stack.test.mjs for blob; see also QueueTokenAuthenticator.js):
+ * the scheme `Bearer`, HTTPS, `iat`/`nbf`/`exp` present with now inside nbf..exp, `iss` under
+ * https://sts.windows.net/ (or another Azure cloud's STS), `aud` https://storage.azure.com[/],
+ * e406a681-f3d4-42a8-90b6-c2b029497af1 or https://{account}.queue.core.windows.net[/]. It does
+ * NOT verify the signature (a token with a forged signature is accepted) and does not enforce
+ * the x-ms-version minimum (2017-11-09) that Azure requires for OAuth. Gateway tests must cover
+ * those two themselves.
  */
 import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync } from 'node:fs';
@@ -17,7 +27,10 @@ import { NODE_BIN, REPO_ROOT, spawnService, waitUntil } from './proc.mjs';
 export const ACCOUNT = 'devstoreaccount1';
 /** x-ms-version used for Bearer requests (OAuth needs 2017-11-09 or later). */
 export const BLOB_API_VERSION = '2021-08-06';
+/** x-ms-version of the queue helpers (OAuth needs 2017-11-09 or later). */
+export const QUEUE_API_VERSION = '2021-08-06';
 const AZURITE_BLOB = join(REPO_ROOT, 'node_modules', 'azurite', 'dist', 'src', 'blob', 'main.js');
+const AZURITE_QUEUE = join(REPO_ROOT, 'node_modules', 'azurite', 'dist', 'src', 'queue', 'main.js');
 const CERT_DAYS = 30;
 const MIN_VALID_SECONDS = 24 * 3600;
 
@@ -57,16 +70,30 @@ function certStillValid(certPath) {
  * Start azurite-blob on 127.0.0.1:port over HTTPS with OAuth; resolves when it answers.
  * Returns { url, certPath, keyPath, ca (Buffer, for node:https), logs, tail, exited, stop }.
  */
-export async function startAzurite({ port = 10000, stateDir, timeoutMs = 20_000, onLog }) {
+export function startAzurite({ port = 10000, stateDir, timeoutMs = 20_000, onLog }) {
+  return startService({ service: 'blob', main: AZURITE_BLOB, port, stateDir, timeoutMs, onLog });
+}
+
+/**
+ * Start azurite-queue on 127.0.0.1:port over HTTPS with OAuth (in memory, the same certificate
+ * as the blob service in the same stateDir); resolves when it answers.
+ * Returns { url (https://127.0.0.1:port/devstoreaccount1), certPath, keyPath, ca, logs, tail, exited, stop }.
+ */
+export function startAzuriteQueue({ port = 10001, stateDir, timeoutMs = 20_000, onLog }) {
+  return startService({ service: 'queue', main: AZURITE_QUEUE, port, stateDir, timeoutMs, onLog });
+}
+
+async function startService({ service: kind, main, port, stateDir, timeoutMs, onLog }) {
   const dir = resolve(stateDir);
   const { certPath, keyPath } = ensureCertificate(dir);
   const ca = await readFile(certPath);
+  const name = kind === 'blob' ? 'azurite' : `azurite-${kind}`;
   const service = spawnService({
-    name: 'azurite',
+    name,
     command: NODE_BIN,
     args: [
-      AZURITE_BLOB,
-      '--blobHost', '127.0.0.1', '--blobPort', String(port),
+      main,
+      `--${kind}Host`, '127.0.0.1', `--${kind}Port`, String(port),
       '--oauth', 'basic', '--cert', certPath, '--key', keyPath,
       '--inMemoryPersistence', '--disableTelemetry',
     ],
@@ -77,12 +104,12 @@ export async function startAzurite({ port = 10000, stateDir, timeoutMs = 20_000,
   const url = `https://127.0.0.1:${port}/${ACCOUNT}`;
   try {
     await waitUntil(async () => {
-      if (!service.isRunning()) throw new Error(`azurite exited:\n${service.tail()}`);
+      if (!service.isRunning()) throw new Error(`${name} exited:\n${service.tail()}`);
       return (await blobRequest(`${url}?comp=list`, { ca })).status > 0;
-    }, { timeoutMs, what: `Azurite on ${url}` });
+    }, { timeoutMs, what: `Azurite ${kind} on ${url}` });
   } catch (err) {
     await service.stop();
-    err.message += `\n--- azurite output ---\n${service.tail()}`;
+    err.message += `\n--- ${name} output ---\n${service.tail()}`;
     throw err;
   }
   return {
@@ -93,7 +120,8 @@ export async function startAzurite({ port = 10000, stateDir, timeoutMs = 20_000,
 }
 
 /**
- * One Blob REST call over HTTPS trusting `ca`, with Bearer auth when `token` is given.
+ * One Storage REST call (Blob or Queue) over HTTPS trusting `ca`, with Bearer auth when `token`
+ * is given.
  * Resolves { status, headers, body } (body as a Buffer). Bounded by timeoutMs.
  */
 export function blobRequest(url, { method = 'GET', token, headers = {}, body, ca, timeoutMs = 10_000 } = {}) {
@@ -124,4 +152,80 @@ export async function createContainer(url, name, token, { ca } = {}) {
     throw new Error(`create container ${name}: HTTP ${res.status} ${res.headers['x-ms-error-code'] ?? ''} ${res.body}`);
   }
   return res.status;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Queue helpers (Azurite's own REST API, so tests read back what the gateway sent)
+
+/** Create a queue with a Bearer token; 201 created or 204 already there (same metadata) are fine. */
+export async function createQueue(url, name, token, { ca } = {}) {
+  const res = await blobRequest(`${url}/${name}`, { method: 'PUT', token, ca, body: '', headers: { 'x-ms-version': QUEUE_API_VERSION } });
+  if (res.status !== 201 && res.status !== 204) {
+    throw new Error(`create queue ${name}: HTTP ${res.status} ${res.headers['x-ms-error-code'] ?? ''} ${res.body}`);
+  }
+  return res.status;
+}
+
+/**
+ * Put Message: POST {url}/{queue}/messages with <QueueMessage><MessageText>text</MessageText>.
+ * `text` goes in as given (XML-escaped); base64-encode it first if the reader expects that.
+ * Resolves { status, headers, body } like blobRequest.
+ */
+export function putQueueMessage(url, queue, text, token, { ca, headers = {}, query = '' } = {}) {
+  const body = `<?xml version="1.0" encoding="utf-8"?><QueueMessage><MessageText>${xmlEscape(text)}</MessageText></QueueMessage>`;
+  return blobRequest(`${url}/${queue}/messages${query ? `?${query}` : ''}`, {
+    method: 'POST', token, ca, body, headers: { 'x-ms-version': QUEUE_API_VERSION, 'content-type': 'application/xml', ...headers },
+  });
+}
+
+/**
+ * Peek up to 32 messages without dequeuing them (GET …/messages?numofmessages=32&peekonly=true).
+ * Resolves [{ messageId, insertionTime, expirationTime, dequeueCount, messageText }], oldest
+ * first. messageText is the raw text Azurite stored, XML-unescaped and NOT base64-decoded: the
+ * caller knows whether the sender encoded it (decodeBase64Text helps). Throws on a non-200.
+ */
+export async function peekQueueMessages(url, queue, token, { ca, max = 32 } = {}) {
+  const res = await blobRequest(`${url}/${queue}/messages?numofmessages=${max}&peekonly=true`, {
+    token, ca, headers: { 'x-ms-version': QUEUE_API_VERSION },
+  });
+  if (res.status !== 200) {
+    throw new Error(`peek ${queue}: HTTP ${res.status} ${res.headers['x-ms-error-code'] ?? ''} ${res.body}`);
+  }
+  return parseQueueMessagesList(res.body.toString('utf8'));
+}
+
+/** Parse Azure's <QueueMessagesList> answer (peek or get). Exported for unit use. */
+export function parseQueueMessagesList(xml) {
+  if (!/<QueueMessagesList\s*\/>|<QueueMessagesList>/.test(xml)) throw new Error(`not a QueueMessagesList: ${xml.slice(0, 200)}`);
+  const field = (block, name) => {
+    const m = new RegExp(`<${name}>([\\s\\S]*?)</${name}>`).exec(block);
+    return m ? xmlUnescape(m[1]) : undefined;
+  };
+  return [...xml.matchAll(/<QueueMessage>([\s\S]*?)<\/QueueMessage>/g)].map(([, block]) => ({
+    messageId: field(block, 'MessageId'),
+    insertionTime: field(block, 'InsertionTime'),
+    expirationTime: field(block, 'ExpirationTime'),
+    dequeueCount: Number(field(block, 'DequeueCount') ?? 0),
+    messageText: field(block, 'MessageText') ?? '',
+  }));
+}
+
+/** Strict base64 decode of a MessageText to UTF-8 text; null when it is not canonical base64. */
+export function decodeBase64Text(text) {
+  if (!/^[A-Za-z0-9+/]*={0,2}$/.test(text) || text.length % 4 !== 0) return null;
+  const bytes = Buffer.from(text, 'base64');
+  return bytes.toString('base64') === text ? bytes.toString('utf8') : null;
+}
+
+function xmlEscape(text) {
+  return String(text).replace(/[<>&'"]/g, (c) => ({ '<': '&lt;', '>': '&gt;', '&': '&amp;', "'": '&apos;', '"': '&quot;' })[c]);
+}
+
+function xmlUnescape(text) {
+  return text.replace(/&(lt|gt|amp|apos|quot|#x[0-9a-f]+|#\d+);/gi, (whole, e) => {
+    const named = { lt: '<', gt: '>', amp: '&', apos: "'", quot: '"' }[e.toLowerCase()];
+    if (named) return named;
+    const code = e[1].toLowerCase() === 'x' ? parseInt(e.slice(2), 16) : parseInt(e.slice(1), 10);
+    return Number.isFinite(code) ? String.fromCodePoint(code) : whole;
+  });
 }

@@ -15,13 +15,14 @@ import { join } from 'node:path';
 import { REPO_ROOT, after, spawnService } from './proc.mjs';
 
 export const SERVICEBUS_BIN = join(REPO_ROOT, 'target', 'release', 'servicebus-standin');
-/** Entities of the dev stack: plain, with duplicate detection (60 s), plain. */
-export const DEFAULT_ENTITIES = ['orders', 'orders-dedup:duplicate-detection=60', 'events'];
+/** Entities of the dev stack: queues (plain, with duplicate detection (60 s), plain) and an event hub of 4 partitions. */
+export const DEFAULT_ENTITIES = ['orders', 'orders-dedup:duplicate-detection=60', 'events', 'telemetry:partitions=4'];
 const READY = /^servicebus-standin listening on (http:\/\/\S+)$/;
 
 /**
  * Start the stand-in. entities: strings in the binary's `NAME[:option=value,...]` syntax, or
- * objects { name, duplicateDetectionSeconds, maxSizeBytes, lockDurationSeconds }.
+ * objects { name, duplicateDetectionSeconds, maxSizeBytes, lockDurationSeconds, partitions }
+ * (partitions: an event hub, sent to with an https://eventhubs.azure.net token).
  * Options: build (default true: run cargo first), buildTimeoutMs, startTimeoutMs, issuerPrefix,
  * stateDir (its working directory; it writes nothing), onLog (each output line).
  * Returns { url, port, pid, logs, tail, exited, stop, stats, resetStats, setFault, clearFaults,
@@ -90,11 +91,12 @@ export async function buildStandIn({ timeoutMs = 300_000, onLog } = {}) {
 /** An entity as the binary's --entity value. */
 export function entitySpec(entity) {
   if (typeof entity === 'string') return entity;
-  const { name, duplicateDetectionSeconds, maxSizeBytes, lockDurationSeconds } = entity;
+  const { name, duplicateDetectionSeconds, maxSizeBytes, lockDurationSeconds, partitions } = entity;
   const options = [
     duplicateDetectionSeconds !== undefined && `duplicate-detection=${duplicateDetectionSeconds}`,
     maxSizeBytes !== undefined && `max-size=${maxSizeBytes}`,
     lockDurationSeconds !== undefined && `lock-duration=${lockDurationSeconds}`,
+    partitions !== undefined && `partitions=${partitions}`,
   ].filter(Boolean);
   return options.length ? `${name}:${options.join(',')}` : name;
 }
@@ -119,7 +121,7 @@ export function controlClient(url) {
     /** { status?, retryAfter?, delayMs?, count = 1, entity? }: the next count sends answer status (after delayMs). */
     setFault: (fault) => control('POST', 'faults', fault),
     clearFaults: () => control('DELETE', 'faults'),
-    /** Every stored message of an entity (not removed), oldest first; body decoded to a Buffer. */
+    /** Every stored message of an entity (not removed), oldest first; body decoded to a Buffer (an event hub's have partitionId). */
     messages: async (entity) => (await control('GET', `messages/${encodeURIComponent(entity)}`))
       .map((m) => ({ ...m, body: Buffer.from(m.body, 'base64') })),
     /** Drop every message, lock and remembered MessageId of every entity. */

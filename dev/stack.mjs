@@ -1,6 +1,7 @@
 /**
- * The whole local Azure-like stack: Entra-like issuer, Azurite over HTTPS, the Service Bus stand-in
- * (dev/servicebus) and the gateway worker.
+ * The whole local Azure-like stack: Entra-like issuer, Azurite (Blob and Queue) over HTTPS, the
+ * Service Bus stand-in (dev/servicebus), optionally the Resource Manager stand-in (dev/arm.mjs),
+ * and the gateway worker.
  *
  * Why one function: the dev orchestrator (dev/up.mjs) and the end-to-end tests must run the very
  * same wiring — a fresh random client secret per start, registered in the issuer for client
@@ -12,7 +13,8 @@
 import { randomBytes } from 'node:crypto';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { createContainer, startAzurite } from './azurite.mjs';
+import { startArm } from './arm.mjs';
+import { createContainer, createQueue, startAzurite, startAzuriteQueue } from './azurite.mjs';
 import { startGateway } from './gateway.mjs';
 import { requestToken, startIssuer } from './issuer.mjs';
 import { REPO_ROOT } from './proc.mjs';
@@ -22,17 +24,22 @@ export const TENANT = '11111111-2222-3333-4444-555555555555';
 export const CLIENT_ID = 'dev-gateway';
 export const STORAGE_AUDIENCE = 'https://storage.azure.com';
 export const SERVICEBUS_AUDIENCE = 'https://servicebus.azure.net';
+export const EVENTHUBS_AUDIENCE = 'https://eventhubs.azure.net';
+export const ARM_AUDIENCE = 'https://management.azure.com';
 export const CONTAINER = 'uploads';
-export const DEFAULT_PORTS = { issuer: 8400, azurite: 10000, serviceBus: 8410, gateway: 8787 };
+/** Storage queues the stack creates in Azurite's queue service unless `queues` says otherwise. */
+export const QUEUES = ['jobs'];
+export const DEFAULT_PORTS = { issuer: 8400, azurite: 10000, queue: 10001, serviceBus: 8410, arm: 8420, gateway: 8787 };
 /** Queues of the Service Bus stand-in unless serviceBus.entities says otherwise. */
 export const SERVICEBUS_ENTITIES = DEFAULT_ENTITIES;
 export const DEFAULT_STATE_DIR = join(REPO_ROOT, 'dev', '.state');
 
 /**
- * Start issuer, Azurite, the Service Bus stand-in (unless serviceBus: false) and (unless
- * gateway: false) the worker.
+ * Start issuer, Azurite Blob, Azurite Queue (unless queue: false), the Service Bus stand-in (unless
+ * serviceBus: false), the Resource Manager stand-in (only with arm: true or arm: { …startArm
+ * options }) and (unless gateway: false) the worker.
  * Returns { tenant, clientId, clientSecret, secretPath, apiKey, apiKeyPath, stateDir, issuer, azurite,
- * serviceBus, gateway, stop }. The worker gets secrets DEV_CLIENT_SECRET and DEV_API_KEY
+ * queue, serviceBus, arm, gateway, stop } (queue and arm null when left out). The worker gets secrets DEV_CLIENT_SECRET and DEV_API_KEY
  * (dev/policy.json's inbound key), both random per start and also written to
  * <stateDir>/client-secret and /api-key.
  * Options passed through: gatewayVars / gatewaySecrets (more Worker vars and secrets),
@@ -42,8 +49,13 @@ export const DEFAULT_STATE_DIR = join(REPO_ROOT, 'dev', '.state');
  * serviceBus (options of startServiceBus in dev/servicebus.mjs, e.g. { entities: ['orders',
  * 'dedup:duplicate-detection=60'] }; default SERVICEBUS_ENTITIES; false to leave it out).
  * ports.serviceBus defaults to ports.issuer + 10 when only the issuer's port is given (tests on
- * 18400 get 18410), else 8410. The stand-in's URL is handed to nothing: tests and policies that
- * use it name it themselves.
+ * 18400 get 18410), else 8410; likewise ports.arm to ports.issuer + 20 (else 8420) and ports.queue
+ * to ports.azurite + 1 (else 10001). The stand-ins' URLs are handed to nothing: tests and policies
+ * that use them name them themselves.
+ * queues: names created in the queue service with a storage token (default QUEUES). The queue
+ * service shares Azurite's certificate, so the worker trusts both.
+ * arm: the Resource Manager stand-in checks tokens against this issuer's JWKS; its options
+ * (subscriptions, pollsBeforeDone, …) pass through, jwksUrl and port are set here.
  */
 export async function startStack({
   policyPath,
@@ -56,11 +68,16 @@ export async function startStack({
   clients = {},
   issuerOptions = {},
   serviceBus: serviceBusOptions = {},
+  queue: withQueue = true,
+  queues = QUEUES,
+  arm: armOptions = false,
   log = () => {},
   onLog = {},
 } = {}) {
   const port = { ...DEFAULT_PORTS, ...ports };
   if (ports.serviceBus === undefined && ports.issuer !== undefined) port.serviceBus = ports.issuer + 10;
+  if (ports.arm === undefined && ports.issuer !== undefined) port.arm = ports.issuer + 20;
+  if (ports.queue === undefined && ports.azurite !== undefined) port.queue = ports.azurite + 1;
   const dir = resolve(stateDir);
   mkdirSync(dir, { recursive: true });
   const clientSecret = randomBytes(32).toString('base64url');
@@ -90,11 +107,28 @@ export async function startStack({
 
   const issuer = await step('issuer', () =>
     startIssuer({ port: port.issuer, tenant: TENANT, clients: { [CLIENT_ID]: clientSecret, ...clients }, log, ...issuerOptions }));
+  const arm = armOptions
+    ? await step('arm', () => startArm({
+      port: port.arm,
+      jwksUrl: issuer.jwksUrl,
+      log: onLog.arm,
+      ...(armOptions === true ? {} : armOptions),
+    }))
+    : null;
   const azurite = await step('azurite', () => startAzurite({ port: port.azurite, stateDir: dir, onLog: onLog.azurite }));
   await step('container', async () => {
     const token = await storageToken(issuer, clientSecret);
     await createContainer(azurite.url, CONTAINER, token, { ca: azurite.ca });
   });
+  const queue = withQueue
+    ? await step('azurite-queue', () => startAzuriteQueue({ port: port.queue, stateDir: dir, onLog: onLog.queue }))
+    : null;
+  if (queue && queues.length) {
+    await step('queues', async () => {
+      const token = await storageToken(issuer, clientSecret);
+      for (const name of queues) await createQueue(queue.url, name, token, { ca: queue.ca });
+    });
+  }
   const serviceBus = serviceBusOptions === false
     ? null
     : await step('servicebus', () => startServiceBus({
@@ -119,7 +153,7 @@ export async function startStack({
 
   return {
     tenant: TENANT, clientId: CLIENT_ID, clientSecret, secretPath, apiKey, apiKeyPath,
-    stateDir: dir, issuer, azurite, serviceBus, gateway, stop,
+    stateDir: dir, issuer, azurite, queue, serviceBus, arm, gateway, stop,
   };
 }
 
@@ -134,6 +168,13 @@ export async function storageToken(issuer, clientSecret) {
 export async function serviceBusToken(issuer, clientSecret) {
   const res = await requestToken(issuer.tokenUrlV2, { clientId: CLIENT_ID, secret: clientSecret, scope: `${SERVICEBUS_AUDIENCE}/.default` });
   if (res.status !== 200) throw new Error(`service bus token: HTTP ${res.status} ${res.body.error}`);
+  return res.body.access_token;
+}
+
+/** A Resource Manager-audience access token for `dev-gateway` (v2 endpoint). */
+export async function armToken(issuer, clientSecret) {
+  const res = await requestToken(issuer.tokenUrlV2, { clientId: CLIENT_ID, secret: clientSecret, scope: `${ARM_AUDIENCE}/.default` });
+  if (res.status !== 200) throw new Error(`resource manager token: HTTP ${res.status} ${res.body.error}`);
   return res.body.access_token;
 }
 

@@ -3,8 +3,8 @@
  * `node dev/up.mjs [--policy FILE] [--no-gateway]`: run the local Azure-like stack until Ctrl-C.
  *
  * Why: one command gives a developer the same stack the end-to-end tests use (issuer on 8400,
- * Azurite on 10000, the Service Bus stand-in on 8410, the gateway worker on 8787, state in
- * dev/.state), prints where each part listens plus ready-to-paste curl commands, echoes the
+ * Azurite Blob on 10000 and Queue on 10001, the Service Bus stand-in on 8410, the Resource Manager
+ * stand-in on 8420, the gateway worker on 8787, state in dev/.state), prints where each part listens plus ready-to-paste curl commands, echoes the
  * worker's and the stand-in's log lines, and on SIGINT/SIGTERM
  * stops everything it started and exits 0. If a part does not become healthy in time (or dies
  * later), it says which one and why, stops the rest and exits 1.
@@ -15,7 +15,10 @@ import { relative, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { BLOB_API_VERSION } from './azurite.mjs';
 import { REPO_ROOT } from './proc.mjs';
-import { CLIENT_ID, CONTAINER, DEFAULT_PORTS, SERVICEBUS_AUDIENCE, SERVICEBUS_ENTITIES, STORAGE_AUDIENCE, startStack } from './stack.mjs';
+import { DEFAULT_RESOURCE_GROUP, DEFAULT_SITE, DEFAULT_SUBSCRIPTION } from './arm.mjs';
+import {
+  ARM_AUDIENCE, CLIENT_ID, CONTAINER, DEFAULT_PORTS, QUEUES, SERVICEBUS_AUDIENCE, SERVICEBUS_ENTITIES, STORAGE_AUDIENCE, startStack,
+} from './stack.mjs';
 
 const BUILD_TIMEOUT_MS = 300_000; // a cold cargo build of the worker on 2 shared cores
 const WRANGLER_START_TIMEOUT_MS = 30_000;
@@ -47,6 +50,7 @@ try {
     onLog: { gateway: (line) => console.log(`[gateway] ${line}`), serviceBus: (line) => console.log(`[servicebus] ${line}`) },
     gatewayOptions: { buildTimeoutMs: BUILD_TIMEOUT_MS, startTimeoutMs: WRANGLER_START_TIMEOUT_MS },
     serviceBus: { buildTimeoutMs: BUILD_TIMEOUT_MS },
+    arm: { log: (line) => console.log(`[arm] ${line.replace(/^arm: /, '')}`) },
   });
 } catch (err) {
   console.error(`[up] ${err.part ?? 'stack'} did not become healthy; everything started was stopped.\n${err.message}`);
@@ -68,18 +72,19 @@ async function shutdown(code, why) {
 }
 
 /** A child that exits while the stack is up is a failure: report its last lines and stop. */
-function watchForCrashes({ azurite, serviceBus, gateway }) {
+function watchForCrashes({ azurite, queue, serviceBus, gateway }) {
   const watch = (name, part) => part?.exited.then((info) => {
     if (stopping) return;
     console.error(`[up] ${name} exited unexpectedly (${info.code ?? info.signal}); last lines:\n${part.tail(20)}`);
     shutdown(1, `${name} died`);
   });
   watch('azurite', azurite);
+  watch('azurite-queue', queue);
   watch('servicebus', serviceBus);
   watch('gateway', gateway);
 }
 
-function printSummary({ issuer, azurite, serviceBus, gateway, secretPath, apiKeyPath, stateDir }, seconds) {
+function printSummary({ issuer, azurite, queue, serviceBus, arm, gateway, secretPath, apiKeyPath, stateDir }, seconds) {
   const rel = (p) => relative(process.cwd(), p) || '.';
   const cert = rel(azurite.certPath);
   const tokenCmd = [
@@ -90,6 +95,8 @@ function printSummary({ issuer, azurite, serviceBus, gateway, secretPath, apiKey
     `-d scope=${STORAGE_AUDIENCE}/.default`,
   ].join(' ');
   const sbTokenCmd = tokenCmd.replace(`scope=${STORAGE_AUDIENCE}/.default`, `scope=${SERVICEBUS_AUDIENCE}/.default`);
+  const armTokenCmd = tokenCmd.replace(`scope=${STORAGE_AUDIENCE}/.default`, `scope=${ARM_AUDIENCE}/.default`);
+  const siteUrl = `${arm.url}/subscriptions/${DEFAULT_SUBSCRIPTION}/resourceGroups/${DEFAULT_RESOURCE_GROUP}/providers/Microsoft.Web/sites/${DEFAULT_SITE}`;
   console.log(`
 Local stack ready in ${seconds} s (state in ${rel(stateDir)})
   issuer   token v2  ${issuer.tokenUrlV2}
@@ -98,7 +105,9 @@ Local stack ready in ${seconds} s (state in ${rel(stateDir)})
            control   ${issuer.url}/__control/stats  (POST/DELETE ${issuer.url}/__control/faults)
            client    ${CLIENT_ID}, secret in ${rel(secretPath)} (new each start)
   azurite  ${azurite.url}  (container ${CONTAINER}; certificate ${cert})
-  servicebus ${serviceBus.url}  (stand-in; queues ${SERVICEBUS_ENTITIES.join(', ')}; control ${serviceBus.url}/__control/stats)
+  queue    ${queue.url}  (Azurite's queue service; queues ${QUEUES.join(', ')}; same certificate)
+  servicebus ${serviceBus.url}  (stand-in; ${SERVICEBUS_ENTITIES.map(describeEntity).join(', ')}; control ${serviceBus.url}/__control/stats)
+  arm      ${arm.url}  (Resource Manager stand-in; site ${DEFAULT_SITE} in ${DEFAULT_RESOURCE_GROUP}; control ${arm.url}/__control/requests)
   gateway  ${gateway ? `${gateway.url}  (policy ${rel(resolve(args.policy))}; API key in ${rel(apiKeyPath)})` : 'not started (--no-gateway)'}
 
 Try:
@@ -108,9 +117,19 @@ Try:
   ${gateway ? gatewayCommands(gateway.url, rel(apiKeyPath)) : `# (gateway not started; default port ${DEFAULT_PORTS.gateway})`}
   SBTOKEN=$(${sbTokenCmd} | jq -r .access_token)
   curl -i -X DELETE -H "Authorization: Bearer $SBTOKEN" "${serviceBus.url}/orders/messages/head?timeout=5"   # read one message back (204: none)
+  ARMTOKEN=$(${armTokenCmd} | jq -r .access_token)
+  curl -s -H "Authorization: Bearer $ARMTOKEN" "${siteUrl}?api-version=2023-01-01" | jq .properties.state
+  curl -s -H "Authorization: Bearer $TOKEN" -H "x-ms-version: ${BLOB_API_VERSION}" --cacert ${cert} "${queue.url}/${QUEUES[0]}/messages?numofmessages=32&peekonly=true"
   curl -s ${issuer.url}/__control/stats | jq .
 
 Ctrl-C stops everything.`);
+}
+
+/** 'orders' → queue orders; 'telemetry:partitions=4' → event hub telemetry (4 partitions). */
+function describeEntity(spec) {
+  const [name, options = ''] = spec.split(':');
+  const partitions = /(?:^|,)partitions=(\d+)/.exec(options)?.[1];
+  return partitions ? `event hub ${name} (${partitions} partitions)` : `queue ${name}`;
 }
 
 /** Requests matching dev/policy.json's routes: upload a file, read it back, a refusal, an order. */

@@ -5,12 +5,20 @@
 export {
   startStack,
   storageToken,
+  armToken,
+  serviceBusToken,
   TENANT,
   CLIENT_ID,
   STORAGE_AUDIENCE,
   SERVICEBUS_AUDIENCE,
+  EVENTHUBS_AUDIENCE,
+  ARM_AUDIENCE,
   CONTAINER,
+  QUEUES,
   DEFAULT_PORTS,
 } from '../../dev/stack.mjs';
 export { requestToken } from '../../dev/issuer.mjs';
-export { blobRequest, createContainer, BLOB_API_VERSION } from '../../dev/azurite.mjs';
+export {
+  blobRequest, createContainer, BLOB_API_VERSION,
+  createQueue, putQueueMessage, peekQueueMessages, parseQueueMessagesList, decodeBase64Text, QUEUE_API_VERSION,
+} from '../../dev/azurite.mjs';

@@ -1,15 +1,20 @@
-//! Command line: the port, where the issuer's keys are, and the entities (queues) to serve.
+//! Command line: the port, where the issuer's keys are, and the entities (queues, or event hubs
+//! with `partitions=N`) to serve.
 
 use std::time::Duration;
 
 /// Azure Standard tier's message size limit (body and properties), the default per entity.
 pub const DEFAULT_MAX_SIZE: usize = 256 * 1024;
+/// Event Hubs' event (and batch) size limit on the Standard and Premium tiers.
+pub const DEFAULT_EVENT_HUB_MAX_SIZE: usize = 1024 * 1024;
+/// The most partitions an event hub may have here (Dedicated allows 1024).
+pub const MAX_PARTITIONS: u64 = 1024;
 /// Azure's default peek-lock duration.
 pub const DEFAULT_LOCK_DURATION: Duration = Duration::from_secs(60);
 pub const DEFAULT_PORT: u16 = 8410;
 pub const DEFAULT_ISSUER_PREFIX: &str = "https://sts.windows.net/";
 
-/// One queue the stand-in serves.
+/// One queue (or event hub) the stand-in serves.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EntityConfig {
     pub name: String,
@@ -17,6 +22,15 @@ pub struct EntityConfig {
     pub duplicate_detection: Option<Duration>,
     pub max_size: usize,
     pub lock_duration: Duration,
+    /// `Some(n)`: an event hub with n partitions (Event Hubs' audience, send only);
+    /// `None`: a Service Bus queue.
+    pub partitions: Option<u32>,
+}
+
+impl EntityConfig {
+    pub fn is_event_hub(&self) -> bool {
+        self.partitions.is_some()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -31,9 +45,11 @@ pub const USAGE: &str = "usage: servicebus-standin --jwks-url URL --entity SPEC 
 [--port N (default 8410, 0 = any free port)] [--issuer-prefix PREFIX (default https://sts.windows.net/)]
   SPEC = NAME[:OPTION=VALUE[,OPTION=VALUE...]], options:
     duplicate-detection=SECONDS   drop a MessageId seen within SECONDS (off by default)
-    max-size=BYTES                body + properties limit (default 262144)
+    max-size=BYTES                body + properties limit (default 262144; 1048576 for an event hub)
     lock-duration=SECONDS         peek-lock duration (default 60)
-  e.g. --entity orders --entity dedup:duplicate-detection=60 --entity events:max-size=262144";
+    partitions=N                  an event hub with N partitions (1-1024) instead of a queue;
+                                  not with duplicate-detection or lock-duration
+  e.g. --entity orders --entity dedup:duplicate-detection=60 --entity telemetry:partitions=4";
 
 /// Parse the arguments after the program name.
 pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Config, String> {
@@ -107,7 +123,9 @@ pub fn parse_entity(spec: &str) -> Result<EntityConfig, String> {
         duplicate_detection: None,
         max_size: DEFAULT_MAX_SIZE,
         lock_duration: DEFAULT_LOCK_DURATION,
+        partitions: None,
     };
+    let mut given: Vec<&str> = Vec::new();
     for option in options.into_iter().flat_map(|o| o.split(',')) {
         let (key, value) = option
             .split_once('=')
@@ -115,6 +133,7 @@ pub fn parse_entity(spec: &str) -> Result<EntityConfig, String> {
         let number: u64 = value
             .parse()
             .map_err(|_| format!("entity {name}: {key}={value} is not a whole number"))?;
+        given.push(key);
         match key {
             "duplicate-detection" if number > 0 => {
                 entity.duplicate_detection = Some(Duration::from_secs(number))
@@ -124,10 +143,32 @@ pub fn parse_entity(spec: &str) -> Result<EntityConfig, String> {
                     .map_err(|_| format!("entity {name}: max-size too large"))?
             }
             "lock-duration" if number > 0 => entity.lock_duration = Duration::from_secs(number),
+            "partitions" if (1..=MAX_PARTITIONS).contains(&number) => {
+                entity.partitions = Some(number as u32)
+            }
+            "partitions" => {
+                return Err(format!(
+                    "entity {name}: partitions must be 1..={MAX_PARTITIONS}"
+                ))
+            }
             "duplicate-detection" | "max-size" | "lock-duration" => {
                 return Err(format!("entity {name}: {key} must be positive"))
             }
             _ => return Err(format!("entity {name}: unknown option {key}")),
+        }
+    }
+    if entity.is_event_hub() {
+        // Event Hubs has neither duplicate detection nor peek-lock.
+        if let Some(queue_only) = given
+            .iter()
+            .find(|k| matches!(**k, "duplicate-detection" | "lock-duration"))
+        {
+            return Err(format!(
+                "entity {name}: {queue_only} is a queue option; an event hub (partitions=) has none"
+            ));
+        }
+        if !given.contains(&"max-size") {
+            entity.max_size = DEFAULT_EVENT_HUB_MAX_SIZE;
         }
     }
     Ok(entity)
@@ -174,6 +215,24 @@ mod tests {
         assert!(parse_entity("").is_err());
         assert!(parse_entity("a/b").is_err());
         assert!(parse_entity("__control").is_err());
+        assert_eq!(plain.partitions, None);
+        assert!(!plain.is_event_hub());
+    }
+
+    #[test]
+    fn event_hub_specs() {
+        let hub = parse_entity("telemetry:partitions=4").unwrap();
+        assert_eq!(hub.partitions, Some(4));
+        assert!(hub.is_event_hub());
+        assert_eq!(hub.max_size, DEFAULT_EVENT_HUB_MAX_SIZE);
+        assert_eq!(hub.duplicate_detection, None);
+        let small = parse_entity("t:partitions=1,max-size=2048").unwrap();
+        assert_eq!((small.partitions, small.max_size), (Some(1), 2048));
+        assert!(parse_entity("t:partitions=1024").is_ok());
+        assert!(parse_entity("t:partitions=0").is_err());
+        assert!(parse_entity("t:partitions=1025").is_err());
+        assert!(parse_entity("t:partitions=2,duplicate-detection=60").is_err());
+        assert!(parse_entity("t:lock-duration=5,partitions=2").is_err());
     }
 
     #[test]

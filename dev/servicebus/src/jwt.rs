@@ -1,6 +1,7 @@
 //! Bearer tokens as Service Bus checks them: an Entra RS256 JWT whose `kid` is in the issuer's
-//! JWKS, whose signature verifies, with `aud` the Service Bus resource (or this namespace's URL),
-//! `iss` under the configured prefix, and now inside `nbf`..`exp` (no clock skew allowance).
+//! JWKS, whose signature verifies, with `aud` the Service Bus resource (or this namespace's URL;
+//! for an event hub, the Event Hubs resource or the namespace URL), `iss` under the configured
+//! prefix, and now inside `nbf`..`exp` (no clock skew allowance).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -13,6 +14,8 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 pub const SERVICEBUS_AUDIENCE: &str = "https://servicebus.azure.net";
+/// Event Hubs' resource, "the same for all clouds and tenants" (Microsoft's Entra ID guide).
+pub const EVENTHUBS_AUDIENCE: &str = "https://eventhubs.azure.net";
 /// An unknown `kid` refetches the JWKS at most this often.
 pub const JWKS_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -115,6 +118,15 @@ impl ClaimRules {
         }
     }
 
+    /// For an event hub: Event Hubs' resource and the namespace URL. A Service Bus token is
+    /// refused (strict; not checked against Azure).
+    pub fn for_event_hubs(namespace_url: &str, issuer_prefix: &str) -> Self {
+        ClaimRules {
+            audiences: vec![EVENTHUBS_AUDIENCE.to_string(), namespace_url.to_string()],
+            issuer_prefix: issuer_prefix.to_string(),
+        }
+    }
+
     fn audience_ok(&self, aud: &str) -> bool {
         let aud = aud.strip_suffix('/').unwrap_or(aud);
         self.audiences
@@ -144,8 +156,9 @@ pub fn check_claims(
         return fail(
             "InvalidAudience",
             format!(
-                "Invalid authorization token audience '{}'; expected '{SERVICEBUS_AUDIENCE}'.",
-                audiences.join(",")
+                "Invalid authorization token audience '{}'; expected '{}'.",
+                audiences.join(","),
+                rules.audiences.first().map(String::as_str).unwrap_or("")
             ),
         );
     }
@@ -281,24 +294,24 @@ impl JwksCache {
     }
 }
 
-/// Everything a request's `Authorization` header is checked against.
+/// The issuer's keys, against which a request's `Authorization` header is checked.
 pub struct Authenticator {
-    pub rules: ClaimRules,
     cache: Mutex<JwksCache>,
 }
 
 impl Authenticator {
-    pub fn new(rules: ClaimRules, jwks_url: &str) -> Self {
+    pub fn new(jwks_url: &str) -> Self {
         Authenticator {
-            rules,
             cache: Mutex::new(JwksCache::new(jwks_url, JWKS_REFETCH_INTERVAL)),
         }
     }
 
-    /// Check the header fully; `log` receives JWKS fetch notes. On success, the token's claims.
+    /// Check the header fully against `rules`; `log` receives JWKS fetch notes. On success, the
+    /// token's claims.
     pub fn authenticate(
         &self,
         header: Option<&str>,
+        rules: &ClaimRules,
         now_unix: i64,
         log: impl Fn(&str),
     ) -> Result<Map<String, Value>, AuthError> {
@@ -324,7 +337,7 @@ impl Authenticator {
         if !verify_rs256(&key, &jwt.signed, &jwt.signature) {
             return fail("InvalidSignature", "The token has an invalid signature.");
         }
-        check_claims(&jwt.claims, &self.rules, now_unix)?;
+        check_claims(&jwt.claims, rules, now_unix)?;
         Ok(jwt.claims)
     }
 }
@@ -473,6 +486,36 @@ mod tests {
         assert!(check_claims(&good(json!({})), &r, 100).is_ok());
         assert_eq!(code(good(json!({})), 99), "TokenNotYetValid");
         assert_eq!(code(good(json!({"exp": "200"})), 150), "MalformedToken");
+        let hubs = ClaimRules::for_event_hubs("http://127.0.0.1:8410", "https://sts.windows.net/");
+        let hub_code = |c: Map<String, Value>| check_claims(&c, &hubs, 150).unwrap_err();
+        assert!(check_claims(
+            &good(json!({"aud": "https://eventhubs.azure.net"})),
+            &hubs,
+            150
+        )
+        .is_ok());
+        assert!(check_claims(
+            &good(json!({"aud": "https://eventhubs.azure.net/"})),
+            &hubs,
+            150
+        )
+        .is_ok());
+        assert!(check_claims(&good(json!({"aud": "http://127.0.0.1:8410/"})), &hubs, 150).is_ok());
+        let e = hub_code(good(json!({})));
+        assert_eq!(
+            e.code, "InvalidAudience",
+            "a Service Bus token is not an Event Hubs token"
+        );
+        assert!(
+            e.message.contains("expected 'https://eventhubs.azure.net'"),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            code(good(json!({"aud": "https://eventhubs.azure.net"})), 150),
+            "InvalidAudience",
+            "and the other way round"
+        );
         let mut no_exp = good(json!({}));
         no_exp.remove("exp");
         assert_eq!(code(no_exp, 150), "MalformedToken");

@@ -13,7 +13,8 @@
 //!
 //! `--entity NAME[:OPTION=VALUE[,OPTION=VALUE...]]`, repeatable, at least one. Options:
 //! `duplicate-detection=SECONDS` (off by default), `max-size=BYTES` (body and properties,
-//! default 262144), `lock-duration=SECONDS` (peek-lock, default 60). `--port 0` takes any free
+//! default 262144), `lock-duration=SECONDS` (peek-lock, default 60), `partitions=N` (the entity
+//! is an event hub with N partitions, max-size default 1048576). `--port 0` takes any free
 //! port. It binds 127.0.0.1 only, prints `servicebus-standin listening on http://127.0.0.1:PORT`
 //! when ready, one line per request after that, and exits 0 on SIGTERM or SIGINT.
 //!
@@ -34,7 +35,25 @@
 //!   to N s, default 0, at most 10). `POST` on the same path: peek-lock (201, `Location` of the
 //!   lock); `DELETE` on that location completes, `PUT` abandons (200, or 404).
 //! - `/__control/`: `GET stats`, `DELETE stats`, `GET|POST|DELETE faults`, `DELETE messages`
-//!   (purge all), `GET messages/{entity}` (everything stored, body in base64).
+//!   (purge all), `GET messages/{entity}` (everything stored, body in base64; an event's
+//!   `partitionId` too).
+//!
+//! # Event hubs (`--entity NAME:partitions=N`)
+//!
+//! Event Hubs' REST send shares Service Bus's wire format, so an event hub is an entity with
+//! partitions. Its requests need `aud` `https://eventhubs.azure.net[/]` (or the namespace URL); a
+//! Service Bus token is refused there, and an Event Hubs token on a queue.
+//! - `POST /{hub}/messages`: one event (any `Content-Type`; Azure's examples use
+//!   `application/atom+xml;type=entry;charset=utf-8`) or a batch
+//!   (`application/vnd.microsoft.servicebus.json`, same JSON as Service Bus). `BrokerProperties`
+//!   `PartitionKey` picks the partition (a stable hash, not Azure's); otherwise round-robin.
+//! - `POST /{hub}/partitions/{id}/messages`: to partition `id` (decimal, below N; else 400);
+//!   a `PartitionKey` there is 400.
+//! - Service Bus-only broker properties (`SessionId`, `ReplyToSessionId`, `TimeToLive`,
+//!   `ScheduledEnqueueTimeUtc`, `ForcePersistence`) are 400. Stricter than Azure may be.
+//! - No receive routes (Event Hubs has no REST receive): read events back with
+//!   `GET /__control/messages/{hub}`. Not modelled: publisher sends
+//!   (`/{hub}/publishers/{id}/messages`), SAS tokens, per-partition sequence numbers and offsets.
 
 pub mod config;
 pub mod jwt;

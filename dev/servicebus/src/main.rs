@@ -48,14 +48,18 @@ fn main() {
     let entities: Vec<String> = config
         .entities
         .iter()
-        .map(|e| match e.duplicate_detection {
-            Some(w) => format!(
+        .map(|e| match (e.partitions, e.duplicate_detection) {
+            (Some(n), _) => format!(
+                "{} (event hub, {n} partitions, max {} B)",
+                e.name, e.max_size
+            ),
+            (None, Some(w)) => format!(
                 "{} (duplicate detection {} s, max {} B)",
                 e.name,
                 w.as_secs(),
                 e.max_size
             ),
-            None => format!("{} (max {} B)", e.name, e.max_size),
+            (None, None) => format!("{} (max {} B)", e.name, e.max_size),
         })
         .collect();
     let app = Arc::new(App::new(

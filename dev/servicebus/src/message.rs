@@ -147,6 +147,38 @@ impl BrokerProperties {
     }
 }
 
+/// An event hub's send: Event Hubs has no sessions, time-to-live, scheduling or forced
+/// persistence, so the Service Bus-only broker properties are refused (stricter than Azure may
+/// be: it catches a gateway mapping a queue's properties onto an event hub), and a PartitionKey
+/// cannot be combined with a partition send (the SDKs refuse the pair too).
+pub fn check_event_properties(
+    props: &BrokerProperties,
+    what: &str,
+    partition_in_path: bool,
+) -> Result<(), MessageError> {
+    let queue_only = [
+        ("SessionId", props.session_id.is_some()),
+        ("ReplyToSessionId", props.reply_to_session_id.is_some()),
+        ("TimeToLive", props.time_to_live.is_some()),
+        (
+            "ScheduledEnqueueTimeUtc",
+            props.scheduled_enqueue_time_utc.is_some(),
+        ),
+        ("ForcePersistence", props.force_persistence.is_some()),
+    ];
+    if let Some((name, _)) = queue_only.iter().find(|(_, set)| *set) {
+        return bad(format!(
+            "{what}: {name} is a Service Bus property; an event hub does not take it."
+        ));
+    }
+    if partition_in_path && props.partition_key.is_some() {
+        return bad(format!(
+            "{what}: PartitionKey cannot be set on a send to a given partition (partitions/{{id}}/messages)."
+        ));
+    }
+    Ok(())
+}
+
 /// Request headers that are HTTP or transport plumbing, not application properties.
 /// Service Bus makes every other header a custom property (its own example uses `Priority`).
 pub fn is_standard_header(lower: &str) -> bool {
@@ -508,6 +540,31 @@ mod tests {
             r#"[{"Body":"a"},{"Body":"b","BrokerProperties":{"SessionId":"x","PartitionKey":"y"}}]"#,
         );
         assert!(e.message.starts_with("Batch message 1"), "{}", e.message);
+    }
+
+    #[test]
+    fn event_hub_properties() {
+        let ok = BrokerProperties::parse_header(
+            r#"{"PartitionKey":"device-7","MessageId":"m","CorrelationId":"c","Label":"l"}"#,
+        )
+        .unwrap();
+        assert!(check_event_properties(&ok, "h", false).is_ok());
+        let e = check_event_properties(&ok, "h", true).unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.message.contains("PartitionKey"), "{}", e.message);
+        let without_key = BrokerProperties::parse_header(r#"{"MessageId":"m"}"#).unwrap();
+        assert!(check_event_properties(&without_key, "h", true).is_ok());
+        for text in [
+            r#"{"SessionId":"s"}"#,
+            r#"{"ReplyToSessionId":"s"}"#,
+            r#"{"TimeToLive":5}"#,
+            r#"{"ScheduledEnqueueTimeUtc":"Sun, 06 Nov 1994 08:49:37 GMT"}"#,
+            r#"{"ForcePersistence":false}"#,
+        ] {
+            let props = BrokerProperties::parse_header(text).unwrap();
+            let e = check_event_properties(&props, "h", false).unwrap_err();
+            assert_eq!((e.status, e.code), (400, "BadRequest"), "{text}");
+        }
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The HTTP surface: Service Bus's REST send / receive / peek-lock routes behind Bearer-token
-//! checks, Azure-shaped XML errors, and the unauthenticated `/__control/*` routes for tests.
+//! checks, Event Hubs' REST send (`/{hub}/messages`, `/{hub}/partitions/{id}/messages`) for
+//! entities declared with `partitions=N`, Azure-shaped XML errors, and the unauthenticated
+//! `/__control/*` routes for tests.
 
 use std::io::Read;
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -9,7 +11,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde_json::{json, Map, Value};
 
-use crate::jwt::{AuthError, Authenticator, ClaimRules};
+use crate::jwt::{AuthError, Authenticator, ClaimRules, EVENTHUBS_AUDIENCE};
 use crate::message::{self, BrokerProperties, MessageError, NewMessage};
 use crate::store::{Broker, Fault, Received};
 use crate::util::{iso_seconds, unix_seconds, uuid_v4, xml_escape};
@@ -26,6 +28,12 @@ pub struct App {
     broker: Mutex<Broker>,
     arrived: Condvar,
     auth: Authenticator,
+    /// Claims a queue's requests must carry (Service Bus audience).
+    queue_rules: ClaimRules,
+    /// Claims an event hub's requests must carry (Event Hubs audience).
+    hub_rules: ClaimRules,
+    /// For a send to an entity that does not exist: either audience, then 410.
+    any_rules: ClaimRules,
     port: u16,
 }
 
@@ -66,6 +74,11 @@ impl Reply {
 #[derive(Debug, PartialEq)]
 enum Route<'a> {
     Send(&'a str),
+    /// Event Hubs' partition send: `POST /{hub}/partitions/{id}/messages`.
+    PartitionSend {
+        entity: &'a str,
+        partition: &'a str,
+    },
     Receive {
         entity: &'a str,
         peek_lock: bool,
@@ -91,6 +104,9 @@ fn route<'a>(method: &str, path: &'a str) -> Route<'a> {
         .collect();
     match (method, segments.as_slice()) {
         ("POST", [entity, "messages"]) => Route::Send(entity),
+        ("POST", [entity, "partitions", partition, "messages"]) => {
+            Route::PartitionSend { entity, partition }
+        }
         ("DELETE", [entity, "messages", "head"]) => Route::Receive {
             entity,
             peek_lock: false,
@@ -141,17 +157,41 @@ fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
 
 impl App {
     pub fn new(broker: Broker, port: u16, jwks_url: &str, issuer_prefix: &str) -> App {
-        let rules = ClaimRules::for_namespace(&format!("http://127.0.0.1:{port}"), issuer_prefix);
+        let namespace = format!("http://127.0.0.1:{port}");
+        let queue_rules = ClaimRules::for_namespace(&namespace, issuer_prefix);
+        let hub_rules = ClaimRules::for_event_hubs(&namespace, issuer_prefix);
+        let mut any_rules = queue_rules.clone();
+        any_rules.audiences.push(EVENTHUBS_AUDIENCE.to_string());
         App {
             broker: Mutex::new(broker),
             arrived: Condvar::new(),
-            auth: Authenticator::new(rules, jwks_url),
+            auth: Authenticator::new(jwks_url),
+            queue_rules,
+            hub_rules,
+            any_rules,
             port,
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, Broker> {
         self.broker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The entity's partition count when it is an event hub (None: a queue, or unknown).
+    fn hub_partitions(&self, entity: &str) -> Option<u32> {
+        self.lock()
+            .entity_ref(entity)
+            .and_then(|e| e.config.partitions)
+    }
+
+    /// The claims a request to `entity` must carry: Event Hubs' for an event hub, Service
+    /// Bus's for a queue, either for an entity that does not exist (answered 410 next).
+    fn rules_for(&self, entity: &str) -> &ClaimRules {
+        match self.lock().entity_ref(entity) {
+            Some(e) if e.config.is_event_hub() => &self.hub_rules,
+            Some(_) => &self.queue_rules,
+            None => &self.any_rules,
+        }
     }
 
     /// Azure's error shape: `<Error><Code>status</Code><Detail>Code: message TrackingId:…,
@@ -200,9 +240,20 @@ impl App {
             return self.control(method, rest.trim_end_matches('/'), &body);
         }
         self.lock().requests += 1;
-        let route = route(method, path);
-        if let Route::Send(entity) = route {
-            let reply = self.send(entity, query, headers, body, log);
+        let mut route = route(method, path);
+        // The partition route exists on event hubs only; on a queue it is any unknown path.
+        if let Route::PartitionSend { entity, .. } = route {
+            if self.hub_partitions(entity).is_none() {
+                route = Route::Unknown;
+            }
+        }
+        let send_to = match route {
+            Route::Send(entity) => Some((entity, None)),
+            Route::PartitionSend { entity, partition } => Some((entity, Some(partition))),
+            _ => None,
+        };
+        if let Some((entity, partition)) = send_to {
+            let reply = self.send(entity, partition, query, headers, body, log);
             if reply.status >= 400 {
                 if let Some(e) = self.lock().entity(entity) {
                     e.reject(reply.status);
@@ -210,12 +261,28 @@ impl App {
             }
             return reply;
         }
+        // Receive and settle name their entity; an event hub's are checked with its audience and
+        // then refused: Event Hubs has no REST receive.
+        let target = match route {
+            Route::Receive { entity, .. }
+            | Route::Complete { entity, .. }
+            | Route::Unlock { entity, .. } => Some(entity),
+            _ => None,
+        };
+        let rules = match target {
+            Some(entity) if self.hub_partitions(entity).is_some() => &self.hub_rules,
+            _ => &self.queue_rules,
+        };
         if let Err(e) = self.auth.authenticate(
             header(headers, "authorization"),
+            rules,
             unix_seconds(SystemTime::now()),
             log,
         ) {
             return self.auth_error(&e, None);
+        }
+        if target.is_some_and(|entity| self.hub_partitions(entity).is_some()) {
+            route = Route::Unknown;
         }
         match route {
             Route::Receive { entity, peek_lock } => self.receive(entity, peek_lock, query),
@@ -229,7 +296,7 @@ impl App {
                 sequence,
                 token,
             } => self.settle(entity, sequence, token, false),
-            Route::Send(_) | Route::Unknown => self.error(
+            Route::Send(_) | Route::PartitionSend { .. } | Route::Unknown => self.error(
                 404,
                 "NotFound",
                 &format!("No operation {method} {path} is supported here."),
@@ -251,9 +318,11 @@ impl App {
         )
     }
 
+    /// A send to a queue, or to an event hub (`partition`: the id in a partition send's path).
     fn send(
         &self,
         entity: &str,
+        partition: Option<&str>,
         query: &str,
         headers: &[(String, String)],
         body: Vec<u8>,
@@ -270,15 +339,28 @@ impl App {
         }
         if let Err(e) = self.auth.authenticate(
             header(headers, "authorization"),
+            self.rules_for(entity),
             unix_seconds(SystemTime::now()),
             log,
         ) {
             return self.auth_error(&e, Some(entity));
         }
-        let Some(max_size) = self.lock().entity_ref(entity).map(|e| e.config.max_size) else {
+        let Some((max_size, partitions)) = self
+            .lock()
+            .entity_ref(entity)
+            .map(|e| (e.config.max_size, e.config.partitions))
+        else {
             return self.unknown_entity(entity);
         };
-        let messages = match parse_send(query, headers, body, max_size) {
+        let hub = match (partitions, partition) {
+            (None, _) => None,
+            (Some(_), None) => Some(HubSend { partition: None }),
+            (Some(count), Some(id)) => match parse_partition(id, count) {
+                Ok(p) => Some(HubSend { partition: Some(p) }),
+                Err(e) => return self.message_error(&e, entity),
+            },
+        };
+        let messages = match parse_send(query, headers, body, max_size, hub.as_ref()) {
             Ok(m) => m,
             Err(e) => return self.message_error(&e, entity),
         };
@@ -286,7 +368,14 @@ impl App {
         let Some(target) = broker.entity(entity) else {
             return self.unknown_entity(entity);
         };
-        target.enqueue(messages, SystemTime::now(), Instant::now());
+        match hub {
+            Some(hub) => {
+                target.enqueue_events(messages, hub.partition, SystemTime::now());
+            }
+            None => {
+                target.enqueue(messages, SystemTime::now(), Instant::now());
+            }
+        }
         drop(broker);
         self.arrived.notify_all();
         Reply::empty(201)
@@ -412,14 +501,18 @@ impl App {
                                         .iter()
                                         .map(|(n, v)| (n.clone(), Value::String(v.clone())))
                                         .collect();
-                                    json!({
+                                    let mut stored = json!({
                                         "sequenceNumber": m.sequence_number,
                                         "state": state,
                                         "body": STANDARD.encode(&m.body),
                                         "contentType": m.content_type,
                                         "brokerProperties": m.broker_json(None),
                                         "userProperties": user,
-                                    })
+                                    });
+                                    if let Some(p) = m.partition {
+                                        stored["partitionId"] = p.to_string().into();
+                                    }
+                                    stored
                                 })
                                 .collect(),
                         ),
@@ -435,8 +528,53 @@ impl App {
     }
 }
 
-/// Validate a send request into the messages to store (one, or a batch).
+/// A send to an event hub: the partition named in the path, if any.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct HubSend {
+    partition: Option<u32>,
+}
+
+/// A partition id of a partition send: a decimal number below the hub's partition count.
+fn parse_partition(id: &str, count: u32) -> Result<u32, MessageError> {
+    match id.parse::<u32>() {
+        Ok(p) if p < count && id == p.to_string() => Ok(p),
+        _ => Err(MessageError {
+            status: 400,
+            code: "BadRequest",
+            message: format!(
+                "The partition '{id}' does not exist: the event hub has partitions 0 to {}.",
+                count - 1
+            ),
+        }),
+    }
+}
+
+/// Validate a send request into the messages to store (one, or a batch). For an event hub
+/// (`hub`), broker properties are also checked against what Event Hubs has.
 fn parse_send(
+    query: &str,
+    headers: &[(String, String)],
+    body: Vec<u8>,
+    max_size: usize,
+    hub: Option<&HubSend>,
+) -> Result<Vec<NewMessage>, MessageError> {
+    let messages = parse_send_messages(query, headers, body, max_size)?;
+    if let Some(hub) = hub {
+        let batch =
+            messages.len() > 1 || message::is_batch_content_type(header(headers, "content-type"));
+        for (i, m) in messages.iter().enumerate() {
+            let what = if batch {
+                format!("Batch message {i}: BrokerProperties")
+            } else {
+                "The BrokerProperties header".to_string()
+            };
+            message::check_event_properties(&m.broker, &what, hub.partition.is_some())?;
+        }
+    }
+    Ok(messages)
+}
+
+fn parse_send_messages(
     query: &str,
     headers: &[(String, String)],
     body: Vec<u8>,
@@ -601,6 +739,15 @@ mod tests {
         assert_eq!(route("GET", "/orders/messages"), Route::Unknown);
         assert_eq!(route("POST", "/orders"), Route::Unknown);
         assert_eq!(route("POST", "/a/b/messages"), Route::Unknown);
+        assert_eq!(
+            route("POST", "/hub/partitions/3/messages"),
+            Route::PartitionSend {
+                entity: "hub",
+                partition: "3"
+            }
+        );
+        assert_eq!(route("GET", "/hub/partitions/3/messages"), Route::Unknown);
+        assert_eq!(route("POST", "/hub/partitions/messages"), Route::Unknown);
     }
 
     #[test]
@@ -612,6 +759,316 @@ mod tests {
         assert_eq!(timeout_param("api-version=2015-01"), Ok(None));
         assert!(timeout_param("timeout=abc").is_err());
         assert!(timeout_param("timeout=-1").is_err());
+    }
+
+    /// Tokens signed by two test keys (`test-key`: a Service Bus token, `hub-key`: an Event Hubs
+    /// token), both valid until 2100, and a JWKS server for them on a loopback port.
+    mod fixtures {
+        use std::io::{Read, Write};
+        use std::net::TcpListener;
+        use std::sync::OnceLock;
+
+        use serde_json::{json, Value};
+
+        const SERVICEBUS: &str = include_str!("testdata/rs256-token.json");
+        const EVENTHUBS: &str = include_str!("testdata/rs256-eventhubs-token.json");
+
+        fn parsed(text: &str) -> Value {
+            serde_json::from_str(text).unwrap()
+        }
+        pub fn servicebus_token() -> String {
+            parsed(SERVICEBUS)["jwt"].as_str().unwrap().to_string()
+        }
+        pub fn eventhubs_token() -> String {
+            parsed(EVENTHUBS)["jwt"].as_str().unwrap().to_string()
+        }
+
+        /// The JWKS URL of a server started once for all tests (it lives as long as the process).
+        pub fn jwks_url() -> &'static str {
+            static URL: OnceLock<String> = OnceLock::new();
+            URL.get_or_init(|| {
+                let key = |v: Value, kid: &str| json!({ "kty": "RSA", "use": "sig", "kid": kid, "n": v["n"], "e": v["e"] });
+                let body = json!({ "keys": [key(parsed(SERVICEBUS), "test-key"), key(parsed(EVENTHUBS), "hub-key")] }).to_string();
+                let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+                let port = listener.local_addr().unwrap().port();
+                std::thread::spawn(move || {
+                    for mut stream in listener.incoming().flatten() {
+                        // Read the whole request head first: closing with unread input resets
+                        // the connection under the client's feet.
+                        let mut head = Vec::new();
+                        let mut buf = [0u8; 1024];
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match stream.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => head.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let _ = write!(
+                            stream,
+                            "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                    }
+                });
+                format!("http://127.0.0.1:{port}/t/discovery/v2.0/keys")
+            })
+        }
+    }
+
+    fn app_with(entities: &[&str]) -> App {
+        let configs = entities
+            .iter()
+            .map(|e| crate::config::parse_entity(e).unwrap())
+            .collect();
+        App::new(
+            Broker::new(configs),
+            8410,
+            fixtures::jwks_url(),
+            "https://sts.windows.net/",
+        )
+    }
+
+    /// (status, error code word or "") of one request with a Bearer token.
+    fn call(
+        app: &App,
+        method: &str,
+        url: &str,
+        token: &str,
+        extra: &[(&str, &str)],
+        body: &[u8],
+    ) -> (u16, String) {
+        let mut headers = vec![("Authorization".to_string(), format!("Bearer {token}"))];
+        headers.extend(extra.iter().map(|(n, v)| (n.to_string(), v.to_string())));
+        let reply = app.handle(method, url, &headers, body.to_vec(), &|_| {});
+        (reply.status, reply.note.unwrap_or_default())
+    }
+
+    fn stored(app: &App, entity: &str) -> Vec<Value> {
+        let reply = app.handle(
+            "GET",
+            &format!("/__control/messages/{entity}"),
+            &[],
+            vec![],
+            &|_| {},
+        );
+        assert_eq!(reply.status, 200);
+        serde_json::from_slice::<Value>(&reply.body)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    const ATOM: (&str, &str) = (
+        "Content-Type",
+        "application/atom+xml;type=entry;charset=utf-8",
+    );
+    const BATCH: (&str, &str) = ("Content-Type", "application/vnd.microsoft.servicebus.json");
+
+    #[test]
+    fn event_hub_sends_single_partition_and_batch() {
+        let app = app_with(&["orders", "telemetry:partitions=4"]);
+        let hub = fixtures::eventhubs_token();
+        let url = "/telemetry/messages?timeout=60&api-version=2014-01";
+        let key = ("BrokerProperties", r#"{"PartitionKey":"device-7"}"#);
+        assert_eq!(
+            call(
+                &app,
+                "POST",
+                url,
+                &hub,
+                &[ATOM, key, ("WindAlert", "Strong Winds")],
+                b"{\"t\":1}"
+            ),
+            (201, String::new())
+        );
+        assert_eq!(
+            call(
+                &app,
+                "POST",
+                "/telemetry/partitions/2/messages?api-version=2014-01",
+                &hub,
+                &[ATOM],
+                b"p2"
+            )
+            .0,
+            201
+        );
+        let batch = br#"[{"Body":"b0","UserProperties":{"Alert":"x"}},{"Body":"b1","BrokerProperties":{"PartitionKey":"device-7"}}]"#;
+        assert_eq!(call(&app, "POST", url, &hub, &[BATCH], batch).0, 201);
+        assert_eq!(
+            call(
+                &app,
+                "POST",
+                "/telemetry/partitions/3/messages",
+                &hub,
+                &[BATCH],
+                br#"[{"Body":"c"}]"#
+            )
+            .0,
+            201,
+            "a batch to a partition"
+        );
+
+        let events = stored(&app, "telemetry");
+        let parts: Vec<&str> = events
+            .iter()
+            .map(|e| e["partitionId"].as_str().unwrap())
+            .collect();
+        let k = crate::store::partition_for_key("device-7", 4).to_string();
+        assert_eq!(parts, [k.as_str(), "2", "0", k.as_str(), "3"]);
+        assert_eq!(events[0]["brokerProperties"]["PartitionKey"], "device-7");
+        assert_eq!(events[0]["userProperties"]["windalert"], "Strong Winds");
+        assert_eq!(events[0]["contentType"], ATOM.1);
+        assert!(
+            events[0]["brokerProperties"].get("MessageId").is_none(),
+            "no MessageId made up"
+        );
+        assert_eq!(events[2]["userProperties"]["Alert"], "x");
+
+        let stats = app.handle("GET", "/__control/stats", &[], vec![], &|_| {});
+        let stats: Value = serde_json::from_slice(&stats.body).unwrap();
+        assert_eq!(stats["entities"]["telemetry"]["accepted"], 5);
+        assert_eq!(stats["entities"]["telemetry"]["partitions"]["2"], 1);
+        assert!(
+            stats["entities"]["orders"].get("partitions").is_none(),
+            "queues' stats unchanged"
+        );
+    }
+
+    #[test]
+    fn event_hub_audience_and_refusals() {
+        let app = app_with(&["orders", "telemetry:partitions=4,max-size=2048"]);
+        let (hub, sb) = (fixtures::eventhubs_token(), fixtures::servicebus_token());
+        let send = |url: &str, token: &str, extra: &[(&str, &str)], body: &[u8]| {
+            call(&app, "POST", url, token, extra, body)
+        };
+
+        // Each entity takes its own service's audience only.
+        assert_eq!(
+            send("/telemetry/messages", &sb, &[ATOM], b"x"),
+            (401, "InvalidAudience".into())
+        );
+        assert_eq!(
+            send("/orders/messages", &hub, &[], b"x"),
+            (401, "InvalidAudience".into())
+        );
+        assert_eq!(
+            send("/orders/messages", &sb, &[], b"x").0,
+            201,
+            "Service Bus unchanged"
+        );
+        // An entity that does not exist is 410 whichever service's token comes.
+        assert_eq!(
+            send("/nope/messages", &hub, &[], b"x"),
+            (410, "EntityNotFound".into())
+        );
+        assert_eq!(
+            send("/nope/messages", &sb, &[], b"x"),
+            (410, "EntityNotFound".into())
+        );
+
+        // Partition ids: decimal, below the partition count.
+        for bad in ["4", "01", "-1", "x", "4294967296"] {
+            let url = format!("/telemetry/partitions/{bad}/messages");
+            assert_eq!(
+                send(&url, &hub, &[ATOM], b"x"),
+                (400, "BadRequest".into()),
+                "{bad}"
+            );
+        }
+        let keyed = ("BrokerProperties", r#"{"PartitionKey":"k"}"#);
+        assert_eq!(
+            send(
+                "/telemetry/partitions/1/messages",
+                &hub,
+                &[ATOM, keyed],
+                b"x"
+            ),
+            (400, "BadRequest".into())
+        );
+        assert_eq!(
+            send(
+                "/telemetry/partitions/1/messages",
+                &hub,
+                &[BATCH],
+                br#"[{"Body":"a","BrokerProperties":{"PartitionKey":"k"}}]"#
+            ),
+            (400, "BadRequest".into())
+        );
+        // Service Bus-only broker properties.
+        assert_eq!(
+            send(
+                "/telemetry/messages",
+                &hub,
+                &[("BrokerProperties", r#"{"SessionId":"s"}"#)],
+                b"x"
+            ),
+            (400, "BadRequest".into())
+        );
+        assert_eq!(
+            send(
+                "/telemetry/messages",
+                &hub,
+                &[BATCH],
+                br#"[{"Body":"a","BrokerProperties":{"TimeToLive":5}}]"#
+            ),
+            (400, "BadRequest".into())
+        );
+        // Size: the entity's limit.
+        assert_eq!(
+            send("/telemetry/messages", &hub, &[ATOM], &[b'x'; 2049]),
+            (413, "MessageSizeExceeded".into())
+        );
+        // No REST receive on an event hub; no partition route on a queue (as before).
+        assert_eq!(
+            call(&app, "DELETE", "/telemetry/messages/head", &hub, &[], b""),
+            (404, "NotFound".into())
+        );
+        assert_eq!(
+            call(&app, "POST", "/telemetry/messages/head", &hub, &[], b""),
+            (404, "NotFound".into())
+        );
+        assert_eq!(
+            call(&app, "DELETE", "/telemetry/messages/head", &sb, &[], b""),
+            (401, "InvalidAudience".into())
+        );
+        assert_eq!(
+            send("/orders/partitions/0/messages", &sb, &[], b"x"),
+            (404, "NotFound".into())
+        );
+        assert_eq!(
+            send("/orders/partitions/0/messages", &hub, &[], b"x"),
+            (401, "InvalidAudience".into())
+        );
+
+        assert!(
+            stored(&app, "telemetry").is_empty(),
+            "nothing refused was stored"
+        );
+        let stats = app.handle("GET", "/__control/stats", &[], vec![], &|_| {});
+        let stats: Value = serde_json::from_slice(&stats.body).unwrap();
+        assert_eq!(stats["entities"]["telemetry"]["rejected"]["400"], 9);
+    }
+
+    #[test]
+    fn event_hub_default_size_is_one_megabyte() {
+        let app = app_with(&["telemetry:partitions=2", "orders"]);
+        let (hub, sb) = (fixtures::eventhubs_token(), fixtures::servicebus_token());
+        let big = vec![b'x'; 300 * 1024];
+        assert_eq!(
+            call(&app, "POST", "/telemetry/messages", &hub, &[ATOM], &big).0,
+            201
+        );
+        assert_eq!(
+            call(&app, "POST", "/orders/messages", &sb, &[], &big).0,
+            413
+        );
+        let over = vec![b'x'; 1024 * 1024 + 1];
+        assert_eq!(
+            call(&app, "POST", "/telemetry/messages", &hub, &[ATOM], &over).0,
+            413
+        );
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! What the stand-in accepted: per entity, an ordered queue of messages with sequence numbers,
-//! duplicate detection, peek-locks, and counters; plus injected faults for the control surface.
+//! duplicate detection, peek-locks, and counters (for an event hub: events with the partition
+//! each went to); plus injected faults for the control surface.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
 use crate::config::EntityConfig;
 use crate::message::NewMessage;
@@ -58,6 +60,8 @@ pub struct StoredMessage {
     pub user: Vec<(String, String)>,
     pub enqueued: SystemTime,
     pub delivery_count: u32,
+    /// The partition an event went to (event hubs only).
+    pub partition: Option<u32>,
 }
 
 impl StoredMessage {
@@ -115,7 +119,17 @@ pub struct Entity {
     locked: Vec<Lock>,
     next_sequence: u64,
     dedup: Option<DedupWindow>,
+    /// Round-robin position for events sent with neither partition nor PartitionKey.
+    next_partition: u32,
     pub stats: EntityStats,
+}
+
+/// The partition of a PartitionKey: the same key always lands on the same partition. (Event
+/// Hubs' own hash is not reproduced; only its stability is.)
+pub fn partition_for_key(key: &str, partitions: u32) -> u32 {
+    let digest = Sha256::digest(key.as_bytes());
+    let n = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
+    n % partitions.max(1)
 }
 
 /// A received message and, for peek-lock, its lock token and lock expiry.
@@ -130,8 +144,66 @@ impl Entity {
             locked: Vec::new(),
             next_sequence: 1,
             dedup,
+            next_partition: 0,
             stats: EntityStats::default(),
         }
+    }
+
+    /// Store events of an event hub in order, each on `partition` when the send named one, else
+    /// on its PartitionKey's partition, else round-robin. No MessageId is made up and nothing
+    /// is a duplicate (Event Hubs has no duplicate detection). Returns how many were stored.
+    pub fn enqueue_events(
+        &mut self,
+        events: Vec<NewMessage>,
+        partition: Option<u32>,
+        now: SystemTime,
+    ) -> usize {
+        let partitions = self.config.partitions.unwrap_or(1).max(1);
+        let count = events.len();
+        for m in events {
+            let chosen = match (partition, m.broker.partition_key.as_deref()) {
+                (Some(p), _) => p,
+                (None, Some(key)) => partition_for_key(key, partitions),
+                (None, None) => {
+                    let p = self.next_partition % partitions;
+                    self.next_partition = (p + 1) % partitions;
+                    p
+                }
+            };
+            self.queue.push_back(StoredMessage {
+                sequence_number: self.next_sequence,
+                body: m.body,
+                content_type: m.content_type,
+                broker: m.broker,
+                user: m.user,
+                enqueued: now,
+                delivery_count: 0,
+                partition: Some(chosen),
+            });
+            self.next_sequence += 1;
+        }
+        self.stats.accepted += count as u64;
+        count
+    }
+
+    /// Stored events per partition ("0", "1", …), for an event hub's stats.
+    fn per_partition(&self) -> Option<Map<String, Value>> {
+        let partitions = self.config.partitions?;
+        let mut counts = vec![0u64; partitions as usize];
+        for m in &self.queue {
+            if let Some(p) = m.partition {
+                if let Some(c) = counts.get_mut(p as usize) {
+                    *c += 1;
+                }
+            }
+        }
+        Some(
+            counts
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| (i.to_string(), Value::from(c)))
+                .collect(),
+        )
     }
 
     /// Store messages in order (all or, for duplicates, some); returns (stored, duplicates).
@@ -162,6 +234,7 @@ impl Entity {
                 user: m.user,
                 enqueued: now,
                 delivery_count: 0,
+                partition: None,
             });
             self.next_sequence += 1;
             stored += 1;
@@ -382,6 +455,9 @@ impl Broker {
             let mut v = serde_json::to_value(&e.stats).unwrap_or(Value::Null);
             v["depth"] = e.depth().into();
             v["locked"] = e.locked_count().into();
+            if let Some(per_partition) = e.per_partition() {
+                v["partitions"] = Value::Object(per_partition);
+            }
             entities.insert(e.config.name.clone(), v);
         }
         serde_json::json!({ "requests": self.requests, "unknownEntity": self.unknown_entity, "entities": entities })
@@ -399,6 +475,7 @@ mod tests {
             duplicate_detection: dedup.map(Duration::from_secs),
             max_size: 1024,
             lock_duration: Duration::from_secs(30),
+            partitions: None,
         }
     }
 
@@ -522,6 +599,56 @@ mod tests {
                 .body,
             b"later"
         );
+    }
+
+    #[test]
+    fn events_go_to_the_named_partition_the_key_s_or_round_robin() {
+        let now = SystemTime::now();
+        let mut hub = Entity::new(EntityConfig {
+            partitions: Some(4),
+            ..config("hub", None)
+        });
+        let keyed = |body: &str, key: &str| {
+            let mut m = msg(body, None);
+            m.broker.partition_key = Some(key.into());
+            m
+        };
+        assert_eq!(
+            hub.enqueue_events(
+                vec![msg("a", None), msg("b", None), msg("c", None)],
+                None,
+                now
+            ),
+            3
+        );
+        assert_eq!(
+            hub.enqueue_events(
+                vec![keyed("d", "device-1"), keyed("e", "device-1")],
+                None,
+                now
+            ),
+            2
+        );
+        assert_eq!(hub.enqueue_events(vec![msg("f", None)], Some(3), now), 1);
+        let parts: Vec<Option<u32>> = hub.snapshot().iter().map(|(m, _)| m.partition).collect();
+        let k = partition_for_key("device-1", 4);
+        assert_eq!(
+            parts,
+            [Some(0), Some(1), Some(2), Some(k), Some(k), Some(3)]
+        );
+        assert!(
+            hub.snapshot()
+                .iter()
+                .all(|(m, _)| m.broker.message_id.is_none()),
+            "no MessageId made up for events"
+        );
+        assert_eq!(hub.stats.accepted, 6);
+        let counts = hub.per_partition().unwrap();
+        assert_eq!(counts.len(), 4);
+        assert_eq!(counts.values().map(|v| v.as_u64().unwrap()).sum::<u64>(), 6);
+        assert!(Entity::new(config("q", None)).per_partition().is_none());
+        assert_eq!(partition_for_key("device-1", 4), k, "stable");
+        assert!((0..100).all(|i| partition_for_key(&format!("k{i}"), 3) < 3));
     }
 
     #[test]
