@@ -13,13 +13,19 @@ let stepper = null;
 const contexts = new Map();
 let nextTask = 1;
 
-/** The wasm's one entry point for tasks: `[0, task, now, head]` starts one, `[1, task, now, result]` resumes it, `[2, task]` drops it. */
+/** The wasm's one entry point for tasks: (0, task, now, head) starts one, (1, task, now, result) resumes it, (2, task) drops it. */
 export function setStepper(f) {
   stepper = f;
 }
 
-function step(kind, task, result) {
-  return JSON.parse(stepper(JSON.stringify([kind, task, Date.now(), result])));
+/** One step of a task: the next op, parsed; a final op carries the log line after a line break. */
+function step(kind, task, payload) {
+  const out = stepper(kind, task, Date.now(), payload);
+  const nl = out.indexOf('\n');
+  if (nl < 0) return JSON.parse(out);
+  const op = JSON.parse(out.slice(0, nl));
+  op.push(out.slice(nl + 1));
+  return op;
 }
 
 /** The request's head as one string: [method, url, hasBody, [name, value, …]]. */
@@ -37,9 +43,8 @@ export async function drive(request, env, ctx) {
   nextTask = nextTask >= 0x7fffffff ? 1 : nextTask + 1;
   contexts.set(task, c);
   try {
-    let out = step(0, task, headOf(request));
+    let op = step(0, task, headOf(request));
     for (;;) {
-      const op = out.op;
       if (op[0] === 'done') return finish(c, op);
       let result = null;
       if (op[0] === 'wait') {
@@ -49,7 +54,7 @@ export async function drive(request, env, ctx) {
       } else {
         result = JSON.stringify(await perform(c, op));
       }
-      out = step(1, task, result);
+      op = step(1, task, result);
     }
   } catch (e) {
     try { step(2, task, null); } catch { /* the task is gone with the instance */ }
@@ -196,18 +201,19 @@ async function readBody(c, limit) {
 
 /**
  * The next `size` bytes of the body ([id, length]; fewer at its end), -1 after the end, or
- * {seen} when the body passes `limit` in all. One block is held at a time: the previous one's
- * buffer is dropped when the next is read.
+ * {seen} when the body passes `limit` in all. One block is held at a time (the previous one's
+ * buffer is dropped when the next is read), and a block is allocated at the size it turns out
+ * to have, not at `size`, so a small body costs what it is.
  */
 async function nextBlock(c, size, limit) {
   const r = reader(c);
   if (r === null) return -1;
   c.buffers = [];
-  const block = new Uint8Array(size);
+  const parts = [];
   let filled = 0;
   if (c.leftover !== null) {
     const take = Math.min(size, c.leftover.byteLength);
-    block.set(c.leftover.subarray(0, take), 0);
+    parts.push(c.leftover.subarray(0, take));
     filled = take;
     c.leftover = take < c.leftover.byteLength ? c.leftover.subarray(take) : null;
   }
@@ -221,7 +227,7 @@ async function nextBlock(c, size, limit) {
         return { seen: c.total };
       }
       const take = Math.min(size - filled, value.byteLength);
-      block.set(value.subarray(0, take), filled);
+      parts.push(take === value.byteLength ? value : value.subarray(0, take));
       filled += take;
       if (take < value.byteLength) c.leftover = value.subarray(take);
     }
@@ -229,7 +235,14 @@ async function nextBlock(c, size, limit) {
     return { error: String(e && e.message || e) };
   }
   if (filled === 0) return -1;
-  return keep(c, filled === size ? block : block.subarray(0, filled));
+  if (parts.length === 1) return keep(c, parts[0]);
+  const block = new Uint8Array(filled);
+  let at = 0;
+  for (const part of parts) {
+    block.set(part, at);
+    at += part.byteLength;
+  }
+  return keep(c, block);
 }
 
 /** Throws this (name 'TimeoutError') when a limit cut the call off. */

@@ -44,7 +44,7 @@ extern "C" {
     /// Runs one request: reads its head, steps its task through every op, builds the answer.
     fn drive(request: &JsValue, env: &JsValue, ctx: &JsValue) -> Promise;
     #[wasm_bindgen(js_name = setStepper)]
-    fn set_stepper(stepper: &Closure<dyn FnMut(String) -> String>);
+    fn set_stepper(stepper: &Stepper);
     /// A task's waker: resume it in a microtask.
     fn schedule(task: u32);
     /// The per-request context `drive` keeps for a task (request, env, ctx, bodies, replies).
@@ -100,6 +100,9 @@ pub(crate) fn random() -> f64 {
 // (`__worker_init_state`); its request types are not used.
 use worker as _;
 
+/// The one entry point `drive` steps tasks through: `(kind, task, now, payload) -> op`.
+type Stepper = Closure<dyn FnMut(u32, u32, f64, Option<String>) -> String>;
+
 thread_local! {
     /// Loaded once per isolate, on the first request, and kept for the isolate's life (an
     /// isolate runs one thread).
@@ -107,7 +110,7 @@ thread_local! {
     /// The requests in flight, by task id.
     static TASKS: RefCell<HashMap<u32, Task>> = RefCell::new(HashMap::new());
     /// The one entry point `drive` steps tasks through, made once per isolate.
-    static STEPPER: OnceCell<Closure<dyn FnMut(String) -> String>> = const { OnceCell::new() };
+    static STEPPER: OnceCell<Stepper> = const { OnceCell::new() };
 }
 
 fn gateway() -> Option<&'static Gateway> {
@@ -135,7 +138,7 @@ pub fn fetch(request: JsValue, env: JsValue, ctx: JsValue) -> Promise {
         cell.get_or_init(|| {
             // A panic is written to the log with its message and location, not a bare trap.
             console_error_panic_hook::set_once();
-            let stepper = Closure::<dyn FnMut(String) -> String>::new(step);
+            let stepper = Stepper::new(step);
             set_stepper(&stepper);
             stepper
         });
@@ -171,19 +174,16 @@ impl Wake for TaskWaker {
     }
 }
 
-/// The stepper: `[0, task, now, head]` starts task `task` (`drive` numbers them), `[1, task,
-/// now, result]` resumes one (result `null` after a wake), `[2, task, …]` drops one that
-/// `drive` gave up on. Answers `{"t": task, "op": [...]}`: the next op, `["wait"]`
-/// while the task awaits a JavaScript promise of its own, or `["done", …]`.
-fn step(command: String) -> String {
-    let Ok((kind, task, now, payload)) = serde_json::from_str::<(u8, u32, f64, Value)>(&command)
-    else {
-        return done_internal(0, "a step the edge could not read");
-    };
+/// The stepper: `(0, task, now, head)` starts task `task` (`drive` numbers them) with the
+/// request's head; `(1, task, now, result)` resumes it with an op's result (JSON), or with
+/// nothing after a wake; `(2, task, …)` drops a task `drive` gave up on. Answers the next op
+/// (JSON), `["wait"]` while the task awaits a JavaScript promise of its own, or the final
+/// `["done", …]` followed by a line break and the request's log line.
+fn step(kind: u32, task: u32, now: f64, payload: Option<String>) -> String {
     if kind == 0 {
         let id = task;
         let head = payload
-            .as_str()
+            .as_deref()
             .and_then(RequestHead::from_wire)
             .unwrap_or_default();
         let slot = Rc::new(Slot::default());
@@ -205,21 +205,21 @@ fn step(command: String) -> String {
     }
     if kind == 2 {
         TASKS.with(|t| t.borrow_mut().remove(&task));
-        return "{}".to_owned();
+        return "[]".to_owned();
     }
     let Some(mut current) = TASKS.with(|t| t.borrow_mut().remove(&task)) else {
         return done_internal(task, "a step for a request that is not in flight");
     };
     current.slot.now.set(now);
     if kind == 1 {
-        if let Value::String(result) = payload {
+        if let Some(result) = payload {
             *current.slot.result.borrow_mut() = Some(result);
         }
     }
     let waker = Waker::from(Arc::new(TaskWaker(task)));
     let mut cx = Context::from_waker(&waker);
     match current.future.as_mut().poll(&mut cx) {
-        Poll::Ready(done) => format!("{{\"t\":{task},\"op\":{done}}}"),
+        Poll::Ready(done) => done,
         Poll::Pending => {
             let op = current
                 .slot
@@ -228,7 +228,7 @@ fn step(command: String) -> String {
                 .take()
                 .unwrap_or_else(|| "[\"wait\"]".to_owned());
             TASKS.with(|t| t.borrow_mut().insert(task, current));
-            format!("{{\"t\":{task},\"op\":{op}}}")
+            op
         }
     }
 }
@@ -245,7 +245,12 @@ fn done(answer: Answer<u32>, line: &str) -> String {
         AnswerBody::Text(text) => (Value::String(text), Value::Null),
         AnswerBody::Stream(id) => (Value::Null, Value::from(id)),
     };
-    json!(["done", answer.status, headers, text, stream, line]).to_string()
+    // The log line follows the op on its own line: it is JSON already, and is not escaped
+    // into a string of the op's JSON (which never holds a raw line break).
+    let mut out = json!(["done", answer.status, headers, text, stream]).to_string();
+    out.push('\n');
+    out.push_str(line);
+    out
 }
 
 fn done_internal(task: u32, what: &str) -> String {
@@ -281,7 +286,8 @@ pub fn read_head(request: &JsValue) -> RequestHead {
 
 /// For the wasm tests: the JavaScript `Response` `drive` makes of an answer.
 pub fn to_response(answer: Answer<u32>) -> JsValue {
-    response_of(&done(answer, ""))
+    let done = done(answer, "");
+    response_of(done.trim_end())
 }
 
 // ---------------------------------------------------------------------------------------------
