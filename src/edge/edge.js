@@ -280,6 +280,15 @@ async function send(c, [, url, method, headers, kind, ref, length, deadlineMs, i
   const init = { method, headers: pairs(headers) };
   const body = kind === 'buffer' ? c.buffers[ref] : kind === 'text' ? ref : kind === 'caller' ? (c.request.body ?? new Uint8Array(0)) : null;
   let response;
+  // Watching progress costs a JavaScript stream per direction: it is used only where a transfer
+  // can be long, a streamed body of 64 KiB or more (or of unknown length) going out, and a reply
+  // streamed back to the caller (a GET). A shorter streamed body goes whole within 30 s.
+  const watchUp = body instanceof ReadableStream && (length < 0 || length >= 65536);
+  const watchDown = method === 'GET';
+  if (idleMs > 0 && !watchUp && !watchDown) {
+    deadlineMs = Math.max(idleMs, 30000);
+    idleMs = 0;
+  }
   try {
     if (!(idleMs > 0)) {
       init.signal = AbortSignal.timeout(Math.max(1, deadlineMs));
@@ -300,7 +309,7 @@ async function send(c, [, url, method, headers, kind, ref, length, deadlineMs, i
       const disarm = () => clearTimeout(timer);
       init.signal = controller.signal;
       arm();
-      if (body instanceof ReadableStream) {
+      if (watchUp) {
         // Waiting for the answer after the last byte went out counts as idle time too.
         const progress = body.pipeThrough(watched(arm, arm));
         if (length >= 0) {
@@ -321,7 +330,7 @@ async function send(c, [, url, method, headers, kind, ref, length, deadlineMs, i
         if (controller.signal.aborted) throw timeoutError('no bytes moved within the idle time limit');
         throw e;
       }
-      if (response.body === null) {
+      if (response.body === null || !watchDown) {
         disarm();
       } else {
         arm();
