@@ -209,9 +209,9 @@ describe('hardening: what a hostile caller can no longer do', () => {
     assert.ok(took > 3000, `the transfer took ${took.toFixed(0)} ms: longer than the idle limit`);
     assert.equal(sha((await stored('slow/moving.bin')).body), sha(Buffer.concat(chunks)));
 
-    // One chunk, then nothing for 6 s: cut off after ~1.5 s of silence, nothing committed.
+    // 64 KiB, then nothing for 6 s: cut off after ~1.5 s of silence, nothing committed.
     const t1 = performance.now();
-    const stalled = await put('/slow/stalled.bin', gatedStream([randomBytes(8 * KiB), randomBytes(8 * KiB)], [null, sleep(6000)]), { 'content-length': String(16 * KiB) }).catch((e) => ({ status: 0, text: String(e) }));
+    const stalled = await put('/slow/stalled.bin', gatedStream([randomBytes(64 * KiB), randomBytes(64 * KiB)], [null, sleep(6000)]), { 'content-length': String(128 * KiB) }).catch((e) => ({ status: 0, text: String(e) }));
     const cut = performance.now() - t1;
     assert.equal(stalled.status, 504, stalled.text);
     assert.ok(cut < 5000, `cut off after ${cut.toFixed(0)} ms`);
