@@ -280,13 +280,15 @@ async function send(c, [, url, method, headers, kind, ref, length, deadlineMs, i
   const init = { method, headers: pairs(headers) };
   const body = kind === 'buffer' ? c.buffers[ref] : kind === 'text' ? ref : kind === 'caller' ? (c.request.body ?? new Uint8Array(0)) : null;
   let response;
-  // Watching progress costs a JavaScript stream per direction: it is used only where a transfer
-  // can be long, a streamed body of 64 KiB or more (or of unknown length) going out, and a reply
-  // streamed back to the caller (a GET). A shorter streamed body goes whole within 30 s.
-  const watchUp = body instanceof ReadableStream && (length < 0 || length >= 65536);
+  // A reply streamed back to the caller (a GET) is watched for progress, chunk by chunk. The
+  // caller's own body going out is not: a JavaScript stream in its path costs every chunk a trip
+  // through the JavaScript heap (measured: 16 uploads of 50 MB grew workerd by 380 MB instead of
+  // 30, at a third of the speed). It goes natively, with a deadline that grows with its length:
+  // the idle limit plus its length at 64 KiB/s, so only a transfer slower than that on average,
+  // or stalled, is cut off.
   const watchDown = method === 'GET';
-  if (idleMs > 0 && !watchUp && !watchDown) {
-    deadlineMs = Math.max(idleMs, 30000);
+  if (idleMs > 0 && !watchDown) {
+    deadlineMs = idleMs + (length > 0 ? length / 65.536 : 0);
     idleMs = 0;
   }
   try {
@@ -309,7 +311,7 @@ async function send(c, [, url, method, headers, kind, ref, length, deadlineMs, i
       const disarm = () => clearTimeout(timer);
       init.signal = controller.signal;
       arm();
-      if (watchUp) {
+      if (body instanceof ReadableStream) {
         // Waiting for the answer after the last byte went out counts as idle time too.
         const progress = body.pipeThrough(watched(arm, arm));
         if (length >= 0) {
@@ -330,7 +332,7 @@ async function send(c, [, url, method, headers, kind, ref, length, deadlineMs, i
         if (controller.signal.aborted) throw timeoutError('no bytes moved within the idle time limit');
         throw e;
       }
-      if (response.body === null || !watchDown) {
+      if (response.body === null) {
         disarm();
       } else {
         arm();

@@ -607,13 +607,13 @@ pub fn answer<S>(b: &PreparedBlob, plan: &Plan, reply: Reply<S>, cx: &Cx<'_>) ->
     }
 }
 
-/// A streamed transfer that stopped moving.
+/// A streamed transfer that stopped making progress.
 fn stalled(idle_ms: f64) -> Problem {
     Problem::new(
         504,
         "backend-timeout",
         "The transfer stalled",
-        format!("No bytes moved between the caller and Blob Storage for {} ms, so the transfer was stopped; a write was not committed. Try again.", idle_ms as u64),
+        format!("The transfer between the caller and Blob Storage made no progress in the time allowed (a read: {} ms without bytes; an upload: that plus its length at 64 KiB/s), so it was stopped and nothing was committed. Try again.", idle_ms as u64),
     )
 }
 

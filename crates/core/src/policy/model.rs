@@ -594,9 +594,9 @@ pub struct BlobBackend {
     /// Size of one Put Block (the only part of a body held in memory). Default 4194304 (4 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_bytes: Option<u32>,
-    /// A streamed transfer (a single Put Blob of the caller's body, or a read streamed back) is
-    /// stopped when no bytes move for this long, in milliseconds; a slow transfer that keeps
-    /// moving is never cut off. Default 30000.
+    /// A read streamed back is stopped when no bytes move for this long, in milliseconds; a
+    /// single Put Blob of the caller's body gets this plus its length at 64 KiB/s. Neither is
+    /// cut off by a whole-transfer limit. Default 30000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_ms: Option<u32>,
     /// Writes replace an existing blob when `true`; by default they only create
