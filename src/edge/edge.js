@@ -236,13 +236,15 @@ async function nextBlock(c, size, limit) {
   }
   if (filled === 0) return -1;
   if (parts.length === 1) return keep(c, parts[0]);
-  const block = new Uint8Array(filled);
+  // One buffer per upload, reused block after block (the previous block's calls are over when
+  // the next is read), so a long upload does not leave a trail of block-sized garbage.
+  if (c.block === undefined || c.block.byteLength < filled) c.block = new Uint8Array(filled === size ? size : filled);
   let at = 0;
   for (const part of parts) {
-    block.set(part, at);
+    c.block.set(part, at);
     at += part.byteLength;
   }
-  return keep(c, block);
+  return keep(c, c.block.subarray(0, filled));
 }
 
 /** Throws this (name 'TimeoutError') when a limit cut the call off. */
