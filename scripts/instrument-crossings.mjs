@@ -20,7 +20,8 @@
  *     x-wasm-crossings-prior  calls counted after the previous response was returned and before
  *                             this request started (a streamed body, waitUntil work, timers of
  *                             earlier requests; for the first request, the module's start).
- *   and <out-dir>/crossings-legend.json says, per label, the full import name and its JS glue.
+ *   and <out-dir>/crossings-legend.json says, per label, the full import name and its JS glue;
+ *   <out-dir>/index.uninstrumented.js keeps worker-build's file as it was.
  * Calls made after the response is returned belong to no request's x-wasm-crossings. The counter
  * is global to the isolate: concurrent requests mix their counts, so measure with sequential
  * requests.
@@ -166,7 +167,9 @@ function main() {
   }
   const jsPath = join(outDir, 'index.js');
   try {
-    const { js, legend: labels } = instrument(readFileSync(jsPath, 'utf8'), join(outDir, 'index_bg.wasm'));
+    const src = readFileSync(jsPath, 'utf8');
+    const { js, legend: labels } = instrument(src, join(outDir, 'index_bg.wasm'));
+    writeFileSync(join(outDir, 'index.uninstrumented.js'), src); // to diff, and for the test of this step
     writeFileSync(jsPath, js);
     writeFileSync(join(outDir, 'crossings-legend.json'), `${JSON.stringify(labels, null, 1)}\n`);
     console.error(`${STEP}: ${jsPath} now counts wasm->JS calls per request (x-wasm-crossings); for measurement only, never deploy it`);

@@ -20,6 +20,8 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { startStack } from './stack.mjs';
 import { REPO_ROOT } from '../../dev/proc.mjs';
+import { instrument, MARKER } from '../../scripts/instrument-crossings.mjs';
+import { exportsVar } from '../../scripts/worker-glue.mjs';
 
 /**
  * Crossings (wasm -> JS calls) allowed per request, by path: the counts measured when this test was
@@ -112,6 +114,20 @@ describe('wasm -> JS crossings per request', () => {
     const shown = new Set(report.flatMap((l) => [...l.matchAll(/([\w~]+)=\d+/g)].map((m) => m[1])));
     const lines = [...shown].sort().map((label) => `#   ${label}: ${legend[label]?.js ?? '?'}`);
     console.log(`\n${report.join('\n')}\n# crossings legend:\n${lines.join('\n')}`);
+  });
+
+  test('the instrumentation refuses a worker-build output of another shape, and a second run', () => {
+    const build = join(STATE_DIR, 'gateway', 'build');
+    const src = readFileSync(join(build, 'index.uninstrumented.js'), 'utf8');
+    const wasm = join(build, 'index_bg.wasm');
+    const { js } = instrument(src, wasm);
+    assert.ok(js.includes(MARKER));
+    assert.equal(js.match(/__aeg_countImports\(/g).length - 1, src.match(/new WebAssembly\.Instance\(/g).length, 'every instantiation is counted');
+    const refused = (mutated, message) => assert.throws(() => instrument(mutated, wasm), message);
+    refused(js, /already instrumented/);
+    refused(src.replace('"./index_bg.js":{', '"./glue.js":{'), /import-object factory/);
+    refused(src.replaceAll('new WebAssembly.Instance(', 'new WebAssembly.Instance( '), /WebAssembly\.Instance/);
+    refused(src.replace(`${exportsVar(src, 'test')}.fetch(`, 'fetch2('), /wasm fetch export/);
   });
 
   for (const name of Object.keys(BUDGET)) {
