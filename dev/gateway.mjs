@@ -33,6 +33,8 @@ const BUILD_SCRIPT = join(REPO_ROOT, 'scripts', 'build');
  * - countCrossings: build with AEG_COUNT_CROSSINGS=1 (scripts/build), so each response carries
  *   x-wasm-crossings (tests/e2e/crossings.test.mjs). Off, the build runs with it unset whatever
  *   the environment says, and a build found instrumented is refused.
+ * - leanEntry: build with AEG_LEAN_ENTRY=1 (true) or without (false); default: as the environment
+ *   says (so `AEG_LEAN_ENTRY=1 scripts/test` runs every suite on the lean entry).
  */
 export async function startGateway({
   policyPath,
@@ -47,6 +49,7 @@ export async function startGateway({
   buildCommand = BUILD_SCRIPT,
   extraToml = '',
   countCrossings = false,
+  leanEntry,
   buildTimeoutMs = 300_000,
   startTimeoutMs = 30_000,
   onLog,
@@ -56,7 +59,7 @@ export async function startGateway({
   await assertPortFree(port);
 
   const buildLogs = build
-    ? await buildWorker({ policyPath, dir, buildCommand, timeoutMs: buildTimeoutMs, onLog, countCrossings })
+    ? await buildWorker({ policyPath, dir, buildCommand, timeoutMs: buildTimeoutMs, onLog, countCrossings, leanEntry })
     : [];
   assertInstrumentation(join(dir, 'build', 'index.js'), countCrossings, build);
   const configPath = writeWranglerConfig(wranglerToml, dir, extraToml);
@@ -104,7 +107,7 @@ export async function startGateway({
 }
 
 /** scripts/build --out-dir <dir>/build with GATEWAY_POLICY; resolves its output lines or throws. */
-async function buildWorker({ policyPath, dir, buildCommand, timeoutMs, onLog, countCrossings }) {
+async function buildWorker({ policyPath, dir, buildCommand, timeoutMs, onLog, countCrossings, leanEntry }) {
   if (!policyPath) throw new Error('startGateway: policyPath is required');
   const policy = resolve(policyPath);
   if (!existsSync(policy)) throw new Error(`policy file not found: ${policy}`);
@@ -116,6 +119,7 @@ async function buildWorker({ policyPath, dir, buildCommand, timeoutMs, onLog, co
     env: offlineEnv({
       GATEWAY_POLICY: policy,
       AEG_COUNT_CROSSINGS: countCrossings ? '1' : '',
+      ...(leanEntry === undefined ? {} : { AEG_LEAN_ENTRY: leanEntry ? '1' : '' }),
     }),
     onLine: onLog && ((line) => onLog(`[build] ${line}`)),
   });

@@ -1,6 +1,6 @@
 /**
- * Finds, by structure, the parts of worker-build's bundled `index.js` that opt-in post-build
- * steps (scripts/instrument-crossings.mjs) rewrite. The file is one
+ * Finds, by structure, the parts of worker-build's bundled `index.js` that the opt-in post-build
+ * steps (scripts/instrument-crossings.mjs, scripts/lean-entry.mjs) rewrite. The file is one
  * esbuild-minified ES module: wasm-bindgen's glue (an import-object factory returning
  * `{__proto__:null,"./index_bg.js":{…}}`, the `new WebAssembly.Instance(module, factory())` calls,
  * one JS wrapper per wasm export) followed by worker-build's entry shim.

@@ -22,6 +22,7 @@ import { startStack } from './stack.mjs';
 import { REPO_ROOT } from '../../dev/proc.mjs';
 import { instrument, MARKER } from '../../scripts/instrument-crossings.mjs';
 import { exportsVar } from '../../scripts/worker-glue.mjs';
+import { leanEntry, MARKER as LEAN_MARKER } from '../../scripts/lean-entry.mjs';
 
 /**
  * Crossings (wasm -> JS calls) allowed per request, by path: the counts measured when this test was
@@ -128,6 +129,19 @@ describe('wasm -> JS crossings per request', () => {
     refused(src.replace('"./index_bg.js":{', '"./glue.js":{'), /import-object factory/);
     refused(src.replaceAll('new WebAssembly.Instance(', 'new WebAssembly.Instance( '), /WebAssembly\.Instance/);
     refused(src.replace(`${exportsVar(src, 'test')}.fetch(`, 'fetch2('), /wasm fetch export/);
+  });
+
+  test('the lean entry step (AEG_LEAN_ENTRY=1) refuses what it cannot rewrite faithfully', (t) => {
+    const build = join(STATE_DIR, 'gateway', 'build');
+    const src = readFileSync(join(build, 'index.uninstrumented.js'), 'utf8');
+    if (src.includes(LEAN_MARKER)) return t.skip('this build has the lean entry already (AEG_LEAN_ENTRY=1)');
+    const lean = leanEntry(src);
+    assert.match(lean, /export\{[^}]*__aeg_lean_entry as default[^}]*\}/);
+    assert.throws(() => leanEntry(lean), /already has the lean entry/);
+    assert.throws(() => leanEntry(instrument(src, join(build, 'index_bg.wasm')).js), /run the lean entry step first/);
+    const entry = /([A-Za-z_$][\w$]*)\.prototype\.fetch=function/.exec(src)[1];
+    assert.throws(() => leanEntry(src.replace(`${entry}.prototype.fetch=`, `${entry}.prototype.scheduled=()=>{};${entry}.prototype.fetch=`)), /handlers the lean entry does not forward: scheduled/);
+    assert.throws(() => leanEntry(src.replace('"Reinitializing Wasm application"', '"Reinitialising"')), /reinit check/);
   });
 
   for (const name of Object.keys(BUDGET)) {
