@@ -30,6 +30,11 @@ const BUILD_SCRIPT = join(REPO_ROOT, 'scripts', 'build');
  * - onLog(line): sees each wrangler/worker output line live (dev/up.mjs echoes them).
  * - wranglerToml / buildCommand: for running a stand-in worker; default the repository's.
  * - extraToml: TOML appended to the generated config (e.g. [[ratelimits]] bindings a test policy names).
+ * - countCrossings: build with AEG_COUNT_CROSSINGS=1 (scripts/build), so each response carries
+ *   x-wasm-crossings (tests/e2e/crossings.test.mjs). Off, the build runs with it unset whatever
+ *   the environment says, and a build found instrumented is refused.
+ * - leanEntry: build with AEG_LEAN_ENTRY=1 (true) or without (false); default: as the environment
+ *   says (so `AEG_LEAN_ENTRY=1 scripts/test` runs every suite on the lean entry).
  */
 export async function startGateway({
   policyPath,
@@ -43,6 +48,8 @@ export async function startGateway({
   wranglerToml = join(REPO_ROOT, 'wrangler.toml'),
   buildCommand = BUILD_SCRIPT,
   extraToml = '',
+  countCrossings = false,
+  leanEntry,
   buildTimeoutMs = 300_000,
   startTimeoutMs = 30_000,
   onLog,
@@ -51,7 +58,10 @@ export async function startGateway({
   mkdirSync(dir, { recursive: true });
   await assertPortFree(port);
 
-  const buildLogs = build ? await buildWorker({ policyPath, dir, buildCommand, timeoutMs: buildTimeoutMs, onLog }) : [];
+  const buildLogs = build
+    ? await buildWorker({ policyPath, dir, buildCommand, timeoutMs: buildTimeoutMs, onLog, countCrossings, leanEntry })
+    : [];
+  assertInstrumentation(join(dir, 'build', 'index.js'), countCrossings, build);
   const configPath = writeWranglerConfig(wranglerToml, dir, extraToml);
   writeDevVars(join(dir, '.dev.vars'), secrets);
   const extraCa = writeCaBundle(join(dir, 'extra-ca.pem'), caCertPaths);
@@ -97,7 +107,7 @@ export async function startGateway({
 }
 
 /** scripts/build --out-dir <dir>/build with GATEWAY_POLICY; resolves its output lines or throws. */
-export async function buildWorker({ policyPath, dir, buildCommand = BUILD_SCRIPT, timeoutMs = 300_000, onLog }) {
+export async function buildWorker({ policyPath, dir, buildCommand = BUILD_SCRIPT, timeoutMs = 300_000, onLog, countCrossings, leanEntry }) {
   if (!policyPath) throw new Error('startGateway: policyPath is required');
   const policy = resolve(policyPath);
   if (!existsSync(policy)) throw new Error(`policy file not found: ${policy}`);
@@ -106,7 +116,11 @@ export async function buildWorker({ policyPath, dir, buildCommand = BUILD_SCRIPT
     command: buildCommand,
     args: ['--out-dir', join(dir, 'build')],
     cwd: REPO_ROOT,
-    env: offlineEnv({ GATEWAY_POLICY: policy }),
+    env: offlineEnv({
+      GATEWAY_POLICY: policy,
+      AEG_COUNT_CROSSINGS: countCrossings ? '1' : '',
+      ...(leanEntry === undefined ? {} : { AEG_LEAN_ENTRY: leanEntry ? '1' : '' }),
+    }),
     onLine: onLog && ((line) => onLog(`[build] ${line}`)),
   });
   const result = await Promise.race([proc.exited, after(timeoutMs, 'timeout')]);
@@ -118,6 +132,22 @@ export async function buildWorker({ policyPath, dir, buildCommand = BUILD_SCRIPT
     throw new Error(`worker build failed (exit ${result.code ?? result.signal})\n--- build output ---\n${proc.tail(30)}`);
   }
   return proc.logs;
+}
+
+/**
+ * The crossing counter (scripts/instrument-crossings.mjs) is in the built worker exactly when it
+ * was asked for; an instrumented build left in a state dir is never run as a normal one.
+ */
+function assertInstrumentation(indexPath, countCrossings, built) {
+  if (!existsSync(indexPath)) return; // a stand-in worker built elsewhere; writeWranglerConfig checks main
+  const instrumented = readFileSync(indexPath, 'utf8').includes('/* aeg:instrumented-crossings */');
+  if (instrumented && !countCrossings) {
+    throw new Error(`${indexPath} counts wasm->JS crossings (AEG_COUNT_CROSSINGS=1) but countCrossings is off: rebuild it`);
+  }
+  if (!instrumented && countCrossings && !built) {
+    throw new Error(`${indexPath} is not instrumented: start with build: true and countCrossings: true`);
+  }
+  if (!instrumented && countCrossings) throw new Error(`the build with AEG_COUNT_CROSSINGS=1 did not instrument ${indexPath}`);
 }
 
 /** Copy wrangler.toml into dir without its [build] section; check that `main` was built there. */
