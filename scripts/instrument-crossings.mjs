@@ -63,22 +63,28 @@ const labelsSource = __aeg_labels.toString();
 const RUNTIME = `${MARKER}
 var __aeg_crossings = { total: 0, prior: 0, byName: new Map() };
 function __aeg_countImports(imports) {
-  const ns = imports && imports["./index_bg.js"];
-  if (!ns || typeof ns !== "object") throw new Error('instrument-crossings: the wasm import object has no "./index_bg.js" namespace');
-  const labels = __aeg_labels(Object.keys(ns));
-  const wrapped = { __proto__: null };
-  for (const name of Object.keys(ns)) {
-    const f = ns[name];
-    if (typeof f !== "function") { wrapped[name] = f; continue; }
-    const label = labels.get(name);
-    wrapped[name] = function () {
-      const c = __aeg_crossings;
-      c.total++;
-      c.byName.set(label, (c.byName.get(label) || 0) + 1);
-      return f.apply(this, arguments);
-    };
+  if (!imports || typeof imports["./index_bg.js"] !== "object") throw new Error('instrument-crossings: the wasm import object has no "./index_bg.js" namespace');
+  // Every namespace the wasm imports from: the glue's, and any snippet module's (their calls
+  // are labelled "module:name").
+  for (const key of Object.keys(imports)) {
+    const ns = imports[key];
+    if (!ns || typeof ns !== "object") continue;
+    const glue = key === "./index_bg.js";
+    const labels = glue ? __aeg_labels(Object.keys(ns)) : null;
+    const wrapped = { __proto__: null };
+    for (const name of Object.keys(ns)) {
+      const f = ns[name];
+      if (typeof f !== "function") { wrapped[name] = f; continue; }
+      const label = glue ? labels.get(name) : key.slice(key.lastIndexOf("/") + 1).replace(".js", "") + ":" + name;
+      wrapped[name] = function () {
+        const c = __aeg_crossings;
+        c.total++;
+        c.byName.set(label, (c.byName.get(label) || 0) + 1);
+        return f.apply(this, arguments);
+      };
+    }
+    imports[key] = wrapped;
   }
-  imports["./index_bg.js"] = wrapped;
   return imports;
 }
 ${labelsSource}
@@ -121,11 +127,13 @@ export function instrument(src, wasmPath) {
   }
 
   const calls = instanceCalls(src, STEP);
-  // Every function the wasm imports must come from the factory's namespace, so wrapping that
-  // namespace counts every crossing.
-  const imports = wasmImports(wasmPath, STEP);
+  // Every function the wasm imports must come from the factory: the glue's namespace by name, and
+  // each snippet module as a whole namespace, so wrapping them all counts every crossing.
+  const { glue: imports, modules } = wasmImports(wasmPath, STEP);
   const missing = imports.filter((name) => !src.includes(`${name}:`));
   if (missing.length) throw new GlueError(STEP, `the import factory does not provide ${missing.length} wasm import(s), e.g. ${missing.slice(0, 3).join(', ')}`);
+  const absent = modules.filter((module) => !src.includes(`"${module}":`));
+  if (absent.length) throw new GlueError(STEP, `the import factory does not provide the module(s) ${absent.join(', ')}`);
   const fetchFn = fetchWrapper(src, STEP);
 
   let out = src;

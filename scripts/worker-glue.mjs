@@ -71,14 +71,17 @@ export function enclosingFunction(src, index, step, what) {
   return name;
 }
 
-/** Names of the functions the wasm module imports from "./index_bg.js"; throws if it imports from any other module. */
+/**
+ * The functions the wasm module imports: `glue`, the names it takes from "./index_bg.js" (the
+ * factory's own namespace), and `modules`, the other modules (wasm-bindgen snippets, such as the
+ * edge's own JavaScript), which the factory supplies as whole namespaces.
+ */
 export function wasmImports(wasmPath, step) {
-  const imports = parseImports(readFileSync(wasmPath), step);
-  const others = imports.filter((i) => i.module !== './index_bg.js');
-  if (others.length) {
-    throw new GlueError(step, `${wasmPath} imports from modules other than "./index_bg.js" (${[...new Set(others.map((i) => i.module))].join(', ')}): their calls would not be counted`);
-  }
-  return imports.filter((i) => i.kind === 'function').map((i) => i.name);
+  const imports = parseImports(readFileSync(wasmPath), step).filter((i) => i.kind === 'function');
+  return {
+    glue: imports.filter((i) => i.module === './index_bg.js').map((i) => i.name),
+    modules: [...new Set(imports.filter((i) => i.module !== './index_bg.js').map((i) => i.module))],
+  };
 }
 
 /** The import section of a wasm binary: [{ module, name, kind }] (no compilation, so no feature flags needed). */

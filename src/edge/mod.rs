@@ -404,7 +404,7 @@ impl Io for Edge {
     }
 
     async fn token(&self, target: &TokenTarget) -> Result<Grant, NoToken> {
-        tokens::obtain(target, &|| self.c().clone()).await
+        tokens::obtain(target, &|| self.c().clone(), &|| self.slot.now.get()).await
     }
 
     fn evict_token(&self, key: &TokenKey, access_token: &str) {

@@ -58,7 +58,12 @@ impl Source {
 
 /// The token for `target`: from the cache, or fetched once for all callers. `c` is the
 /// request's context in `edge.js` (its env holds the secrets, its ctx runs refreshes).
-pub async fn obtain(target: &TokenTarget, c: &dyn Fn() -> JsValue) -> Result<Grant, NoToken> {
+/// `clock` is the request's clock (the one `drive` hands the task at each step).
+pub async fn obtain(
+    target: &TokenTarget,
+    c: &dyn Fn() -> JsValue,
+    clock: &dyn Fn() -> f64,
+) -> Result<Grant, NoToken> {
     let Some(identity) = super::gateway().and_then(|g| g.prepared().identity(&target.identity))
     else {
         return Err(NoToken {
@@ -67,10 +72,10 @@ pub async fn obtain(target: &TokenTarget, c: &dyn Fn() -> JsValue) -> Result<Gra
         });
     };
     let key = &target.key;
-    let started = now();
+    let started = clock();
     let mut waited = false;
     loop {
-        let lookup = CACHE.with(|cache| cache.borrow_mut().lookup(key, now()));
+        let lookup = CACHE.with(|cache| cache.borrow_mut().lookup(key, clock()));
         let (token, source) = match lookup {
             Lookup::Hit {
                 token,
@@ -112,6 +117,7 @@ pub async fn obtain(target: &TokenTarget, c: &dyn Fn() -> JsValue) -> Result<Gra
             }
             Lookup::Failed(error) => return Err(no_token(&target.identity, &error)),
         };
+        // A fetch or a wait crossed I/O: the JavaScript clock has moved, the request's not yet.
         let idp_ms = matches!(source, Source::Fetched | Source::Waited).then(|| now() - started);
         return Ok(Grant {
             token,
