@@ -121,7 +121,9 @@ impl<B> Copy for OutBody<'_, B> {}
 pub enum Limit {
     /// The whole call.
     Deadline(f64),
-    /// A streamed call: stopped only when no bytes move for this long.
+    /// A streamed call, with no whole-transfer limit: a reply streamed back is stopped when no
+    /// bytes move for this long; the caller's own body going out gets this plus its length at
+    /// 64 KiB/s (the edge sends it natively, without watching each chunk).
     Idle(f64),
 }
 

@@ -407,7 +407,8 @@ pub fn build<I: Io>(b: &PreparedBlob, cx: &mut Cx<'_>, io: &I) -> Result<Plan, P
 }
 
 /// Phase 9: the read, the single streamed Put Blob (not replayable: no retry), or the blocks
-/// and their commit (each retried). A streamed body is timed on progress, not as a whole.
+/// and their commit (each retried). No streamed transfer has a whole-transfer limit: a read is
+/// timed on progress, a single Put Blob by its length (the edge's `send`).
 pub async fn send<I: Io>(
     b: &PreparedBlob,
     plan: &Plan,
