@@ -18,13 +18,22 @@ export function setStepper(f) {
   stepper = f;
 }
 
-/** One step of a task: the next op, parsed; a final op carries the log line after a line break. */
+/** One step of a task: the next op, parsed. */
 function step(kind, task, payload) {
-  const out = stepper(kind, task, Date.now(), payload);
+  return parseOp(stepper(kind, task, Date.now(), payload));
+}
+
+/**
+ * An op from the wasm. The final one, ['done', status, headers, hasText, stream], is followed by a
+ * line break, the log line, a line break and the text body: they come as they are, not escaped
+ * into the op's JSON; they are appended to the op as [5] and [6].
+ */
+function parseOp(out) {
   const nl = out.indexOf('\n');
   if (nl < 0) return JSON.parse(out);
   const op = JSON.parse(out.slice(0, nl));
-  op.push(out.slice(nl + 1));
+  const nl2 = out.indexOf('\n', nl + 1);
+  op.push(out.slice(nl + 1, nl2), out.slice(nl2 + 1));
   return op;
 }
 
@@ -89,14 +98,14 @@ function finish(c, op) {
   return response;
 }
 
-/** The Response of a 'done' op given as JSON (for the wasm tests). */
+/** The Response of a final op as the wasm writes it (for the wasm tests). */
 export function responseOf(done) {
-  return respond(JSON.parse(done), null);
+  return respond(parseOp(done), null);
 }
 
-function respond([, status, headers, text, stream], c) {
+function respond([, status, headers, hasText, stream, , text], c) {
   let body = null;
-  if (text !== null) body = text;
+  if (hasText) body = text;
   else if (stream !== null && c && c.replies[stream]) body = c.replies[stream].body;
   // Replies whose bodies nobody reads: let the runtime release them.
   if (c) {

@@ -233,23 +233,25 @@ fn step(kind: u32, task: u32, now: f64, payload: Option<String>) -> String {
     }
 }
 
-/// The final op: status, headers (`name\nvalue\n…`), the body (text, or a reply id to stream),
-/// and the log line.
+/// The final op: `["done", status, headers (name\nvalue\n…), has a text body, reply id to
+/// stream or null]`, then on the next line the log line, then (to the end) the text body. Both
+/// are passed as they are rather than escaped into strings of the op's JSON, which never holds
+/// a raw line break (nor does a log line).
 fn done(answer: Answer<u32>, line: &str) -> String {
     let mut headers = String::new();
     for (name, value) in &answer.headers {
         push_header(&mut headers, name, value);
     }
     let (text, stream) = match answer.body {
-        AnswerBody::Empty => (Value::Null, Value::Null),
-        AnswerBody::Text(text) => (Value::String(text), Value::Null),
-        AnswerBody::Stream(id) => (Value::Null, Value::from(id)),
+        AnswerBody::Empty => (None, Value::Null),
+        AnswerBody::Text(text) => (Some(text), Value::Null),
+        AnswerBody::Stream(id) => (None, Value::from(id)),
     };
-    // The log line follows the op on its own line: it is JSON already, and is not escaped
-    // into a string of the op's JSON (which never holds a raw line break).
-    let mut out = json!(["done", answer.status, headers, text, stream]).to_string();
+    let mut out = json!(["done", answer.status, headers, text.is_some(), stream]).to_string();
     out.push('\n');
     out.push_str(line);
+    out.push('\n');
+    out.push_str(text.as_deref().unwrap_or_default());
     out
 }
 
@@ -286,8 +288,7 @@ pub fn read_head(request: &JsValue) -> RequestHead {
 
 /// For the wasm tests: the JavaScript `Response` `drive` makes of an answer.
 pub fn to_response(answer: Answer<u32>) -> JsValue {
-    let done = done(answer, "");
-    response_of(done.trim_end())
+    response_of(&done(answer, ""))
 }
 
 // ---------------------------------------------------------------------------------------------

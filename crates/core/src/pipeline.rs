@@ -22,7 +22,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use crate::backend::{blob, service_bus, BackendRequest};
 use crate::identity::{Token, TokenKey};
@@ -766,42 +766,55 @@ pub fn request_id(header: Option<&str>) -> Option<&str> {
 
 /// Phase 11: the one JSON log line of a request.
 fn log_line(cx: &Cx<'_>, status: u16, duration_ms: f64) -> String {
-    let mut line = json!({
-        "level": if status >= 500 { "error" } else { "info" },
-        "request_id": cx.request_id,
-        "method": cx.head.method,
+    #[derive(serde::Serialize)]
+    struct Line<'a> {
+        level: &'static str,
+        request_id: &'a str,
+        method: &'a str,
         // No query string: queries may carry things not meant for logs.
-        "path": cx.head.path,
-        "route": cx.route.map(|r| r.name.as_str()),
-        "status": status,
-        "duration_ms": duration_ms,
-    });
-    let log = &cx.log;
-    if let Value::Object(map) = &mut line {
-        let optional = [
-            ("problem", log.problem.map(Value::from)),
-            ("api_key", cx.api_key.clone().map(Value::from)),
-            ("identity", log.identity.clone().map(Value::from)),
-            ("token", log.token.map(Value::from)),
-            ("idp_ms", log.idp_ms.map(Value::from)),
-            (
-                "token_ttl_s",
-                log.token_ttl_s.map(|s| Value::from(s.floor())),
-            ),
-            ("token_error", log.token_error.clone().map(Value::from)),
-            ("backend_status", log.backend_status.map(Value::from)),
-            (
-                "backend_detail",
-                log.backend_detail.clone().map(Value::from),
-            ),
-        ];
-        for (name, value) in optional {
-            if let Some(value) = value {
-                map.insert(name.into(), value);
-            }
-        }
+        path: &'a str,
+        route: Option<&'a str>,
+        status: u16,
+        duration_ms: f64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        problem: Option<&'static str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        api_key: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        identity: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        token: Option<&'static str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        idp_ms: Option<f64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        token_ttl_s: Option<f64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        token_error: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        backend_status: Option<u16>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        backend_detail: Option<&'a str>,
     }
-    line.to_string()
+    let log = &cx.log;
+    serde_json::to_string(&Line {
+        level: if status >= 500 { "error" } else { "info" },
+        request_id: &cx.request_id,
+        method: &cx.head.method,
+        path: &cx.head.path,
+        route: cx.route.map(|r| r.name.as_str()),
+        status,
+        duration_ms,
+        problem: log.problem,
+        api_key: cx.api_key.as_deref(),
+        identity: log.identity.as_deref(),
+        token: log.token,
+        idp_ms: log.idp_ms,
+        token_ttl_s: log.token_ttl_s.map(f64::floor),
+        token_error: log.token_error.as_deref(),
+        backend_status: log.backend_status,
+        backend_detail: log.backend_detail.as_deref(),
+    })
+    .unwrap_or_default()
 }
 
 #[cfg(test)]

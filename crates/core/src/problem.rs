@@ -4,7 +4,7 @@
 //! URI a client can switch on, a `title` per type, and a `detail` that says what to do next.
 //! Details are written by the gateway, never copied from a secret, a token or a backend body.
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 pub const CONTENT_TYPE: &str = "application/problem+json";
 
@@ -44,8 +44,19 @@ impl Problem {
         self
     }
 
+    /// An extension member; the standard members' names are not taken (they would be written twice).
     pub fn with_extension(mut self, name: &str, value: Value) -> Problem {
-        self.extensions.insert(name.to_owned(), value);
+        const STANDARD: [&str; 6] = [
+            "type",
+            "title",
+            "status",
+            "detail",
+            "instance",
+            "request_id",
+        ];
+        if !STANDARD.contains(&name) {
+            self.extensions.insert(name.to_owned(), value);
+        }
         self
     }
 
@@ -57,20 +68,28 @@ impl Problem {
     /// The JSON body; `instance` is the request path and `request_id` lets a caller quote the
     /// log line to an operator.
     pub fn body(&self, instance: &str, request_id: &str) -> String {
-        let mut body = json!({
-            "type": self.type_uri(),
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-            "instance": instance,
-            "request_id": request_id,
-        });
-        if let Value::Object(map) = &mut body {
-            for (k, v) in &self.extensions {
-                map.entry(k.clone()).or_insert_with(|| v.clone());
-            }
+        #[derive(serde::Serialize)]
+        struct Body<'a> {
+            #[serde(rename = "type")]
+            type_uri: String,
+            title: &'a str,
+            status: u16,
+            detail: &'a str,
+            instance: &'a str,
+            request_id: &'a str,
+            #[serde(flatten)]
+            extensions: &'a Map<String, Value>,
         }
-        body.to_string()
+        serde_json::to_string(&Body {
+            type_uri: self.type_uri(),
+            title: self.title,
+            status: self.status,
+            detail: &self.detail,
+            instance,
+            request_id,
+            extensions: &self.extensions,
+        })
+        .unwrap_or_default()
     }
 
     pub fn not_found(path: &str) -> Problem {
@@ -163,6 +182,7 @@ impl Problem {
 mod tests {
     use super::*;
     use crate::identity::TokenError;
+    use serde_json::json;
 
     #[test]
     fn token_failures_name_the_identity_and_code_never_the_secret() {
@@ -204,7 +224,9 @@ mod tests {
     #[test]
     fn body_is_rfc9457_with_request_id_and_extensions() {
         let p = Problem::method_not_allowed("PUT", "GET, POST")
-            .with_extension("route", json!("orders"));
+            .with_extension("route", json!("orders"))
+            // A standard member's name is not taken by an extension.
+            .with_extension("status", json!(200));
         let body: Value = serde_json::from_str(&p.body("/orders/1", "req-1")).unwrap();
         assert_eq!(
             body["type"],
