@@ -48,7 +48,7 @@ export function exportsVar(src, step) {
 }
 
 /**
- * The JS wrapper of the wasm `fetch` export (the Rust `#[event(fetch)]`): the one function
+ * The JS wrapper of the wasm `fetch` export (`edge::fetch`): the one function
  * declaration whose body calls `<exports>.fetch(`. Returns its name.
  */
 export function fetchWrapper(src, step) {
