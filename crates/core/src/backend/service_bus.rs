@@ -74,6 +74,11 @@ pub struct Properties {
 }
 
 impl Properties {
+    /// The `BrokerProperties` header's value: the broker properties as JSON.
+    pub fn broker_json(&self) -> String {
+        serde_json::to_string(&self.broker).unwrap_or_default()
+    }
+
     pub fn message_id(&self) -> &str {
         self.broker
             .get("MessageId")
@@ -196,8 +201,7 @@ fn check(props: &Properties, at: &str) -> Result<(), Problem> {
             return Err(bad_message(format!("{at}ScheduledEnqueueTimeUtc must be an RFC 1123 date such as \"Sun, 06 Nov 1994 08:49:37 GMT\"")));
         }
     }
-    let mut header_bytes =
-        "BrokerProperties".len() + Value::Object(props.broker.clone()).to_string().len();
+    let mut header_bytes = "BrokerProperties".len() + props.broker_json().len();
     for (name, value) in &props.custom {
         if !value
             .bytes()
@@ -238,10 +242,11 @@ fn is_rfc1123(s: &str) -> bool {
         && hms.iter().all(|p| digits(p, 2))
 }
 
-/// Size of one message as Service Bus counts it: body plus properties.
-pub fn message_size(body_len: usize, props: &Properties) -> usize {
+/// Size of one message as Service Bus counts it: body plus properties (`broker_json`, from
+/// [`Properties::broker_json`], is serialised once and sent as it is measured).
+pub fn message_size(body_len: usize, broker_json: &str, props: &Properties) -> usize {
     body_len
-        + Value::Object(props.broker.clone()).to_string().len()
+        + broker_json.len()
         + props
             .custom
             .iter()
@@ -262,14 +267,12 @@ pub fn too_large(size: usize, limit: usize) -> Problem {
 pub fn single_request(
     backend: &PreparedServiceBus,
     content_type: &str,
+    broker_json: String,
     props: &Properties,
 ) -> BackendRequest {
     let mut headers = vec![
         ("content-type".to_owned(), content_type.to_owned()),
-        (
-            "brokerproperties".to_owned(),
-            Value::Object(props.broker.clone()).to_string(),
-        ),
+        ("brokerproperties".to_owned(), broker_json),
     ];
     headers.extend(props.custom.iter().cloned());
     BackendRequest {
@@ -446,7 +449,9 @@ pub async fn build<I: Io>(
         }
     } else {
         let props = properties(&sb.message, &values, &defaults, None)?;
-        let size = message_size(body.as_ref().map_or(0, |(_, n)| *n as usize), &props);
+        let broker_json = props.broker_json();
+        let body_len = body.as_ref().map_or(0, |(_, n)| *n as usize);
+        let size = message_size(body_len, &broker_json, &props);
         if size > limit {
             return Err(too_large(size, limit));
         }
@@ -454,7 +459,7 @@ pub async fn build<I: Io>(
             .header("content-type")
             .unwrap_or("application/octet-stream");
         Plan {
-            request: single_request(sb, content_type, &props),
+            request: single_request(sb, content_type, broker_json, &props),
             ids: vec![props.message_id().to_owned()],
             payload: body.map_or(Payload::Empty, |(b, _)| Payload::Bytes(b)),
         }
@@ -915,7 +920,7 @@ mod tests {
             message: prep(&mapping()),
             config: backend,
         };
-        let r = single_request(&prepared, "application/json", &props);
+        let r = single_request(&prepared, "application/json", props.broker_json(), &props);
         assert_eq!(
             r.url,
             "https://contoso-orders.servicebus.windows.net/orders/messages"
