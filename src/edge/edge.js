@@ -285,7 +285,7 @@ function watched(progress, end) {
   });
 }
 
-// The reply headers the core reads (pipeline::REPLY_HEADERS).
+// The reply headers the core reads (through `Reply::header`): the only ones handed to the wasm.
 const REPLY_HEADERS = ['retry-after', 'x-ms-error-code', 'etag', 'content-type', 'content-length', 'last-modified'];
 
 /**

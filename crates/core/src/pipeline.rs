@@ -163,16 +163,6 @@ impl<S> Reply<S> {
     }
 }
 
-/// The headers of a backend reply that the core reads (the edge reads no others).
-pub const REPLY_HEADERS: &[&str] = &[
-    "retry-after",
-    "x-ms-error-code",
-    "etag",
-    "content-type",
-    "content-length",
-    "last-modified",
-];
-
 /// A token for a backend call, with what the log line says about it.
 #[derive(Debug, Clone)]
 pub struct Grant {
