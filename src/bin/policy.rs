@@ -176,6 +176,7 @@ mod cli {
             ),
             Some(RestBody::Stream) => "a body streamed through (Content-Length required)".to_owned(),
             Some(RestBody::None) => "no body (none is sent)".to_owned(),
+            Some(RestBody::Json(_)) => "only the values of the JSON body template".to_owned(),
             Some(RestBody::Template { content_type, .. }) => {
                 format!("only the values of the {content_type} body template")
             }

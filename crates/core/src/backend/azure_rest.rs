@@ -438,8 +438,11 @@ pub async fn build<I: Io>(
     // The body first: a template may need it, and a body too large is refused before anything.
     let mut held = None;
     let mut bytes = None;
-    let needs_body_text = matches!(&rest.body, RestBodyPlan::Template { template, .. }
-        if template.vars().any(|v| matches!(v, Var::Body | Var::BodyBase64)));
+    let needs_body_text = rest
+        .body
+        .vars()
+        .iter()
+        .any(|v| matches!(v, Var::Body | Var::BodyBase64));
     if matches!(rest.body, RestBodyPlan::Caller) || needs_body_text {
         match io.read_body(rest.max_body_bytes).await {
             Ok(Some((body, _))) => {
@@ -535,6 +538,17 @@ pub async fn build<I: Io>(
             }
             headers.push(("content-type".into(), content_type.clone()));
             PlanBody::Text(text)
+        }
+        RestBodyPlan::Json { skeleton, leaves } => {
+            let mut document = skeleton.clone();
+            for (pointer, template) in leaves {
+                let value = template.render(&values).map_err(|m| missing(&m))?;
+                if let Some(slot) = document.pointer_mut(pointer) {
+                    *slot = Value::String(value);
+                }
+            }
+            headers.push(("content-type".into(), "application/json".to_owned()));
+            PlanBody::Text(document.to_string())
         }
     };
     let request = BackendRequest {

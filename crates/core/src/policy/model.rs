@@ -516,9 +516,13 @@ pub enum RestBody {
     Stream,
     /// No body.
     None,
-    /// A body built from a template: JSON or XML by its content type, each value escaped for
-    /// it. Besides the usual variables, `{body}` is the caller's body as text and
-    /// `{body_base64}` its bytes in base64.
+    /// A JSON body (`application/json`) written as JSON here: every string in it is a template
+    /// (`"{path.site}"`, `"{body}"`), filled and escaped as a JSON string.
+    Json(serde_json::Value),
+    /// A body built from a text template: JSON or XML by its content type, each value escaped
+    /// for it (write `{{` and `}}` for literal braces). Besides the usual variables, `{body}`
+    /// is the caller's body as text and `{body_base64}` its bytes in base64 (in a `json` body
+    /// too).
     Template {
         content_type: String,
         template: String,

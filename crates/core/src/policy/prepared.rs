@@ -131,6 +131,56 @@ pub enum RestBodyPlan {
         format: BodyFormat,
         template: Template,
     },
+    /// A JSON document whose strings are templates: the document with the strings that hold no
+    /// variable already in place, and where each other string goes.
+    Json {
+        skeleton: serde_json::Value,
+        leaves: Vec<(String, Template)>,
+    },
+}
+
+impl RestBodyPlan {
+    /// The variables the body uses.
+    pub fn vars(&self) -> Vec<&crate::template::Var> {
+        match self {
+            RestBodyPlan::Template { template, .. } => template.vars().collect(),
+            RestBodyPlan::Json { leaves, .. } => leaves.iter().flat_map(|(_, t)| t.vars()).collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The strings of a JSON document as templates, by JSON pointer; strings without a variable
+/// are replaced by their text (`{{` read as `{`). The error names the pointer.
+pub fn json_templates(
+    value: &mut serde_json::Value,
+    at: &str,
+    out: &mut Vec<(String, Template)>,
+) -> Result<(), String> {
+    use serde_json::Value;
+    match value {
+        Value::String(text) => {
+            let template = Template::parse(text).map_err(|e| format!("{at}: {e}"))?;
+            if template.vars().next().is_some() {
+                out.push((at.to_owned(), template));
+            } else {
+                *text = template.literals().collect();
+            }
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                json_templates(item, &format!("{at}/{i}"), out)?;
+            }
+        }
+        Value::Object(map) => {
+            for (key, item) in map.iter_mut() {
+                let token = key.replace('~', "~0").replace('/', "~1");
+                json_templates(item, &format!("{at}/{token}"), out)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// An `azure_operation` route: the indices (in `Prepared::routes`) of the routes it follows.
@@ -383,6 +433,12 @@ mod compile {
             None | Some(RestBody::Caller) => RestBodyPlan::Caller,
             Some(RestBody::Stream) => RestBodyPlan::Stream,
             Some(RestBody::None) => RestBodyPlan::None,
+            Some(RestBody::Json(document)) => {
+                let mut skeleton = document.clone();
+                let mut leaves = Vec::new();
+                json_templates(&mut skeleton, "", &mut leaves)?;
+                RestBodyPlan::Json { skeleton, leaves }
+            }
             Some(RestBody::Template {
                 content_type,
                 template,

@@ -1231,6 +1231,19 @@ fn check_azure_rest(
             }
         }
     }
+    if let Some(RestBody::Json(document)) = &rest.body {
+        let mut skeleton = document.clone();
+        let mut leaves = Vec::new();
+        match crate::policy::prepared::json_templates(&mut skeleton, "", &mut leaves) {
+            Err(e) => c.err(format!("{at}.body.json"), e),
+            Ok(()) => {
+                let body_scope = Scope { body: true, ..scope.clone() };
+                for (pointer, template) in &leaves {
+                    check_vars(c, &format!("{at}.body.json{pointer}"), template.vars(), &body_scope);
+                }
+            }
+        }
+    }
     if let Some(max) = rest.max_body_bytes {
         if !(1..=104_857_600).contains(&max) {
             c.err(format!("{at}.max_body_bytes"), format!("a size between 1 and 104857600 bytes (100 MiB), got {max}"));
