@@ -140,5 +140,8 @@ function gatewayCommands(url, apiKeyPath) {
     `curl -i ${url}/files/hello.txt ${key}`,
     `curl -i -X PUT ${url}/files/hello.txt --data-binary 'no key'   # 401 problem+json`,
     `curl -i -X POST ${url}/orders/contoso ${key} -H 'content-type: application/json' -H 'idempotency-key: order-1' --data-binary '{"order": 1}'`,
+    `curl -s ${url}/webapps/${DEFAULT_SITE} ${key}   # Resource Manager, projected: name, state, last modified`,
+    `curl -si -X POST ${url}/webapps/${DEFAULT_SITE}/restart ${key} | grep -i '^location'   # 202; follow it:`,
+    `curl -s ${url}$(curl -si -X POST ${url}/webapps/${DEFAULT_SITE}/restart ${key} | tr -d '\\r' | sed -n 's/^location: //Ip') ${key}   # {"status": "InProgress"}, then "Succeeded"`,
   ].join('\n  ');
 }

@@ -1284,11 +1284,23 @@ fn rest_after(edit: impl FnOnce(&mut Value)) -> impl FnOnce(&mut Value) {
 #[test]
 fn an_azure_rest_route_is_valid_on_each_documented_host_with_its_default_audience() {
     for (url, version) in [
-        ("https://management.azure.com/subscriptions/{path.site}", Some("2022-09-01")),
+        (
+            "https://management.azure.com/subscriptions/{path.site}",
+            Some("2022-09-01"),
+        ),
         ("https://graph.microsoft.com/v1.0/users/{path.site}", None),
-        ("https://contoso.vault.azure.net/secrets/{path.site}", Some("7.4")),
-        ("https://contoso.queue.core.windows.net/jobs/messages", Some("2021-08-06")),
-        ("https://contoso.servicebus.windows.net/telemetry/messages", None),
+        (
+            "https://contoso.vault.azure.net/secrets/{path.site}",
+            Some("7.4"),
+        ),
+        (
+            "https://contoso.queue.core.windows.net/jobs/messages",
+            Some("2021-08-06"),
+        ),
+        (
+            "https://contoso.servicebus.windows.net/telemetry/messages",
+            None,
+        ),
     ] {
         let errors = errors_after(rest_after(|b| {
             b["url"] = json!(url);
@@ -1381,9 +1393,9 @@ fn azure_rest_rules_name_their_path() {
         "a JSON or XML media type",
     );
     assert_one_error(
-        rest_after(|b| {
-            b["body"] = json!({"template": {"content_type": "application/json", "template": "{{\"a\": {path.site}}}"}})
-        }),
+        rest_after(
+            |b| b["body"] = json!({"template": {"content_type": "application/json", "template": "{{\"a\": {path.site}}}"}}),
+        ),
         &format!("{at}.body.template"),
         "each variable inside a string",
     );
@@ -1440,7 +1452,12 @@ fn body_variables_are_only_for_azure_rest_bodies_and_operation_routes_follow_azu
             }));
         }
     };
-    assert!(errors_after(operations(json!(["restart"]), json!(["GET"]), "/ops/{operation}")).is_empty());
+    assert!(errors_after(operations(
+        json!(["restart"]),
+        json!(["GET"]),
+        "/ops/{operation}"
+    ))
+    .is_empty());
     assert_one_error(
         operations(json!(["orders"]), json!(["GET"]), "/ops/{operation}"),
         "routes[4].backend.azure_operation.of[0]",

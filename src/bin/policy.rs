@@ -106,7 +106,9 @@ mod cli {
         let rest: Vec<String> = p.routes.iter().filter_map(|r| rest_lines(&p, r)).collect();
         if !rest.is_empty() {
             println!();
-            println!("azure_rest routes: the exact call, what the caller may set, what it gets back");
+            println!(
+                "azure_rest routes: the exact call, what the caller may set, what it gets back"
+            );
             for block in rest {
                 println!("{block}");
             }
@@ -136,18 +138,17 @@ mod cli {
             (Some(v), azure_edge_gateway::policy::cloud::Versioning::Header) => {
                 format!(" (x-ms-version: {v})")
             }
-            (Some(v), _) => format!("{}api-version={v}", if url.query.is_empty() { "?" } else { "&" }),
+            (Some(v), _) => format!(
+                "{}api-version={v}",
+                if url.query.is_empty() { "?" } else { "&" }
+            ),
             (None, _) => String::new(),
         };
         let method = rest
             .method
             .map(|m| m.as_str().to_owned())
             .unwrap_or_else(|| "the caller's method".to_owned());
-        let mut out = vec![format!(
-            "  {}: {method} {}{version}",
-            r.name,
-            url.shape()
-        )];
+        let mut out = vec![format!("  {}: {method} {}{version}", r.name, url.shape())];
         out.push(format!(
             "    token: {} for {} ({})",
             rest.identity,
@@ -174,7 +175,9 @@ mod cli {
                 rest.max_body_bytes
                     .unwrap_or(azure_edge_gateway::backend::azure_rest::DEFAULT_MAX_BODY_BYTES)
             ),
-            Some(RestBody::Stream) => "a body streamed through (Content-Length required)".to_owned(),
+            Some(RestBody::Stream) => {
+                "a body streamed through (Content-Length required)".to_owned()
+            }
             Some(RestBody::None) => "no body (none is sent)".to_owned(),
             Some(RestBody::Json(_)) => "only the values of the JSON body template".to_owned(),
             Some(RestBody::Template { content_type, .. }) => {
@@ -182,7 +185,10 @@ mod cli {
             }
         });
         out.push(format!("    caller sets: {}", may.join("; ")));
-        let mut back: Vec<String> = DEFAULT_RESPONSE_HEADERS.iter().map(|h| h.to_string()).collect();
+        let mut back: Vec<String> = DEFAULT_RESPONSE_HEADERS
+            .iter()
+            .map(|h| h.to_string())
+            .collect();
         if rest.errors == ErrorMode::Pass {
             back.push("x-ms-error-code".to_owned());
         }
@@ -200,9 +206,11 @@ mod cli {
             "    caller gets: Azure's status, {body}, headers {}; {errors}",
             back.join(", ")
         ));
-        if let Some(follower) = p.routes.iter().find(|o| {
-            matches!(&o.backend, Backend::AzureOperation(op) if op.of.contains(&r.name))
-        }) {
+        if let Some(follower) = p
+            .routes
+            .iter()
+            .find(|o| matches!(&o.backend, Backend::AzureOperation(op) if op.of.contains(&r.name)))
+        {
             out.push(format!(
                 "    long-running: a 202 is answered with Location: {} (route {}), never Azure's URL",
                 follower.path, follower.name

@@ -495,8 +495,7 @@ impl Gateway {
             PreparedBackend::AzureRest(r) => self.call(r, &r.token, cx, io).await,
             PreparedBackend::AzureOperation(op) => {
                 // 7. build: the handle opened; the call is the route's that started it.
-                let (rest, plan) =
-                    azure_rest::build_operation(op, &self.prepared.routes, cx, io)?;
+                let (rest, plan) = azure_rest::build_operation(op, &self.prepared.routes, cx, io)?;
                 self.call_planned(rest, &rest.token, plan, cx, io).await
             }
         }

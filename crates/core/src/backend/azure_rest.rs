@@ -563,7 +563,11 @@ pub async fn build<I: Io>(
     // (a throttled call was not processed). The caller's stream is never sent twice.
     let retryable = !matches!(body, PlanBody::Stream(_));
     let handle_key = match &rest.operation_path {
-        Some(_) => rest.handle_secrets.first().and_then(|s| io.secret(s)).map(|s| operation_key(&s)),
+        Some(_) => rest
+            .handle_secrets
+            .first()
+            .and_then(|s| io.secret(s))
+            .map(|s| operation_key(&s)),
         None => None,
     };
     Ok(Plan {
@@ -644,7 +648,7 @@ pub async fn send<I: Io>(
                     Verdict::Done(reply)
                 }
             },
-            |why, retry_after| unavailable(why, retry_after),
+            unavailable,
         )
         .await?
     } else {
@@ -721,7 +725,12 @@ async fn finish<I: Io, B>(
 
 /// Phase 10: status, allowed headers and body; a long-running operation's URL as a gateway
 /// URL the caller can follow.
-pub fn answer<B, S>(rest: &PreparedRest, plan: &Plan<B>, reply: Reply<S>, cx: &Cx<'_>) -> Answer<S> {
+pub fn answer<B, S>(
+    rest: &PreparedRest,
+    plan: &Plan<B>,
+    reply: Reply<S>,
+    cx: &Cx<'_>,
+) -> Answer<S> {
     let key = plan.handle_key.as_ref();
     let mut headers: Vec<(&'static str, String)> = Vec::new();
     for (name, value) in &reply.headers {
@@ -787,11 +796,22 @@ fn same_origin(url: &str, origin: &str) -> bool {
 /// `{"error": {"code", "message"}}`, Storage's `<Error><Code>`), or the `x-ms-error-code` header.
 pub fn azure_error(body: &str, header_code: Option<&str>) -> (Option<String>, Option<String>) {
     if let Ok(Value::Object(root)) = serde_json::from_str::<Value>(body) {
-        let error = root.get("error").and_then(Value::as_object).unwrap_or(&root);
+        let error = root
+            .get("error")
+            .and_then(Value::as_object)
+            .unwrap_or(&root);
         let text = |k: &str| {
             error
                 .get(k)
-                .or_else(|| error.get(&k[..1].to_ascii_uppercase().chars().chain(k[1..].chars()).collect::<String>()))
+                .or_else(|| {
+                    error.get(
+                        &k[..1]
+                            .to_ascii_uppercase()
+                            .chars()
+                            .chain(k[1..].chars())
+                            .collect::<String>(),
+                    )
+                })
                 .and_then(Value::as_str)
                 .map(str::to_owned)
         };
@@ -817,7 +837,11 @@ pub fn azure_error(body: &str, header_code: Option<&str>) -> (Option<String>, Op
 /// name such as `ResourceNotFound`, never its message) named in the detail.
 pub fn mapped_error(status: u16, code: Option<&str>) -> Problem {
     let code_text = code
-        .filter(|c| c.len() <= 100 && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-'))
+        .filter(|c| {
+            c.len() <= 100
+                && c.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        })
         .map(|c| format!(" ({c})"))
         .unwrap_or_default();
     let mut problem = match status {
@@ -1051,9 +1075,13 @@ mod tests {
         assert!(err("https://management.azure.com/a?api-version=1").contains("api_version"));
         assert!(err("https://management.azure.com/a#f").contains("fragment"));
         assert!(err("https://management.azure.com/{body}").contains("body template"));
-        let ok = RestUrl::parse("https://graph.microsoft.com/v1.0/users/{jwt.oid}?$select=id").unwrap();
+        let ok =
+            RestUrl::parse("https://graph.microsoft.com/v1.0/users/{jwt.oid}?$select=id").unwrap();
         assert_eq!(ok.host, "graph.microsoft.com");
-        assert_eq!(ok.shape(), "https://graph.microsoft.com/v1.0/users/{jwt.oid}?$select=id");
+        assert_eq!(
+            ok.shape(),
+            "https://graph.microsoft.com/v1.0/users/{jwt.oid}?$select=id"
+        );
     }
 
     #[test]
@@ -1065,14 +1093,19 @@ mod tests {
             open_handle(&h, &[key], 1_000_000.0),
             Some(("restart".to_owned(), url.to_owned()))
         );
-        assert_eq!(open_handle(&h, &[operation_key("other")], 1_000_000.0), None);
+        assert_eq!(
+            open_handle(&h, &[operation_key("other")], 1_000_000.0),
+            None
+        );
         let later = 1_000_000.0 + (OPERATION_HANDLE_TTL_S + 2.0) * 1000.0;
         assert_eq!(open_handle(&h, &[key], later), None);
         // A forged payload with the old signature.
         let (_, mac) = h.split_once('.').unwrap();
         let forged = format!(
             "{}.{mac}",
-            crate::encoding::base64url(b"99999999999\nrestart\nhttps://management.azure.com/subscriptions")
+            crate::encoding::base64url(
+                b"99999999999\nrestart\nhttps://management.azure.com/subscriptions"
+            )
         );
         assert_eq!(open_handle(&forged, &[key], 1_000_000.0), None);
     }
@@ -1082,7 +1115,12 @@ mod tests {
         let v: Value = serde_json::json!({"name": "s", "properties": {"state": "Running", "secret": "x"}, "tags": {"a/b": 1}});
         let p = project(
             &v,
-            &["/name".into(), "/properties/state".into(), "/tags/a~1b".into(), "/missing".into()],
+            &[
+                "/name".into(),
+                "/properties/state".into(),
+                "/tags/a~1b".into(),
+                "/missing".into(),
+            ],
         );
         assert_eq!(
             p,
@@ -1109,7 +1147,9 @@ mod tests {
         assert!(p.detail.contains("(ResourceNotFound)"));
         assert_eq!(mapped_error(403, Some("AuthorizationFailed")).status, 502);
         // A code that is not a plain name is not repeated.
-        assert!(!mapped_error(400, Some("<script>")).detail.contains("script"));
+        assert!(!mapped_error(400, Some("<script>"))
+            .detail
+            .contains("script"));
     }
 
     #[test]
@@ -1120,8 +1160,14 @@ mod tests {
         out.clear();
         BodyFormat::Xml.escape("<a & 'b'>", &mut out);
         assert_eq!(out, "&lt;a &amp; &apos;b&apos;&gt;");
-        assert_eq!(BodyFormat::of("application/json; charset=utf-8"), Some(BodyFormat::Json));
-        assert_eq!(BodyFormat::of("application/atom+xml"), Some(BodyFormat::Xml));
+        assert_eq!(
+            BodyFormat::of("application/json; charset=utf-8"),
+            Some(BodyFormat::Json)
+        );
+        assert_eq!(
+            BodyFormat::of("application/atom+xml"),
+            Some(BodyFormat::Xml)
+        );
         assert_eq!(BodyFormat::of("text/plain"), None);
     }
 }

@@ -3,7 +3,6 @@
 
 use super::model::Cloud;
 
-
 /// Default token audiences per backend kind (scope = audience + `/.default`).
 pub const SERVICE_BUS_AUDIENCE: &str = "https://servicebus.azure.net";
 pub const STORAGE_AUDIENCE: &str = "https://storage.azure.com";
@@ -68,10 +67,12 @@ impl HostRule {
     pub fn matches(self, host: &str) -> bool {
         match self {
             HostRule::Exact(h) => host.eq_ignore_ascii_case(h),
-            HostRule::Suffix(s) => host.len() > s.len() + 1
-                && host[host.len() - s.len()..].eq_ignore_ascii_case(s)
-                && host.as_bytes()[host.len() - s.len() - 1] == b'.'
-                && !host[..host.len() - s.len() - 1].contains('.'),
+            HostRule::Suffix(s) => {
+                host.len() > s.len() + 1
+                    && host[host.len() - s.len()..].eq_ignore_ascii_case(s)
+                    && host.as_bytes()[host.len() - s.len() - 1] == b'.'
+                    && !host[..host.len() - s.len() - 1].contains('.')
+            }
         }
     }
 
@@ -122,46 +123,267 @@ pub const EVENT_HUBS_AUDIENCE: &str = "https://eventhubs.azure.net";
 /// Manager's; Cosmos DB's data plane takes its own `Authorization` format, not a bearer token,
 /// so it is not listed).
 const PUBLIC_SERVICES: &[Service] = &[
-    service("Resource Manager", Exact("management.azure.com"), &["https://management.azure.com/", "https://management.core.windows.net/"], false, Query),
-    service("Microsoft Graph", Exact("graph.microsoft.com"), &["https://graph.microsoft.com"], false, Path),
-    service("Key Vault", Suffix("vault.azure.net"), &["https://vault.azure.net"], false, Query),
-    service("Managed HSM", Suffix("managedhsm.azure.net"), &["https://managedhsm.azure.net"], false, Query),
-    service("Blob Storage", Suffix("blob.core.windows.net"), STORAGE, true, Header),
-    service("Queue Storage", Suffix("queue.core.windows.net"), STORAGE, true, Header),
-    service("Table Storage", Suffix("table.core.windows.net"), STORAGE, true, Header),
-    service("File Storage", Suffix("file.core.windows.net"), STORAGE, true, Header),
-    service("Data Lake Storage", Suffix("dfs.core.windows.net"), STORAGE, true, Header),
-    service("Service Bus or Event Hubs", Suffix("servicebus.windows.net"), &[SERVICE_BUS_AUDIENCE, EVENT_HUBS_AUDIENCE], true, OptionalQuery),
-    service("App Configuration", Suffix("azconfig.io"), &["https://azconfig.io"], false, Query),
-    service("Event Grid", Suffix("eventgrid.azure.net"), &["https://eventgrid.azure.net"], false, Query),
-    service("Azure OpenAI", Suffix("openai.azure.com"), &["https://cognitiveservices.azure.com"], false, Query),
-    service("Log Analytics", Exact("api.loganalytics.io"), &["https://api.loganalytics.io"], false, Path),
+    service(
+        "Resource Manager",
+        Exact("management.azure.com"),
+        &[
+            "https://management.azure.com/",
+            "https://management.core.windows.net/",
+        ],
+        false,
+        Query,
+    ),
+    service(
+        "Microsoft Graph",
+        Exact("graph.microsoft.com"),
+        &["https://graph.microsoft.com"],
+        false,
+        Path,
+    ),
+    service(
+        "Key Vault",
+        Suffix("vault.azure.net"),
+        &["https://vault.azure.net"],
+        false,
+        Query,
+    ),
+    service(
+        "Managed HSM",
+        Suffix("managedhsm.azure.net"),
+        &["https://managedhsm.azure.net"],
+        false,
+        Query,
+    ),
+    service(
+        "Blob Storage",
+        Suffix("blob.core.windows.net"),
+        STORAGE,
+        true,
+        Header,
+    ),
+    service(
+        "Queue Storage",
+        Suffix("queue.core.windows.net"),
+        STORAGE,
+        true,
+        Header,
+    ),
+    service(
+        "Table Storage",
+        Suffix("table.core.windows.net"),
+        STORAGE,
+        true,
+        Header,
+    ),
+    service(
+        "File Storage",
+        Suffix("file.core.windows.net"),
+        STORAGE,
+        true,
+        Header,
+    ),
+    service(
+        "Data Lake Storage",
+        Suffix("dfs.core.windows.net"),
+        STORAGE,
+        true,
+        Header,
+    ),
+    service(
+        "Service Bus or Event Hubs",
+        Suffix("servicebus.windows.net"),
+        &[SERVICE_BUS_AUDIENCE, EVENT_HUBS_AUDIENCE],
+        true,
+        OptionalQuery,
+    ),
+    service(
+        "App Configuration",
+        Suffix("azconfig.io"),
+        &["https://azconfig.io"],
+        false,
+        Query,
+    ),
+    service(
+        "Event Grid",
+        Suffix("eventgrid.azure.net"),
+        &["https://eventgrid.azure.net"],
+        false,
+        Query,
+    ),
+    service(
+        "Azure OpenAI",
+        Suffix("openai.azure.com"),
+        &["https://cognitiveservices.azure.com"],
+        false,
+        Query,
+    ),
+    service(
+        "Log Analytics",
+        Exact("api.loganalytics.io"),
+        &["https://api.loganalytics.io"],
+        false,
+        Path,
+    ),
 ];
 
 const US_GOVERNMENT_SERVICES: &[Service] = &[
-    service("Resource Manager", Exact("management.usgovcloudapi.net"), &["https://management.usgovcloudapi.net/", "https://management.core.usgovcloudapi.net/"], false, Query),
-    service("Microsoft Graph", Exact("graph.microsoft.us"), &["https://graph.microsoft.us"], false, Path),
-    service("Key Vault", Suffix("vault.usgovcloudapi.net"), &["https://vault.usgovcloudapi.net"], false, Query),
-    service("Blob Storage", Suffix("blob.core.usgovcloudapi.net"), STORAGE, true, Header),
-    service("Queue Storage", Suffix("queue.core.usgovcloudapi.net"), STORAGE, true, Header),
-    service("Table Storage", Suffix("table.core.usgovcloudapi.net"), STORAGE, true, Header),
-    service("File Storage", Suffix("file.core.usgovcloudapi.net"), STORAGE, true, Header),
-    service("Service Bus or Event Hubs", Suffix("servicebus.usgovcloudapi.net"), &[SERVICE_BUS_AUDIENCE, EVENT_HUBS_AUDIENCE, "https://servicebus.usgovcloudapi.net"], true, OptionalQuery),
-    service("App Configuration", Suffix("azconfig.azure.us"), &["https://azconfig.azure.us"], false, Query),
-    service("Azure OpenAI", Suffix("openai.azure.us"), &["https://cognitiveservices.azure.us"], false, Query),
-    service("Log Analytics", Exact("api.loganalytics.us"), &["https://api.loganalytics.us"], false, Path),
+    service(
+        "Resource Manager",
+        Exact("management.usgovcloudapi.net"),
+        &[
+            "https://management.usgovcloudapi.net/",
+            "https://management.core.usgovcloudapi.net/",
+        ],
+        false,
+        Query,
+    ),
+    service(
+        "Microsoft Graph",
+        Exact("graph.microsoft.us"),
+        &["https://graph.microsoft.us"],
+        false,
+        Path,
+    ),
+    service(
+        "Key Vault",
+        Suffix("vault.usgovcloudapi.net"),
+        &["https://vault.usgovcloudapi.net"],
+        false,
+        Query,
+    ),
+    service(
+        "Blob Storage",
+        Suffix("blob.core.usgovcloudapi.net"),
+        STORAGE,
+        true,
+        Header,
+    ),
+    service(
+        "Queue Storage",
+        Suffix("queue.core.usgovcloudapi.net"),
+        STORAGE,
+        true,
+        Header,
+    ),
+    service(
+        "Table Storage",
+        Suffix("table.core.usgovcloudapi.net"),
+        STORAGE,
+        true,
+        Header,
+    ),
+    service(
+        "File Storage",
+        Suffix("file.core.usgovcloudapi.net"),
+        STORAGE,
+        true,
+        Header,
+    ),
+    service(
+        "Service Bus or Event Hubs",
+        Suffix("servicebus.usgovcloudapi.net"),
+        &[
+            SERVICE_BUS_AUDIENCE,
+            EVENT_HUBS_AUDIENCE,
+            "https://servicebus.usgovcloudapi.net",
+        ],
+        true,
+        OptionalQuery,
+    ),
+    service(
+        "App Configuration",
+        Suffix("azconfig.azure.us"),
+        &["https://azconfig.azure.us"],
+        false,
+        Query,
+    ),
+    service(
+        "Azure OpenAI",
+        Suffix("openai.azure.us"),
+        &["https://cognitiveservices.azure.us"],
+        false,
+        Query,
+    ),
+    service(
+        "Log Analytics",
+        Exact("api.loganalytics.us"),
+        &["https://api.loganalytics.us"],
+        false,
+        Path,
+    ),
 ];
 
 const CHINA_SERVICES: &[Service] = &[
-    service("Resource Manager", Exact("management.chinacloudapi.cn"), &["https://management.chinacloudapi.cn/", "https://management.core.chinacloudapi.cn/"], false, Query),
-    service("Microsoft Graph", Exact("microsoftgraph.chinacloudapi.cn"), &["https://microsoftgraph.chinacloudapi.cn"], false, Path),
-    service("Key Vault", Suffix("vault.azure.cn"), &["https://vault.azure.cn"], false, Query),
-    service("Blob Storage", Suffix("blob.core.chinacloudapi.cn"), STORAGE, true, Header),
-    service("Queue Storage", Suffix("queue.core.chinacloudapi.cn"), STORAGE, true, Header),
-    service("Table Storage", Suffix("table.core.chinacloudapi.cn"), STORAGE, true, Header),
-    service("File Storage", Suffix("file.core.chinacloudapi.cn"), STORAGE, true, Header),
-    service("Service Bus or Event Hubs", Suffix("servicebus.chinacloudapi.cn"), &[SERVICE_BUS_AUDIENCE, EVENT_HUBS_AUDIENCE, "https://servicebus.chinacloudapi.cn"], true, OptionalQuery),
-    service("App Configuration", Suffix("azconfig.azure.cn"), &["https://azconfig.azure.cn"], false, Query),
+    service(
+        "Resource Manager",
+        Exact("management.chinacloudapi.cn"),
+        &[
+            "https://management.chinacloudapi.cn/",
+            "https://management.core.chinacloudapi.cn/",
+        ],
+        false,
+        Query,
+    ),
+    service(
+        "Microsoft Graph",
+        Exact("microsoftgraph.chinacloudapi.cn"),
+        &["https://microsoftgraph.chinacloudapi.cn"],
+        false,
+        Path,
+    ),
+    service(
+        "Key Vault",
+        Suffix("vault.azure.cn"),
+        &["https://vault.azure.cn"],
+        false,
+        Query,
+    ),
+    service(
+        "Blob Storage",
+        Suffix("blob.core.chinacloudapi.cn"),
+        STORAGE,
+        true,
+        Header,
+    ),
+    service(
+        "Queue Storage",
+        Suffix("queue.core.chinacloudapi.cn"),
+        STORAGE,
+        true,
+        Header,
+    ),
+    service(
+        "Table Storage",
+        Suffix("table.core.chinacloudapi.cn"),
+        STORAGE,
+        true,
+        Header,
+    ),
+    service(
+        "File Storage",
+        Suffix("file.core.chinacloudapi.cn"),
+        STORAGE,
+        true,
+        Header,
+    ),
+    service(
+        "Service Bus or Event Hubs",
+        Suffix("servicebus.chinacloudapi.cn"),
+        &[
+            SERVICE_BUS_AUDIENCE,
+            EVENT_HUBS_AUDIENCE,
+            "https://servicebus.chinacloudapi.cn",
+        ],
+        true,
+        OptionalQuery,
+    ),
+    service(
+        "App Configuration",
+        Suffix("azconfig.azure.cn"),
+        &["https://azconfig.azure.cn"],
+        false,
+        Query,
+    ),
 ];
 
 impl Cloud {
@@ -182,9 +404,11 @@ impl Cloud {
     /// The service that accepts `audience` (for a local endpoint, which has no Azure host).
     pub fn service_for_audience(self, audience: &str) -> Option<&'static Service> {
         let trimmed = audience.trim_end_matches('/');
-        self.services()
-            .iter()
-            .find(|s| s.audiences.iter().any(|a| a.trim_end_matches('/') == trimmed))
+        self.services().iter().find(|s| {
+            s.audiences
+                .iter()
+                .any(|a| a.trim_end_matches('/') == trimmed)
+        })
     }
 }
 

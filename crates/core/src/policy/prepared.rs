@@ -144,7 +144,9 @@ impl RestBodyPlan {
     pub fn vars(&self) -> Vec<&crate::template::Var> {
         match self {
             RestBodyPlan::Template { template, .. } => template.vars().collect(),
-            RestBodyPlan::Json { leaves, .. } => leaves.iter().flat_map(|(_, t)| t.vars()).collect(),
+            RestBodyPlan::Json { leaves, .. } => {
+                leaves.iter().flat_map(|(_, t)| t.vars()).collect()
+            }
             _ => Vec::new(),
         }
     }

@@ -6,8 +6,8 @@ use super::model::{
     AzureRestBackend, Backend, BlobBackend, Cloud, Credential, Identity, Inbound, Policy, Route,
     ServiceBusBackend,
 };
-use crate::backend::azure_rest::RestUrl;
 use super::{SERVICE_BUS_AUDIENCE, STORAGE_AUDIENCE};
+use crate::backend::azure_rest::RestUrl;
 
 impl ServiceBusBackend {
     /// `https://{namespace}.servicebus.windows.net` or the explicit endpoint, no trailing slash.

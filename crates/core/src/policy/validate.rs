@@ -360,13 +360,7 @@ fn check_route(
             &scope,
             unreadable_identities,
         ),
-        Backend::AzureOperation(op) => check_azure_operation(
-            c,
-            at,
-            route,
-            op,
-            template.as_ref(),
-        ),
+        Backend::AzureOperation(op) => check_azure_operation(c, at, route, op, template.as_ref()),
     }
     template
 }
@@ -1109,7 +1103,8 @@ fn check_azure_rest(
         match cloud.service_at(&url.host).filter(|_| https) {
             Some(service) => service,
             None => {
-                let hosts: Vec<String> = cloud.services().iter().map(|s| s.host.describe()).collect();
+                let hosts: Vec<String> =
+                    cloud.services().iter().map(|s| s.host.describe()).collect();
                 return c.err(
                     format!("{at}.url"),
                     format!(
@@ -1123,7 +1118,8 @@ fn check_azure_rest(
     };
     if let Some(audience) = &rest.audience {
         if !service.accepts(audience, &url.origin) {
-            let mut accepted: Vec<String> = service.audiences.iter().map(|a| a.to_string()).collect();
+            let mut accepted: Vec<String> =
+                service.audiences.iter().map(|a| a.to_string()).collect();
             if service.origin_audience && !local {
                 accepted.push(url.origin.clone());
             }
@@ -1143,7 +1139,11 @@ fn check_azure_rest(
             format!(
                 "a pinned API version: {} versions every call (e.g. \"{}\")",
                 service.name,
-                if service.versioning == Versioning::Header { "2021-08-06" } else { "2022-09-01" }
+                if service.versioning == Versioning::Header {
+                    "2021-08-06"
+                } else {
+                    "2022-09-01"
+                }
             ),
         ),
         (Versioning::Path, Some(_)) => c.err(
@@ -1167,9 +1167,8 @@ fn check_azure_rest(
         }
         _ => {}
     }
-    let reserved = |name: &str| {
-        ar::RESERVED_REQUEST_HEADERS.contains(&name.to_ascii_lowercase().as_str())
-    };
+    let reserved =
+        |name: &str| ar::RESERVED_REQUEST_HEADERS.contains(&name.to_ascii_lowercase().as_str());
     for (name, text) in &rest.headers {
         let path = format!("{at}.headers.{name}");
         if !is_header_name(name) || reserved(name) {
@@ -1182,26 +1181,46 @@ fn check_azure_rest(
         if !is_header_name(name) || reserved(name) {
             c.err(&path, format!("a header name that HTTP, the token or the gateway does not set ({}), got \"{name}\"", ar::RESERVED_REQUEST_HEADERS.join(", ")));
         } else if rest.headers.keys().any(|h| h.eq_ignore_ascii_case(name)) {
-            c.err(&path, format!("a header the route does not set itself in \"headers\", got \"{name}\""));
+            c.err(
+                &path,
+                format!("a header the route does not set itself in \"headers\", got \"{name}\""),
+            );
         }
     }
     for (i, name) in rest.query.iter().enumerate() {
         let path = format!("{at}.query[{i}]");
         if name.is_empty()
             || name.eq_ignore_ascii_case("api-version")
-            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'$'))
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'$'))
         {
             c.err(&path, format!("a query parameter name of letters, digits, '-', '_', '.' or '$', not api-version, got \"{name}\""));
         } else if url.query.iter().any(|(n, _)| n == name) {
-            c.err(&path, format!("a parameter the URL does not fix itself, got \"{name}\""));
+            c.err(
+                &path,
+                format!("a parameter the URL does not fix itself, got \"{name}\""),
+            );
         }
     }
     for (i, name) in rest.response_headers.iter().enumerate() {
-        if !is_header_name(name) || ar::GATEWAY_REPLY_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
-            c.err(format!("{at}.response_headers[{i}]"), format!("a header name the gateway does not set or rewrite itself ({}), got \"{name}\"", ar::GATEWAY_REPLY_HEADERS.join(", ")));
+        if !is_header_name(name)
+            || ar::GATEWAY_REPLY_HEADERS.contains(&name.to_ascii_lowercase().as_str())
+        {
+            c.err(
+                format!("{at}.response_headers[{i}]"),
+                format!(
+                    "a header name the gateway does not set or rewrite itself ({}), got \"{name}\"",
+                    ar::GATEWAY_REPLY_HEADERS.join(", ")
+                ),
+            );
         }
     }
-    if let Some(RestBody::Template { content_type, template }) = &rest.body {
+    if let Some(RestBody::Template {
+        content_type,
+        template,
+    }) = &rest.body
+    {
         let path = format!("{at}.body.template");
         match BodyFormat::of(content_type) {
             None => c.err(
@@ -1237,26 +1256,43 @@ fn check_azure_rest(
         match crate::policy::prepared::json_templates(&mut skeleton, "", &mut leaves) {
             Err(e) => c.err(format!("{at}.body.json"), e),
             Ok(()) => {
-                let body_scope = Scope { body: true, ..scope.clone() };
+                let body_scope = Scope {
+                    body: true,
+                    ..scope.clone()
+                };
                 for (pointer, template) in &leaves {
-                    check_vars(c, &format!("{at}.body.json{pointer}"), template.vars(), &body_scope);
+                    check_vars(
+                        c,
+                        &format!("{at}.body.json{pointer}"),
+                        template.vars(),
+                        &body_scope,
+                    );
                 }
             }
         }
     }
     if let Some(max) = rest.max_body_bytes {
         if !(1..=104_857_600).contains(&max) {
-            c.err(format!("{at}.max_body_bytes"), format!("a size between 1 and 104857600 bytes (100 MiB), got {max}"));
+            c.err(
+                format!("{at}.max_body_bytes"),
+                format!("a size between 1 and 104857600 bytes (100 MiB), got {max}"),
+            );
         }
     }
     if let Some(ms) = rest.timeout_ms {
         if !(1_000..=300_000).contains(&ms) {
-            c.err(format!("{at}.timeout_ms"), format!("a time limit between 1000 and 300000 ms, got {ms}"));
+            c.err(
+                format!("{at}.timeout_ms"),
+                format!("a time limit between 1000 and 300000 ms, got {ms}"),
+            );
         }
     }
     for (i, pointer) in rest.project.iter().enumerate() {
         if !pointer.starts_with('/') || pointer.contains("~2") {
-            c.err(format!("{at}.project[{i}]"), format!("a JSON pointer such as \"/properties/state\", got \"{pointer}\""));
+            c.err(
+                format!("{at}.project[{i}]"),
+                format!("a JSON pointer such as \"/properties/state\", got \"{pointer}\""),
+            );
         }
     }
 }
@@ -1271,7 +1307,10 @@ fn check_azure_operation(
     template: Option<&PathTemplate>,
 ) {
     if route.methods != [Method::Get] {
-        c.err(format!("{at}.methods"), "[\"GET\"]: callers follow an operation with GET");
+        c.err(
+            format!("{at}.methods"),
+            "[\"GET\"]: callers follow an operation with GET",
+        );
     }
     if let Some(t) = template {
         let params: Vec<&str> = t.params().collect();
@@ -1284,12 +1323,18 @@ fn check_azure_operation(
     }
     let at = format!("{at}.backend.azure_operation");
     if op.of.is_empty() {
-        c.err(format!("{at}.of"), "the names of the azure_rest routes whose operations this route follows");
+        c.err(
+            format!("{at}.of"),
+            "the names of the azure_rest routes whose operations this route follows",
+        );
     }
     for (i, name) in op.of.iter().enumerate() {
         let target = c.policy.routes.iter().find(|r| &r.name == name);
         if !matches!(target.map(|r| &r.backend), Some(Backend::AzureRest(_))) {
-            c.err(format!("{at}.of[{i}]"), format!("the name of an azure_rest route, got \"{name}\""));
+            c.err(
+                format!("{at}.of[{i}]"),
+                format!("the name of an azure_rest route, got \"{name}\""),
+            );
             continue;
         }
         let followers = c
@@ -1299,7 +1344,10 @@ fn check_azure_operation(
             .filter(|r| matches!(&r.backend, Backend::AzureOperation(o) if o.of.contains(name)))
             .count();
         if followers > 1 {
-            c.err(format!("{at}.of[{i}]"), format!("a route no other azure_operation route follows, got \"{name}\""));
+            c.err(
+                format!("{at}.of[{i}]"),
+                format!("a route no other azure_operation route follows, got \"{name}\""),
+            );
         }
     }
 }
