@@ -300,7 +300,9 @@ const REPLY_HEADERS = ['retry-after', 'x-ms-error-code', 'etag', 'content-type',
  * under its id, for 'text' or the answer), or {error: 'timeout' | what failed}.
  */
 async function send(c, [, url, method, headers, kind, ref, length, deadlineMs, idleMs, more]) {
-  const init = { method, headers: pairs(headers) };
+  // Never follow a backend's redirect: it would carry the token to wherever it points. A 3xx is
+  // the core's to answer.
+  const init = { method, headers: pairs(headers), redirect: 'manual' };
   const body = kind === 'buffer' ? c.buffers[ref] : kind === 'text' ? ref : kind === 'caller' ? (c.request.body ?? new Uint8Array(0)) : null;
   let response;
   // A reply streamed back to the caller (a GET) is watched for progress, chunk by chunk. The
@@ -436,6 +438,8 @@ async function verify(alg, jwk, data, signature) {
 /** A request whose body is read whole as text, with a deadline: [status, retry-after, text] as one string. */
 export async function fetchText(url, method, headers, body, deadlineMs) {
   const init = { method, headers: pairs(headers), signal: AbortSignal.timeout(Math.max(1, deadlineMs)) };
+  // A token request carries the client's credential: a redirect must not take it elsewhere.
+  if (method !== 'GET') init.redirect = 'manual';
   if (body !== null && body !== undefined) init.body = body;
   let response;
   let text;

@@ -405,8 +405,10 @@ pub struct Plan<B> {
     body: PlanBody<B>,
     /// Whether the body can be sent again (it is not the caller's stream).
     retryable: bool,
-    /// The key that signs operation handles, when the route's operations can be followed.
+    /// The key of operation handles, when the route's operations can be followed.
     handle_key: Option<[u8; 32]>,
+    /// A fresh UUID for a handle's nonce (empty when no handle can be made).
+    nonce_seed: String,
     now_ms: f64,
     /// For an operation being followed: the route that started it (handles name it; the
     /// answer is never projected).
@@ -443,7 +445,8 @@ pub async fn build<I: Io>(
         .vars()
         .iter()
         .any(|v| matches!(v, Var::Body | Var::BodyBase64));
-    if matches!(rest.body, RestBodyPlan::Caller) || needs_body_text {
+    let has_body = head.has_body && head.content_length() != Some(0);
+    if has_body && (matches!(rest.body, RestBodyPlan::Caller) || needs_body_text) {
         match io.read_body(rest.max_body_bytes).await {
             Ok(Some((body, _))) => {
                 if needs_body_text {
@@ -574,6 +577,11 @@ pub async fn build<I: Io>(
         request,
         body,
         retryable,
+        nonce_seed: if handle_key.is_some() {
+            io.uuid()
+        } else {
+            String::new()
+        },
         handle_key,
         now_ms: now,
         issuer: None,
@@ -689,8 +697,9 @@ async fn finish<I: Io, B>(
         cx.log.backend_detail = message.map(|m| super::log_detail(&m));
         return Err(mapped_error(reply.status, code.as_deref()));
     }
+    // A 202 starts an operation (its body, if any, is not the resource): not projected.
     let projects = !rest.project.is_empty() && plan.issuer.is_none();
-    if projects && (200..300).contains(&reply.status) && reply.status != 204 {
+    if projects && matches!(reply.status, 200 | 201) {
         let is_json = reply
             .header("content-type")
             .is_some_and(|ct| BodyFormat::of(ct) == Some(BodyFormat::Json));
@@ -698,6 +707,15 @@ async fn finish<I: Io, B>(
             Some(body) => io.text(body).await,
             None => String::new(),
         };
+        if text.is_empty() {
+            // Nothing to project (an empty 200 or 201).
+            *plan.projected.borrow_mut() = Some(String::new());
+            return Ok(Reply {
+                status: reply.status,
+                headers: reply.headers,
+                body: None,
+            });
+        }
         let projected = if is_json && text.len() < MAX_PROJECTED_BYTES {
             serde_json::from_str::<Value>(&text)
                 .ok()
@@ -748,13 +766,14 @@ pub fn answer<B, S>(
                     Some(issuer) => issuer.as_str(),
                     None => cx.route.map(|r| r.name.as_str()).unwrap_or_default(),
                 };
-                let handle = operation_handle(key, route, azure, plan.now_ms);
+                let handle = operation_handle(key, route, azure, plan.now_ms, &plan.nonce_seed);
                 headers.push(("location", path.replace("{operation}", &handle)));
             }
         }
     }
     let projected = plan.projected.borrow_mut().take();
     let body = match (projected, reply.body) {
+        (Some(text), _) if text.is_empty() => AnswerBody::Empty,
         (Some(text), _) => {
             headers.retain(|(n, _)| *n != "content-type");
             headers.push(("content-type", "application/json".to_owned()));
@@ -923,38 +942,65 @@ pub fn project(value: &Value, pointers: &[String]) -> Value {
 // ---------------------------------------------------------------------------------------------
 // Long-running operations
 
-/// The key that signs a route's operation handles: derived from the identity's own secret, so
-/// it is the same in every isolate and needs no configuration of its own.
+/// The key of a route's operation handles: derived from the identity's own secret, so it is the
+/// same in every isolate and needs no configuration of its own.
 pub fn operation_key(secret: &str) -> [u8; 32] {
     let mut input = b"azure-edge-gateway operation handle v1\n".to_vec();
     input.extend_from_slice(secret.as_bytes());
     crate::sha256::sha256(&input)
 }
 
-/// A signed, expiring handle of Azure's operation URL, issued by `route`:
-/// `base64url(expiry \n route \n url) . base64url(HMAC)`.
-pub fn operation_handle(key: &[u8], route: &str, url: &str, now_ms: f64) -> String {
+/// XORs `data` with a keystream of HMAC-SHA256(key, nonce ‖ counter) blocks: encryption and
+/// decryption alike (a stream cipher with HMAC as its pseudorandom function).
+fn keystream_xor(key: &[u8; 32], nonce: &[u8], data: &mut [u8]) {
+    let enc = crate::sha256::hmac_sha256(key, b"encrypt");
+    for (counter, chunk) in data.chunks_mut(32).enumerate() {
+        let mut input = nonce.to_vec();
+        input.extend_from_slice(&(counter as u32).to_be_bytes());
+        let block = crate::sha256::hmac_sha256(&enc, &input);
+        for (byte, k) in chunk.iter_mut().zip(block) {
+            *byte ^= k;
+        }
+    }
+}
+
+fn handle_mac(key: &[u8; 32], sealed: &[u8]) -> [u8; 32] {
+    crate::sha256::hmac_sha256(&crate::sha256::hmac_sha256(key, b"sign"), sealed)
+}
+
+/// An encrypted, signed, expiring handle of Azure's operation URL, issued by `route`:
+/// `base64url(nonce ‖ ciphertext of "expiry \n route \n url") . base64url(HMAC)`. The caller
+/// learns nothing of Azure's URL from it and cannot change it. `seed` makes the nonce (a fresh
+/// UUID).
+pub fn operation_handle(key: &[u8; 32], route: &str, url: &str, now_ms: f64, seed: &str) -> String {
     let expires = ((now_ms / 1000.0) + OPERATION_HANDLE_TTL_S).floor() as u64;
-    let payload = format!("{expires}\n{route}\n{url}");
-    let mac = crate::sha256::hmac_sha256(key, payload.as_bytes());
+    let nonce = &crate::sha256::sha256(format!("{seed}\n{now_ms}").as_bytes())[..16];
+    let mut sealed = nonce.to_vec();
+    let start = sealed.len();
+    sealed.extend_from_slice(format!("{expires}\n{route}\n{url}").as_bytes());
+    keystream_xor(key, nonce, &mut sealed[start..]);
     format!(
         "{}.{}",
-        crate::encoding::base64url(payload.as_bytes()),
-        crate::encoding::base64url(&mac)
+        crate::encoding::base64url(&sealed),
+        crate::encoding::base64url(&handle_mac(key, &sealed))
     )
 }
 
-/// A handle's route and URL, when one of `keys` signed it and it has not expired.
+/// A handle's route and URL, when one of `keys` made it and it has not expired.
 pub fn open_handle(handle: &str, keys: &[[u8; 32]], now_ms: f64) -> Option<(String, String)> {
-    let (payload, mac) = handle.split_once('.')?;
-    let payload = crate::encoding::base64_decode(payload)?;
+    let (sealed, mac) = handle.split_once('.')?;
+    let sealed = crate::encoding::base64_decode(sealed)?;
     let mac = crate::encoding::base64_decode(mac)?;
-    if !keys.iter().any(|key| {
-        crate::sha256::equal_in_constant_time(&crate::sha256::hmac_sha256(key, &payload), &mac)
-    }) {
+    if sealed.len() < 16 {
         return None;
     }
-    let text = String::from_utf8(payload).ok()?;
+    let key = keys
+        .iter()
+        .find(|key| crate::sha256::equal_in_constant_time(&handle_mac(key, &sealed), &mac))?;
+    let (nonce, ciphertext) = sealed.split_at(16);
+    let mut plain = ciphertext.to_vec();
+    keystream_xor(key, nonce, &mut plain);
+    let text = String::from_utf8(plain).ok()?;
     let mut parts = text.splitn(3, '\n');
     let expires: f64 = parts.next()?.parse().ok()?;
     let route = parts.next()?.to_owned();
@@ -1017,6 +1063,7 @@ pub fn build_operation<'p, I: Io>(
             body: PlanBody::None,
             retryable: true,
             handle_key: keys.first().copied(),
+            nonce_seed: io.uuid(),
             now_ms: now,
             issuer: Some(route.name.clone()),
             projected: std::cell::RefCell::new(None),
@@ -1088,7 +1135,16 @@ mod tests {
     fn handles_are_signed_bound_to_their_route_and_expire() {
         let key = operation_key("s3cret");
         let url = "https://management.azure.com/subscriptions/s/providers/Microsoft.Web/locations/westeurope/operationResults/1?api-version=2022-09-01";
-        let h = operation_handle(&key, "restart", url, 1_000_000.0);
+        let h = operation_handle(&key, "restart", url, 1_000_000.0, "seed-1");
+        // Nothing of Azure's URL can be read from the handle.
+        let (sealed, _) = h.split_once('.').unwrap();
+        let bytes = crate::encoding::base64_decode(sealed).unwrap();
+        assert!(!String::from_utf8_lossy(&bytes).contains("management"));
+        assert!(!bytes.windows(9).any(|w| w == b"westeurop"));
+        assert_ne!(
+            h,
+            operation_handle(&key, "restart", url, 1_000_000.0, "seed-2")
+        );
         assert_eq!(
             open_handle(&h, &[key], 1_000_000.0),
             Some(("restart".to_owned(), url.to_owned()))
@@ -1099,13 +1155,15 @@ mod tests {
         );
         let later = 1_000_000.0 + (OPERATION_HANDLE_TTL_S + 2.0) * 1000.0;
         assert_eq!(open_handle(&h, &[key], later), None);
-        // A forged payload with the old signature.
-        let (_, mac) = h.split_once('.').unwrap();
+        // A flipped bit in the ciphertext, or a forged one with the old signature.
+        let (sealed, mac) = h.split_once('.').unwrap();
+        let mut bytes = crate::encoding::base64_decode(sealed).unwrap();
+        bytes[20] ^= 1;
+        let flipped = format!("{}.{mac}", crate::encoding::base64url(&bytes));
+        assert_eq!(open_handle(&flipped, &[key], 1_000_000.0), None);
         let forged = format!(
             "{}.{mac}",
-            crate::encoding::base64url(
-                b"99999999999\nrestart\nhttps://management.azure.com/subscriptions"
-            )
+            crate::encoding::base64url(b"0123456789abcdef99999999999\nrestart\nhttps://x")
         );
         assert_eq!(open_handle(&forged, &[key], 1_000_000.0), None);
     }
