@@ -587,3 +587,129 @@ fn an_identity_provider_outage_is_the_caller_s_503_and_nothing_is_sent() {
     assert_eq!(log["token_error"], "unavailable");
     assert!(io.sent().is_empty());
 }
+
+const REST_POLICY: &str = r#"{
+  "identities": { "gw": { "token_endpoint": { "url": "https://idp.example.com/token" },
+      "client_id": "c", "credential": { "client_secret": { "secret": "GW_SECRET" } } } },
+  "routes": [
+    { "name": "restart", "methods": ["POST"], "path": "/sites/{site}/restart", "public": true,
+      "backend": { "azure_rest": { "identity": "gw", "api_version": "2022-09-01", "body": "none",
+        "url": "https://management.azure.com/subscriptions/s1/resourceGroups/rg/providers/Microsoft.Web/sites/{path.site}/restart" } } },
+    { "name": "site", "methods": ["GET"], "path": "/sites/{site}", "public": true,
+      "backend": { "azure_rest": { "identity": "gw", "api_version": "2022-09-01",
+        "url": "https://management.azure.com/subscriptions/s1/resourceGroups/rg/providers/Microsoft.Web/sites/{path.site}" } } },
+    { "name": "operations", "methods": ["GET"], "path": "/ops/{operation}", "public": true,
+      "backend": { "azure_operation": { "of": ["restart"] } } }
+  ]
+}"#;
+
+fn rest_io() -> Fake {
+    let mut io = Fake::new();
+    io.secrets
+        .insert("GW_SECRET".into(), "identity-secret".into());
+    io
+}
+
+#[test]
+fn a_post_azure_may_have_processed_is_never_sent_twice_a_read_is_retried() {
+    let g = Gateway::load(REST_POLICY).unwrap();
+    let io = rest_io().reply(503, &[("retry-after", "3")], "");
+    let (status, headers, _, log) = run(&g, &request("POST", "/sites/a/restart", &[], false), &io);
+    assert_eq!(status, 503);
+    assert!(headers.contains(&("retry-after", "3".to_owned())));
+    assert_eq!(io.sent().len(), 1, "a POST answered 503 is not sent again");
+    assert_eq!(log["backend_status"], 503);
+    let io = rest_io().reply(503, &[("retry-after", "1")], "").reply(
+        200,
+        &[("content-type", "application/json")],
+        "{}",
+    );
+    let (status, _, _, _) = run(&g, &request("GET", "/sites/a", &[], false), &io);
+    assert_eq!(status, 200);
+    let sent = io.sent();
+    assert_eq!(sent.len(), 2, "a read is retried");
+    assert_eq!(sent[0].url, sent[1].url);
+    assert_eq!(
+        sent[0].url,
+        "https://management.azure.com/subscriptions/s1/resourceGroups/rg/providers/Microsoft.Web/sites/a?api-version=2022-09-01"
+    );
+}
+
+#[test]
+fn an_operation_is_followed_through_the_gateway_as_the_route_that_started_it() {
+    let g = Gateway::load(REST_POLICY).unwrap();
+    let azure_op = "https://management.azure.com/subscriptions/s1/providers/Microsoft.Web/locations/westeurope/operationResults/op-1?api-version=2022-09-01";
+    let io = rest_io().reply(
+        202,
+        &[
+            ("azure-asyncoperation", azure_op),
+            ("location", "https://management.azure.com/x"),
+            ("retry-after", "2"),
+        ],
+        "",
+    );
+    let (status, headers, _, _) = run(&g, &request("POST", "/sites/a/restart", &[], false), &io);
+    assert_eq!(status, 202);
+    let location = headers
+        .iter()
+        .find(|(k, _)| *k == "location")
+        .unwrap()
+        .1
+        .clone();
+    assert!(location.starts_with("/ops/"), "{location}");
+    assert!(!headers
+        .iter()
+        .any(|(_, v)| v.contains("management.azure.com")));
+    assert!(headers.contains(&("retry-after", "2".to_owned())));
+    // The follow-up: Azure's URL, with the identity's token.
+    let io2 = rest_io().reply(
+        200,
+        &[("content-type", "application/json")],
+        r#"{"status":"Succeeded"}"#,
+    );
+    let (status, _, body, log) = run(&g, &request("GET", &location, &[], false), &io2);
+    assert_eq!(status, 200);
+    assert_eq!(body, "<stream {\"status\":\"Succeeded\"}>");
+    assert_eq!(log["route"], "operations");
+    let sent = io2.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].url, azure_op);
+    assert_eq!(sent[0].method, "GET");
+    assert!(sent[0].token.is_some());
+    // Signed with the identity's secret: a gateway with another secret does not follow it.
+    let mut other = Fake::new();
+    other
+        .secrets
+        .insert("GW_SECRET".into(), "another-secret".into());
+    let (status, _, body, _) = run(&g, &request("GET", &location, &[], false), &other);
+    assert_eq!(status, 404);
+    assert!(body.contains("operation-not-found"));
+    assert!(other.sent().is_empty());
+}
+
+#[test]
+fn azure_s_401_evicts_the_token_and_is_the_caller_s_502() {
+    let g = Gateway::load(REST_POLICY).unwrap();
+    let io = rest_io().reply(
+        401,
+        &[("content-type", "application/json")],
+        r#"{"error":{"code":"InvalidAuthenticationTokenAudience","message":"The access token has been obtained for wrong audience or resource 'x'."}}"#,
+    );
+    let (status, _, body, log) = run(&g, &request("GET", "/sites/a", &[], false), &io);
+    assert_eq!(status, 502);
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["type"], "urn:azure-edge-gateway:problem:backend-auth");
+    assert_eq!(
+        body["azure_error_code"],
+        "InvalidAuthenticationTokenAudience"
+    );
+    assert!(
+        !body.to_string().contains("wrong audience"),
+        "Azure's message goes to the log only"
+    );
+    assert!(log["backend_detail"]
+        .as_str()
+        .unwrap()
+        .contains("wrong audience"));
+    assert_eq!(io.evicted.borrow().len(), 1);
+}

@@ -689,13 +689,14 @@ async fn finish<I: Io, B>(
             return Ok(reply);
         }
         let header_code = reply.header("x-ms-error-code").map(str::to_owned);
+        let retry_after = crate::retry::parse_retry_after_secs(reply.header("retry-after"));
         let text = match reply.body {
             Some(body) => io.text(body).await,
             None => String::new(),
         };
         let (code, message) = azure_error(&text, header_code.as_deref());
         cx.log.backend_detail = message.map(|m| super::log_detail(&m));
-        return Err(mapped_error(reply.status, code.as_deref()));
+        return Err(mapped_error(reply.status, code.as_deref(), retry_after));
     }
     // A 202 starts an operation (its body, if any, is not the resource): not projected.
     let projects = !rest.project.is_empty() && plan.issuer.is_none();
@@ -854,7 +855,7 @@ pub fn azure_error(body: &str, header_code: Option<&str>) -> (Option<String>, Op
 /// The caller's problem for Azure's error answer: the status when it is about the caller's
 /// request, 502 when it is about the gateway's identity or Azure itself; Azure's error code (a
 /// name such as `ResourceNotFound`, never its message) named in the detail.
-pub fn mapped_error(status: u16, code: Option<&str>) -> Problem {
+pub fn mapped_error(status: u16, code: Option<&str>, retry_after: Option<u64>) -> Problem {
     let code_text = code
         .filter(|c| {
             c.len() <= 100
@@ -870,6 +871,9 @@ pub fn mapped_error(status: u16, code: Option<&str>) -> Problem {
             "Azure refused the gateway's identity",
             format!("Azure answered {status}{code_text}: the gateway's identity may not do this. The operator must grant it access; the reason is in the gateway's log under this request id."),
         ),
+        // Not retried here (a POST that may have been processed is not sent twice): the
+        // caller decides, after Retry-After.
+        429 | 503 => return unavailable(&format!("answered {status}{code_text}"), retry_after),
         400 | 404 | 405 | 409 | 411 | 412 | 413 | 415 | 416 | 422 => Problem::new(
             status,
             "azure-rejected",
@@ -1200,12 +1204,20 @@ mod tests {
         );
         assert_eq!(code.as_deref(), Some("QueueNotFound"));
         assert_eq!(azure_error("", Some("Busy")).0.as_deref(), Some("Busy"));
-        let p = mapped_error(404, Some("ResourceNotFound"));
+        let p = mapped_error(404, Some("ResourceNotFound"), None);
         assert_eq!((p.status, p.kind), (404, "azure-rejected"));
         assert!(p.detail.contains("(ResourceNotFound)"));
-        assert_eq!(mapped_error(403, Some("AuthorizationFailed")).status, 502);
+        assert_eq!(
+            mapped_error(403, Some("AuthorizationFailed"), None).status,
+            502
+        );
+        let busy = mapped_error(503, None, Some(7));
+        assert_eq!(
+            (busy.status, busy.headers.clone()),
+            (503, vec![("retry-after", "7".to_owned())])
+        );
         // A code that is not a plain name is not repeated.
-        assert!(!mapped_error(400, Some("<script>"))
+        assert!(!mapped_error(400, Some("<script>"), None)
             .detail
             .contains("script"));
     }
