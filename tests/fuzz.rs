@@ -1999,7 +1999,7 @@ fn shipped_mappings() -> Vec<MessageMapping> {
         .flat_map(|(_, p)| p.routes.iter())
         .filter_map(|r| match &r.backend {
             Backend::ServiceBus(sb) => sb.message.clone(),
-            Backend::Blob(_) => None,
+            Backend::Blob(_) | Backend::EventHubs(_) | Backend::StorageQueue(_) => None,
         })
         .collect()
 }

@@ -6,6 +6,8 @@ use super::model::Cloud;
 /// Default token audiences per backend kind (scope = audience + `/.default`).
 pub const SERVICE_BUS_AUDIENCE: &str = "https://servicebus.azure.net";
 pub const STORAGE_AUDIENCE: &str = "https://storage.azure.com";
+/// Event Hubs' audience, the one the Azure SDKs ask for (a route may use the namespace URL).
+pub const EVENT_HUBS_AUDIENCE: &str = "https://eventhubs.azure.net";
 
 impl Cloud {
     pub fn authority_host(self) -> &'static str {
@@ -29,6 +31,15 @@ impl Cloud {
             Cloud::Public => "blob.core.windows.net",
             Cloud::UsGovernment => "blob.core.usgovcloudapi.net",
             Cloud::China => "blob.core.chinacloudapi.cn",
+        }
+    }
+
+    /// Storage queues: `{account}.queue.…`.
+    pub fn queue_suffix(self) -> &'static str {
+        match self {
+            Cloud::Public => "queue.core.windows.net",
+            Cloud::UsGovernment => "queue.core.usgovcloudapi.net",
+            Cloud::China => "queue.core.chinacloudapi.cn",
         }
     }
 

@@ -47,6 +47,8 @@ impl Backend {
         match self {
             Backend::ServiceBus(_) => "service_bus",
             Backend::Blob(_) => "blob",
+            Backend::EventHubs(_) => "event_hubs",
+            Backend::StorageQueue(_) => "storage_queue",
         }
     }
 
@@ -54,6 +56,8 @@ impl Backend {
         match self {
             Backend::ServiceBus(sb) => &sb.identity,
             Backend::Blob(b) => &b.identity,
+            Backend::EventHubs(eh) => &eh.identity,
+            Backend::StorageQueue(q) => &q.identity,
         }
     }
 
@@ -61,6 +65,8 @@ impl Backend {
         match self {
             Backend::ServiceBus(sb) => sb.audience(),
             Backend::Blob(b) => b.audience(),
+            Backend::EventHubs(eh) => eh.audience(),
+            Backend::StorageQueue(q) => q.audience(),
         }
     }
 
@@ -69,6 +75,8 @@ impl Backend {
         match self {
             Backend::ServiceBus(sb) => format!("{}/{}", sb.base_url(cloud), sb.entity()),
             Backend::Blob(b) => format!("{}/{}/{}", b.base_url(cloud), b.container, b.blob),
+            Backend::EventHubs(eh) => format!("{}/{}", eh.base_url(cloud), eh.hub),
+            Backend::StorageQueue(q) => format!("{}/{}", q.base_url(cloud), q.queue),
         }
     }
 }
