@@ -96,6 +96,7 @@ fn the_shipped_policies_are_valid() {
         "tests/e2e/fixtures/servicebus-policy.json",
         "tests/e2e/fixtures/blob-policy.json",
         "tests/e2e/fixtures/inbound-policy.json",
+        "tests/e2e/fixtures/queues-policy.json",
         "bench/policy.json",
     ] {
         let text = std::fs::read_to_string(file).unwrap();
