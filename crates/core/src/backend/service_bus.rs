@@ -4,6 +4,11 @@
 //! Everything Service Bus would refuse is refused here first, before a token is fetched or a
 //! byte is sent: id lengths, `SessionId` = `PartitionKey`, property and header sizes, the
 //! message size, and (for a batch) every element, named by its index.
+//!
+//! Event hubs take the same REST send, so an `event_hubs` route runs this code too, with the
+//! prepared backend's [`Flavor`] set to Event Hubs: its events get no default `MessageId` or
+//! `CorrelationId`, may carry no Service Bus-only broker property ([`SERVICE_BUS_ONLY`]), and
+//! problems and the answer name Event Hubs and the hub.
 
 use serde_json::{json, Map, Value};
 
