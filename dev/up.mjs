@@ -146,5 +146,8 @@ function gatewayCommands(url, apiKeyPath) {
     `curl -i -X POST ${url}/jobs ${key} --data-binary '{"job": "resize", "id": 7}'   # 202 {"status","queue","message_id",…}`,
     `curl -i -X POST ${url}/telemetry/dev-7 ${key} -H 'content-type: application/json' --data-binary '{"t": 21.5}'   # 202 {"status","hub","count":1}`,
     `curl -i -X POST ${url}/telemetry/dev-7/batch ${key} --data-binary '[{"Body": {"t": 21.5}}, {"Body": {"t": 21.7}}]'`,
+    `curl -s ${url}/webapps/${DEFAULT_SITE} ${key}   # Resource Manager, projected: name, state, last modified`,
+    `curl -si -X POST ${url}/webapps/${DEFAULT_SITE}/restart ${key} | grep -i '^location'   # 202; follow it:`,
+    `curl -s ${url}$(curl -si -X POST ${url}/webapps/${DEFAULT_SITE}/restart ${key} | tr -d '\\r' | sed -n 's/^location: //Ip') ${key}   # {"status": "InProgress"}, then "Succeeded"`,
   ].join('\n  ');
 }

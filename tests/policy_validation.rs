@@ -96,6 +96,7 @@ fn the_shipped_policies_are_valid() {
         "tests/e2e/fixtures/servicebus-policy.json",
         "tests/e2e/fixtures/blob-policy.json",
         "tests/e2e/fixtures/inbound-policy.json",
+        "tests/e2e/fixtures/azure-rest-policy.json",
         "tests/e2e/fixtures/queues-policy.json",
         "bench/policy.json",
     ] {
@@ -1262,6 +1263,219 @@ fn explain_says_what_each_element_of_a_batch_may_set() {
     assert!(!out.contains("Batch routes"), "{out}");
 }
 
+/// The base policy with one `azure_rest` route (index 3) whose backend `edit` changes.
+fn rest_after(edit: impl FnOnce(&mut Value)) -> impl FnOnce(&mut Value) {
+    move |p: &mut Value| {
+        let mut route = json!({
+            "name": "restart",
+            "methods": ["POST"],
+            "path": "/sites/{site}/restart",
+            "inbound": { "api_key": { "keys": [{ "name": "ops", "secret": "OPS_KEY" }] } },
+            "backend": { "azure_rest": {
+                "url": "https://management.azure.com/subscriptions/0000/resourceGroups/rg/providers/Microsoft.Web/sites/{path.site}/restart",
+                "api_version": "2022-09-01",
+                "identity": "gw"
+            } }
+        });
+        edit(&mut route["backend"]["azure_rest"]);
+        p["routes"].as_array_mut().unwrap().push(route);
+    }
+}
+
+#[test]
+fn an_azure_rest_route_is_valid_on_each_documented_host_with_its_default_audience() {
+    for (url, version) in [
+        (
+            "https://management.azure.com/subscriptions/{path.site}",
+            Some("2022-09-01"),
+        ),
+        ("https://graph.microsoft.com/v1.0/users/{path.site}", None),
+        (
+            "https://contoso.vault.azure.net/secrets/{path.site}",
+            Some("7.4"),
+        ),
+        (
+            "https://contoso.queue.core.windows.net/jobs/messages",
+            Some("2021-08-06"),
+        ),
+        (
+            "https://contoso.servicebus.windows.net/telemetry/messages",
+            None,
+        ),
+    ] {
+        let errors = errors_after(rest_after(|b| {
+            b["url"] = json!(url);
+            b["api_version"] = json!(version);
+            if version.is_none() {
+                b.as_object_mut().unwrap().remove("api_version");
+            }
+        }));
+        assert!(errors.is_empty(), "{url}: {errors:#?}");
+    }
+}
+
+#[test]
+fn azure_rest_rules_name_their_path() {
+    let at = "routes[3].backend.azure_rest";
+    assert_one_error(
+        rest_after(|b| b["url"] = json!("https://example.com/api/{path.site}")),
+        &format!("{at}.url"),
+        "an https:// URL on an Azure API host of this cloud (management.azure.com, graph.microsoft.com, NAME.vault.azure.net",
+    );
+    assert_one_error(
+        rest_after(|b| b["url"] = json!("https://{path.site}.vault.azure.net/secrets/x")),
+        &format!("{at}.url"),
+        "host is fixed",
+    );
+    assert_one_error(
+        rest_after(|b| b["audience"] = json!("https://vault.azure.net")),
+        &format!("{at}.audience"),
+        "an audience Resource Manager accepts: https://management.azure.com/ or https://management.core.windows.net/, got \"https://vault.azure.net\"",
+    );
+    assert_one_error(
+        rest_after(|b| {
+            b.as_object_mut().unwrap().remove("api_version");
+        }),
+        &format!("{at}.api_version"),
+        "a pinned API version: Resource Manager versions every call",
+    );
+    assert_one_error(
+        rest_after(|b| {
+            b["url"] = json!("https://graph.microsoft.com/v1.0/users/{path.site}");
+        }),
+        &format!("{at}.api_version"),
+        "no api_version: Microsoft Graph takes its version in the path",
+    );
+    assert_one_error(
+        rest_after(|b| b["url"] = json!("https://management.azure.com/subscriptions/x{path.site}")),
+        &format!("{at}.url"),
+        "one whole variable",
+    );
+    assert_one_error(
+        rest_after(|b| b["url"] = json!("https://management.azure.com/subscriptions/{path.nope}")),
+        &format!("{at}.url"),
+        "naming a parameter of the route's path",
+    );
+    assert_one_error(
+        rest_after(|b| b["url"] = json!("https://management.azure.com/s?api-version=2020-01-01")),
+        &format!("{at}.url"),
+        "set \"api_version\"",
+    );
+    assert_one_error(
+        rest_after(|b| b["url"] = json!("http://management.azure.com/subscriptions")),
+        &format!("{at}.url"),
+        "an https:// URL on an Azure API host",
+    );
+    assert_one_error(
+        rest_after(|b| b["request_headers"] = json!(["authorization"])),
+        &format!("{at}.request_headers[0]"),
+        "a header name that HTTP, the token or the gateway does not set",
+    );
+    assert_one_error(
+        rest_after(|b| b["headers"] = json!({"x-ms-version": "2020-01-01"})),
+        &format!("{at}.headers.x-ms-version"),
+        "a header name that HTTP, the token or the gateway does not set",
+    );
+    assert_one_error(
+        rest_after(|b| b["query"] = json!(["api-version"])),
+        &format!("{at}.query[0]"),
+        "not api-version",
+    );
+    assert_one_error(
+        rest_after(|b| b["response_headers"] = json!(["location"])),
+        &format!("{at}.response_headers[0]"),
+        "does not set or rewrite itself",
+    );
+    assert_one_error(
+        rest_after(|b| {
+            b["body"] = json!({"template": {"content_type": "text/plain", "template": "{body}"}})
+        }),
+        &format!("{at}.body.template.content_type"),
+        "a JSON or XML media type",
+    );
+    assert_one_error(
+        rest_after(
+            |b| b["body"] = json!({"template": {"content_type": "application/json", "template": "{{\"a\": {path.site}}}"}}),
+        ),
+        &format!("{at}.body.template"),
+        "each variable inside a string",
+    );
+    assert_one_error(
+        rest_after(|b| b["body"] = json!({"json": {"who": "{jwt.sub}"}})),
+        &format!("{at}.body.json/who"),
+        "only on a route with a \"jwt\" inbound check",
+    );
+    assert_one_error(
+        rest_after(|b| b["project"] = json!(["properties/state"])),
+        &format!("{at}.project[0]"),
+        "a JSON pointer",
+    );
+}
+
+#[test]
+fn a_local_azure_rest_endpoint_needs_the_audience_of_the_service_it_stands_in_for() {
+    let at = "routes[3].backend.azure_rest";
+    assert_one_error(
+        rest_after(|b| b["url"] = json!("https://127.0.0.1:10000/subscriptions/{path.site}")),
+        &format!("{at}.audience"),
+        "an audience for a local endpoint",
+    );
+    assert_one_error(
+        rest_after(|b| {
+            b["url"] = json!("https://127.0.0.1:10000/subscriptions/{path.site}");
+            b["audience"] = json!("https://example.com");
+        }),
+        &format!("{at}.audience"),
+        "the audience of an Azure service of this cloud",
+    );
+    let errors = errors_after(rest_after(|b| {
+        b["url"] = json!("https://127.0.0.1:10000/subscriptions/{path.site}");
+        b["audience"] = json!("https://management.azure.com/");
+    }));
+    assert!(errors.is_empty(), "{errors:#?}");
+}
+
+#[test]
+fn body_variables_are_only_for_azure_rest_bodies_and_operation_routes_follow_azure_rest_routes() {
+    assert_one_error(
+        |p| p["routes"][0]["backend"]["service_bus"]["message"] = json!({"label": "{body}"}),
+        "routes[0].backend.service_bus.message.label",
+        "{body} only in the body template of an azure_rest route",
+    );
+    let operations = |of: Value, methods: Value, path: &str| {
+        let path = path.to_owned();
+        move |p: &mut Value| {
+            rest_after(|_| {})(p);
+            p["routes"].as_array_mut().unwrap().push(json!({
+                "name": "operations", "methods": methods, "path": path,
+                "inbound": { "api_key": { "keys": [{ "name": "ops", "secret": "OPS_KEY" }] } },
+                "backend": { "azure_operation": { "of": of } }
+            }));
+        }
+    };
+    assert!(errors_after(operations(
+        json!(["restart"]),
+        json!(["GET"]),
+        "/ops/{operation}"
+    ))
+    .is_empty());
+    assert_one_error(
+        operations(json!(["orders"]), json!(["GET"]), "/ops/{operation}"),
+        "routes[4].backend.azure_operation.of[0]",
+        "the name of an azure_rest route, got \"orders\"",
+    );
+    assert_one_error(
+        operations(json!(["restart"]), json!(["POST"]), "/ops/{operation}"),
+        "routes[4].methods",
+        "[\"GET\"]",
+    );
+    assert_one_error(
+        operations(json!(["restart"]), json!(["GET"]), "/ops/{id}"),
+        "routes[4].path",
+        "one parameter, {operation}",
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Event Hubs and Storage queue routes
 
@@ -1313,13 +1527,13 @@ fn event_hubs_and_storage_queue_routes_are_valid_and_prepared() {
     let mut p = base();
     with_message_routes(&mut p);
     let policy = policy::load(&p.to_string()).unwrap();
-    let explained: Vec<(&str, String, &str)> = policy.routes[3..]
+    let explained: Vec<(&str, String, String)> = policy.routes[3..]
         .iter()
         .map(|r| {
             (
                 r.backend.kind(),
                 r.backend.target(policy.cloud),
-                r.backend.audience(),
+                r.backend.audience(policy.cloud),
             )
         })
         .collect();
@@ -1329,12 +1543,12 @@ fn event_hubs_and_storage_queue_routes_are_valid_and_prepared() {
             (
                 "event_hubs",
                 "https://contoso-events.servicebus.windows.net/telemetry".to_owned(),
-                "https://eventhubs.azure.net"
+                "https://eventhubs.azure.net".to_owned()
             ),
             (
                 "storage_queue",
                 "https://contosojobs.queue.core.windows.net/jobs".to_owned(),
-                "https://storage.azure.com"
+                "https://storage.azure.com".to_owned()
             ),
         ]
     );

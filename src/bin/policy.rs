@@ -115,6 +115,16 @@ mod cli {
                 println!("  {line}");
             }
         }
+        let rest: Vec<String> = p.routes.iter().filter_map(|r| rest_lines(&p, r)).collect();
+        if !rest.is_empty() {
+            println!();
+            println!(
+                "azure_rest routes: the exact call, what the caller may set, what it gets back"
+            );
+            for block in rest {
+                println!("{block}");
+            }
+        }
         let batches: Vec<String> = p.routes.iter().filter_map(batch_line).collect();
         if !batches.is_empty() {
             println!();
@@ -124,6 +134,101 @@ mod cli {
             }
         }
         0
+    }
+
+    /// For an `azure_rest` route: the URL's shape with the pinned version, the audience, what
+    /// the caller's request may put into it, and what comes back.
+    fn rest_lines(p: &Policy, r: &Route) -> Option<String> {
+        use azure_edge_gateway::backend::azure_rest::{RestUrl, DEFAULT_RESPONSE_HEADERS};
+        use azure_edge_gateway::policy::{ErrorMode, RestBody};
+        let Backend::AzureRest(rest) = &r.backend else {
+            return None;
+        };
+        let url = RestUrl::parse(&rest.url).ok()?;
+        let service = rest.service(p.cloud)?;
+        let version = match (&rest.api_version, service.versioning) {
+            (Some(v), azure_edge_gateway::policy::cloud::Versioning::Header) => {
+                format!(" (x-ms-version: {v})")
+            }
+            (Some(v), _) => format!(
+                "{}api-version={v}",
+                if url.query.is_empty() { "?" } else { "&" }
+            ),
+            (None, _) => String::new(),
+        };
+        let method = rest
+            .method
+            .map(|m| m.as_str().to_owned())
+            .unwrap_or_else(|| "the caller's method".to_owned());
+        let mut out = vec![format!("  {}: {method} {}{version}", r.name, url.shape())];
+        out.push(format!(
+            "    token: {} for {} ({})",
+            rest.identity,
+            rest.audience(p.cloud),
+            service.name
+        ));
+        let vars: Vec<String> = url.vars().map(|v| v.to_string()).collect();
+        let mut may = Vec::new();
+        if !vars.is_empty() {
+            may.push(format!(
+                "{} (each one whole segment or query value, percent-encoded; '/', '\\', '.' and '..' refused in segments)",
+                vars.join(", ")
+            ));
+        }
+        if !rest.query.is_empty() {
+            may.push(format!("query {}", rest.query.join(", ")));
+        }
+        if !rest.request_headers.is_empty() {
+            may.push(format!("headers {}", rest.request_headers.join(", ")));
+        }
+        may.push(match &rest.body {
+            None | Some(RestBody::Caller) => format!(
+                "a body of at most {} bytes, with its Content-Type",
+                rest.max_body_bytes
+                    .unwrap_or(azure_edge_gateway::backend::azure_rest::DEFAULT_MAX_BODY_BYTES)
+            ),
+            Some(RestBody::Stream) => {
+                "a body streamed through (Content-Length required)".to_owned()
+            }
+            Some(RestBody::None) => "no body (none is sent)".to_owned(),
+            Some(RestBody::Json(_)) => "only the values of the JSON body template".to_owned(),
+            Some(RestBody::Template { content_type, .. }) => {
+                format!("only the values of the {content_type} body template")
+            }
+        });
+        out.push(format!("    caller sets: {}", may.join("; ")));
+        let mut back: Vec<String> = DEFAULT_RESPONSE_HEADERS
+            .iter()
+            .map(|h| h.to_string())
+            .collect();
+        if rest.errors == ErrorMode::Pass {
+            back.push("x-ms-error-code".to_owned());
+        }
+        back.extend(rest.response_headers.iter().map(|h| h.to_ascii_lowercase()));
+        let body = if rest.project.is_empty() {
+            "Azure's body".to_owned()
+        } else {
+            format!("only {} of Azure's JSON", rest.project.join(", "))
+        };
+        let errors = match rest.errors {
+            ErrorMode::Problem => "errors as problem+json naming Azure's code",
+            ErrorMode::Pass => "errors passed through",
+        };
+        out.push(format!(
+            "    caller gets: Azure's status, {body}, headers {}; {errors}",
+            back.join(", ")
+        ));
+        if let Some(follower) = p
+            .routes
+            .iter()
+            .find(|o| matches!(&o.backend, Backend::AzureOperation(op) if op.of.contains(&r.name)))
+        {
+            out.push(format!(
+                "    long-running: a 202 is answered with Location: {} (route {}), never Azure's URL",
+                follower.path, follower.name
+            ));
+        }
+        Some(out.join("\n"))
     }
 
     /// For a batch route: the `BrokerProperties` an element may set (a sender's, less those the
@@ -300,8 +405,14 @@ mod cli {
             } else {
                 target
             },
-            r.backend.identity().to_owned(),
-            r.backend.audience().to_owned(),
+            match &r.backend {
+                Backend::AzureOperation(_) => "(its routes')".to_owned(),
+                b => b.identity().to_owned(),
+            },
+            match &r.backend {
+                Backend::AzureOperation(_) => "(its routes')".to_owned(),
+                b => b.audience(p.cloud),
+            },
             inbound,
         ]
     }

@@ -289,7 +289,8 @@ function watched(progress, end) {
 const REPLY_HEADERS = ['retry-after', 'x-ms-error-code', 'etag', 'content-type', 'content-length', 'last-modified'];
 
 /**
- * One outbound request: ['send', url, method, headers, kind, body, length, deadlineMs, idleMs],
+ * One outbound request: ['send', url, method, headers, kind, body, length, deadlineMs, idleMs,
+ * more reply header names (`name\n…`, lowercase)],
  * `kind` none | buffer (body: its id) | text | caller (the caller's own stream; `length` keeps its
  * Content-Length). Time limits:
  * - deadlineMs (whole calls): the request, the reply's headers and, for replies read whole, its
@@ -298,7 +299,7 @@ const REPLY_HEADERS = ['retry-after', 'x-ms-error-code', 'etag', 'content-type',
  * Resolves [reply id, status, headers the core reads as `name\nvalue\n…`] (the reply stays here,
  * under its id, for 'text' or the answer), or {error: 'timeout' | what failed}.
  */
-async function send(c, [, url, method, headers, kind, ref, length, deadlineMs, idleMs]) {
+async function send(c, [, url, method, headers, kind, ref, length, deadlineMs, idleMs, more]) {
   const init = { method, headers: pairs(headers) };
   const body = kind === 'buffer' ? c.buffers[ref] : kind === 'text' ? ref : kind === 'caller' ? (c.request.body ?? new Uint8Array(0)) : null;
   let response;
@@ -369,6 +370,12 @@ async function send(c, [, url, method, headers, kind, ref, length, deadlineMs, i
   for (const name of REPLY_HEADERS) {
     const value = response.headers.get(name);
     if (value !== null) flat.push(name, value);
+  }
+  if (more) {
+    for (const name of more.split('\n')) {
+      const value = response.headers.get(name);
+      if (value !== null && !REPLY_HEADERS.includes(name)) flat.push(name, value);
+    }
   }
   return [c.replies.push(response) - 1, response.status, flat.join('\n')];
 }

@@ -463,7 +463,8 @@ impl Io for Edge {
             body,
             length,
             deadline,
-            idle
+            idle,
+            request.reply_headers.join("\n")
         ]);
         let result = self.ask(op).await;
         if let Some(error) = result.get("error").and_then(Value::as_str) {

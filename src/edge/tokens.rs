@@ -264,6 +264,7 @@ async fn attempt(
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v))
             .collect(),
+        ..Default::default()
     };
     // The outgoing gate: a secret that cannot travel in a header (Basic auth) is a credential
     // problem, and is not sent.

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
-use crate::backend::{blob, service_bus, BackendRequest};
+use crate::backend::{azure_rest, blob, service_bus, BackendRequest};
 use crate::identity::{Token, TokenKey};
 use crate::inbound::{self, jwt};
 use crate::policy::prepared::{Prepared, PreparedBackend, PreparedRoute, TokenTarget};
@@ -297,6 +297,7 @@ impl Cx<'_> {
             uuid,
             now_ms,
             jwt: self.claims.as_ref(),
+            body: None,
         }
     }
 
@@ -493,6 +494,12 @@ impl Gateway {
             PreparedBackend::Blob(b) => self.call(b, &b.token, cx, io).await,
             PreparedBackend::EventHubs(eh) => self.call(eh, &eh.token, cx, io).await,
             PreparedBackend::StorageQueue(q) => self.call(q, &q.token, cx, io).await,
+            PreparedBackend::AzureRest(r) => self.call(r, &r.token, cx, io).await,
+            PreparedBackend::AzureOperation(op) => {
+                // 7. build: the handle opened; the call is the route's that started it.
+                let (rest, plan) = azure_rest::build_operation(op, &self.prepared.routes, cx, io)?;
+                self.call_planned(rest, &rest.token, plan, cx, io).await
+            }
         }
     }
 
@@ -506,6 +513,18 @@ impl Gateway {
     ) -> Result<Answer<I::Stream>, Problem> {
         // 7. build
         let plan = backend.build(cx, io).await?;
+        self.call_planned(backend, target, plan, cx, io).await
+    }
+
+    /// Phases 8 to 10 for a built plan.
+    async fn call_planned<B: Backend, I: Io>(
+        &self,
+        backend: &B,
+        target: &TokenTarget,
+        plan: B::Plan<I::Bytes>,
+        cx: &mut Cx<'_>,
+        io: &I,
+    ) -> Result<Answer<I::Stream>, Problem> {
         // 8. token
         cx.log.identity = Some(target.identity.clone());
         let grant = match io.token(target).await {
@@ -742,6 +761,28 @@ impl Backend for crate::policy::prepared::PreparedBlob {
 
     fn answer<B, S>(&self, plan: &Self::Plan<B>, reply: Reply<S>, cx: &Cx<'_>) -> Answer<S> {
         blob::answer(self, plan, reply, cx)
+    }
+}
+
+impl Backend for crate::policy::prepared::PreparedRest {
+    type Plan<B> = azure_rest::Plan<B>;
+
+    async fn build<I: Io>(&self, cx: &mut Cx<'_>, io: &I) -> Result<Self::Plan<I::Bytes>, Problem> {
+        azure_rest::build(self, cx, io).await
+    }
+
+    async fn send<I: Io>(
+        &self,
+        plan: &Self::Plan<I::Bytes>,
+        grant: &Grant,
+        cx: &mut Cx<'_>,
+        io: &I,
+    ) -> Result<Reply<I::Stream>, Problem> {
+        azure_rest::send(self, plan, grant, cx, io).await
+    }
+
+    fn answer<B, S>(&self, plan: &Self::Plan<B>, reply: Reply<S>, cx: &Cx<'_>) -> Answer<S> {
+        azure_rest::answer(self, plan, reply, cx)
     }
 }
 

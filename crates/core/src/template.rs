@@ -38,6 +38,10 @@ pub enum Var {
     Date(String),
     /// A claim of the caller's validated JWT (`{jwt.sub}`, `{jwt.oid}`).
     Jwt(String),
+    /// The caller's body as UTF-8 text (body templates of `azure_rest` routes only).
+    Body,
+    /// The caller's body in base64 (body templates of `azure_rest` routes only).
+    BodyBase64,
 }
 
 impl fmt::Display for Var {
@@ -50,6 +54,8 @@ impl fmt::Display for Var {
             Var::RequestId => f.write_str("{request_id}"),
             Var::Date(fmt_) => write!(f, "{{date:{fmt_}}}"),
             Var::Jwt(n) => write!(f, "{{jwt.{n}}}"),
+            Var::Body => f.write_str("{body}"),
+            Var::BodyBase64 => f.write_str("{body_base64}"),
         }
     }
 }
@@ -130,23 +136,35 @@ pub struct RenderContext<'a> {
     pub now_ms: f64,
     /// The claims of the caller's validated JWT, when the route checks one.
     pub jwt: Option<&'a serde_json::Map<String, serde_json::Value>>,
+    /// The caller's body, for the body templates that name it.
+    pub body: Option<&'a [u8]>,
 }
 
 impl Template {
     /// Fills the template. The error names what the request lacks (a caller's mistake: 400).
     pub fn render(&self, ctx: &RenderContext) -> Result<String, String> {
+        self.render_escaped(ctx, |value, out| out.push_str(value))
+    }
+
+    /// Fills the template, each variable's value written by `escape` (literals as they are).
+    pub fn render_escaped(
+        &self,
+        ctx: &RenderContext,
+        mut escape: impl FnMut(&str, &mut String),
+    ) -> Result<String, String> {
         let mut out = String::new();
         for part in &self.parts {
             match part {
                 Part::Literal(l) => out.push_str(l),
-                Part::Var(var) => out.push_str(&render_var(var, ctx)?),
+                Part::Var(var) => escape(&render_var(var, ctx)?, &mut out),
             }
         }
         Ok(out)
     }
 }
 
-fn render_var(var: &Var, ctx: &RenderContext) -> Result<String, String> {
+/// One variable's value for this request.
+pub fn render_var(var: &Var, ctx: &RenderContext) -> Result<String, String> {
     let find = |pairs: &[(String, String)], name: &str| {
         pairs
             .iter()
@@ -173,6 +191,15 @@ fn render_var(var: &Var, ctx: &RenderContext) -> Result<String, String> {
             }
             _ => Err(format!("the caller's token has no text claim {name}")),
         },
+        Var::Body => match ctx.body.map(std::str::from_utf8) {
+            Some(Ok(text)) => Ok(text.to_owned()),
+            Some(Err(_)) => Err("the body is not UTF-8 text".to_owned()),
+            None => Err("the request has no body".to_owned()),
+        },
+        Var::BodyBase64 => ctx
+            .body
+            .map(crate::encoding::base64)
+            .ok_or_else(|| "the request has no body".to_owned()),
     }
 }
 
@@ -196,6 +223,8 @@ fn parse_var(inner: &str) -> Result<Var, String> {
         Some(("jwt", name)) => named("jwt", name, Var::Jwt),
         None if inner == "uuid" => Ok(Var::Uuid),
         None if inner == "request_id" => Ok(Var::RequestId),
+        None if inner == "body" => Ok(Var::Body),
+        None if inner == "body_base64" => Ok(Var::BodyBase64),
         _ => Err(format!("one of {EXPECTED_VARS}, got {{{inner}}}")),
     }
 }
@@ -265,6 +294,7 @@ mod tests {
             uuid: &|| "u1".to_owned(),
             now_ms: 1_709_210_096_000.0,
             jwt: Some(&claims),
+            body: None,
         };
         assert_eq!(t.render(&ctx).unwrap(), "contoso/2024/02/2-h1-u1-r1");
         let missing = Template::parse("{query.nope}")

@@ -256,6 +256,7 @@ fn base_request(container_url: &str, encoded_name: &str, now_ms: f64) -> Backend
             ("x-ms-version".into(), API_VERSION.to_owned()),
             ("x-ms-date".into(), Utc::from_millis(now_ms).http_date()),
         ],
+        ..Default::default()
     }
 }
 

@@ -7,6 +7,7 @@
 //! and what goes on the wire. Requests are built without their bearer token, so the gate runs
 //! before a token is fetched; the edge adds `Authorization` at send time.
 
+pub mod azure_rest;
 pub mod blob;
 pub mod service_bus;
 pub mod storage_queue;
@@ -17,11 +18,13 @@ use crate::retry::RetryPolicy;
 
 /// An HTTP request to a backend, without its body (the edge streams that) and without its
 /// `Authorization` header (the edge adds the token when it sends).
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct BackendRequest {
     pub method: &'static str,
     pub url: String,
     pub headers: Vec<(String, String)>,
+    /// Reply headers (lowercase) the core reads besides the few every backend reads.
+    pub reply_headers: Vec<String>,
 }
 
 // Headers may hold caller values: print the method and URL only.
@@ -175,6 +178,16 @@ pub async fn send_retried<I: Io>(
     }
 }
 
+/// A backend's own words for the log line: control characters out, at most 300 characters.
+pub fn log_detail(text: &str) -> String {
+    text.chars()
+        .filter(|c| !c.is_control())
+        .take(300)
+        .collect::<String>()
+        .trim_end_matches(['.', ',', ' '])
+        .to_owned()
+}
+
 /// A request body that could not be read.
 pub fn unreadable(why: &str) -> Problem {
     Problem::new(
@@ -197,6 +210,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            ..Default::default()
         }
     }
 

@@ -331,6 +331,7 @@ pub fn single_request(
         method: "POST",
         url: backend.send_url.clone(),
         headers,
+        ..Default::default()
     }
 }
 
@@ -467,6 +468,7 @@ pub fn batch_request(backend: &PreparedServiceBus) -> BackendRequest {
         method: "POST",
         url: backend.send_url.clone(),
         headers: vec![("content-type".to_owned(), BATCH_CONTENT_TYPE.to_owned())],
+        ..Default::default()
     }
 }
 
@@ -744,14 +746,7 @@ fn error_detail(body: &str) -> String {
         .and_then(|(_, rest)| rest.split_once("</Detail>"))
         .map(|(d, _)| d)
         .unwrap_or("no reason given");
-    let detail = detail.split(" TrackingId:").next().unwrap_or(detail);
-    detail
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(300)
-        .collect::<String>()
-        .trim_end_matches(['.', ',', ' '])
-        .to_owned()
+    super::log_detail(detail.split(" TrackingId:").next().unwrap_or(detail))
 }
 
 #[cfg(test)]
@@ -789,6 +784,7 @@ mod tests {
             uuid: &uuid,
             now_ms: 0.0,
             jwt: None,
+            body: None,
         };
         f(&ctx)
     }

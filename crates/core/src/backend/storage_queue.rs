@@ -84,6 +84,7 @@ pub fn send_request(send_url: &str, now_ms: f64) -> BackendRequest {
             ("x-ms-date".into(), Utc::from_millis(now_ms).http_date()),
             ("content-type".into(), CONTENT_TYPE.to_owned()),
         ],
+        ..Default::default()
     }
 }
 

@@ -448,6 +448,117 @@ pub enum Backend {
     EventHubs(EventHubsBackend),
     /// Put messages on a Storage queue.
     StorageQueue(StorageQueueBackend),
+    /// Any Azure REST API: one request to a URL whose host the policy fixes.
+    AzureRest(AzureRestBackend),
+    /// The status of long-running operations started through `azure_rest` routes: the caller
+    /// follows the `Location` the gateway answered with, never Azure's own URL.
+    AzureOperation(AzureOperationBackend),
+}
+
+/// One call to an Azure REST API per request, with the identity's token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AzureRestBackend {
+    /// The URL, e.g. `https://management.azure.com/subscriptions/{path.sub}/resourceGroups/{path.rg}/providers/Microsoft.Web/sites/{path.site}/restart`.
+    /// Scheme and host are fixed: an Azure API host of the policy's cloud or an origin listed
+    /// in `local_endpoints`. A template variable fills a whole path segment or a whole query
+    /// value, and is percent-encoded: no caller value can change the host or add a path level.
+    pub url: String,
+    /// The API version, pinned: sent as `api-version` (or `x-ms-version` to Storage). Required
+    /// by services that version every call (Resource Manager, Key Vault, Storage, …); not
+    /// allowed where the version is in the path (Microsoft Graph).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    /// The identity whose token is sent.
+    pub identity: String,
+    /// Token audience; default the one the URL's service documents (Resource Manager's for
+    /// `management.azure.com`, `https://vault.azure.net` for Key Vault, …). Required for a
+    /// local endpoint. Another audience must be one the service accepts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    /// The method sent to Azure; default the caller's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<Method>,
+    /// Fixed request headers: name → template.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// Caller request headers passed on as they are (names, case-insensitive); no others are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_headers: Vec<String>,
+    /// Caller query parameters passed on (names); no others are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query: Vec<String>,
+    /// What is sent as the body. Default: the caller's body (held whole, up to
+    /// `max_body_bytes`), with its `Content-Type`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<RestBody>,
+    /// Largest caller body accepted, in bytes (413 above it). Default 1048576 (1 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u64>,
+    /// Reply headers passed back besides `Content-Type`, `ETag`, `Last-Modified`,
+    /// `Retry-After` and `x-ms-request-id` (names, case-insensitive); no others are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub response_headers: Vec<String>,
+    /// Azure's error answers: `problem` (default) maps them to problem+json naming Azure's error
+    /// code (its message goes to the log line); `pass` passes status, `x-ms-error-code` and body.
+    #[serde(default)]
+    pub errors: ErrorMode,
+    /// Keep only these JSON pointers (`/properties/state`) of a successful JSON answer of at
+    /// most 64 KiB; the rest is never sent to the caller.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub project: Vec<String>,
+    /// Time limit of one call, in milliseconds (for a reply streamed back: of no bytes moving).
+    /// Default 30000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u32>,
+}
+
+/// The body an `azure_rest` route sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RestBody {
+    /// The caller's body, held whole (so a throttled call can be sent again).
+    Caller,
+    /// The caller's body streamed through untouched (never retried); for large bodies.
+    Stream,
+    /// No body.
+    None,
+    /// A JSON body (`application/json`) written as JSON here: every string in it is a template
+    /// (`"{path.site}"`, `"{body}"`), filled and escaped as a JSON string.
+    Json(serde_json::Value),
+    /// A body built from a text template: JSON or XML by its content type, each value escaped
+    /// for it (write `{{` and `}}` for literal braces). Besides the usual variables, `{body}`
+    /// is the caller's body as text and `{body_base64}` its bytes in base64 (in a `json` body
+    /// too).
+    Template {
+        content_type: String,
+        template: String,
+    },
+}
+
+/// How Azure's error answers reach the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorMode {
+    #[default]
+    Problem,
+    Pass,
+}
+
+/// Where callers follow long-running operations (Resource Manager's `202` with
+/// `Azure-AsyncOperation` or `Location`). The route's path has one parameter, `{operation}`,
+/// and its method is GET. The gateway answers a `202` of the routes in `of` with a `Location`
+/// on this route holding a signed handle of Azure's URL; a GET here checks the handle and asks
+/// Azure, as the route that started the operation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AzureOperationBackend {
+    /// Names of the `azure_rest` routes whose operations this route follows.
+    pub of: Vec<String>,
 }
 
 /// A Service Bus queue or topic.

@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::model::*;
+use crate::backend::azure_rest::{BodyFormat, RestUrl};
 use crate::identity::TokenKey;
 use crate::inbound::ip::Cidr;
 use crate::routing::{PathTemplate, Router};
@@ -70,12 +71,127 @@ pub struct PreparedKey {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+// Built once per isolate and never moved on a request path: variant sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum PreparedBackend {
     ServiceBus(PreparedServiceBus),
     Blob(PreparedBlob),
     /// An event hub: Service Bus's REST send, of the Event Hubs flavour.
     EventHubs(PreparedServiceBus),
     StorageQueue(PreparedStorageQueue),
+    AzureRest(PreparedRest),
+    AzureOperation(PreparedOperation),
+}
+
+/// An `azure_rest` route's call, prepared.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PreparedRest {
+    pub url: RestUrl,
+    pub api_version: ApiVersion,
+    /// The method sent; `None`: the caller's.
+    pub method: Option<Method>,
+    /// Fixed headers (lowercase names) and their templates.
+    pub headers: Vec<(String, Template)>,
+    /// Caller headers passed on (lowercase).
+    pub request_headers: Vec<String>,
+    /// Caller query parameters passed on.
+    pub query: Vec<String>,
+    pub body: RestBodyPlan,
+    pub max_body_bytes: u64,
+    /// Reply headers passed back (lowercase): the defaults and the route's.
+    pub response_headers: Vec<String>,
+    /// Reply headers the edge hands the core beyond its usual few: the above and the
+    /// long-running operation headers.
+    pub reply_headers: Vec<String>,
+    pub errors: ErrorMode,
+    pub project: Vec<String>,
+    pub timeout_ms: u32,
+    pub token: TokenTarget,
+    /// The path of the `azure_operation` route that follows this route's operations, with
+    /// `{operation}` where the handle goes.
+    pub operation_path: Option<String>,
+    /// The Worker secrets whose values sign operation handles (the identity's current and
+    /// next secret): handles are signed with the first and accepted with either.
+    pub handle_secrets: Vec<String>,
+}
+
+/// How the API version travels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ApiVersion {
+    None,
+    Query(String),
+    Header(String),
+}
+
+/// The body an `azure_rest` route sends, prepared.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum RestBodyPlan {
+    Caller,
+    Stream,
+    None,
+    Template {
+        content_type: String,
+        format: BodyFormat,
+        template: Template,
+    },
+    /// A JSON document whose strings are templates: the document with the strings that hold no
+    /// variable already in place, and where each other string goes.
+    Json {
+        skeleton: serde_json::Value,
+        leaves: Vec<(String, Template)>,
+    },
+}
+
+impl RestBodyPlan {
+    /// The variables the body uses.
+    pub fn vars(&self) -> Vec<&crate::template::Var> {
+        match self {
+            RestBodyPlan::Template { template, .. } => template.vars().collect(),
+            RestBodyPlan::Json { leaves, .. } => {
+                leaves.iter().flat_map(|(_, t)| t.vars()).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The strings of a JSON document as templates, by JSON pointer; strings without a variable
+/// are replaced by their text (`{{` read as `{`). The error names the pointer.
+pub fn json_templates(
+    value: &mut serde_json::Value,
+    at: &str,
+    out: &mut Vec<(String, Template)>,
+) -> Result<(), String> {
+    use serde_json::Value;
+    match value {
+        Value::String(text) => {
+            let template = Template::parse(text).map_err(|e| format!("{at}: {e}"))?;
+            if template.vars().next().is_some() {
+                out.push((at.to_owned(), template));
+            } else {
+                *text = template.literals().collect();
+            }
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                json_templates(item, &format!("{at}/{i}"), out)?;
+            }
+        }
+        Value::Object(map) => {
+            for (key, item) in map.iter_mut() {
+                let token = key.replace('~', "~0").replace('/', "~1");
+                json_templates(item, &format!("{at}/{token}"), out)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// An `azure_operation` route: the indices (in `Prepared::routes`) of the routes it follows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PreparedOperation {
+    pub of: Vec<usize>,
 }
 
 /// The identity a backend's requests carry a token of.
@@ -289,6 +405,25 @@ mod compile {
                     token: target(&q.identity, q.audience())?,
                     config: q.clone(),
                 }),
+                Backend::AzureRest(r) => PreparedBackend::AzureRest(prepare_rest(
+                    policy,
+                    route,
+                    r,
+                    target(&r.identity, &r.audience(policy.cloud))?,
+                )?),
+                Backend::AzureOperation(o) => PreparedBackend::AzureOperation(PreparedOperation {
+                    of: o
+                        .of
+                        .iter()
+                        .map(|name| {
+                            policy
+                                .routes
+                                .iter()
+                                .position(|r| &r.name == name)
+                                .ok_or_else(|| format!("no route {name}"))
+                        })
+                        .collect::<Result<_, String>>()?,
+                }),
                 Backend::Blob(b) => PreparedBackend::Blob(PreparedBlob {
                     container_url: format!("{}/{}", b.base_url(policy.cloud), b.container),
                     name: template(&b.blob)?,
@@ -316,6 +451,92 @@ mod compile {
             identities: policy.identities.clone(),
             router: Router::new(&policy.routes),
             routes,
+        })
+    }
+
+    /// An `azure_rest` route's call: URL parsed, version placed, headers and body prepared.
+    fn prepare_rest(
+        policy: &Policy,
+        route: &Route,
+        r: &AzureRestBackend,
+        token: TokenTarget,
+    ) -> Result<PreparedRest, String> {
+        use crate::backend::azure_rest as rest;
+        use crate::policy::cloud::Versioning;
+        let url = RestUrl::parse(&r.url)?;
+        let service = r
+            .service(policy.cloud)
+            .ok_or("no Azure service for the URL")?;
+        let api_version = match (service.versioning, &r.api_version) {
+            (Versioning::Header, Some(v)) => ApiVersion::Header(v.clone()),
+            (_, Some(v)) => ApiVersion::Query(v.clone()),
+            (_, None) => ApiVersion::None,
+        };
+        let body = match &r.body {
+            None | Some(RestBody::Caller) => RestBodyPlan::Caller,
+            Some(RestBody::Stream) => RestBodyPlan::Stream,
+            Some(RestBody::None) => RestBodyPlan::None,
+            Some(RestBody::Json(document)) => {
+                let mut skeleton = document.clone();
+                let mut leaves = Vec::new();
+                json_templates(&mut skeleton, "", &mut leaves)?;
+                RestBodyPlan::Json { skeleton, leaves }
+            }
+            Some(RestBody::Template {
+                content_type,
+                template,
+            }) => RestBodyPlan::Template {
+                content_type: content_type.clone(),
+                format: BodyFormat::of(content_type).ok_or("a JSON or XML content type")?,
+                template: Template::parse(template)?,
+            },
+        };
+        let lower = |names: &[String]| -> Vec<String> {
+            names.iter().map(|n| n.to_ascii_lowercase()).collect()
+        };
+        let mut response_headers: Vec<String> = rest::DEFAULT_RESPONSE_HEADERS
+            .iter()
+            .map(|h| h.to_string())
+            .collect();
+        if r.errors == ErrorMode::Pass {
+            response_headers.push("x-ms-error-code".to_owned());
+        }
+        for name in lower(&r.response_headers) {
+            if !response_headers.contains(&name) {
+                response_headers.push(name);
+            }
+        }
+        let mut reply_headers = response_headers.clone();
+        reply_headers.extend(["location".to_owned(), "azure-asyncoperation".to_owned()]);
+        let operation_path = policy.routes.iter().find_map(|other| match &other.backend {
+            Backend::AzureOperation(o) if o.of.contains(&route.name) => Some(other.path.clone()),
+            _ => None,
+        });
+        let identity = policy
+            .identities
+            .get(&r.identity)
+            .ok_or_else(|| format!("no identity {}", r.identity))?;
+        Ok(PreparedRest {
+            url,
+            api_version,
+            method: r.method,
+            headers: r
+                .headers
+                .iter()
+                .map(|(k, v)| Ok((k.to_ascii_lowercase(), Template::parse(v)?)))
+                .collect::<Result<_, String>>()?,
+            request_headers: lower(&r.request_headers),
+            query: r.query.clone(),
+            body,
+            max_body_bytes: r.max_body_bytes.unwrap_or(rest::DEFAULT_MAX_BODY_BYTES),
+            response_headers,
+            reply_headers,
+            errors: r.errors,
+            project: r.project.clone(),
+            timeout_ms: r.timeout_ms.unwrap_or(rest::DEFAULT_TIMEOUT_MS),
+            token,
+            operation_path,
+            handle_secrets: identity.secret_names(),
         })
     }
 

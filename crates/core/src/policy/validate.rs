@@ -338,6 +338,7 @@ fn check_route(
         params: template.iter().flat_map(|t| t.params()).collect(),
         path_ok: template.is_some(),
         jwt: c.policy.effective_inbound(route).jwt.is_some(),
+        body: false,
     };
     match &route.backend {
         Backend::ServiceBus(sb) => check_service_bus(
@@ -367,6 +368,14 @@ fn check_route(
             q,
             unreadable_identities,
         ),
+        Backend::AzureRest(rest) => check_azure_rest(
+            c,
+            &format!("{at}.backend.azure_rest"),
+            rest,
+            &scope,
+            unreadable_identities,
+        ),
+        Backend::AzureOperation(op) => check_azure_operation(c, at, route, op, template.as_ref()),
     }
     template
 }
@@ -897,7 +906,26 @@ fn check_template(c: &mut Checker, at: &str, text: &str, scope: &Scope) -> Optio
             return None;
         }
     };
-    for var in template.vars() {
+    if let Some(var) = template
+        .vars()
+        .find(|v| matches!(v, Var::Body | Var::BodyBase64))
+    {
+        if !scope.body {
+            c.err(
+                at,
+                format!("{var} only in the body template of an azure_rest route"),
+            );
+        }
+    }
+    check_vars(c, at, template.vars(), scope);
+    Some(template)
+}
+
+/// Checks that each `{path.NAME}` names a parameter of the route's path and that `{jwt.…}`
+/// is used only where a JWT is checked.
+fn check_vars<'v>(c: &mut Checker, at: &str, vars: impl Iterator<Item = &'v Var>, scope: &Scope) {
+    let vars: Vec<&Var> = vars.collect();
+    for &var in &vars {
         if let Var::Path(name) = var {
             if scope.path_ok && !scope.params.contains(name.as_str()) {
                 let have: Vec<&str> = scope.params.iter().copied().collect();
@@ -916,21 +944,23 @@ fn check_template(c: &mut Checker, at: &str, text: &str, scope: &Scope) -> Optio
         }
     }
     if !scope.jwt {
-        if let Some(var) = template.vars().find(|v| matches!(v, Var::Jwt(_))) {
+        if let Some(var) = vars.iter().find(|v| matches!(v, Var::Jwt(_))) {
             c.err(
                 at,
                 format!("{{jwt.CLAIM}} only on a route with a \"jwt\" inbound check, got {var}"),
             );
         }
     }
-    Some(template)
 }
 
-/// What a route's templates may name: its path parameters, and JWT claims when it checks a JWT.
+/// What a route's templates may name: its path parameters, JWT claims when it checks a JWT,
+/// and the body in an `azure_rest` body template.
+#[derive(Clone)]
 struct Scope<'a> {
     params: BTreeSet<&'a str>,
     path_ok: bool,
     jwt: bool,
+    body: bool,
 }
 
 fn check_blob_template(c: &mut Checker, at: &str, text: &str, scope: &Scope) {
@@ -1035,6 +1065,306 @@ fn check_overlaps(
         ));
     }
     c.errors.extend(errors);
+}
+
+/// An `azure_rest` route: the host is an Azure API host of the cloud (or a local endpoint), the
+/// audience one its service accepts, the API version pinned where the service versions calls,
+/// caller values only in whole path segments and query values, headers and query names from
+/// allow-lists that cannot reach what the gateway sets.
+fn check_azure_rest(
+    c: &mut Checker,
+    at: &str,
+    rest: &AzureRestBackend,
+    scope: &Scope,
+    unreadable: &BTreeSet<String>,
+) {
+    use crate::backend::azure_rest::{self as ar, BodyFormat, RestUrl};
+    use crate::policy::cloud::Versioning;
+    let cloud = c.policy.cloud;
+    check_identity_ref(c, at, &rest.identity, unreadable);
+    let url = match RestUrl::parse(&rest.url) {
+        Ok(url) => url,
+        Err(e) => return c.err(format!("{at}.url"), e),
+    };
+    check_vars(c, &format!("{at}.url"), url.vars(), scope);
+    let local = Url::parse(&url.origin).is_some_and(|u| c.is_local(&u));
+    let service = if local {
+        let Some(audience) = &rest.audience else {
+            return c.err(
+                format!("{at}.audience"),
+                "an audience for a local endpoint: the one of the Azure service it stands in for, e.g. \"https://management.azure.com/\"",
+            );
+        };
+        match cloud.service_for_audience(audience) {
+            Some(service) => service,
+            None => {
+                let known: Vec<&str> = cloud
+                    .services()
+                    .iter()
+                    .flat_map(|s| s.audiences.iter().copied())
+                    .collect();
+                return c.err(
+                    format!("{at}.audience"),
+                    format!(
+                        "the audience of an Azure service of this cloud ({}), got \"{audience}\"",
+                        known.join(", ")
+                    ),
+                );
+            }
+        }
+    } else {
+        let https = url.origin.starts_with("https://")
+            && Url::parse(&url.origin).is_some_and(|u| u.port.is_none_or(|p| p == 443));
+        match cloud.service_at(&url.host).filter(|_| https) {
+            Some(service) => service,
+            None => {
+                let hosts: Vec<String> =
+                    cloud.services().iter().map(|s| s.host.describe()).collect();
+                return c.err(
+                    format!("{at}.url"),
+                    format!(
+                        "an https:// URL on an Azure API host of this cloud ({}) or an origin listed in local_endpoints, got \"{}\"",
+                        hosts.join(", "),
+                        url.origin
+                    ),
+                );
+            }
+        }
+    };
+    if let Some(audience) = &rest.audience {
+        if !service.accepts(audience, &url.origin) {
+            let mut accepted: Vec<String> =
+                service.audiences.iter().map(|a| a.to_string()).collect();
+            if service.origin_audience && !local {
+                accepted.push(url.origin.clone());
+            }
+            c.err(
+                format!("{at}.audience"),
+                format!(
+                    "an audience {} accepts: {}, got \"{audience}\"",
+                    service.name,
+                    accepted.join(" or ")
+                ),
+            );
+        }
+    }
+    match (service.versioning, &rest.api_version) {
+        (Versioning::Query | Versioning::Header, None) => c.err(
+            format!("{at}.api_version"),
+            format!(
+                "a pinned API version: {} versions every call (e.g. \"{}\")",
+                service.name,
+                if service.versioning == Versioning::Header {
+                    "2021-08-06"
+                } else {
+                    "2022-09-01"
+                }
+            ),
+        ),
+        (Versioning::Path, Some(_)) => c.err(
+            format!("{at}.api_version"),
+            format!(
+                "no api_version: {} takes its version in the path (e.g. /v1.0/)",
+                service.name
+            ),
+        ),
+        (_, Some(v))
+            if v.is_empty()
+                || v.len() > 32
+                || !v
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.')) =>
+        {
+            c.err(
+                format!("{at}.api_version"),
+                format!("an API version such as \"2022-09-01\" or \"7.4\", got \"{v}\""),
+            )
+        }
+        _ => {}
+    }
+    let reserved =
+        |name: &str| ar::RESERVED_REQUEST_HEADERS.contains(&name.to_ascii_lowercase().as_str());
+    for (name, text) in &rest.headers {
+        let path = format!("{at}.headers.{name}");
+        if !is_header_name(name) || reserved(name) {
+            c.err(&path, format!("a header name that HTTP, the token or the gateway does not set ({}), got \"{name}\"", ar::RESERVED_REQUEST_HEADERS.join(", ")));
+        }
+        check_template(c, &path, text, scope);
+    }
+    for (i, name) in rest.request_headers.iter().enumerate() {
+        let path = format!("{at}.request_headers[{i}]");
+        if !is_header_name(name) || reserved(name) {
+            c.err(&path, format!("a header name that HTTP, the token or the gateway does not set ({}), got \"{name}\"", ar::RESERVED_REQUEST_HEADERS.join(", ")));
+        } else if rest.headers.keys().any(|h| h.eq_ignore_ascii_case(name)) {
+            c.err(
+                &path,
+                format!("a header the route does not set itself in \"headers\", got \"{name}\""),
+            );
+        }
+    }
+    for (i, name) in rest.query.iter().enumerate() {
+        let path = format!("{at}.query[{i}]");
+        if name.is_empty()
+            || name.eq_ignore_ascii_case("api-version")
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'$'))
+        {
+            c.err(&path, format!("a query parameter name of letters, digits, '-', '_', '.' or '$', not api-version, got \"{name}\""));
+        } else if url.query.iter().any(|(n, _)| n == name) {
+            c.err(
+                &path,
+                format!("a parameter the URL does not fix itself, got \"{name}\""),
+            );
+        }
+    }
+    for (i, name) in rest.response_headers.iter().enumerate() {
+        if !is_header_name(name)
+            || ar::GATEWAY_REPLY_HEADERS.contains(&name.to_ascii_lowercase().as_str())
+        {
+            c.err(
+                format!("{at}.response_headers[{i}]"),
+                format!(
+                    "a header name the gateway does not set or rewrite itself ({}), got \"{name}\"",
+                    ar::GATEWAY_REPLY_HEADERS.join(", ")
+                ),
+            );
+        }
+    }
+    if let Some(RestBody::Template {
+        content_type,
+        template,
+    }) = &rest.body
+    {
+        let path = format!("{at}.body.template");
+        match BodyFormat::of(content_type) {
+            None => c.err(
+                format!("{at}.body.template.content_type"),
+                format!("a JSON or XML media type (application/json, application/xml, …+json, …+xml), got \"{content_type}\""),
+            ),
+            Some(format) => {
+                if !crate::backend::is_header_value(content_type) {
+                    c.err(format!("{at}.body.template.content_type"), "a media type of printable ASCII");
+                }
+                let body_scope = Scope { body: true, ..scope.clone() };
+                if let Some(parsed) = check_template(c, &path, template, &body_scope) {
+                    // A JSON template must be JSON whatever the values (each is escaped into a
+                    // string, so a variable belongs inside quotes).
+                    let sample: String = parsed
+                        .parts
+                        .iter()
+                        .map(|p| match p {
+                            crate::template::Part::Literal(l) => l.clone(),
+                            crate::template::Part::Var(_) => "x".to_owned(),
+                        })
+                        .collect();
+                    if format == BodyFormat::Json && serde_json::from_str::<serde_json::Value>(&sample).is_err() {
+                        c.err(&path, "a JSON document with each variable inside a string, e.g. {\"name\": \"{path.site}\"}");
+                    }
+                }
+            }
+        }
+    }
+    if let Some(RestBody::Json(document)) = &rest.body {
+        let mut skeleton = document.clone();
+        let mut leaves = Vec::new();
+        match crate::policy::prepared::json_templates(&mut skeleton, "", &mut leaves) {
+            Err(e) => c.err(format!("{at}.body.json"), e),
+            Ok(()) => {
+                let body_scope = Scope {
+                    body: true,
+                    ..scope.clone()
+                };
+                for (pointer, template) in &leaves {
+                    check_vars(
+                        c,
+                        &format!("{at}.body.json{pointer}"),
+                        template.vars(),
+                        &body_scope,
+                    );
+                }
+            }
+        }
+    }
+    if let Some(max) = rest.max_body_bytes {
+        if !(1..=104_857_600).contains(&max) {
+            c.err(
+                format!("{at}.max_body_bytes"),
+                format!("a size between 1 and 104857600 bytes (100 MiB), got {max}"),
+            );
+        }
+    }
+    if let Some(ms) = rest.timeout_ms {
+        if !(1_000..=300_000).contains(&ms) {
+            c.err(
+                format!("{at}.timeout_ms"),
+                format!("a time limit between 1000 and 300000 ms, got {ms}"),
+            );
+        }
+    }
+    for (i, pointer) in rest.project.iter().enumerate() {
+        if !pointer.starts_with('/') || pointer.contains("~2") {
+            c.err(
+                format!("{at}.project[{i}]"),
+                format!("a JSON pointer such as \"/properties/state\", got \"{pointer}\""),
+            );
+        }
+    }
+}
+
+/// An `azure_operation` route: GET only, one path parameter `{operation}`, following
+/// `azure_rest` routes that no other operation route follows.
+fn check_azure_operation(
+    c: &mut Checker,
+    at: &str,
+    route: &Route,
+    op: &AzureOperationBackend,
+    template: Option<&PathTemplate>,
+) {
+    if route.methods != [Method::Get] {
+        c.err(
+            format!("{at}.methods"),
+            "[\"GET\"]: callers follow an operation with GET",
+        );
+    }
+    if let Some(t) = template {
+        let params: Vec<&str> = t.params().collect();
+        if params != ["operation"] {
+            c.err(
+                format!("{at}.path"),
+                format!("a path with one parameter, {{operation}}, e.g. \"/operations/{{operation}}\", got \"{}\"", route.path),
+            );
+        }
+    }
+    let at = format!("{at}.backend.azure_operation");
+    if op.of.is_empty() {
+        c.err(
+            format!("{at}.of"),
+            "the names of the azure_rest routes whose operations this route follows",
+        );
+    }
+    for (i, name) in op.of.iter().enumerate() {
+        let target = c.policy.routes.iter().find(|r| &r.name == name);
+        if !matches!(target.map(|r| &r.backend), Some(Backend::AzureRest(_))) {
+            c.err(
+                format!("{at}.of[{i}]"),
+                format!("the name of an azure_rest route, got \"{name}\""),
+            );
+            continue;
+        }
+        let followers = c
+            .policy
+            .routes
+            .iter()
+            .filter(|r| matches!(&r.backend, Backend::AzureOperation(o) if o.of.contains(name)))
+            .count();
+        if followers > 1 {
+            c.err(
+                format!("{at}.of[{i}]"),
+                format!("a route no other azure_operation route follows, got \"{name}\""),
+            );
+        }
+    }
 }
 
 fn is_name(s: &str) -> bool {

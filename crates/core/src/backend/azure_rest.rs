@@ -1,0 +1,1173 @@
+//! The `azure_rest` backend: a caller's request becomes one request to an Azure REST API, with
+//! the identity's token, and Azure's answer comes back (headers from an allow-list, errors
+//! passed or mapped, long-running operations followed through the gateway).
+//!
+//! The URL is fixed at build time except for whole path segments and whole query values, which
+//! are percent-encoded here: a caller value can neither change the scheme, host or port nor add
+//! a path level (`/`, `\`, `.` and `..` as a segment are refused). Every request then passes
+//! the outgoing gate like any other backend's.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{send_retried, BackendRequest, Verdict};
+use crate::pipeline::{Answer, AnswerBody, Cx, Grant, Io, Limit, OutBody, Reply, SendError};
+use crate::policy::prepared::{PreparedOperation, PreparedRest, RestBodyPlan};
+
+use crate::policy::ErrorMode;
+use crate::problem::Problem;
+use crate::template::{render_var, RenderContext, Template, Var};
+use crate::time::Utc;
+
+/// Default largest caller body held whole (1 MiB).
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 1024 * 1024;
+/// Default time limit of one call.
+pub const DEFAULT_TIMEOUT_MS: u32 = 30_000;
+/// Reply headers every `azure_rest` route passes back.
+pub const DEFAULT_RESPONSE_HEADERS: &[&str] = &[
+    "content-type",
+    "etag",
+    "last-modified",
+    "retry-after",
+    "x-ms-request-id",
+];
+/// Reply headers the gateway itself rewrites or must never pass.
+pub const GATEWAY_REPLY_HEADERS: &[&str] = &[
+    "location",
+    "azure-asyncoperation",
+    "operation-location",
+    "set-cookie",
+    "www-authenticate",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+];
+/// Request headers a route may neither set nor pass: HTTP's own, the token, and what the
+/// gateway sets (the API version, the date, the body's type and length).
+pub const RESERVED_REQUEST_HEADERS: &[&str] = &[
+    "authorization",
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "proxy-authorization",
+    "x-ms-version",
+    "x-ms-date",
+    "cookie",
+];
+/// How long an operation handle the gateway hands out stays valid.
+pub const OPERATION_HANDLE_TTL_S: f64 = 24.0 * 3600.0;
+/// Largest answer a projection reads.
+pub const MAX_PROJECTED_BYTES: usize = 64 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// The URL
+
+/// A URL template, parsed at build time: a fixed origin, path segments and query values that
+/// are either fixed or one whole variable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestUrl {
+    /// `scheme://host[:port]`, as written.
+    pub origin: String,
+    pub host: String,
+    pub segments: Vec<UrlPart>,
+    pub query: Vec<(String, UrlPart)>,
+    /// The URL ended with `/`.
+    pub trailing_slash: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum UrlPart {
+    /// Fixed text, already valid in its place.
+    Fixed(String),
+    Var(Var),
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// Whether fixed text is valid in a path segment or query part as it is (RFC 3986 pchar,
+/// `%XX` escapes included, plus `/` and `?` in query values).
+fn is_fixed_text(text: &str, query: bool) -> bool {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            let hex = |j: usize| bytes.get(j).is_some_and(u8::is_ascii_hexdigit);
+            if !(hex(i + 1) && hex(i + 2)) {
+                return false;
+            }
+            i += 3;
+            continue;
+        }
+        let ok = is_unreserved(b)
+            || b"!$'()*+,;:@".contains(&b)
+            || (query && matches!(b, b'/' | b'?'))
+            || (!query && matches!(b, b'=' | b'&'));
+        if !ok {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+fn part(text: &str, query: bool, what: &str) -> Result<UrlPart, String> {
+    if text.contains(['{', '}']) {
+        let template = Template::parse(text)?;
+        return match template.parts.as_slice() {
+            [crate::template::Part::Var(var)] => {
+                if matches!(var, Var::Body | Var::BodyBase64) {
+                    Err(format!("no {var} in the URL (it may only be used in a body template)"))
+                } else {
+                    Ok(UrlPart::Var(var.clone()))
+                }
+            }
+            _ => Err(format!(
+                "a {what} that is fixed text or one whole variable such as {{path.name}}, got \"{text}\""
+            )),
+        };
+    }
+    if !is_fixed_text(text, query) {
+        return Err(format!(
+            "a {what} of URL characters (percent-encode others), got \"{text}\""
+        ));
+    }
+    Ok(UrlPart::Fixed(text.to_owned()))
+}
+
+impl RestUrl {
+    /// Parses a URL template. The error says what was expected.
+    pub fn parse(url: &str) -> Result<RestUrl, String> {
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| format!("an absolute https:// URL, got \"{url}\""))?;
+        if !matches!(scheme, "https" | "http") {
+            return Err(format!("an https:// URL, got \"{url}\""));
+        }
+        if url.contains('#') {
+            return Err(format!("a URL without a fragment ('#'), got \"{url}\""));
+        }
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let authority = &rest[..authority_end];
+        if authority.contains(['{', '}']) {
+            return Err(format!(
+                "a URL whose host is fixed: template variables may fill path segments and query values only, got \"{url}\""
+            ));
+        }
+        let host = match authority.strip_prefix('[') {
+            Some(v6) => v6.split_once(']').map(|(h, _)| h),
+            None => Some(authority.rsplit_once(':').map_or(authority, |(h, _)| h)),
+        }
+        .filter(|h| {
+            !h.is_empty()
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
+        })
+        .ok_or_else(|| {
+            format!("a URL with a plain host name or address and no user info, got \"{url}\"")
+        })?;
+        let after = &rest[authority_end..];
+        let (path, query) = after.split_once('?').unwrap_or((after, ""));
+        let mut segments = Vec::new();
+        let trailing_slash = path.len() > 1 && path.ends_with('/');
+        let inner = path.trim_start_matches('/');
+        let inner = inner.strip_suffix('/').unwrap_or(inner);
+        if !inner.is_empty() {
+            for segment in inner.split('/') {
+                if segment.is_empty() || segment == "." || segment == ".." {
+                    return Err(format!(
+                        "a path without empty, '.' or '..' segments, got \"{path}\""
+                    ));
+                }
+                segments.push(part(segment, false, "path segment")?);
+            }
+        }
+        let mut pairs = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if name.contains(['{', '}']) || !is_fixed_text(name, true) || name.is_empty() {
+                return Err(format!(
+                    "query parameter names that are fixed text, got \"{name}\""
+                ));
+            }
+            if name.eq_ignore_ascii_case("api-version") {
+                return Err(
+                    "no api-version in the URL: set \"api_version\" (it is pinned and checked)"
+                        .to_owned(),
+                );
+            }
+            pairs.push((name.to_owned(), part(value, true, "query value")?));
+        }
+        Ok(RestUrl {
+            origin: format!("{scheme}://{authority}"),
+            host: host.to_ascii_lowercase(),
+            segments,
+            query: pairs,
+            trailing_slash,
+        })
+    }
+
+    /// The variables the URL uses.
+    pub fn vars(&self) -> impl Iterator<Item = &Var> {
+        self.segments
+            .iter()
+            .chain(self.query.iter().map(|(_, p)| p))
+            .filter_map(|p| match p {
+                UrlPart::Var(v) => Some(v),
+                UrlPart::Fixed(_) => None,
+            })
+    }
+
+    /// The URL's shape for people: `{path.site}` where a caller value goes.
+    pub fn shape(&self) -> String {
+        let mut out = self.origin.clone();
+        for segment in &self.segments {
+            out.push('/');
+            match segment {
+                UrlPart::Fixed(t) => out.push_str(t),
+                UrlPart::Var(v) => out.push_str(&v.to_string()),
+            }
+        }
+        if self.trailing_slash {
+            out.push('/');
+        }
+        for (i, (name, value)) in self.query.iter().enumerate() {
+            out.push(if i == 0 { '?' } else { '&' });
+            out.push_str(name);
+            out.push('=');
+            match value {
+                UrlPart::Fixed(t) => out.push_str(t),
+                UrlPart::Var(v) => out.push_str(&v.to_string()),
+            }
+        }
+        out
+    }
+
+    /// The URL for one request: every caller value percent-encoded; a path value that is
+    /// empty, `.` or `..`, or holds `/` or `\`, is refused (it would change the path's shape).
+    pub fn render(
+        &self,
+        ctx: &RenderContext,
+        extra_query: &[(&str, &str)],
+    ) -> Result<String, Problem> {
+        let mut out = self.origin.clone();
+        for segment in &self.segments {
+            out.push('/');
+            match segment {
+                UrlPart::Fixed(t) => out.push_str(t),
+                UrlPart::Var(var) => {
+                    let value = render_var(var, ctx).map_err(|m| missing(&m))?;
+                    if value.is_empty()
+                        || value == "."
+                        || value == ".."
+                        || value.contains(['/', '\\'])
+                    {
+                        return Err(bad_path_value(var));
+                    }
+                    percent_encode(&value, &mut out);
+                }
+            }
+        }
+        if self.trailing_slash {
+            out.push('/');
+        }
+        let mut first = true;
+        let mut sep = |out: &mut String| {
+            out.push(if first { '?' } else { '&' });
+            first = false;
+        };
+        for (name, value) in &self.query {
+            sep(&mut out);
+            out.push_str(name);
+            out.push('=');
+            match value {
+                UrlPart::Fixed(t) => out.push_str(t),
+                UrlPart::Var(var) => {
+                    let value = render_var(var, ctx).map_err(|m| missing(&m))?;
+                    percent_encode(&value, &mut out);
+                }
+            }
+        }
+        for (name, value) in extra_query {
+            sep(&mut out);
+            percent_encode(name, &mut out);
+            out.push('=');
+            percent_encode(value, &mut out);
+        }
+        Ok(out)
+    }
+}
+
+/// Percent-encodes every byte but RFC 3986's unreserved characters.
+pub fn percent_encode(value: &str, out: &mut String) {
+    for b in value.bytes() {
+        if is_unreserved(b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+}
+
+fn missing(what: &str) -> Problem {
+    Problem::new(
+        400,
+        "missing-request-value",
+        "The request lacks a value this route needs",
+        format!("This route builds its Azure request from the request, but {what}."),
+    )
+}
+
+fn bad_path_value(var: &Var) -> Problem {
+    Problem::new(
+        400,
+        "bad-path-value",
+        "A value cannot be used as a path segment",
+        format!("The value of {var} fills one segment of the Azure URL: it must not be empty, '.' or '..', nor contain '/' or '\\'. Nothing was sent."),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bodies built from templates
+
+/// How a body template's values are escaped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BodyFormat {
+    Json,
+    Xml,
+}
+
+impl BodyFormat {
+    /// The format of a media type, when a template can build it.
+    pub fn of(content_type: &str) -> Option<BodyFormat> {
+        let essence = content_type
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        if essence == "application/json" || essence.ends_with("+json") {
+            Some(BodyFormat::Json)
+        } else if essence == "application/xml" || essence == "text/xml" || essence.ends_with("+xml")
+        {
+            Some(BodyFormat::Xml)
+        } else {
+            None
+        }
+    }
+
+    /// Writes `value` escaped for a string in this format (a JSON string's inside, XML text).
+    pub fn escape(self, value: &str, out: &mut String) {
+        match self {
+            BodyFormat::Json => {
+                let quoted = serde_json::to_string(value).unwrap_or_default();
+                out.push_str(&quoted[1..quoted.len() - 1]);
+            }
+            BodyFormat::Xml => {
+                for c in value.chars() {
+                    match c {
+                        '&' => out.push_str("&amp;"),
+                        '<' => out.push_str("&lt;"),
+                        '>' => out.push_str("&gt;"),
+                        '"' => out.push_str("&quot;"),
+                        '\'' => out.push_str("&apos;"),
+                        c => out.push(c),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether text may appear in an XML 1.0 document (no control characters but tab and line
+/// breaks).
+fn is_xml_text(value: &str) -> bool {
+    value
+        .chars()
+        .all(|c| !c.is_control() || matches!(c, '\t' | '\n' | '\r'))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phases 7, 9 and 10
+
+/// What [`build`] decided.
+pub struct Plan<B> {
+    request: BackendRequest,
+    body: PlanBody<B>,
+    /// Whether the body can be sent again (it is not the caller's stream).
+    retryable: bool,
+    /// The key that signs operation handles, when the route's operations can be followed.
+    handle_key: Option<[u8; 32]>,
+    now_ms: f64,
+    /// For an operation being followed: the route that started it (handles name it; the
+    /// answer is never projected).
+    issuer: Option<String>,
+    /// The answer's text when the backend's reply was read here (projection).
+    projected: std::cell::RefCell<Option<String>>,
+}
+
+enum PlanBody<B> {
+    None,
+    Held(B),
+    Text(String),
+    Stream(u64),
+}
+
+/// Phase 7: the URL, headers and body from the request; the outgoing gate.
+pub async fn build<I: Io>(
+    rest: &PreparedRest,
+    cx: &mut Cx<'_>,
+    io: &I,
+) -> Result<Plan<I::Bytes>, Problem> {
+    let head = cx.head;
+    let method = match rest.method {
+        Some(m) => m.as_str(),
+        None => crate::policy::Method::parse(&head.method)
+            .map(|m| m.as_str())
+            .unwrap_or("GET"),
+    };
+    // The body first: a template may need it, and a body too large is refused before anything.
+    let mut held = None;
+    let mut bytes = None;
+    let needs_body_text = rest
+        .body
+        .vars()
+        .iter()
+        .any(|v| matches!(v, Var::Body | Var::BodyBase64));
+    if matches!(rest.body, RestBodyPlan::Caller) || needs_body_text {
+        match io.read_body(rest.max_body_bytes).await {
+            Ok(Some((body, _))) => {
+                if needs_body_text {
+                    bytes = Some(io.bytes(&body));
+                }
+                held = Some(body);
+            }
+            Ok(None) => {}
+            Err(crate::pipeline::BodyError::TooLarge(seen)) => {
+                return Err(too_large(seen, rest.max_body_bytes))
+            }
+            Err(crate::pipeline::BodyError::Unreadable(why)) => {
+                return Err(super::unreadable(&why))
+            }
+        }
+    }
+    let now = io.now();
+    let header = |name: &str| head.header(name).map(str::to_owned);
+    let uuid = || io.uuid();
+    let mut values = cx.render_context(&header, &uuid, now);
+    values.body = bytes.as_deref();
+    // The query: the route's own, the pinned api-version, then what the caller may pass.
+    let mut extra: Vec<(&str, &str)> = Vec::new();
+    if let crate::policy::prepared::ApiVersion::Query(v) = &rest.api_version {
+        extra.push(("api-version", v));
+    }
+    for (name, value) in &cx.query {
+        if rest.query.iter().any(|allowed| allowed == name) {
+            extra.push((name, value));
+        }
+    }
+    let url = rest.url.render(&values, &extra)?;
+    let mut headers: Vec<(String, String)> = Vec::new();
+    if let crate::policy::prepared::ApiVersion::Header(v) = &rest.api_version {
+        headers.push(("x-ms-version".into(), v.clone()));
+        headers.push(("x-ms-date".into(), Utc::from_millis(now).http_date()));
+    }
+    for (name, template) in &rest.headers {
+        let value = template.render(&values).map_err(|m| missing(&m))?;
+        headers.push((name.clone(), value));
+    }
+    for name in &rest.request_headers {
+        if let Some(value) = head.header(name) {
+            headers.push((name.clone(), value.to_owned()));
+        }
+    }
+    let body = match &rest.body {
+        RestBodyPlan::None => PlanBody::None,
+        RestBodyPlan::Caller => match held {
+            Some(body) => {
+                if let Some(ct) = head.header("content-type") {
+                    headers.push(("content-type".into(), ct.to_owned()));
+                }
+                PlanBody::Held(body)
+            }
+            None => PlanBody::None,
+        },
+        RestBodyPlan::Stream => {
+            if !head.has_body || head.content_length() == Some(0) {
+                PlanBody::None
+            } else {
+                let length = head.content_length().ok_or_else(length_required)?;
+                if length > rest.max_body_bytes {
+                    return Err(too_large(length, rest.max_body_bytes));
+                }
+                if let Some(ct) = head.header("content-type") {
+                    headers.push(("content-type".into(), ct.to_owned()));
+                }
+                PlanBody::Stream(length)
+            }
+        }
+        RestBodyPlan::Template {
+            content_type,
+            format,
+            template,
+        } => {
+            let format = *format;
+            let mut bad_text = false;
+            let text = template
+                .render_escaped(&values, |value, out| {
+                    bad_text |= format == BodyFormat::Xml && !is_xml_text(value);
+                    format.escape(value, out)
+                })
+                .map_err(|m| missing(&m))?;
+            if bad_text {
+                return Err(Problem::new(
+                    400,
+                    "bad-body",
+                    "The request body cannot be sent as XML",
+                    "A value this route writes into an XML body holds control characters XML cannot carry; remove them. Nothing was sent.",
+                ));
+            }
+            headers.push(("content-type".into(), content_type.clone()));
+            PlanBody::Text(text)
+        }
+        RestBodyPlan::Json { skeleton, leaves } => {
+            let mut document = skeleton.clone();
+            for (pointer, template) in leaves {
+                let value = template.render(&values).map_err(|m| missing(&m))?;
+                if let Some(slot) = document.pointer_mut(pointer) {
+                    *slot = Value::String(value);
+                }
+            }
+            headers.push(("content-type".into(), "application/json".to_owned()));
+            PlanBody::Text(document.to_string())
+        }
+    };
+    let request = BackendRequest {
+        method,
+        url,
+        headers,
+        reply_headers: rest.reply_headers.clone(),
+    };
+    super::check(&request)?;
+    // A call is sent again after a 429 or 5xx only when doing so cannot do it twice: reads and
+    // idempotent writes (PUT, DELETE) with a body the edge holds. POST and PATCH only on 429
+    // (a throttled call was not processed). The caller's stream is never sent twice.
+    let retryable = !matches!(body, PlanBody::Stream(_));
+    let handle_key = match &rest.operation_path {
+        Some(_) => rest
+            .handle_secrets
+            .first()
+            .and_then(|s| io.secret(s))
+            .map(|s| operation_key(&s)),
+        None => None,
+    };
+    Ok(Plan {
+        request,
+        body,
+        retryable,
+        handle_key,
+        now_ms: now,
+        issuer: None,
+        projected: std::cell::RefCell::new(None),
+    })
+}
+
+fn too_large(seen: u64, limit: u64) -> Problem {
+    Problem::new(
+        413,
+        "body-too-large",
+        "Request body too large",
+        format!("This route accepts bodies of at most {limit} bytes; this one has at least {seen}. Nothing was sent."),
+    )
+}
+
+fn length_required() -> Problem {
+    Problem::new(
+        411,
+        "length-required",
+        "Content-Length required",
+        "This route streams the body to Azure, which needs its length: send Content-Length (not chunked encoding).",
+    )
+}
+
+fn idempotent(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD" | "PUT" | "DELETE" | "OPTIONS")
+}
+
+/// Phase 9: the call (retried where that is safe); Azure's errors mapped here when the route
+/// maps them.
+pub async fn send<I: Io>(
+    rest: &PreparedRest,
+    plan: &Plan<I::Bytes>,
+    grant: &Grant,
+    cx: &mut Cx<'_>,
+    io: &I,
+) -> Result<Reply<I::Stream>, Problem> {
+    let request = &plan.request;
+    let timeout = f64::from(rest.timeout_ms);
+    let limit = if request.method == "GET" || matches!(plan.body, PlanBody::Stream(_)) {
+        Limit::Idle(timeout)
+    } else {
+        Limit::Deadline(timeout)
+    };
+    let body = match &plan.body {
+        PlanBody::None => OutBody::None,
+        PlanBody::Held(b) => OutBody::Bytes(b),
+        PlanBody::Text(t) => OutBody::Text(t),
+        PlanBody::Stream(length) => OutBody::CallerStream { length: *length },
+    };
+    let token = grant.token.access_token.as_str();
+    let reply = if plan.retryable {
+        let method_idempotent = idempotent(request.method);
+        send_retried(
+            io,
+            request,
+            token,
+            body,
+            limit,
+            &mut cx.log,
+            async |reply: Reply<I::Stream>| {
+                let status = reply.status;
+                let retry = status == 429 || (method_idempotent && status >= 500);
+                if retry {
+                    let after = crate::retry::parse_retry_after_secs(reply.header("retry-after"));
+                    if let Some(body) = reply.body {
+                        io.text(body).await;
+                    }
+                    Verdict::Retry(after)
+                } else {
+                    Verdict::Done(reply)
+                }
+            },
+            unavailable,
+        )
+        .await?
+    } else {
+        match io.send(request, Some(token), body, limit).await {
+            Ok(reply) => {
+                cx.log.backend_status = Some(reply.status);
+                reply
+            }
+            Err(SendError::Unsendable(problem)) => return Err(problem),
+            Err(SendError::Timeout) => return Err(timed_out()),
+            Err(e) => return Err(unavailable(&format!("could not be reached ({e})"), None)),
+        }
+    };
+    if reply.status == 401 {
+        io.evict_token(&rest.token.key, token);
+    }
+    finish(rest, plan, reply, cx, io).await
+}
+
+/// Azure's reply, read here when the route maps errors or projects answers.
+async fn finish<I: Io, B>(
+    rest: &PreparedRest,
+    plan: &Plan<B>,
+    reply: Reply<I::Stream>,
+    cx: &mut Cx<'_>,
+    io: &I,
+) -> Result<Reply<I::Stream>, Problem> {
+    if reply.status >= 400 {
+        if rest.errors == ErrorMode::Pass {
+            return Ok(reply);
+        }
+        let header_code = reply.header("x-ms-error-code").map(str::to_owned);
+        let text = match reply.body {
+            Some(body) => io.text(body).await,
+            None => String::new(),
+        };
+        let (code, message) = azure_error(&text, header_code.as_deref());
+        cx.log.backend_detail = message.map(|m| super::log_detail(&m));
+        return Err(mapped_error(reply.status, code.as_deref()));
+    }
+    let projects = !rest.project.is_empty() && plan.issuer.is_none();
+    if projects && (200..300).contains(&reply.status) && reply.status != 204 {
+        let is_json = reply
+            .header("content-type")
+            .is_some_and(|ct| BodyFormat::of(ct) == Some(BodyFormat::Json));
+        let text = match reply.body {
+            Some(body) => io.text(body).await,
+            None => String::new(),
+        };
+        let projected = if is_json && text.len() < MAX_PROJECTED_BYTES {
+            serde_json::from_str::<Value>(&text)
+                .ok()
+                .map(|v| project(&v, &rest.project).to_string())
+        } else {
+            None
+        };
+        let Some(projected) = projected else {
+            return Err(Problem::new(
+                502,
+                "backend-answer-unreadable",
+                "Azure's answer could not be projected",
+                format!("This route passes on only parts of Azure's JSON answer, but Azure answered something that is not JSON of at most {MAX_PROJECTED_BYTES} bytes; nothing of it is passed on."),
+            ));
+        };
+        *plan.projected.borrow_mut() = Some(projected);
+        return Ok(Reply {
+            status: reply.status,
+            headers: reply.headers,
+            body: None,
+        });
+    }
+    Ok(reply)
+}
+
+/// Phase 10: status, allowed headers and body; a long-running operation's URL as a gateway
+/// URL the caller can follow.
+pub fn answer<B, S>(
+    rest: &PreparedRest,
+    plan: &Plan<B>,
+    reply: Reply<S>,
+    cx: &Cx<'_>,
+) -> Answer<S> {
+    let key = plan.handle_key.as_ref();
+    let mut headers: Vec<(&'static str, String)> = Vec::new();
+    for (name, value) in &reply.headers {
+        if let Some(allowed) = rest.response_headers.iter().find(|h| *h == name) {
+            headers.push((leak_name(allowed), value.clone()));
+        }
+    }
+    if (200..300).contains(&reply.status) {
+        if let (Some(path), Some(key)) = (&rest.operation_path, key) {
+            let azure = reply
+                .header("azure-asyncoperation")
+                .or_else(|| reply.header("location"));
+            if let Some(azure) = azure.filter(|u| same_origin(u, &rest.url.origin)) {
+                let route = match &plan.issuer {
+                    Some(issuer) => issuer.as_str(),
+                    None => cx.route.map(|r| r.name.as_str()).unwrap_or_default(),
+                };
+                let handle = operation_handle(key, route, azure, plan.now_ms);
+                headers.push(("location", path.replace("{operation}", &handle)));
+            }
+        }
+    }
+    let projected = plan.projected.borrow_mut().take();
+    let body = match (projected, reply.body) {
+        (Some(text), _) => {
+            headers.retain(|(n, _)| *n != "content-type");
+            headers.push(("content-type", "application/json".to_owned()));
+            AnswerBody::Text(text)
+        }
+        (None, Some(stream)) => AnswerBody::Stream(stream),
+        (None, None) => AnswerBody::Empty,
+    };
+    Answer {
+        status: reply.status,
+        headers,
+        body,
+    }
+}
+
+/// Answer header names are `&'static str`; the allowed names come from the policy, loaded once
+/// per isolate, so each distinct name is interned once and never freed.
+fn leak_name(name: &str) -> &'static str {
+    thread_local! {
+        static NAMES: std::cell::RefCell<Vec<&'static str>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    NAMES.with(|names| {
+        if let Some(known) = names.borrow().iter().find(|n| **n == name) {
+            return *known;
+        }
+        let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+        names.borrow_mut().push(leaked);
+        leaked
+    })
+}
+
+fn same_origin(url: &str, origin: &str) -> bool {
+    url.len() > origin.len()
+        && url[..origin.len()].eq_ignore_ascii_case(origin)
+        && url.as_bytes()[origin.len()] == b'/'
+}
+
+/// Azure's error code and message from an error body (Resource Manager's and most services'
+/// `{"error": {"code", "message"}}`, Storage's `<Error><Code>`), or the `x-ms-error-code` header.
+pub fn azure_error(body: &str, header_code: Option<&str>) -> (Option<String>, Option<String>) {
+    if let Ok(Value::Object(root)) = serde_json::from_str::<Value>(body) {
+        let error = root
+            .get("error")
+            .and_then(Value::as_object)
+            .unwrap_or(&root);
+        let text = |k: &str| {
+            error
+                .get(k)
+                .or_else(|| {
+                    error.get(
+                        &k[..1]
+                            .to_ascii_uppercase()
+                            .chars()
+                            .chain(k[1..].chars())
+                            .collect::<String>(),
+                    )
+                })
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        let code = text("code");
+        if code.is_some() {
+            return (code, text("message"));
+        }
+    }
+    let tag = |name: &str| {
+        let open = format!("<{name}>");
+        let start = body.find(&open)? + open.len();
+        let end = body[start..].find(&format!("</{name}>"))?;
+        Some(body[start..start + end].to_owned())
+    };
+    if let Some(code) = tag("Code") {
+        return (Some(code), tag("Message"));
+    }
+    (header_code.map(str::to_owned), None)
+}
+
+/// The caller's problem for Azure's error answer: the status when it is about the caller's
+/// request, 502 when it is about the gateway's identity or Azure itself; Azure's error code (a
+/// name such as `ResourceNotFound`, never its message) named in the detail.
+pub fn mapped_error(status: u16, code: Option<&str>) -> Problem {
+    let code_text = code
+        .filter(|c| {
+            c.len() <= 100
+                && c.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        })
+        .map(|c| format!(" ({c})"))
+        .unwrap_or_default();
+    let mut problem = match status {
+        401 | 403 => Problem::new(
+            502,
+            "backend-auth",
+            "Azure refused the gateway's identity",
+            format!("Azure answered {status}{code_text}: the gateway's identity may not do this. The operator must grant it access; the reason is in the gateway's log under this request id."),
+        ),
+        400 | 404 | 405 | 409 | 411 | 412 | 413 | 415 | 416 | 422 => Problem::new(
+            status,
+            "azure-rejected",
+            "Azure refused the request",
+            format!("Azure answered {status}{code_text}; Azure's message is in the gateway's log under this request id. Change the request (its path values, query or body) and try again."),
+        ),
+        _ => Problem::new(
+            502,
+            "backend-error",
+            "Azure failed the request",
+            format!("Azure answered {status}{code_text}; the reason is in the gateway's log under this request id."),
+        ),
+    };
+    if let Some(code) = code.filter(|c| !code_text.is_empty() && !c.is_empty()) {
+        problem = problem.with_extension("azure_error_code", Value::from(code));
+    }
+    problem
+}
+
+fn unavailable(why: &str, retry_after: Option<u64>) -> Problem {
+    Problem::new(
+        503,
+        "backend-unavailable",
+        "Azure is unavailable",
+        format!("The Azure API {why}; try again later."),
+    )
+    .with_header("retry-after", retry_after.unwrap_or(5).to_string())
+}
+
+fn timed_out() -> Problem {
+    Problem::new(
+        504,
+        "backend-timeout",
+        "Azure did not answer in time",
+        "The Azure API did not answer within the route's time limit; nothing was retried (the body was streamed).",
+    )
+}
+
+/// Keeps only the values at `pointers` of `value`, nested as they were (array elements by
+/// index become members named by the index).
+pub fn project(value: &Value, pointers: &[String]) -> Value {
+    let mut out = Value::Object(serde_json::Map::new());
+    for pointer in pointers {
+        let Some(found) = value.pointer(pointer) else {
+            continue;
+        };
+        let tokens: Vec<String> = pointer
+            .split('/')
+            .skip(1)
+            .map(|t| t.replace("~1", "/").replace("~0", "~"))
+            .collect();
+        let mut at = &mut out;
+        for (i, token) in tokens.iter().enumerate() {
+            let Value::Object(map) = at else { break };
+            if i + 1 == tokens.len() {
+                map.insert(token.clone(), found.clone());
+                break;
+            }
+            at = map
+                .entry(token.clone())
+                .or_insert_with(|| Value::Object(serde_json::Map::new()));
+        }
+        if tokens.is_empty() {
+            return found.clone();
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Long-running operations
+
+/// The key that signs a route's operation handles: derived from the identity's own secret, so
+/// it is the same in every isolate and needs no configuration of its own.
+pub fn operation_key(secret: &str) -> [u8; 32] {
+    let mut input = b"azure-edge-gateway operation handle v1\n".to_vec();
+    input.extend_from_slice(secret.as_bytes());
+    crate::sha256::sha256(&input)
+}
+
+/// A signed, expiring handle of Azure's operation URL, issued by `route`:
+/// `base64url(expiry \n route \n url) . base64url(HMAC)`.
+pub fn operation_handle(key: &[u8], route: &str, url: &str, now_ms: f64) -> String {
+    let expires = ((now_ms / 1000.0) + OPERATION_HANDLE_TTL_S).floor() as u64;
+    let payload = format!("{expires}\n{route}\n{url}");
+    let mac = crate::sha256::hmac_sha256(key, payload.as_bytes());
+    format!(
+        "{}.{}",
+        crate::encoding::base64url(payload.as_bytes()),
+        crate::encoding::base64url(&mac)
+    )
+}
+
+/// A handle's route and URL, when one of `keys` signed it and it has not expired.
+pub fn open_handle(handle: &str, keys: &[[u8; 32]], now_ms: f64) -> Option<(String, String)> {
+    let (payload, mac) = handle.split_once('.')?;
+    let payload = crate::encoding::base64_decode(payload)?;
+    let mac = crate::encoding::base64_decode(mac)?;
+    if !keys.iter().any(|key| {
+        crate::sha256::equal_in_constant_time(&crate::sha256::hmac_sha256(key, &payload), &mac)
+    }) {
+        return None;
+    }
+    let text = String::from_utf8(payload).ok()?;
+    let mut parts = text.splitn(3, '\n');
+    let expires: f64 = parts.next()?.parse().ok()?;
+    let route = parts.next()?.to_owned();
+    let url = parts.next()?.to_owned();
+    (expires * 1000.0 >= now_ms).then_some((route, url))
+}
+
+fn bad_handle() -> Problem {
+    Problem::new(
+        404,
+        "operation-not-found",
+        "No such operation",
+        "This operation handle is not one this gateway issued, or it has expired (handles last 24 hours). Start the operation again to get a new one.",
+    )
+}
+
+/// Phase 7 of an `azure_operation` route: the handle checked against the keys of the routes
+/// it follows; the GET of Azure's operation URL, asked as the route that started it.
+pub fn build_operation<'p, I: Io>(
+    op: &PreparedOperation,
+    routes: &'p [crate::policy::prepared::PreparedRoute],
+    cx: &Cx<'_>,
+    io: &I,
+) -> Result<(&'p PreparedRest, Plan<I::Bytes>), Problem> {
+    let handle = cx
+        .params
+        .iter()
+        .find(|(k, _)| k == "operation")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_default();
+    let now = io.now();
+    for &issuer in &op.of {
+        let Some(route) = routes.get(issuer) else {
+            continue;
+        };
+        let crate::policy::prepared::PreparedBackend::AzureRest(rest) = &route.backend else {
+            continue;
+        };
+        let keys: Vec<[u8; 32]> = rest
+            .handle_secrets
+            .iter()
+            .filter_map(|s| io.secret(s))
+            .map(|s| operation_key(&s))
+            .collect();
+        let Some((name, url)) = open_handle(handle, &keys, now) else {
+            continue;
+        };
+        if name != route.name || !same_origin(&url, &rest.url.origin) {
+            continue;
+        }
+        let request = BackendRequest {
+            method: "GET",
+            url,
+            headers: Vec::new(),
+            reply_headers: rest.reply_headers.clone(),
+        };
+        super::check(&request).map_err(|_| bad_handle())?;
+        let plan = Plan {
+            request,
+            body: PlanBody::None,
+            retryable: true,
+            handle_key: keys.first().copied(),
+            now_ms: now,
+            issuer: Some(route.name.clone()),
+            projected: std::cell::RefCell::new(None),
+        };
+        return Ok((rest, plan));
+    }
+    Err(bad_handle())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx_render(url: &RestUrl, params: &[(&str, &str)]) -> Result<String, Problem> {
+        let params: Vec<(String, String)> = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let header = |_: &str| None;
+        let uuid = || "u".to_owned();
+        let ctx = RenderContext {
+            path: &params,
+            query: &[],
+            header: &header,
+            request_id: "r",
+            uuid: &uuid,
+            now_ms: 0.0,
+            jwt: None,
+            body: None,
+        };
+        url.render(&ctx, &[("api-version", "2022-09-01")])
+    }
+
+    #[test]
+    fn caller_values_fill_whole_segments_encoded_and_never_change_the_shape() {
+        let url = RestUrl::parse(
+            "https://management.azure.com/subscriptions/{path.sub}/sites/{path.site}/restart?x={path.q}",
+        )
+        .unwrap();
+        assert_eq!(
+            ctx_render(&url, &[("sub", "s1"), ("site", "a b?#%2F"), ("q", "1&y=2")]).unwrap(),
+            "https://management.azure.com/subscriptions/s1/sites/a%20b%3F%23%252F/restart?x=1%26y%3D2&api-version=2022-09-01"
+        );
+        for bad in ["a/b", "..", ".", "", "a\\b"] {
+            let p = ctx_render(&url, &[("sub", "s"), ("site", bad), ("q", "")]).unwrap_err();
+            assert_eq!(p.kind, "bad-path-value", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn url_templates_keep_the_host_fixed() {
+        let err = |u| RestUrl::parse(u).unwrap_err();
+        assert!(err("https://{path.h}.vault.azure.net/secrets").contains("host is fixed"));
+        assert!(err("https://management.azure.com/a{path.x}").contains("one whole variable"));
+        assert!(err("https://management.azure.com/a/../b").contains("'..'"));
+        assert!(err("https://management.azure.com/a?api-version=1").contains("api_version"));
+        assert!(err("https://management.azure.com/a#f").contains("fragment"));
+        assert!(err("https://management.azure.com/{body}").contains("body template"));
+        let ok =
+            RestUrl::parse("https://graph.microsoft.com/v1.0/users/{jwt.oid}?$select=id").unwrap();
+        assert_eq!(ok.host, "graph.microsoft.com");
+        assert_eq!(
+            ok.shape(),
+            "https://graph.microsoft.com/v1.0/users/{jwt.oid}?$select=id"
+        );
+    }
+
+    #[test]
+    fn handles_are_signed_bound_to_their_route_and_expire() {
+        let key = operation_key("s3cret");
+        let url = "https://management.azure.com/subscriptions/s/providers/Microsoft.Web/locations/westeurope/operationResults/1?api-version=2022-09-01";
+        let h = operation_handle(&key, "restart", url, 1_000_000.0);
+        assert_eq!(
+            open_handle(&h, &[key], 1_000_000.0),
+            Some(("restart".to_owned(), url.to_owned()))
+        );
+        assert_eq!(
+            open_handle(&h, &[operation_key("other")], 1_000_000.0),
+            None
+        );
+        let later = 1_000_000.0 + (OPERATION_HANDLE_TTL_S + 2.0) * 1000.0;
+        assert_eq!(open_handle(&h, &[key], later), None);
+        // A forged payload with the old signature.
+        let (_, mac) = h.split_once('.').unwrap();
+        let forged = format!(
+            "{}.{mac}",
+            crate::encoding::base64url(
+                b"99999999999\nrestart\nhttps://management.azure.com/subscriptions"
+            )
+        );
+        assert_eq!(open_handle(&forged, &[key], 1_000_000.0), None);
+    }
+
+    #[test]
+    fn projection_keeps_only_the_chosen_pointers() {
+        let v: Value = serde_json::json!({"name": "s", "properties": {"state": "Running", "secret": "x"}, "tags": {"a/b": 1}});
+        let p = project(
+            &v,
+            &[
+                "/name".into(),
+                "/properties/state".into(),
+                "/tags/a~1b".into(),
+                "/missing".into(),
+            ],
+        );
+        assert_eq!(
+            p,
+            serde_json::json!({"name": "s", "properties": {"state": "Running"}, "tags": {"a/b": 1}})
+        );
+    }
+
+    #[test]
+    fn azure_errors_are_read_from_json_xml_or_the_header() {
+        let (code, msg) = azure_error(
+            r#"{"error":{"code":"ResourceNotFound","message":"The Resource 'x' was not found."}}"#,
+            None,
+        );
+        assert_eq!(code.as_deref(), Some("ResourceNotFound"));
+        assert!(msg.unwrap().contains("not found"));
+        let (code, _) = azure_error(
+            "<?xml version=\"1.0\"?><Error><Code>QueueNotFound</Code><Message>m</Message></Error>",
+            None,
+        );
+        assert_eq!(code.as_deref(), Some("QueueNotFound"));
+        assert_eq!(azure_error("", Some("Busy")).0.as_deref(), Some("Busy"));
+        let p = mapped_error(404, Some("ResourceNotFound"));
+        assert_eq!((p.status, p.kind), (404, "azure-rejected"));
+        assert!(p.detail.contains("(ResourceNotFound)"));
+        assert_eq!(mapped_error(403, Some("AuthorizationFailed")).status, 502);
+        // A code that is not a plain name is not repeated.
+        assert!(!mapped_error(400, Some("<script>"))
+            .detail
+            .contains("script"));
+    }
+
+    #[test]
+    fn template_values_are_escaped_for_their_format() {
+        let mut out = String::new();
+        BodyFormat::Json.escape("a\"b\\\n", &mut out);
+        assert_eq!(out, "a\\\"b\\\\\\n");
+        out.clear();
+        BodyFormat::Xml.escape("<a & 'b'>", &mut out);
+        assert_eq!(out, "&lt;a &amp; &apos;b&apos;&gt;");
+        assert_eq!(
+            BodyFormat::of("application/json; charset=utf-8"),
+            Some(BodyFormat::Json)
+        );
+        assert_eq!(
+            BodyFormat::of("application/atom+xml"),
+            Some(BodyFormat::Xml)
+        );
+        assert_eq!(BodyFormat::of("text/plain"), None);
+    }
+}

@@ -1,0 +1,203 @@
+/**
+ * The azure_rest backend end to end: the gateway in workerd (wrangler dev) in front of the
+ * Resource Manager stand-in (dev/arm.mjs: it checks the token's signature against the issuer's
+ * keys, the audience and the api-version, as management.azure.com does) and Azurite's Queue
+ * service over HTTPS with OAuth. Policy: tests/e2e/fixtures/azure-rest-policy.json.
+ * Own ports (issuer 19000, Service Bus stand-in 19010, ARM 19020, Azurite 20600/20601, gateway
+ * 19087) so that no other suite or dev stack interferes.
+ * Run: source scripts/env.sh && node --test tests/e2e/azure-rest.test.mjs
+ */
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { join } from 'node:path';
+import { after, before, beforeEach, describe, test } from 'node:test';
+import { REPO_ROOT } from '../../dev/proc.mjs';
+import { decodeBase64Text, peekQueueMessages, startStack, storageToken } from './stack.mjs';
+
+const PORTS = { issuer: 19000, serviceBus: 19010, arm: 19020, azurite: 20600, queue: 20601, gateway: 19087 };
+const SUB = '11111111-aaaa-4bbb-8ccc-000000000001';
+const RG = 'rg-web';
+const SITE = 'shop-api';
+const SUBSCRIPTIONS = {
+  [SUB]: {
+    resourceGroups: {
+      [RG]: { location: 'westeurope', sites: { [SITE]: { appSettings: { GREETING: 'hello', DB_PASSWORD: 'not-for-callers' } } } },
+    },
+  },
+};
+const SITE_PATH = `/subscriptions/${SUB}/resourceGroups/${RG}/providers/Microsoft.Web/sites/${SITE}`;
+
+describe('azure_rest through the gateway', { timeout: 600_000 }, () => {
+  let stack;
+  let gw;
+  let arm;
+  const call = async (method, path, { body, headers = {} } = {}) => {
+    const res = await fetch(`${gw.url}${path}`, {
+      method,
+      body,
+      headers: { 'x-api-key': stack.apiKey, ...headers },
+      redirect: 'manual',
+      signal: AbortSignal.timeout(20_000),
+    });
+    const text = await res.text();
+    let json = null;
+    try { json = JSON.parse(text); } catch { /* not JSON */ }
+    return { status: res.status, headers: res.headers, text, json };
+  };
+  const logOf = async (res) => {
+    const id = res.headers.get('x-request-id');
+    return JSON.parse(await gw.waitForLog((_l, j) => j?.request_id === id && 'status' in j, 10_000));
+  };
+  /** What the ARM stand-in received since the last clear (its own log). */
+  const armSaw = async () => arm.requests();
+
+  before(async () => {
+    stack = await startStack({
+      policyPath: join(REPO_ROOT, 'tests', 'e2e', 'fixtures', 'azure-rest-policy.json'),
+      ports: PORTS,
+      stateDir: join(REPO_ROOT, 'target', 'e2e', 'azure-rest'),
+      serviceBus: false,
+      arm: { subscriptions: SUBSCRIPTIONS, pollsBeforeDone: 2 },
+    });
+    gw = stack.gateway;
+    arm = stack.arm;
+  });
+  beforeEach(async () => {
+    await arm.clearRequests();
+    await arm.clearFaults();
+  });
+  after(async () => {
+    await stack?.stop();
+  });
+
+  test('a Resource Manager read with the caller\'s path value, projected to what the route keeps', async () => {
+    const res = await call('GET', `/sites/${SITE}`);
+    assert.equal(res.status, 200, res.text);
+    // Only the two pointers the route keeps: no appSettings, ids or anything else of the site.
+    assert.deepEqual(res.json, { name: SITE, properties: { state: 'Running' } });
+    assert.match(res.headers.get('content-type'), /^application\/json/);
+    assert.ok(res.headers.get('x-ms-request-id'), 'x-ms-request-id is passed back');
+    assert.equal(res.headers.get('x-ms-correlation-request-id'), null, 'not in the allow-list');
+    const [seen] = await armSaw();
+    assert.equal(seen.path, SITE_PATH);
+    assert.equal(seen.query['api-version'], '2022-09-01');
+    assert.equal(seen.authorization.audience, 'https://management.azure.com');
+    const line = await logOf(res);
+    assert.equal(line.route, 'site');
+    assert.equal(line.backend_status, 200);
+  });
+
+  test('path values with /, .., ?, # and %2F are refused or encoded, never changing the URL\'s shape', async () => {
+    for (const raw of ['a%2Fb', '..', '%2E%2E', 'a%5Cb']) {
+      const res = await call('GET', `/sites/${raw}`);
+      assert.ok([400, 404].includes(res.status), `${raw}: ${res.status} ${res.text}`);
+      if (res.status === 400) assert.equal(res.json.type, 'urn:azure-edge-gateway:problem:bad-path-value', raw);
+    }
+    assert.equal((await armSaw()).length, 0, 'nothing with a refused value reached Azure');
+    for (const [raw, encoded] of [['a%3Fb', 'a%3Fb'], ['a%23b', 'a%23b'], ['a%252Fb', 'a%252Fb'], ['x%20y', 'x%20y']]) {
+      await arm.clearRequests();
+      const res = await call('GET', `/sites/${raw}`);
+      assert.equal(res.status, 404, `${raw}: ${res.text}`);
+      assert.equal(res.json.type, 'urn:azure-edge-gateway:problem:azure-rejected');
+      assert.equal(res.json.azure_error_code, 'ResourceNotFound');
+      const [seen] = await armSaw();
+      assert.equal(seen.path, `${SITE_PATH.slice(0, -SITE.length)}${encoded}`, `${raw}: one segment, encoded`);
+      assert.deepEqual(Object.keys(seen.query), ['api-version'], `${raw}: the query is the route's only`);
+    }
+  });
+
+  test('a long-running restart is followed through the gateway to completion', async () => {
+    const started = await call('POST', `/sites/${SITE}/restart`);
+    assert.equal(started.status, 202, started.text);
+    const location = started.headers.get('location');
+    assert.match(location, /^\/operations\/[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/);
+    assert.equal(started.headers.get('azure-asyncoperation'), null, 'Azure\'s URL is never passed back');
+    assert.ok(!started.text.includes('127.0.0.1:19020'));
+    assert.equal(started.headers.get('retry-after'), '1');
+    assert.equal((await call('GET', `/sites/${SITE}`)).json.properties.state, 'Stopped');
+    const statuses = [];
+    for (let i = 0; i < 6; i++) {
+      const poll = await call('GET', location);
+      assert.equal(poll.status, 200, poll.text);
+      statuses.push(poll.json.status);
+      if (poll.json.status === 'Succeeded') break;
+    }
+    assert.deepEqual(statuses, ['InProgress', 'InProgress', 'Succeeded']);
+    assert.equal((await call('GET', `/sites/${SITE}`)).json.properties.state, 'Running');
+    const polls = (await armSaw()).filter((r) => r.route === 'operation status');
+    assert.equal(polls.length, 3, 'each poll was one GET of Azure\'s operation URL');
+    // A handle the gateway did not sign is not followed: nothing reaches Azure.
+    await arm.clearRequests();
+    const [payload, mac] = location.slice('/operations/'.length).split('.');
+    const forgedPayload = Buffer.from(Buffer.from(payload, 'base64url').toString().replace('restart', 'restart').replace(/operationResults\/[^?]+/, 'operationResults/other')).toString('base64url');
+    for (const bad of [`${forgedPayload}.${mac}`, `${payload}.${mac.slice(0, -2)}AA`, 'nonsense']) {
+      const res = await call('GET', `/operations/${bad}`);
+      assert.equal(res.status, 404, res.text);
+      assert.equal(res.json.type, 'urn:azure-edge-gateway:problem:operation-not-found');
+    }
+    assert.equal((await armSaw()).length, 0);
+  });
+
+  test('header and query allow-lists, both ways; errors passed through when the route says so', async () => {
+    const res = await call('GET', `/raw/sites/${SITE}?$expand=none&evil=1&api-version=1999-01-01`, {
+      headers: { 'x-ms-client-request-id': 'caller-req-1', 'x-secret-header': 'no', authorization: 'Bearer caller-token' },
+    });
+    assert.equal(res.status, 200, res.text);
+    assert.ok(res.headers.get('x-ms-ratelimit-remaining-subscription-reads'), 'allowed reply header passed');
+    assert.equal(res.headers.get('x-ms-correlation-request-id'), null);
+    const [seen] = await armSaw();
+    assert.deepEqual(seen.query, { 'api-version': '2022-09-01', $expand: 'none' });
+    assert.equal(seen.headers['x-ms-client-request-id'], 'caller-req-1');
+    assert.equal(seen.headers['x-secret-header'], undefined);
+    assert.equal(seen.headers['x-api-key'], undefined, 'the caller\'s key never reaches Azure');
+    assert.equal(seen.authorization.audience, 'https://management.azure.com', 'the gateway\'s token, not the caller\'s');
+    // errors: pass gives Azure's own status and error JSON.
+    const missing = await call('GET', '/raw/sites/nope');
+    assert.equal(missing.status, 404);
+    assert.equal(missing.json.error.code, 'ResourceNotFound');
+  });
+
+  test('a caller body passes through; a JSON body template escapes the caller\'s text', async () => {
+    const put = await call('PUT', `/sites/${SITE}/settings`, {
+      body: JSON.stringify({ properties: { GREETING: 'hi', MODE: 'blue' } }),
+      headers: { 'content-type': 'application/json' },
+    });
+    assert.equal(put.status, 200, put.text);
+    const [seen] = await armSaw();
+    assert.equal(seen.method, 'PUT');
+    assert.deepEqual(JSON.parse(seen.body), { properties: { GREETING: 'hi', MODE: 'blue' } });
+    const tooBig = await call('PUT', `/sites/${SITE}/settings`, { body: 'x'.repeat(5000), headers: { 'content-type': 'application/json' } });
+    assert.equal(tooBig.status, 413);
+    await arm.clearRequests();
+    const tricky = 'he said "hi"\n{"x":1}\\';
+    const greet = await call('POST', `/sites/${SITE}/greeting`, { body: tricky, headers: { 'x-caller': 'tests' } });
+    assert.equal(greet.status, 200, greet.text);
+    const [sent] = await armSaw();
+    assert.deepEqual(JSON.parse(sent.body), { properties: { GREETING: tricky, SET_BY: 'tests' } });
+    assert.equal((await armSaw()).length, 1);
+  });
+
+  test('a token of the wrong audience is refused by Resource Manager: the caller gets the mapped error', async () => {
+    const res = await call('GET', `/vault-token/sites/${SITE}`);
+    assert.equal(res.status, 502, res.text);
+    assert.equal(res.json.type, 'urn:azure-edge-gateway:problem:backend-auth');
+    assert.equal(res.json.azure_error_code, 'InvalidAuthenticationTokenAudience');
+    assert.ok(!/vault\.azure\.net|Bearer|eyJ/.test(res.text), 'no audience, scheme or token in the answer');
+    const line = await logOf(res);
+    assert.equal(line.backend_status, 401);
+    assert.match(line.backend_detail, /audience/i);
+  });
+
+  test('a Storage Queue message built from an XML template is read back with Azurite\'s own API', async () => {
+    const payload = randomBytes(700);
+    const res = await call('POST', '/jobs', { body: payload, headers: { 'content-type': 'application/octet-stream' } });
+    assert.equal(res.status, 201, res.text);
+    const token = await storageToken(stack.issuer, stack.clientSecret);
+    const messages = await peekQueueMessages(stack.queue.url, 'jobs', token, { ca: stack.queue.ca });
+    const found = messages.find((m) => Buffer.from(m.messageText, 'base64').equals(payload));
+    assert.ok(found, `the message is in the queue: ${messages.length} messages`);
+    assert.equal(decodeBase64Text(Buffer.from('ok').toString('base64')), 'ok');
+    const tooBig = await call('POST', '/jobs', { body: randomBytes(49153) });
+    assert.equal(tooBig.status, 413);
+  });
+});
