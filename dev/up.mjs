@@ -132,7 +132,10 @@ function describeEntity(spec) {
   return partitions ? `event hub ${name} (${partitions} partitions)` : `queue ${name}`;
 }
 
-/** Requests matching dev/policy.json's routes: upload a file, read it back, a refusal, an order. */
+/**
+ * Requests matching dev/policy.json's routes: upload a file, read it back, a refusal, an order,
+ * a Storage queue message (read back with the peek line above) and events to the event hub.
+ */
 function gatewayCommands(url, apiKeyPath) {
   const key = `-H "x-api-key: $(cat ${apiKeyPath})"`;
   return [
@@ -140,6 +143,9 @@ function gatewayCommands(url, apiKeyPath) {
     `curl -i ${url}/files/hello.txt ${key}`,
     `curl -i -X PUT ${url}/files/hello.txt --data-binary 'no key'   # 401 problem+json`,
     `curl -i -X POST ${url}/orders/contoso ${key} -H 'content-type: application/json' -H 'idempotency-key: order-1' --data-binary '{"order": 1}'`,
+    `curl -i -X POST ${url}/jobs ${key} --data-binary '{"job": "resize", "id": 7}'   # 202 {"status","queue","message_id",…}`,
+    `curl -i -X POST ${url}/telemetry/dev-7 ${key} -H 'content-type: application/json' --data-binary '{"t": 21.5}'   # 202 {"status","hub","count":1}`,
+    `curl -i -X POST ${url}/telemetry/dev-7/batch ${key} --data-binary '[{"Body": {"t": 21.5}}, {"Body": {"t": 21.7}}]'`,
     `curl -s ${url}/webapps/${DEFAULT_SITE} ${key}   # Resource Manager, projected: name, state, last modified`,
     `curl -si -X POST ${url}/webapps/${DEFAULT_SITE}/restart ${key} | grep -i '^location'   # 202; follow it:`,
     `curl -s ${url}$(curl -si -X POST ${url}/webapps/${DEFAULT_SITE}/restart ${key} | tr -d '\\r' | sed -n 's/^location: //Ip') ${key}   # {"status": "InProgress"}, then "Succeeded"`,

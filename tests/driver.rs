@@ -713,3 +713,293 @@ fn azure_s_401_evicts_the_token_and_is_the_caller_s_502() {
         .contains("wrong audience"));
     assert_eq!(io.evicted.borrow().len(), 1);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Storage queue and Event Hubs routes
+
+const MESSAGING_POLICY: &str = r#"{
+  "identities": { "gw": { "token_endpoint": { "url": "https://idp.example.com/token" },
+      "client_id": "c", "credential": { "client_secret": { "secret": "GW_SECRET" } } } },
+  "routes": [
+    { "name": "jobs", "methods": ["POST"], "path": "/jobs", "public": true,
+      "backend": { "storage_queue": { "account": "contosojobs", "queue": "jobs", "identity": "gw",
+        "visibility_timeout_seconds": 30, "message_ttl_seconds": -1 } } },
+    { "name": "notes", "methods": ["POST"], "path": "/notes", "public": true,
+      "backend": { "storage_queue": { "account": "contosojobs", "queue": "notes", "identity": "gw",
+        "encoding": "text", "max_body_bytes": 1024 } } },
+    { "name": "telemetry", "methods": ["POST"], "path": "/telemetry/{device}", "public": true,
+      "backend": { "event_hubs": { "namespace": "contoso-events", "hub": "telemetry", "identity": "gw",
+        "partition_key": "{path.device}", "properties": { "device": "{path.device}" } } } },
+    { "name": "telemetry-batch", "methods": ["POST"], "path": "/telemetry/{device}/batch", "public": true,
+      "backend": { "event_hubs": { "namespace": "contoso-events", "hub": "telemetry", "identity": "gw",
+        "partition_key": "{path.device}", "batch": true } } },
+    { "name": "spread", "methods": ["POST"], "path": "/spread", "public": true,
+      "backend": { "event_hubs": { "namespace": "contoso-events", "hub": "telemetry", "identity": "gw",
+        "batch": true } } }
+  ]
+}"#;
+
+fn messaging() -> Gateway {
+    Gateway::load(MESSAGING_POLICY).unwrap_or_else(|e| panic!("{e:?}"))
+}
+
+const ENQUEUED: &str =
+    "<?xml version=\"1.0\" encoding=\"utf-8\"?><QueueMessagesList><QueueMessage>\
+    <MessageId>5974b586-0df3-4e2d-ad0c-18e3892bfca2</MessageId>\
+    <InsertionTime>Tue, 14 Nov 2023 22:13:20 GMT</InsertionTime>\
+    <ExpirationTime>Fri, 31 Dec 9999 23:59:59 GMT</ExpirationTime>\
+    <PopReceipt>AgAAAAMAAAAAAAAA</PopReceipt>\
+    <TimeNextVisible>Tue, 14 Nov 2023 22:13:50 GMT</TimeNextVisible>\
+    </QueueMessage></QueueMessagesList>";
+
+#[test]
+fn a_queue_message_is_put_base64_encoded_and_answered_without_the_pop_receipt() {
+    let body = b"\x00binary <&> \xff";
+    let io = Fake::new().with_body(body).reply(201, &[], ENQUEUED);
+    let head = request(
+        "POST",
+        "/jobs",
+        &[("content-type", "application/octet-stream")],
+        true,
+    );
+    let (status, _, answer, log) = run(&messaging(), &head, &io);
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&answer).unwrap(),
+        json!({
+            "status": "accepted", "queue": "jobs",
+            "message_id": "5974b586-0df3-4e2d-ad0c-18e3892bfca2",
+            "insertion_time": "Tue, 14 Nov 2023 22:13:20 GMT",
+            "expiration_time": "Fri, 31 Dec 9999 23:59:59 GMT",
+            "time_next_visible": "Tue, 14 Nov 2023 22:13:50 GMT"
+        })
+    );
+    assert!(!answer.contains("AgAAAAMAAAAAAAAA"));
+    let sent = io.sent();
+    assert_eq!(sent.len(), 1);
+    let s = &sent[0];
+    assert_eq!(
+        (s.method, s.url.as_str()),
+        (
+            "POST",
+            "https://contosojobs.queue.core.windows.net/jobs/messages?visibilitytimeout=30&messagettl=-1"
+        )
+    );
+    assert_eq!(s.token.as_deref(), Some("token-for-gw"));
+    assert_eq!(s.header("x-ms-version"), Some("2021-08-06"));
+    assert!(s.header("x-ms-date").is_some_and(|d| d.ends_with(" GMT")));
+    assert_eq!(
+        s.header("content-type"),
+        Some("application/xml; charset=utf-8")
+    );
+    let xml = String::from_utf8(s.body.clone()).unwrap();
+    let text = xml
+        .split_once("<MessageText>")
+        .and_then(|(_, r)| r.split_once("</MessageText>"))
+        .unwrap()
+        .0;
+    assert_eq!(
+        azure_edge_gateway::encoding::base64_decode(text).unwrap(),
+        body
+    );
+    assert_eq!(log["backend_status"], 201);
+    assert_eq!(log["identity"], "gw");
+}
+
+#[test]
+fn a_text_queue_message_is_escaped_and_a_body_xml_cannot_carry_is_refused_before_a_token() {
+    let io = Fake::new()
+        .with_body("a < b & c\r\n</MessageText>".as_bytes())
+        .reply(201, &[], ENQUEUED);
+    let (status, _, answer, _) = run(&messaging(), &request("POST", "/notes", &[], true), &io);
+    assert_eq!(status, 202, "{answer}");
+    let xml = String::from_utf8(io.sent()[0].body.clone()).unwrap();
+    assert!(
+        xml.contains("<MessageText>a &lt; b &amp; c&#xD;\n&lt;/MessageText&gt;</MessageText>"),
+        "{xml}"
+    );
+    for bad in [&b"\xc3\x28"[..], b"bell\x07"] {
+        let io = Fake::new().with_body(bad);
+        let (status, headers, answer, log) =
+            run(&messaging(), &request("POST", "/notes", &[], true), &io);
+        assert_eq!(status, 400, "{answer}");
+        assert!(headers.contains(&("content-type", "application/problem+json".to_owned())));
+        assert_eq!(log["problem"], "bad-message");
+        assert_eq!(io.tokens_asked.get(), 0);
+        assert!(io.sent().is_empty());
+    }
+}
+
+#[test]
+fn a_queue_body_over_the_limit_is_413_before_a_token_with_or_without_a_length() {
+    // Base64: 49152 bytes fit Azure's 64 KiB once encoded, 49153 do not.
+    let g = messaging();
+    let io = Fake::new().with_body(&[7u8; 49_153]);
+    let declared = request("POST", "/jobs", &[("content-length", "49153")], true);
+    let (status, _, answer, _) = run(&g, &declared, &io);
+    assert_eq!(status, 413, "{answer}");
+    assert!(answer.contains("at most 49152"), "{answer}");
+    let undeclared = request("POST", "/jobs", &[], true);
+    assert_eq!(run(&g, &undeclared, &io).0, 413);
+    assert_eq!(io.tokens_asked.get(), 0);
+    assert!(io.sent().is_empty());
+    let io = Fake::new()
+        .with_body(&[7u8; 49_152])
+        .reply(201, &[], ENQUEUED);
+    assert_eq!(run(&g, &undeclared, &io).0, 202);
+    assert_eq!(io.sent()[0].body.len() - ENVELOPE.len(), 65_536);
+}
+
+const ENVELOPE: &str = "<?xml version=\"1.0\" encoding=\"utf-8\"?><QueueMessage><MessageText></MessageText></QueueMessage>";
+
+#[test]
+fn queue_storage_refusals_are_mapped_and_its_reason_goes_to_the_log() {
+    let error = "<?xml version=\"1.0\" encoding=\"utf-8\"?><Error><Code>AuthorizationPermissionMismatch</Code>\
+        <Message>This request is not authorized to perform this operation using this permission.\nRequestId:1\nTime:2</Message></Error>";
+    let io = Fake::new().with_body(b"job").reply(
+        403,
+        &[("x-ms-error-code", "AuthorizationPermissionMismatch")],
+        error,
+    );
+    let (status, _, answer, log) = run(&messaging(), &request("POST", "/jobs", &[], true), &io);
+    assert_eq!(status, 502, "{answer}");
+    assert!(answer.contains("backend-authorization-failed"), "{answer}");
+    assert!(
+        !answer.contains("AuthorizationPermissionMismatch"),
+        "{answer}"
+    );
+    assert!(!answer.contains("not authorized"), "{answer}");
+    assert_eq!(
+        log["backend_detail"],
+        "AuthorizationPermissionMismatch: This request is not authorized to perform this operation using this permission."
+    );
+    assert_eq!(log["backend_status"], 403);
+
+    let io = Fake::new().with_body(b"job").reply(401, &[], "");
+    assert_eq!(
+        run(&messaging(), &request("POST", "/jobs", &[], true), &io).0,
+        502
+    );
+    assert_eq!(*io.evicted.borrow(), vec!["token-for-gw".to_owned()]);
+
+    let io = Fake::new()
+        .with_body(b"job")
+        .reply(404, &[("x-ms-error-code", "QueueNotFound")], "");
+    let (status, _, answer, _) = run(&messaging(), &request("POST", "/jobs", &[], true), &io);
+    assert_eq!(status, 502);
+    assert!(answer.contains("no queue 'jobs'"), "{answer}");
+}
+
+#[test]
+fn a_busy_queue_is_retried_with_the_same_body_then_503_with_retry_after() {
+    let io = Fake::new()
+        .with_body(b"job")
+        .reply(503, &[("retry-after", "1")], "")
+        .reply(201, &[], ENQUEUED);
+    assert_eq!(
+        run(&messaging(), &request("POST", "/jobs", &[], true), &io).0,
+        202
+    );
+    let sent = io.sent();
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[0].body, sent[1].body);
+
+    let mut io = Fake::new().with_body(b"job");
+    for _ in 0..5 {
+        io = io.reply(500, &[("retry-after", "2")], "");
+    }
+    let (status, headers, answer, _) = run(&messaging(), &request("POST", "/jobs", &[], true), &io);
+    assert_eq!(status, 503, "{answer}");
+    assert!(headers.contains(&("retry-after", "2".to_owned())));
+    assert!(answer.contains("Queue Storage is unavailable"), "{answer}");
+    assert_eq!(io.sent().len(), 3, "three attempts");
+}
+
+#[test]
+fn an_event_carries_the_routes_partition_key_and_properties_and_no_message_id() {
+    let io = Fake::new().with_body(br#"{"t":21.5}"#);
+    let head = request(
+        "POST",
+        "/telemetry/dev-7",
+        &[
+            ("content-type", "application/json"),
+            ("idempotency-key", "k1"),
+        ],
+        true,
+    );
+    let (status, _, answer, log) = run(&messaging(), &head, &io);
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&answer).unwrap(),
+        json!({"status": "accepted", "hub": "telemetry", "count": 1})
+    );
+    let s = &io.sent()[0];
+    assert_eq!(
+        s.url,
+        "https://contoso-events.servicebus.windows.net/telemetry/messages"
+    );
+    assert_eq!(
+        s.header("brokerproperties"),
+        Some(r#"{"PartitionKey":"dev-7"}"#)
+    );
+    assert_eq!(s.header("device"), Some("dev-7"));
+    assert_eq!(s.header("content-type"), Some("application/json"));
+    assert_eq!(s.body, br#"{"t":21.5}"#);
+    assert_eq!(log["backend_status"], 201);
+}
+
+#[test]
+fn a_batch_of_events_is_one_send_and_a_service_bus_property_stops_it_before_a_token() {
+    let io = Fake::new()
+        .with_body(br#"[{"Body": {"t": 1}}, {"Body": "two", "UserProperties": {"n": 2}}]"#);
+    let (status, _, answer, _) = run(
+        &messaging(),
+        &request("POST", "/telemetry/dev-7/batch", &[], true),
+        &io,
+    );
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(serde_json::from_str::<Value>(&answer).unwrap()["count"], 2);
+    let s = &io.sent()[0];
+    assert_eq!(
+        s.header("content-type"),
+        Some("application/vnd.microsoft.servicebus.json")
+    );
+    let batch: Value = serde_json::from_slice(&s.body).unwrap();
+    assert_eq!(
+        batch[0]["BrokerProperties"],
+        json!({"PartitionKey": "dev-7"})
+    );
+    assert_eq!(batch[1]["UserProperties"], json!({"n": "2"}));
+
+    for (path, body, expected) in [
+        (
+            "/spread",
+            r#"[{"Body": "a"}, {"Body": "b", "BrokerProperties": {"SessionId": "s"}}]"#,
+            "batch[1].BrokerProperties.SessionId is a Service Bus property",
+        ),
+        (
+            "/telemetry/dev-7/batch",
+            r#"[{"Body": "a", "BrokerProperties": {"PartitionKey": "dev-8"}}]"#,
+            "batch[0].BrokerProperties.PartitionKey is set by this route",
+        ),
+    ] {
+        let io = Fake::new().with_body(body.as_bytes());
+        let (status, _, answer, _) = run(&messaging(), &request("POST", path, &[], true), &io);
+        assert_eq!(status, 400, "{answer}");
+        let problem: Value = serde_json::from_str(&answer).unwrap();
+        assert!(
+            problem["detail"].as_str().unwrap().starts_with(expected),
+            "{answer}"
+        );
+        assert_eq!(problem["title"], "The event would be refused by Event Hubs");
+        assert_eq!(io.tokens_asked.get(), 0);
+        assert!(io.sent().is_empty());
+    }
+    // Without a route key, an element picks its own partition key.
+    let io =
+        Fake::new().with_body(br#"[{"Body": "a", "BrokerProperties": {"PartitionKey": "p"}}]"#);
+    assert_eq!(
+        run(&messaging(), &request("POST", "/spread", &[], true), &io).0,
+        202
+    );
+}

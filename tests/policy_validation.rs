@@ -97,6 +97,7 @@ fn the_shipped_policies_are_valid() {
         "tests/e2e/fixtures/blob-policy.json",
         "tests/e2e/fixtures/inbound-policy.json",
         "tests/e2e/fixtures/azure-rest-policy.json",
+        "tests/e2e/fixtures/queues-policy.json",
         "bench/policy.json",
     ] {
         let text = std::fs::read_to_string(file).unwrap();
@@ -1472,5 +1473,321 @@ fn body_variables_are_only_for_azure_rest_bodies_and_operation_routes_follow_azu
         operations(json!(["restart"]), json!(["GET"]), "/ops/{id}"),
         "routes[4].path",
         "one parameter, {operation}",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Event Hubs and Storage queue routes
+
+/// Adds an event hub route (routes[3]) and a Storage queue route (routes[4]) to the base policy.
+fn with_message_routes(p: &mut Value) {
+    let routes = p["routes"].as_array_mut().unwrap();
+    routes.push(json!({
+        "name": "telemetry",
+        "methods": ["POST"],
+        "path": "/telemetry/{device}",
+        "inbound": { "api_key": { "keys": [{ "name": "k", "secret": "TELEMETRY_KEY" }] } },
+        "backend": { "event_hubs": {
+            "namespace": "contoso-events", "hub": "telemetry", "identity": "gw",
+            "partition_key": "{path.device}", "properties": { "device": "{path.device}" },
+            "batch": true, "max_message_bytes": 262144
+        } }
+    }));
+    routes.push(json!({
+        "name": "jobs",
+        "methods": ["POST"],
+        "path": "/jobs",
+        "inbound": { "api_key": { "keys": [{ "name": "k", "secret": "JOBS_KEY" }] } },
+        "backend": { "storage_queue": {
+            "account": "contosojobs", "queue": "jobs", "identity": "cert",
+            "visibility_timeout_seconds": 30, "message_ttl_seconds": 3600,
+            "encoding": "text", "max_body_bytes": 65536
+        } }
+    }));
+}
+
+#[track_caller]
+fn assert_one_message_route_error(change: impl FnOnce(&mut Value), path: &str, expected: &str) {
+    assert_one_error(
+        |p| {
+            with_message_routes(p);
+            change(p)
+        },
+        path,
+        expected,
+    );
+}
+
+const EH: &str = "event_hubs";
+const SQ: &str = "storage_queue";
+
+#[test]
+fn event_hubs_and_storage_queue_routes_are_valid_and_prepared() {
+    assert_eq!(errors_after(with_message_routes), Vec::<String>::new());
+    let mut p = base();
+    with_message_routes(&mut p);
+    let policy = policy::load(&p.to_string()).unwrap();
+    let explained: Vec<(&str, String, String)> = policy.routes[3..]
+        .iter()
+        .map(|r| {
+            (
+                r.backend.kind(),
+                r.backend.target(policy.cloud),
+                r.backend.audience(policy.cloud),
+            )
+        })
+        .collect();
+    assert_eq!(
+        explained,
+        vec![
+            (
+                "event_hubs",
+                "https://contoso-events.servicebus.windows.net/telemetry".to_owned(),
+                "https://eventhubs.azure.net".to_owned()
+            ),
+            (
+                "storage_queue",
+                "https://contosojobs.queue.core.windows.net/jobs".to_owned(),
+                "https://storage.azure.com".to_owned()
+            ),
+        ]
+    );
+    let prepared = policy::prepared::compile(&p.to_string()).unwrap();
+    let json = serde_json::to_value(&prepared.routes[3..]).unwrap();
+    assert_eq!(
+        json[0]["backend"]["EventHubs"]["send_url"],
+        "https://contoso-events.servicebus.windows.net/telemetry/messages"
+    );
+    assert_eq!(json[0]["backend"]["EventHubs"]["flavor"], "EventHubs");
+    assert_eq!(
+        json[0]["backend"]["EventHubs"]["token"]["key"]["scope"],
+        "https://eventhubs.azure.net/.default"
+    );
+    assert_eq!(
+        json[1]["backend"]["StorageQueue"]["send_url"],
+        "https://contosojobs.queue.core.windows.net/jobs/messages?visibilitytimeout=30&messagettl=3600"
+    );
+}
+
+#[test]
+fn storage_queue_hosts_follow_the_cloud() {
+    let mut p = base();
+    with_message_routes(&mut p);
+    p["cloud"] = json!("china");
+    // The base's blob route names a public-cloud audience.
+    p["routes"][1]["backend"]["blob"]
+        .as_object_mut()
+        .unwrap()
+        .remove("audience");
+    p["routes"][3]["backend"][EH]["audience"] =
+        json!("https://contoso-events.servicebus.chinacloudapi.cn");
+    p["routes"][4]["backend"][SQ]["audience"] =
+        json!("https://contosojobs.queue.core.chinacloudapi.cn");
+    let policy = policy::load(&p.to_string()).unwrap_or_else(|e| panic!("{e:#?}"));
+    assert_eq!(
+        policy.routes[4].backend.target(policy.cloud),
+        "https://contosojobs.queue.core.chinacloudapi.cn/jobs"
+    );
+    p["cloud"] = json!("us_government");
+    p["routes"][4]["backend"][SQ]["audience"] =
+        json!("https://contosojobs.queue.core.usgovcloudapi.net");
+    p["routes"][3]["backend"][EH]
+        .as_object_mut()
+        .unwrap()
+        .remove("audience");
+    if let Err(e) = policy::load(&p.to_string()) {
+        panic!("{e:#?}");
+    }
+}
+
+#[test]
+fn event_hubs_names_hosts_and_audiences_are_checked() {
+    assert_one_message_route_error(
+        |p| p["routes"][3]["backend"][EH]["hub"] = json!("-hub"),
+        "routes[3].backend.event_hubs.hub",
+        "an event hub name: 1-256 letters, digits, '.', '-' or '_', starting and ending with a letter or digit, got \"-hub\"",
+    );
+    assert_one_message_route_error(
+        |p| p["routes"][3]["backend"][EH]["namespace"] = json!("ns"),
+        "routes[3].backend.event_hubs.namespace",
+        "a namespace name: 6-50 letters",
+    );
+    assert_one_message_route_error(
+        |p| {
+            let b = p["routes"][3]["backend"][EH].as_object_mut().unwrap();
+            b.remove("namespace");
+            b.insert("endpoint".into(), json!("https://evil.example.com"));
+        },
+        "routes[3].backend.event_hubs.endpoint",
+        "https://NAME.servicebus.windows.net (the host of this cloud, no path) or an origin listed in local_endpoints, got \"https://evil.example.com\"",
+    );
+    assert_one_message_route_error(
+        |p| {
+            p["routes"][3]["backend"][EH]["endpoint"] =
+                json!("https://contoso-events.servicebus.windows.net")
+        },
+        "routes[3].backend.event_hubs",
+        "either \"namespace\" or \"endpoint\", not both",
+    );
+    assert_one_message_route_error(
+        |p| p["routes"][3]["backend"][EH]["audience"] = json!("https://servicebus.azure.net"),
+        "routes[3].backend.event_hubs.audience",
+        "an audience Event Hubs accepts: https://eventhubs.azure.net or https://contoso-events.servicebus.windows.net, got \"https://servicebus.azure.net\"",
+    );
+    assert_one_message_route_error(
+        |p| p["routes"][3]["backend"][EH]["identity"] = json!("nobody"),
+        "routes[3].backend.event_hubs.identity",
+        "the name of an identity under \"identities\" (defined: cert, gw), got \"nobody\"",
+    );
+    assert_one_message_route_error(
+        |p| p["routes"][3]["backend"][EH]["max_message_bytes"] = json!(2_000_000),
+        "routes[3].backend.event_hubs.max_message_bytes",
+        "a size between 1024 and 1048576 bytes (1 MB, Event Hubs' largest event or batch), got 2000000",
+    );
+}
+
+#[test]
+fn event_hubs_templates_and_properties_follow_the_service_bus_rules() {
+    assert_one_message_route_error(
+        |p| p["routes"][3]["backend"][EH]["partition_key"] = json!("{path.tenant}"),
+        "routes[3].backend.event_hubs.partition_key",
+        "{path.NAME} naming a parameter of the route's path (the path has device), got {path.tenant}",
+    );
+    assert_one_message_route_error(
+        |p| p["routes"][3]["backend"][EH]["properties"]["BrokerProperties"] = json!("x"),
+        "routes[3].backend.event_hubs.properties.BrokerProperties",
+        "a property name that is an HTTP header name and not one HTTP or Service Bus reserves, got \"BrokerProperties\"",
+    );
+    assert_one_message_route_error(
+        |p| p["routes"][3]["backend"][EH]["properties"]["who"] = json!("{jwt.sub}"),
+        "routes[3].backend.event_hubs.properties.who",
+        "{jwt.CLAIM} only on a route with a \"jwt\" inbound check",
+    );
+    // Service Bus-only fields are not part of an event hub's shape.
+    let errors = errors_after(|p| {
+        with_message_routes(p);
+        p["routes"][3]["backend"][EH]["session_id"] = json!("{path.device}");
+    });
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(
+        errors[0].starts_with("routes[3].backend.event_hubs"),
+        "{errors:#?}"
+    );
+    assert!(errors[0].contains("session_id"), "{errors:#?}");
+}
+
+#[test]
+fn storage_queue_names_hosts_and_audiences_are_checked() {
+    assert_one_message_route_error(
+        |p| p["routes"][4]["backend"][SQ]["queue"] = json!("Jobs_1"),
+        "routes[4].backend.storage_queue.queue",
+        "a queue name: 3-63 lowercase letters, digits or single hyphens, starting and ending with a letter or digit, got \"Jobs_1\"",
+    );
+    assert_one_message_route_error(
+        |p| p["routes"][4]["backend"][SQ]["account"] = json!("Contoso"),
+        "routes[4].backend.storage_queue.account",
+        "a storage account name: 3-24 lowercase letters or digits, got \"Contoso\"",
+    );
+    assert_one_message_route_error(
+        |p| {
+            let b = p["routes"][4]["backend"][SQ].as_object_mut().unwrap();
+            b.remove("account");
+            b.insert("endpoint".into(), json!("https://contosojobs.blob.core.windows.net"));
+        },
+        "routes[4].backend.storage_queue.endpoint",
+        "https://NAME.queue.core.windows.net (the host of this cloud, no path) or an origin listed in local_endpoints",
+    );
+    // A declared local endpoint (Azurite) may have the account in its path.
+    let errors = errors_after(|p| {
+        with_message_routes(p);
+        let b = p["routes"][4]["backend"][SQ].as_object_mut().unwrap();
+        b.remove("account");
+        b.insert(
+            "endpoint".into(),
+            json!("https://127.0.0.1:10000/devstoreaccount1"),
+        );
+    });
+    assert_eq!(errors, Vec::<String>::new());
+    assert_one_message_route_error(
+        |p| p["routes"][4]["backend"][SQ]["audience"] = json!("https://contosojobs.blob.core.windows.net"),
+        "routes[4].backend.storage_queue.audience",
+        "an audience Queue Storage accepts: https://storage.azure.com or https://contosojobs.queue.core.windows.net, got \"https://contosojobs.blob.core.windows.net\"",
+    );
+    assert_one_message_route_error(
+        |p| p["routes"][4]["backend"][SQ]["identity"] = json!("nobody"),
+        "routes[4].backend.storage_queue.identity",
+        "got \"nobody\"",
+    );
+    assert_one_message_route_error(
+        |p| p["routes"][4]["backend"][SQ]["encoding"] = json!("utf16"),
+        "routes[4].backend.storage_queue.encoding",
+        "base64",
+    );
+}
+
+#[test]
+fn storage_queue_timing_follows_azure_rules() {
+    assert_one_message_route_error(
+        |p| p["routes"][4]["backend"][SQ]["visibility_timeout_seconds"] = json!(604_801),
+        "routes[4].backend.storage_queue.visibility_timeout_seconds",
+        "0 to 604800 seconds (7 days, Azure's limit), got 604801",
+    );
+    assert_one_message_route_error(
+        |p| p["routes"][4]["backend"][SQ]["visibility_timeout_seconds"] = json!(3600),
+        "routes[4].backend.storage_queue.visibility_timeout_seconds",
+        "less than the message's time to live (3600 seconds: message_ttl_seconds)",
+    );
+    assert_one_message_route_error(
+        |p| {
+            let b = p["routes"][4]["backend"][SQ].as_object_mut().unwrap();
+            b.remove("message_ttl_seconds");
+            b.insert("visibility_timeout_seconds".into(), json!(604_800));
+        },
+        "routes[4].backend.storage_queue.visibility_timeout_seconds",
+        "the default time to live, 7 days",
+    );
+    for ttl in [0, -2] {
+        assert_one_message_route_error(
+            |p| p["routes"][4]["backend"][SQ]["message_ttl_seconds"] = json!(ttl),
+            "routes[4].backend.storage_queue.message_ttl_seconds",
+            &format!("a time to live of at least 1 second, or -1 for messages that never expire, got {ttl}"),
+        );
+    }
+    // Never expiring messages may be hidden for up to 7 days.
+    let errors = errors_after(|p| {
+        with_message_routes(p);
+        p["routes"][4]["backend"][SQ]["message_ttl_seconds"] = json!(-1);
+        p["routes"][4]["backend"][SQ]["visibility_timeout_seconds"] = json!(604_800);
+    });
+    assert_eq!(errors, Vec::<String>::new());
+    assert_one_message_route_error(
+        |p| p["routes"][4]["backend"][SQ]["visibility_timeout_seconds"] = json!(-5),
+        "routes[4].backend.storage_queue.visibility_timeout_seconds",
+        "",
+    );
+}
+
+#[test]
+fn storage_queue_bodies_must_fit_azures_64_kib_once_encoded() {
+    assert_one_message_route_error(
+        |p| p["routes"][4]["backend"][SQ]["max_body_bytes"] = json!(65_537),
+        "routes[4].backend.storage_queue.max_body_bytes",
+        "a size between 1 and 65536 bytes (the largest body whose text message text fits Azure's 64 KiB), got 65537",
+    );
+    // Base64 takes 4 bytes for every 3: the same 64 KiB body no longer fits.
+    assert_one_message_route_error(
+        |p| {
+            p["routes"][4]["backend"][SQ]
+                .as_object_mut()
+                .unwrap()
+                .remove("encoding");
+        },
+        "routes[4].backend.storage_queue.max_body_bytes",
+        "a size between 1 and 49152 bytes (the largest body whose base64 message text fits Azure's 64 KiB), got 65536",
+    );
+    assert_one_message_route_error(
+        |p| p["routes"][4]["backend"][SQ]["max_body_bytes"] = json!(0),
+        "routes[4].backend.storage_queue.max_body_bytes",
+        "got 0",
     );
 }

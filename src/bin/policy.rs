@@ -17,7 +17,7 @@ fn main() {
 
 #[cfg(not(target_arch = "wasm32"))]
 mod cli {
-    use azure_edge_gateway::backend::service_bus::sender_property_names;
+    use azure_edge_gateway::backend::service_bus::{event_property_names, sender_property_names};
     use azure_edge_gateway::policy::{self, Backend, Inbound, Policy, Route};
 
     const USAGE: &str = "usage: policy check [FILE] | policy explain [FILE] | policy schema\n\
@@ -102,6 +102,18 @@ mod cli {
         print_row(&header.map(String::from));
         for r in &rows {
             print_row(r);
+        }
+        let messages: Vec<String> = p
+            .routes
+            .iter()
+            .filter_map(|r| message_line(&p, r))
+            .collect();
+        if !messages.is_empty() {
+            println!();
+            println!("Event Hubs and Storage queue routes: what the caller sends, where it goes, what it gets back");
+            for line in messages {
+                println!("  {line}");
+            }
         }
         let rest: Vec<String> = p.routes.iter().filter_map(|r| rest_lines(&p, r)).collect();
         if !rest.is_empty() {
@@ -220,22 +232,23 @@ mod cli {
     }
 
     /// For a batch route: the `BrokerProperties` an element may set (a sender's, less those the
-    /// route maps) and the `UserProperties` names the route keeps for itself.
+    /// route maps; for an event hub, less Service Bus's own) and the `UserProperties` names the
+    /// route keeps for itself.
     fn batch_line(r: &Route) -> Option<String> {
-        let Backend::ServiceBus(sb) = &r.backend else {
-            return None;
+        let (mapping, names): (_, Vec<&str>) = match &r.backend {
+            Backend::ServiceBus(sb) if sb.batch => {
+                (sb.message.clone(), sender_property_names().collect())
+            }
+            Backend::EventHubs(eh) if eh.batch => {
+                (Some(eh.mapping()), event_property_names().collect())
+            }
+            _ => return None,
         };
-        if !sb.batch {
-            return None;
-        }
-        let mapped = sb
-            .message
+        let mapped = mapping
             .as_ref()
             .map(|m| m.mapped_broker_properties())
             .unwrap_or_default();
-        let settable: Vec<&str> = sender_property_names()
-            .filter(|n| !mapped.contains(n))
-            .collect();
+        let settable: Vec<&str> = names.into_iter().filter(|n| !mapped.contains(n)).collect();
         let broker = match (settable.is_empty(), mapped.is_empty()) {
             (true, _) => "no BrokerProperties".to_owned(),
             (false, true) => format!("BrokerProperties {}", settable.join(", ")),
@@ -246,8 +259,7 @@ mod cli {
                 if mapped.len() == 1 { "it" } else { "them" }
             ),
         };
-        let reserved: Vec<&str> = sb
-            .message
+        let reserved: Vec<&str> = mapping
             .iter()
             .flat_map(|m| m.properties.keys().map(String::as_str))
             .collect();
@@ -261,6 +273,63 @@ mod cli {
             )
         };
         Some(format!("{}: {broker}; {user}", r.name))
+    }
+
+    /// For an event hub or Storage queue route: what the caller sends, the exact request the
+    /// gateway makes of it, the audience, and the answer.
+    fn message_line(p: &Policy, r: &Route) -> Option<String> {
+        match &r.backend {
+            Backend::EventHubs(eh) => {
+                let sends = if eh.batch {
+                    "a JSON array of events [{\"Body\", \"BrokerProperties\", \"UserProperties\"}], sent as one batch"
+                } else {
+                    "the body is one event (its Content-Type kept)"
+                };
+                let mut sets = Vec::new();
+                if let Some(key) = &eh.partition_key {
+                    sets.push(format!("PartitionKey {key}"));
+                }
+                for (name, template) in &eh.properties {
+                    sets.push(format!("property {name} = {template}"));
+                }
+                let sets = if sets.is_empty() {
+                    String::new()
+                } else {
+                    format!(" with {}", sets.join(", "))
+                };
+                Some(format!(
+                    "{}: {sends}, at most {} bytes -> POST {}/{}/messages{sets}; audience {}; answer 202 {{status, hub, count}}",
+                    r.name,
+                    eh.max_message_bytes(),
+                    eh.base_url(p.cloud),
+                    eh.hub,
+                    eh.audience()
+                ))
+            }
+            Backend::StorageQueue(q) => {
+                let visible = match q.visibility_timeout_seconds {
+                    Some(s) if s > 0 => format!("hidden for {s} s after it is put"),
+                    _ => "visible at once".to_owned(),
+                };
+                let lives = match q.message_ttl_seconds {
+                    Some(-1) => "never expires".to_owned(),
+                    Some(s) => format!("lives {s} s"),
+                    None => "lives 7 days (Azure's default)".to_owned(),
+                };
+                Some(format!(
+                    "{}: the body (at most {} bytes) is the message, {} -> POST {}; {visible}, {lives}; audience {}; answer 202 {{status, queue, message_id, insertion_time, expiration_time, time_next_visible}}",
+                    r.name,
+                    q.max_body_bytes(),
+                    match q.encoding {
+                        policy::QueueEncoding::Base64 => "base64-encoded",
+                        policy::QueueEncoding::Text => "as UTF-8 text (XML-escaped)",
+                    },
+                    q.send_url(p.cloud),
+                    q.audience()
+                ))
+            }
+            _ => None,
+        }
     }
 
     /// Every check a route runs, in the order it runs them.

@@ -492,6 +492,8 @@ impl Gateway {
         match &route.backend {
             PreparedBackend::ServiceBus(sb) => self.call(sb, &sb.token, cx, io).await,
             PreparedBackend::Blob(b) => self.call(b, &b.token, cx, io).await,
+            PreparedBackend::EventHubs(eh) => self.call(eh, &eh.token, cx, io).await,
+            PreparedBackend::StorageQueue(q) => self.call(q, &q.token, cx, io).await,
             PreparedBackend::AzureRest(r) => self.call(r, &r.token, cx, io).await,
             PreparedBackend::AzureOperation(op) => {
                 // 7. build: the handle opened; the call is the route's that started it.

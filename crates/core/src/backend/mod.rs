@@ -10,6 +10,7 @@
 pub mod azure_rest;
 pub mod blob;
 pub mod service_bus;
+pub mod storage_queue;
 
 use crate::pipeline::{Io, Limit, LogFields, OutBody, Reply, SendError};
 use crate::problem::Problem;

@@ -4,13 +4,18 @@
 //! Everything Service Bus would refuse is refused here first, before a token is fetched or a
 //! byte is sent: id lengths, `SessionId` = `PartitionKey`, property and header sizes, the
 //! message size, and (for a batch) every element, named by its index.
+//!
+//! Event hubs take the same REST send, so an `event_hubs` route runs this code too, with the
+//! prepared backend's [`Flavor`] set to Event Hubs: its events get no default `MessageId` or
+//! `CorrelationId`, may carry no Service Bus-only broker property ([`SERVICE_BUS_ONLY`]), and
+//! problems and the answer name Event Hubs and the hub.
 
 use serde_json::{json, Map, Value};
 
 use super::BackendRequest;
 use super::Verdict;
 use crate::pipeline::{BodyError, Cx, Grant, Io, Limit, OutBody, Reply};
-use crate::policy::prepared::{PreparedMessage, PreparedServiceBus};
+use crate::policy::prepared::{Flavor, PreparedMessage, PreparedServiceBus};
 use crate::policy::ServiceBusBackend;
 use crate::problem::Problem;
 use crate::template::{RenderContext, Template};
@@ -44,6 +49,21 @@ pub enum PropertyType {
     String,
     Number,
     Bool,
+}
+
+/// Broker properties of Service Bus that an event hub does not take (no sessions, time to live,
+/// scheduling or forced persistence): an event that sets one is refused before it is sent.
+pub const SERVICE_BUS_ONLY: &[&str] = &[
+    "SessionId",
+    "ReplyToSessionId",
+    "TimeToLive",
+    "ScheduledEnqueueTimeUtc",
+    "ForcePersistence",
+];
+
+/// The broker properties an event may set, in Service Bus's order.
+pub fn event_property_names() -> impl Iterator<Item = &'static str> {
+    sender_property_names().filter(|n| !SERVICE_BUS_ONLY.contains(n))
 }
 
 /// The names of the broker properties a sender may set, in Service Bus's order.
@@ -87,11 +107,15 @@ impl Properties {
     }
 }
 
-fn bad_message(detail: String) -> Problem {
+fn bad_message(flavor: Flavor, detail: String) -> Problem {
+    let title = match flavor {
+        Flavor::ServiceBus => "The message would be refused by Service Bus",
+        Flavor::EventHubs => "The event would be refused by Event Hubs",
+    };
     Problem::new(
         400,
         "bad-message",
-        "The message would be refused by Service Bus",
+        title,
         format!("{detail}; nothing was sent."),
     )
 }
@@ -104,9 +128,25 @@ pub fn properties(
     defaults: &Defaults,
     index: Option<usize>,
 ) -> Result<Properties, Problem> {
+    properties_for(Flavor::ServiceBus, mapping, ctx, defaults, index)
+}
+
+/// [`properties`] for a Service Bus entity or an event hub: an event gets no `MessageId` or
+/// `CorrelationId` by default (Event Hubs does not deduplicate or correlate), and may carry no
+/// Service Bus-only property.
+pub fn properties_for(
+    flavor: Flavor,
+    mapping: &PreparedMessage,
+    ctx: &RenderContext,
+    defaults: &Defaults,
+    index: Option<usize>,
+) -> Result<Properties, Problem> {
     let render = |what: &str, template: &Template| -> Result<String, Problem> {
         template.render(ctx).map_err(|missing| {
-            bad_message(format!("{what} is built from the request, but {missing}"))
+            bad_message(
+                flavor,
+                format!("{what} is built from the request, but {missing}"),
+            )
         })
     };
     let mut broker = Map::new();
@@ -120,7 +160,8 @@ pub fn properties(
     for (name, template) in &mapping.properties {
         custom.push((name.clone(), render(&format!("property {name}"), template)?));
     }
-    if !broker.contains_key("MessageId") {
+    let service_bus = flavor == Flavor::ServiceBus;
+    if service_bus && !broker.contains_key("MessageId") {
         let id = match (defaults.idempotency_key, index) {
             (Some(key), Some(i)) => format!("{key}-{i}"),
             (Some(key), None) => key.to_owned(),
@@ -128,7 +169,7 @@ pub fn properties(
         };
         broker.insert("MessageId".into(), Value::from(id));
     }
-    if !broker.contains_key("CorrelationId") {
+    if service_bus && !broker.contains_key("CorrelationId") {
         let trace_id = defaults.traceparent.and_then(trace_id);
         broker.insert(
             "CorrelationId".into(),
@@ -136,7 +177,7 @@ pub fn properties(
         );
     }
     let props = Properties { broker, custom };
-    check(&props, "")?;
+    check(flavor, &props, "")?;
     Ok(props)
 }
 
@@ -155,12 +196,17 @@ fn trace_id(traceparent: &str) -> Option<&str> {
     }
 }
 
-/// Service Bus's rules for one message's properties; `at` prefixes errors (`batch[3].`).
-fn check(props: &Properties, at: &str) -> Result<(), Problem> {
+/// Service Bus's rules for one message's properties (and Event Hubs' for an event); `at`
+/// prefixes errors (`batch[3].`).
+fn check(flavor: Flavor, props: &Properties, at: &str) -> Result<(), Problem> {
     for (name, value) in &props.broker {
+        if flavor == Flavor::EventHubs && SERVICE_BUS_ONLY.contains(&name.as_str()) {
+            let allowed: Vec<&str> = event_property_names().collect();
+            return Err(bad_message(flavor, format!("{at}BrokerProperties.{name} is a Service Bus property that an event hub does not take; an event may set {}", allowed.join(", "))));
+        }
         let Some((_, ty)) = SENDER_PROPERTIES.iter().find(|(n, _)| n == name) else {
             let known: Vec<&str> = SENDER_PROPERTIES.iter().map(|(n, _)| *n).collect();
-            return Err(bad_message(format!("{at}BrokerProperties.{name} is not a property a sender may set (expected one of {})", known.join(", "))));
+            return Err(bad_message(flavor, format!("{at}BrokerProperties.{name} is not a property a sender may set (expected one of {})", known.join(", "))));
         };
         let type_ok = match ty {
             PropertyType::String => value.is_string(),
@@ -173,9 +219,10 @@ fn check(props: &Properties, at: &str) -> Result<(), Problem> {
                 PropertyType::Number => "a positive number of seconds",
                 PropertyType::Bool => "true or false",
             };
-            return Err(bad_message(format!(
-                "{at}BrokerProperties.{name} must be {expected}"
-            )));
+            return Err(bad_message(
+                flavor,
+                format!("{at}BrokerProperties.{name} must be {expected}"),
+            ));
         }
     }
     let text = |name: &str| props.broker.get(name).and_then(Value::as_str);
@@ -183,22 +230,24 @@ fn check(props: &Properties, at: &str) -> Result<(), Problem> {
         if let Some(v) = text(name) {
             let n = v.chars().count();
             if n == 0 || n > MAX_ID_CHARS {
-                return Err(bad_message(format!(
-                    "{at}{name} must be 1 to {MAX_ID_CHARS} characters, got {n}"
-                )));
+                return Err(bad_message(
+                    flavor,
+                    format!("{at}{name} must be 1 to {MAX_ID_CHARS} characters, got {n}"),
+                ));
             }
         }
     }
     if let (Some(session), Some(partition)) = (text("SessionId"), text("PartitionKey")) {
         if session != partition {
-            return Err(bad_message(format!(
-                "{at}SessionId and PartitionKey must be equal when both are set"
-            )));
+            return Err(bad_message(
+                flavor,
+                format!("{at}SessionId and PartitionKey must be equal when both are set"),
+            ));
         }
     }
     if let Some(when) = text("ScheduledEnqueueTimeUtc") {
         if !is_rfc1123(when) {
-            return Err(bad_message(format!("{at}ScheduledEnqueueTimeUtc must be an RFC 1123 date such as \"Sun, 06 Nov 1994 08:49:37 GMT\"")));
+            return Err(bad_message(flavor, format!("{at}ScheduledEnqueueTimeUtc must be an RFC 1123 date such as \"Sun, 06 Nov 1994 08:49:37 GMT\"")));
         }
     }
     let mut header_bytes = "BrokerProperties".len() + props.broker_json().len();
@@ -207,17 +256,20 @@ fn check(props: &Properties, at: &str) -> Result<(), Problem> {
             .bytes()
             .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
         {
-            return Err(bad_message(format!(
-                "{at}property {name} must be printable ASCII (it travels as an HTTP header)"
-            )));
+            return Err(bad_message(
+                flavor,
+                format!(
+                    "{at}property {name} must be printable ASCII (it travels as an HTTP header)"
+                ),
+            ));
         }
         if value.len() > MAX_PROPERTY_BYTES {
-            return Err(bad_message(format!("{at}property {name} is {} bytes; one property may have at most {MAX_PROPERTY_BYTES}", value.len())));
+            return Err(bad_message(flavor, format!("{at}property {name} is {} bytes; one property may have at most {MAX_PROPERTY_BYTES}", value.len())));
         }
         header_bytes += name.len() + value.len();
     }
     if header_bytes > MAX_HEADER_BYTES {
-        return Err(bad_message(format!("{at}the properties take {header_bytes} bytes of headers; at most {MAX_HEADER_BYTES} are allowed")));
+        return Err(bad_message(flavor, format!("{at}the properties take {header_bytes} bytes of headers; at most {MAX_HEADER_BYTES} are allowed")));
     }
     Ok(())
 }
@@ -292,10 +344,23 @@ pub fn batch_body(
     ctx: &RenderContext,
     defaults: &Defaults,
 ) -> Result<(String, Vec<String>), Problem> {
+    batch_body_for(Flavor::ServiceBus, body, mapping, ctx, defaults)
+}
+
+/// [`batch_body`] for a Service Bus entity or an event hub (whose elements get no default
+/// `MessageId`, so their ids are empty unless an element sets one).
+pub fn batch_body_for(
+    flavor: Flavor,
+    body: &[u8],
+    mapping: &PreparedMessage,
+    ctx: &RenderContext,
+    defaults: &Defaults,
+) -> Result<(String, Vec<String>), Problem> {
     let elements: Vec<Value> = match serde_json::from_slice(body) {
         Ok(Value::Array(items)) if !items.is_empty() => items,
         _ => {
             return Err(bad_message(
+                flavor,
                 "This route takes a batch: a non-empty JSON array of {\"Body\": …, \"BrokerProperties\": {…}, \"UserProperties\": {…}}".into(),
             ))
         }
@@ -305,46 +370,58 @@ pub fn batch_body(
     for (i, element) in elements.into_iter().enumerate() {
         let at = format!("batch[{i}].");
         let Value::Object(mut element) = element else {
-            return Err(bad_message(format!(
-                "batch[{i}] must be an object with \"Body\""
-            )));
+            return Err(bad_message(
+                flavor,
+                format!("batch[{i}] must be an object with \"Body\""),
+            ));
         };
         let body = match element.remove("Body") {
             Some(Value::String(s)) => s,
-            Some(Value::Null) | None => return Err(bad_message(format!("{at}Body is required"))),
+            Some(Value::Null) | None => {
+                return Err(bad_message(flavor, format!("{at}Body is required")))
+            }
             Some(other) => other.to_string(),
         };
-        let mut props = properties(mapping, ctx, defaults, Some(i)).map_err(|p| prefix(p, &at))?;
+        let mut props =
+            properties_for(flavor, mapping, ctx, defaults, Some(i)).map_err(|p| prefix(p, &at))?;
         match element.remove("BrokerProperties") {
             Some(Value::Object(own)) => {
                 // What the route maps is the route's: an element may not replace it (a tenant
                 // taken from the caller's token, say). Defaults (MessageId, CorrelationId) it
                 // may set.
                 if let Some(name) = own.keys().find(|k| mapping.maps_broker(k)) {
-                    return Err(set_by_route(&at, &format!("BrokerProperties.{name}")));
+                    return Err(set_by_route(
+                        flavor,
+                        &at,
+                        &format!("BrokerProperties.{name}"),
+                    ));
                 }
                 props.broker.extend(own)
             }
             None | Some(Value::Null) => {}
             Some(_) => {
-                return Err(bad_message(format!(
-                    "{at}BrokerProperties must be an object"
-                )))
+                return Err(bad_message(
+                    flavor,
+                    format!("{at}BrokerProperties must be an object"),
+                ))
             }
         }
         match element.remove("UserProperties") {
             Some(Value::Object(own)) => {
                 if let Some(name) = own.keys().find(|k| mapping.maps_property(k)) {
-                    return Err(set_by_route(&at, &format!("UserProperties.{name}")));
+                    return Err(set_by_route(flavor, &at, &format!("UserProperties.{name}")));
                 }
                 for (k, v) in own {
                     let v = match v {
                         Value::String(s) => s,
                         Value::Number(_) | Value::Bool(_) => v.to_string(),
                         _ => {
-                            return Err(bad_message(format!(
-                                "{at}UserProperties.{k} must be a string, number or boolean"
-                            )))
+                            return Err(bad_message(
+                                flavor,
+                                format!(
+                                    "{at}UserProperties.{k} must be a string, number or boolean"
+                                ),
+                            ))
                         }
                     };
                     props.custom.retain(|(name, _)| name != &k);
@@ -352,12 +429,17 @@ pub fn batch_body(
                 }
             }
             None | Some(Value::Null) => {}
-            Some(_) => return Err(bad_message(format!("{at}UserProperties must be an object"))),
+            Some(_) => {
+                return Err(bad_message(
+                    flavor,
+                    format!("{at}UserProperties must be an object"),
+                ))
+            }
         }
         if let Some(extra) = element.keys().next() {
-            return Err(bad_message(format!("{at}{extra} is not a field of a batch message (Body, BrokerProperties, UserProperties)")));
+            return Err(bad_message(flavor, format!("{at}{extra} is not a field of a batch message (Body, BrokerProperties, UserProperties)")));
         }
-        check(&props, &at)?;
+        check(flavor, &props, &at)?;
         ids.push(props.message_id().to_owned());
         let user: Map<String, Value> = props
             .custom
@@ -369,8 +451,8 @@ pub fn batch_body(
     Ok((Value::Array(out).to_string(), ids))
 }
 
-fn set_by_route(at: &str, field: &str) -> Problem {
-    bad_message(format!(
+fn set_by_route(flavor: Flavor, at: &str, field: &str) -> Problem {
+    bad_message(flavor, format!(
         "{at}{field} is set by this route and may not be set by a batch element; leave it out (policy explain lists what an element may set)"
     ))
 }
@@ -440,7 +522,7 @@ pub async fn build<I: Io>(
     let values = cx.render_context(&header, &uuid, io.now());
     let plan = if sb.config.batch {
         let bytes = body.as_ref().map(|(b, _)| io.bytes(b)).unwrap_or_default();
-        let (batch, ids) = batch_body(&bytes, &sb.message, &values, &defaults)?;
+        let (batch, ids) = batch_body_for(sb.flavor, &bytes, &sb.message, &values, &defaults)?;
         if batch.len() > limit {
             return Err(too_large(batch.len(), limit));
         }
@@ -450,7 +532,7 @@ pub async fn build<I: Io>(
             ids,
         }
     } else {
-        let props = properties(&sb.message, &values, &defaults, None)?;
+        let props = properties_for(sb.flavor, &sb.message, &values, &defaults, None)?;
         let broker_json = props.broker_json();
         let body_len = body.as_ref().map_or(0, |(_, n)| *n as usize);
         let size = message_size(body_len, &broker_json, &props);
@@ -503,7 +585,7 @@ pub async fn send<I: Io>(
                 Some(body) => io.text(body).await,
                 None => String::new(),
             };
-            match map_response(status, retry_after, &text, entity) {
+            match map_response_for(sb.flavor, status, retry_after, &text, entity) {
                 SendOutcome::Accepted => Verdict::Done(Reply {
                     status,
                     headers: Vec::new(),
@@ -525,17 +607,23 @@ pub async fn send<I: Io>(
                 }
             }
         },
-        |why, retry_after| unavailable(retry_after, why),
+        |why, retry_after| unavailable_for(sb.flavor, retry_after, why),
     )
     .await
 }
 
-/// Phase 10: the caller's 202 with the message id(s).
+/// Phase 10: the caller's 202 with the message id(s), or for an event hub the number of events.
 pub fn answer<B, S>(sb: &PreparedServiceBus, plan: &Plan<B>) -> crate::pipeline::Answer<S> {
-    crate::pipeline::Answer::json(
-        202,
-        accepted_body(sb.config.entity(), &plan.ids, sb.config.batch),
-    )
+    let body = match sb.flavor {
+        Flavor::ServiceBus => accepted_body(sb.config.entity(), &plan.ids, sb.config.batch),
+        Flavor::EventHubs => events_accepted_body(sb.config.entity(), plan.ids.len()),
+    };
+    crate::pipeline::Answer::json(202, body)
+}
+
+/// The caller's 202 for events: Event Hubs answers 201 without ids, so there are none to give.
+pub fn events_accepted_body(hub: &str, count: usize) -> String {
+    json!({ "status": "accepted", "hub": hub, "count": count }).to_string()
 }
 
 /// The caller's 202.
@@ -574,36 +662,80 @@ pub fn map_response(
     body: &str,
     entity: &str,
 ) -> SendOutcome {
+    map_response_for(Flavor::ServiceBus, status, retry_after_secs, body, entity)
+}
+
+/// [`map_response`] for a Service Bus entity or an event hub (same statuses, their own names).
+pub fn map_response_for(
+    flavor: Flavor,
+    status: u16,
+    retry_after_secs: Option<u64>,
+    body: &str,
+    entity: &str,
+) -> SendOutcome {
     let failed = |problem: Problem| SendOutcome::Failed {
         problem: problem.with_extension("backend_status", json!(status)),
         evict: status == 401,
         detail: error_detail(body),
     };
-    const SEE_LOG: &str = "Service Bus's reason is in the gateway's log under this request id";
+    let (service, role, what) = match flavor {
+        Flavor::ServiceBus => (
+            "Service Bus",
+            "Azure Service Bus Data Sender",
+            "queue or topic",
+        ),
+        Flavor::EventHubs => ("Event Hubs", "Azure Event Hubs Data Sender", "event hub"),
+    };
+    let see_log = format!("{service}'s reason is in the gateway's log under this request id");
+    let (refused, identity_refused, missing, too_large, error) = match flavor {
+        Flavor::ServiceBus => (
+            "Service Bus refused the message",
+            "Service Bus refused the gateway's identity",
+            "The Service Bus entity does not exist",
+            "Service Bus refused the message as too large; send a smaller body or fewer properties.",
+            "Service Bus refused the request",
+        ),
+        Flavor::EventHubs => (
+            "Event Hubs refused the event",
+            "Event Hubs refused the gateway's identity",
+            "The event hub does not exist",
+            "Event Hubs refused the event as too large; send a smaller body or fewer properties.",
+            "Event Hubs refused the request",
+        ),
+    };
     match status {
         201 => SendOutcome::Accepted,
         429 | 500 | 502 | 503 | 504 => SendOutcome::Retry { retry_after_secs },
-        400 => failed(Problem::new(400, "bad-message", "Service Bus refused the message", format!("Service Bus answered 400: it refused something in the message that the gateway's own checks let through ({SEE_LOG}). Check the message's properties and body; nothing was accepted."))),
+        400 => failed(Problem::new(400, "bad-message", refused, format!("{service} answered 400: it refused something in the message that the gateway's own checks let through ({see_log}). Check the message's properties and body; nothing was accepted."))),
         401 | 403 => failed(Problem::new(
             502,
             "backend-authorization-failed",
-            "Service Bus refused the gateway's identity",
-            format!("Service Bus answered {status}. The identity's token may have the wrong audience or lack the Azure Service Bus Data Sender role on '{entity}' (403 can also mean a quota is exceeded); the operator should check them ({SEE_LOG})."),
+            identity_refused,
+            format!("{service} answered {status}. The identity's token may have the wrong audience or lack the {role} role on '{entity}' (403 can also mean a quota is exceeded); the operator should check them ({see_log})."),
         )),
         404 | 410 => failed(Problem::new(
             502,
             "backend-entity-not-found",
-            "The Service Bus entity does not exist",
-            format!("Service Bus has no queue or topic '{entity}' (it answered {status}); the operator should create it or fix the route."),
+            missing,
+            format!("{service} has no {what} '{entity}' (it answered {status}); the operator should create it or fix the route."),
         )),
-        413 => failed(Problem::new(413, "body-too-large", "Message too large", "Service Bus refused the message as too large; send a smaller body or fewer properties.")),
-        _ => failed(Problem::new(502, "backend-error", "Service Bus refused the request", format!("Service Bus answered {status} ({SEE_LOG})."))),
+        413 => failed(Problem::new(413, "body-too-large", "Message too large", too_large)),
+        _ => failed(Problem::new(502, "backend-error", error, format!("{service} answered {status} ({see_log})."))),
     }
 }
 
 /// After the last retry: 503 with the last `Retry-After` (or 5 s).
 pub fn unavailable(retry_after_secs: Option<u64>, why: &str) -> Problem {
-    Problem::new(503, "backend-unavailable", "Service Bus is unavailable", format!("Service Bus {why} after retries; nothing was accepted. Retry after the time in Retry-After."))
+    unavailable_for(Flavor::ServiceBus, retry_after_secs, why)
+}
+
+/// [`unavailable`] for a Service Bus entity or an event hub.
+pub fn unavailable_for(flavor: Flavor, retry_after_secs: Option<u64>, why: &str) -> Problem {
+    let (service, title) = match flavor {
+        Flavor::ServiceBus => ("Service Bus", "Service Bus is unavailable"),
+        Flavor::EventHubs => ("Event Hubs", "Event Hubs is unavailable"),
+    };
+    Problem::new(503, "backend-unavailable", title, format!("{service} {why} after retries; nothing was accepted. Retry after the time in Retry-After."))
         .with_header("retry-after", retry_after_secs.unwrap_or(5).max(1).to_string())
 }
 
@@ -915,6 +1047,7 @@ mod tests {
             },
             message: prep(&mapping()),
             config: backend,
+            flavor: Flavor::ServiceBus,
         };
         let r = single_request(&prepared, "application/json", props.broker_json(), &props);
         assert_eq!(
@@ -981,5 +1114,156 @@ mod tests {
             unavailable(Some(7), "x").headers,
             vec![("retry-after", "7".to_owned())]
         );
+    }
+
+    fn event_mapping(partition_key: Option<&str>) -> PreparedMessage {
+        prep(&MessageMapping {
+            partition_key: partition_key.map(str::to_owned),
+            properties: [("site".to_owned(), "{path.tenant}".to_owned())].into(),
+            ..MessageMapping::default()
+        })
+    }
+
+    fn events(body: &str, mapping: &PreparedMessage) -> Result<(Value, Vec<String>), Problem> {
+        with_ctx("north", |ctx| {
+            batch_body_for(
+                Flavor::EventHubs,
+                body.as_bytes(),
+                mapping,
+                ctx,
+                &defaults(Some("k"), None),
+            )
+        })
+        .map(|(out, ids)| (serde_json::from_str(&out).unwrap(), ids))
+    }
+
+    #[test]
+    fn an_event_gets_the_routes_partition_key_and_no_service_bus_defaults() {
+        let p = with_ctx("north", |ctx| {
+            properties_for(
+                Flavor::EventHubs,
+                &event_mapping(Some("dev-{path.tenant}")),
+                ctx,
+                &defaults(
+                    Some("idem"),
+                    Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+                ),
+                None,
+            )
+        })
+        .unwrap();
+        // Event Hubs neither deduplicates nor correlates: no MessageId, no CorrelationId.
+        assert_eq!(
+            Value::Object(p.broker.clone()),
+            json!({"PartitionKey": "dev-north"})
+        );
+        assert_eq!(p.custom, vec![("site".to_owned(), "north".to_owned())]);
+        let (out, ids) = events(
+            r#"[{"Body": "a"}, {"Body": {"t": 1}}]"#,
+            &event_mapping(Some("k1")),
+        )
+        .unwrap();
+        assert_eq!(ids.len(), 2);
+        assert_eq!(out[0]["BrokerProperties"], json!({"PartitionKey": "k1"}));
+        assert_eq!(out[1]["Body"], "{\"t\":1}");
+        assert_eq!(out[1]["UserProperties"]["site"], "north");
+        assert_eq!(
+            events_accepted_body("telemetry", 2),
+            r#"{"count":2,"hub":"telemetry","status":"accepted"}"#
+        );
+    }
+
+    #[test]
+    fn an_element_sets_its_own_partition_key_only_when_the_route_does_not() {
+        let body = r#"[{"Body": "a", "BrokerProperties": {"PartitionKey": "own"}}]"#;
+        let (out, _) = events(body, &event_mapping(None)).unwrap();
+        assert_eq!(out[0]["BrokerProperties"]["PartitionKey"], "own");
+        let p = events(body, &event_mapping(Some("route"))).unwrap_err();
+        assert_eq!((p.status, p.kind), (400, "bad-message"));
+        assert!(
+            p.detail
+                .starts_with("batch[0].BrokerProperties.PartitionKey is set by this route"),
+            "{}",
+            p.detail
+        );
+        assert_eq!(p.title, "The event would be refused by Event Hubs");
+    }
+
+    #[test]
+    fn an_event_with_a_service_bus_only_property_is_refused() {
+        for name in SERVICE_BUS_ONLY {
+            let value = if *name == "TimeToLive" {
+                "60".to_owned()
+            } else if *name == "ForcePersistence" {
+                "true".to_owned()
+            } else {
+                "\"x\"".to_owned()
+            };
+            let body = format!(
+                r#"[{{"Body": "ok"}}, {{"Body": "a", "BrokerProperties": {{"{name}": {value}}}}}]"#
+            );
+            let p = events(&body, &event_mapping(None)).unwrap_err();
+            assert_eq!(p.status, 400);
+            assert!(
+                p.detail.starts_with(&format!(
+                    "batch[1].BrokerProperties.{name} is a Service Bus property"
+                )),
+                "{}",
+                p.detail
+            );
+            assert!(
+                p.detail.contains(
+                    "may set MessageId, CorrelationId, PartitionKey, Label, To, ReplyTo;"
+                ),
+                "{}",
+                p.detail
+            );
+        }
+        // The same element is a valid Service Bus message.
+        let body = r#"[{"Body": "a", "BrokerProperties": {"SessionId": "s"}}]"#;
+        assert!(with_ctx("c", |ctx| batch_body(
+            body.as_bytes(),
+            &PreparedMessage::default(),
+            ctx,
+            &defaults(None, None)
+        ))
+        .is_ok());
+        // What an event may carry besides its key passes.
+        let ok = r#"[{"Body": "a", "BrokerProperties": {"MessageId": "m", "CorrelationId": "c", "Label": "l"}}]"#;
+        assert!(events(ok, &event_mapping(None)).is_ok());
+    }
+
+    #[test]
+    fn event_hubs_refusals_name_event_hubs() {
+        let SendOutcome::Failed { problem, evict, .. } =
+            map_response_for(Flavor::EventHubs, 401, None, "", "telemetry")
+        else {
+            panic!()
+        };
+        assert!(evict);
+        assert_eq!(problem.title, "Event Hubs refused the gateway's identity");
+        assert!(
+            problem.detail.contains("Azure Event Hubs Data Sender"),
+            "{}",
+            problem.detail
+        );
+        let SendOutcome::Failed { problem, .. } =
+            map_response_for(Flavor::EventHubs, 410, None, "", "telemetry")
+        else {
+            panic!()
+        };
+        assert!(
+            problem.detail.contains("no event hub 'telemetry'"),
+            "{}",
+            problem.detail
+        );
+        assert!(
+            !problem.detail.contains("Service Bus"),
+            "{}",
+            problem.detail
+        );
+        let p = unavailable_for(Flavor::EventHubs, None, "answered 503");
+        assert_eq!((p.status, p.title), (503, "Event Hubs is unavailable"));
+        assert_eq!(p.headers, vec![("retry-after", "5".to_owned())]);
     }
 }

@@ -32,6 +32,15 @@ impl Cloud {
         }
     }
 
+    /// Storage queues: `{account}.queue.…`.
+    pub fn queue_suffix(self) -> &'static str {
+        match self {
+            Cloud::Public => "queue.core.windows.net",
+            Cloud::UsGovernment => "queue.core.usgovcloudapi.net",
+            Cloud::China => "queue.core.chinacloudapi.cn",
+        }
+    }
+
     /// Service Bus audiences other than the namespace URL that this cloud's Entra issues.
     pub fn service_bus_audiences(self) -> &'static [&'static str] {
         match self {

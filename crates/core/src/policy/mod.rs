@@ -13,6 +13,7 @@
 //! worker only loads that ([`prepared::Prepared::load`]); no validation runs in the wasm.
 
 pub mod cloud;
+mod messaging;
 pub mod model;
 pub mod prepared;
 #[cfg(feature = "compile")]

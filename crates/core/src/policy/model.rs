@@ -12,6 +12,11 @@ use serde::{Deserialize, Serialize};
 #[cfg(feature = "compile")]
 use schemars::JsonSchema;
 
+pub use super::messaging::{
+    EventHubsBackend, QueueEncoding, StorageQueueBackend, EVENT_HUBS_DEFAULT_MAX_MESSAGE_BYTES,
+    QUEUE_MESSAGE_MAX_BYTES,
+};
+
 /// A gateway policy: who the gateway is towards Azure (identities) and what callers may ask
 /// it to do (routes).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -439,6 +444,10 @@ pub enum Backend {
     ServiceBus(ServiceBusBackend),
     /// Write or read blobs in a Blob Storage container.
     Blob(BlobBackend),
+    /// Send events to an event hub (Event Hubs' REST send, Service Bus's wire format).
+    EventHubs(EventHubsBackend),
+    /// Put messages on a Storage queue.
+    StorageQueue(StorageQueueBackend),
     /// Any Azure REST API: one request to a URL whose host the policy fixes.
     AzureRest(AzureRestBackend),
     /// The status of long-running operations started through `azure_rest` routes: the caller

@@ -76,6 +76,9 @@ pub struct PreparedKey {
 pub enum PreparedBackend {
     ServiceBus(PreparedServiceBus),
     Blob(PreparedBlob),
+    /// An event hub: Service Bus's REST send, of the Event Hubs flavour.
+    EventHubs(PreparedServiceBus),
+    StorageQueue(PreparedStorageQueue),
     AzureRest(PreparedRest),
     AzureOperation(PreparedOperation),
 }
@@ -206,6 +209,28 @@ pub struct PreparedServiceBus {
     pub send_url: String,
     pub token: TokenTarget,
     pub message: PreparedMessage,
+    /// Service Bus, or an event hub sent to the same way.
+    #[serde(default)]
+    pub flavor: Flavor,
+}
+
+/// Which service a Service Bus-style send goes to. Event Hubs takes the same REST send; what
+/// differs is its defaults (no `MessageId` or `CorrelationId`), the broker properties an event
+/// may carry, its names in messages and its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Flavor {
+    #[default]
+    ServiceBus,
+    EventHubs,
+}
+
+/// A Storage queue route: where it sends, with what token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PreparedStorageQueue {
+    pub config: StorageQueueBackend,
+    /// `{account}/{queue}/messages[?visibilitytimeout=…&messagettl=…]`.
+    pub send_url: String,
+    pub token: TokenTarget,
 }
 
 /// A route's message mapping, parsed.
@@ -362,8 +387,24 @@ mod compile {
                         token: target(&sb.identity, sb.audience())?,
                         config: sb.clone(),
                         message,
+                        flavor: Flavor::ServiceBus,
                     })
                 }
+                Backend::EventHubs(eh) => {
+                    let sb = eh.as_service_bus();
+                    PreparedBackend::EventHubs(PreparedServiceBus {
+                        send_url: format!("{}/{}/messages", sb.base_url(policy.cloud), sb.entity()),
+                        token: target(&eh.identity, eh.audience())?,
+                        message: PreparedMessage::from_mapping(&eh.mapping())?,
+                        config: sb,
+                        flavor: Flavor::EventHubs,
+                    })
+                }
+                Backend::StorageQueue(q) => PreparedBackend::StorageQueue(PreparedStorageQueue {
+                    send_url: q.send_url(policy.cloud),
+                    token: target(&q.identity, q.audience())?,
+                    config: q.clone(),
+                }),
                 Backend::AzureRest(r) => PreparedBackend::AzureRest(prepare_rest(
                     policy,
                     route,

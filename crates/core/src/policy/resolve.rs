@@ -95,6 +95,8 @@ impl Backend {
         match self {
             Backend::ServiceBus(_) => "service_bus",
             Backend::Blob(_) => "blob",
+            Backend::EventHubs(_) => "event_hubs",
+            Backend::StorageQueue(_) => "storage_queue",
             Backend::AzureRest(_) => "azure_rest",
             Backend::AzureOperation(_) => "azure_operation",
         }
@@ -105,6 +107,8 @@ impl Backend {
         match self {
             Backend::ServiceBus(sb) => &sb.identity,
             Backend::Blob(b) => &b.identity,
+            Backend::EventHubs(eh) => &eh.identity,
+            Backend::StorageQueue(q) => &q.identity,
             Backend::AzureRest(r) => &r.identity,
             Backend::AzureOperation(_) => "",
         }
@@ -114,6 +118,8 @@ impl Backend {
         match self {
             Backend::ServiceBus(sb) => sb.audience().to_owned(),
             Backend::Blob(b) => b.audience().to_owned(),
+            Backend::EventHubs(eh) => eh.audience().to_owned(),
+            Backend::StorageQueue(q) => q.audience().to_owned(),
             Backend::AzureRest(r) => r.audience(cloud),
             Backend::AzureOperation(_) => String::new(),
         }
@@ -124,6 +130,8 @@ impl Backend {
         match self {
             Backend::ServiceBus(sb) => format!("{}/{}", sb.base_url(cloud), sb.entity()),
             Backend::Blob(b) => format!("{}/{}/{}", b.base_url(cloud), b.container, b.blob),
+            Backend::EventHubs(eh) => format!("{}/{}", eh.base_url(cloud), eh.hub),
+            Backend::StorageQueue(q) => format!("{}/{}", q.base_url(cloud), q.queue),
             Backend::AzureRest(r) => RestUrl::parse(&r.url)
                 .map(|u| u.shape())
                 .unwrap_or_else(|_| r.url.clone()),

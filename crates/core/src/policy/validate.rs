@@ -14,6 +14,8 @@ use crate::encoding::is_header_name;
 use crate::routing::PathTemplate;
 use crate::template::{Template, Var};
 
+mod queues;
+
 /// A URL split into the parts the policy cares about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Url<'a> {
@@ -351,6 +353,19 @@ fn check_route(
             &format!("{at}.backend.blob"),
             blob,
             &scope,
+            unreadable_identities,
+        ),
+        Backend::EventHubs(eh) => queues::check_event_hubs(
+            c,
+            &format!("{at}.backend.event_hubs"),
+            eh,
+            &scope,
+            unreadable_identities,
+        ),
+        Backend::StorageQueue(q) => queues::check_storage_queue(
+            c,
+            &format!("{at}.backend.storage_queue"),
+            q,
             unreadable_identities,
         ),
         Backend::AzureRest(rest) => check_azure_rest(

@@ -1,0 +1,212 @@
+//! The policy model of the two message backends beside Service Bus: Event Hubs and Storage
+//! queues (re-exported by [`super::model`], whose `Backend` enum names them), and what they
+//! resolve to (base URL, audience) with the defaults filled in.
+//!
+//! Event Hubs' REST send is Service Bus's (same URL shape, headers and batch JSON), so an
+//! event hub route is prepared as a Service Bus backend of the Event Hubs flavour
+//! ([`EventHubsBackend::as_service_bus`]) and runs the same code; the policy keeps it a kind of
+//! its own, because what a user may say (no sessions, no time to live, a hub) differs.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[cfg(feature = "compile")]
+use schemars::JsonSchema;
+
+use super::cloud::EVENT_HUBS_AUDIENCE;
+use super::model::{Cloud, MessageMapping, ServiceBusBackend};
+use super::STORAGE_AUDIENCE;
+
+/// An event hub in an Event Hubs namespace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct EventHubsBackend {
+    /// Namespace name: `{namespace}.servicebus.windows.net` (or the cloud's suffix).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Explicit namespace URL instead of `namespace`, e.g. a local stand-in listed in
+    /// `local_endpoints`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// The event hub's name.
+    pub hub: String,
+    /// The identity whose token is sent.
+    pub identity: String,
+    /// Token audience; default `https://eventhubs.azure.net` (or the namespace URL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    /// Template of the events' `PartitionKey` (events with one key land in one partition),
+    /// e.g. `{path.device}`. Without it, Event Hubs spreads events over the partitions and a
+    /// batch element may set its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_key: Option<String>,
+    /// Application properties: name → template, sent as headers (as Service Bus's are).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub properties: BTreeMap<String, String>,
+    /// Accept a JSON array of events (`[{"Body": …, "UserProperties": {…}}]`) and send it as
+    /// one batch.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub batch: bool,
+    /// Largest event (body and properties) or batch accepted, in bytes; larger requests get 413
+    /// before anything is sent. Default 1048576 (1 MB, Event Hubs' limit from Standard up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_message_bytes: Option<u32>,
+}
+
+/// A Storage queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct StorageQueueBackend {
+    /// Storage account name: `{account}.queue.core.windows.net` (or the cloud's suffix).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// Explicit account URL instead of `account`, e.g. Azurite's
+    /// `https://127.0.0.1:10001/devstoreaccount1` listed in `local_endpoints`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Queue name.
+    pub queue: String,
+    /// The identity whose token is sent.
+    pub identity: String,
+    /// Token audience; default `https://storage.azure.com` (or the account's queue URL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    /// Seconds before a new message becomes visible to receivers (0 to 604800, less than the
+    /// time to live). Default 0: at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub visibility_timeout_seconds: Option<u32>,
+    /// Seconds a message lives, or -1 for never. Default: the service's (7 days).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_ttl_seconds: Option<i64>,
+    /// How the caller's body becomes the message text: `base64` (the default, as the Azure
+    /// SDKs write and read it; any bytes) or `text` (the body must be UTF-8; stored as it is).
+    #[serde(default, skip_serializing_if = "QueueEncoding::is_default")]
+    pub encoding: QueueEncoding,
+    /// Largest body accepted, in bytes; larger ones get 413 before anything is sent. Default
+    /// and maximum: what fits Azure's 64 KiB message once encoded (49152 for `base64`, 65536
+    /// for `text`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u32>,
+}
+
+/// How a Storage queue route turns the caller's body into the message text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum QueueEncoding {
+    /// Standard base64 of the body's bytes, as the Azure SDKs encode by default.
+    #[default]
+    Base64,
+    /// The body as text (it must be UTF-8), XML-escaped on the wire.
+    Text,
+}
+
+impl QueueEncoding {
+    pub fn is_default(&self) -> bool {
+        *self == QueueEncoding::default()
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueEncoding::Base64 => "base64",
+            QueueEncoding::Text => "text",
+        }
+    }
+}
+
+impl EventHubsBackend {
+    /// `https://{namespace}.servicebus.windows.net` or the explicit endpoint, no trailing slash.
+    pub fn base_url(&self, cloud: Cloud) -> String {
+        self.as_service_bus().base_url(cloud)
+    }
+
+    pub fn audience(&self) -> &str {
+        self.audience.as_deref().unwrap_or(EVENT_HUBS_AUDIENCE)
+    }
+
+    /// The mapping an event hub route sets: its `PartitionKey` and application properties.
+    pub fn mapping(&self) -> MessageMapping {
+        MessageMapping {
+            partition_key: self.partition_key.clone(),
+            properties: self.properties.clone(),
+            ..MessageMapping::default()
+        }
+    }
+
+    /// The Service Bus backend this event hub sends like: the same REST send to
+    /// `{namespace}/{hub}/messages`, with only what an event hub takes mapped.
+    pub fn as_service_bus(&self) -> ServiceBusBackend {
+        ServiceBusBackend {
+            namespace: self.namespace.clone(),
+            endpoint: self.endpoint.clone(),
+            queue: Some(self.hub.clone()),
+            topic: None,
+            identity: self.identity.clone(),
+            audience: Some(self.audience().to_owned()),
+            message: Some(self.mapping()),
+            batch: self.batch,
+            max_message_bytes: Some(self.max_message_bytes()),
+        }
+    }
+
+    pub fn max_message_bytes(&self) -> u32 {
+        self.max_message_bytes
+            .unwrap_or(EVENT_HUBS_DEFAULT_MAX_MESSAGE_BYTES)
+    }
+}
+
+/// 1 MB: the largest event (or batch) Event Hubs takes from the Standard tier up.
+pub const EVENT_HUBS_DEFAULT_MAX_MESSAGE_BYTES: u32 = 1_048_576;
+
+impl StorageQueueBackend {
+    /// `https://{account}.queue.core.windows.net` or the explicit endpoint, no trailing slash.
+    pub fn base_url(&self, cloud: Cloud) -> String {
+        match (&self.endpoint, &self.account) {
+            (Some(endpoint), _) => endpoint.trim_end_matches('/').to_owned(),
+            (None, Some(account)) => format!("https://{account}.{}", cloud.queue_suffix()),
+            (None, None) => String::new(),
+        }
+    }
+
+    pub fn audience(&self) -> &str {
+        self.audience.as_deref().unwrap_or(STORAGE_AUDIENCE)
+    }
+
+    /// `{account}/{queue}/messages` with the route's fixed `visibilitytimeout` and `messagettl`.
+    pub fn send_url(&self, cloud: Cloud) -> String {
+        let mut url = format!("{}/{}/messages", self.base_url(cloud), self.queue);
+        let mut query = Vec::new();
+        if let Some(v) = self.visibility_timeout_seconds {
+            query.push(format!("visibilitytimeout={v}"));
+        }
+        if let Some(ttl) = self.message_ttl_seconds {
+            query.push(format!("messagettl={ttl}"));
+        }
+        if !query.is_empty() {
+            url.push('?');
+            url.push_str(&query.join("&"));
+        }
+        url
+    }
+
+    /// The largest body this route accepts.
+    pub fn max_body_bytes(&self) -> u32 {
+        self.max_body_bytes.unwrap_or(self.encoding.largest_body())
+    }
+}
+
+/// Azure's limit of one queue message's text, in bytes (after encoding).
+pub const QUEUE_MESSAGE_MAX_BYTES: u32 = 65_536;
+
+impl QueueEncoding {
+    /// The largest body whose message text (once encoded) fits [`QUEUE_MESSAGE_MAX_BYTES`].
+    pub fn largest_body(self) -> u32 {
+        match self {
+            QueueEncoding::Base64 => QUEUE_MESSAGE_MAX_BYTES / 4 * 3,
+            QueueEncoding::Text => QUEUE_MESSAGE_MAX_BYTES,
+        }
+    }
+}
