@@ -31,15 +31,15 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let json = match serde_json::to_string(&prepared) {
-        Ok(json) => json,
+    let bytes = match prepared.to_bytes() {
+        Ok(bytes) => bytes,
         Err(e) => {
             eprintln!("policy: cannot serialise the compiled policy: {e}");
             std::process::exit(1);
         }
     };
-    let out = PathBuf::from(std::env::var_os("OUT_DIR").unwrap_or_default()).join("prepared.json");
-    if let Err(e) = std::fs::write(&out, json) {
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").unwrap_or_default()).join("prepared.bin");
+    if let Err(e) = std::fs::write(&out, bytes) {
         eprintln!("policy: cannot write {}: {e}", out.display());
         std::process::exit(1);
     }

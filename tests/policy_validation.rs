@@ -1791,3 +1791,25 @@ fn storage_queue_bodies_must_fit_azures_64_kib_once_encoded() {
         "got 0",
     );
 }
+
+/// The worker loads the compiled policy from the bytes build.rs writes: every shipped policy
+/// comes back from them whole (encoding what was loaded gives the same bytes again).
+#[test]
+fn the_compiled_policy_survives_the_bytes_the_worker_embeds() {
+    use azure_edge_gateway::policy::prepared::{compile, Prepared};
+    for file in [
+        "policy.json",
+        "dev/policy.json",
+        "tests/e2e/fixtures/azure-rest-policy.json",
+        "tests/e2e/fixtures/queues-policy.json",
+        "tests/e2e/fixtures/inbound-policy.json",
+        "tests/e2e/fixtures/hardening-policy.json",
+    ] {
+        let prepared = compile(&std::fs::read_to_string(file).unwrap()).unwrap();
+        let bytes = prepared.to_bytes().unwrap();
+        let loaded = Prepared::load(&bytes).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(loaded.to_bytes().unwrap(), bytes, "{file}");
+        assert_eq!(loaded.routes.len(), prepared.routes.len(), "{file}");
+    }
+    assert!(Prepared::load(b"not a policy").is_err());
+}

@@ -37,7 +37,7 @@ use crate::policy::prepared::{Prepared, TokenTarget};
 use crate::policy::JwtAlgorithm;
 
 /// The policy, compiled and checked by build.rs when the worker was built.
-const PREPARED: &str = include_str!(concat!(env!("OUT_DIR"), "/prepared.json"));
+const PREPARED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/prepared.bin"));
 
 #[wasm_bindgen(module = "/src/edge/edge.js")]
 extern "C" {

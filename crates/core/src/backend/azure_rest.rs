@@ -543,7 +543,7 @@ pub async fn build<I: Io>(
             PlanBody::Text(text)
         }
         RestBodyPlan::Json { skeleton, leaves } => {
-            let mut document = skeleton.clone();
+            let mut document: Value = serde_json::from_str(skeleton).unwrap_or(Value::Null);
             for (pointer, template) in leaves {
                 let value = template.render(&values).map_err(|m| missing(&m))?;
                 if let Some(slot) = document.pointer_mut(pointer) {

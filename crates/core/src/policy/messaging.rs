@@ -24,34 +24,34 @@ use super::STORAGE_AUDIENCE;
 #[serde(deny_unknown_fields)]
 pub struct EventHubsBackend {
     /// Namespace name: `{namespace}.servicebus.windows.net` (or the cloud's suffix).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub namespace: Option<String>,
     /// Explicit namespace URL instead of `namespace`, e.g. a local stand-in listed in
     /// `local_endpoints`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub endpoint: Option<String>,
     /// The event hub's name.
     pub hub: String,
     /// The identity whose token is sent.
     pub identity: String,
     /// Token audience; default `https://eventhubs.azure.net` (or the namespace URL).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub audience: Option<String>,
     /// Template of the events' `PartitionKey` (events with one key land in one partition),
     /// e.g. `{path.device}`. Without it, Event Hubs spreads events over the partitions and a
     /// batch element may set its own.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub partition_key: Option<String>,
     /// Application properties: name → template, sent as headers (as Service Bus's are).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default)]
     pub properties: BTreeMap<String, String>,
     /// Accept a JSON array of events (`[{"Body": …, "UserProperties": {…}}]`) and send it as
     /// one batch.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default)]
     pub batch: bool,
     /// Largest event (body and properties) or batch accepted, in bytes; larger requests get 413
     /// before anything is sent. Default 1048576 (1 MB, Event Hubs' limit from Standard up).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub max_message_bytes: Option<u32>,
 }
 
@@ -61,34 +61,34 @@ pub struct EventHubsBackend {
 #[serde(deny_unknown_fields)]
 pub struct StorageQueueBackend {
     /// Storage account name: `{account}.queue.core.windows.net` (or the cloud's suffix).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub account: Option<String>,
     /// Explicit account URL instead of `account`, e.g. Azurite's
     /// `https://127.0.0.1:10001/devstoreaccount1` listed in `local_endpoints`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub endpoint: Option<String>,
     /// Queue name.
     pub queue: String,
     /// The identity whose token is sent.
     pub identity: String,
     /// Token audience; default `https://storage.azure.com` (or the account's queue URL).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub audience: Option<String>,
     /// Seconds before a new message becomes visible to receivers (0 to 604800, less than the
     /// time to live). Default 0: at once.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub visibility_timeout_seconds: Option<u32>,
     /// Seconds a message lives, or -1 for never. Default: the service's (7 days).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub message_ttl_seconds: Option<i64>,
     /// How the caller's body becomes the message text: `base64` (the default, as the Azure
     /// SDKs write and read it; any bytes) or `text` (the body must be UTF-8; stored as it is).
-    #[serde(default, skip_serializing_if = "QueueEncoding::is_default")]
+    #[serde(default)]
     pub encoding: QueueEncoding,
     /// Largest body accepted, in bytes; larger ones get 413 before anything is sent. Default
     /// and maximum: what fits Azure's 64 KiB message once encoded (49152 for `base64`, 65536
     /// for `text`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub max_body_bytes: Option<u32>,
 }
 

@@ -24,7 +24,7 @@ pub use super::messaging::{
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     /// The JSON Schema that editors use to check this file (`./policy.schema.json`).
-    #[serde(rename = "$schema", default, skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "$schema", default)]
     pub schema: Option<String>,
     /// The Azure cloud every backend and Entra authority belongs to.
     #[serde(default)]
@@ -32,10 +32,10 @@ pub struct Policy {
     /// Origins (`scheme://host:port`) that are not Azure hosts but may be used as backend or
     /// token endpoints anyway: local emulators such as Azurite. Each one is a deliberate,
     /// visible exception; `policy explain` marks routes that use one.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub local_endpoints: Vec<String>,
     /// Inbound checks every route starts from; a route's own check of a kind replaces these.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub inbound: Option<Inbound>,
     /// Named identities (OAuth2 clients) that backends obtain Azure tokens as.
     #[serde(default)]
@@ -91,10 +91,10 @@ pub struct Identity {
     pub credential: Credential,
     /// Share of a token's lifetime after which the next request refreshes it in the
     /// background (with a little jitter so isolates do not refresh together). Default 0.5.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub refresh_ahead: Option<f64>,
     /// Time limit of one token request, in milliseconds. Default 5000.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub timeout_ms: Option<u32>,
 }
 
@@ -109,7 +109,7 @@ pub enum TokenEndpoint {
         tenant: String,
         /// Authority origin; default the cloud's (`https://login.microsoftonline.com`).
         /// Another origin must be listed in `local_endpoints`.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(default)]
         authority: Option<String>,
     },
     /// Microsoft Entra ID v1 endpoint: `resource={audience}`.
@@ -118,7 +118,7 @@ pub enum TokenEndpoint {
         tenant: String,
         /// Authority origin; default the cloud's. Another origin must be listed in
         /// `local_endpoints`.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(default)]
         authority: Option<String>,
     },
     /// Any OAuth2 token URL that takes `scope={audience}/.default`.
@@ -136,7 +136,7 @@ pub enum Credential {
         /// Name of the Worker secret that holds the client secret.
         secret: String,
         /// During rotation: name of a second Worker secret, tried when the first is rejected.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(default)]
         next_secret: Option<String>,
         /// How the secret is sent: in the form body (`post`, the default) or as HTTP Basic.
         #[serde(default)]
@@ -175,10 +175,10 @@ pub struct Route {
     /// Path template: literal segments and whole-segment parameters, e.g. `/orders/{tenant}`.
     pub path: String,
     /// Set to `true` to let anyone call this route without inbound protection.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default)]
     pub public: bool,
     /// Checks a caller must pass before anything is sent to Azure.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub inbound: Option<Inbound>,
     /// Where an accepted request goes.
     pub backend: Backend,
@@ -231,28 +231,28 @@ impl Method {
 #[serde(deny_unknown_fields)]
 pub struct Inbound {
     /// Callers must present one of these API keys.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub api_key: Option<ApiKeyCheck>,
     /// Callers must present a valid JWT (`Authorization: Bearer …`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub jwt: Option<JwtCheck>,
     /// Allow and deny lists of client addresses (`CF-Connecting-IP`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub ip: Option<IpFilter>,
     /// Headers a request must carry, optionally with one of given values.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub required_headers: Vec<RequiredHeader>,
     /// A rate limit through a Cloudflare rate-limiting binding.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub rate_limit: Option<RateLimit>,
     /// Cross-origin access from browsers.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub cors: Option<Cors>,
     /// Largest request body accepted, in bytes (413 above it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub max_body_bytes: Option<u64>,
     /// Media types a request body may have (415 otherwise), e.g. `["application/json"]`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub content_types: Vec<String>,
 }
 
@@ -309,14 +309,14 @@ pub struct JwtCheck {
     /// Claims that must be present: claim → values it must contain (a string claim is split
     /// at spaces, like `scp`; an array claim, like `roles`, is matched element-wise). An empty
     /// list only requires the claim.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default)]
     pub required_claims: BTreeMap<String, Vec<String>>,
     /// Tolerance for `exp` and `nbf`, in seconds. Default 60.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub clock_skew_seconds: Option<u32>,
     /// How long fetched keys are used before they are fetched again, in seconds. Default 600.
     /// An unknown `kid` refetches sooner, at most once a minute.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub jwks_ttl_seconds: Option<u32>,
 }
 
@@ -340,10 +340,10 @@ pub enum JwtAlgorithm {
 #[serde(deny_unknown_fields)]
 pub struct IpFilter {
     /// CIDRs (IPv4 or IPv6) or single addresses that may call.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub allow: Vec<String>,
     /// CIDRs or single addresses that may not call.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub deny: Vec<String>,
 }
 
@@ -354,7 +354,7 @@ pub struct IpFilter {
 pub struct RequiredHeader {
     pub name: String,
     /// When given, the header's value must be one of these (exact match).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub values: Vec<String>,
 }
 
@@ -392,13 +392,13 @@ pub struct Cors {
     /// Allowed origins (`https://app.example.com`), or `["*"]` for any.
     pub origins: Vec<String>,
     /// Methods allowed cross-origin; default the route's.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub methods: Vec<Method>,
     /// Request headers allowed cross-origin (besides the CORS-safelisted ones).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub headers: Vec<String>,
     /// How long browsers may cache a preflight answer, in seconds. Default 600.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub max_age_seconds: Option<u32>,
 }
 
@@ -426,10 +426,10 @@ pub struct ApiKey {
     /// Name of the key, written to the log line instead of the key.
     pub name: String,
     /// Name of the Worker secret that holds the key.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub secret: Option<String>,
     /// SHA-256 of the key, 64 hex digits (`printf %s "$KEY" | sha256sum`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub sha256: Option<String>,
 }
 
@@ -468,37 +468,37 @@ pub struct AzureRestBackend {
     /// The API version, pinned: sent as `api-version` (or `x-ms-version` to Storage). Required
     /// by services that version every call (Resource Manager, Key Vault, Storage, …); not
     /// allowed where the version is in the path (Microsoft Graph).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub api_version: Option<String>,
     /// The identity whose token is sent.
     pub identity: String,
     /// Token audience; default the one the URL's service documents (Resource Manager's for
     /// `management.azure.com`, `https://vault.azure.net` for Key Vault, …). Required for a
     /// local endpoint. Another audience must be one the service accepts.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub audience: Option<String>,
     /// The method sent to Azure; default the caller's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub method: Option<Method>,
     /// Fixed request headers: name → template.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default)]
     pub headers: BTreeMap<String, String>,
     /// Caller request headers passed on as they are (names, case-insensitive); no others are.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub request_headers: Vec<String>,
     /// Caller query parameters passed on (names); no others are.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub query: Vec<String>,
     /// What is sent as the body. Default: the caller's body (held whole, up to
     /// `max_body_bytes`), with its `Content-Type`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub body: Option<RestBody>,
     /// Largest caller body accepted, in bytes (413 above it). Default 1048576 (1 MiB).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub max_body_bytes: Option<u64>,
     /// Reply headers passed back besides `Content-Type`, `ETag`, `Last-Modified`,
     /// `Retry-After` and `x-ms-request-id` (names, case-insensitive); no others are.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub response_headers: Vec<String>,
     /// Azure's error answers: `problem` (default) maps them to problem+json naming Azure's error
     /// code (its message goes to the log line); `pass` passes status, `x-ms-error-code` and body.
@@ -506,11 +506,11 @@ pub struct AzureRestBackend {
     pub errors: ErrorMode,
     /// Keep only these JSON pointers (`/properties/state`) of a successful JSON answer of at
     /// most 64 KiB; the rest is never sent to the caller.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub project: Vec<String>,
     /// Time limit of one call, in milliseconds (for a reply streamed back: of no bytes moving).
     /// Default 30000.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub timeout_ms: Option<u32>,
 }
 
@@ -567,33 +567,33 @@ pub struct AzureOperationBackend {
 #[serde(deny_unknown_fields)]
 pub struct ServiceBusBackend {
     /// Namespace name: `{namespace}.servicebus.windows.net` (or the cloud's suffix).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub namespace: Option<String>,
     /// Explicit namespace URL instead of `namespace`, e.g. a local stand-in listed in
     /// `local_endpoints`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub endpoint: Option<String>,
     /// Queue name (exactly one of `queue` and `topic`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub queue: Option<String>,
     /// Topic name (exactly one of `queue` and `topic`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub topic: Option<String>,
     /// The identity whose token is sent.
     pub identity: String,
     /// Token audience; default `https://servicebus.azure.net`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub audience: Option<String>,
     /// How the message's properties are built from the request.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub message: Option<MessageMapping>,
     /// Accept a JSON array of messages (`[{"Body": …, "BrokerProperties": {…},
     /// "UserProperties": {…}}]`) and send it as one batch.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default)]
     pub batch: bool,
     /// Largest message (body and properties) or batch accepted, in bytes; larger requests get
     /// 413 before anything is sent. Default 262144 (256 KB, the Standard tier).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub max_message_bytes: Option<u32>,
 }
 
@@ -606,29 +606,29 @@ pub struct ServiceBusBackend {
 pub struct MessageMapping {
     /// Default: the caller's `Idempotency-Key` header when present (so a client's retry is a
     /// duplicate Service Bus can drop), else a generated id.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub message_id: Option<String>,
     /// Default: the trace id of `traceparent`, else the request id.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub correlation_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub session_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub partition_key: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub label: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub to: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub reply_to: Option<String>,
     /// Time to live in seconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub time_to_live: Option<u64>,
     /// Must render to an RFC 1123 date, e.g. `Sun, 06 Nov 1994 08:49:37 GMT`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub scheduled_enqueue_time_utc: Option<String>,
     /// Application (custom) properties: name → template.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default)]
     pub properties: BTreeMap<String, String>,
 }
 
@@ -686,46 +686,46 @@ impl MessageMapping {
 #[serde(deny_unknown_fields)]
 pub struct BlobBackend {
     /// Storage account name: `{account}.blob.core.windows.net` (or the cloud's suffix).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub account: Option<String>,
     /// Explicit account URL instead of `account`, e.g. Azurite's
     /// `https://127.0.0.1:10000/devstoreaccount1` listed in `local_endpoints`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub endpoint: Option<String>,
     /// Container name.
     pub container: String,
     /// Blob name template, e.g. `{path.tenant}/{uuid}.json`.
     pub blob: String,
     /// Content type stored with a written blob; default: the caller's `Content-Type`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub content_type: Option<String>,
     /// Blob metadata (`x-ms-meta-NAME`): name → template. Names are C# identifiers.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default)]
     pub metadata: BTreeMap<String, String>,
     /// Largest body a write accepts, in bytes; larger ones get 413 and nothing is committed.
     /// Default 104857600 (100 MiB, the Workers request body limit on most plans).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub max_body_bytes: Option<u64>,
     /// A body with a known length up to this many bytes is streamed as one Put Blob; a larger
     /// one, or one of unknown length, goes as Put Block calls and a Put Block List.
     /// Default 33554432 (32 MiB).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub single_put_max_bytes: Option<u64>,
     /// Size of one Put Block (the only part of a body held in memory). Default 4194304 (4 MiB).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub block_bytes: Option<u32>,
     /// A read streamed back is stopped when no bytes move for this long, in milliseconds; a
     /// single Put Blob of the caller's body gets this plus its length at 64 KiB/s. Neither is
     /// cut off by a whole-transfer limit. Default 30000.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub idle_timeout_ms: Option<u32>,
     /// Writes replace an existing blob when `true`; by default they only create
     /// (`If-None-Match: *`), and an existing blob is a 409.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default)]
     pub overwrite: bool,
     /// The identity whose token is sent.
     pub identity: String,
     /// Token audience; default `https://storage.azure.com`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub audience: Option<String>,
 }
