@@ -157,7 +157,11 @@ impl Io for Fake {
         }
         Ok(Grant {
             token: Token {
-                access_token: format!("token-for-{}", target.identity),
+                // A new token after an eviction (as the isolate's cache would fetch one).
+                access_token: match self.evicted.borrow().len() {
+                    0 => format!("token-for-{}", target.identity),
+                    n => format!("token-for-{}-{}", target.identity, n + 1),
+                },
                 obtained_at: 0.0,
                 expires_at: self.clock.get() + 3_600_000.0,
             },
@@ -690,11 +694,11 @@ fn an_operation_is_followed_through_the_gateway_as_the_route_that_started_it() {
 #[test]
 fn azure_s_401_evicts_the_token_and_is_the_caller_s_502() {
     let g = Gateway::load(REST_POLICY).unwrap();
-    let io = rest_io().reply(
-        401,
-        &[("content-type", "application/json")],
-        r#"{"error":{"code":"InvalidAuthenticationTokenAudience","message":"The access token has been obtained for wrong audience or resource 'x'."}}"#,
-    );
+    let refused = r#"{"error":{"code":"InvalidAuthenticationTokenAudience","message":"The access token has been obtained for wrong audience or resource 'x'."}}"#;
+    // Refused, replayed once with a fresh token, refused again.
+    let io = rest_io()
+        .reply(401, &[("content-type", "application/json")], refused)
+        .reply(401, &[("content-type", "application/json")], refused);
     let (status, _, body, log) = run(&g, &request("GET", "/sites/a", &[], false), &io);
     assert_eq!(status, 502);
     let body: Value = serde_json::from_str(&body).unwrap();
@@ -711,7 +715,8 @@ fn azure_s_401_evicts_the_token_and_is_the_caller_s_502() {
         .as_str()
         .unwrap()
         .contains("wrong audience"));
-    assert_eq!(io.evicted.borrow().len(), 1);
+    assert_eq!(io.evicted.borrow().len(), 2);
+    assert_eq!(io.sent().len(), 2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -875,12 +880,19 @@ fn queue_storage_refusals_are_mapped_and_its_reason_goes_to_the_log() {
     );
     assert_eq!(log["backend_status"], 403);
 
-    let io = Fake::new().with_body(b"job").reply(401, &[], "");
+    // A 401 is replayed once with a fresh token; a second is the caller's 502.
+    let io = Fake::new()
+        .with_body(b"job")
+        .reply(401, &[], "")
+        .reply(401, &[], "");
     assert_eq!(
         run(&messaging(), &request("POST", "/jobs", &[], true), &io).0,
         502
     );
-    assert_eq!(*io.evicted.borrow(), vec!["token-for-gw".to_owned()]);
+    assert_eq!(
+        *io.evicted.borrow(),
+        vec!["token-for-gw".to_owned(), "token-for-gw-2".to_owned()]
+    );
 
     let io = Fake::new()
         .with_body(b"job")
@@ -1002,4 +1014,80 @@ fn a_batch_of_events_is_one_send_and_a_service_bus_property_stops_it_before_a_to
         run(&messaging(), &request("POST", "/spread", &[], true), &io).0,
         202
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A refused token (issue 13): replayed once with a fresh token
+
+#[test]
+fn a_401_is_replayed_once_with_a_fresh_token_and_the_same_bytes_and_message_id() {
+    let io = with_secrets(Fake::new())
+        .with_body(b"payload")
+        .reply(
+            401,
+            &[],
+            "<Error><Code>401</Code><Detail>ExpiredToken</Detail></Error>",
+        )
+        .reply(201, &[], "");
+    let head = request(
+        "POST",
+        "/orders/a",
+        &[("x-api-key", "k-123"), ("x-label", "l")],
+        true,
+    );
+    let (status, _, _, log) = run(&gateway(), &head, &io);
+    assert_eq!(status, 202);
+    let sent = io.sent();
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[0].token.as_deref(), Some("token-for-gw"));
+    assert_eq!(
+        sent[1].token.as_deref(),
+        Some("token-for-gw-2"),
+        "a fresh token"
+    );
+    assert_eq!(sent[0].body, sent[1].body);
+    assert_eq!(
+        sent[0].header("brokerproperties"),
+        sent[1].header("brokerproperties")
+    );
+    assert_eq!(*io.evicted.borrow(), vec!["token-for-gw".to_owned()]);
+    assert_eq!(log["token_renewed"], true);
+    assert_eq!(io.tokens_asked.get(), 2);
+}
+
+#[test]
+fn a_second_401_is_the_caller_s_502_and_no_third_send() {
+    let io = with_secrets(Fake::new())
+        .with_body(b"payload")
+        .reply(401, &[], "")
+        .reply(401, &[], "");
+    let head = request(
+        "POST",
+        "/orders/a",
+        &[("x-api-key", "k-123"), ("x-label", "l")],
+        true,
+    );
+    let (status, _, _, log) = run(&gateway(), &head, &io);
+    assert_eq!(status, 502);
+    assert_eq!(io.sent().len(), 2);
+    assert_eq!(
+        io.evicted.borrow().len(),
+        2,
+        "both refused tokens are evicted"
+    );
+    assert_eq!(log["backend_status"], 401);
+}
+
+#[test]
+fn a_401_to_a_streamed_body_is_not_replayed_and_the_caller_is_told_so() {
+    let body = vec![7u8; 50_000];
+    let io = Fake::new().with_body(&body).reply(401, &[], "");
+    let head = request("PUT", "/files/a.bin", &[("content-length", "50000")], true);
+    let (status, headers, text, _) = run(&gateway(), &head, &io);
+    assert_eq!(status, 503);
+    assert!(headers.contains(&("retry-after", "1".to_owned())));
+    assert!(text.contains("token-refused"), "{text}");
+    assert!(text.contains("cannot be sent again"));
+    assert_eq!(io.sent().len(), 1, "the stream went once");
+    assert_eq!(io.evicted.borrow().len(), 1);
 }

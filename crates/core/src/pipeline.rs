@@ -24,7 +24,7 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
-use crate::backend::{azure_rest, blob, service_bus, BackendRequest};
+use crate::backend::{azure_rest, blob, service_bus, BackendRequest, Bearer};
 use crate::identity::{Token, TokenKey};
 use crate::inbound::{self, jwt};
 use crate::policy::prepared::{Prepared, PreparedBackend, PreparedRoute, TokenTarget};
@@ -320,6 +320,8 @@ pub struct LogFields {
     /// The backend's own reason for refusing (Service Bus's `<Detail>`), for the operator: it
     /// is never copied into the caller's answer.
     pub backend_detail: Option<String>,
+    /// A backend refused the token (401) and a fresh one was fetched for this request.
+    pub token_renewed: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -334,11 +336,12 @@ pub trait Backend {
     /// Phase 7: read what is needed of the request, check it, build the request(s). Nothing
     /// is sent and no token is fetched before this succeeds.
     async fn build<I: Io>(&self, cx: &mut Cx<'_>, io: &I) -> Result<Self::Plan<I::Bytes>, Problem>;
-    /// Phase 9: send, with the token; the reply that ends the call.
+    /// Phase 9: send, with the token (renewed once if a backend refuses it); the reply that
+    /// ends the call.
     async fn send<I: Io>(
         &self,
         plan: &Self::Plan<I::Bytes>,
-        grant: &Grant,
+        bearer: &Bearer<'_>,
         cx: &mut Cx<'_>,
         io: &I,
     ) -> Result<Reply<I::Stream>, Problem>;
@@ -538,7 +541,8 @@ impl Gateway {
         cx.log.idp_ms = grant.idp_ms;
         cx.log.token_ttl_s = Some((grant.token.expires_at - io.now()) / 1000.0);
         // 9. send
-        let reply = backend.send(&plan, &grant, cx, io).await?;
+        let bearer = Bearer::new(target, &grant);
+        let reply = backend.send(&plan, &bearer, cx, io).await?;
         // 10. answer
         Ok(backend.answer(&plan, reply, cx))
     }
@@ -730,11 +734,11 @@ impl Backend for crate::policy::prepared::PreparedServiceBus {
     async fn send<I: Io>(
         &self,
         plan: &Self::Plan<I::Bytes>,
-        grant: &Grant,
+        bearer: &Bearer<'_>,
         cx: &mut Cx<'_>,
         io: &I,
     ) -> Result<Reply<I::Stream>, Problem> {
-        service_bus::send(self, plan, grant, cx, io).await
+        service_bus::send(self, plan, bearer, cx, io).await
     }
 
     fn answer<B, S>(&self, plan: &Self::Plan<B>, _reply: Reply<S>, _cx: &Cx<'_>) -> Answer<S> {
@@ -752,11 +756,11 @@ impl Backend for crate::policy::prepared::PreparedBlob {
     async fn send<I: Io>(
         &self,
         plan: &Self::Plan<I::Bytes>,
-        grant: &Grant,
+        bearer: &Bearer<'_>,
         cx: &mut Cx<'_>,
         io: &I,
     ) -> Result<Reply<I::Stream>, Problem> {
-        blob::send(self, plan, grant, cx, io).await
+        blob::send(self, plan, bearer, cx, io).await
     }
 
     fn answer<B, S>(&self, plan: &Self::Plan<B>, reply: Reply<S>, cx: &Cx<'_>) -> Answer<S> {
@@ -774,11 +778,11 @@ impl Backend for crate::policy::prepared::PreparedRest {
     async fn send<I: Io>(
         &self,
         plan: &Self::Plan<I::Bytes>,
-        grant: &Grant,
+        bearer: &Bearer<'_>,
         cx: &mut Cx<'_>,
         io: &I,
     ) -> Result<Reply<I::Stream>, Problem> {
-        azure_rest::send(self, plan, grant, cx, io).await
+        azure_rest::send(self, plan, bearer, cx, io).await
     }
 
     fn answer<B, S>(&self, plan: &Self::Plan<B>, reply: Reply<S>, cx: &Cx<'_>) -> Answer<S> {
@@ -823,6 +827,8 @@ fn log_line(cx: &Cx<'_>, status: u16, duration_ms: f64) -> String {
         token_ttl_s: Option<f64>,
         #[serde(skip_serializing_if = "Option::is_none")]
         token_error: Option<&'a str>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        token_renewed: bool,
         #[serde(skip_serializing_if = "Option::is_none")]
         backend_status: Option<u16>,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -844,6 +850,7 @@ fn log_line(cx: &Cx<'_>, status: u16, duration_ms: f64) -> String {
         idp_ms: log.idp_ms,
         token_ttl_s: log.token_ttl_s.map(f64::floor),
         token_error: log.token_error.as_deref(),
+        token_renewed: log.token_renewed,
         backend_status: log.backend_status,
         backend_detail: log.backend_detail.as_deref(),
     })

@@ -7,7 +7,7 @@
 use serde_json::json;
 
 use super::{BackendRequest, Verdict};
-use crate::pipeline::{Answer, AnswerBody, BodyError, Cx, Grant, Io, Limit, OutBody, Reply};
+use crate::pipeline::{Answer, AnswerBody, BodyError, Cx, Io, Limit, OutBody, Reply};
 use crate::policy::prepared::PreparedBlob;
 use crate::policy::BlobBackend;
 use crate::problem::Problem;
@@ -413,31 +413,19 @@ pub fn build<I: Io>(b: &PreparedBlob, cx: &mut Cx<'_>, io: &I) -> Result<Plan, P
 pub async fn send<I: Io>(
     b: &PreparedBlob,
     plan: &Plan,
-    grant: &Grant,
+    bearer: &super::Bearer<'_>,
     cx: &mut Cx<'_>,
     io: &I,
 ) -> Result<Reply<I::Stream>, Problem> {
-    let token = grant.token.access_token.as_str();
     let idle = Limit::Idle(b.config.idle_timeout_ms());
-    let (reply, ok) = match (plan.op, plan.upload) {
-        (_, Some(Upload::Blocks)) => return write_blocks(b, plan, token, cx, io).await,
-        (_, Some(Upload::Single { length })) => {
-            let body = OutBody::CallerStream { length };
-            (io.send(&plan.first, Some(token), body, idle).await, 201)
-        }
-        (BlobOp::Head, None) => {
-            let limit = Limit::Deadline(CALL_TIMEOUT_MS);
-            (
-                io.send(&plan.first, Some(token), OutBody::None, limit)
-                    .await,
-                200,
-            )
-        }
-        (_, None) => (
-            io.send(&plan.first, Some(token), OutBody::None, idle).await,
-            200,
-        ),
+    let (body, limit, ok) = match (plan.op, plan.upload) {
+        (_, Some(Upload::Blocks)) => return write_blocks(b, plan, bearer, cx, io).await,
+        (_, Some(Upload::Single { length })) => (OutBody::CallerStream { length }, idle, 201),
+        (BlobOp::Head, None) => (OutBody::None, Limit::Deadline(CALL_TIMEOUT_MS), 200),
+        (_, None) => (OutBody::None, idle, 200),
     };
+    // A read is sent again once with a fresh token after a 401; the caller's stream is not.
+    let reply = super::send_renewing(io, &plan.first, bearer, body, limit, &mut cx.log).await?;
     let reply = reply.map_err(|e| match e {
         crate::pipeline::SendError::Unsendable(problem) => problem,
         crate::pipeline::SendError::Timeout => stalled(b.config.idle_timeout_ms()),
@@ -447,7 +435,7 @@ pub async fn send<I: Io>(
     if reply.status == ok {
         return Ok(reply);
     }
-    Err(failure(b, plan, reply, token, io).await)
+    Err(failure(b, plan, reply, bearer, io).await)
 }
 
 /// Put Block for each block of the body as it arrives (the edge holds one block at a time, as
@@ -456,7 +444,7 @@ pub async fn send<I: Io>(
 async fn write_blocks<I: Io>(
     b: &PreparedBlob,
     plan: &Plan,
-    token: &str,
+    bearer: &super::Bearer<'_>,
     cx: &mut Cx<'_>,
     io: &I,
 ) -> Result<Reply<I::Stream>, Problem> {
@@ -483,7 +471,7 @@ async fn write_blocks<I: Io>(
             length as usize,
         );
         let body = OutBody::Bytes(&block);
-        retried(b, plan, &request, token, body, deadline, cx, io).await?;
+        retried(b, plan, &request, bearer, body, deadline, cx, io).await?;
         ids.push(id);
     }
     let info = BodyInfo {
@@ -503,7 +491,7 @@ async fn write_blocks<I: Io>(
         b,
         plan,
         &request,
-        token,
+        bearer,
         OutBody::Text(&list),
         deadline,
         cx,
@@ -518,7 +506,7 @@ async fn retried<I: Io>(
     b: &PreparedBlob,
     plan: &Plan,
     request: &BackendRequest,
-    token: &str,
+    bearer: &super::Bearer<'_>,
     body: OutBody<'_, I::Bytes>,
     limit: Limit,
     cx: &mut Cx<'_>,
@@ -527,7 +515,7 @@ async fn retried<I: Io>(
     super::send_retried(
         io,
         request,
-        token,
+        bearer,
         body,
         limit,
         &mut cx.log,
@@ -543,7 +531,7 @@ async fn retried<I: Io>(
                 return Verdict::Retry(retry_after);
             }
             Verdict::Fail {
-                problem: failure(b, plan, reply, token, io).await,
+                problem: failure(b, plan, reply, bearer, io).await,
                 detail: None,
             }
         },
@@ -558,7 +546,7 @@ async fn failure<I: Io>(
     b: &PreparedBlob,
     plan: &Plan,
     reply: Reply<I::Stream>,
-    token: &str,
+    bearer: &super::Bearer<'_>,
     io: &I,
 ) -> Problem {
     let code = reply.header("x-ms-error-code").map(str::to_owned);
@@ -574,7 +562,7 @@ async fn failure<I: Io>(
         &plan.name,
     );
     if evict {
-        io.evict_token(&b.token.key, token);
+        bearer.evict(io);
     }
     problem
 }

@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 
 use super::BackendRequest;
 use super::Verdict;
-use crate::pipeline::{BodyError, Cx, Grant, Io, Limit, OutBody, Reply};
+use crate::pipeline::{BodyError, Cx, Io, Limit, OutBody, Reply};
 use crate::policy::prepared::{Flavor, PreparedMessage, PreparedServiceBus};
 use crate::policy::ServiceBusBackend;
 use crate::problem::Problem;
@@ -557,7 +557,7 @@ pub async fn build<I: Io>(
 pub async fn send<I: Io>(
     sb: &PreparedServiceBus,
     plan: &Plan<I::Bytes>,
-    grant: &Grant,
+    bearer: &super::Bearer<'_>,
     cx: &mut Cx<'_>,
     io: &I,
 ) -> Result<Reply<I::Stream>, Problem> {
@@ -567,11 +567,10 @@ pub async fn send<I: Io>(
         Payload::Empty => OutBody::Text(""),
     };
     let entity = sb.config.entity();
-    let token = &grant.token.access_token;
     crate::backend::send_retried(
         io,
         &plan.request,
-        token,
+        bearer,
         body,
         Limit::Deadline(SEND_TIMEOUT_MS),
         &mut cx.log,
@@ -598,7 +597,7 @@ pub async fn send<I: Io>(
                     detail,
                 } => {
                     if evict {
-                        io.evict_token(&sb.token.key, token);
+                        bearer.evict(io);
                     }
                     Verdict::Fail {
                         problem,
