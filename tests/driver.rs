@@ -1091,3 +1091,67 @@ fn a_401_to_a_streamed_body_is_not_replayed_and_the_caller_is_told_so() {
     assert_eq!(io.sent().len(), 1, "the stream went once");
     assert_eq!(io.evicted.borrow().len(), 1);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The circuit breaker (issue 13)
+
+#[test]
+fn a_host_that_keeps_failing_is_not_called_until_the_cool_down_then_one_probe_closes_it() {
+    let g = gateway();
+    let mut io = with_secrets(Fake::new()).with_body(b"payload");
+    for _ in 0..200 {
+        io = io.reply(503, &[], "");
+    }
+    let head = request(
+        "POST",
+        "/orders/a",
+        &[("x-api-key", "k-123"), ("x-label", "l")],
+        true,
+    );
+    for i in 0..5 {
+        io.body_pos.set(0);
+        let (status, _, _, log) = run(&g, &head, &io);
+        assert_eq!(status, 503, "request {i}");
+        assert_eq!(log["breaker"], "closed");
+    }
+    let sends = io.sent().len();
+    let (status, headers, body, log) = run(&g, &head, &io);
+    assert_eq!(status, 503);
+    assert!(body.contains("backend-circuit-open"), "{body}");
+    assert!(headers
+        .iter()
+        .any(|(k, v)| *k == "retry-after" && v.parse::<u64>().unwrap() <= 30));
+    assert_eq!(log["breaker"], "open");
+    assert_eq!(io.sent().len(), sends, "nothing sent while open");
+    // After the cool-down: one probe; Azure is back, so the breaker closes.
+    io.replies.borrow_mut().clear();
+    io.clock.set(io.clock.get() + 31_000.0);
+    io.body_pos.set(0);
+    let (status, _, _, log) = run(&g, &head, &io);
+    assert_eq!(status, 202);
+    assert_eq!(log["breaker"], "probe");
+    io.body_pos.set(0);
+    let (_, _, _, log) = run(&g, &head, &io);
+    assert_eq!(log["breaker"], "closed");
+}
+
+#[test]
+fn refusals_of_the_request_itself_do_not_open_the_breaker() {
+    let g = gateway();
+    let mut io = with_secrets(Fake::new()).with_body(b"payload");
+    for _ in 0..10 {
+        io = io.reply(400, &[], "<Error><Detail>bad</Detail></Error>");
+    }
+    let head = request(
+        "POST",
+        "/orders/a",
+        &[("x-api-key", "k-123"), ("x-label", "l")],
+        true,
+    );
+    for _ in 0..8 {
+        io.body_pos.set(0);
+        let (status, _, _, log) = run(&g, &head, &io);
+        assert_ne!(status, 503);
+        assert_eq!(log["breaker"], "closed");
+    }
+}

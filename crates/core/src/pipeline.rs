@@ -25,6 +25,7 @@ use std::collections::HashMap;
 use serde_json::{Map, Value};
 
 use crate::backend::{azure_rest, blob, service_bus, BackendRequest, Bearer};
+use crate::breaker::{Admission, Breakers, Outcome};
 use crate::identity::{Token, TokenKey};
 use crate::inbound::{self, jwt};
 use crate::policy::prepared::{Prepared, PreparedBackend, PreparedRoute, TokenTarget};
@@ -322,6 +323,8 @@ pub struct LogFields {
     pub backend_detail: Option<String>,
     /// A backend refused the token (401) and a fresh one was fetched for this request.
     pub token_renewed: bool,
+    /// The backend host's circuit breaker as this request found it: `closed`, `probe`, `open`.
+    pub breaker: Option<&'static str>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -359,6 +362,8 @@ pub struct Gateway {
     jwks: RefCell<jwt::JwksCache>,
     /// SHA-256 of API keys held in Worker secrets, by secret name (hashed once per isolate).
     key_digests: RefCell<HashMap<String, Option<[u8; 32]>>>,
+    /// The circuit breakers of backend hosts.
+    breakers: RefCell<Breakers>,
 }
 
 /// A request that matched a route.
@@ -374,6 +379,7 @@ impl Gateway {
             prepared,
             jwks: RefCell::new(jwt::JwksCache::new()),
             key_digests: RefCell::new(HashMap::new()),
+            breakers: RefCell::new(Breakers::default()),
         }
     }
 
@@ -528,11 +534,41 @@ impl Gateway {
         cx: &mut Cx<'_>,
         io: &I,
     ) -> Result<Answer<I::Stream>, Problem> {
-        // 8. token
+        // 8. breaker and token: a host found down recently is not called (fail fast, then one
+        // probe after the cool-down).
+        let route = cx.route.ok_or_else(|| Problem::internal("no route"))?;
+        let admitted = self
+            .breakers
+            .borrow_mut()
+            .admit(&route.host, &route.breaker, io.now());
+        if route.breaker.failures > 0 {
+            cx.log.breaker = Some(admitted.log_state());
+        }
+        if let Admission::Open { retry_in_ms } = admitted {
+            return Err(circuit_open(retry_in_ms));
+        }
+        let outcome = |result: &Result<Reply<I::Stream>, Problem>| match result {
+            Ok(_) => Outcome::Answered,
+            Err(p) if matches!(p.kind, "backend-unavailable" | "backend-timeout") => {
+                Outcome::Failed
+            }
+            Err(p) if p.kind == "unsendable-value" => Outcome::NotSent,
+            Err(_) => Outcome::Answered,
+        };
+        let record = |outcome: Outcome| {
+            self.breakers.borrow_mut().record(
+                &route.host,
+                &route.breaker,
+                admitted,
+                outcome,
+                io.now(),
+            )
+        };
         cx.log.identity = Some(target.identity.clone());
         let grant = match io.token(target).await {
             Ok(grant) => grant,
             Err(no) => {
+                record(Outcome::NotSent);
                 cx.log.token_error = Some(no.log);
                 return Err(no.problem);
             }
@@ -542,7 +578,9 @@ impl Gateway {
         cx.log.token_ttl_s = Some((grant.token.expires_at - io.now()) / 1000.0);
         // 9. send
         let bearer = Bearer::new(target, &grant);
-        let reply = backend.send(&plan, &bearer, cx, io).await?;
+        let sent = backend.send(&plan, &bearer, cx, io).await;
+        record(outcome(&sent));
+        let reply = sent?;
         // 10. answer
         Ok(backend.answer(&plan, reply, cx))
     }
@@ -790,6 +828,18 @@ impl Backend for crate::policy::prepared::PreparedRest {
     }
 }
 
+/// A call not made: the backend's host was found unavailable by recent calls.
+fn circuit_open(retry_in_ms: f64) -> Problem {
+    let seconds = (retry_in_ms / 1000.0).ceil().max(1.0) as u64;
+    Problem::new(
+        503,
+        "backend-circuit-open",
+        "Azure is unavailable",
+        format!("Recent calls found this route's Azure service unavailable, so the gateway is not calling it for {seconds} s; nothing was sent. Retry after the time in Retry-After."),
+    )
+    .with_header("retry-after", seconds.to_string())
+}
+
 /// Phase 1: the caller's request id, when it is one we can safely echo and log: 1 to 128
 /// characters of letters, digits and `-._:`. Anything else is replaced by a generated id.
 pub fn request_id(header: Option<&str>) -> Option<&str> {
@@ -830,6 +880,8 @@ fn log_line(cx: &Cx<'_>, status: u16, duration_ms: f64) -> String {
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         token_renewed: bool,
         #[serde(skip_serializing_if = "Option::is_none")]
+        breaker: Option<&'static str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         backend_status: Option<u16>,
         #[serde(skip_serializing_if = "Option::is_none")]
         backend_detail: Option<&'a str>,
@@ -851,6 +903,7 @@ fn log_line(cx: &Cx<'_>, status: u16, duration_ms: f64) -> String {
         token_ttl_s: log.token_ttl_s.map(f64::floor),
         token_error: log.token_error.as_deref(),
         token_renewed: log.token_renewed,
+        breaker: log.breaker,
         backend_status: log.backend_status,
         backend_detail: log.backend_detail.as_deref(),
     })

@@ -182,6 +182,45 @@ pub struct Route {
     pub inbound: Option<Inbound>,
     /// Where an accepted request goes.
     pub backend: Backend,
+    /// The circuit breaker of the backend's host (per isolate); default on, with 5 failures
+    /// in 30 s opening it for 30 s.
+    #[serde(default)]
+    pub breaker: Option<BreakerSettings>,
+}
+
+/// When calls to a backend's host fail fast: after `failures` consecutive calls that found it
+/// unavailable (5xx, 429, timeouts, network errors, after their retries) within
+/// `window_seconds`, for `cooldown_seconds`; then one call probes it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSettings {
+    /// Consecutive failures that open the breaker; 0 turns it off. Default 5.
+    #[serde(default)]
+    pub failures: Option<u32>,
+    /// Default 30.
+    #[serde(default)]
+    pub window_seconds: Option<u32>,
+    /// Default 30.
+    #[serde(default)]
+    pub cooldown_seconds: Option<u32>,
+}
+
+impl BreakerSettings {
+    /// The settings with their defaults filled in.
+    pub fn resolve(settings: Option<&BreakerSettings>) -> crate::breaker::BreakerConfig {
+        use crate::breaker::*;
+        let s = settings.copied().unwrap_or(BreakerSettings {
+            failures: None,
+            window_seconds: None,
+            cooldown_seconds: None,
+        });
+        BreakerConfig {
+            failures: s.failures.unwrap_or(DEFAULT_FAILURES),
+            window_ms: f64::from(s.window_seconds.unwrap_or(DEFAULT_WINDOW_SECONDS)) * 1000.0,
+            cooldown_ms: f64::from(s.cooldown_seconds.unwrap_or(DEFAULT_COOLDOWN_SECONDS)) * 1000.0,
+        }
+    }
 }
 
 /// HTTP methods a route may accept (`OPTIONS` is the gateway's own, for CORS).

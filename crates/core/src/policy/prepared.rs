@@ -44,6 +44,9 @@ pub struct PreparedRoute {
     /// one (keys held in Worker secrets are hashed once per isolate, when first read).
     pub api_key: Option<PreparedApiKey>,
     pub backend: PreparedBackend,
+    /// The backend's origin (`scheme://host[:port]`): what the circuit breaker is kept by.
+    pub host: String,
+    pub breaker: crate::breaker::BreakerConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -450,6 +453,8 @@ mod compile {
                 inbound,
                 ip,
                 api_key,
+                host: backend_origin(policy, route),
+                breaker: BreakerSettings::resolve(route.breaker.as_ref()),
                 backend,
             });
         }
@@ -548,6 +553,26 @@ mod compile {
             operation_path,
             handle_secrets: identity.secret_names(),
         })
+    }
+
+    /// The origin a route's backend calls go to (an operation route's: the first route it
+    /// follows).
+    fn backend_origin(policy: &Policy, route: &Route) -> String {
+        let backend = match &route.backend {
+            Backend::AzureOperation(o) => policy
+                .routes
+                .iter()
+                .find(|r| o.of.first() == Some(&r.name))
+                .map(|r| &r.backend)
+                .unwrap_or(&route.backend),
+            b => b,
+        };
+        let target = backend.target(policy.cloud);
+        let after = target.find("://").map_or(0, |i| i + 3);
+        let end = target[after..]
+            .find('/')
+            .map_or(target.len(), |i| after + i);
+        target[..end].to_ascii_lowercase()
     }
 
     /// The path templates of GET routes on the same container and blob name template.

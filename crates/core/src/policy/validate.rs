@@ -331,6 +331,28 @@ fn check_route(
         }
     };
     check_effective_inbound(c, at, route);
+    if let Some(b) = &route.breaker {
+        if b.failures.is_some_and(|n| n > 1000) {
+            c.err(
+                format!("{at}.breaker.failures"),
+                "a number of failures between 0 (no breaker) and 1000",
+            );
+        }
+        for (field, value) in [
+            ("window_seconds", b.window_seconds),
+            ("cooldown_seconds", b.cooldown_seconds),
+        ] {
+            if value.is_some_and(|v| !(1..=3600).contains(&v)) {
+                c.err(
+                    format!("{at}.breaker.{field}"),
+                    format!(
+                        "a time between 1 and 3600 seconds, got {}",
+                        value.unwrap_or_default()
+                    ),
+                );
+            }
+        }
+    }
     if let Some(inbound) = &route.inbound {
         check_inbound(c, &format!("{at}.inbound"), inbound, Some(&route.methods));
     }
