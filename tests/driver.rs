@@ -17,6 +17,7 @@ use azure_edge_gateway::pipeline::{
 use azure_edge_gateway::policy::prepared::TokenTarget;
 use azure_edge_gateway::policy::JwtAlgorithm;
 use azure_edge_gateway::problem::Problem;
+use azure_edge_gateway::store::Delivered;
 use serde_json::{json, Value};
 
 /// Runs a future whose I/O is all fake (it never waits on anything real).
@@ -72,6 +73,8 @@ struct Fake {
     jwks_fetches: Cell<u32>,
     verify_ok: bool,
     evicted: RefCell<Vec<String>>,
+    /// Store-and-forward: what was put on the queue (binding, stored request, body).
+    enqueued: RefCell<Vec<(String, String, Vec<u8>)>>,
 }
 
 impl Fake {
@@ -248,6 +251,27 @@ impl Io for Fake {
     async fn sleep(&self, ms: f64) {
         self.clock.set(self.clock.get() + ms);
     }
+
+    async fn enqueue(
+        &self,
+        binding: &str,
+        stored: &str,
+        body: OutBody<'_, Vec<u8>>,
+        max_body: usize,
+    ) -> Result<(), String> {
+        let bytes = match body {
+            OutBody::Bytes(b) => b.clone(),
+            OutBody::Text(t) => t.as_bytes().to_vec(),
+            _ => Vec::new(),
+        };
+        if bytes.len() > max_body {
+            return Err("too large".into());
+        }
+        self.enqueued
+            .borrow_mut()
+            .push((binding.to_owned(), stored.to_owned(), bytes));
+        Ok(())
+    }
 }
 
 const POLICY: &str = r#"{
@@ -347,7 +371,7 @@ fn a_service_bus_send_goes_through_every_phase_in_order() {
     assert_eq!(status, 202, "{body}");
     assert_eq!(
         serde_json::from_str::<Value>(&body).unwrap(),
-        json!({"entity": "orders", "messageId": "order-1"})
+        json!({"status": "accepted", "entity": "orders", "messageId": "order-1"})
     );
     let sent = io.sent();
     assert_eq!(sent.len(), 1);
@@ -1154,4 +1178,173 @@ fn refusals_of_the_request_itself_do_not_open_the_breaker() {
         assert_ne!(status, 503);
         assert_eq!(log["breaker"], "closed");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Store-and-forward (issue 13)
+
+const STORE_POLICY: &str = r#"{
+  "identities": { "gw": { "token_endpoint": { "url": "https://idp.example.com/token" },
+      "client_id": "c", "credential": { "client_secret": { "secret": "GW_SECRET" } } } },
+  "store_and_forward": { "binding": "DELIVERIES", "max_attempts": 3 },
+  "routes": [
+    { "name": "orders", "methods": ["POST"], "path": "/orders/{tenant}", "public": true,
+      "when_unavailable": "queue",
+      "backend": { "service_bus": { "namespace": "contoso-orders", "queue": "orders", "identity": "gw" } } },
+    { "name": "files", "methods": ["PUT"], "path": "/files/{name}", "public": true,
+      "when_unavailable": "queue",
+      "backend": { "blob": { "account": "contosofiles", "container": "uploads", "blob": "{path.name}", "identity": "gw" } } },
+    { "name": "plain", "methods": ["POST"], "path": "/plain/{tenant}", "public": true,
+      "backend": { "service_bus": { "namespace": "contoso-other", "queue": "orders", "identity": "gw" } } }
+  ]
+}"#;
+
+fn store_gateway() -> Gateway {
+    Gateway::load(STORE_POLICY).unwrap_or_else(|e| panic!("{e:?}"))
+}
+
+fn unavailable(io: Fake, n: usize) -> Fake {
+    (0..n).fold(io, |io, _| io.reply(503, &[], ""))
+}
+
+#[test]
+fn a_send_azure_cannot_take_is_queued_with_its_message_id_and_the_caller_gets_202_queued() {
+    let g = store_gateway();
+    let io = unavailable(Fake::new().with_body(b"order-1"), 20);
+    let head = request("POST", "/orders/a", &[("idempotency-key", "order-1")], true);
+    let (status, _, body, log) = run(&g, &head, &io);
+    assert_eq!(status, 202, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["status"], "queued");
+    assert_eq!(body["messageId"], "order-1");
+    assert_eq!(log["stored"], "queued");
+    assert_eq!(log["unavailable"], "backend-unavailable");
+    let enqueued = io.enqueued.borrow();
+    assert_eq!(enqueued.len(), 1);
+    let (binding, stored, bytes) = &enqueued[0];
+    assert_eq!(binding, "DELIVERIES");
+    assert_eq!(bytes, b"order-1");
+    let stored: Value = serde_json::from_str(stored).unwrap();
+    assert_eq!(stored["route"], "orders");
+    assert_eq!(
+        stored["url"],
+        "https://contoso-orders.servicebus.windows.net/orders/messages"
+    );
+    assert!(
+        stored["headers"]
+            .to_string()
+            .contains(r#"\"MessageId\":\"order-1\""#),
+        "{stored}"
+    );
+    assert!(
+        !stored.to_string().contains("token-for"),
+        "no token is stored"
+    );
+    // A route without store-and-forward answers 503 as before.
+    let io = unavailable(Fake::new().with_body(b"x"), 20);
+    let (status, _, _, _) = run(&g, &request("POST", "/plain/a", &[], true), &io);
+    assert_eq!(status, 503);
+    assert!(io.enqueued.borrow().is_empty());
+}
+
+#[test]
+fn with_the_breaker_open_or_the_identity_provider_down_requests_are_queued_without_a_send() {
+    let g = store_gateway();
+    // Open the breaker with five failed calls (each stored).
+    for _ in 0..5 {
+        let io = unavailable(Fake::new().with_body(b"x"), 20);
+        assert_eq!(
+            run(&g, &request("POST", "/orders/a", &[], true), &io).0,
+            202
+        );
+    }
+    let io = Fake::new().with_body(b"y");
+    let (status, _, _, log) = run(&g, &request("POST", "/orders/a", &[], true), &io);
+    assert_eq!(status, 202);
+    assert_eq!(log["breaker"], "open");
+    assert_eq!(log["unavailable"], "backend-circuit-open");
+    assert!(io.sent().is_empty());
+    assert_eq!(io.enqueued.borrow().len(), 1);
+    // The identity provider is down and no token is cached.
+    let g = store_gateway();
+    let mut io = Fake::new().with_body(b"z");
+    io.no_token = Some(Problem::new(503, "identity-unavailable", "t", "d"));
+    let (status, _, _, _) = run(&g, &request("POST", "/orders/a", &[], true), &io);
+    assert_eq!(status, 202);
+    assert!(io.sent().is_empty());
+    assert_eq!(io.enqueued.borrow().len(), 1);
+}
+
+#[test]
+fn a_create_only_blob_write_is_held_stored_and_delivered_once() {
+    let g = store_gateway();
+    let io = unavailable(Fake::new().with_body(b"file-bytes"), 20);
+    let head = request("PUT", "/files/a.txt", &[("content-length", "10")], true);
+    let (status, _, body, _) = run(&g, &head, &io);
+    assert_eq!(status, 202, "{body}");
+    assert!(body.contains("\"status\":\"queued\""), "{body}");
+    let (_, stored, bytes) = io.enqueued.borrow()[0].clone();
+    assert_eq!(bytes, b"file-bytes");
+    assert!(
+        stored.contains("If-None-Match") || stored.contains("if-none-match"),
+        "{stored}"
+    );
+    // Delivered: the same request, a fresh token; a second delivery meets 409 and counts as done.
+    let io = Fake::new().reply(201, &[], "");
+    let (outcome, line) = block_on(g.deliver(&stored, OutBody::Bytes(&bytes), 1, &io));
+    assert_eq!(outcome, Delivered::Yes, "{line}");
+    let sent = io.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].body, b"file-bytes");
+    assert_eq!(
+        sent[0].url,
+        "https://contosofiles.blob.core.windows.net/uploads/a.txt"
+    );
+    assert!(sent[0].token.is_some());
+    let io = Fake::new().reply(409, &[("x-ms-error-code", "BlobAlreadyExists")], "");
+    let (outcome, _) = block_on(g.deliver(&stored, OutBody::Bytes(&bytes), 2, &io));
+    assert_eq!(outcome, Delivered::Yes);
+}
+
+#[test]
+fn deliveries_retry_while_azure_is_down_and_dead_letter_after_the_last_attempt() {
+    let g = store_gateway();
+    let io = unavailable(Fake::new().with_body(b"m"), 20);
+    run(
+        &g,
+        &request("POST", "/orders/a", &[("idempotency-key", "k1")], true),
+        &io,
+    );
+    let (_, stored, bytes) = io.enqueued.borrow()[0].clone();
+    let io = Fake::new().reply(503, &[("retry-after", "7")], "");
+    let (outcome, line) = block_on(g.deliver(&stored, OutBody::Bytes(&bytes), 1, &io));
+    assert_eq!(outcome, Delivered::Later(7));
+    let line: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(line["outcome"], "retry");
+    assert_eq!(line["request_id"].as_str().map(str::len), Some(36));
+    let io = Fake::new().reply(503, &[], "");
+    let (_, line) = block_on(g.deliver(&stored, OutBody::Bytes(&bytes), 3, &io));
+    assert!(line.contains("\"outcome\":\"dead_letter\""), "{line}");
+    // A delivery Azure takes; and one whose route is gone, or that points elsewhere, never goes.
+    let io = Fake::new();
+    let (outcome, _) = block_on(g.deliver(&stored, OutBody::Bytes(&bytes), 2, &io));
+    assert_eq!(outcome, Delivered::Yes);
+    assert_eq!(
+        io.sent()[0]
+            .header("brokerproperties")
+            .map(|p| p.contains("k1")),
+        Some(true)
+    );
+    let moved = stored.replace("contoso-orders.servicebus", "attacker.servicebus");
+    let io = Fake::new();
+    assert_eq!(
+        block_on(g.deliver(&moved, OutBody::Bytes(&bytes), 1, &io)).0,
+        Delivered::Never
+    );
+    assert!(io.sent().is_empty());
+    let gone = stored.replace("\"route\":\"orders\"", "\"route\":\"nope\"");
+    assert_eq!(
+        block_on(g.deliver(&gone, OutBody::Bytes(&bytes), 1, &io)).0,
+        Delivered::Never
+    );
 }

@@ -59,7 +59,7 @@ describe('Service Bus routes', () => {
     const traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01';
     const res = await send('/orders/contoso', body, { 'x-api-key': KEY, 'content-type': 'application/json', 'idempotency-key': 'order-42', traceparent, authorization: 'Bearer caller-token-never-forwarded' });
     assert.equal(res.status, 202, res.text);
-    assert.deepEqual(res.json, { entity: 'orders', messageId: 'order-42' });
+    assert.deepEqual(res.json, { status: 'accepted', entity: 'orders', messageId: 'order-42' });
     const [m] = await stored('orders');
     assert.equal(m.body.toString('utf8'), body);
     assert.equal(m.contentType, 'application/json');

@@ -18,5 +18,6 @@ pub mod problem;
 pub mod retry;
 pub mod routing;
 pub mod sha256;
+pub mod store;
 pub mod template;
 pub mod time;

@@ -332,7 +332,10 @@ pub fn read_location(readers: &[PathTemplate], params: &[(String, String)]) -> O
 pub const CALL_TIMEOUT_MS: f64 = 30_000.0;
 
 /// What [`build`] decided.
-pub struct Plan {
+pub struct Plan<B> {
+    /// A single Put Blob's body, read whole, on a route that stores requests Azure cannot take
+    /// (so it can be sent again, and stored); otherwise the caller's stream goes through.
+    held: Option<B>,
     op: BlobOp,
     /// The rendered name, and as it goes in the URL.
     name: String,
@@ -348,7 +351,11 @@ pub struct Plan {
 
 /// Phase 7: the blob name and metadata from the request, Azure's limits, the upload's shape,
 /// and the outgoing gate: all before a token is fetched.
-pub fn build<I: Io>(b: &PreparedBlob, cx: &mut Cx<'_>, io: &I) -> Result<Plan, Problem> {
+pub async fn build<I: Io>(
+    b: &PreparedBlob,
+    cx: &mut Cx<'_>,
+    io: &I,
+) -> Result<Plan<I::Bytes>, Problem> {
     let head = cx.head;
     let op = BlobOp::for_method(&head.method)
         .ok_or_else(|| Problem::method_not_allowed(&head.method, "GET, HEAD, PUT, POST"))?;
@@ -396,7 +403,22 @@ pub fn build<I: Io>(b: &PreparedBlob, cx: &mut Cx<'_>, io: &I) -> Result<Plan, P
         None => request(&b.config, url, op, &encoded, now, info),
     };
     super::check(&first)?;
+    // A route that stores requests holds a small body whole: it can then be sent again, and
+    // stored when Azure cannot take it.
+    let mut held = None;
+    if let Some(Upload::Single { length }) = upload {
+        let stores = cx.route.is_some_and(|r| r.store.is_some());
+        if stores && length <= crate::store::MAX_STORED_BODY_BYTES as u64 {
+            match io.read_body(length).await {
+                Ok(Some((body, _))) => held = Some(body),
+                Ok(None) => {}
+                Err(BodyError::TooLarge(seen)) => return Err(body_too_large(seen, length)),
+                Err(BodyError::Unreadable(why)) => return Err(super::unreadable(&why)),
+            }
+        }
+    }
     Ok(Plan {
+        held,
         op,
         name,
         encoded,
@@ -412,11 +434,16 @@ pub fn build<I: Io>(b: &PreparedBlob, cx: &mut Cx<'_>, io: &I) -> Result<Plan, P
 /// timed on progress, a single Put Blob by its length (the edge's `send`).
 pub async fn send<I: Io>(
     b: &PreparedBlob,
-    plan: &Plan,
+    plan: &Plan<I::Bytes>,
     bearer: &super::Bearer<'_>,
     cx: &mut Cx<'_>,
     io: &I,
 ) -> Result<Reply<I::Stream>, Problem> {
+    if let Some(held) = &plan.held {
+        let deadline = Limit::Deadline(CALL_TIMEOUT_MS);
+        let body = OutBody::Bytes(held);
+        return retried(b, plan, &plan.first, bearer, body, deadline, cx, io).await;
+    }
     let idle = Limit::Idle(b.config.idle_timeout_ms());
     let (body, limit, ok) = match (plan.op, plan.upload) {
         (_, Some(Upload::Blocks)) => return write_blocks(b, plan, bearer, cx, io).await,
@@ -443,7 +470,7 @@ pub async fn send<I: Io>(
 /// leaves nothing committed. Block ids carry this upload's own random prefix.
 async fn write_blocks<I: Io>(
     b: &PreparedBlob,
-    plan: &Plan,
+    plan: &Plan<I::Bytes>,
     bearer: &super::Bearer<'_>,
     cx: &mut Cx<'_>,
     io: &I,
@@ -504,7 +531,7 @@ async fn write_blocks<I: Io>(
 #[allow(clippy::too_many_arguments)]
 async fn retried<I: Io>(
     b: &PreparedBlob,
-    plan: &Plan,
+    plan: &Plan<I::Bytes>,
     request: &BackendRequest,
     bearer: &super::Bearer<'_>,
     body: OutBody<'_, I::Bytes>,
@@ -544,7 +571,7 @@ async fn retried<I: Io>(
 /// not passed on.
 async fn failure<I: Io>(
     b: &PreparedBlob,
-    plan: &Plan,
+    plan: &Plan<I::Bytes>,
     reply: Reply<I::Stream>,
     bearer: &super::Bearer<'_>,
     io: &I,
@@ -567,9 +594,29 @@ async fn failure<I: Io>(
     problem
 }
 
+/// Store-and-forward: a single Put Blob whose body is held (create-only, so a second delivery
+/// is refused by Azure, not written twice).
+pub fn stored<B>(plan: &Plan<B>) -> Option<crate::pipeline::StoredPlan<'_, B>> {
+    let held = plan.held.as_ref()?;
+    Some(crate::pipeline::StoredPlan {
+        request: &plan.first,
+        body: OutBody::Bytes(held),
+        ids: vec![plan.name.clone()],
+    })
+}
+
+/// The caller's 202 for a stored write.
+pub fn queued<B, S>(b: &PreparedBlob, plan: &Plan<B>) -> Answer<S> {
+    Answer::json(
+        202,
+        serde_json::json!({"status": "queued", "container": b.config.container, "blob": plan.name})
+            .to_string(),
+    )
+}
+
 /// Phase 10: 201 with the blob's name, ETag and `Location`; a read streamed back; a HEAD's
 /// properties.
-pub fn answer<S>(b: &PreparedBlob, plan: &Plan, reply: Reply<S>, cx: &Cx<'_>) -> Answer<S> {
+pub fn answer<B, S>(b: &PreparedBlob, plan: &Plan<B>, reply: Reply<S>, cx: &Cx<'_>) -> Answer<S> {
     if plan.op == BlobOp::Write {
         let mut answer = Answer::json(
             201,

@@ -26,6 +26,8 @@ use crate::template::Template;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Prepared {
     pub cloud: Cloud,
+    /// Tries of a stored request's delivery before the queue dead-letters it.
+    pub max_delivery_attempts: u32,
     pub identities: BTreeMap<String, Identity>,
     pub routes: Vec<PreparedRoute>,
     pub router: Router,
@@ -47,6 +49,8 @@ pub struct PreparedRoute {
     /// The backend's origin (`scheme://host[:port]`): what the circuit breaker is kept by.
     pub host: String,
     pub breaker: crate::breaker::BreakerConfig,
+    /// The store-and-forward queue binding, when the route stores requests Azure cannot take.
+    pub store: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -455,11 +459,18 @@ mod compile {
                 api_key,
                 host: backend_origin(policy, route),
                 breaker: BreakerSettings::resolve(route.breaker.as_ref()),
+                store: (route.when_unavailable == WhenUnavailable::Queue)
+                    .then(|| policy.store_binding()),
                 backend,
             });
         }
         Ok(Prepared {
             cloud: policy.cloud,
+            max_delivery_attempts: policy
+                .store_and_forward
+                .as_ref()
+                .and_then(|s| s.max_attempts)
+                .unwrap_or(crate::store::DEFAULT_MAX_ATTEMPTS),
             identities: policy.identities.clone(),
             router: Router::new(&policy.routes),
             routes,
