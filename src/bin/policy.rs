@@ -137,8 +137,12 @@ mod cli {
                 p.store_binding()
             );
             for r in stored {
+                let which = match r.backend {
+                    Backend::Blob(_) => "bodies of known length",
+                    _ => "messages (or batches)",
+                };
                 println!(
-                    "  {}: bodies of known length up to {} bytes are stored; a larger or chunked body gets 503 as without it",
+                    "  {}: {which} up to {} bytes are stored; larger ones get 503 as without it",
                     r.name,
                     azure_edge_gateway::store::MAX_STORED_BODY_BYTES
                 );
