@@ -564,60 +564,16 @@ impl Gateway {
         cx: &mut Cx<'_>,
         io: &I,
     ) -> Result<Answer<I::Stream>, Problem> {
-        // 8. breaker and token: a host found down recently is not called (fail fast, then one
-        // probe after the cool-down).
-        let route = cx.route.ok_or_else(|| Problem::internal("no route"))?;
-        let admitted = self
-            .breakers
-            .borrow_mut()
-            .admit(&route.host, &route.breaker, io.now());
-        if route.breaker.failures > 0 {
-            cx.log.breaker = Some(admitted.log_state());
-        }
-        if let Admission::Open { retry_in_ms } = admitted {
-            return self
-                .store(backend, &plan, circuit_open(retry_in_ms), cx, io)
-                .await;
-        }
-        let outcome = |result: &Result<Reply<I::Stream>, Problem>| match result {
-            Ok(_) => Outcome::Answered,
-            Err(p) if matches!(p.kind, "backend-unavailable" | "backend-timeout") => {
-                Outcome::Failed
-            }
-            Err(p) if p.kind == "unsendable-value" => Outcome::NotSent,
-            Err(_) => Outcome::Answered,
+        // 8. breaker and token
+        let (admitted, grant) = match self.admit_and_grant(target, cx, io).await {
+            Ok(granted) => granted,
+            Err((problem, true)) => return self.store(backend, &plan, problem, cx, io).await,
+            Err((problem, false)) => return Err(problem),
         };
-        let record = |outcome: Outcome| {
-            self.breakers.borrow_mut().record(
-                &route.host,
-                &route.breaker,
-                admitted,
-                outcome,
-                io.now(),
-            )
-        };
-        cx.log.identity = Some(target.identity.clone());
-        let grant = match io.token(target).await {
-            Ok(grant) => grant,
-            Err(no) => {
-                record(Outcome::NotSent);
-                cx.log.token_error = Some(no.log);
-                // The identity provider is unavailable (no token cached): stored, if the route
-                // stores requests. A refused credential is not a reason to store anything.
-                if no.problem.status == 503 {
-                    return self.store(backend, &plan, no.problem, cx, io).await;
-                }
-                return Err(no.problem);
-            }
-        };
-        cx.log.token = Some(grant.source);
-        cx.log.idp_ms = grant.idp_ms;
-        cx.log.token_ttl_s = Some((grant.token.expires_at - io.now()) / 1000.0);
         // 9. send
         let bearer = Bearer::new(target, &grant);
         let sent = backend.send(&plan, &bearer, cx, io).await;
-        let outcome = outcome(&sent);
-        record(outcome);
+        let outcome = self.settle(cx, admitted, sent.as_ref().err(), io);
         let reply = match sent {
             Ok(reply) => reply,
             Err(problem) if outcome == Outcome::Failed => {
@@ -627,6 +583,76 @@ impl Gateway {
         };
         // 10. answer
         Ok(backend.answer(&plan, reply, cx))
+    }
+
+    /// Phase 8: the host's circuit breaker (a host found down recently is not called: fail
+    /// fast, then one probe after the cool-down), then the identity's token. An error says
+    /// whether the request may be stored (Azure or the identity provider unavailable).
+    async fn admit_and_grant<I: Io>(
+        &self,
+        target: &TokenTarget,
+        cx: &mut Cx<'_>,
+        io: &I,
+    ) -> Result<(Admission, Grant), (Problem, bool)> {
+        let route = cx
+            .route
+            .ok_or_else(|| (Problem::internal("no route"), false))?;
+        let admitted = self
+            .breakers
+            .borrow_mut()
+            .admit(&route.host, &route.breaker, io.now());
+        if route.breaker.failures > 0 {
+            cx.log.breaker = Some(admitted.log_state());
+        }
+        if let Admission::Open { retry_in_ms } = admitted {
+            return Err((circuit_open(retry_in_ms), true));
+        }
+        cx.log.identity = Some(target.identity.clone());
+        match io.token(target).await {
+            Ok(grant) => {
+                cx.log.token = Some(grant.source);
+                cx.log.idp_ms = grant.idp_ms;
+                cx.log.token_ttl_s = Some((grant.token.expires_at - io.now()) / 1000.0);
+                Ok((admitted, grant))
+            }
+            Err(no) => {
+                self.settle(cx, admitted, None, io);
+                cx.log.token_error = Some(no.log);
+                // The identity provider is unavailable (no token cached): may be stored. A
+                // refused credential is not a reason to store anything.
+                let storable = no.problem.status == 503;
+                Err((no.problem, storable))
+            }
+        }
+    }
+
+    /// Tells the host's breaker how the call went (`failed`: the send's problem, if any; a
+    /// call that never went out says nothing), and returns the outcome.
+    fn settle<I: Io>(
+        &self,
+        cx: &Cx<'_>,
+        admitted: Admission,
+        failed: Option<&Problem>,
+        io: &I,
+    ) -> Outcome {
+        let outcome = match failed {
+            Some(p) if matches!(p.kind, "backend-unavailable" | "backend-timeout") => {
+                Outcome::Failed
+            }
+            Some(p) if p.kind == "unsendable-value" => Outcome::NotSent,
+            _ if cx.log.token.is_none() => Outcome::NotSent,
+            _ => Outcome::Answered,
+        };
+        if let Some(route) = cx.route {
+            self.breakers.borrow_mut().record(
+                &route.host,
+                &route.breaker,
+                admitted,
+                outcome,
+                io.now(),
+            );
+        }
+        outcome
     }
 
     /// Azure is unavailable for this call: a route that stores requests puts it on its queue
@@ -639,17 +665,29 @@ impl Gateway {
         cx: &mut Cx<'_>,
         io: &I,
     ) -> Result<Answer<I::Stream>, Problem> {
-        let Some(route) = cx.route else {
+        if cx.route.is_none_or(|r| r.store.is_none()) {
             return Err(problem);
-        };
-        let Some(binding) = &route.store else {
-            return Err(problem);
-        };
-        let Some(stored) = backend.stored(plan) else {
+        }
+        self.enqueue(backend.stored(plan), problem, cx, io).await?;
+        Ok(backend.queued(plan))
+    }
+
+    /// Puts a stored request on the route's queue; `problem` stands when it cannot be.
+    async fn enqueue<I: Io>(
+        &self,
+        stored: Option<StoredPlan<'_, I::Bytes>>,
+        problem: Problem,
+        cx: &mut Cx<'_>,
+        io: &I,
+    ) -> Result<(), Problem> {
+        let (Some(route), Some(stored)) = (cx.route, stored) else {
             cx.log.stored = Some(format!(
                 "not stored: the body was streamed to Azure (only bodies of at most {} bytes, of known length, are held to be stored)",
                 crate::store::MAX_STORED_BODY_BYTES
             ));
+            return Err(problem);
+        };
+        let Some(binding) = &route.store else {
             return Err(problem);
         };
         let description = crate::store::Stored::new(
@@ -672,7 +710,7 @@ impl Gateway {
             Ok(()) => {
                 cx.log.stored = Some("queued".to_owned());
                 cx.log.problem_avoided = Some(problem.kind);
-                Ok(backend.queued(plan))
+                Ok(())
             }
             Err(why) => {
                 cx.log.stored = Some(format!("not stored: {why}"));

@@ -977,7 +977,7 @@ fn handle_mac(key: &[u8; 32], sealed: &[u8]) -> [u8; 32] {
 /// UUID).
 pub fn operation_handle(key: &[u8; 32], route: &str, url: &str, now_ms: f64, seed: &str) -> String {
     let expires = ((now_ms / 1000.0) + OPERATION_HANDLE_TTL_S).floor() as u64;
-    let nonce = &crate::sha256::sha256(format!("{seed}\n{now_ms}").as_bytes())[..16];
+    let nonce = &crate::sha256::sha256(format!("{seed}\n{}", now_ms.to_bits()).as_bytes())[..16];
     let mut sealed = nonce.to_vec();
     let start = sealed.len();
     sealed.extend_from_slice(format!("{expires}\n{route}\n{url}").as_bytes());
@@ -1005,10 +1005,10 @@ pub fn open_handle(handle: &str, keys: &[[u8; 32]], now_ms: f64) -> Option<(Stri
     keystream_xor(key, nonce, &mut plain);
     let text = String::from_utf8(plain).ok()?;
     let mut parts = text.splitn(3, '\n');
-    let expires: f64 = parts.next()?.parse().ok()?;
+    let expires: u64 = parts.next()?.parse().ok()?;
     let route = parts.next()?.to_owned();
     let url = parts.next()?.to_owned();
-    (expires * 1000.0 >= now_ms).then_some((route, url))
+    (expires as f64 * 1000.0 >= now_ms).then_some((route, url))
 }
 
 fn bad_handle() -> Problem {

@@ -78,7 +78,7 @@ pub fn check(request: &BackendRequest) -> Result<(), Problem> {
     }
     for (name, value) in &request.headers {
         if !crate::encoding::is_header_name(name) {
-            return Err(unsendable(&format!("The header name {name:?}")));
+            return Err(unsendable(&format!("The header name \"{name}\"")));
         }
         if !is_header_value(value) {
             return Err(unsendable(&field_of(name, value)));

@@ -286,7 +286,7 @@ pub fn parse_token_response(
     let token_type = json["token_type"].as_str().unwrap_or_default();
     if !token_type.eq_ignore_ascii_case("bearer") {
         return Err(TokenError::Malformed {
-            reason: format!("token_type is {token_type:?}, not Bearer"),
+            reason: format!("token_type is \"{token_type}\", not Bearer"),
         });
     }
     let access_token = match json["access_token"].as_str() {
