@@ -52,8 +52,16 @@ export function leanEntry(src) {
   const [, entryClass, , shimFetch] = entries[0];
   if (shimFetch !== fetchFn) throw new GlueError(STEP, `the entry's fetch calls ${shimFetch}, not the wasm fetch wrapper ${fetchFn}`);
   const handlers = new Set([...src.matchAll(new RegExp(`\\b${escape(entryClass)}\\.prototype\\.(${ID})=`, 'g'))].map((m) => m[1]));
-  const unsupported = [...handlers].filter((h) => h !== 'fetch' && h !== 'start');
+  const unsupported = [...handlers].filter((h) => h !== 'fetch' && h !== 'start' && h !== 'queue');
   if (unsupported.length) throw new GlueError(STEP, `the entry class has handlers the lean entry does not forward: ${unsupported.join(', ')}`, { shape: false });
+
+  // The queue handler (store-and-forward's consumer), forwarded like fetch when there is one.
+  let queueFn = null;
+  if (handlers.has('queue')) {
+    const queues = [...src.matchAll(new RegExp(`${escape(entryClass)}\\.prototype\\.queue=function\\((${ID})\\)\\{return (${ID})\\.call\\(this,\\1,this\\.env,this\\.ctx\\)\\}`, 'g'))];
+    if (queues.length !== 1) throw new GlueError(STEP, `expected one \`${entryClass}.prototype.queue=function(b){return <wasmQueue>.call(this,b,this.env,this.ctx)}\`, found ${queues.length}`);
+    queueFn = queues[0][2];
+  }
 
   const proxies = [...src.matchAll(new RegExp(`(${ID})=new Proxy\\(${escape(entryClass)},(${ID})\\)`, 'g'))];
   if (proxies.length !== 1) throw new GlueError(STEP, `expected one \`<default>=new Proxy(${entryClass}, <handler>)\`, found ${proxies.length}`);
@@ -78,7 +86,16 @@ const __aeg_lean_entry = {
       ${mark}(e);
       throw e;
     }
-  },
+  },${queueFn === null ? '' : `
+  queue(batch, env, ctx) {
+    ${reinit}();
+    try {
+      return ${queueFn}(batch, env, ctx);
+    } catch (e) {
+      ${mark}(e);
+      throw e;
+    }
+  },`}
 };
 `;
   const start = clause.index;
