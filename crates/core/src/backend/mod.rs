@@ -244,19 +244,8 @@ pub async fn send_retried<I: Io>(
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let sent = io.send(request, Some(&bearer.token()), body, limit).await;
-        let sent = match sent {
-            Ok(reply) if reply.status == 401 && !bearer.renewed() => {
-                log.backend_status = Some(401);
-                if let Some(b) = reply.body {
-                    io.text(b).await;
-                }
-                bearer.renew(io, log).await?;
-                attempts -= 1;
-                continue;
-            }
-            other => other,
-        };
+        // A first 401 is replayed inside: it does not use the retry budget.
+        let sent = send_renewing(io, request, bearer, body, limit, log).await?;
         let (retry_after, why) = match sent {
             Ok(reply) => {
                 let status = reply.status;
