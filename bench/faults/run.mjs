@@ -504,6 +504,8 @@ async function main() {
     if (p.storedUnacknowledgedDuplicated) notes.push(`${p.backend}: ${p.storedUnacknowledgedDuplicated} unacknowledged requests stored more than once`);
     if (p.strays) notes.push(`${p.backend}: ${p.strays} stored entries of this run that the harness never sent`);
     if (p.drainBounded) notes.push(`${p.backend}: the stored count was still changing after ${o.maxDrainSeconds} s`);
+    const upstream = p.backendStats?.upstreamErrors;
+    if (upstream) notes.push(`${p.backend}: ${upstream} writes failed between the fault proxy and Azurite (connection closed by Azurite; a stand-in artifact, answered 502 to the gateway and counted as refused)`);
     if (!storeAndForward && p.queued) notes.push(`${p.backend}: ${p.queued} answers said queued although the policy asks for no store-and-forward`);
   }
   if (!storeAndForward) notes.push('The policy has no store-and-forward: an outage is a refusal (503), nothing is queued, so nothing drains.');
