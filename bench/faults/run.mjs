@@ -37,7 +37,7 @@ import { parseArgs } from 'node:util';
 import { blobRequest } from '../../dev/azurite.mjs';
 import { startFaultProxy } from '../../dev/faultproxy.mjs';
 import { requestToken } from '../../dev/issuer.mjs';
-import { REPO_ROOT } from '../../dev/proc.mjs';
+import { REPO_ROOT, after } from '../../dev/proc.mjs';
 import { CLIENT_ID, CONTAINER, STORAGE_AUDIENCE, startStack } from '../../dev/stack.mjs';
 
 // Ports of this suite (bench/faults/policy.json names them): Azurite itself listens on 20801 and
@@ -46,6 +46,10 @@ const PORTS = { issuer: 19400, serviceBus: 19410, azurite: 20801, gateway: 19487
 const PROXY_PORT = 20800;
 const ENTITY = 'faults';
 const BLOB_PREFIX = 'faults/';
+
+/** After the deadline: how long a stack start may take to finish before it is stopped, and the backstop. */
+const STARTUP_GRACE_SECONDS = 40;
+const BACKSTOP_SECONDS = 60;
 
 const SHORT = { requests: 400, concurrency: 16, 'outage-seconds': 3, backend: 'both', 'token-lifetime': 10, 'settle-seconds': 2, 'max-drain-seconds': 30, 'deadline-seconds': 110 };
 const OPTIONS = {
@@ -447,9 +451,9 @@ async function main() {
   }, o.deadlineSeconds * 1000);
   // A backstop: if stopping itself hangs, leave anyway (dev/proc.mjs kills the stack's processes on exit).
   const backstop = setTimeout(() => {
-    console.error('faults: could not stop within 30 s of the deadline; exiting');
+    console.error(`faults: could not stop within ${BACKSTOP_SECONDS} s of the deadline; exiting`);
     process.exit(2);
-  }, (o.deadlineSeconds + 30) * 1000);
+  }, (o.deadlineSeconds + BACKSTOP_SECONDS) * 1000);
   backstop.unref();
   for (const sig of ['SIGINT', 'SIGTERM']) process.once(sig, () => { log(`${sig}: stopping`); abort.abort(); });
 
@@ -461,6 +465,7 @@ async function main() {
   // drain wait covers the consumer's deliveries. Until then this reports "no".
   const storeAndForward = /"store_and_forward"/.test(policyText) && /"when_unavailable"\s*:\s*"queue"/.test(policyText);
 
+  let starting;
   let stack;
   let proxy;
   const phases = [];
@@ -470,8 +475,7 @@ async function main() {
     log(`starting the stack (gateway build included) with ${o.policy}`);
     const stateDir = join(REPO_ROOT, 'target', 'faults');
     const echo = o.verbose ? (line) => console.log(`  | ${line}`) : undefined;
-    stack = await Promise.race([
-      startStack({
+    starting = startStack({
         policyPath: o.policy,
         ports: PORTS,
         stateDir,
@@ -480,8 +484,10 @@ async function main() {
         issuerOptions: { lifetimeSeconds: o.tokenLifetime },
         log: (m) => { if (o.verbose || !m.startsWith('issuer: ')) log(`  ${m}`); },
         onLog: { gateway: echo, serviceBus: echo, azurite: echo },
-      }),
-      new Promise((_, reject) => abort.signal.addEventListener('abort', () => reject(new Error('stopped before the stack was up')))),
+      });
+    stack = await Promise.race([
+      starting,
+      new Promise((_, reject) => abort.signal.addEventListener('abort', () => reject(new Error('stopped before the stack was up')), { once: true })),
     ]);
     proxy = await startFaultProxy({ port: PROXY_PORT, target: new URL(stack.azurite.url).origin, certPath: stack.azurite.certPath, keyPath: stack.azurite.keyPath, ca: stack.azurite.ca, log });
     const runId = randomBytes(4).toString('hex');
@@ -490,10 +496,18 @@ async function main() {
       phases.push(await runPhase(kind, { o, stack, proxy, runId, signal: abort.signal }));
     }
   } catch (err) {
-    setupError = err;
-    console.error(`faults: ${err.stack ?? err.message}`);
+    if (!abort.signal.aborted) {
+      setupError = err;
+      console.error(`faults: ${err.stack ?? err.message}`);
+    } else {
+      log(err.message);
+    }
   } finally {
     clearTimeout(deadline);
+    // Stopped while the stack was starting: let the start finish (bounded), then stop it.
+    if (!stack && starting) {
+      stack = await Promise.race([starting.catch(() => null), after(STARTUP_GRACE_SECONDS * 1000, null)]);
+    }
     await proxy?.stop().catch(() => {});
     await stack?.stop().catch(() => {});
   }
