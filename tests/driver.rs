@@ -17,6 +17,7 @@ use azure_edge_gateway::pipeline::{
 use azure_edge_gateway::policy::prepared::TokenTarget;
 use azure_edge_gateway::policy::JwtAlgorithm;
 use azure_edge_gateway::problem::Problem;
+use azure_edge_gateway::store::Delivered;
 use serde_json::{json, Value};
 
 /// Runs a future whose I/O is all fake (it never waits on anything real).
@@ -72,6 +73,8 @@ struct Fake {
     jwks_fetches: Cell<u32>,
     verify_ok: bool,
     evicted: RefCell<Vec<String>>,
+    /// Store-and-forward: what was put on the queue (binding, stored request, body).
+    enqueued: RefCell<Vec<(String, String, Vec<u8>)>>,
 }
 
 impl Fake {
@@ -157,7 +160,11 @@ impl Io for Fake {
         }
         Ok(Grant {
             token: Token {
-                access_token: format!("token-for-{}", target.identity),
+                // A new token after an eviction (as the isolate's cache would fetch one).
+                access_token: match self.evicted.borrow().len() {
+                    0 => format!("token-for-{}", target.identity),
+                    n => format!("token-for-{}-{}", target.identity, n + 1),
+                },
                 obtained_at: 0.0,
                 expires_at: self.clock.get() + 3_600_000.0,
             },
@@ -243,6 +250,27 @@ impl Io for Fake {
 
     async fn sleep(&self, ms: f64) {
         self.clock.set(self.clock.get() + ms);
+    }
+
+    async fn enqueue(
+        &self,
+        binding: &str,
+        stored: &str,
+        body: OutBody<'_, Vec<u8>>,
+        max_body: usize,
+    ) -> Result<(), String> {
+        let bytes = match body {
+            OutBody::Bytes(b) => b.clone(),
+            OutBody::Text(t) => t.as_bytes().to_vec(),
+            _ => Vec::new(),
+        };
+        if bytes.len() > max_body {
+            return Err("too large".into());
+        }
+        self.enqueued
+            .borrow_mut()
+            .push((binding.to_owned(), stored.to_owned(), bytes));
+        Ok(())
     }
 }
 
@@ -343,7 +371,7 @@ fn a_service_bus_send_goes_through_every_phase_in_order() {
     assert_eq!(status, 202, "{body}");
     assert_eq!(
         serde_json::from_str::<Value>(&body).unwrap(),
-        json!({"entity": "orders", "messageId": "order-1"})
+        json!({"status": "accepted", "entity": "orders", "messageId": "order-1"})
     );
     let sent = io.sent();
     assert_eq!(sent.len(), 1);
@@ -690,11 +718,11 @@ fn an_operation_is_followed_through_the_gateway_as_the_route_that_started_it() {
 #[test]
 fn azure_s_401_evicts_the_token_and_is_the_caller_s_502() {
     let g = Gateway::load(REST_POLICY).unwrap();
-    let io = rest_io().reply(
-        401,
-        &[("content-type", "application/json")],
-        r#"{"error":{"code":"InvalidAuthenticationTokenAudience","message":"The access token has been obtained for wrong audience or resource 'x'."}}"#,
-    );
+    let refused = r#"{"error":{"code":"InvalidAuthenticationTokenAudience","message":"The access token has been obtained for wrong audience or resource 'x'."}}"#;
+    // Refused, replayed once with a fresh token, refused again.
+    let io = rest_io()
+        .reply(401, &[("content-type", "application/json")], refused)
+        .reply(401, &[("content-type", "application/json")], refused);
     let (status, _, body, log) = run(&g, &request("GET", "/sites/a", &[], false), &io);
     assert_eq!(status, 502);
     let body: Value = serde_json::from_str(&body).unwrap();
@@ -711,7 +739,8 @@ fn azure_s_401_evicts_the_token_and_is_the_caller_s_502() {
         .as_str()
         .unwrap()
         .contains("wrong audience"));
-    assert_eq!(io.evicted.borrow().len(), 1);
+    assert_eq!(io.evicted.borrow().len(), 2);
+    assert_eq!(io.sent().len(), 2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -875,12 +904,19 @@ fn queue_storage_refusals_are_mapped_and_its_reason_goes_to_the_log() {
     );
     assert_eq!(log["backend_status"], 403);
 
-    let io = Fake::new().with_body(b"job").reply(401, &[], "");
+    // A 401 is replayed once with a fresh token; a second is the caller's 502.
+    let io = Fake::new()
+        .with_body(b"job")
+        .reply(401, &[], "")
+        .reply(401, &[], "");
     assert_eq!(
         run(&messaging(), &request("POST", "/jobs", &[], true), &io).0,
         502
     );
-    assert_eq!(*io.evicted.borrow(), vec!["token-for-gw".to_owned()]);
+    assert_eq!(
+        *io.evicted.borrow(),
+        vec!["token-for-gw".to_owned(), "token-for-gw-2".to_owned()]
+    );
 
     let io = Fake::new()
         .with_body(b"job")
@@ -1001,5 +1037,314 @@ fn a_batch_of_events_is_one_send_and_a_service_bus_property_stops_it_before_a_to
     assert_eq!(
         run(&messaging(), &request("POST", "/spread", &[], true), &io).0,
         202
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A refused token (issue 13): replayed once with a fresh token
+
+#[test]
+fn a_401_is_replayed_once_with_a_fresh_token_and_the_same_bytes_and_message_id() {
+    let io = with_secrets(Fake::new())
+        .with_body(b"payload")
+        .reply(
+            401,
+            &[],
+            "<Error><Code>401</Code><Detail>ExpiredToken</Detail></Error>",
+        )
+        .reply(201, &[], "");
+    let head = request(
+        "POST",
+        "/orders/a",
+        &[("x-api-key", "k-123"), ("x-label", "l")],
+        true,
+    );
+    let (status, _, _, log) = run(&gateway(), &head, &io);
+    assert_eq!(status, 202);
+    let sent = io.sent();
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[0].token.as_deref(), Some("token-for-gw"));
+    assert_eq!(
+        sent[1].token.as_deref(),
+        Some("token-for-gw-2"),
+        "a fresh token"
+    );
+    assert_eq!(sent[0].body, sent[1].body);
+    assert_eq!(
+        sent[0].header("brokerproperties"),
+        sent[1].header("brokerproperties")
+    );
+    assert_eq!(*io.evicted.borrow(), vec!["token-for-gw".to_owned()]);
+    assert_eq!(log["token_renewed"], true);
+    assert_eq!(io.tokens_asked.get(), 2);
+}
+
+#[test]
+fn a_second_401_is_the_caller_s_502_and_no_third_send() {
+    let io = with_secrets(Fake::new())
+        .with_body(b"payload")
+        .reply(401, &[], "")
+        .reply(401, &[], "");
+    let head = request(
+        "POST",
+        "/orders/a",
+        &[("x-api-key", "k-123"), ("x-label", "l")],
+        true,
+    );
+    let (status, _, _, log) = run(&gateway(), &head, &io);
+    assert_eq!(status, 502);
+    assert_eq!(io.sent().len(), 2);
+    assert_eq!(
+        io.evicted.borrow().len(),
+        2,
+        "both refused tokens are evicted"
+    );
+    assert_eq!(log["backend_status"], 401);
+}
+
+#[test]
+fn a_401_to_a_streamed_body_is_not_replayed_and_the_caller_is_told_so() {
+    let body = vec![7u8; 50_000];
+    let io = Fake::new().with_body(&body).reply(401, &[], "");
+    let head = request("PUT", "/files/a.bin", &[("content-length", "50000")], true);
+    let (status, headers, text, _) = run(&gateway(), &head, &io);
+    assert_eq!(status, 503);
+    assert!(headers.contains(&("retry-after", "1".to_owned())));
+    assert!(text.contains("token-refused"), "{text}");
+    assert!(text.contains("cannot be sent again"));
+    assert_eq!(io.sent().len(), 1, "the stream went once");
+    assert_eq!(io.evicted.borrow().len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The circuit breaker (issue 13)
+
+#[test]
+fn a_host_that_keeps_failing_is_not_called_until_the_cool_down_then_one_probe_closes_it() {
+    let g = gateway();
+    let mut io = with_secrets(Fake::new()).with_body(b"payload");
+    for _ in 0..200 {
+        io = io.reply(503, &[], "");
+    }
+    let head = request(
+        "POST",
+        "/orders/a",
+        &[("x-api-key", "k-123"), ("x-label", "l")],
+        true,
+    );
+    for i in 0..5 {
+        io.body_pos.set(0);
+        let (status, _, _, log) = run(&g, &head, &io);
+        assert_eq!(status, 503, "request {i}");
+        assert_eq!(log["breaker"], "closed");
+    }
+    let sends = io.sent().len();
+    let (status, headers, body, log) = run(&g, &head, &io);
+    assert_eq!(status, 503);
+    assert!(body.contains("backend-circuit-open"), "{body}");
+    assert!(headers
+        .iter()
+        .any(|(k, v)| *k == "retry-after" && v.parse::<u64>().unwrap() <= 30));
+    assert_eq!(log["breaker"], "open");
+    assert_eq!(io.sent().len(), sends, "nothing sent while open");
+    // After the cool-down: one probe; Azure is back, so the breaker closes.
+    io.replies.borrow_mut().clear();
+    io.clock.set(io.clock.get() + 31_000.0);
+    io.body_pos.set(0);
+    let (status, _, _, log) = run(&g, &head, &io);
+    assert_eq!(status, 202);
+    assert_eq!(log["breaker"], "probe");
+    io.body_pos.set(0);
+    let (_, _, _, log) = run(&g, &head, &io);
+    assert_eq!(log["breaker"], "closed");
+}
+
+#[test]
+fn refusals_of_the_request_itself_do_not_open_the_breaker() {
+    let g = gateway();
+    let mut io = with_secrets(Fake::new()).with_body(b"payload");
+    for _ in 0..10 {
+        io = io.reply(400, &[], "<Error><Detail>bad</Detail></Error>");
+    }
+    let head = request(
+        "POST",
+        "/orders/a",
+        &[("x-api-key", "k-123"), ("x-label", "l")],
+        true,
+    );
+    for _ in 0..8 {
+        io.body_pos.set(0);
+        let (status, _, _, log) = run(&g, &head, &io);
+        assert_ne!(status, 503);
+        assert_eq!(log["breaker"], "closed");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Store-and-forward (issue 13)
+
+const STORE_POLICY: &str = r#"{
+  "identities": { "gw": { "token_endpoint": { "url": "https://idp.example.com/token" },
+      "client_id": "c", "credential": { "client_secret": { "secret": "GW_SECRET" } } } },
+  "store_and_forward": { "binding": "DELIVERIES", "max_attempts": 3 },
+  "routes": [
+    { "name": "orders", "methods": ["POST"], "path": "/orders/{tenant}", "public": true,
+      "when_unavailable": "queue",
+      "backend": { "service_bus": { "namespace": "contoso-orders", "queue": "orders", "identity": "gw" } } },
+    { "name": "files", "methods": ["PUT"], "path": "/files/{name}", "public": true,
+      "when_unavailable": "queue",
+      "backend": { "blob": { "account": "contosofiles", "container": "uploads", "blob": "{path.name}", "identity": "gw" } } },
+    { "name": "plain", "methods": ["POST"], "path": "/plain/{tenant}", "public": true,
+      "backend": { "service_bus": { "namespace": "contoso-other", "queue": "orders", "identity": "gw" } } }
+  ]
+}"#;
+
+fn store_gateway() -> Gateway {
+    Gateway::load(STORE_POLICY).unwrap_or_else(|e| panic!("{e:?}"))
+}
+
+fn unavailable(io: Fake, n: usize) -> Fake {
+    (0..n).fold(io, |io, _| io.reply(503, &[], ""))
+}
+
+#[test]
+fn a_send_azure_cannot_take_is_queued_with_its_message_id_and_the_caller_gets_202_queued() {
+    let g = store_gateway();
+    let io = unavailable(Fake::new().with_body(b"order-1"), 20);
+    let head = request("POST", "/orders/a", &[("idempotency-key", "order-1")], true);
+    let (status, _, body, log) = run(&g, &head, &io);
+    assert_eq!(status, 202, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["status"], "queued");
+    assert_eq!(body["messageId"], "order-1");
+    assert_eq!(log["stored"], "queued");
+    assert_eq!(log["unavailable"], "backend-unavailable");
+    let enqueued = io.enqueued.borrow();
+    assert_eq!(enqueued.len(), 1);
+    let (binding, stored, bytes) = &enqueued[0];
+    assert_eq!(binding, "DELIVERIES");
+    assert_eq!(bytes, b"order-1");
+    let stored: Value = serde_json::from_str(stored).unwrap();
+    assert_eq!(stored["route"], "orders");
+    assert_eq!(
+        stored["url"],
+        "https://contoso-orders.servicebus.windows.net/orders/messages"
+    );
+    assert!(
+        stored["headers"]
+            .to_string()
+            .contains(r#"\"MessageId\":\"order-1\""#),
+        "{stored}"
+    );
+    assert!(
+        !stored.to_string().contains("token-for"),
+        "no token is stored"
+    );
+    // A route without store-and-forward answers 503 as before.
+    let io = unavailable(Fake::new().with_body(b"x"), 20);
+    let (status, _, _, _) = run(&g, &request("POST", "/plain/a", &[], true), &io);
+    assert_eq!(status, 503);
+    assert!(io.enqueued.borrow().is_empty());
+}
+
+#[test]
+fn with_the_breaker_open_or_the_identity_provider_down_requests_are_queued_without_a_send() {
+    let g = store_gateway();
+    // Open the breaker with five failed calls (each stored).
+    for _ in 0..5 {
+        let io = unavailable(Fake::new().with_body(b"x"), 20);
+        assert_eq!(
+            run(&g, &request("POST", "/orders/a", &[], true), &io).0,
+            202
+        );
+    }
+    let io = Fake::new().with_body(b"y");
+    let (status, _, _, log) = run(&g, &request("POST", "/orders/a", &[], true), &io);
+    assert_eq!(status, 202);
+    assert_eq!(log["breaker"], "open");
+    assert_eq!(log["unavailable"], "backend-circuit-open");
+    assert!(io.sent().is_empty());
+    assert_eq!(io.enqueued.borrow().len(), 1);
+    // The identity provider is down and no token is cached.
+    let g = store_gateway();
+    let mut io = Fake::new().with_body(b"z");
+    io.no_token = Some(Problem::new(503, "identity-unavailable", "t", "d"));
+    let (status, _, _, _) = run(&g, &request("POST", "/orders/a", &[], true), &io);
+    assert_eq!(status, 202);
+    assert!(io.sent().is_empty());
+    assert_eq!(io.enqueued.borrow().len(), 1);
+}
+
+#[test]
+fn a_create_only_blob_write_is_held_stored_and_delivered_once() {
+    let g = store_gateway();
+    let io = unavailable(Fake::new().with_body(b"file-bytes"), 20);
+    let head = request("PUT", "/files/a.txt", &[("content-length", "10")], true);
+    let (status, _, body, _) = run(&g, &head, &io);
+    assert_eq!(status, 202, "{body}");
+    assert!(body.contains("\"status\":\"queued\""), "{body}");
+    let (_, stored, bytes) = io.enqueued.borrow()[0].clone();
+    assert_eq!(bytes, b"file-bytes");
+    assert!(
+        stored.contains("If-None-Match") || stored.contains("if-none-match"),
+        "{stored}"
+    );
+    // Delivered: the same request, a fresh token; a second delivery meets 409 and counts as done.
+    let io = Fake::new().reply(201, &[], "");
+    let (outcome, line) = block_on(g.deliver(&stored, OutBody::Bytes(&bytes), 1, &io));
+    assert_eq!(outcome, Delivered::Yes, "{line}");
+    let sent = io.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].body, b"file-bytes");
+    assert_eq!(
+        sent[0].url,
+        "https://contosofiles.blob.core.windows.net/uploads/a.txt"
+    );
+    assert!(sent[0].token.is_some());
+    let io = Fake::new().reply(409, &[("x-ms-error-code", "BlobAlreadyExists")], "");
+    let (outcome, _) = block_on(g.deliver(&stored, OutBody::Bytes(&bytes), 2, &io));
+    assert_eq!(outcome, Delivered::Yes);
+}
+
+#[test]
+fn deliveries_retry_while_azure_is_down_and_dead_letter_after_the_last_attempt() {
+    let g = store_gateway();
+    let io = unavailable(Fake::new().with_body(b"m"), 20);
+    run(
+        &g,
+        &request("POST", "/orders/a", &[("idempotency-key", "k1")], true),
+        &io,
+    );
+    let (_, stored, bytes) = io.enqueued.borrow()[0].clone();
+    let io = Fake::new().reply(503, &[("retry-after", "7")], "");
+    let (outcome, line) = block_on(g.deliver(&stored, OutBody::Bytes(&bytes), 1, &io));
+    assert_eq!(outcome, Delivered::Later(7));
+    let line: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(line["outcome"], "retry");
+    assert_eq!(line["request_id"].as_str().map(str::len), Some(36));
+    let io = Fake::new().reply(503, &[], "");
+    let (_, line) = block_on(g.deliver(&stored, OutBody::Bytes(&bytes), 3, &io));
+    assert!(line.contains("\"outcome\":\"dead_letter\""), "{line}");
+    // A delivery Azure takes; and one whose route is gone, or that points elsewhere, never goes.
+    let io = Fake::new();
+    let (outcome, _) = block_on(g.deliver(&stored, OutBody::Bytes(&bytes), 2, &io));
+    assert_eq!(outcome, Delivered::Yes);
+    assert_eq!(
+        io.sent()[0]
+            .header("brokerproperties")
+            .map(|p| p.contains("k1")),
+        Some(true)
+    );
+    let moved = stored.replace("contoso-orders.servicebus", "attacker.servicebus");
+    let io = Fake::new();
+    assert_eq!(
+        block_on(g.deliver(&moved, OutBody::Bytes(&bytes), 1, &io)).0,
+        Delivered::Never
+    );
+    assert!(io.sent().is_empty());
+    let gone = stored.replace("\"route\":\"orders\"", "\"route\":\"nope\"");
+    assert_eq!(
+        block_on(g.deliver(&gone, OutBody::Bytes(&bytes), 1, &io)).0,
+        Delivered::Never
     );
 }

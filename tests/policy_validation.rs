@@ -107,6 +107,66 @@ fn the_shipped_policies_are_valid() {
     }
 }
 
+/// Store-and-forward only works if wrangler.toml declares the policy's queue binding as a
+/// producer, this worker as the consumer of the same queue with `max_retries` one less than
+/// the policy's `max_attempts`, and a dead-letter queue. Checked for every shipped policy that
+/// stores requests (the dev stack and the tests run with this wrangler.toml).
+#[test]
+fn store_and_forward_bindings_of_the_shipped_policies_are_declared_in_wrangler_toml() {
+    let toml = std::fs::read_to_string("wrangler.toml").unwrap();
+    let field = |block: &str, name: &str| -> Option<String> {
+        block.lines().find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == name).then(|| v.trim().trim_matches('"').to_owned())
+        })
+    };
+    let mut checked = 0;
+    for file in [
+        "policy.json",
+        "dev/policy.json",
+        "tests/e2e/fixtures/store-forward-policy.json",
+    ] {
+        let policy = policy::load(&std::fs::read_to_string(file).unwrap()).unwrap();
+        if !policy
+            .routes
+            .iter()
+            .any(|r| r.when_unavailable == policy::WhenUnavailable::Queue)
+        {
+            continue;
+        }
+        checked += 1;
+        let binding = policy.store_binding();
+        let producer = toml
+            .split("[[queues.producers]]")
+            .skip(1)
+            .find(|b| field(b, "binding").as_deref() == Some(binding.as_str()))
+            .unwrap_or_else(|| {
+                panic!("{file}: wrangler.toml declares no queue producer {binding}")
+            });
+        let queue = field(producer, "queue").expect("the producer names its queue");
+        let consumer = toml
+            .split("[[queues.consumers]]")
+            .skip(1)
+            .find(|b| field(b, "queue").as_deref() == Some(queue.as_str()))
+            .unwrap_or_else(|| panic!("{file}: this worker does not consume {queue}"));
+        let attempts = policy
+            .store_and_forward
+            .as_ref()
+            .and_then(|s| s.max_attempts)
+            .unwrap_or(azure_edge_gateway::store::DEFAULT_MAX_ATTEMPTS);
+        assert_eq!(
+            field(consumer, "max_retries").map(|v| v.parse::<u32>().unwrap()),
+            Some(attempts - 1),
+            "{file}: max_retries must be max_attempts - 1"
+        );
+        assert!(
+            field(consumer, "dead_letter_queue").is_some(),
+            "{file}: deliveries that keep failing need a dead-letter queue"
+        );
+    }
+    assert!(checked > 0, "a shipped policy stores requests");
+}
+
 /// A rate limit in policy.json only works if wrangler.toml declares its binding with the same
 /// numbers; a mismatch would silently enforce other limits than the policy says.
 #[test]
@@ -163,7 +223,7 @@ fn unknown_fields_are_rejected_and_the_rest_still_read() {
     assert_eq!(
         errors,
         vec![
-            "routes[0].colour: not a known field (\"colour\"); expected one of name, methods, path, public, inbound, backend".to_owned(),
+            "routes[0].colour: not a known field (\"colour\"); expected one of name, methods, path, public, inbound, backend, breaker, when_unavailable".to_owned(),
             "routes[0].backend.service_bus.queue: an entity name: 1-260 letters, digits, '.', '-', '_' or '/', not starting or ending with '/', got \"/bad/\"".to_owned(),
         ]
     );

@@ -125,6 +125,29 @@ mod cli {
                 println!("{block}");
             }
         }
+        let stored: Vec<&Route> = p
+            .routes
+            .iter()
+            .filter(|r| r.when_unavailable == azure_edge_gateway::policy::WhenUnavailable::Queue)
+            .collect();
+        if !stored.is_empty() {
+            println!();
+            println!(
+                "Store-and-forward (queue binding {}): when Azure stays unavailable, these routes answer 202 queued and deliver later",
+                p.store_binding()
+            );
+            for r in stored {
+                let which = match r.backend {
+                    Backend::Blob(_) => "bodies of known length",
+                    _ => "messages (or batches)",
+                };
+                println!(
+                    "  {}: {which} up to {} bytes are stored; larger ones get 503 as without it",
+                    r.name,
+                    azure_edge_gateway::store::MAX_STORED_BODY_BYTES
+                );
+            }
+        }
         let batches: Vec<String> = p.routes.iter().filter_map(batch_line).collect();
         if !batches.is_empty() {
             println!();

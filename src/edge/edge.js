@@ -137,8 +137,83 @@ async function perform(c, op) {
     case 'jwks': return fetchJwks(op[1], op[2]);
     case 'verify': return verify(op[1], op[2], op[3], op[4]);
     case 'sleep': await sleep(op[1]); return null;
+    case 'enqueue': return enqueue(c, op[1], op[2], op[3], op[4], op[5]);
     default: throw new Error(`unknown op ${op[0]}`);
   }
+}
+
+/**
+ * Store-and-forward: puts a stored request on the queue of `binding` as { stored (JSON text),
+ * body (bytes, text or null) }, structured-cloned ('v8'), so bytes stay bytes. true, or {error}.
+ */
+async function enqueue(c, binding, stored, kind, ref, maxBody) {
+  const queue = c.env[binding];
+  if (!queue || typeof queue.send !== 'function') return { error: `no queue binding ${binding}` };
+  const body = kind === 'buffer' ? c.buffers[ref] : kind === 'text' ? ref : null;
+  const size = body === null ? 0 : typeof body === 'string' ? new TextEncoder().encode(body).byteLength : body.byteLength;
+  if (size > maxBody) {
+    return { error: `the body is over the ${maxBody} bytes a queue message may carry` };
+  }
+  try {
+    await queue.send({ stored, body }, { contentType: 'v8' });
+    return true;
+  } catch (e) {
+    return { error: `the queue refused it: ${String(e && e.message || e)}` };
+  }
+}
+
+/**
+ * The queue handler: each message of the batch is one stored request, delivered as a task of
+ * its own (concurrently); the task's final status says what to do with the message: 200
+ * acknowledge, 503 retry after the seconds in retry-after, 410 acknowledge (never deliverable;
+ * the log line says why). One log line per delivery.
+ */
+export async function consume(batch, env, ctx) {
+  await Promise.all(batch.messages.map(async (message) => {
+    const c = { request: null, env, ctx, reader: null, leftover: null, total: 0, buffers: [], replies: [], wake: null, woken: false };
+    const task = nextTask;
+    nextTask = nextTask >= 0x7fffffff ? 1 : nextTask + 1;
+    contexts.set(task, c);
+    const { stored, body } = message.body ?? {};
+    let kind = 'none';
+    let ref = null;
+    if (body instanceof Uint8Array || body instanceof ArrayBuffer) {
+      kind = 'buffer';
+      ref = c.buffers.push(body instanceof ArrayBuffer ? new Uint8Array(body) : body) - 1;
+    } else if (typeof body === 'string') {
+      kind = 'text';
+      ref = body;
+    }
+    try {
+      let op = step(3, task, JSON.stringify([String(stored ?? ''), message.attempts ?? 1, kind, ref]));
+      for (;;) {
+        if (op[0] === 'done') break;
+        let result = null;
+        if (op[0] === 'wait') {
+          if (!c.woken) await new Promise((resolve) => { c.wake = resolve; });
+          c.woken = false;
+        } else {
+          result = JSON.stringify(await perform(c, op));
+        }
+        op = step(1, task, result);
+      }
+      if (op[5]) console.log(op[5]);
+      for (const reply of c.replies) if (reply && reply.body && !reply.bodyUsed) reply.body.cancel().catch(() => {});
+      const status = op[1];
+      if (status === 503) {
+        const after = Number(pairs(op[2]).get('retry-after') ?? 5);
+        message.retry({ delaySeconds: Math.max(0, Math.min(after, 43200)) });
+      } else {
+        message.ack();
+      }
+    } catch (e) {
+      try { step(2, task, null); } catch { /* the task is gone with the instance */ }
+      console.error(JSON.stringify({ level: 'error', kind: 'delivery', message: 'the delivery failed inside the gateway', error: String(e && e.message || e) }));
+      message.retry();
+    } finally {
+      contexts.delete(task);
+    }
+  }));
 }
 
 /** A Worker secret (or plain var) by name, or undefined. */

@@ -43,6 +43,8 @@ const PREPARED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/prepared.bin")
 extern "C" {
     /// Runs one request: reads its head, steps its task through every op, builds the answer.
     fn drive(request: &JsValue, env: &JsValue, ctx: &JsValue) -> Promise;
+    /// Delivers a batch of stored requests, each as a task, and acknowledges or retries each.
+    fn consume(batch: &JsValue, env: &JsValue, ctx: &JsValue) -> Promise;
     #[wasm_bindgen(js_name = setStepper)]
     fn set_stepper(stepper: &Stepper);
     /// A task's waker: resume it in a microtask.
@@ -134,6 +136,19 @@ fn gateway() -> Option<&'static Gateway> {
 /// The worker's fetch handler, called by the entry module for every request.
 #[wasm_bindgen]
 pub fn fetch(request: JsValue, env: JsValue, ctx: JsValue) -> Promise {
+    ensure_stepper();
+    drive(&request, &env, &ctx)
+}
+
+/// The worker's queue handler: store-and-forward's deliveries (the entry module calls it with
+/// each batch of the queue this worker consumes).
+#[wasm_bindgen]
+pub fn queue(batch: JsValue, env: JsValue, ctx: JsValue) -> Promise {
+    ensure_stepper();
+    consume(&batch, &env, &ctx)
+}
+
+fn ensure_stepper() {
     STEPPER.with(|cell| {
         cell.get_or_init(|| {
             // A panic is written to the log with its message and location, not a bare trap.
@@ -143,7 +158,6 @@ pub fn fetch(request: JsValue, env: JsValue, ctx: JsValue) -> Promise {
             stepper
         });
     });
-    drive(&request, &env, &ctx)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -164,6 +178,13 @@ struct Slot {
     result: RefCell<Option<String>>,
     /// The clock, read by `drive` at each step (so the task never asks for it).
     now: Cell<f64>,
+}
+
+/// A delivery's body, as `consume` handed it over.
+enum Delivery {
+    Buffer(u32),
+    Text(String),
+    None,
 }
 
 struct TaskWaker(u32);
@@ -200,6 +221,58 @@ fn step(kind: u32, task: u32, now: f64, payload: Option<String>) -> String {
                 }
                 None => done_internal(io.task, "the compiled policy does not load"),
             }
+        });
+        TASKS.with(|t| t.borrow_mut().insert(id, Task { future, slot }));
+    }
+    if kind == 3 {
+        // A delivery: [stored request (JSON), attempt, body kind, body].
+        let id = task;
+        let payload: Value = payload
+            .as_deref()
+            .and_then(|p| serde_json::from_str(p).ok())
+            .unwrap_or(Value::Null);
+        let stored = payload
+            .get(0)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let attempt = payload.get(1).and_then(Value::as_u64).unwrap_or(1) as u32;
+        let body = match (payload.get(2).and_then(Value::as_str), payload.get(3)) {
+            (Some("buffer"), Some(v)) => Delivery::Buffer(v.as_u64().unwrap_or(0) as u32),
+            (Some("text"), Some(Value::String(t))) => Delivery::Text(t.clone()),
+            _ => Delivery::None,
+        };
+        let slot = Rc::new(Slot::default());
+        let io = Edge {
+            task: id,
+            slot: slot.clone(),
+            c: OnceCell::new(),
+        };
+        let future: Pin<Box<dyn Future<Output = String>>> = Box::pin(async move {
+            let Some(gateway) = gateway() else {
+                return done_internal(io.task, "the compiled policy does not load");
+            };
+            let out = match &body {
+                Delivery::Buffer(id) => OutBody::Bytes(id),
+                Delivery::Text(t) => OutBody::Text(t),
+                Delivery::None => OutBody::None,
+            };
+            let (outcome, line) = gateway.deliver(&stored, out, attempt, &io).await;
+            // The outcome as the final op's status: 200 acknowledge, 503 retry after the
+            // seconds in retry-after, 410 acknowledge (never deliverable; logged as an error).
+            let (status, headers) = match outcome {
+                crate::store::Delivered::Yes => (200, Vec::new()),
+                crate::store::Delivered::Later(secs) => {
+                    (503, vec![("retry-after", secs.to_string())])
+                }
+                crate::store::Delivered::Never => (410, Vec::new()),
+            };
+            let answer = Answer {
+                status,
+                headers,
+                body: AnswerBody::Empty,
+            };
+            done(answer, &line)
         });
         TASKS.with(|t| t.borrow_mut().insert(id, Task { future, slot }));
     }
@@ -505,6 +578,28 @@ impl Io for Edge {
 
     async fn sleep(&self, ms: f64) {
         self.ask(json!(["sleep", ms])).await;
+    }
+
+    async fn enqueue(
+        &self,
+        binding: &str,
+        stored: &str,
+        body: OutBody<'_, u32>,
+        max_body: usize,
+    ) -> Result<(), String> {
+        let (kind, body) = match body {
+            OutBody::Bytes(id) => ("buffer", Value::from(*id)),
+            OutBody::Text(text) => ("text", Value::from(text)),
+            _ => ("none", Value::Null),
+        };
+        let result = self
+            .ask(json!(["enqueue", binding, stored, kind, body, max_body]))
+            .await;
+        match result.get("error").and_then(Value::as_str) {
+            None if result.as_bool() == Some(true) => Ok(()),
+            None => Err("the queue did not answer".to_owned()),
+            Some(why) => Err(why.to_owned()),
+        }
     }
 }
 

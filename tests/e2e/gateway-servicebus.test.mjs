@@ -59,7 +59,7 @@ describe('Service Bus routes', () => {
     const traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01';
     const res = await send('/orders/contoso', body, { 'x-api-key': KEY, 'content-type': 'application/json', 'idempotency-key': 'order-42', traceparent, authorization: 'Bearer caller-token-never-forwarded' });
     assert.equal(res.status, 202, res.text);
-    assert.deepEqual(res.json, { entity: 'orders', messageId: 'order-42' });
+    assert.deepEqual(res.json, { status: 'accepted', entity: 'orders', messageId: 'order-42' });
     const [m] = await stored('orders');
     assert.equal(m.body.toString('utf8'), body);
     assert.equal(m.contentType, 'application/json');
@@ -166,8 +166,13 @@ describe('Service Bus routes', () => {
     assert.equal(res.status, 502, res.text);
     assert.equal(res.json.type, 'urn:azure-edge-gateway:problem:backend-entity-not-found');
 
-    // 401 evicts the token: the next request fetches a new one.
+    // A 401 evicts the token and the same request is replayed once with a fresh one.
     await sb.setFault({ status: 401, count: 1, entity: 'orders' });
+    res = await send('/orders/a', 'x', { 'x-api-key': KEY });
+    assert.equal(res.status, 202, res.text);
+    assert.equal((await logOf(res)).token_renewed, true);
+    // Refused twice: the caller's 502, and no token in the answer.
+    await sb.setFault({ status: 401, count: 2, entity: 'orders' });
     res = await send('/orders/a', 'x', { 'x-api-key': KEY });
     assert.equal(res.status, 502, res.text);
     assert.equal(res.json.type, 'urn:azure-edge-gateway:problem:backend-authorization-failed');

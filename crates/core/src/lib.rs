@@ -4,9 +4,11 @@
 //!   and the compiler that build.rs runs; [`policy::prepared`] is what the worker loads.
 //! - [`pipeline`]: the phases of one request, run by one driver over an I/O interface that
 //!   the edge implements (and the tests fake).
-//! - [`routing`], [`template`], [`inbound`], [`identity`], [`backend`]: what the phases use.
+//! - [`routing`], [`template`], [`inbound`], [`identity`], [`backend`], [`breaker`]: what the
+//!   phases use.
 
 pub mod backend;
+pub mod breaker;
 pub mod encoding;
 pub mod identity;
 pub mod inbound;
@@ -16,5 +18,6 @@ pub mod problem;
 pub mod retry;
 pub mod routing;
 pub mod sha256;
+pub mod store;
 pub mod template;
 pub mod time;

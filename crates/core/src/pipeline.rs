@@ -24,7 +24,8 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
-use crate::backend::{azure_rest, blob, service_bus, BackendRequest};
+use crate::backend::{azure_rest, blob, service_bus, BackendRequest, Bearer};
+use crate::breaker::{Admission, Breakers, Outcome};
 use crate::identity::{Token, TokenKey};
 use crate::inbound::{self, jwt};
 use crate::policy::prepared::{Prepared, PreparedBackend, PreparedRoute, TokenTarget};
@@ -227,6 +228,16 @@ pub trait Io {
     ) -> Result<Reply<Self::Stream>, SendError>;
     /// A reply body's text (bounded by the edge); draining it.
     async fn text(&self, body: Self::Stream) -> String;
+    /// Puts a stored request (its description as JSON, and its body) on the store-and-forward
+    /// queue of `binding`; refused when the body is over `max_body` bytes or the queue does not
+    /// take it (the error says why, for the log).
+    async fn enqueue(
+        &self,
+        binding: &str,
+        stored: &str,
+        body: OutBody<'_, Self::Bytes>,
+        max_body: usize,
+    ) -> Result<(), String>;
     async fn sleep(&self, ms: f64);
 }
 
@@ -320,6 +331,14 @@ pub struct LogFields {
     /// The backend's own reason for refusing (Service Bus's `<Detail>`), for the operator: it
     /// is never copied into the caller's answer.
     pub backend_detail: Option<String>,
+    /// A backend refused the token (401) and a fresh one was fetched for this request.
+    pub token_renewed: bool,
+    /// The backend host's circuit breaker as this request found it: `closed`, `probe`, `open`.
+    pub breaker: Option<&'static str>,
+    /// Store-and-forward: `queued`, or why the request was not stored.
+    pub stored: Option<String>,
+    /// The problem the caller would have had, had the request not been stored.
+    pub problem_avoided: Option<&'static str>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -334,16 +353,33 @@ pub trait Backend {
     /// Phase 7: read what is needed of the request, check it, build the request(s). Nothing
     /// is sent and no token is fetched before this succeeds.
     async fn build<I: Io>(&self, cx: &mut Cx<'_>, io: &I) -> Result<Self::Plan<I::Bytes>, Problem>;
-    /// Phase 9: send, with the token; the reply that ends the call.
+    /// Phase 9: send, with the token (renewed once if a backend refuses it); the reply that
+    /// ends the call.
     async fn send<I: Io>(
         &self,
         plan: &Self::Plan<I::Bytes>,
-        grant: &Grant,
+        bearer: &Bearer<'_>,
         cx: &mut Cx<'_>,
         io: &I,
     ) -> Result<Reply<I::Stream>, Problem>;
     /// Phase 10: the caller's answer to a reply that [`Backend::send`] accepted.
     fn answer<B, S>(&self, plan: &Self::Plan<B>, reply: Reply<S>, cx: &Cx<'_>) -> Answer<S>;
+    /// Store-and-forward: the request as it would be stored (request, body, the ids the
+    /// caller is told), when this backend's plan can be sent again later. None by default.
+    fn stored<'p, B>(&self, _plan: &'p Self::Plan<B>) -> Option<StoredPlan<'p, B>> {
+        None
+    }
+    /// The caller's 202 for a request that was stored.
+    fn queued<B, S>(&self, _plan: &Self::Plan<B>) -> Answer<S> {
+        Answer::json(202, r#"{"status":"queued"}"#.to_owned())
+    }
+}
+
+/// What a backend stores of a plan.
+pub struct StoredPlan<'p, B> {
+    pub request: &'p BackendRequest,
+    pub body: OutBody<'p, B>,
+    pub ids: Vec<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -356,6 +392,8 @@ pub struct Gateway {
     jwks: RefCell<jwt::JwksCache>,
     /// SHA-256 of API keys held in Worker secrets, by secret name (hashed once per isolate).
     key_digests: RefCell<HashMap<String, Option<[u8; 32]>>>,
+    /// The circuit breakers of backend hosts.
+    breakers: RefCell<Breakers>,
 }
 
 /// A request that matched a route.
@@ -371,6 +409,7 @@ impl Gateway {
             prepared,
             jwks: RefCell::new(jwt::JwksCache::new()),
             key_digests: RefCell::new(HashMap::new()),
+            breakers: RefCell::new(Breakers::default()),
         }
     }
 
@@ -525,12 +564,49 @@ impl Gateway {
         cx: &mut Cx<'_>,
         io: &I,
     ) -> Result<Answer<I::Stream>, Problem> {
-        // 8. token
+        // 8. breaker and token: a host found down recently is not called (fail fast, then one
+        // probe after the cool-down).
+        let route = cx.route.ok_or_else(|| Problem::internal("no route"))?;
+        let admitted = self
+            .breakers
+            .borrow_mut()
+            .admit(&route.host, &route.breaker, io.now());
+        if route.breaker.failures > 0 {
+            cx.log.breaker = Some(admitted.log_state());
+        }
+        if let Admission::Open { retry_in_ms } = admitted {
+            return self
+                .store(backend, &plan, circuit_open(retry_in_ms), cx, io)
+                .await;
+        }
+        let outcome = |result: &Result<Reply<I::Stream>, Problem>| match result {
+            Ok(_) => Outcome::Answered,
+            Err(p) if matches!(p.kind, "backend-unavailable" | "backend-timeout") => {
+                Outcome::Failed
+            }
+            Err(p) if p.kind == "unsendable-value" => Outcome::NotSent,
+            Err(_) => Outcome::Answered,
+        };
+        let record = |outcome: Outcome| {
+            self.breakers.borrow_mut().record(
+                &route.host,
+                &route.breaker,
+                admitted,
+                outcome,
+                io.now(),
+            )
+        };
         cx.log.identity = Some(target.identity.clone());
         let grant = match io.token(target).await {
             Ok(grant) => grant,
             Err(no) => {
+                record(Outcome::NotSent);
                 cx.log.token_error = Some(no.log);
+                // The identity provider is unavailable (no token cached): stored, if the route
+                // stores requests. A refused credential is not a reason to store anything.
+                if no.problem.status == 503 {
+                    return self.store(backend, &plan, no.problem, cx, io).await;
+                }
                 return Err(no.problem);
             }
         };
@@ -538,9 +614,272 @@ impl Gateway {
         cx.log.idp_ms = grant.idp_ms;
         cx.log.token_ttl_s = Some((grant.token.expires_at - io.now()) / 1000.0);
         // 9. send
-        let reply = backend.send(&plan, &grant, cx, io).await?;
+        let bearer = Bearer::new(target, &grant);
+        let sent = backend.send(&plan, &bearer, cx, io).await;
+        let outcome = outcome(&sent);
+        record(outcome);
+        let reply = match sent {
+            Ok(reply) => reply,
+            Err(problem) if outcome == Outcome::Failed => {
+                return self.store(backend, &plan, problem, cx, io).await
+            }
+            Err(problem) => return Err(problem),
+        };
         // 10. answer
         Ok(backend.answer(&plan, reply, cx))
+    }
+
+    /// Azure is unavailable for this call: a route that stores requests puts it on its queue
+    /// and answers 202 `queued`; otherwise (or when it cannot be stored) `problem` stands.
+    async fn store<B: Backend, I: Io>(
+        &self,
+        backend: &B,
+        plan: &B::Plan<I::Bytes>,
+        problem: Problem,
+        cx: &mut Cx<'_>,
+        io: &I,
+    ) -> Result<Answer<I::Stream>, Problem> {
+        let Some(route) = cx.route else {
+            return Err(problem);
+        };
+        let Some(binding) = &route.store else {
+            return Err(problem);
+        };
+        let Some(stored) = backend.stored(plan) else {
+            cx.log.stored = Some(format!(
+                "not stored: the body was streamed to Azure (only bodies of at most {} bytes, of known length, are held to be stored)",
+                crate::store::MAX_STORED_BODY_BYTES
+            ));
+            return Err(problem);
+        };
+        let description = crate::store::Stored::new(
+            &route.name,
+            &cx.request_id,
+            stored.request,
+            stored.ids,
+            io.now(),
+        );
+        let text = serde_json::to_string(&description).unwrap_or_default();
+        match io
+            .enqueue(
+                binding,
+                &text,
+                stored.body,
+                crate::store::MAX_STORED_BODY_BYTES,
+            )
+            .await
+        {
+            Ok(()) => {
+                cx.log.stored = Some("queued".to_owned());
+                cx.log.problem_avoided = Some(problem.kind);
+                Ok(backend.queued(plan))
+            }
+            Err(why) => {
+                cx.log.stored = Some(format!("not stored: {why}"));
+                Err(problem)
+            }
+        }
+    }
+
+    /// Delivers one stored request (store-and-forward's consumer): the request sent again as
+    /// the route that stored it, with a fresh token, through the route's circuit breaker.
+    /// `attempt` counts from 1. Returns what became of it and the delivery's one log line.
+    pub async fn deliver<I: Io>(
+        &self,
+        stored: &str,
+        body: OutBody<'_, I::Bytes>,
+        attempt: u32,
+        io: &I,
+    ) -> (crate::store::Delivered, String) {
+        use crate::store::{Delivered, Stored};
+        let started = io.now();
+        let mut log = LogFields::default();
+        let parsed: Option<Stored> = serde_json::from_str(stored).ok();
+        let (outcome, why) = match &parsed {
+            None => (Delivered::Never, "not a stored request".to_owned()),
+            Some(s) => self.deliver_stored(s, body, io, &mut log).await,
+        };
+        let last = attempt >= self.prepared.max_delivery_attempts;
+        let state = match (outcome, last) {
+            (Delivered::Yes, _) => "delivered",
+            (Delivered::Later(_), false) => "retry",
+            (Delivered::Later(_), true) => "dead_letter",
+            (Delivered::Never, _) => "dropped",
+        };
+        #[derive(serde::Serialize)]
+        struct Line<'a> {
+            level: &'static str,
+            kind: &'static str,
+            request_id: Option<&'a str>,
+            route: Option<&'a str>,
+            ids: Option<&'a [String]>,
+            attempt: u32,
+            outcome: &'static str,
+            reason: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            backend_status: Option<u16>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            backend_detail: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            breaker: Option<&'static str>,
+            stored_ms: Option<f64>,
+            duration_ms: f64,
+        }
+        let line = serde_json::to_string(&Line {
+            level: match state {
+                "delivered" => "info",
+                "retry" => "warn",
+                _ => "error",
+            },
+            kind: "delivery",
+            request_id: parsed.as_ref().map(|s| s.request_id.as_str()),
+            route: parsed.as_ref().map(|s| s.route.as_str()),
+            ids: parsed.as_ref().map(|s| s.ids.as_slice()),
+            attempt,
+            outcome: state,
+            reason: &why,
+            backend_status: log.backend_status,
+            backend_detail: log.backend_detail.as_deref(),
+            breaker: log.breaker,
+            stored_ms: parsed
+                .as_ref()
+                .map(|s| (started - s.stored_at).max(0.0).floor()),
+            duration_ms: io.now() - started,
+        })
+        .unwrap_or_default();
+        (outcome, line)
+    }
+
+    async fn deliver_stored<I: Io>(
+        &self,
+        stored: &crate::store::Stored,
+        body: OutBody<'_, I::Bytes>,
+        io: &I,
+        log: &mut LogFields,
+    ) -> (crate::store::Delivered, String) {
+        use crate::store::Delivered;
+        let Some(route) = self.prepared.routes.iter().find(|r| r.name == stored.route) else {
+            return (
+                Delivered::Never,
+                "its route is no longer in the policy".to_owned(),
+            );
+        };
+        // The route must still store requests, and to the same place: a policy changed since
+        // must not send an old request somewhere else.
+        let same_host = stored
+            .url
+            .get(..route.host.len() + 1)
+            .is_some_and(|p| p.eq_ignore_ascii_case(&format!("{}/", route.host)));
+        let (target, created_ok) = match &route.backend {
+            PreparedBackend::ServiceBus(sb) => (&sb.token, false),
+            PreparedBackend::Blob(b) => (&b.token, true),
+            _ => {
+                return (
+                    Delivered::Never,
+                    "its route's backend does not store requests".to_owned(),
+                )
+            }
+        };
+        if route.store.is_none() || !same_host {
+            return (
+                Delivered::Never,
+                "its route no longer stores requests for this backend".to_owned(),
+            );
+        }
+        let Some(request) = stored
+            .request()
+            .filter(|r| crate::backend::check(r).is_ok())
+        else {
+            return (
+                Delivered::Never,
+                "not a request the gateway sends".to_owned(),
+            );
+        };
+        let admitted = self
+            .breakers
+            .borrow_mut()
+            .admit(&route.host, &route.breaker, io.now());
+        log.breaker = Some(admitted.log_state());
+        if let Admission::Open { retry_in_ms } = admitted {
+            let secs = (retry_in_ms / 1000.0).ceil().max(1.0) as u64;
+            return (
+                Delivered::Later(secs),
+                "the backend's circuit breaker is open".to_owned(),
+            );
+        }
+        let record = |outcome: Outcome| {
+            self.breakers.borrow_mut().record(
+                &route.host,
+                &route.breaker,
+                admitted,
+                outcome,
+                io.now(),
+            )
+        };
+        let grant = match io.token(target).await {
+            Ok(grant) => grant,
+            Err(no) => {
+                record(Outcome::NotSent);
+                return (Delivered::Later(10), format!("no token: {}", no.log));
+            }
+        };
+        let bearer = Bearer::new(target, &grant);
+        let limit = Limit::Deadline(30_000.0);
+        let sent =
+            match crate::backend::send_renewing(io, &request, &bearer, body, limit, log).await {
+                Ok(sent) => sent,
+                Err(problem) => {
+                    record(Outcome::NotSent);
+                    return (Delivered::Later(10), problem.detail);
+                }
+            };
+        match sent {
+            Ok(reply) => {
+                let status = reply.status;
+                log.backend_status = Some(status);
+                let code = reply.header("x-ms-error-code").map(str::to_owned);
+                let retry_after = crate::retry::parse_retry_after_secs(reply.header("retry-after"));
+                if let Some(b) = reply.body {
+                    let text = io.text(b).await;
+                    if status >= 300 {
+                        let detail = code.unwrap_or_else(|| text.chars().take(300).collect());
+                        log.backend_detail = Some(crate::backend::log_detail(&detail));
+                    }
+                }
+                if (200..300).contains(&status) {
+                    record(Outcome::Answered);
+                    (Delivered::Yes, format!("Azure answered {status}"))
+                } else if created_ok && status == 409 {
+                    // Create-only: the name exists, written by an earlier attempt of this
+                    // delivery (or, if another write took the name, by that one).
+                    record(Outcome::Answered);
+                    (
+                        Delivered::Yes,
+                        "the blob exists already (409): written by an earlier attempt".to_owned(),
+                    )
+                } else if status == 429 || status >= 500 {
+                    record(Outcome::Failed);
+                    (
+                        Delivered::Later(retry_after.unwrap_or(5)),
+                        format!("Azure answered {status}"),
+                    )
+                } else {
+                    record(Outcome::Answered);
+                    (Delivered::Never, format!("Azure refused it ({status})"))
+                }
+            }
+            Err(SendError::Unsendable(problem)) => {
+                record(Outcome::NotSent);
+                (Delivered::Never, problem.detail)
+            }
+            Err(e) => {
+                record(Outcome::Failed);
+                (
+                    Delivered::Later(5),
+                    format!("Azure could not be reached ({e})"),
+                )
+            }
+        }
     }
 
     /// Phase 3: the route for a method and a raw path (without query string).
@@ -730,37 +1069,53 @@ impl Backend for crate::policy::prepared::PreparedServiceBus {
     async fn send<I: Io>(
         &self,
         plan: &Self::Plan<I::Bytes>,
-        grant: &Grant,
+        bearer: &Bearer<'_>,
         cx: &mut Cx<'_>,
         io: &I,
     ) -> Result<Reply<I::Stream>, Problem> {
-        service_bus::send(self, plan, grant, cx, io).await
+        service_bus::send(self, plan, bearer, cx, io).await
     }
 
     fn answer<B, S>(&self, plan: &Self::Plan<B>, _reply: Reply<S>, _cx: &Cx<'_>) -> Answer<S> {
         service_bus::answer(self, plan)
     }
+
+    fn stored<'p, B>(&self, plan: &'p Self::Plan<B>) -> Option<StoredPlan<'p, B>> {
+        service_bus::stored(self, plan)
+    }
+
+    fn queued<B, S>(&self, plan: &Self::Plan<B>) -> Answer<S> {
+        service_bus::queued(self, plan)
+    }
 }
 
 impl Backend for crate::policy::prepared::PreparedBlob {
-    type Plan<B> = blob::Plan;
+    type Plan<B> = blob::Plan<B>;
 
     async fn build<I: Io>(&self, cx: &mut Cx<'_>, io: &I) -> Result<Self::Plan<I::Bytes>, Problem> {
-        blob::build(self, cx, io)
+        blob::build(self, cx, io).await
     }
 
     async fn send<I: Io>(
         &self,
         plan: &Self::Plan<I::Bytes>,
-        grant: &Grant,
+        bearer: &Bearer<'_>,
         cx: &mut Cx<'_>,
         io: &I,
     ) -> Result<Reply<I::Stream>, Problem> {
-        blob::send(self, plan, grant, cx, io).await
+        blob::send(self, plan, bearer, cx, io).await
     }
 
     fn answer<B, S>(&self, plan: &Self::Plan<B>, reply: Reply<S>, cx: &Cx<'_>) -> Answer<S> {
         blob::answer(self, plan, reply, cx)
+    }
+
+    fn stored<'p, B>(&self, plan: &'p Self::Plan<B>) -> Option<StoredPlan<'p, B>> {
+        blob::stored(plan)
+    }
+
+    fn queued<B, S>(&self, plan: &Self::Plan<B>) -> Answer<S> {
+        blob::queued(self, plan)
     }
 }
 
@@ -774,16 +1129,28 @@ impl Backend for crate::policy::prepared::PreparedRest {
     async fn send<I: Io>(
         &self,
         plan: &Self::Plan<I::Bytes>,
-        grant: &Grant,
+        bearer: &Bearer<'_>,
         cx: &mut Cx<'_>,
         io: &I,
     ) -> Result<Reply<I::Stream>, Problem> {
-        azure_rest::send(self, plan, grant, cx, io).await
+        azure_rest::send(self, plan, bearer, cx, io).await
     }
 
     fn answer<B, S>(&self, plan: &Self::Plan<B>, reply: Reply<S>, cx: &Cx<'_>) -> Answer<S> {
         azure_rest::answer(self, plan, reply, cx)
     }
+}
+
+/// A call not made: the backend's host was found unavailable by recent calls.
+fn circuit_open(retry_in_ms: f64) -> Problem {
+    let seconds = (retry_in_ms / 1000.0).ceil().max(1.0) as u64;
+    Problem::new(
+        503,
+        "backend-circuit-open",
+        "Azure is unavailable",
+        format!("Recent calls found this route's Azure service unavailable, so the gateway is not calling it for {seconds} s; nothing was sent. Retry after the time in Retry-After."),
+    )
+    .with_header("retry-after", seconds.to_string())
 }
 
 /// Phase 1: the caller's request id, when it is one we can safely echo and log: 1 to 128
@@ -823,6 +1190,14 @@ fn log_line(cx: &Cx<'_>, status: u16, duration_ms: f64) -> String {
         token_ttl_s: Option<f64>,
         #[serde(skip_serializing_if = "Option::is_none")]
         token_error: Option<&'a str>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        token_renewed: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        breaker: Option<&'static str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        stored: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        unavailable: Option<&'static str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         backend_status: Option<u16>,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -844,6 +1219,10 @@ fn log_line(cx: &Cx<'_>, status: u16, duration_ms: f64) -> String {
         idp_ms: log.idp_ms,
         token_ttl_s: log.token_ttl_s.map(f64::floor),
         token_error: log.token_error.as_deref(),
+        token_renewed: log.token_renewed,
+        breaker: log.breaker,
+        stored: log.stored.as_deref(),
+        unavailable: log.problem_avoided,
         backend_status: log.backend_status,
         backend_detail: log.backend_detail.as_deref(),
     })

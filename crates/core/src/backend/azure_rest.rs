@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{send_retried, BackendRequest, Verdict};
-use crate::pipeline::{Answer, AnswerBody, Cx, Grant, Io, Limit, OutBody, Reply, SendError};
+use crate::pipeline::{Answer, AnswerBody, Cx, Io, Limit, OutBody, Reply, SendError};
 use crate::policy::prepared::{PreparedOperation, PreparedRest, RestBodyPlan};
 
 use crate::policy::ErrorMode;
@@ -616,7 +616,7 @@ fn idempotent(method: &str) -> bool {
 pub async fn send<I: Io>(
     rest: &PreparedRest,
     plan: &Plan<I::Bytes>,
-    grant: &Grant,
+    bearer: &super::Bearer<'_>,
     cx: &mut Cx<'_>,
     io: &I,
 ) -> Result<Reply<I::Stream>, Problem> {
@@ -633,13 +633,12 @@ pub async fn send<I: Io>(
         PlanBody::Text(t) => OutBody::Text(t),
         PlanBody::Stream(length) => OutBody::CallerStream { length: *length },
     };
-    let token = grant.token.access_token.as_str();
     let reply = if plan.retryable {
         let method_idempotent = idempotent(request.method);
         send_retried(
             io,
             request,
-            token,
+            bearer,
             body,
             limit,
             &mut cx.log,
@@ -660,7 +659,7 @@ pub async fn send<I: Io>(
         )
         .await?
     } else {
-        match io.send(request, Some(token), body, limit).await {
+        match super::send_renewing(io, request, bearer, body, limit, &mut cx.log).await? {
             Ok(reply) => {
                 cx.log.backend_status = Some(reply.status);
                 reply
@@ -671,7 +670,7 @@ pub async fn send<I: Io>(
         }
     };
     if reply.status == 401 {
-        io.evict_token(&rest.token.key, token);
+        bearer.evict(io);
     }
     finish(rest, plan, reply, cx, io).await
 }

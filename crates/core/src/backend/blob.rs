@@ -7,7 +7,7 @@
 use serde_json::json;
 
 use super::{BackendRequest, Verdict};
-use crate::pipeline::{Answer, AnswerBody, BodyError, Cx, Grant, Io, Limit, OutBody, Reply};
+use crate::pipeline::{Answer, AnswerBody, BodyError, Cx, Io, Limit, OutBody, Reply};
 use crate::policy::prepared::PreparedBlob;
 use crate::policy::BlobBackend;
 use crate::problem::Problem;
@@ -332,7 +332,10 @@ pub fn read_location(readers: &[PathTemplate], params: &[(String, String)]) -> O
 pub const CALL_TIMEOUT_MS: f64 = 30_000.0;
 
 /// What [`build`] decided.
-pub struct Plan {
+pub struct Plan<B> {
+    /// A single Put Blob's body, read whole, on a route that stores requests Azure cannot take
+    /// (so it can be sent again, and stored); otherwise the caller's stream goes through.
+    held: Option<B>,
     op: BlobOp,
     /// The rendered name, and as it goes in the URL.
     name: String,
@@ -348,7 +351,11 @@ pub struct Plan {
 
 /// Phase 7: the blob name and metadata from the request, Azure's limits, the upload's shape,
 /// and the outgoing gate: all before a token is fetched.
-pub fn build<I: Io>(b: &PreparedBlob, cx: &mut Cx<'_>, io: &I) -> Result<Plan, Problem> {
+pub async fn build<I: Io>(
+    b: &PreparedBlob,
+    cx: &mut Cx<'_>,
+    io: &I,
+) -> Result<Plan<I::Bytes>, Problem> {
     let head = cx.head;
     let op = BlobOp::for_method(&head.method)
         .ok_or_else(|| Problem::method_not_allowed(&head.method, "GET, HEAD, PUT, POST"))?;
@@ -396,7 +403,22 @@ pub fn build<I: Io>(b: &PreparedBlob, cx: &mut Cx<'_>, io: &I) -> Result<Plan, P
         None => request(&b.config, url, op, &encoded, now, info),
     };
     super::check(&first)?;
+    // A route that stores requests holds a small body whole: it can then be sent again, and
+    // stored when Azure cannot take it.
+    let mut held = None;
+    if let Some(Upload::Single { length }) = upload {
+        let stores = cx.route.is_some_and(|r| r.store.is_some());
+        if stores && length <= crate::store::MAX_STORED_BODY_BYTES as u64 {
+            match io.read_body(length).await {
+                Ok(Some((body, _))) => held = Some(body),
+                Ok(None) => {}
+                Err(BodyError::TooLarge(seen)) => return Err(body_too_large(seen, length)),
+                Err(BodyError::Unreadable(why)) => return Err(super::unreadable(&why)),
+            }
+        }
+    }
     Ok(Plan {
+        held,
         op,
         name,
         encoded,
@@ -412,32 +434,25 @@ pub fn build<I: Io>(b: &PreparedBlob, cx: &mut Cx<'_>, io: &I) -> Result<Plan, P
 /// timed on progress, a single Put Blob by its length (the edge's `send`).
 pub async fn send<I: Io>(
     b: &PreparedBlob,
-    plan: &Plan,
-    grant: &Grant,
+    plan: &Plan<I::Bytes>,
+    bearer: &super::Bearer<'_>,
     cx: &mut Cx<'_>,
     io: &I,
 ) -> Result<Reply<I::Stream>, Problem> {
-    let token = grant.token.access_token.as_str();
+    if let Some(held) = &plan.held {
+        let deadline = Limit::Deadline(CALL_TIMEOUT_MS);
+        let body = OutBody::Bytes(held);
+        return retried(b, plan, &plan.first, bearer, body, deadline, cx, io).await;
+    }
     let idle = Limit::Idle(b.config.idle_timeout_ms());
-    let (reply, ok) = match (plan.op, plan.upload) {
-        (_, Some(Upload::Blocks)) => return write_blocks(b, plan, token, cx, io).await,
-        (_, Some(Upload::Single { length })) => {
-            let body = OutBody::CallerStream { length };
-            (io.send(&plan.first, Some(token), body, idle).await, 201)
-        }
-        (BlobOp::Head, None) => {
-            let limit = Limit::Deadline(CALL_TIMEOUT_MS);
-            (
-                io.send(&plan.first, Some(token), OutBody::None, limit)
-                    .await,
-                200,
-            )
-        }
-        (_, None) => (
-            io.send(&plan.first, Some(token), OutBody::None, idle).await,
-            200,
-        ),
+    let (body, limit, ok) = match (plan.op, plan.upload) {
+        (_, Some(Upload::Blocks)) => return write_blocks(b, plan, bearer, cx, io).await,
+        (_, Some(Upload::Single { length })) => (OutBody::CallerStream { length }, idle, 201),
+        (BlobOp::Head, None) => (OutBody::None, Limit::Deadline(CALL_TIMEOUT_MS), 200),
+        (_, None) => (OutBody::None, idle, 200),
     };
+    // A read is sent again once with a fresh token after a 401; the caller's stream is not.
+    let reply = super::send_renewing(io, &plan.first, bearer, body, limit, &mut cx.log).await?;
     let reply = reply.map_err(|e| match e {
         crate::pipeline::SendError::Unsendable(problem) => problem,
         crate::pipeline::SendError::Timeout => stalled(b.config.idle_timeout_ms()),
@@ -447,7 +462,7 @@ pub async fn send<I: Io>(
     if reply.status == ok {
         return Ok(reply);
     }
-    Err(failure(b, plan, reply, token, io).await)
+    Err(failure(b, plan, reply, bearer, io).await)
 }
 
 /// Put Block for each block of the body as it arrives (the edge holds one block at a time, as
@@ -455,8 +470,8 @@ pub async fn send<I: Io>(
 /// leaves nothing committed. Block ids carry this upload's own random prefix.
 async fn write_blocks<I: Io>(
     b: &PreparedBlob,
-    plan: &Plan,
-    token: &str,
+    plan: &Plan<I::Bytes>,
+    bearer: &super::Bearer<'_>,
     cx: &mut Cx<'_>,
     io: &I,
 ) -> Result<Reply<I::Stream>, Problem> {
@@ -483,7 +498,7 @@ async fn write_blocks<I: Io>(
             length as usize,
         );
         let body = OutBody::Bytes(&block);
-        retried(b, plan, &request, token, body, deadline, cx, io).await?;
+        retried(b, plan, &request, bearer, body, deadline, cx, io).await?;
         ids.push(id);
     }
     let info = BodyInfo {
@@ -503,7 +518,7 @@ async fn write_blocks<I: Io>(
         b,
         plan,
         &request,
-        token,
+        bearer,
         OutBody::Text(&list),
         deadline,
         cx,
@@ -516,9 +531,9 @@ async fn write_blocks<I: Io>(
 #[allow(clippy::too_many_arguments)]
 async fn retried<I: Io>(
     b: &PreparedBlob,
-    plan: &Plan,
+    plan: &Plan<I::Bytes>,
     request: &BackendRequest,
-    token: &str,
+    bearer: &super::Bearer<'_>,
     body: OutBody<'_, I::Bytes>,
     limit: Limit,
     cx: &mut Cx<'_>,
@@ -527,7 +542,7 @@ async fn retried<I: Io>(
     super::send_retried(
         io,
         request,
-        token,
+        bearer,
         body,
         limit,
         &mut cx.log,
@@ -543,7 +558,7 @@ async fn retried<I: Io>(
                 return Verdict::Retry(retry_after);
             }
             Verdict::Fail {
-                problem: failure(b, plan, reply, token, io).await,
+                problem: failure(b, plan, reply, bearer, io).await,
                 detail: None,
             }
         },
@@ -556,9 +571,9 @@ async fn retried<I: Io>(
 /// not passed on.
 async fn failure<I: Io>(
     b: &PreparedBlob,
-    plan: &Plan,
+    plan: &Plan<I::Bytes>,
     reply: Reply<I::Stream>,
-    token: &str,
+    bearer: &super::Bearer<'_>,
     io: &I,
 ) -> Problem {
     let code = reply.header("x-ms-error-code").map(str::to_owned);
@@ -574,14 +589,34 @@ async fn failure<I: Io>(
         &plan.name,
     );
     if evict {
-        io.evict_token(&b.token.key, token);
+        bearer.evict(io);
     }
     problem
 }
 
+/// Store-and-forward: a single Put Blob whose body is held (create-only, so a second delivery
+/// is refused by Azure, not written twice).
+pub fn stored<B>(plan: &Plan<B>) -> Option<crate::pipeline::StoredPlan<'_, B>> {
+    let held = plan.held.as_ref()?;
+    Some(crate::pipeline::StoredPlan {
+        request: &plan.first,
+        body: OutBody::Bytes(held),
+        ids: vec![plan.name.clone()],
+    })
+}
+
+/// The caller's 202 for a stored write.
+pub fn queued<B, S>(b: &PreparedBlob, plan: &Plan<B>) -> Answer<S> {
+    Answer::json(
+        202,
+        serde_json::json!({"status": "queued", "container": b.config.container, "blob": plan.name})
+            .to_string(),
+    )
+}
+
 /// Phase 10: 201 with the blob's name, ETag and `Location`; a read streamed back; a HEAD's
 /// properties.
-pub fn answer<S>(b: &PreparedBlob, plan: &Plan, reply: Reply<S>, cx: &Cx<'_>) -> Answer<S> {
+pub fn answer<B, S>(b: &PreparedBlob, plan: &Plan<B>, reply: Reply<S>, cx: &Cx<'_>) -> Answer<S> {
     if plan.op == BlobOp::Write {
         let mut answer = Answer::json(
             201,

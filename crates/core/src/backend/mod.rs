@@ -12,7 +12,10 @@ pub mod blob;
 pub mod service_bus;
 pub mod storage_queue;
 
-use crate::pipeline::{Io, Limit, LogFields, OutBody, Reply, SendError};
+use std::cell::{Cell, RefCell};
+
+use crate::pipeline::{Grant, Io, Limit, LogFields, OutBody, Reply, SendError};
+use crate::policy::prepared::TokenTarget;
 use crate::problem::Problem;
 use crate::retry::RetryPolicy;
 
@@ -129,15 +132,107 @@ pub enum Verdict<S> {
     Retry(Option<u64>),
 }
 
+/// The token a call's requests carry. When a backend refuses it (401), the token is evicted
+/// from the isolate's cache and, once per request, a fresh one is fetched (through the same
+/// single-flight cache as any other) for the request to be sent again.
+pub struct Bearer<'t> {
+    pub target: &'t TokenTarget,
+    token: RefCell<String>,
+    renewed: Cell<bool>,
+}
+
+impl<'t> Bearer<'t> {
+    pub fn new(target: &'t TokenTarget, grant: &Grant) -> Bearer<'t> {
+        Bearer {
+            target,
+            token: RefCell::new(grant.token.access_token.clone()),
+            renewed: Cell::new(false),
+        }
+    }
+
+    /// The token to send now.
+    pub fn token(&self) -> String {
+        self.token.borrow().clone()
+    }
+
+    /// Whether this request already fetched a fresh token after a 401.
+    pub fn renewed(&self) -> bool {
+        self.renewed.get()
+    }
+
+    /// Drops the current token from the isolate's cache: a backend refused it.
+    pub fn evict<I: Io>(&self, io: &I) {
+        io.evict_token(&self.target.key, &self.token.borrow());
+    }
+
+    /// After a backend's 401: the refused token evicted and a fresh one fetched. Fails with the
+    /// identity's problem when none can be had.
+    async fn renew<I: Io>(&self, io: &I, log: &mut LogFields) -> Result<(), Problem> {
+        self.evict(io);
+        self.renewed.set(true);
+        log.token_renewed = true;
+        match io.token(self.target).await {
+            Ok(grant) => {
+                *self.token.borrow_mut() = grant.token.access_token;
+                Ok(())
+            }
+            Err(no) => {
+                log.token_error = Some(no.log);
+                Err(no.problem)
+            }
+        }
+    }
+}
+
+/// A 401 to a body streamed as it arrived: it cannot be sent again.
+pub fn not_replayable() -> Problem {
+    Problem::new(
+        503,
+        "token-refused",
+        "Azure refused the gateway's token",
+        "Azure refused the gateway's token, which has been replaced. This request's body was streamed to Azure as it arrived and cannot be sent again: send the request again.",
+    )
+    .with_header("retry-after", "1")
+}
+
+/// One send with the bearer's token; a 401 to a request that can be sent again (no body, or a
+/// body the edge holds) is replayed once with a fresh token; a 401 to the caller's stream is
+/// [`not_replayable`] (the token evicted). Otherwise the reply or the send error as they are.
+pub async fn send_renewing<I: Io>(
+    io: &I,
+    request: &BackendRequest,
+    bearer: &Bearer<'_>,
+    body: OutBody<'_, I::Bytes>,
+    limit: Limit,
+    log: &mut LogFields,
+) -> Result<Result<Reply<I::Stream>, SendError>, Problem> {
+    let reply = io.send(request, Some(&bearer.token()), body, limit).await;
+    let refused = matches!(&reply, Ok(r) if r.status == 401);
+    if !refused || bearer.renewed() {
+        return Ok(reply);
+    }
+    if let Ok(Reply { body: Some(b), .. }) = reply {
+        io.text(b).await;
+    }
+    if matches!(body, OutBody::CallerStream { .. }) {
+        bearer.evict(io);
+        log.backend_status = Some(401);
+        return Err(not_replayable());
+    }
+    bearer.renew(io, log).await?;
+    Ok(io.send(request, Some(&bearer.token()), body, limit).await)
+}
+
 /// Sends a request whose body the edge holds (so every attempt carries the same bytes) until
 /// `judge` says done or failed. Network errors, timeouts and [`Verdict::Retry`] are retried
 /// within the [`RetryPolicy`], honouring `Retry-After`; then `unavailable(why, retry_after)`.
-/// A request the outgoing gate refuses is never retried.
+/// A first 401 is replayed at once with a fresh token (outside the retry budget); a second
+/// goes to `judge`. A request the outgoing gate refuses is never retried.
 #[allow(clippy::too_many_arguments)]
 pub async fn send_retried<I: Io>(
     io: &I,
     request: &BackendRequest,
-    token: &str,
+    bearer: &Bearer<'_>,
     body: OutBody<'_, I::Bytes>,
     limit: Limit,
     log: &mut LogFields,
@@ -149,7 +244,20 @@ pub async fn send_retried<I: Io>(
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let (retry_after, why) = match io.send(request, Some(token), body, limit).await {
+        let sent = io.send(request, Some(&bearer.token()), body, limit).await;
+        let sent = match sent {
+            Ok(reply) if reply.status == 401 && !bearer.renewed() => {
+                log.backend_status = Some(401);
+                if let Some(b) = reply.body {
+                    io.text(b).await;
+                }
+                bearer.renew(io, log).await?;
+                attempts -= 1;
+                continue;
+            }
+            other => other,
+        };
+        let (retry_after, why) = match sent {
             Ok(reply) => {
                 let status = reply.status;
                 log.backend_status = Some(status);

@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 
 use super::BackendRequest;
 use super::Verdict;
-use crate::pipeline::{BodyError, Cx, Grant, Io, Limit, OutBody, Reply};
+use crate::pipeline::{BodyError, Cx, Io, Limit, OutBody, Reply};
 use crate::policy::prepared::{Flavor, PreparedMessage, PreparedServiceBus};
 use crate::policy::ServiceBusBackend;
 use crate::problem::Problem;
@@ -557,7 +557,7 @@ pub async fn build<I: Io>(
 pub async fn send<I: Io>(
     sb: &PreparedServiceBus,
     plan: &Plan<I::Bytes>,
-    grant: &Grant,
+    bearer: &super::Bearer<'_>,
     cx: &mut Cx<'_>,
     io: &I,
 ) -> Result<Reply<I::Stream>, Problem> {
@@ -567,11 +567,10 @@ pub async fn send<I: Io>(
         Payload::Empty => OutBody::Text(""),
     };
     let entity = sb.config.entity();
-    let token = &grant.token.access_token;
     crate::backend::send_retried(
         io,
         &plan.request,
-        token,
+        bearer,
         body,
         Limit::Deadline(SEND_TIMEOUT_MS),
         &mut cx.log,
@@ -598,7 +597,7 @@ pub async fn send<I: Io>(
                     detail,
                 } => {
                     if evict {
-                        io.evict_token(&sb.token.key, token);
+                        bearer.evict(io);
                     }
                     Verdict::Fail {
                         problem,
@@ -621,6 +620,39 @@ pub fn answer<B, S>(sb: &PreparedServiceBus, plan: &Plan<B>) -> crate::pipeline:
     crate::pipeline::Answer::json(202, body)
 }
 
+/// Store-and-forward: the send as built (its `MessageId`s in `BrokerProperties` or the batch),
+/// for Service Bus only: an event hub has no duplicate detection, so a second delivery would
+/// be a second event.
+pub fn stored<'p, B>(
+    sb: &PreparedServiceBus,
+    plan: &'p Plan<B>,
+) -> Option<crate::pipeline::StoredPlan<'p, B>> {
+    if sb.flavor != Flavor::ServiceBus {
+        return None;
+    }
+    let body = match &plan.payload {
+        Payload::Bytes(b) => OutBody::Bytes(b),
+        Payload::Text(t) => OutBody::Text(t),
+        Payload::Empty => OutBody::Text(""),
+    };
+    Some(crate::pipeline::StoredPlan {
+        request: &plan.request,
+        body,
+        ids: plan.ids.clone(),
+    })
+}
+
+/// The caller's 202 for a stored send: the message id(s) it will carry.
+pub fn queued<B, S>(sb: &PreparedServiceBus, plan: &Plan<B>) -> crate::pipeline::Answer<S> {
+    let entity = sb.config.entity();
+    let body = if sb.config.batch {
+        json!({ "status": "queued", "entity": entity, "messageIds": plan.ids })
+    } else {
+        json!({ "status": "queued", "entity": entity, "messageId": plan.ids.first() })
+    };
+    crate::pipeline::Answer::json(202, body.to_string())
+}
+
 /// The caller's 202 for events: Event Hubs answers 201 without ids, so there are none to give.
 pub fn events_accepted_body(hub: &str, count: usize) -> String {
     json!({ "status": "accepted", "hub": hub, "count": count }).to_string()
@@ -629,9 +661,9 @@ pub fn events_accepted_body(hub: &str, count: usize) -> String {
 /// The caller's 202.
 pub fn accepted_body(entity: &str, ids: &[String], batch: bool) -> String {
     if batch {
-        json!({ "entity": entity, "messageIds": ids }).to_string()
+        json!({ "status": "accepted", "entity": entity, "messageIds": ids }).to_string()
     } else {
-        json!({ "entity": entity, "messageId": ids.first() }).to_string()
+        json!({ "status": "accepted", "entity": entity, "messageId": ids.first() }).to_string()
     }
 }
 

@@ -14,7 +14,7 @@ use std::cell::RefCell;
 use serde_json::json;
 
 use super::{BackendRequest, Verdict};
-use crate::pipeline::{Answer, BodyError, Cx, Grant, Io, Limit, OutBody, Reply};
+use crate::pipeline::{Answer, BodyError, Cx, Io, Limit, OutBody, Reply};
 use crate::policy::prepared::PreparedStorageQueue;
 use crate::policy::{QueueEncoding, QUEUE_MESSAGE_MAX_BYTES};
 use crate::problem::Problem;
@@ -204,16 +204,15 @@ pub async fn build<I: Io>(
 pub async fn send<I: Io>(
     q: &PreparedStorageQueue,
     plan: &Plan,
-    grant: &Grant,
+    bearer: &super::Bearer<'_>,
     cx: &mut Cx<'_>,
     io: &I,
 ) -> Result<Reply<I::Stream>, Problem> {
-    let token = grant.token.access_token.as_str();
     let queue = q.config.queue.as_str();
     let reply = super::send_retried(
         io,
         &plan.request,
-        token,
+        bearer,
         OutBody::Text(&plan.xml),
         Limit::Deadline(SEND_TIMEOUT_MS),
         &mut cx.log,
@@ -238,7 +237,7 @@ pub async fn send<I: Io>(
             }
             let (problem, evict) = map_error(status, queue);
             if evict {
-                io.evict_token(&q.token.key, token);
+                bearer.evict(io);
             }
             Verdict::Fail {
                 problem,
@@ -343,11 +342,11 @@ impl crate::pipeline::Backend for PreparedStorageQueue {
     async fn send<I: Io>(
         &self,
         plan: &Self::Plan<I::Bytes>,
-        grant: &Grant,
+        bearer: &super::Bearer<'_>,
         cx: &mut Cx<'_>,
         io: &I,
     ) -> Result<Reply<I::Stream>, Problem> {
-        send(self, plan, grant, cx, io).await
+        send(self, plan, bearer, cx, io).await
     }
 
     fn answer<B, S>(&self, plan: &Self::Plan<B>, _reply: Reply<S>, _cx: &Cx<'_>) -> Answer<S> {

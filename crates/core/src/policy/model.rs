@@ -42,6 +42,39 @@ pub struct Policy {
     pub identities: BTreeMap<String, Identity>,
     /// The routes callers may use, matched by method and path.
     pub routes: Vec<Route>,
+    /// Where routes with `"when_unavailable": "queue"` keep requests Azure could not take, to
+    /// deliver them later: a Cloudflare Queue this worker produces to and consumes.
+    #[serde(default)]
+    pub store_and_forward: Option<StoreAndForward>,
+}
+
+/// The Cloudflare Queue of store-and-forward, declared in `wrangler.toml` as a producer binding
+/// and a consumer of this worker (with `max_retries` and a `dead_letter_queue`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct StoreAndForward {
+    /// The producer binding's name. Default `DELIVERIES`.
+    #[serde(default)]
+    pub binding: Option<String>,
+    /// Deliveries tried at most this many times before the queue moves them to its dead-letter
+    /// queue: the consumer's `max_retries` + 1 in `wrangler.toml`. Default 6.
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+}
+
+/// What a route does when Azure stays unavailable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum WhenUnavailable {
+    /// The caller gets 503 with Retry-After.
+    #[default]
+    Fail,
+    /// The request is stored on the store-and-forward queue and delivered later; the caller
+    /// gets 202 `{"status": "queued"}`. Service Bus and Blob write routes only (a resent
+    /// MessageId is dropped by duplicate detection, a create-only blob cannot be written twice).
+    Queue,
 }
 
 /// Azure clouds: each has its own Entra authority and service host suffixes.
@@ -182,6 +215,49 @@ pub struct Route {
     pub inbound: Option<Inbound>,
     /// Where an accepted request goes.
     pub backend: Backend,
+    /// The circuit breaker of the backend's host (per isolate); default on, with 5 failures
+    /// in 30 s opening it for 30 s.
+    #[serde(default)]
+    pub breaker: Option<BreakerSettings>,
+    /// `queue`: when Azure stays unavailable (after the retries, with the breaker open, or with
+    /// no token to be had), store the request and deliver it later. Default `fail`.
+    #[serde(default)]
+    pub when_unavailable: WhenUnavailable,
+}
+
+/// When calls to a backend's host fail fast: after `failures` consecutive calls that found it
+/// unavailable (5xx, 429, timeouts, network errors, after their retries) within
+/// `window_seconds`, for `cooldown_seconds`; then one call probes it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSettings {
+    /// Consecutive failures that open the breaker; 0 turns it off. Default 5.
+    #[serde(default)]
+    pub failures: Option<u32>,
+    /// Default 30.
+    #[serde(default)]
+    pub window_seconds: Option<u32>,
+    /// Default 30.
+    #[serde(default)]
+    pub cooldown_seconds: Option<u32>,
+}
+
+impl BreakerSettings {
+    /// The settings with their defaults filled in.
+    pub fn resolve(settings: Option<&BreakerSettings>) -> crate::breaker::BreakerConfig {
+        use crate::breaker::*;
+        let s = settings.copied().unwrap_or(BreakerSettings {
+            failures: None,
+            window_seconds: None,
+            cooldown_seconds: None,
+        });
+        BreakerConfig {
+            failures: s.failures.unwrap_or(DEFAULT_FAILURES),
+            window_ms: f64::from(s.window_seconds.unwrap_or(DEFAULT_WINDOW_SECONDS)) * 1000.0,
+            cooldown_ms: f64::from(s.cooldown_seconds.unwrap_or(DEFAULT_COOLDOWN_SECONDS)) * 1000.0,
+        }
+    }
 }
 
 /// HTTP methods a route may accept (`OPTIONS` is the gateway's own, for CORS).

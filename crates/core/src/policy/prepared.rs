@@ -26,6 +26,8 @@ use crate::template::Template;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Prepared {
     pub cloud: Cloud,
+    /// Tries of a stored request's delivery before the queue dead-letters it.
+    pub max_delivery_attempts: u32,
     pub identities: BTreeMap<String, Identity>,
     pub routes: Vec<PreparedRoute>,
     pub router: Router,
@@ -44,6 +46,11 @@ pub struct PreparedRoute {
     /// one (keys held in Worker secrets are hashed once per isolate, when first read).
     pub api_key: Option<PreparedApiKey>,
     pub backend: PreparedBackend,
+    /// The backend's origin (`scheme://host[:port]`): what the circuit breaker is kept by.
+    pub host: String,
+    pub breaker: crate::breaker::BreakerConfig,
+    /// The store-and-forward queue binding, when the route stores requests Azure cannot take.
+    pub store: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -450,11 +457,20 @@ mod compile {
                 inbound,
                 ip,
                 api_key,
+                host: backend_origin(policy, route),
+                breaker: BreakerSettings::resolve(route.breaker.as_ref()),
+                store: (route.when_unavailable == WhenUnavailable::Queue)
+                    .then(|| policy.store_binding()),
                 backend,
             });
         }
         Ok(Prepared {
             cloud: policy.cloud,
+            max_delivery_attempts: policy
+                .store_and_forward
+                .as_ref()
+                .and_then(|s| s.max_attempts)
+                .unwrap_or(crate::store::DEFAULT_MAX_ATTEMPTS),
             identities: policy.identities.clone(),
             router: Router::new(&policy.routes),
             routes,
@@ -548,6 +564,26 @@ mod compile {
             operation_path,
             handle_secrets: identity.secret_names(),
         })
+    }
+
+    /// The origin a route's backend calls go to (an operation route's: the first route it
+    /// follows).
+    fn backend_origin(policy: &Policy, route: &Route) -> String {
+        let backend = match &route.backend {
+            Backend::AzureOperation(o) => policy
+                .routes
+                .iter()
+                .find(|r| o.of.first() == Some(&r.name))
+                .map(|r| &r.backend)
+                .unwrap_or(&route.backend),
+            b => b,
+        };
+        let target = backend.target(policy.cloud);
+        let after = target.find("://").map_or(0, |i| i + 3);
+        let end = target[after..]
+            .find('/')
+            .map_or(target.len(), |i| after + i);
+        target[..end].to_ascii_lowercase()
     }
 
     /// The path templates of GET routes on the same container and blob name template.

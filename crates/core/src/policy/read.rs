@@ -68,6 +68,7 @@ fn parse(text: &str) -> Result<Parsed, Vec<PolicyError>> {
                 inbound: None,
                 identities: Default::default(),
                 routes: Vec::new(),
+                store_and_forward: None,
             }
         }
     };

@@ -141,6 +141,14 @@ impl Backend {
 }
 
 impl Policy {
+    /// The store-and-forward queue's producer binding.
+    pub fn store_binding(&self) -> String {
+        self.store_and_forward
+            .as_ref()
+            .and_then(|s| s.binding.clone())
+            .unwrap_or_else(|| crate::store::DEFAULT_BINDING.to_owned())
+    }
+
     /// A route's inbound checks over the policy's defaults.
     pub fn effective_inbound(&self, route: &Route) -> Inbound {
         let defaults = self.inbound.clone().unwrap_or_default();

@@ -106,6 +106,7 @@ pub fn validate(
         errors: Vec::new(),
     };
     check_local_endpoints(&mut c);
+    check_store_and_forward(&mut c);
     if let Some(defaults) = &policy.inbound {
         check_inbound(&mut c, "inbound", defaults, None);
     }
@@ -120,6 +121,31 @@ pub fn validate(
     }
     check_overlaps(&mut c, &templates, position);
     c.errors
+}
+
+fn check_store_and_forward(c: &mut Checker) {
+    let Some(s) = &c.policy.store_and_forward else {
+        return;
+    };
+    if let Some(binding) = &s.binding {
+        let ok = !binding.is_empty()
+            && binding.len() <= 64
+            && binding.starts_with(|ch: char| ch.is_ascii_alphabetic() || ch == '_')
+            && binding
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !ok {
+            c.err("store_and_forward.binding", format!("a binding name of letters, digits and '_' (as in wrangler.toml), got \"{binding}\""));
+        }
+    }
+    if let Some(n) = s.max_attempts {
+        if !(1..=100).contains(&n) {
+            c.err(
+                "store_and_forward.max_attempts",
+                format!("between 1 and 100 (the consumer's max_retries + 1), got {n}"),
+            );
+        }
+    }
 }
 
 fn check_local_endpoints(c: &mut Checker) {
@@ -331,6 +357,41 @@ fn check_route(
         }
     };
     check_effective_inbound(c, at, route);
+    if route.when_unavailable == WhenUnavailable::Queue {
+        let storable = match &route.backend {
+            Backend::ServiceBus(_) => true,
+            Backend::Blob(b) => !b.overwrite,
+            _ => false,
+        };
+        if !storable {
+            c.err(
+                format!("{at}.when_unavailable"),
+                "\"fail\" for this backend: only service_bus routes and create-only blob routes (overwrite false) may store requests, because only there a request delivered twice is kept once (Service Bus drops a resent MessageId when the entity has duplicate detection; a create-only blob cannot be written twice)",
+            );
+        }
+    }
+    if let Some(b) = &route.breaker {
+        if b.failures.is_some_and(|n| n > 1000) {
+            c.err(
+                format!("{at}.breaker.failures"),
+                "a number of failures between 0 (no breaker) and 1000",
+            );
+        }
+        for (field, value) in [
+            ("window_seconds", b.window_seconds),
+            ("cooldown_seconds", b.cooldown_seconds),
+        ] {
+            if value.is_some_and(|v| !(1..=3600).contains(&v)) {
+                c.err(
+                    format!("{at}.breaker.{field}"),
+                    format!(
+                        "a time between 1 and 3600 seconds, got {}",
+                        value.unwrap_or_default()
+                    ),
+                );
+            }
+        }
+    }
     if let Some(inbound) = &route.inbound {
         check_inbound(c, &format!("{at}.inbound"), inbound, Some(&route.methods));
     }
