@@ -30,7 +30,7 @@
  */
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
@@ -51,7 +51,7 @@ const BLOB_PREFIX = 'faults/';
 const STARTUP_GRACE_SECONDS = 40;
 const BACKSTOP_SECONDS = 60;
 
-const SHORT = { requests: 400, concurrency: 16, 'outage-seconds': 3, backend: 'both', 'token-lifetime': 10, 'settle-seconds': 2, 'max-drain-seconds': 30, 'deadline-seconds': 110 };
+const SHORT = { requests: 400, concurrency: 16, 'outage-seconds': 3, backend: 'both', 'token-lifetime': 10, 'breaker-cooldown': 5, 'settle-seconds': 2, 'max-drain-seconds': 45, 'deadline-seconds': 150 };
 const OPTIONS = {
   requests: { type: 'string', default: '10000', env: 'FAULTS_REQUESTS', help: 'requests per backend' },
   concurrency: { type: 'string', default: '64', env: 'FAULTS_CONCURRENCY', help: 'requests in flight' },
@@ -62,7 +62,9 @@ const OPTIONS = {
   'timeout-ms': { type: 'string', default: '30000', env: 'FAULTS_TIMEOUT_MS', help: 'bound of each request' },
   'token-lifetime': { type: 'string', default: '30', env: 'FAULTS_TOKEN_LIFETIME', help: 'seconds; short, so the gateway refreshes during the run and meets the issuer\'s faults' },
   'settle-seconds': { type: 'string', default: '3', env: 'FAULTS_SETTLE_SECONDS', help: 'drained when the stored count is unchanged this long' },
-  'max-drain-seconds': { type: 'string', default: '120', env: 'FAULTS_MAX_DRAIN_SECONDS', help: 'longest wait for the backlog' },
+  'max-drain-seconds': { type: 'string', default: '180', env: 'FAULTS_MAX_DRAIN_SECONDS', help: 'longest wait for the backlog' },
+  'breaker-cooldown': { type: 'string', env: 'FAULTS_BREAKER_COOLDOWN', help: 'seconds; sets every route\'s breaker.cooldown_seconds (default: the policy\'s, i.e. the gateway\'s 30)' },
+  'store-and-forward': { type: 'string', default: 'policy', env: 'FAULTS_STORE_AND_FORWARD', help: 'policy (as the policy says) | off (its when_unavailable and store_and_forward taken out)' },
   'deadline-seconds': { type: 'string', default: '1200', env: 'FAULTS_DEADLINE_SECONDS', help: 'the whole run, stack start included' },
   'body-bytes': { type: 'string', default: '256', env: 'FAULTS_BODY_BYTES', help: 'size of each body' },
   seed: { type: 'string', default: '1', env: 'FAULTS_SEED', help: 'seed of the injected faults' },
@@ -113,8 +115,11 @@ function readOptions(argv) {
     seed: num('seed', { min: 0, max: 2 ** 31, int: true }),
     out: resolve(pick('out')),
     policy: resolve(pick('policy')),
+    breakerCooldown: pick('breaker-cooldown') === undefined ? null : num('breaker-cooldown', { min: 1, max: 3600, int: true }),
+    storeAndForward: pick('store-and-forward'),
     verbose: values.verbose,
   };
+  if (!['policy', 'off'].includes(o.storeAndForward)) throw new Error(`--store-and-forward: ${o.storeAndForward} is not policy or off`);
   const isShort = values.short && !Object.keys(SHORT).some((k) => given(k));
   const isLong = !values.short && !['requests', 'concurrency', 'idp-fail', 'backend-fail', 'outage-seconds', 'backend'].some(given);
   o.label = pick('label') ?? (isShort ? 'short' : isLong ? 'long' : 'custom');
@@ -268,14 +273,21 @@ async function runPhase(kind, ctx) {
   await backend.clearFault();
   await backend.clearOutage();
 
+  // Drained: every acknowledged request is stored and the count has not changed for
+  // settle-seconds (late copies would show as duplicates); or max-drain-seconds have passed
+  // (what is still missing then is lost). A consumer backing off (Retry-After, an open
+  // breaker) pauses deliveries, so a quiet spell alone does not end the wait while
+  // acknowledged requests are missing.
+  const acknowledgedKeys = records.filter((r) => r.status >= 200 && r.status < 300).map((r) => key(r.i));
   const drainStart = Date.now();
   let stored = await readStored();
   let lastChange = drainStart;
   let lastCount = stored.size;
   let drainBounded = false;
   while (!signal.aborted) {
-    if (Date.now() - lastChange >= o.settleSeconds * 1000) break;
-    if (Date.now() - drainStart >= o.maxDrainSeconds * 1000) { drainBounded = true; break; }
+    const outstanding = acknowledgedKeys.filter((k) => !stored.has(k)).length;
+    if (outstanding === 0 && Date.now() - lastChange >= o.settleSeconds * 1000) break;
+    if (Date.now() - drainStart >= o.maxDrainSeconds * 1000) { drainBounded = outstanding > 0; break; }
     await sleep(500);
     stored = await readStored();
     if (stored.size !== lastCount) {
@@ -392,7 +404,7 @@ function tableRows(phases) {
     ['duplicates', (p) => fmt(p.duplicates)],
     ['lost (acknowledged, not stored)', (p) => fmt(p.lost)],
     ['stored but unacknowledged', (p) => fmt(p.storedUnacknowledged)],
-    ['drained in (s)', (p) => `${fmt(p.drainSeconds, 1)}${p.drainBounded ? ' (bounded: still changing)' : ''}`],
+    ['drained in (s)', (p) => `${fmt(p.drainSeconds, 1)}${p.drainBounded ? ' (not drained: bounded)' : ''}`],
     ['token requests per 1,000', (p) => fmt(p.tokenRequestsPer1000, 1)],
     ['backend requests failed (faults + outage)', (p) => fmt(p.backendFaults)],
     ['replays dropped by duplicate detection', (p) => (p.dedupDropped == null ? 'n/a' : fmt(p.dedupDropped))],
@@ -419,7 +431,8 @@ function markdown(result) {
 
 ${o.requests} requests per backend at ${o.concurrency} in flight; the issuer fails ${o.idpFail * 100} % of token
 requests and the backend ${o.backendFail * 100} % of sends with 503 (seed ${o.seed}); one full outage of
-${o.outageSeconds} s of each (issuer at 25 % of the requests, backend at 60 %); token lifetime ${o.tokenLifetime} s.
+${o.outageSeconds} s of each (issuer at 25 % of the requests, backend at 60 %); token lifetime ${o.tokenLifetime} s;
+breaker cool-down ${o.breakerCooldown ?? 'as the policy says (default 30)'} s.
 Gateway commit ${result.commit}; store-and-forward in the policy: ${result.storeAndForward ? 'yes' : 'no'}.
 Verdict: **${result.verdict}** (${result.seconds.toFixed(0)} s in all).
 
@@ -457,12 +470,15 @@ async function main() {
   backstop.unref();
   for (const sig of ['SIGINT', 'SIGTERM']) process.once(sig, () => { log(`${sig}: stopping`); abort.abort(); });
 
-  const policyText = readFileSync(o.policy, 'utf8');
-  // STORE-AND-FORWARD (issue 13, item 3): when it lands, the policy's routes carry
-  // "when_unavailable": "queue" and the top level "store_and_forward": {"binding": "DELIVERIES"},
-  // with the queue's producer and consumer declared in wrangler.toml (startGateway copies it). The
-  // harness itself needs nothing more: a 202 with {"status": "queued"} counts as `queued`, and the
-  // drain wait covers the consumer's deliveries. Until then this reports "no".
+  const stateDir = join(REPO_ROOT, 'target', 'faults');
+  mkdirSync(stateDir, { recursive: true });
+  const policyPath = derivePolicy(o, stateDir);
+  const policyText = readFileSync(policyPath, 'utf8');
+  // Store-and-forward (issue 13, item 3): the policy's routes carry "when_unavailable": "queue" and
+  // the top level "store_and_forward": {"binding": "DELIVERIES"}; the queue's producer and consumer
+  // are declared in wrangler.toml (startGateway copies it). A 202 with {"status": "queued"} counts
+  // as `queued`, and the drain wait covers the consumer's deliveries. A policy without them (pass
+  // --policy) measures the gateway without store-and-forward: an outage is then a refusal.
   const storeAndForward = /"store_and_forward"/.test(policyText) && /"when_unavailable"\s*:\s*"queue"/.test(policyText);
 
   let starting;
@@ -472,11 +488,13 @@ async function main() {
   const notes = [];
   let setupError = null;
   try {
-    log(`starting the stack (gateway build included) with ${o.policy}`);
-    const stateDir = join(REPO_ROOT, 'target', 'faults');
+    log(`starting the stack (gateway build included) with ${policyPath}`);
+    // wrangler dev persists its simulated queue here: a backlog left by an earlier run must not
+    // be delivered into this one.
+    rmSync(join(stateDir, 'gateway', 'wrangler-state'), { recursive: true, force: true });
     const echo = o.verbose ? (line) => console.log(`  | ${line}`) : undefined;
     starting = startStack({
-        policyPath: o.policy,
+        policyPath,
         ports: PORTS,
         stateDir,
         queue: false,
@@ -517,12 +535,13 @@ async function main() {
     if (p.unsent) notes.push(`${p.backend}: ${p.unsent} requests never sent (stopped by the deadline)`);
     if (p.storedUnacknowledgedDuplicated) notes.push(`${p.backend}: ${p.storedUnacknowledgedDuplicated} unacknowledged requests stored more than once`);
     if (p.strays) notes.push(`${p.backend}: ${p.strays} stored entries of this run that the harness never sent`);
-    if (p.drainBounded) notes.push(`${p.backend}: the stored count was still changing after ${o.maxDrainSeconds} s`);
+    if (p.drainBounded) notes.push(`${p.backend}: acknowledged requests were still missing after ${o.maxDrainSeconds} s of drain (counted as lost)`);
     const upstream = p.backendStats?.upstreamErrors;
     if (upstream) notes.push(`${p.backend}: ${upstream} writes failed between the fault proxy and Azurite (connection closed by Azurite; a stand-in artifact, answered 502 to the gateway and counted as refused)`);
     if (!storeAndForward && p.queued) notes.push(`${p.backend}: ${p.queued} answers said queued although the policy asks for no store-and-forward`);
   }
   if (!storeAndForward) notes.push('The policy has no store-and-forward: an outage is a refusal (503), nothing is queued, so nothing drains.');
+  if (storeAndForward && phases.length && phases.every((p) => !p.queued)) notes.push('Store-and-forward is in the policy but nothing was queued.');
   const verdict = setupError ? 'error' : deadlineHit ? 'stopped by the deadline' : failures.length ? 'FAIL (duplicates or lost)' : 'pass (0 duplicates, 0 lost)';
   const result = {
     label: o.label,
@@ -549,6 +568,24 @@ async function main() {
   writeFileSync(join(o.out, `${o.label}.md`), markdown(result));
   log(`${verdict}; results in ${join(o.out, `${o.label}.{json,md}`)}`);
   process.exitCode = setupError ? 3 : deadlineHit ? 2 : failures.length ? 1 : 0;
+}
+
+/**
+ * The policy to run: --policy as it is, or (with --breaker-cooldown, --store-and-forward off) a
+ * copy with those changes in <stateDir>/policy.json (its $schema path dropped).
+ */
+function derivePolicy(o, stateDir) {
+  if (o.breakerCooldown === null && o.storeAndForward === 'policy') return o.policy;
+  const policy = JSON.parse(readFileSync(o.policy, 'utf8'));
+  delete policy.$schema;
+  for (const route of policy.routes ?? []) {
+    if (o.breakerCooldown !== null) route.breaker = { ...route.breaker, cooldown_seconds: o.breakerCooldown };
+    if (o.storeAndForward === 'off') delete route.when_unavailable;
+  }
+  if (o.storeAndForward === 'off') delete policy.store_and_forward;
+  const path = join(stateDir, 'policy.json');
+  writeFileSync(path, `${JSON.stringify(policy, null, 2)}\n`);
+  return path;
 }
 
 /** The short commit of the checkout, for the report. */
