@@ -432,7 +432,7 @@ function markdown(result) {
 ${o.requests} requests per backend at ${o.concurrency} in flight; the issuer fails ${o.idpFail * 100} % of token
 requests and the backend ${o.backendFail * 100} % of sends with 503 (seed ${o.seed}); one full outage of
 ${o.outageSeconds} s of each (issuer at 25 % of the requests, backend at 60 %); token lifetime ${o.tokenLifetime} s;
-breaker cool-down ${o.breakerCooldown ?? 'as the policy says (default 30)'} s.
+breaker cool-down ${o.breakerCooldown === null ? 'the policy\'s (default 30 s)' : `${o.breakerCooldown} s`}.
 Gateway commit ${result.commit}; store-and-forward in the policy: ${result.storeAndForward ? 'yes' : 'no'}.
 Verdict: **${result.verdict}** (${result.seconds.toFixed(0)} s in all).
 
@@ -591,7 +591,9 @@ function derivePolicy(o, stateDir) {
 /** The short commit of the checkout, for the report. */
 function gitCommit() {
   try {
-    return execFileSync('git', ['-C', REPO_ROOT, 'rev-parse', '--short', 'HEAD'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'], timeout: 5000 }).trim();
+    const git = (...args) => execFileSync('git', ['-C', REPO_ROOT, ...args], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'], timeout: 5000 }).trim();
+    const changed = git('status', '--porcelain', '--untracked-files=no', '--', 'src', 'crates', 'dev', 'scripts', 'bench/faults/run.mjs', 'bench/faults/policy.json', 'wrangler.toml', 'Cargo.toml');
+    return `${git('rev-parse', '--short', 'HEAD')}${changed ? ' (with uncommitted changes)' : ''}`;
   } catch {
     return 'unknown';
   }
