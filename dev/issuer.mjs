@@ -13,16 +13,22 @@
  *     trace_id, correlation_id) with Entra's status codes; secrets never appear in answers or logs;
  *   - JWKS at /{tenant}/discovery/v2.0/keys as well as the library's /jwks;
  *   - a control surface for tests: stats and injected faults (status + Retry-After, delay),
- *     in-process (stats(), setFault()) and over HTTP (/__control/stats, /__control/faults).
+ *     in-process (stats(), setFault()) and over HTTP (/__control/stats, /__control/faults);
+ *     a fault may fail a share of token requests (`probability`, drawn from a seeded generator,
+ *     so the same seed fails the same requests by position), and a full outage of the token
+ *     endpoint lasts N seconds (setOutage(), /__control/outage), answering 503 or resetting the
+ *     connection. JWKS and discovery stay up: they are served from elsewhere in Entra.
  * Everything else (/jwks, /.well-known/openid-configuration, …) is the library's own handler.
  */
 import { constants, createHash, createPublicKey, randomUUID, timingSafeEqual, verify, X509Certificate } from 'node:crypto';
 import { createServer } from 'node:http';
 import { Events, OAuth2Issuer, OAuth2Service } from 'oauth2-mock-server';
+import { seededRandom } from './faults.mjs';
 
 const DEFAULT_LIFETIME = 3599;
 const MAX_BODY = 64 * 1024;
 const MAX_FAULT_DELAY_MS = 120_000;
+const MAX_OUTAGE_SECONDS = 3600;
 const ASSERTION_TYPE = 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer';
 const CLOCK_SKEW_S = 300;
 
@@ -62,7 +68,7 @@ export async function startIssuer({ port = 8400, host = '127.0.0.1', tenant, cli
   const service = new OAuth2Service(issuer);
   advertiseLocalEndpoints(service, url, tenant);
 
-  const state = { stats: emptyStats(), fault: null, timers: new Set() };
+  const state = { stats: emptyStats(), fault: null, outage: null, timers: new Set() };
   const ctx = { url, tenant, issuerClaim, credentials, lifetimeSeconds, service, state, log };
   const server = createServer((req, res) => {
     route(ctx, req, res).catch((err) => {
@@ -85,6 +91,10 @@ export async function startIssuer({ port = 8400, host = '127.0.0.1', tenant, cli
     resetStats: () => { state.stats = emptyStats(); },
     setFault: (fault) => { state.fault = normalizeFault(fault); },
     clearFaults: () => { state.fault = null; },
+    /** { seconds, status = 503, retryAfter?, mode = 'status' | 'reset' }: the token endpoint is down that long. */
+    setOutage: (outage) => { state.outage = normalizeOutage(outage); return describeOutage(state.outage); },
+    clearOutage: () => { state.outage = null; },
+    outage: () => describeOutage(activeOutage(state, false)),
     setClient: (id, cred) => credentials.set(id, normalizeCredential(cred)),
     stop: () => stopServer(server, state),
   };
@@ -160,6 +170,16 @@ async function control(ctx, req, res, pathname) {
       }
       return sendJson(res, 200, { fault: state.fault });
     }
+    case 'GET /__control/outage': return sendJson(res, 200, { outage: describeOutage(activeOutage(state, false)) });
+    case 'DELETE /__control/outage': state.outage = null; return sendJson(res, 200, { outage: null });
+    case 'POST /__control/outage': {
+      try {
+        state.outage = normalizeOutage(JSON.parse((await readBody(req)) || '{}'));
+      } catch (err) {
+        return sendJson(res, 400, { error: err.message });
+      }
+      return sendJson(res, 200, { outage: describeOutage(state.outage) });
+    }
     default: return sendJson(res, 404, { error: `no control route ${key}` });
   }
 }
@@ -173,6 +193,14 @@ async function tokenEndpoint(ctx, req, res, { tenant, version }) {
   const body = await readBody(req);
   const form = Object.fromEntries(new URLSearchParams(body));
   req.body = form; // what the library's hooks read
+
+  const outage = activeOutage(state, true);
+  if (outage?.mode === 'reset') {
+    ctx.log('issuer: outage, connection reset');
+    req.socket.destroy();
+    return;
+  }
+  if (outage) return sendEntraError(ctx, req, res, faultError(outage), { retryAfter: outage.retryAfter });
 
   const fault = await takeFault(state);
   if (fault?.status) return sendEntraError(ctx, req, res, faultError(fault), { retryAfter: fault.retryAfter });
@@ -373,22 +401,66 @@ function sendEntraError(ctx, req, res, err, { retryAfter } = {}) {
   sendJson(res, err.status, body, headers);
 }
 
+/**
+ * { status?, retryAfter?, delayMs = 0, count = 1 } applies to the next `count` token requests.
+ * With `probability` (0..1), each token request is failed with that probability, drawn from a
+ * generator seeded with `seed` (default 1); `count` then caps the faults (default: no cap).
+ * `remaining` is null when uncapped.
+ */
 function normalizeFault(f) {
   if (!f || typeof f !== 'object') throw new Error('fault must be an object');
-  const { status, retryAfter, delayMs = 0, count = 1 } = f;
+  const { status, retryAfter, delayMs = 0, probability, seed } = f;
+  const count = f.count ?? (probability === undefined ? 1 : null);
   if (status !== undefined && !(Number.isInteger(status) && status >= 400 && status <= 599)) throw new Error('fault.status must be 400..599');
-  if (!Number.isInteger(count) || count < 1) throw new Error('fault.count must be a positive integer');
+  if (count !== null && (!Number.isInteger(count) || count < 1)) throw new Error('fault.count must be a positive integer');
   if (!(delayMs >= 0 && delayMs <= MAX_FAULT_DELAY_MS)) throw new Error(`fault.delayMs must be 0..${MAX_FAULT_DELAY_MS}`);
   if (status === undefined && !delayMs) throw new Error('fault needs a status or a delayMs');
-  return { status, retryAfter, delayMs, remaining: count };
+  if (probability !== undefined && !(typeof probability === 'number' && probability >= 0 && probability <= 1)) throw new Error('fault.probability must be 0..1');
+  if (seed !== undefined && (probability === undefined || !Number.isInteger(seed))) throw new Error('fault.seed must be an integer, with a probability');
+  const fault = { status, retryAfter, delayMs, remaining: count };
+  if (probability !== undefined) Object.assign(fault, { probability, seed: seed ?? 1 });
+  // Not shown (non-enumerable): the generator of the draws.
+  if (probability !== undefined) Object.defineProperty(fault, 'draw', { value: seededRandom(seed ?? 1) });
+  return fault;
+}
+
+/** { seconds, status = 503, retryAfter?, mode = 'status' | 'reset' } from now. */
+function normalizeOutage(o) {
+  if (!o || typeof o !== 'object') throw new Error('outage must be an object');
+  const { seconds, status = 503, retryAfter, mode = 'status' } = o;
+  if (!(typeof seconds === 'number' && seconds > 0 && seconds <= MAX_OUTAGE_SECONDS)) throw new Error(`outage.seconds must be above 0 and at most ${MAX_OUTAGE_SECONDS}`);
+  if (!(Number.isInteger(status) && status >= 400 && status <= 599)) throw new Error('outage.status must be 400..599');
+  if (mode !== 'status' && mode !== 'reset') throw new Error("outage.mode must be 'status' or 'reset'");
+  return { status, retryAfter, mode, until: Date.now() + seconds * 1000 };
+}
+
+/** The outage in force now, or null (an ended one is forgotten); `count` counts it as a fault. */
+function activeOutage(state, count) {
+  const { outage } = state;
+  if (!outage) return null;
+  if (Date.now() >= outage.until) {
+    state.outage = null;
+    return null;
+  }
+  if (count) state.stats.faultsInjected += 1;
+  return outage;
+}
+
+function describeOutage(outage) {
+  if (!outage) return null;
+  const { status, retryAfter, mode, until } = outage;
+  return { status, retryAfter, mode, remainingSeconds: Math.max(0, (until - Date.now()) / 1000) };
 }
 
 /** Consume one use of the active fault (waiting its delay); returns it or null. */
 async function takeFault(state) {
   const fault = state.fault;
   if (!fault) return null;
-  fault.remaining -= 1;
-  if (fault.remaining <= 0) state.fault = null;
+  if (fault.draw && fault.draw() >= fault.probability) return null;
+  if (fault.remaining !== null) {
+    fault.remaining -= 1;
+    if (fault.remaining <= 0) state.fault = null;
+  }
   state.stats.faultsInjected += 1;
   if (fault.delayMs) {
     await new Promise((resolveDelay) => {

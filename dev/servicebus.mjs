@@ -26,7 +26,7 @@ const READY = /^servicebus-standin listening on (http:\/\/\S+)$/;
  * Options: build (default true: run cargo first), buildTimeoutMs, startTimeoutMs, issuerPrefix,
  * stateDir (its working directory; it writes nothing), onLog (each output line).
  * Returns { url, port, pid, logs, tail, exited, stop, stats, resetStats, setFault, clearFaults,
- * messages, purge, receive, complete }.
+ * setOutage, clearOutage, outage, messages, purge, receive, complete }.
  */
 export async function startServiceBus({
   port = 8410,
@@ -118,9 +118,17 @@ export function controlClient(url) {
     /** { requests, unknownEntity, entities: { name: { accepted, duplicates, rejected: { status: n }, received, completed, depth, locked } } } */
     stats: () => control('GET', 'stats'),
     resetStats: () => control('DELETE', 'stats'),
-    /** { status?, retryAfter?, delayMs?, count = 1, entity? }: the next count sends answer status (after delayMs). */
+    /**
+     * { status?, retryAfter?, delayMs?, count = 1, entity? }: the next count sends answer status
+     * (after delayMs). With probability (and seed), each send fails with that probability.
+     */
     setFault: (fault) => control('POST', 'faults', fault),
     clearFaults: () => control('DELETE', 'faults'),
+    /** { seconds, status = 503, retryAfter? }: every request but /__control/* answers status that long. */
+    setOutage: (outage) => control('POST', 'outage', outage),
+    clearOutage: () => control('DELETE', 'outage'),
+    /** { outage: { status, retryAfter, remainingSeconds } | null } */
+    outage: () => control('GET', 'outage'),
     /** Every stored message of an entity (not removed), oldest first; body decoded to a Buffer (an event hub's have partitionId). */
     messages: async (entity) => (await control('GET', `messages/${encodeURIComponent(entity)}`))
       .map((m) => ({ ...m, body: Buffer.from(m.body, 'base64') })),

@@ -34,9 +34,22 @@
 //! - `DELETE /{entity}/messages/head?timeout=N`: receive and delete (200, or 204 after waiting up
 //!   to N s, default 0, at most 10). `POST` on the same path: peek-lock (201, `Location` of the
 //!   lock); `DELETE` on that location completes, `PUT` abandons (200, or 404).
-//! - `/__control/`: `GET stats`, `DELETE stats`, `GET|POST|DELETE faults`, `DELETE messages`
-//!   (purge all), `GET messages/{entity}` (everything stored, body in base64; an event's
-//!   `partitionId` too).
+//! - `/__control/`: `GET stats`, `DELETE stats`, `GET|POST|DELETE faults`, `GET|POST|DELETE
+//!   outage`, `DELETE messages` (purge all), `GET messages/{entity}` (everything stored, body in
+//!   base64; an event's `partitionId` too).
+//!
+//! # Faults (for the fault and load suite, `bench/faults`)
+//!
+//! - `POST /__control/faults {"status": 503, "count": 2, "retryAfter": 1, "delayMs": 0,
+//!   "entity": "orders"}`: the next `count` sends (default 1) answer `status`.
+//! - `{"status": 503, "probability": 0.1, "seed": 7}`: each send fails with that probability,
+//!   drawn from a generator seeded with `seed` (default 1), so the same seed fails the same
+//!   sends by position; until cleared, or `count` faults if given.
+//! - `POST /__control/outage {"seconds": 10, "status": 503, "retryAfter": 2}`: every request
+//!   but `/__control/*` answers `status` (default 503) for that long; `DELETE` ends it.
+//!
+//! A send failed by a fault or an outage is answered before its body is parsed: it is never
+//! stored. `stats.faultsInjected` counts the requests so answered.
 //!
 //! # Event hubs (`--entity NAME:partitions=N`)
 //!

@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 
 use crate::jwt::{AuthError, Authenticator, ClaimRules, EVENTHUBS_AUDIENCE};
 use crate::message::{self, BrokerProperties, MessageError, NewMessage};
-use crate::store::{Broker, Fault, Received};
+use crate::store::{Broker, Fault, Outage, Received};
 use crate::util::{iso_seconds, unix_seconds, uuid_v4, xml_escape};
 
 /// Receive waits at most this long, whatever `timeout` asks.
@@ -241,6 +241,20 @@ impl App {
         }
         self.lock().requests += 1;
         let mut route = route(method, path);
+        // A full outage answers every request alike, before its token or body is looked at.
+        let outage = self.lock().active_outage(Instant::now());
+        if let Some(outage) = outage {
+            let entity = match route {
+                Route::Send(entity) | Route::PartitionSend { entity, .. } => Some(entity),
+                _ => None,
+            };
+            if let Some(name) = entity {
+                if let Some(target) = self.lock().entity(name) {
+                    target.reject(outage.status);
+                }
+            }
+            return self.outage_reply(&outage, entity);
+        }
         // The partition route exists on event hubs only; on a queue it is any unknown path.
         if let Route::PartitionSend { entity, .. } = route {
             if self.hub_partitions(entity).is_none() {
@@ -403,6 +417,23 @@ impl App {
         reply
     }
 
+    fn outage_reply(&self, outage: &Outage, entity: Option<&str>) -> Reply {
+        let (code, message) = match outage.status {
+            503 => (
+                "ServerBusy",
+                "The service is unavailable (injected outage). Please retry the operation.",
+            ),
+            _ => ("InjectedOutage", "Injected outage."),
+        };
+        let mut reply = self.error(outage.status, code, message, entity);
+        if let Some(after) = outage.retry_after {
+            reply
+                .headers
+                .push(("Retry-After".into(), after.to_string()));
+        }
+        reply
+    }
+
     fn receive(&self, entity: &str, peek_lock: bool, query: &str) -> Reply {
         let wait = match timeout_param(query) {
             Ok(t) => Duration::from_secs(t.unwrap_or(0)).min(MAX_RECEIVE_WAIT),
@@ -480,6 +511,27 @@ impl App {
                 Ok(fault) => {
                     broker.fault = Some(fault);
                     Reply::json(200, &json!({ "fault": broker.fault }))
+                }
+                Err(e) => Reply::json(400, &json!({ "error": e })),
+            },
+            ("GET", "outage") => {
+                let now = Instant::now();
+                let outage = broker
+                    .outage
+                    .as_ref()
+                    .filter(|o| now < o.until)
+                    .map(|o| o.describe(now));
+                Reply::json(200, &json!({ "outage": outage }))
+            }
+            ("DELETE", "outage") => {
+                broker.outage = None;
+                Reply::json(200, &json!({ "outage": null }))
+            }
+            ("POST", "outage") => match Outage::parse(body, Instant::now()) {
+                Ok(outage) => {
+                    let shown = outage.describe(Instant::now());
+                    broker.outage = Some(outage);
+                    Reply::json(200, &json!({ "outage": shown }))
                 }
                 Err(e) => Reply::json(400, &json!({ "error": e })),
             },
@@ -1049,6 +1101,79 @@ mod tests {
         let stats = app.handle("GET", "/__control/stats", &[], vec![], &|_| {});
         let stats: Value = serde_json::from_slice(&stats.body).unwrap();
         assert_eq!(stats["entities"]["telemetry"]["rejected"]["400"], 9);
+    }
+
+    #[test]
+    fn faults_and_outages_store_nothing_they_fail() {
+        let app = app_with(&["orders:duplicate-detection=60"]);
+        let sb = fixtures::servicebus_token();
+        let control = |method: &str, path: &str, body: &str| {
+            let reply = app.handle(
+                method,
+                &format!("/__control/{path}"),
+                &[],
+                body.as_bytes().to_vec(),
+                &|_| {},
+            );
+            let value: Value = serde_json::from_slice(&reply.body).unwrap();
+            (reply.status, value)
+        };
+        let send = |id: &str| {
+            let props = format!(r#"{{"MessageId":"{id}"}}"#);
+            call(
+                &app,
+                "POST",
+                "/orders/messages",
+                &sb,
+                &[("BrokerProperties", props.as_str())],
+                b"x",
+            )
+        };
+
+        assert_eq!(
+            control("POST", "faults", r#"{"status":503,"probability":1}"#).0,
+            200
+        );
+        assert_eq!(send("m1"), (503, "ServerBusy".into()));
+        assert_eq!(control("DELETE", "faults", "").0, 200);
+
+        let (status, shown) = control("POST", "outage", r#"{"seconds":30,"retryAfter":2}"#);
+        assert_eq!(status, 200);
+        assert_eq!(shown["outage"]["status"], 503);
+        let reply = app.handle(
+            "POST",
+            "/orders/messages",
+            &[("Authorization".into(), "Bearer not-even-a-token".into())],
+            b"x".to_vec(),
+            &|_| {},
+        );
+        assert_eq!(
+            (reply.status, reply.note.as_deref()),
+            (503, Some("ServerBusy"))
+        );
+        assert!(reply
+            .headers
+            .contains(&("Retry-After".to_string(), "2".to_string())));
+        assert_eq!(
+            call(&app, "DELETE", "/orders/messages/head", &sb, &[], b"").0,
+            503,
+            "receives too"
+        );
+        assert!(control("GET", "outage", "").1["outage"]["remainingSeconds"]
+            .as_f64()
+            .is_some_and(|s| s > 0.0));
+        assert_eq!(control("DELETE", "outage", "").0, 200);
+        assert_eq!(control("GET", "outage", "").1["outage"], Value::Null);
+        assert_eq!(control("POST", "outage", r#"{"seconds":-1}"#).0, 400);
+
+        // Failed sends left no MessageId behind: the same id is accepted now, once.
+        assert_eq!(send("m1").0, 201);
+        assert_eq!(send("m1").0, 201);
+        assert_eq!(stored(&app, "orders").len(), 1);
+        let stats = control("GET", "stats", "").1;
+        assert_eq!(stats["faultsInjected"], 3);
+        assert_eq!(stats["entities"]["orders"]["rejected"]["503"], 2);
+        assert_eq!(stats["entities"]["orders"]["duplicates"], 1);
     }
 
     #[test]

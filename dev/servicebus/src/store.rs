@@ -345,6 +345,12 @@ impl Entity {
 
 /// An injected fault: the next `count` send requests (to `entity`, or any) wait `delayMs` and
 /// then answer `status` (with `Retry-After` when given), or, without status, go on normally.
+///
+/// With `probability` (0..=1), each send is failed with that probability instead, drawn from a
+/// seeded generator (`seed`, default 1), so a run with the same seed and the same number of
+/// sends fails the same sends by position; `count` then caps how many are failed (default: no
+/// cap, until the fault is cleared). A failed send is answered before the message is parsed:
+/// it is never stored.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Fault {
@@ -354,28 +360,34 @@ pub struct Fault {
     pub retry_after: Option<u64>,
     #[serde(default)]
     pub delay_ms: u64,
-    #[serde(default = "one")]
-    pub count: u32,
+    /// Faults left to inject; `None`: no cap (only with `probability`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entity: Option<String>,
-}
-
-fn one() -> u32 {
-    1
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probability: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// The generator's state (splitmix64), from `seed`.
+    #[serde(skip)]
+    rng: u64,
 }
 
 pub const MAX_FAULT_DELAY_MS: u64 = 120_000;
+/// The longest outage one request may declare.
+pub const MAX_OUTAGE_SECONDS: f64 = 3600.0;
 
 impl Fault {
     pub fn parse(body: &[u8]) -> Result<Fault, String> {
-        let fault: Fault =
+        let mut fault: Fault =
             serde_json::from_slice(body).map_err(|e| format!("invalid fault: {e}"))?;
         if let Some(s) = fault.status {
             if !(400..=599).contains(&s) {
                 return Err("fault.status must be 400..599".into());
             }
         }
-        if fault.count == 0 {
+        if fault.count == Some(0) {
             return Err("fault.count must be a positive integer".into());
         }
         if fault.delay_ms > MAX_FAULT_DELAY_MS {
@@ -384,6 +396,15 @@ impl Fault {
         if fault.status.is_none() && fault.delay_ms == 0 {
             return Err("a fault needs a status or a delayMs".into());
         }
+        match fault.probability {
+            Some(p) if !(0.0..=1.0).contains(&p) => {
+                return Err("fault.probability must be 0..1".into())
+            }
+            Some(_) => {}
+            None if fault.seed.is_some() => return Err("fault.seed needs a probability".into()),
+            None => fault.count = Some(fault.count.unwrap_or(1)),
+        }
+        fault.rng = fault.seed.unwrap_or(1);
         Ok(fault)
     }
 
@@ -392,6 +413,66 @@ impl Fault {
             .as_deref()
             .is_none_or(|e| e.eq_ignore_ascii_case(entity))
     }
+
+    /// The next draw in [0, 1) (splitmix64).
+    fn draw(&mut self) -> f64 {
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// A full outage: until `until`, every request but `/__control/*` answers `status` (default
+/// 503, with `Retry-After` when given) before anything is read into the broker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outage {
+    pub status: u16,
+    pub retry_after: Option<u64>,
+    pub until: Instant,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct OutageRequest {
+    seconds: f64,
+    #[serde(default)]
+    status: Option<u16>,
+    #[serde(default)]
+    retry_after: Option<u64>,
+}
+
+impl Outage {
+    /// `{"seconds": 10, "status": 503, "retryAfter": 2}` from `now`.
+    pub fn parse(body: &[u8], now: Instant) -> Result<Outage, String> {
+        let req: OutageRequest =
+            serde_json::from_slice(body).map_err(|e| format!("invalid outage: {e}"))?;
+        if !(req.seconds > 0.0 && req.seconds <= MAX_OUTAGE_SECONDS) {
+            return Err(format!(
+                "outage.seconds must be above 0 and at most {MAX_OUTAGE_SECONDS}"
+            ));
+        }
+        let status = req.status.unwrap_or(503);
+        if !(400..=599).contains(&status) {
+            return Err("outage.status must be 400..599".into());
+        }
+        Ok(Outage {
+            status,
+            retry_after: req.retry_after,
+            until: now + Duration::from_secs_f64(req.seconds),
+        })
+    }
+
+    /// What the control surface shows: status, Retry-After and the seconds left.
+    pub fn describe(&self, now: Instant) -> Value {
+        serde_json::json!({
+            "status": self.status,
+            "retryAfter": self.retry_after,
+            "remainingSeconds": self.until.saturating_duration_since(now).as_secs_f64(),
+        })
+    }
 }
 
 /// Everything mutable, behind one mutex.
@@ -399,8 +480,11 @@ impl Fault {
 pub struct Broker {
     entities: Vec<Entity>,
     pub fault: Option<Fault>,
+    pub outage: Option<Outage>,
     pub requests: u64,
     pub unknown_entity: u64,
+    /// Requests answered by an injected fault or an outage (not reset with the messages).
+    pub faults_injected: u64,
 }
 
 impl Broker {
@@ -424,15 +508,38 @@ impl Broker {
             .find(|e| e.config.name.eq_ignore_ascii_case(name))
     }
 
-    /// Use up one application of the fault for a send to `entity`, if one applies.
+    /// Use up one application of the fault for a send to `entity`, if one applies (for a
+    /// fault with a probability: if this send's draw falls under it).
     pub fn take_fault(&mut self, entity: &str) -> Option<Fault> {
         let fault = self.fault.as_mut().filter(|f| f.applies_to(entity))?;
-        fault.count -= 1;
+        if let Some(p) = fault.probability {
+            if fault.draw() >= p {
+                return None;
+            }
+        }
+        let left = fault.count.map(|c| c.saturating_sub(1));
+        fault.count = left;
         let taken = fault.clone();
-        if fault.count == 0 {
+        if left == Some(0) {
             self.fault = None;
         }
+        self.faults_injected += 1;
         Some(taken)
+    }
+
+    /// The outage in force at `now`, if any (an ended one is forgotten).
+    pub fn active_outage(&mut self, now: Instant) -> Option<Outage> {
+        match &self.outage {
+            Some(o) if now < o.until => {
+                self.faults_injected += 1;
+                Some(o.clone())
+            }
+            Some(_) => {
+                self.outage = None;
+                None
+            }
+            None => None,
+        }
     }
 
     pub fn purge(&mut self) {
@@ -447,6 +554,7 @@ impl Broker {
         }
         self.requests = 0;
         self.unknown_entity = 0;
+        self.faults_injected = 0;
     }
 
     pub fn stats(&self) -> Value {
@@ -460,7 +568,12 @@ impl Broker {
             }
             entities.insert(e.config.name.clone(), v);
         }
-        serde_json::json!({ "requests": self.requests, "unknownEntity": self.unknown_entity, "entities": entities })
+        serde_json::json!({
+            "requests": self.requests,
+            "unknownEntity": self.unknown_entity,
+            "faultsInjected": self.faults_injected,
+            "entities": entities,
+        })
     }
 }
 
@@ -666,5 +779,56 @@ mod tests {
         assert!(b.fault.is_none());
         assert!(b.entity("A").is_some());
         assert!(b.entity("c").is_none());
+        assert_eq!(b.faults_injected, 2);
+    }
+
+    #[test]
+    fn a_fault_with_a_probability_fails_that_share_the_same_way_for_the_same_seed() {
+        let run = |seed: u64| {
+            let mut b = Broker::new(vec![config("a", None)]);
+            b.fault = Some(
+                Fault::parse(
+                    format!(r#"{{"status":503,"probability":0.1,"seed":{seed}}}"#).as_bytes(),
+                )
+                .unwrap(),
+            );
+            (0..10_000)
+                .map(|_| b.take_fault("a").is_some())
+                .collect::<Vec<bool>>()
+        };
+        let failed = run(7);
+        let n = failed.iter().filter(|f| **f).count();
+        assert!((900..1100).contains(&n), "{n} of 10000 failed");
+        assert_eq!(run(7), failed, "same seed, same sends failed");
+        assert_ne!(run(8), failed, "another seed, other sends");
+
+        let mut b = Broker::new(vec![config("a", None)]);
+        b.fault = Some(Fault::parse(br#"{"status":503,"probability":1,"count":3}"#).unwrap());
+        assert_eq!((0..10).filter(|_| b.take_fault("a").is_some()).count(), 3);
+        assert!(b.fault.is_none(), "a capped fault ends");
+        assert!(Fault::parse(br#"{"status":503,"probability":1.5}"#).is_err());
+        assert!(Fault::parse(br#"{"status":503,"seed":3}"#).is_err());
+        assert!(Fault::parse(br#"{"status":503,"count":0}"#).is_err());
+    }
+
+    #[test]
+    fn an_outage_lasts_its_seconds() {
+        let now = Instant::now();
+        let mut b = Broker::new(vec![config("a", None)]);
+        b.outage = Some(Outage::parse(br#"{"seconds":2,"retryAfter":1}"#, now).unwrap());
+        let o = b.active_outage(now + Duration::from_secs(1)).unwrap();
+        assert_eq!((o.status, o.retry_after), (503, Some(1)));
+        assert!(b.active_outage(now + Duration::from_secs(2)).is_none());
+        assert!(b.outage.is_none(), "an ended outage is forgotten");
+        assert_eq!(b.faults_injected, 1);
+        for bad in [
+            &br#"{"seconds":0}"#[..],
+            br#"{"seconds":3601}"#,
+            br#"{"seconds":1,"status":200}"#,
+            br#"{"seconds":1,"mode":"x"}"#,
+            br#"{}"#,
+        ] {
+            assert!(Outage::parse(bad, now).is_err());
+        }
     }
 }
