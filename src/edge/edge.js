@@ -132,10 +132,15 @@ function respond(op, c) {
   return new Response(body, { status: Number(op[1]), headers: headersOf(op, 5, count) });
 }
 
-/** `count` headers from the fields of an op, names and values from `at` on. */
+/**
+ * `count` headers from the fields of an op, names and values from `at` on, as a plain object (the
+ * runtime reads it into the Response's or request's headers in one call). Names are lowercase
+ * (the wasm's own, or the policy's, lowercased here), so a later value replaces an earlier one
+ * as Headers.set would.
+ */
 function headersOf(fields, at, count) {
-  const out = new Headers();
-  for (let i = at; i < at + 2 * count; i += 2) out.set(fields[i], fields[i + 1]);
+  const out = {};
+  for (let i = at; i < at + 2 * count; i += 2) out[fields[i].toLowerCase()] = fields[i + 1];
   return out;
 }
 
