@@ -13,7 +13,7 @@ let stepper = null;
 const contexts = new Map();
 let nextTask = 1;
 
-/** The wasm's one entry point for tasks: (0, task, now, head) starts one, (1, task, now, result) resumes it, (2, task) drops it. */
+/** The wasm's one entry point for tasks: (0, task, now, uuid + '\n' + head) starts one, (1, task, now, result) resumes it, (2, task) drops it. */
 export function setStepper(f) {
   stepper = f;
 }
@@ -63,7 +63,9 @@ export async function drive(request, env, ctx) {
   nextTask = nextTask >= 0x7fffffff ? 1 : nextTask + 1;
   contexts.set(task, c);
   try {
-    let op = step(0, task, headOf(request));
+    // A fresh UUID rides with the head: the request's first one (its id, unless the caller sent
+    // one) needs no call out of the wasm.
+    let op = step(0, task, `${crypto.randomUUID()}\n${headOf(request)}`);
     for (;;) {
       if (op[0] === 'done') return finish(c, op);
       let result = null;

@@ -17,6 +17,7 @@ mod tokens;
 use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -108,7 +109,8 @@ thread_local! {
     /// isolate runs one thread).
     static GATEWAY: OnceCell<Option<&'static Gateway>> = const { OnceCell::new() };
     /// The requests in flight, by task id.
-    static TASKS: RefCell<HashMap<u32, Task>> = RefCell::new(HashMap::new());
+    static TASKS: RefCell<HashMap<u32, Task, BuildHasherDefault<TaskIdHasher>>> =
+        RefCell::new(HashMap::default());
     /// The one entry point `drive` steps tasks through, made once per isolate.
     static STEPPER: OnceCell<Stepper> = const { OnceCell::new() };
 }
@@ -166,6 +168,27 @@ struct Slot {
     now: Cell<f64>,
 }
 
+/// Hashes a task id (a counter `drive` keeps) with one multiplication: the map is looked up twice
+/// per step, and the ids need no protection from collisions chosen by a caller.
+#[derive(Default)]
+struct TaskIdHasher(u64);
+
+impl Hasher for TaskIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u32(&mut self, id: u32) {
+        self.0 = u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 struct TaskWaker(u32);
 
 impl Wake for TaskWaker {
@@ -174,23 +197,26 @@ impl Wake for TaskWaker {
     }
 }
 
-/// The stepper: `(0, task, now, head)` starts task `task` (`drive` numbers them) with the
-/// request's head ([`RequestHead::from_wire`]); `(1, task, now, result)` resumes it with an
+/// The stepper: `(0, task, now, uuid\nhead)` starts task `task` (`drive` numbers them) with a
+/// fresh UUID (the request's first [`Io::uuid`], often its id, without a call out of the wasm)
+/// and the request's head ([`RequestHead::from_wire`]); `(1, task, now, result)` resumes it with an
 /// op's result, or with nothing after a wake; `(2, task, …)` drops a task `drive` gave up on.
 /// Answers the next op ([`Op`]), `wait` while the task awaits a JavaScript promise of its own,
 /// or the final `done` op ([`done`]).
 fn step(kind: u32, task: u32, now: f64, payload: Option<String>) -> String {
     if kind == 0 {
         let id = task;
-        let head = payload
+        let (uuid, head) = payload
             .as_deref()
-            .and_then(RequestHead::from_wire)
+            .and_then(|p| p.split_once('\n'))
             .unwrap_or_default();
+        let head = RequestHead::from_wire(head).unwrap_or_default();
         let slot = Rc::new(Slot::default());
         let io = Edge {
             task: id,
             slot: slot.clone(),
             c: OnceCell::new(),
+            uuid: RefCell::new((uuid.len() == 36).then(|| uuid.to_owned())),
         };
         let future: Pin<Box<dyn Future<Output = String>>> = Box::pin(async move {
             match gateway() {
@@ -244,10 +270,10 @@ fn done(answer: Answer<u32>, line: &str) -> String {
         AnswerBody::Stream(id) => (None, Some(id)),
     };
     let mut op = Op::new("done");
-    op.num(answer.status)
-        .num(u8::from(text.is_some()))
+    op.int(answer.status)
+        .int(u8::from(text.is_some()))
         .field(&stream.map(|id| id.to_string()).unwrap_or_default())
-        .num(answer.headers.len());
+        .int(answer.headers.len() as u64);
     for (name, value) in &answer.headers {
         op.field(name).field(value);
     }
@@ -298,10 +324,22 @@ impl Op {
         self
     }
 
-    fn num(&mut self, value: impl std::fmt::Display) -> &mut Op {
+    fn int(&mut self, value: impl Into<u64>) -> &mut Op {
         use std::fmt::Write;
         self.0.push('\n');
-        let _ = write!(self.0, "{value}");
+        let _ = write!(self.0, "{}", value.into());
+        self
+    }
+
+    fn num(&mut self, value: f64) -> &mut Op {
+        use std::fmt::Write;
+        self.0.push('\n');
+        // Whole numbers (all but rare retry delays) as integers: cheaper than float formatting.
+        let _ = if value.fract() == 0.0 && value.abs() < 9.0e15 {
+            write!(self.0, "{}", value as i64)
+        } else {
+            write!(self.0, "{value}")
+        };
         self
     }
 }
@@ -325,6 +363,8 @@ struct Edge {
     slot: Rc<Slot>,
     /// The request's JavaScript context, fetched only on the paths that need it.
     c: OnceCell<JsValue>,
+    /// A fresh UUID `drive` handed over with the head, for the first [`Io::uuid`].
+    uuid: RefCell<Option<String>>,
 }
 
 /// Waits for the result of the op in the slot.
@@ -378,7 +418,7 @@ impl Io for Edge {
     }
 
     fn uuid(&self) -> String {
-        random_uuid()
+        self.uuid.borrow_mut().take().unwrap_or_else(random_uuid)
     }
 
     fn random(&self) -> f64 {
@@ -439,7 +479,7 @@ impl Io for Edge {
 
     async fn read_body(&self, limit: u64) -> Result<Option<(u32, u64)>, BodyError> {
         let mut op = Op::new("read");
-        op.num(limit);
+        op.int(limit);
         Edge::body(&self.ask(op).await)
     }
 
@@ -453,7 +493,7 @@ impl Io for Edge {
         limit: u64,
     ) -> Result<Option<(u32, u64)>, BodyError> {
         let mut op = Op::new("block");
-        op.num(block_bytes).num(limit);
+        op.int(block_bytes).int(limit);
         Edge::body(&self.ask(op).await)
     }
 
@@ -488,7 +528,7 @@ impl Io for Edge {
             .num(length)
             .num(deadline)
             .num(idle)
-            .num(request.headers.len() + usize::from(token.is_some()));
+            .int((request.headers.len() + usize::from(token.is_some())) as u64);
         for (name, value) in &request.headers {
             op.field(name).field(value);
         }
@@ -526,7 +566,7 @@ impl Io for Edge {
 
     async fn text(&self, body: u32) -> String {
         let mut op = Op::new("text");
-        op.num(body);
+        op.int(body);
         self.ask(op).await
     }
 
