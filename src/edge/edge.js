@@ -51,7 +51,9 @@ function lastField(fields) {
 /** The request's head as one string: method, URL, 1 or 0 (a body or not), then each header's name and value, separated by line breaks. */
 export function headOf(request) {
   let head = `${request.method}\n${request.url}\n${request.body !== null ? 1 : 0}`;
-  for (const [name, value] of request.headers) head += `\n${name}\n${value}`;
+  // forEach, not the iterator: one call into the runtime instead of one per header and an array
+  // per entry (measured on workerd: half the cost). Same entries, in the same order.
+  request.headers.forEach((value, name) => { head += `\n${name}\n${value}`; });
   return head;
 }
 
@@ -138,10 +140,10 @@ function respond(op, c) {
  * `count` headers from the fields of an op, names and values from `at` on, as a plain object (the
  * runtime reads it into the Response's or request's headers in one call). Names are lowercase
  * (the wasm's own, or the policy's, lowercased here), so a later value replaces an earlier one
- * as Headers.set would.
+ * as Headers.set would; the object has no prototype, so that any name is a plain member.
  */
 function headersOf(fields, at, count) {
-  const out = {};
+  const out = Object.create(null);
   for (let i = at; i < at + 2 * count; i += 2) out[fields[i].toLowerCase()] = fields[i + 1];
   return out;
 }
