@@ -95,7 +95,9 @@ describe('wasm -> JS crossings per request', () => {
       stateDir: STATE_DIR,
       serviceBus: { entities: ['orders'] },
       gatewaySecrets: { E2E_KEY: KEY },
-      gatewayOptions: { countCrossings: true },
+      // worker-build's own entry (AEG_LEAN_ENTRY=0), so that the lean entry step's refusals below
+      // are tried on the output it rewrites; the entry makes no wasm->JS calls either way.
+      gatewayOptions: { countCrossings: true, leanEntry: false },
     });
     gw = stack.gateway;
     // A 1 KB blob to read back.
@@ -133,10 +135,10 @@ describe('wasm -> JS crossings per request', () => {
     refused(src.replace(`${exportsVar(src, 'test')}.fetch(`, 'fetch2('), /wasm fetch export/);
   });
 
-  test('the lean entry step (AEG_LEAN_ENTRY=1) refuses what it cannot rewrite faithfully', (t) => {
+  test('the lean entry step refuses what it cannot rewrite faithfully', (t) => {
     const build = join(STATE_DIR, 'gateway', 'build');
     const src = readFileSync(join(build, 'index.uninstrumented.js'), 'utf8');
-    if (src.includes(LEAN_MARKER)) return t.skip('this build has the lean entry already (AEG_LEAN_ENTRY=1)');
+    if (src.includes(LEAN_MARKER)) return t.skip('this build has the lean entry already');
     const lean = leanEntry(src);
     assert.match(lean, /export\{[^}]*__aeg_lean_entry as default[^}]*\}/);
     assert.throws(() => leanEntry(lean), /already has the lean entry/);
