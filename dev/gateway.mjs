@@ -33,8 +33,9 @@ const BUILD_SCRIPT = join(REPO_ROOT, 'scripts', 'build');
  * - countCrossings: build with AEG_COUNT_CROSSINGS=1 (scripts/build), so each response carries
  *   x-wasm-crossings (tests/e2e/crossings.test.mjs). Off, the build runs with it unset whatever
  *   the environment says, and a build found instrumented is refused.
- * - leanEntry: build with AEG_LEAN_ENTRY=1 (true) or without (false); default: as the environment
- *   says (so `AEG_LEAN_ENTRY=1 scripts/test` runs every suite on the lean entry).
+ * - leanEntry: build with the lean entry (true, scripts/build's default) or with worker-build's
+ *   entry (false, AEG_LEAN_ENTRY=0); default: as the environment says (so `AEG_LEAN_ENTRY=0
+ *   scripts/test` runs every suite on worker-build's entry).
  */
 export async function startGateway({
   policyPath,
@@ -119,7 +120,7 @@ export async function buildWorker({ policyPath, dir, buildCommand = BUILD_SCRIPT
     env: offlineEnv({
       GATEWAY_POLICY: policy,
       AEG_COUNT_CROSSINGS: countCrossings ? '1' : '',
-      ...(leanEntry === undefined ? {} : { AEG_LEAN_ENTRY: leanEntry ? '1' : '' }),
+      ...(leanEntry === undefined ? {} : { AEG_LEAN_ENTRY: leanEntry ? '1' : '0' }),
     }),
     onLine: onLog && ((line) => onLog(`[build] ${line}`)),
   });

@@ -17,6 +17,7 @@ mod tokens;
 use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -110,7 +111,8 @@ thread_local! {
     /// isolate runs one thread).
     static GATEWAY: OnceCell<Option<&'static Gateway>> = const { OnceCell::new() };
     /// The requests in flight, by task id.
-    static TASKS: RefCell<HashMap<u32, Task>> = RefCell::new(HashMap::new());
+    static TASKS: RefCell<HashMap<u32, Task, BuildHasherDefault<TaskIdHasher>>> =
+        RefCell::new(HashMap::default());
     /// The one entry point `drive` steps tasks through, made once per isolate.
     static STEPPER: OnceCell<Stepper> = const { OnceCell::new() };
 }
@@ -187,6 +189,44 @@ enum Delivery {
     None,
 }
 
+/// Hashes a task id (a counter `drive` keeps) with one multiplication: the map is looked up twice
+/// per step, and the ids need no protection from collisions chosen by a caller.
+#[derive(Default)]
+struct TaskIdHasher(u64);
+
+impl Hasher for TaskIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u32(&mut self, id: u32) {
+        self.0 = u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// Starts task `id`: its future, made over the task's I/O.
+fn start(
+    id: u32,
+    uuid: Option<String>,
+    make: impl FnOnce(Edge) -> Pin<Box<dyn Future<Output = String>>>,
+) {
+    let slot = Rc::new(Slot::default());
+    let io = Edge {
+        task: id,
+        slot: slot.clone(),
+        c: OnceCell::new(),
+        uuid: RefCell::new(uuid),
+    };
+    let future = make(io);
+    TASKS.with(|t| t.borrow_mut().insert(id, Task { future, slot }));
+}
+
 struct TaskWaker(u32);
 
 impl Wake for TaskWaker {
@@ -195,90 +235,80 @@ impl Wake for TaskWaker {
     }
 }
 
-/// The stepper: `(0, task, now, head)` starts task `task` (`drive` numbers them) with the
-/// request's head; `(1, task, now, result)` resumes it with an op's result (JSON), or with
-/// nothing after a wake; `(2, task, …)` drops a task `drive` gave up on. Answers the next op
-/// (JSON), `["wait"]` while the task awaits a JavaScript promise of its own, or the final
-/// `["done", …]` followed by a line break and the request's log line.
+/// The stepper: `(0, task, now, uuid\nhead)` starts task `task` (`drive` numbers them) with a
+/// fresh UUID (the request's first [`Io::uuid`], often its id, without a call out of the wasm)
+/// and the request's head ([`RequestHead::from_wire`]); `(1, task, now, result)` resumes it with an
+/// op's result, or with nothing after a wake; `(2, task, …)` drops a task `drive` gave up on;
+/// `(3, task, now, delivery)` starts the delivery of a stored request (`consume`).
+/// Answers the next op ([`Op`]), `wait` while the task awaits a JavaScript promise of its own,
+/// or the final `done` op ([`done`]).
 fn step(kind: u32, task: u32, now: f64, payload: Option<String>) -> String {
     if kind == 0 {
         let id = task;
-        let head = payload
+        let (uuid, head) = payload
             .as_deref()
-            .and_then(RequestHead::from_wire)
+            .and_then(|p| p.split_once('\n'))
             .unwrap_or_default();
-        let slot = Rc::new(Slot::default());
-        let io = Edge {
-            task: id,
-            slot: slot.clone(),
-            c: OnceCell::new(),
-        };
-        let future: Pin<Box<dyn Future<Output = String>>> = Box::pin(async move {
-            match gateway() {
-                Some(gateway) => {
-                    let (answer, line) = gateway.handle(&head, &io).await;
-                    done(answer, &line)
+        let head = RequestHead::from_wire(head).unwrap_or_default();
+        let uuid = (uuid.len() == 36).then(|| uuid.to_owned());
+        start(id, uuid, |io| {
+            Box::pin(async move {
+                match gateway() {
+                    Some(gateway) => {
+                        let (answer, line) = gateway.handle(&head, &io).await;
+                        done(answer, &line)
+                    }
+                    None => done_internal(io.task, "the compiled policy does not load"),
                 }
-                None => done_internal(io.task, "the compiled policy does not load"),
-            }
+            })
         });
-        TASKS.with(|t| t.borrow_mut().insert(id, Task { future, slot }));
     }
     if kind == 3 {
-        // A delivery: [stored request (JSON), attempt, body kind, body].
+        // A delivery: attempt, body kind, buffer id, stored request (JSON, one line), text body.
         let id = task;
-        let payload: Value = payload
-            .as_deref()
-            .and_then(|p| serde_json::from_str(p).ok())
-            .unwrap_or(Value::Null);
-        let stored = payload
-            .get(0)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
-        let attempt = payload.get(1).and_then(Value::as_u64).unwrap_or(1) as u32;
-        let body = match (payload.get(2).and_then(Value::as_str), payload.get(3)) {
-            (Some("buffer"), Some(v)) => Delivery::Buffer(v.as_u64().unwrap_or(0) as u32),
-            (Some("text"), Some(Value::String(t))) => Delivery::Text(t.clone()),
+        let mut fields = payload.as_deref().unwrap_or_default().splitn(5, '\n');
+        let attempt = fields.next().and_then(|a| a.parse().ok()).unwrap_or(1u32);
+        let kind = fields.next().unwrap_or_default().to_owned();
+        let buffer = fields.next().and_then(|b| b.parse().ok()).unwrap_or(0u32);
+        let stored = fields.next().unwrap_or_default().to_owned();
+        let text = fields.next().unwrap_or_default();
+        let body = match kind.as_str() {
+            "buffer" => Delivery::Buffer(buffer),
+            "text" => Delivery::Text(text.to_owned()),
             _ => Delivery::None,
         };
-        let slot = Rc::new(Slot::default());
-        let io = Edge {
-            task: id,
-            slot: slot.clone(),
-            c: OnceCell::new(),
-        };
-        let future: Pin<Box<dyn Future<Output = String>>> = Box::pin(async move {
-            let Some(gateway) = gateway() else {
-                return done_internal(io.task, "the compiled policy does not load");
-            };
-            let out = match &body {
-                Delivery::Buffer(id) => OutBody::Bytes(id),
-                Delivery::Text(t) => OutBody::Text(t),
-                Delivery::None => OutBody::None,
-            };
-            let (outcome, line) = gateway.deliver(&stored, out, attempt, &io).await;
-            // The outcome as the final op's status: 200 acknowledge, 503 retry after the
-            // seconds in retry-after, 410 acknowledge (never deliverable; logged as an error).
-            let (status, headers) = match outcome {
-                crate::store::Delivered::Yes => (200, Vec::new()),
-                crate::store::Delivered::Later(secs) => {
-                    (503, vec![("retry-after", secs.to_string())])
-                }
-                crate::store::Delivered::Never => (410, Vec::new()),
-            };
-            let answer = Answer {
-                status,
-                headers,
-                body: AnswerBody::Empty,
-            };
-            done(answer, &line)
+        start(id, None, |io| {
+            Box::pin(async move {
+                let Some(gateway) = gateway() else {
+                    return done_internal(io.task, "the compiled policy does not load");
+                };
+                let out = match &body {
+                    Delivery::Buffer(id) => OutBody::Bytes(id),
+                    Delivery::Text(t) => OutBody::Text(t),
+                    Delivery::None => OutBody::None,
+                };
+                let (outcome, line) = gateway.deliver(&stored, out, attempt, &io).await;
+                // The outcome as the final op's status: 200 acknowledge, 503 retry after the
+                // seconds in retry-after, 410 acknowledge (never deliverable; logged as an error).
+                let (status, headers) = match outcome {
+                    crate::store::Delivered::Yes => (200, Vec::new()),
+                    crate::store::Delivered::Later(secs) => {
+                        (503, vec![("retry-after", secs.to_string())])
+                    }
+                    crate::store::Delivered::Never => (410, Vec::new()),
+                };
+                let answer = Answer {
+                    status,
+                    headers,
+                    body: AnswerBody::Empty,
+                };
+                done(answer, &line)
+            })
         });
-        TASKS.with(|t| t.borrow_mut().insert(id, Task { future, slot }));
     }
     if kind == 2 {
         TASKS.with(|t| t.borrow_mut().remove(&task));
-        return "[]".to_owned();
+        return String::new();
     }
     let Some(mut current) = TASKS.with(|t| t.borrow_mut().remove(&task)) else {
         return done_internal(task, "a step for a request that is not in flight");
@@ -299,33 +329,33 @@ fn step(kind: u32, task: u32, now: f64, payload: Option<String>) -> String {
                 .op
                 .borrow_mut()
                 .take()
-                .unwrap_or_else(|| "[\"wait\"]".to_owned());
+                .unwrap_or_else(|| "wait".to_owned());
             TASKS.with(|t| t.borrow_mut().insert(task, current));
             op
         }
     }
 }
 
-/// The final op: `["done", status, headers (name\nvalue\n…), has a text body, reply id to
-/// stream or null]`, then on the next line the log line, then (to the end) the text body. Both
-/// are passed as they are rather than escaped into strings of the op's JSON, which never holds
-/// a raw line break (nor does a log line).
+/// The final op: `done`, the status, `1` when a text body follows (else `0`), the id of the
+/// reply to stream (or nothing), the number of headers and each header's name and value, the
+/// log line and, to the end, the text body. The text body is the only field that may hold a
+/// line break: it comes last, as it is.
 fn done(answer: Answer<u32>, line: &str) -> String {
-    let mut headers = String::new();
-    for (name, value) in &answer.headers {
-        push_header(&mut headers, name, value);
-    }
     let (text, stream) = match answer.body {
-        AnswerBody::Empty => (None, Value::Null),
-        AnswerBody::Text(text) => (Some(text), Value::Null),
-        AnswerBody::Stream(id) => (None, Value::from(id)),
+        AnswerBody::Empty => (None, None),
+        AnswerBody::Text(text) => (Some(text), None),
+        AnswerBody::Stream(id) => (None, Some(id)),
     };
-    let mut out = json!(["done", answer.status, headers, text.is_some(), stream]).to_string();
-    out.push('\n');
-    out.push_str(line);
-    out.push('\n');
-    out.push_str(text.as_deref().unwrap_or_default());
-    out
+    let mut op = Op::new("done");
+    op.int(answer.status)
+        .int(u8::from(text.is_some()))
+        .field(&stream.map(|id| id.to_string()).unwrap_or_default())
+        .int(answer.headers.len() as u64);
+    for (name, value) in &answer.headers {
+        op.field(name).field(value);
+    }
+    op.field(line).field(text.as_deref().unwrap_or_default());
+    op.0
 }
 
 fn done_internal(task: u32, what: &str) -> String {
@@ -343,8 +373,8 @@ fn done_internal(task: u32, what: &str) -> String {
     done(answer, &line.to_string())
 }
 
-/// Headers travel as one string, `name\nvalue\n…`: a header value never holds a line break
-/// (the outgoing gate refuses one; the runtime's own headers cannot have one).
+/// Headers as one string, `name\nvalue\n…`, for `fetchText` (token requests): a header value
+/// never holds a line break (the outgoing gate refuses one).
 fn push_header(out: &mut String, name: &str, value: &str) {
     if !out.is_empty() {
         out.push('\n');
@@ -352,6 +382,43 @@ fn push_header(out: &mut String, name: &str, value: &str) {
     out.push_str(name);
     out.push('\n');
     out.push_str(value);
+}
+
+/// An op for `drive`: its kind, then its fields, each after a line break. A field never holds
+/// a line break, except an op's last field where its comment says so (`drive` takes the rest
+/// of the string as that field): header names and values cannot (the outgoing gate refuses
+/// them, and the runtime's own headers cannot have one), nor URLs, numbers and ids.
+struct Op(String);
+
+impl Op {
+    fn new(kind: &str) -> Op {
+        Op(kind.to_owned())
+    }
+
+    fn field(&mut self, value: &str) -> &mut Op {
+        self.0.push('\n');
+        self.0.push_str(value);
+        self
+    }
+
+    fn int(&mut self, value: impl Into<u64>) -> &mut Op {
+        use std::fmt::Write;
+        self.0.push('\n');
+        let _ = write!(self.0, "{}", value.into());
+        self
+    }
+
+    fn num(&mut self, value: f64) -> &mut Op {
+        use std::fmt::Write;
+        self.0.push('\n');
+        // Whole numbers (all but rare retry delays) as integers: cheaper than float formatting.
+        let _ = if value.fract() == 0.0 && value.abs() < 9.0e15 {
+            write!(self.0, "{}", value as i64)
+        } else {
+            write!(self.0, "{value}")
+        };
+        self
+    }
 }
 
 /// For the wasm tests: the head of a JavaScript `Request` as `drive` reads it.
@@ -373,6 +440,8 @@ struct Edge {
     slot: Rc<Slot>,
     /// The request's JavaScript context, fetched only on the paths that need it.
     c: OnceCell<JsValue>,
+    /// A fresh UUID `drive` handed over with the head, for the first [`Io::uuid`].
+    uuid: RefCell<Option<String>>,
 }
 
 /// Waits for the result of the op in the slot.
@@ -390,33 +459,29 @@ impl Future for Ask<'_> {
 }
 
 impl Edge {
-    /// Hands `op` to `drive` and waits for its result (JSON).
-    async fn ask(&self, op: Value) -> Value {
+    /// Hands `op` to `drive` and waits for its result: a string, whose form each op's caller
+    /// reads.
+    async fn ask(&self, op: Op) -> String {
         *self.slot.result.borrow_mut() = None;
-        *self.slot.op.borrow_mut() = Some(op.to_string());
-        let result = Ask(&self.slot).await;
-        serde_json::from_str(&result).unwrap_or(Value::Null)
+        *self.slot.op.borrow_mut() = Some(op.0);
+        Ask(&self.slot).await
     }
 
     fn c(&self) -> &JsValue {
         self.c.get_or_init(|| context_of(self.task))
     }
 
-    /// A body `drive` read: `-1` none, a length (the bytes stay in JavaScript under the id the
-    /// length came with), `{"seen": n}` past the limit, `{"error": …}`.
-    fn body(result: Value) -> Result<Option<(u32, u64)>, BodyError> {
-        if let Some(seen) = result.get("seen").and_then(Value::as_u64) {
-            return Err(BodyError::TooLarge(seen));
-        }
-        if let Some(error) = result.get("error").and_then(Value::as_str) {
-            return Err(BodyError::Unreadable(error.to_owned()));
-        }
-        match (
-            result.get(0).and_then(Value::as_u64),
-            result.get(1).and_then(Value::as_u64),
-        ) {
-            (Some(id), Some(length)) => Ok(Some((id as u32, length))),
-            _ => Ok(None),
+    /// A body `drive` read: `none`, `{id}\n{length}` (the bytes stay in JavaScript under the
+    /// id), `seen\n{n}` past the limit, `error\n{what}`.
+    fn body(result: &str) -> Result<Option<(u32, u64)>, BodyError> {
+        let (first, rest) = result.split_once('\n').unwrap_or((result, ""));
+        match first {
+            "seen" => Err(BodyError::TooLarge(rest.parse().unwrap_or(u64::MAX))),
+            "error" => Err(BodyError::Unreadable(rest.to_owned())),
+            _ => match (first.parse(), rest.parse()) {
+                (Ok(id), Ok(length)) => Ok(Some((id, length))),
+                _ => Ok(None),
+            },
         }
     }
 }
@@ -430,7 +495,7 @@ impl Io for Edge {
     }
 
     fn uuid(&self) -> String {
-        random_uuid()
+        self.uuid.borrow_mut().take().unwrap_or_else(random_uuid)
     }
 
     fn random(&self) -> f64 {
@@ -442,39 +507,43 @@ impl Io for Edge {
     }
 
     async fn rate_limit(&self, binding: &str, key: &str) -> Result<bool, bool> {
-        match self.ask(json!(["rate", binding, key])).await.as_i64() {
-            Some(1) => Ok(true),
-            Some(0) => Ok(false),
-            Some(-1) => Err(true),
+        // The key last: it holds a caller's value (a token's subject).
+        let mut op = Op::new("rate");
+        op.field(binding).field(key);
+        match self.ask(op).await.as_str() {
+            "1" => Ok(true),
+            "0" => Ok(false),
+            "-1" => Err(true),
             _ => Err(false),
         }
     }
 
     async fn fetch_jwks(&self, url: &str) -> Result<String, &'static str> {
-        let result = self.ask(json!(["jwks", url, JWKS_TIMEOUT_MS])).await;
-        // [status, retry-after, body], or {error}.
-        match (result.get(0).and_then(Value::as_u64), result.get(2)) {
-            (Some(status), Some(Value::String(body))) if (200..300).contains(&status) => {
-                Ok(body.clone())
-            }
-            (Some(_), _) => Err("the key set URL answered with an error"),
-            _ if result.get("error").and_then(Value::as_str) == Some("timeout") => {
-                Err("the key set URL timed out")
-            }
-            _ => Err("the key set URL could not be reached"),
+        let mut op = Op::new("jwks");
+        op.field(url).num(JWKS_TIMEOUT_MS);
+        // `{status}\n{body}`, or `error\n{what}`.
+        let result = self.ask(op).await;
+        let (first, body) = result.split_once('\n').unwrap_or((&result, ""));
+        match first {
+            "error" if body == "timeout" => Err("the key set URL timed out"),
+            "error" => Err("the key set URL could not be reached"),
+            status => match status.parse::<u16>() {
+                Ok(status) if (200..300).contains(&status) => Ok(body.to_owned()),
+                Ok(_) => Err("the key set URL answered with an error"),
+                Err(_) => Err("the key set URL could not be reached"),
+            },
         }
     }
 
     async fn verify(&self, alg: JwtAlgorithm, jwk: &Value, data: &[u8], signature: &[u8]) -> bool {
         let b64 = crate::encoding::base64url;
-        let op = json!([
-            "verify",
-            crate::inbound::jwt::alg_name(alg),
-            jwk.to_string(),
-            b64(data),
-            b64(signature)
-        ]);
-        self.ask(op).await.as_bool() == Some(true)
+        let mut op = Op::new("verify");
+        // The key last (JSON, which serde writes without a line break; last all the same).
+        op.field(crate::inbound::jwt::alg_name(alg))
+            .field(&b64(data))
+            .field(&b64(signature))
+            .field(&jwk.to_string());
+        self.ask(op).await == "1"
     }
 
     async fn token(&self, target: &TokenTarget) -> Result<Grant, NoToken> {
@@ -486,7 +555,9 @@ impl Io for Edge {
     }
 
     async fn read_body(&self, limit: u64) -> Result<Option<(u32, u64)>, BodyError> {
-        Edge::body(self.ask(json!(["read", limit])).await)
+        let mut op = Op::new("read");
+        op.int(limit);
+        Edge::body(&self.ask(op).await)
     }
 
     fn bytes(&self, body: &u32) -> Vec<u8> {
@@ -498,9 +569,16 @@ impl Io for Edge {
         block_bytes: u32,
         limit: u64,
     ) -> Result<Option<(u32, u64)>, BodyError> {
-        Edge::body(self.ask(json!(["block", block_bytes, limit])).await)
+        let mut op = Op::new("block");
+        op.int(block_bytes).int(limit);
+        Edge::body(&self.ask(op).await)
     }
 
+    /// `send`, the URL, the method, the body's kind (`none`, `buffer`, `text` or `caller`), the
+    /// buffer's id (or nothing), the caller's body's length (or -1), the deadline and idle
+    /// limits in ms (0: none), the number of headers and each name and value, and, to the end,
+    /// a text body (which may hold line breaks). The result: `{reply id}\n{status}` and the
+    /// headers the core reads (`\n{name}\n{value}` each), or `error\n{timeout | what failed}`.
     async fn send(
         &self,
         request: &BackendRequest,
@@ -509,75 +587,71 @@ impl Io for Edge {
         limit: Limit,
     ) -> Result<Reply<u32>, SendError> {
         crate::backend::check(request).map_err(SendError::Unsendable)?;
-        let mut headers = String::new();
-        for (name, value) in &request.headers {
-            push_header(&mut headers, name, value);
-        }
-        if let Some(token) = token {
-            push_header(&mut headers, "authorization", &format!("Bearer {token}"));
-        }
-        // The body: none, a buffer id, a string, or the caller's own stream and its length.
-        let (kind, body, length) = match body {
-            OutBody::None => ("none", Value::Null, -1.0),
-            OutBody::Bytes(id) => ("buffer", Value::from(*id), -1.0),
-            OutBody::Text(text) => ("text", Value::from(text), -1.0),
-            OutBody::CallerStream { length } => ("caller", Value::Null, length as f64),
+        let (kind, id, length, text) = match body {
+            OutBody::None => ("none", None, -1.0, ""),
+            OutBody::Bytes(id) => ("buffer", Some(*id), -1.0, ""),
+            OutBody::Text(text) => ("text", None, -1.0, text),
+            OutBody::CallerStream { length } => ("caller", None, length as f64, ""),
         };
         let (deadline, idle) = match limit {
             Limit::Deadline(ms) => (ms, 0.0),
             Limit::Idle(ms) => (0.0, ms),
         };
-        let op = json!([
-            "send",
-            request.url,
-            request.method,
-            headers,
-            kind,
-            body,
-            length,
-            deadline,
-            idle,
-            request.reply_headers.join("\n")
-        ]);
+        let mut op = Op::new("send");
+        op.field(&request.url)
+            .field(request.method)
+            .field(kind)
+            .field(&id.map(|id| id.to_string()).unwrap_or_default())
+            .num(length)
+            .num(deadline)
+            .num(idle)
+            .field(&request.reply_headers.join(","))
+            .int((request.headers.len() + usize::from(token.is_some())) as u64);
+        for (name, value) in &request.headers {
+            op.field(name).field(value);
+        }
+        if let Some(token) = token {
+            op.field("authorization");
+            op.0.push_str("\nBearer ");
+            op.0.push_str(token);
+        }
+        op.field(text);
         let result = self.ask(op).await;
-        if let Some(error) = result.get("error").and_then(Value::as_str) {
-            return Err(match error {
+        let mut fields = result.split('\n');
+        let (Some(first), Some(second)) = (fields.next(), fields.next()) else {
+            return Err(SendError::Network("an unreadable reply".into()));
+        };
+        if first == "error" {
+            // What failed is the rest of the string (a message may hold line breaks).
+            return Err(match result.split_once('\n').map_or("", |(_, what)| what) {
                 "timeout" => SendError::Timeout,
                 other => SendError::Network(other.to_owned()),
             });
         }
-        let (Some(id), Some(status), Some(flat)) = (
-            result.get(0).and_then(Value::as_u64),
-            result.get(1).and_then(Value::as_u64),
-            result.get(2).and_then(Value::as_str),
-        ) else {
+        let (Ok(id), Ok(status)) = (first.parse::<u32>(), second.parse::<u16>()) else {
             return Err(SendError::Network("an unreadable reply".into()));
         };
-        let parts: Vec<&str> = if flat.is_empty() {
-            Vec::new()
-        } else {
-            flat.split('\n').collect()
-        };
-        let headers = parts
-            .chunks_exact(2)
-            .map(|kv| (kv[0].to_owned(), kv[1].to_owned()))
-            .collect();
+        let mut headers = Vec::new();
+        while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+            headers.push((name.to_owned(), value.to_owned()));
+        }
         Ok(Reply {
-            status: status as u16,
+            status,
             headers,
-            body: Some(id as u32),
+            body: Some(id),
         })
     }
 
     async fn text(&self, body: u32) -> String {
-        match self.ask(json!(["text", body])).await {
-            Value::String(text) => text,
-            _ => String::new(),
-        }
+        let mut op = Op::new("text");
+        op.int(body);
+        self.ask(op).await
     }
 
     async fn sleep(&self, ms: f64) {
-        self.ask(json!(["sleep", ms])).await;
+        let mut op = Op::new("sleep");
+        op.num(ms);
+        self.ask(op).await;
     }
 
     async fn enqueue(
@@ -587,18 +661,23 @@ impl Io for Edge {
         body: OutBody<'_, u32>,
         max_body: usize,
     ) -> Result<(), String> {
-        let (kind, body) = match body {
-            OutBody::Bytes(id) => ("buffer", Value::from(*id)),
-            OutBody::Text(text) => ("text", Value::from(text)),
-            _ => ("none", Value::Null),
+        let (kind, id, text) = match body {
+            OutBody::Bytes(id) => ("buffer", id.to_string(), ""),
+            OutBody::Text(text) => ("text", String::new(), text),
+            _ => ("none", String::new(), ""),
         };
-        let result = self
-            .ask(json!(["enqueue", binding, stored, kind, body, max_body]))
-            .await;
-        match result.get("error").and_then(Value::as_str) {
-            None if result.as_bool() == Some(true) => Ok(()),
-            None => Err("the queue did not answer".to_owned()),
-            Some(why) => Err(why.to_owned()),
+        let mut op = Op::new("enqueue");
+        op.field(binding)
+            .int(max_body as u64)
+            .field(kind)
+            .field(&id)
+            .field(stored)
+            .field(text);
+        let result = self.ask(op).await;
+        match result.split_once('\n') {
+            None if result == "1" => Ok(()),
+            Some(("error", why)) => Err(why.to_owned()),
+            _ => Err("the queue did not answer".to_owned()),
         }
     }
 }

@@ -66,21 +66,29 @@ impl RequestHead {
             .and_then(|v| v.trim().parse().ok())
     }
 
-    /// Reads the edge's one-string encoding: `[method, url, has_body, [name, value, …]]`.
+    /// Reads the edge's one-string encoding: `method\nurl\nhas_body (1 or 0)\nname\nvalue\n…`,
+    /// fields in order, separated by line breaks (none of them can hold one: the runtime has
+    /// serialised the URL and refuses line breaks in header names and values).
     pub fn from_wire(wire: &str) -> Option<RequestHead> {
-        let (method, url, has_body, flat): (String, String, bool, Vec<String>) =
-            serde_json::from_str(wire).ok()?;
+        let mut fields = wire.split('\n');
+        let method = fields.next()?;
+        let url = fields.next()?;
+        let has_body = match fields.next()? {
+            "1" => true,
+            "0" => false,
+            _ => return None,
+        };
         // An absolute URL: skip the scheme and authority.
-        let after_scheme = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+        let after_scheme = url.split_once("://").map_or(url, |(_, r)| r);
         let target = after_scheme.find('/').map_or("/", |i| &after_scheme[i..]);
         let target = target.split('#').next().unwrap_or(target);
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
-        let headers = flat
-            .chunks_exact(2)
-            .map(|kv| (kv[0].to_ascii_lowercase(), kv[1].clone()))
-            .collect();
+        let mut headers = Vec::new();
+        while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+            headers.push((name.to_ascii_lowercase(), value.to_owned()));
+        }
         Some(RequestHead {
-            method,
+            method: method.to_owned(),
             path: path.to_owned(),
             query: query.to_owned(),
             headers,
@@ -1286,7 +1294,7 @@ mod tests {
 
     #[test]
     fn the_request_head_is_read_from_one_string() {
-        let wire = r#"["POST","https://gw.example.com/orders/a%2Fb?x=1&y=2#frag",true,["Content-Type","application/json","X-Api-Key","k"]]"#;
+        let wire = "POST\nhttps://gw.example.com/orders/a%2Fb?x=1&y=2#frag\n1\nContent-Type\napplication/json\nX-Api-Key\nk";
         let head = RequestHead::from_wire(wire).unwrap();
         assert_eq!(head.method, "POST");
         assert_eq!(head.path, "/orders/a%2Fb");
@@ -1294,8 +1302,13 @@ mod tests {
         assert!(head.has_body);
         assert_eq!(head.header("content-type"), Some("application/json"));
         assert_eq!(head.header("x-api-key"), Some("k"));
-        let root = RequestHead::from_wire(r#"["GET","http://h:8787",false,[]]"#).unwrap();
+        let root = RequestHead::from_wire("GET\nhttp://h:8787\n0").unwrap();
         assert_eq!((root.path.as_str(), root.query.as_str()), ("/", ""));
-        assert!(RequestHead::from_wire("not json").is_none());
+        assert!(!root.has_body && root.headers.is_empty());
+        // An empty header value is a value.
+        let empty = RequestHead::from_wire("GET\nhttp://h/\n0\nx-empty\n").unwrap();
+        assert_eq!(empty.header("x-empty"), Some(""));
+        assert!(RequestHead::from_wire("not a head").is_none());
+        assert!(RequestHead::from_wire("GET\nhttp://h/\nyes").is_none());
     }
 }
