@@ -326,10 +326,12 @@ pub fn parse_token_response(
     })
 }
 
+/// A count of seconds, as a JSON number or (Entra v1) a string of digits.
 fn number(v: &Value) -> Option<f64> {
     match v {
         Value::Number(n) => n.as_f64(),
-        Value::String(s) => s.trim().parse().ok(),
+        // Whole seconds: parsed as an integer (no float parser in the wasm for this).
+        Value::String(s) => s.trim().parse::<u64>().ok().map(|n| n as f64),
         _ => None,
     }
 }
