@@ -91,6 +91,9 @@ export async function runWorkerdBench({ stack, gatewayBuildDir, policyPath, oha,
     const scenarios = {
       404: { label: '404 (no I/O)', expect: '404', args: (w) => [`${w.url}/nothing-here`] },
       sb: { label: 'Service Bus send 1 KB', expect: '2xx', args: (w) => ['-m', 'POST', '-T', 'application/json', '-D', body1k, `${w.url}/sb/contoso`] },
+      // The same send through the general azure_rest backend (the gateway's route rest-send, to
+      // the same entity); the peer has no such route and does its Service Bus send.
+      rest: { label: 'azure_rest send 1 KB (peer: its Service Bus send)', expect: '2xx', args: (w) => ['-m', 'POST', '-T', 'application/json', '-D', body1k, `${w.url}/${w === workers.peer ? 'sb' : 'rest'}/contoso`] },
       blob1k: { label: 'Blob write 1 KB', expect: '2xx', args: (w) => ['-m', 'PUT', '-T', 'application/json', '-D', body1k, `${w.url}/blob/small`] },
     };
     const isError = (expect, code) => (expect === '404' ? code !== '404' : !code.startsWith('2'));
