@@ -1348,3 +1348,25 @@ fn deliveries_retry_while_azure_is_down_and_dead_letter_after_the_last_attempt()
         Delivered::Never
     );
 }
+
+#[test]
+fn uploads_that_stall_or_break_on_the_caller_s_side_do_not_open_the_breaker() {
+    let g = gateway();
+    let body = vec![1u8; 50_000];
+    let head = request("PUT", "/files/a.bin", &[("content-length", "50000")], true);
+    for _ in 0..8 {
+        let io = Fake::new().with_body(&body);
+        io.replies
+            .borrow_mut()
+            .push_back(Err(SendError::Network("the caller's stream broke".into())));
+        let (status, _, _, log) = run(&g, &head, &io);
+        assert_eq!(status, 503);
+        assert_eq!(log["breaker"], "closed");
+    }
+    // Azure is still called for the next caller.
+    let io = Fake::new().with_body(&body);
+    let (status, _, _, log) = run(&g, &head, &io);
+    assert_eq!(status, 201);
+    assert_eq!(log["breaker"], "closed");
+    assert_eq!(io.sent().len(), 1);
+}

@@ -345,6 +345,9 @@ pub struct LogFields {
     pub breaker: Option<&'static str>,
     /// Store-and-forward: `queued`, or why the request was not stored.
     pub stored: Option<String>,
+    /// A send carried the caller's own stream: its failure may be the caller's (a stalled or
+    /// broken upload), so the host's breaker does not count it.
+    pub caller_stream: bool,
     /// The problem the caller would have had, had the request not been stored.
     pub problem_avoided: Option<&'static str>,
 }
@@ -644,6 +647,9 @@ impl Gateway {
         io: &I,
     ) -> Outcome {
         let outcome = match failed {
+            // A failed call that streamed the caller's body may be the caller's doing: a client
+            // that stalls or breaks its uploads must not open the breaker for everyone.
+            Some(_) if cx.log.caller_stream => Outcome::NotSent,
             Some(p) if matches!(p.kind, "backend-unavailable" | "backend-timeout") => {
                 Outcome::Failed
             }

@@ -206,6 +206,11 @@ pub async fn send_renewing<I: Io>(
     limit: Limit,
     log: &mut LogFields,
 ) -> Result<Result<Reply<I::Stream>, SendError>, Problem> {
+    if matches!(body, OutBody::CallerStream { .. }) {
+        // Whatever becomes of this call may be the caller's doing (a slow or broken upload):
+        // the host's circuit breaker does not count it.
+        log.caller_stream = true;
+    }
     let reply = io.send(request, Some(&bearer.token()), body, limit).await;
     let refused = matches!(&reply, Ok(r) if r.status == 401);
     if !refused || bearer.renewed() {
