@@ -347,9 +347,10 @@ async function nextBlock(c, size, limit) {
   try {
     while (filled < size && !c.ended) {
       if (filled === buf.byteLength) {
-        const grown = new Uint8Array(Math.min(size, 2 * buf.byteLength));
-        grown.set(new Uint8Array(buf));
-        buf = grown.buffer;
+        // The first 64 KiB did not hold the body: from here on, one buffer of the block's size.
+        const whole = new Uint8Array(size);
+        whole.set(new Uint8Array(buf));
+        buf = whole.buffer;
       }
       // Never more than one byte past the limit; readAtLeast (workerd's) fills the view in one call.
       const room = Math.min(buf.byteLength - filled, limit + 1 - c.total);
