@@ -10,7 +10,7 @@
  *    afterwards from their log files: lines / requests).
  * 2. Memory: 16 concurrent chunked uploads (no Content-Length) of 1 MiB, then of 50 MB, through the
  *    gateway's `PUT /blob-default/{kind}` route (bench/policy.json, default block size and limits,
- *    so the gateway cuts them into 4 MiB Put Block calls), workerd's RSS sampled every 20 ms: baseline,
+ *    so the gateway cuts them into Put Block calls of the default block size, 1 MiB), workerd's RSS sampled every 20 ms: baseline,
  *    peak, peak − baseline against the isolate's 128 MB limit; every blob HEADed on Azurite for its
  *    size, then deleted.
  *
@@ -332,7 +332,7 @@ export function workerdMarkdown(w) {
   out.push('', 'Errors: any answer other than 404 in the 404 scenario, any non-2xx elsewhere, and connection errors. Everything (oha, both workerd, Azurite, the stand-in, the issuer) shares the same cores: req/s moves with whatever else runs, CPU per request much less.');
   if (w.memory?.length) {
     out.push('', `## Bare workerd: memory, ${w.memory[0].n} concurrent uploads, each run on a fresh workerd`, '');
-    out.push('Chunked: no Content-Length, so the gateway cuts the body into 4 MiB Put Block calls (route `PUT /blob-default/{kind}`, default limits) and commits them with Put Block List. With Content-Length: one streamed Put Blob (route `PUT /blob/{kind}`, `single_put_max_bytes` 64 MiB), for reference, in the gateway and in the peer.', '');
+    out.push('Chunked: no Content-Length, so the gateway cuts the body into Put Block calls of the default 1 MiB (route `PUT /blob-default/{kind}`, default limits) and commits them with Put Block List. With Content-Length: one streamed Put Blob (route `PUT /blob/{kind}`, `single_put_max_bytes` 64 MiB), for reference, in the gateway and in the peer.', '');
     out.push('| worker | uploads | RSS baseline MB | peak MB | peak − baseline MB | of the 128 MB isolate limit | RSS 0.5 s after MB | stored, right size | s | MB/s |');
     out.push('|---|---|--:|--:|--:|--:|--:|--:|--:|--:|');
     for (const m of w.memory) {
