@@ -10,12 +10,15 @@
  *    afterwards from their log files: lines / requests).
  * 2. Memory: 16 concurrent chunked uploads (no Content-Length) of 1 MiB, then of 50 MB, through the
  *    gateway's `PUT /blob-default/{kind}` route (bench/policy.json, default block size and limits,
- *    so the gateway cuts them into 4 MiB Put Block calls), workerd's RSS sampled every 20 ms: baseline,
+ *    so the gateway cuts them into Put Block calls of the default block size, 1 MiB), workerd's RSS sampled every 20 ms: baseline,
  *    peak, peak − baseline against the isolate's 128 MB limit; every blob HEADed on Azurite for its
  *    size, then deleted.
  *
  * Knobs: BENCH_WORKERD_ROUNDS (default BENCH_ROUNDS when set, else 5), BENCH_WORKERD_SECONDS (2),
  * BENCH_WORKERD_CONCURRENCY (16), BENCH_WORKERD_MEM_MB (50; 0 skips the memory part).
+ * BENCH_WORKERD_ROUNDS=0 skips the scenarios (and their smoke requests): memory runs only.
+ * BENCH_WORKERD_MEM_RUNS (small,chunked,length,peer), BENCH_WORKERD_MEM_N (16),
+ * BENCH_WORKERD_MEM_PATH (/blob-default: the routes of the chunked runs, comma-separated).
  */
 import { execFileSync } from 'node:child_process';
 import { request as httpRequest } from 'node:http';
@@ -42,7 +45,11 @@ export function workerdKnobs(env = process.env) {
     seconds: Number(env.BENCH_WORKERD_SECONDS ?? 2),
     concurrency: Number(env.BENCH_WORKERD_CONCURRENCY ?? 16),
     memMb: Number(env.BENCH_WORKERD_MEM_MB ?? 50),
-    memN: 16,
+    memN: Number(env.BENCH_WORKERD_MEM_N ?? 16),
+    // Which memory runs (default all): small (16 × 1 MiB chunked), chunked (the 50 MiB in blocks),
+    // length (the gateway's single Put Blob), peer. BENCH_WORKERD_MEM_PATH: the chunked runs' route.
+    memRuns: (env.BENCH_WORKERD_MEM_RUNS ?? 'small,chunked,length,peer').split(',').map((x) => x.trim()),
+    memPaths: (env.BENCH_WORKERD_MEM_PATH ?? '/blob-default').split(',').map((x) => x.trim()),
   };
 }
 
@@ -100,7 +107,7 @@ export async function runWorkerdBench({ stack, gatewayBuildDir, policyPath, oha,
 
     // Smoke (a broken path fails in seconds; it also fetches each worker's tokens), then one
     // second of load per way and scenario so that V8 has compiled the hot paths before round 1.
-    for (const [name, s] of Object.entries(scenarios)) {
+    for (const [name, s] of knobs.rounds > 0 ? Object.entries(scenarios) : []) {
       for (const way of WAYS) {
         const r = await oha(['-n', '1', '-c', '1', ...s.args(workers[way])]);
         const codes = Object.keys(r.statusCodeDistribution ?? {});
@@ -163,11 +170,11 @@ export async function runWorkerdBench({ stack, gatewayBuildDir, policyPath, oha,
     if (knobs.memMb > 0) {
       const size = knobs.memMb * MB;
       const runs = [
-        { way: 'gateway', path: '/blob-default', chunked: true, sizeBytes: 1 * MB },
-        { way: 'gateway', path: '/blob-default', chunked: true, sizeBytes: size },
-        { way: 'gateway', path: '/blob', chunked: false, sizeBytes: size },
-        { way: 'peer', path: '/blob', chunked: false, sizeBytes: size },
-      ];
+        ...knobs.memPaths.map((path) => ({ name: 'small', way: 'gateway', path, chunked: true, sizeBytes: 1 * MB })),
+        ...knobs.memPaths.map((path) => ({ name: 'chunked', way: 'gateway', path, chunked: true, sizeBytes: size })),
+        { name: 'length', way: 'gateway', path: '/blob', chunked: false, sizeBytes: size },
+        { name: 'peer', way: 'peer', path: '/blob', chunked: false, sizeBytes: size },
+      ].filter((r) => knobs.memRuns.includes(r.name));
       for (const run of runs) {
         const worker = await startWorkerd({ ...options[run.way], port: WORKERD_PORTS.memory, stateDir: join(stateDir, `memory-${run.way}`) });
         started.push(worker);
@@ -269,7 +276,7 @@ async function memoryRun({ stack, worker, way, path, chunked, n, sizeBytes, log,
     rssSeries: sampled.series.filter((_, i) => i % 12 === 0).map(([t, kb]) => `${t}:${Math.round(kb / 1024)}`).join(' '), stored, statuses: results.map((r) => r.status ?? r.error),
     ok: problems.length === 0, problems,
   };
-  log(`workerd memory ${way} ${label}: RSS ${m.baselineMb.toFixed(0)} → peak ${m.peakMb.toFixed(0)} MB (+${m.deltaMb.toFixed(0)} MB; 0.5 s after: ${m.afterMb.toFixed(0)} MB), ${stored}/${n} stored with the right size, ${seconds.toFixed(1)} s${problems.length ? `; PROBLEMS: ${problems.join('; ')}` : ''}`);
+  log(`workerd memory ${way} ${path} ${label}: RSS ${m.baselineMb.toFixed(0)} → peak ${m.peakMb.toFixed(0)} MB (+${m.deltaMb.toFixed(0)} MB; 0.5 s after: ${m.afterMb.toFixed(0)} MB), ${stored}/${n} stored with the right size, ${seconds.toFixed(1)} s${problems.length ? `; PROBLEMS: ${problems.join('; ')}` : ''}`);
   return m;
 }
 
@@ -325,7 +332,7 @@ export function workerdMarkdown(w) {
   out.push('', 'Errors: any answer other than 404 in the 404 scenario, any non-2xx elsewhere, and connection errors. Everything (oha, both workerd, Azurite, the stand-in, the issuer) shares the same cores: req/s moves with whatever else runs, CPU per request much less.');
   if (w.memory?.length) {
     out.push('', `## Bare workerd: memory, ${w.memory[0].n} concurrent uploads, each run on a fresh workerd`, '');
-    out.push('Chunked: no Content-Length, so the gateway cuts the body into 4 MiB Put Block calls (route `PUT /blob-default/{kind}`, default limits) and commits them with Put Block List. With Content-Length: one streamed Put Blob (route `PUT /blob/{kind}`, `single_put_max_bytes` 64 MiB), for reference, in the gateway and in the peer.', '');
+    out.push('Chunked: no Content-Length, so the gateway cuts the body into Put Block calls of the default 1 MiB (route `PUT /blob-default/{kind}`, default limits) and commits them with Put Block List. With Content-Length: one streamed Put Blob (route `PUT /blob/{kind}`, `single_put_max_bytes` 64 MiB), for reference, in the gateway and in the peer.', '');
     out.push('| worker | uploads | RSS baseline MB | peak MB | peak − baseline MB | of the 128 MB isolate limit | RSS 0.5 s after MB | stored, right size | s | MB/s |');
     out.push('|---|---|--:|--:|--:|--:|--:|--:|--:|--:|');
     for (const m of w.memory) {

@@ -1244,7 +1244,19 @@ fn a_route_taken_by_two_earlier_routes_is_one_error_naming_both() {
 #[test]
 fn blob_blocks_must_be_large_enough_for_the_largest_body_in_50000_blocks() {
     let tib: u64 = 1 << 40;
-    // The defaults (100 MiB in 4 MiB blocks) and small blocks for small bodies fit.
+    // The defaults (100 MiB in 1 MiB blocks) and small blocks for small bodies fit; without
+    // block_bytes, the default block grows with max_body_bytes (1 TiB: 22,020,096 bytes).
+    assert!(
+        errors_after(|p| p["routes"][1]["backend"]["blob"]["max_body_bytes"] = json!(tib))
+            .is_empty()
+    );
+    let route: azure_edge_gateway::policy::model::BlobBackend = serde_json::from_value(json!({
+        "container": "c", "blob": "b", "identity": "i", "endpoint": "https://example.com/a",
+        "max_body_bytes": tib
+    }))
+    .unwrap();
+    assert_eq!(route.block_bytes(), 22_020_096);
+    assert!(u64::from(route.block_bytes()) * 50_000 >= tib);
     assert!(errors_after(|p| {
         let b = &mut p["routes"][1]["backend"]["blob"];
         b["block_bytes"] = json!(65_536);
@@ -1257,9 +1269,13 @@ fn blob_blocks_must_be_large_enough_for_the_largest_body_in_50000_blocks() {
         b["max_body_bytes"] = json!(tib);
     })
     .is_empty());
-    // 1 TiB in the default 4 MiB blocks needs 262,144 blocks.
+    // 1 TiB in 4 MiB blocks needs 262,144 blocks.
     assert_one_error(
-        |p| p["routes"][1]["backend"]["blob"]["max_body_bytes"] = json!(tib),
+        |p| {
+            let b = &mut p["routes"][1]["backend"]["blob"];
+            b["block_bytes"] = json!(4_194_304);
+            b["max_body_bytes"] = json!(tib);
+        },
         "routes[1].backend.blob.block_bytes",
         "at least 21990233 bytes (max_body_bytes 1099511627776 in at most 50000 blocks, Azure's limit per blob), got 4194304, which holds at most 209715200000 bytes; raise block_bytes to 21990233 or more, or lower max_body_bytes to 209715200000 or less",
     );
@@ -1276,7 +1292,7 @@ fn blob_blocks_must_be_large_enough_for_the_largest_body_in_50000_blocks() {
     assert_one_error(
         |p| p["routes"][1]["backend"]["blob"]["max_body_bytes"] = json!(5_000 * (1u64 << 30)),
         "routes[1].backend.blob.max_body_bytes",
-        "at most 5242880000000 bytes (50000 blocks, Azure's limit per blob, of the largest block_bytes, 104857600), got 5368709120000; with block_bytes 4194304, at most 209715200000",
+        "at most 5242880000000 bytes (50000 blocks, Azure's limit per blob, of the largest block_bytes, 104857600), got 5368709120000; with block_bytes 104857600, at most 5242880000000",
     );
 }
 

@@ -115,6 +115,28 @@ describe('blob routes', () => {
     assert.equal(sha(Buffer.from(await r.arrayBuffer())), expected);
   });
 
+  test('chunked bodies around the first 64 KiB read and the default 1 MiB block arrive byte-identical, in blocks of at most 1 MiB', async () => {
+    // The edge reads a block's first 64 KiB into a small buffer, then into one of the block's
+    // size: each size here ends just before, at or just after one of those edges. The body
+    // arrives in 7,001-byte pieces, so no piece lines up with them.
+    const sizes = [1, 65535, 65536, 65537, MB - 1, MB, MB + 1, 2 * MB + 65536 + 3];
+    for (const size of sizes) {
+      const body = randomBytes(size);
+      let at = 0;
+      const stream = new ReadableStream({ pull(c) { if (at >= size) c.close(); else { c.enqueue(body.subarray(at, at + 7001)); at += 7001; } } });
+      const name = `edges-${size}.bin`;
+      const w = await put(`/files/contoso/${name}`, stream);
+      assert.equal(w.status, 201, `${size}: ${w.text}`);
+      const got = await azurite(`contoso/${name}`);
+      assert.equal(got.body.length, size);
+      assert.equal(sha(got.body), sha(body), `${size} bytes`);
+      const list = (await azurite(`contoso/${name}?comp=blocklist&blocklisttype=committed`)).body.toString();
+      const blockSizes = [...list.matchAll(/<Size>(\d+)<\/Size>/g)].map((m) => Number(m[1]));
+      assert.equal(blockSizes.length, Math.ceil(size / MB), `${size}: ${list}`);
+      assert.ok(blockSizes.slice(0, -1).every((b) => b === MB), `${size}: ${blockSizes}`);
+    }
+  });
+
   test('a fixed content type wins over the caller\'s, and overwrite replaces', async () => {
     assert.equal((await put('/typed/a', 'one', { 'content-type': 'text/plain' })).status, 201);
     assert.equal((await put('/typed/a', '{"two":2}', { 'content-type': 'text/plain' })).status, 201);

@@ -98,7 +98,13 @@ pub struct BodyInfo<'a> {
 
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 100 * 1024 * 1024;
 pub const DEFAULT_SINGLE_PUT_MAX_BYTES: u64 = 32 * 1024 * 1024;
-pub const DEFAULT_BLOCK_BYTES: u32 = 4 * 1024 * 1024;
+/// The default block: each upload in blocks holds one block in memory, so 16 uploads at once
+/// hold 16 of them (measured on workerd, 16 × 50 MiB: +77 MB of RSS in 1 MiB blocks, +170 MB in
+/// 4 MiB; smaller blocks saved nothing more and were slower).
+pub const DEFAULT_BLOCK_BYTES: u32 = 1024 * 1024;
+/// The largest block the policy allows (one is held in memory).
+pub const MAX_BLOCK_BYTES: u32 = 100 * 1024 * 1024;
+const BLOCK_STEP: u64 = 64 * 1024;
 pub const DEFAULT_IDLE_TIMEOUT_MS: u32 = 30_000;
 
 impl BlobBackend {
@@ -111,8 +117,20 @@ impl BlobBackend {
             .unwrap_or(DEFAULT_SINGLE_PUT_MAX_BYTES)
     }
 
+    /// `block_bytes`, or by default 1 MiB, or, when `max_body_bytes` needs more than 50,000 of
+    /// those, the smallest multiple of 64 KiB that holds it in 50,000 blocks (at most
+    /// [`MAX_BLOCK_BYTES`]), so the defaults always satisfy Azure's limit per blob.
     pub fn block_bytes(&self) -> u32 {
-        self.block_bytes.unwrap_or(DEFAULT_BLOCK_BYTES)
+        self.block_bytes.unwrap_or_else(|| {
+            let needed = self
+                .max_body_bytes()
+                .div_ceil(MAX_BLOCKS)
+                .div_ceil(BLOCK_STEP)
+                * BLOCK_STEP;
+            let needed =
+                u32::try_from(needed.min(u64::from(MAX_BLOCK_BYTES))).unwrap_or(MAX_BLOCK_BYTES);
+            needed.max(DEFAULT_BLOCK_BYTES)
+        })
     }
 
     pub fn idle_timeout_ms(&self) -> f64 {

@@ -787,7 +787,8 @@ pub struct BlobBackend {
     /// Default 33554432 (32 MiB).
     #[serde(default)]
     pub single_put_max_bytes: Option<u64>,
-    /// Size of one Put Block (the only part of a body held in memory). Default 4194304 (4 MiB).
+    /// Size of one Put Block (the only part of a body held in memory). Default 1048576 (1 MiB),
+    /// or the smallest multiple of 64 KiB that holds `max_body_bytes` in 50,000 blocks if larger.
     #[serde(default)]
     pub block_bytes: Option<u32>,
     /// A read streamed back is stopped when no bytes move for this long, in milliseconds; a

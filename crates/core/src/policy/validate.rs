@@ -956,7 +956,7 @@ const MAX_BLOB_BYTES: u64 = 5_000 * 1024 * 1024 * 1024;
 /// Azure commits at most this many blocks to one blob.
 const MAX_BLOCKS_PER_BLOB: u64 = 50_000;
 const MIN_BLOCK_BYTES: u64 = 64 * 1024;
-const MAX_BLOCK_BYTES: u64 = 100 * 1024 * 1024;
+const MAX_BLOCK_BYTES: u64 = crate::backend::blob::MAX_BLOCK_BYTES as u64;
 
 /// Parses a template and checks that every `{path.NAME}` is a parameter of the route's path.
 fn check_template(c: &mut Checker, at: &str, text: &str, scope: &Scope) -> Option<Template> {
