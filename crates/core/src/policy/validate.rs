@@ -655,6 +655,28 @@ fn check_identity_ref(c: &mut Checker, at: &str, name: &str, unreadable: &BTreeS
     );
 }
 
+/// A storage account's name (or its explicit endpoint) for a Storage service with this host
+/// suffix.
+fn check_storage_account(
+    c: &mut Checker,
+    at: &str,
+    account: Option<&str>,
+    endpoint: Option<&str>,
+    suffix: &str,
+) {
+    if let Some(account) = account {
+        if !is_account(account) {
+            c.err(
+                format!("{at}.account"),
+                format!(
+                    "a storage account name: 3-24 lowercase letters or digits, got \"{account}\""
+                ),
+            );
+        }
+    }
+    check_endpoint(c, at, "account", account, endpoint, suffix, true);
+}
+
 /// Checks `namespace`/`account` against `endpoint`: exactly one, and the endpoint's host is
 /// this cloud's host for the service or a declared local endpoint.
 fn check_endpoint(
@@ -841,24 +863,12 @@ fn check_blob(
     unreadable: &BTreeSet<String>,
 ) {
     let cloud = c.policy.cloud;
-    if let Some(account) = &blob.account {
-        if !is_account(account) {
-            c.err(
-                format!("{at}.account"),
-                format!(
-                    "a storage account name: 3-24 lowercase letters or digits, got \"{account}\""
-                ),
-            );
-        }
-    }
-    check_endpoint(
+    check_storage_account(
         c,
         at,
-        "account",
         blob.account.as_deref(),
         blob.endpoint.as_deref(),
         cloud.blob_suffix(),
-        true,
     );
     if !is_container(&blob.container) {
         c.err(

@@ -72,24 +72,12 @@ pub(super) fn check_storage_queue(
     unreadable: &BTreeSet<String>,
 ) {
     let cloud = c.policy.cloud;
-    if let Some(account) = &q.account {
-        if !super::is_account(account) {
-            c.err(
-                format!("{at}.account"),
-                format!(
-                    "a storage account name: 3-24 lowercase letters or digits, got \"{account}\""
-                ),
-            );
-        }
-    }
-    check_endpoint(
+    super::check_storage_account(
         c,
         at,
-        "account",
         q.account.as_deref(),
         q.endpoint.as_deref(),
         cloud.queue_suffix(),
-        true,
     );
     if !is_container(&q.queue) {
         c.err(
