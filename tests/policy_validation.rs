@@ -1889,3 +1889,33 @@ fn the_compiled_policy_survives_the_bytes_the_worker_embeds() {
     }
     assert!(Prepared::load(b"not a policy").is_err());
 }
+
+/// `policy check` says which store-and-forward routes accept bodies too large to be stored.
+#[test]
+fn policy_check_notes_bodies_too_large_to_store() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_policy"))
+        .args(["check", "tests/e2e/fixtures/store-forward-policy.json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("valid (3 route(s)"), "{text}");
+    let notes: Vec<&str> = text.lines().filter(|l| l.contains(": note: ")).collect();
+    assert_eq!(notes.len(), 2, "{text}");
+    assert!(
+        notes[0].contains(
+            "routes[0] (\"orders\") accepts bodies up to 262144 bytes, but only those up to 98304"
+        ),
+        "{text}"
+    );
+    assert!(
+        notes[1].contains("routes[2] (\"files\") accepts bodies up to 104857600 bytes"),
+        "{text}"
+    );
+    // A policy without store-and-forward has no notes.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_policy"))
+        .args(["check", "policy.json"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8(out.stdout).unwrap().contains("note:"));
+}

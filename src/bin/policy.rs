@@ -67,6 +67,9 @@ mod cli {
                     p.identities.len(),
                     if p.identities.len() == 1 { "y" } else { "ies" }
                 );
+                for line in store_notes(&p) {
+                    println!("{file}: note: {line}");
+                }
                 0
             }
             Err(code) => code,
@@ -157,6 +160,36 @@ mod cli {
             }
         }
         0
+    }
+
+    /// Store-and-forward routes that accept requests larger than a queue message can carry:
+    /// those are not stored when Azure is unavailable (they get 503, as without it).
+    fn store_notes(p: &Policy) -> Vec<String> {
+        use azure_edge_gateway::policy::WhenUnavailable;
+        use azure_edge_gateway::store::MAX_STORED_BODY_BYTES;
+        let max = MAX_STORED_BODY_BYTES as u64;
+        p.routes
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.when_unavailable == WhenUnavailable::Queue)
+            .filter_map(|(i, r)| {
+                let backend_limit = match &r.backend {
+                    Backend::ServiceBus(sb) => sb.max_message_bytes() as u64,
+                    Backend::Blob(b) => b.max_body_bytes(),
+                    _ => return None,
+                };
+                let limit = p
+                    .effective_inbound(r)
+                    .max_body_bytes
+                    .map_or(backend_limit, |m| m.min(backend_limit));
+                (limit > max).then(|| {
+                    format!(
+                        "routes[{i}] (\"{}\") accepts bodies up to {limit} bytes, but only those up to {max} bytes (of known length, for a blob) are stored when Azure is unavailable; larger ones get 503 with Retry-After, as without store-and-forward",
+                        r.name
+                    )
+                })
+            })
+            .collect()
     }
 
     /// For an `azure_rest` route: the URL's shape with the pinned version, the audience, what
