@@ -102,6 +102,27 @@ pub fn query_pairs(query: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// `text` escaped for XML 1.0, in an element's content or an attribute value: `&`, `<`, `>`,
+/// `"`, `'` as entities and `\r` as `&#xD;` (a parser would turn a raw `\r\n` into `\n`, and
+/// the text read back would differ). A character XML 1.0 cannot carry even escaped (control
+/// characters but tab and line feed, U+FFFE, U+FFFF) is refused with its byte offset.
+pub fn xml_escape(text: &str, out: &mut String) -> Result<(), (usize, char)> {
+    for (at, ch) in text.char_indices() {
+        match ch {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            '\r' => out.push_str("&#xD;"),
+            '\t' | '\n' => out.push(ch),
+            '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'.. => out.push(ch),
+            _ => return Err((at, ch)),
+        }
+    }
+    Ok(())
+}
+
 /// The DER bytes of the first PEM block with this label (`PRIVATE KEY`, `CERTIFICATE`).
 pub fn pem_block(pem: &str, label: &str) -> Option<Vec<u8>> {
     let begin = format!("-----BEGIN {label}-----");

@@ -365,35 +365,18 @@ impl BodyFormat {
         }
     }
 
-    /// Writes `value` escaped for a string in this format (a JSON string's inside, XML text).
-    pub fn escape(self, value: &str, out: &mut String) {
+    /// Writes `value` escaped for a string in this format (a JSON string's inside, XML text or
+    /// an attribute value); XML refuses a character it cannot carry even escaped.
+    pub fn escape(self, value: &str, out: &mut String) -> Result<(), (usize, char)> {
         match self {
             BodyFormat::Json => {
                 let quoted = serde_json::to_string(value).unwrap_or_default();
                 out.push_str(&quoted[1..quoted.len() - 1]);
+                Ok(())
             }
-            BodyFormat::Xml => {
-                for c in value.chars() {
-                    match c {
-                        '&' => out.push_str("&amp;"),
-                        '<' => out.push_str("&lt;"),
-                        '>' => out.push_str("&gt;"),
-                        '"' => out.push_str("&quot;"),
-                        '\'' => out.push_str("&apos;"),
-                        c => out.push(c),
-                    }
-                }
-            }
+            BodyFormat::Xml => crate::encoding::xml_escape(value, out),
         }
     }
-}
-
-/// Whether text may appear in an XML 1.0 document (no control characters but tab and line
-/// breaks).
-fn is_xml_text(value: &str) -> bool {
-    value
-        .chars()
-        .all(|c| !c.is_control() || matches!(c, '\t' | '\n' | '\r'))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -527,8 +510,7 @@ pub async fn build<I: Io>(
             let mut bad_text = false;
             let text = template
                 .render_escaped(&values, |value, out| {
-                    bad_text |= format == BodyFormat::Xml && !is_xml_text(value);
-                    format.escape(value, out)
+                    bad_text |= format.escape(value, out).is_err();
                 })
                 .map_err(|m| missing(&m))?;
             if bad_text {
@@ -1224,11 +1206,15 @@ mod tests {
     #[test]
     fn template_values_are_escaped_for_their_format() {
         let mut out = String::new();
-        BodyFormat::Json.escape("a\"b\\\n", &mut out);
+        BodyFormat::Json.escape("a\"b\\\n", &mut out).unwrap();
         assert_eq!(out, "a\\\"b\\\\\\n");
         out.clear();
-        BodyFormat::Xml.escape("<a & 'b'>", &mut out);
+        BodyFormat::Xml.escape("<a & 'b'>", &mut out).unwrap();
         assert_eq!(out, "&lt;a &amp; &apos;b&apos;&gt;");
+        assert_eq!(
+            BodyFormat::Xml.escape("ok\u{1b}", &mut out),
+            Err((2, '\u{1b}'))
+        );
         assert_eq!(
             BodyFormat::of("application/json; charset=utf-8"),
             Some(BodyFormat::Json)

@@ -43,30 +43,13 @@ pub fn message_text(body: &[u8], encoding: QueueEncoding) -> Result<String, Prob
             let text = std::str::from_utf8(body).map_err(|e| {
                 bad_message(format!("This route stores the body as text (\"encoding\": \"text\"), so it must be UTF-8, and it is not (at byte {}). Send UTF-8 text", e.valid_up_to()))
             })?;
-            xml_text(text).map_err(|(at, ch)| {
+            let mut escaped = String::with_capacity(text.len() + text.len() / 8);
+            crate::encoding::xml_escape(text, &mut escaped).map_err(|(at, ch)| {
                 bad_message(format!("The body has U+{:04X} at byte {at}, a character XML 1.0 (Queue Storage's wire format) cannot carry even escaped. Send text without control characters", ch as u32))
-            })
+            })?;
+            Ok(escaped)
         }
     }
-}
-
-/// `text` escaped for an XML element's content: `&`, `<`, `>` as entities and `\r` as `&#xD;`
-/// (an XML parser would turn a raw `\r\n` into `\n`, and the stored text would differ from the
-/// body). A character XML 1.0 cannot carry at all is refused with its byte offset.
-pub fn xml_text(text: &str) -> Result<String, (usize, char)> {
-    let mut out = String::with_capacity(text.len() + text.len() / 8);
-    for (at, ch) in text.char_indices() {
-        match ch {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '\r' => out.push_str("&#xD;"),
-            '\t' | '\n' => out.push(ch),
-            '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'.. => out.push(ch),
-            _ => return Err((at, ch)),
-        }
-    }
-    Ok(out)
 }
 
 /// The Put Message body.
@@ -359,9 +342,12 @@ mod tests {
     use super::*;
     use crate::encoding::base64_decode;
 
-    /// What an XML parser gives back for escaped text: the inverse of [`xml_text`].
+    /// What an XML parser gives back for escaped text: the inverse of
+    /// [`crate::encoding::xml_escape`].
     fn unescape(s: &str) -> String {
         s.replace("&#xD;", "\r")
+            .replace("&quot;", "\"")
+            .replace("&apos;", "'")
             .replace("&lt;", "<")
             .replace("&gt;", ">")
             .replace("&amp;", "&")
