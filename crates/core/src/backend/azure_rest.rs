@@ -386,8 +386,6 @@ impl BodyFormat {
 pub struct Plan<B> {
     request: BackendRequest,
     body: PlanBody<B>,
-    /// Whether the body can be sent again (it is not the caller's stream).
-    retryable: bool,
     /// The key of operation handles, when the route's operations can be followed.
     handle_key: Option<[u8; 32]>,
     /// A fresh UUID for a handle's nonce (empty when no handle can be made).
@@ -543,10 +541,6 @@ pub async fn build<I: Io>(
         reply_headers: rest.reply_headers.clone(),
     };
     super::check(&request)?;
-    // A call is sent again after a 429 or 5xx only when doing so cannot do it twice: reads and
-    // idempotent writes (PUT, DELETE) with a body the edge holds. POST and PATCH only on 429
-    // (a throttled call was not processed). The caller's stream is never sent twice.
-    let retryable = !matches!(body, PlanBody::Stream(_));
     let handle_key = match &rest.operation_path {
         Some(_) => rest
             .handle_secrets
@@ -558,7 +552,6 @@ pub async fn build<I: Io>(
     Ok(Plan {
         request,
         body,
-        retryable,
         nonce_seed: if handle_key.is_some() {
             io.uuid()
         } else {
@@ -615,7 +608,10 @@ pub async fn send<I: Io>(
         PlanBody::Text(t) => OutBody::Text(t),
         PlanBody::Stream(length) => OutBody::CallerStream { length: *length },
     };
-    let reply = if plan.retryable {
+    // A call is sent again after a 429 or 5xx only when doing so cannot do it twice: reads and
+    // idempotent writes (PUT, DELETE) with a body the edge holds. POST and PATCH only on 429
+    // (a throttled call was not processed). The caller's stream is never sent twice.
+    let reply = if !matches!(plan.body, PlanBody::Stream(_)) {
         let method_idempotent = idempotent(request.method);
         send_retried(
             io,
@@ -1046,7 +1042,6 @@ pub fn build_operation<'p, I: Io>(
         let plan = Plan {
             request,
             body: PlanBody::None,
-            retryable: true,
             handle_key: keys.first().copied(),
             nonce_seed: io.uuid(),
             now_ms: now,
