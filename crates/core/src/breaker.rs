@@ -92,10 +92,17 @@ impl Breakers {
         if config.failures == 0 {
             return Admission::Call { probe: false };
         }
-        let state = self.hosts.entry(host.to_owned()).or_insert(State::Closed {
-            failures: 0,
-            since: now,
-        });
+        // On the request path: the host's name is copied only the first time it is seen.
+        if !self.hosts.contains_key(host) {
+            let closed = State::Closed {
+                failures: 0,
+                since: now,
+            };
+            self.hosts.insert(host.to_owned(), closed);
+        }
+        let Some(state) = self.hosts.get_mut(host) else {
+            return Admission::Call { probe: false };
+        };
         match *state {
             State::Closed { .. } => Admission::Call { probe: false },
             State::Open { until } if now < until => Admission::Open {
