@@ -164,7 +164,8 @@ impl Io for Fake {
                 access_token: match self.evicted.borrow().len() {
                     0 => format!("token-for-{}", target.identity),
                     n => format!("token-for-{}-{}", target.identity, n + 1),
-                },
+                }
+                .into(),
                 obtained_at: 0.0,
                 expires_at: self.clock.get() + 3_600_000.0,
             },

@@ -46,11 +46,11 @@ async fn the_fetch_handler_runs_a_request_through_every_phase() {
         &JsValue::UNDEFINED,
         Some("{}".into()),
     );
-    let response = JsFuture::from(azure_edge_gateway::edge::fetch(
+    let response = JsFuture::from(js_sys::Promise::resolve(&azure_edge_gateway::edge::fetch(
         missing,
         test_env(),
         test_ctx(),
-    ))
+    )))
     .await
     .unwrap();
     assert_eq!(status(&response), 401);
@@ -63,11 +63,11 @@ async fn the_fetch_handler_runs_a_request_through_every_phase() {
         &headers,
         Some("{}".into()),
     );
-    let response = JsFuture::from(azure_edge_gateway::edge::fetch(
+    let response = JsFuture::from(js_sys::Promise::resolve(&azure_edge_gateway::edge::fetch(
         keyed,
         test_env(),
         test_ctx(),
-    ))
+    )))
     .await
     .unwrap();
     let text = JsFuture::from(body_text(&response))

@@ -42,8 +42,9 @@ const PREPARED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/prepared.bin")
 
 #[wasm_bindgen(module = "/src/edge/edge.js")]
 extern "C" {
-    /// Runs one request: reads its head, steps its task through every op, builds the answer.
-    fn drive(request: &JsValue, env: &JsValue, ctx: &JsValue) -> Promise;
+    /// Runs one request: reads its head, steps its task through every op, builds the answer
+    /// (a `Response`, or a promise of one when the request needed I/O).
+    fn drive(request: &JsValue, env: &JsValue, ctx: &JsValue) -> JsValue;
     /// Delivers a batch of stored requests, each as a task, and acknowledges or retries each.
     fn consume(batch: &JsValue, env: &JsValue, ctx: &JsValue) -> Promise;
     #[wasm_bindgen(js_name = setStepper)]
@@ -135,9 +136,10 @@ fn gateway() -> Option<&'static Gateway> {
     })
 }
 
-/// The worker's fetch handler, called by the entry module for every request.
+/// The worker's fetch handler, called by the entry module for every request: the `Response`,
+/// or a promise of it (the runtime takes either).
 #[wasm_bindgen]
-pub fn fetch(request: JsValue, env: JsValue, ctx: JsValue) -> Promise {
+pub fn fetch(request: JsValue, env: JsValue, ctx: JsValue) -> JsValue {
     ensure_stepper();
     drive(&request, &env, &ctx)
 }
@@ -169,6 +171,8 @@ fn ensure_stepper() {
 struct Task {
     future: Pin<Box<dyn Future<Output = String>>>,
     slot: Rc<Slot>,
+    /// Its waker, made once (it schedules the task by id).
+    waker: Waker,
 }
 
 /// What a task and `drive` exchange.
@@ -224,7 +228,17 @@ fn start(
         uuid: RefCell::new(uuid),
     };
     let future = make(io);
-    TASKS.with(|t| t.borrow_mut().insert(id, Task { future, slot }));
+    let waker = Waker::from(Arc::new(TaskWaker(id)));
+    TASKS.with(|t| {
+        t.borrow_mut().insert(
+            id,
+            Task {
+                future,
+                slot,
+                waker,
+            },
+        )
+    });
 }
 
 struct TaskWaker(u32);
@@ -319,8 +333,7 @@ fn step(kind: u32, task: u32, now: f64, payload: Option<String>) -> String {
             *current.slot.result.borrow_mut() = Some(result);
         }
     }
-    let waker = Waker::from(Arc::new(TaskWaker(task)));
-    let mut cx = Context::from_waker(&waker);
+    let mut cx = Context::from_waker(&current.waker);
     match current.future.as_mut().poll(&mut cx) {
         Poll::Ready(done) => done,
         Poll::Pending => {
@@ -346,7 +359,15 @@ fn done(answer: Answer<u32>, line: &str) -> String {
         AnswerBody::Text(text) => (Some(text), None),
         AnswerBody::Stream(id) => (None, Some(id)),
     };
-    let mut op = Op::new("done");
+    let room = 64
+        + line.len()
+        + text.as_ref().map_or(0, String::len)
+        + answer
+            .headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len() + 2)
+            .sum::<usize>();
+    let mut op = Op::with_room("done", room);
     op.int(answer.status)
         .int(u8::from(text.is_some()))
         .field(&stream.map(|id| id.to_string()).unwrap_or_default())
@@ -392,7 +413,15 @@ struct Op(String);
 
 impl Op {
     fn new(kind: &str) -> Op {
-        Op(kind.to_owned())
+        Op::with_room(kind, 32)
+    }
+
+    /// An op with room for about `room` more bytes of fields (a send, the final op): one
+    /// allocation instead of one per doubling.
+    fn with_room(kind: &str, room: usize) -> Op {
+        let mut op = String::with_capacity(kind.len() + room);
+        op.push_str(kind);
+        Op(op)
     }
 
     fn field(&mut self, value: &str) -> &mut Op {
@@ -594,12 +623,25 @@ impl Io for Edge {
             Limit::Deadline(ms) => (ms, 0.0),
             Limit::Idle(ms) => (0.0, ms),
         };
-        let mut op = Op::new("send");
+        let room = 128
+            + request.url.len()
+            + text.len()
+            + token.map_or(0, |t| t.len() + 24)
+            + request
+                .headers
+                .iter()
+                .map(|(n, v)| n.len() + v.len() + 2)
+                .sum::<usize>();
+        let mut op = Op::with_room("send", room);
         op.field(&request.url)
             .field(request.method)
             .field(kind)
-            .field(&id.map(|id| id.to_string()).unwrap_or_default())
-            .num(length)
+            .field("");
+        if let Some(id) = id {
+            use std::fmt::Write;
+            let _ = write!(op.0, "{id}");
+        }
+        op.num(length)
             .num(deadline)
             .num(idle)
             .field(&request.reply_headers.join(","))

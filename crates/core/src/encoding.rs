@@ -123,6 +123,129 @@ pub fn xml_escape(text: &str, out: &mut String) -> Result<(), (usize, char)> {
     Ok(())
 }
 
+/// A JSON object written member by member, byte for byte as `serde_json` writes the same
+/// values (strings escaped as it escapes them, floats as it formats them), without a map or a
+/// serializer on the way: the log line of every request is written with it. Names are the
+/// caller's constants and are not escaped.
+pub struct JsonObject(String);
+
+impl JsonObject {
+    pub fn with_capacity(capacity: usize) -> JsonObject {
+        let mut out = String::with_capacity(capacity);
+        out.push('{');
+        JsonObject(out)
+    }
+
+    fn name(&mut self, name: &str) -> &mut String {
+        if self.0.len() > 1 {
+            self.0.push(',');
+        }
+        self.0.push('"');
+        self.0.push_str(name);
+        self.0.push_str("\":");
+        &mut self.0
+    }
+
+    pub fn str(&mut self, name: &str, value: &str) -> &mut JsonObject {
+        push_json_str(self.name(name), value);
+        self
+    }
+
+    /// A string, or `null`.
+    pub fn str_or_null(&mut self, name: &str, value: Option<&str>) -> &mut JsonObject {
+        match value {
+            Some(v) => self.str(name, v),
+            None => {
+                self.name(name).push_str("null");
+                self
+            }
+        }
+    }
+
+    /// A string when there is one; nothing otherwise.
+    pub fn opt_str(&mut self, name: &str, value: Option<&str>) -> &mut JsonObject {
+        if let Some(v) = value {
+            self.str(name, v);
+        }
+        self
+    }
+
+    pub fn uint(&mut self, name: &str, value: u64) -> &mut JsonObject {
+        use std::fmt::Write;
+        let _ = write!(self.name(name), "{value}");
+        self
+    }
+
+    pub fn float(&mut self, name: &str, value: f64) -> &mut JsonObject {
+        use std::fmt::Write;
+        let out = self.name(name);
+        // Whole numbers (milliseconds, seconds) as serde_json writes them (`12.0`) without its
+        // float formatter; anything else through it.
+        if value.is_finite() && value.fract() == 0.0 && value.abs() < 1e15 && value != 0.0
+            || value == 0.0 && value.is_sign_positive()
+        {
+            let _ = write!(out, "{}.0", value as i64);
+        } else {
+            out.push_str(&serde_json::to_string(&value).unwrap_or_else(|_| "null".into()));
+        }
+        self
+    }
+
+    /// Any JSON value, under a name that is escaped (it may come from data).
+    pub fn json(&mut self, name: &str, value: &serde_json::Value) -> &mut JsonObject {
+        if self.0.len() > 1 {
+            self.0.push(',');
+        }
+        push_json_str(&mut self.0, name);
+        self.0.push(':');
+        self.0
+            .push_str(&serde_json::to_string(value).unwrap_or_else(|_| "null".into()));
+        self
+    }
+
+    pub fn bool(&mut self, name: &str, value: bool) -> &mut JsonObject {
+        self.name(name)
+            .push_str(if value { "true" } else { "false" });
+        self
+    }
+
+    pub fn finish(mut self) -> String {
+        self.0.push('}');
+        self.0
+    }
+}
+
+/// `value` as a JSON string, escaped as `serde_json` escapes it: `"`, `\\`, and control
+/// characters (`\b \f \n \r \t` short, the others as `\u00xx`); everything else as it is.
+pub fn push_json_str(out: &mut String, value: &str) {
+    use std::fmt::Write;
+    out.push('"');
+    let mut start = 0;
+    for (i, &b) in value.as_bytes().iter().enumerate() {
+        let short = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        // `b` is ASCII: `i` is on a character boundary.
+        out.push_str(&value[start..i]);
+        if short.is_empty() {
+            let _ = write!(out, "\\u{b:04x}");
+        } else {
+            out.push_str(short);
+        }
+        start = i + 1;
+    }
+    out.push_str(&value[start..]);
+    out.push('"');
+}
+
 /// The DER bytes of the first PEM block with this label (`PRIVATE KEY`, `CERTIFICATE`).
 pub fn pem_block(pem: &str, label: &str) -> Option<Vec<u8>> {
     let begin = format!("-----BEGIN {label}-----");

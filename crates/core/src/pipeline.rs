@@ -1218,72 +1218,167 @@ pub fn request_id(header: Option<&str>) -> Option<&str> {
 
 /// Phase 11: the one JSON log line of a request.
 fn log_line(cx: &Cx<'_>, status: u16, duration_ms: f64) -> String {
-    #[derive(serde::Serialize)]
-    struct Line<'a> {
-        level: &'static str,
-        request_id: &'a str,
-        method: &'a str,
-        // No query string: queries may carry things not meant for logs.
-        path: &'a str,
-        route: Option<&'a str>,
-        status: u16,
-        duration_ms: f64,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        problem: Option<&'static str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        api_key: Option<&'a str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        identity: Option<&'a str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        token: Option<&'static str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        idp_ms: Option<f64>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        token_ttl_s: Option<f64>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        token_error: Option<&'a str>,
-        #[serde(skip_serializing_if = "std::ops::Not::not")]
-        token_renewed: bool,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        breaker: Option<&'static str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        stored: Option<&'a str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        unavailable: Option<&'static str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        backend_status: Option<u16>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        backend_detail: Option<&'a str>,
-    }
     let log = &cx.log;
-    serde_json::to_string(&Line {
-        level: if status >= 500 { "error" } else { "info" },
-        request_id: &cx.request_id,
-        method: &cx.head.method,
-        path: &cx.head.path,
-        route: cx.route.map(|r| r.name.as_str()),
-        status,
-        duration_ms,
-        problem: log.problem,
-        api_key: cx.api_key.as_deref(),
-        identity: log.identity.as_deref(),
-        token: log.token,
-        idp_ms: log.idp_ms,
-        token_ttl_s: log.token_ttl_s.map(f64::floor),
-        token_error: log.token_error.as_deref(),
-        token_renewed: log.token_renewed,
-        breaker: log.breaker,
-        stored: log.stored.as_deref(),
-        unavailable: log.problem_avoided,
-        backend_status: log.backend_status,
-        backend_detail: log.backend_detail.as_deref(),
-    })
-    .unwrap_or_default()
+    let mut line = crate::encoding::JsonObject::with_capacity(256);
+    line.str("level", if status >= 500 { "error" } else { "info" })
+        .str("request_id", &cx.request_id)
+        .str("method", &cx.head.method)
+        // No query string: queries may carry things not meant for logs.
+        .str("path", &cx.head.path)
+        .str_or_null("route", cx.route.map(|r| r.name.as_str()))
+        .uint("status", u64::from(status))
+        .float("duration_ms", duration_ms)
+        .opt_str("problem", log.problem)
+        .opt_str("api_key", cx.api_key.as_deref())
+        .opt_str("identity", log.identity.as_deref())
+        .opt_str("token", log.token);
+    if let Some(ms) = log.idp_ms {
+        line.float("idp_ms", ms);
+    }
+    if let Some(ttl) = log.token_ttl_s {
+        line.float("token_ttl_s", ttl.floor());
+    }
+    line.opt_str("token_error", log.token_error.as_deref());
+    if log.token_renewed {
+        line.bool("token_renewed", true);
+    }
+    line.opt_str("breaker", log.breaker)
+        .opt_str("stored", log.stored.as_deref())
+        .opt_str("unavailable", log.problem_avoided);
+    if let Some(status) = log.backend_status {
+        line.uint("backend_status", u64::from(status));
+    }
+    line.opt_str("backend_detail", log.backend_detail.as_deref());
+    line.finish()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The log line as serde_json's derive wrote it before [`log_line`] wrote it by hand.
+    fn reference_line(cx: &Cx<'_>, status: u16, duration_ms: f64) -> String {
+        #[derive(serde::Serialize)]
+        struct Line<'a> {
+            level: &'static str,
+            request_id: &'a str,
+            method: &'a str,
+            path: &'a str,
+            route: Option<&'a str>,
+            status: u16,
+            duration_ms: f64,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            problem: Option<&'static str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            api_key: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            identity: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            token: Option<&'static str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            idp_ms: Option<f64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            token_ttl_s: Option<f64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            token_error: Option<&'a str>,
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            token_renewed: bool,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            breaker: Option<&'static str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            stored: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            unavailable: Option<&'static str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            backend_status: Option<u16>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            backend_detail: Option<&'a str>,
+        }
+        let log = &cx.log;
+        serde_json::to_string(&Line {
+            level: if status >= 500 { "error" } else { "info" },
+            request_id: &cx.request_id,
+            method: &cx.head.method,
+            path: &cx.head.path,
+            route: cx.route.map(|r| r.name.as_str()),
+            status,
+            duration_ms,
+            problem: log.problem,
+            api_key: cx.api_key.as_deref(),
+            identity: log.identity.as_deref(),
+            token: log.token,
+            idp_ms: log.idp_ms,
+            token_ttl_s: log.token_ttl_s.map(f64::floor),
+            token_error: log.token_error.as_deref(),
+            token_renewed: log.token_renewed,
+            breaker: log.breaker,
+            stored: log.stored.as_deref(),
+            unavailable: log.problem_avoided,
+            backend_status: log.backend_status,
+            backend_detail: log.backend_detail.as_deref(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn log_line_is_the_json_serde_wrote() {
+        let strange = "a\"b\\c\nd\re\tf\u{1}\u{8}\u{c}\u{1f}\u{7f}é漢😀</script>";
+        let head = RequestHead {
+            method: "POST".into(),
+            path: format!("/sb/{strange}"),
+            ..Default::default()
+        };
+        let durations = [
+            0.0,
+            -0.0,
+            1.0,
+            12.0,
+            2.5,
+            -3.0,
+            1e15,
+            1e16,
+            123456789.0,
+            f64::NAN,
+        ];
+        for (i, duration) in durations.into_iter().enumerate() {
+            let mut cx = Cx {
+                head: &head,
+                request_id: format!("req-{i}{strange}"),
+                route: None,
+                params: Vec::new(),
+                query: Vec::new(),
+                api_key: (i % 2 == 0).then(|| format!("key{strange}")),
+                claims: None,
+                log: LogFields::default(),
+            };
+            if i % 3 != 0 {
+                cx.log = LogFields {
+                    problem: Some("backend-unavailable"),
+                    identity: Some("orders".into()),
+                    token: Some("cache"),
+                    idp_ms: Some(duration * 3.0),
+                    token_ttl_s: Some(3599.7 + duration),
+                    token_error: Some(format!("no {strange}")),
+                    backend_status: Some(503),
+                    backend_detail: Some(strange.into()),
+                    token_renewed: i % 2 == 1,
+                    breaker: Some("open"),
+                    stored: Some("queued".into()),
+                    caller_stream: false,
+                    problem_avoided: Some("backend-unavailable"),
+                };
+            }
+            for status in [200, 404, 503] {
+                assert_eq!(
+                    log_line(&cx, status, duration),
+                    reference_line(&cx, status, duration),
+                    "duration {duration}, status {status}"
+                );
+            }
+            let line: Value = serde_json::from_str(&log_line(&cx, 202, duration)).unwrap();
+            assert_eq!(line["request_id"], Value::from(cx.request_id.clone()));
+        }
+    }
 
     #[test]
     fn request_id_keeps_sane_ids_only() {

@@ -68,28 +68,19 @@ impl Problem {
     /// The JSON body; `instance` is the request path and `request_id` lets a caller quote the
     /// log line to an operator.
     pub fn body(&self, instance: &str, request_id: &str) -> String {
-        #[derive(serde::Serialize)]
-        struct Body<'a> {
-            #[serde(rename = "type")]
-            type_uri: String,
-            title: &'a str,
-            status: u16,
-            detail: &'a str,
-            instance: &'a str,
-            request_id: &'a str,
-            #[serde(flatten)]
-            extensions: &'a Map<String, Value>,
+        let mut body = crate::encoding::JsonObject::with_capacity(
+            160 + self.detail.len() + instance.len() + request_id.len(),
+        );
+        body.str("type", &self.type_uri())
+            .str("title", self.title)
+            .uint("status", u64::from(self.status))
+            .str("detail", &self.detail)
+            .str("instance", instance)
+            .str("request_id", request_id);
+        for (name, value) in &self.extensions {
+            body.json(name, value);
         }
-        serde_json::to_string(&Body {
-            type_uri: self.type_uri(),
-            title: self.title,
-            status: self.status,
-            detail: &self.detail,
-            instance,
-            request_id,
-            extensions: &self.extensions,
-        })
-        .unwrap_or_default()
+        body.finish()
     }
 
     pub fn not_found(path: &str) -> Problem {
@@ -181,6 +172,41 @@ impl Problem {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn body_is_the_json_serde_wrote() {
+        #[derive(serde::Serialize)]
+        struct Body<'a> {
+            #[serde(rename = "type")]
+            type_uri: String,
+            title: &'a str,
+            status: u16,
+            detail: &'a str,
+            instance: &'a str,
+            request_id: &'a str,
+            #[serde(flatten)]
+            extensions: &'a Map<String, Value>,
+        }
+        let strange = "a\"b\\c\nd\u{1}é😀";
+        let plain = Problem::not_found(&format!("/x/{strange}"));
+        let extended = Problem::new(502, "backend-failed", "Backend failed", strange)
+            .with_extension("backend_status", Value::from(503))
+            .with_extension("errors", serde_json::json!([{"path": strange, "n": 1.5}]))
+            .with_extension(strange, Value::Null);
+        for p in [plain, extended] {
+            let reference = serde_json::to_string(&Body {
+                type_uri: p.type_uri(),
+                title: p.title,
+                status: p.status,
+                detail: &p.detail,
+                instance: strange,
+                request_id: "req-1",
+                extensions: &p.extensions,
+            })
+            .unwrap();
+            assert_eq!(p.body(strange, "req-1"), reference);
+        }
+    }
     use crate::identity::TokenError;
     use serde_json::json;
 

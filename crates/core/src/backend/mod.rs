@@ -137,7 +137,7 @@ pub enum Verdict<S> {
 /// single-flight cache as any other) for the request to be sent again.
 pub struct Bearer<'t> {
     pub target: &'t TokenTarget,
-    token: RefCell<String>,
+    token: RefCell<std::rc::Rc<str>>,
     renewed: Cell<bool>,
 }
 
@@ -151,7 +151,7 @@ impl<'t> Bearer<'t> {
     }
 
     /// The token to send now.
-    pub fn token(&self) -> String {
+    pub fn token(&self) -> std::rc::Rc<str> {
         self.token.borrow().clone()
     }
 

@@ -644,27 +644,64 @@ pub fn stored<'p, B>(
 
 /// The caller's 202 for a stored send: the message id(s) it will carry.
 pub fn queued<B, S>(sb: &PreparedServiceBus, plan: &Plan<B>) -> crate::pipeline::Answer<S> {
-    let entity = sb.config.entity();
-    let body = if sb.config.batch {
-        json!({ "status": "queued", "entity": entity, "messageIds": plan.ids })
-    } else {
-        json!({ "status": "queued", "entity": entity, "messageId": plan.ids.first() })
-    };
-    crate::pipeline::Answer::json(202, body.to_string())
+    let body = ids_body("queued", sb.config.entity(), &plan.ids, sb.config.batch);
+    crate::pipeline::Answer::json(202, body)
 }
 
 /// The caller's 202 for events: Event Hubs answers 201 without ids, so there are none to give.
 pub fn events_accepted_body(hub: &str, count: usize) -> String {
-    json!({ "status": "accepted", "hub": hub, "count": count }).to_string()
+    // Keys in the order serde_json's map writes them (sorted), as the other answers.
+    #[derive(serde::Serialize)]
+    struct Events<'a> {
+        count: usize,
+        hub: &'a str,
+        status: &'static str,
+    }
+    let body = Events {
+        count,
+        hub,
+        status: "accepted",
+    };
+    serde_json::to_string(&body).unwrap_or_default()
 }
 
 /// The caller's 202.
 pub fn accepted_body(entity: &str, ids: &[String], batch: bool) -> String {
-    if batch {
-        json!({ "status": "accepted", "entity": entity, "messageIds": ids }).to_string()
-    } else {
-        json!({ "status": "accepted", "entity": entity, "messageId": ids.first() }).to_string()
+    ids_body("accepted", entity, ids, batch)
+}
+
+/// `{"entity", "messageId"}` (one message; null when it has none) or `{"entity",
+/// "messageIds"}` (a batch) and `"status"`, keys sorted: written straight from the values, no
+/// JSON map built on the way (this is every send's answer).
+fn ids_body(status: &'static str, entity: &str, ids: &[String], batch: bool) -> String {
+    #[derive(serde::Serialize)]
+    struct One<'a> {
+        entity: &'a str,
+        #[serde(rename = "messageId")]
+        message_id: Option<&'a String>,
+        status: &'static str,
     }
+    #[derive(serde::Serialize)]
+    struct Many<'a> {
+        entity: &'a str,
+        #[serde(rename = "messageIds")]
+        message_ids: &'a [String],
+        status: &'static str,
+    }
+    let body = if batch {
+        serde_json::to_string(&Many {
+            entity,
+            message_ids: ids,
+            status,
+        })
+    } else {
+        serde_json::to_string(&One {
+            entity,
+            message_id: ids.first(),
+            status,
+        })
+    };
+    body.unwrap_or_default()
 }
 
 /// What Service Bus's answer means.
@@ -784,6 +821,30 @@ fn error_detail(body: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_are_the_json_callers_read() {
+        let ids = ["m-1".to_owned(), "m-\"2".to_owned()];
+        assert_eq!(
+            accepted_body("orders", &ids[..1], false),
+            r#"{"entity":"orders","messageId":"m-1","status":"accepted"}"#
+        );
+        assert_eq!(
+            accepted_body("orders", &ids, true),
+            r#"{"entity":"orders","messageIds":["m-1","m-\"2"],"status":"accepted"}"#
+        );
+        assert_eq!(
+            accepted_body("orders", &[], false),
+            r#"{"entity":"orders","messageId":null,"status":"accepted"}"#
+        );
+        assert_eq!(
+            events_accepted_body("telemetry", 3),
+            r#"{"count":3,"hub":"telemetry","status":"accepted"}"#
+        );
+        // The same document serde_json's map wrote before (sorted keys).
+        let reference = json!({ "status": "accepted", "entity": "orders", "messageIds": ids });
+        assert_eq!(accepted_body("orders", &ids, true), reference.to_string());
+    }
     use crate::policy::MessageMapping;
 
     fn prep(m: &MessageMapping) -> PreparedMessage {

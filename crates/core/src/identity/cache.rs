@@ -82,6 +82,15 @@ pub struct TokenCache {
     entries: HashMap<TokenKey, Entry>,
 }
 
+/// Whether `token` may still be handed out at `now` (its margin before expiry not reached).
+fn usable(c: &CacheConfig, token: &Token, now: f64) -> bool {
+    let lifetime = token.lifetime_ms();
+    let margin = (lifetime * c.margin_share)
+        .clamp(c.min_margin_ms, c.max_margin_ms)
+        .min(lifetime / 2.0);
+    now < token.expires_at - margin
+}
+
 impl TokenCache {
     pub fn new(config: CacheConfig) -> TokenCache {
         TokenCache {
@@ -90,25 +99,22 @@ impl TokenCache {
         }
     }
 
-    fn usable(&self, token: &Token, now: f64) -> bool {
-        let c = &self.config;
-        let lifetime = token.lifetime_ms();
-        let margin = (lifetime * c.margin_share)
-            .clamp(c.min_margin_ms, c.max_margin_ms)
-            .min(lifetime / 2.0);
-        now < token.expires_at - margin
-    }
-
     /// What to do for `key` at `now`.
     pub fn lookup(&mut self, key: &TokenKey, now: f64) -> Lookup {
         let leader_timeout = self.config.leader_timeout_ms;
-        let usable = self
-            .entries
-            .get(key)
-            .and_then(|e| e.token.as_ref())
-            .filter(|t| self.usable(t, now))
+        let config = self.config;
+        // The key is copied only the first time it is seen.
+        if !self.entries.contains_key(key) {
+            self.entries.insert(key.clone(), Entry::default());
+        }
+        let Some(entry) = self.entries.get_mut(key) else {
+            return Lookup::Fetch;
+        };
+        let usable = entry
+            .token
+            .as_ref()
+            .filter(|t| usable(&config, t, now))
             .cloned();
-        let entry = self.entries.entry(key.clone()).or_default();
         let leader_alive = entry
             .fetching_since
             .is_some_and(|since| now - since < leader_timeout);
@@ -174,7 +180,7 @@ impl TokenCache {
                 if entry
                     .token
                     .as_ref()
-                    .is_some_and(|t| t.access_token == access_token) =>
+                    .is_some_and(|t| *t.access_token == *access_token) =>
             {
                 entry.token = None;
                 entry.refresh_at = 0.0;

@@ -47,7 +47,8 @@ pub enum Proof<'a> {
 /// An access token with its expiry.
 #[derive(Clone, PartialEq)]
 pub struct Token {
-    pub access_token: String,
+    /// Shared: the cache hands the same token to every request (a JWT is over a kilobyte).
+    pub access_token: std::rc::Rc<str>,
     /// When it was obtained and when it expires, in Unix milliseconds.
     pub obtained_at: f64,
     pub expires_at: f64,
@@ -320,7 +321,7 @@ pub fn parse_token_response(
         });
     }
     Ok(Token {
-        access_token,
+        access_token: access_token.into(),
         obtained_at: now_ms,
         expires_at,
     })
