@@ -98,6 +98,11 @@ export async function runWorkerdBench({ stack, gatewayBuildDir, policyPath, oha,
     const scenarios = {
       404: { label: '404 (no I/O)', expect: '404', args: (w) => [`${w.url}/nothing-here`] },
       sb: { label: 'Service Bus send 1 KB', expect: '2xx', args: (w) => ['-m', 'POST', '-T', 'application/json', '-D', body1k, `${w.url}/sb/contoso`] },
+      // The same send, the peer doing what the gateway must do to keep its guarantees (the body
+      // read whole and size-checked so that a retry or a replay sends the same bytes, a 30 s
+      // deadline per attempt, redirects not followed): what the guarantees cost, apart from
+      // what the gateway costs.
+      sbhold: { label: 'Service Bus send 1 KB (peer: `?hold`, body held, deadline, as the gateway)', expect: '2xx', args: (w) => ['-m', 'POST', '-T', 'application/json', '-D', body1k, `${w.url}/sb/contoso${w === workers.peer ? '?hold' : ''}`] },
       // The same send through the general azure_rest backend (the gateway's route rest-send, to
       // the same entity); the peer has no such route and does its Service Bus send.
       rest: { label: 'azure_rest send 1 KB (peer: its Service Bus send)', expect: '2xx', args: (w) => ['-m', 'POST', '-T', 'application/json', '-D', body1k, `${w.url}/${w === workers.peer ? 'sb' : 'rest'}/contoso`] },

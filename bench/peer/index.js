@@ -1,7 +1,10 @@
 /**
  * The peer: what an idiomatic JavaScript Worker doing the gateway's two writes looks like, to
  * compare the Rust/wasm gateway against on the same runtime (wrangler dev, bare workerd).
- * - POST /sb/{tenant}  -> Service Bus Send Message (BrokerProperties with a fresh MessageId)
+ * - POST /sb/{tenant}  -> Service Bus Send Message (BrokerProperties with a fresh MessageId);
+ *                         `?hold`: as the gateway must send it (body read whole and checked
+ *                         against Service Bus's 256 KiB, a 30 s deadline, redirects not followed),
+ *                         to tell what those guarantees cost from what the gateway costs
  * - PUT  /blob/{kind}  -> Blob Put Blob, body streamed through (bench/peer/{kind}/{uuid})
  * - anything else      -> 404 application/problem+json, shaped like the gateway's
  * Tokens: OAuth2 client credentials, cached per audience at module level (one fetch in flight
@@ -10,7 +13,10 @@
  * LogLine: level, request_id, method, path, route, status, duration_ms, and problem / identity /
  * token / idp_ms / token_ttl_s / backend_status when they apply), so that both pay for a log line.
  * `?nolog` skips it (bench only: what the line costs under wrangler dev).
- * Every answer carries x-request-id (the caller's when it is sane, else a fresh UUID).
+ * Every answer carries x-request-id (the caller's when it is sane, else a fresh UUID), and the
+ * answers are the gateway's byte for byte where both answer (the 404 problem with its detail and
+ * Cache-Control: no-store, the send's {entity, messageId, status}): the comparison is of the same
+ * answer, written two ways.
  * Vars: TOKEN_URL, CLIENT_ID, SB_URL, SB_QUEUE, BLOB_URL, BLOB_CONTAINER; secret CLIENT_SECRET.
  */
 const SB_AUDIENCE = 'https://servicebus.azure.net';
@@ -59,14 +65,14 @@ function noteToken(log, source, entry) {
   return entry.token;
 }
 
-const json = (status, value, type = 'application/json') => new Response(JSON.stringify(value), { status, headers: { 'content-type': type } });
-const problem = (status, kind, title, detail, instance, requestId) => json(status, {
+const json = (status, value) => new Response(JSON.stringify(value), { status, headers: { 'content-type': 'application/json' } });
+const problem = (status, kind, title, detail, instance, requestId) => new Response(JSON.stringify({
   type: `urn:azure-edge-gateway:problem:${kind}`, title, status, detail, instance, request_id: requestId,
-}, 'application/problem+json');
+}), { status, headers: { 'content-type': 'application/problem+json', 'cache-control': 'no-store' } });
 
-async function sendMessage(request, env, tenant, log) {
+async function sendMessage(request, env, tenant, log, hold) {
   const messageId = request.headers.get('idempotency-key') ?? crypto.randomUUID();
-  const res = await fetch(`${env.SB_URL}/${env.SB_QUEUE}/messages`, {
+  const init = {
     method: 'POST',
     headers: {
       authorization: `Bearer ${await token(env, SB_AUDIENCE, log)}`,
@@ -75,11 +81,20 @@ async function sendMessage(request, env, tenant, log) {
       tenant,
     },
     body: request.body,
-  });
+  };
+  if (hold) {
+    // What the gateway does to be able to send the same bytes again and to bound each attempt.
+    const body = new Uint8Array(await request.arrayBuffer());
+    if (body.byteLength > 262_144) return json(413, { error: 'too large' });
+    init.body = body;
+    init.signal = AbortSignal.timeout(30_000);
+    init.redirect = 'manual';
+  }
+  const res = await fetch(`${env.SB_URL}/${env.SB_QUEUE}/messages`, init);
   await res.arrayBuffer();
   log.backend_status = res.status;
   if (res.status !== 201) return json(502, { error: 'backend', backend_status: res.status });
-  return json(202, { entity: env.SB_QUEUE, messageId });
+  return json(202, { entity: env.SB_QUEUE, messageId, status: 'accepted' });
 }
 
 async function putBlob(request, env, kind, log) {
@@ -101,12 +116,12 @@ async function putBlob(request, env, kind, log) {
   return json(201, { container: env.BLOB_CONTAINER, blob, etag: res.headers.get('etag') });
 }
 
-async function handle(request, env, log, requestId) {
+async function handle(request, env, log, requestId, url) {
   const [, first, param, extra] = log.path.split('/');
   if (param && extra === undefined) {
     if (first === 'sb' && request.method === 'POST') {
       log.route = 'sb-send';
-      return sendMessage(request, env, decodeURIComponent(param), log);
+      return sendMessage(request, env, decodeURIComponent(param), log, url.searchParams.has('hold'));
     }
     if (first === 'blob' && request.method === 'PUT') {
       log.route = 'blob-write';
@@ -115,7 +130,7 @@ async function handle(request, env, log, requestId) {
   }
   log.problem = 'route-not-found';
   return problem(404, 'route-not-found', 'No route for this path',
-    `No route of this peer matches the path ${log.path}.`, log.path, requestId);
+    `No route of this gateway matches the path ${log.path}; check the URL against the routes in policy.json (\`policy explain\` lists them).`, log.path, requestId);
 }
 
 const SANE_ID = /^[A-Za-z0-9._:-]{1,128}$/;
@@ -129,7 +144,7 @@ export default {
     const log = { request_id: requestId, method: request.method, path: url.pathname, route: null };
     let response;
     try {
-      response = await handle(request, env, log, requestId);
+      response = await handle(request, env, log, requestId, url);
     } catch (err) {
       log.problem = 'internal';
       response = problem(500, 'internal', 'Internal error', 'The peer failed.', log.path, requestId);
