@@ -18,7 +18,9 @@
  * BENCH_WORKERD_CONCURRENCY (16), BENCH_WORKERD_MEM_MB (50; 0 skips the memory part).
  * BENCH_WORKERD_ROUNDS=0 skips the scenarios (and their smoke requests): memory runs only.
  * BENCH_WORKERD_MEM_RUNS (small,chunked,length,peer), BENCH_WORKERD_MEM_N (16),
- * BENCH_WORKERD_MEM_PATH (/blob-default: the routes of the chunked runs, comma-separated).
+ * BENCH_WORKERD_MEM_PATH (/blob-default: the routes of the chunked runs, comma-separated),
+ * BENCH_WORKERD_PIN (default on where `taskset` works and there are 2+ CPUs; 0: unpinned): each
+ * workerd on the last CPU, oha, the stand-ins, Azurite and this process on the others.
  */
 import { execFileSync } from 'node:child_process';
 import { request as httpRequest } from 'node:http';
@@ -29,7 +31,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { REPO_ROOT } from '../dev/proc.mjs';
 import { BLOB_API_VERSION, blobRequest } from '../dev/azurite.mjs';
 import { CLIENT_ID, CONTAINER, storageToken } from '../dev/stack.mjs';
-import { WORKERD_BIN, compatFromWranglerToml, rssSampler, startWorkerd } from './workerd.mjs';
+import { WORKERD_BIN, compatFromWranglerToml, cpuPinning, rssSampler, startWorkerd as startUnpinned } from './workerd.mjs';
 
 /** gateway and peer for the scenarios; memory: a fresh worker for each memory run, one at a time. */
 export const WORKERD_PORTS = { gateway: 28800, peer: 28801, memory: 28802 };
@@ -69,6 +71,16 @@ export async function runWorkerdBench({ stack, gatewayBuildDir, policyPath, oha,
     throw new Error(`${policyPath} names a rate limit: bench/workerd.mjs provides no ratelimit bindings (use a bench policy without rate_limit)`);
   }
   const failures = [];
+  // The workers on a CPU of their own, the rest (this process, the stand-ins, Azurite, and oha,
+  // which inherits this process's affinity) on the others, for this part only.
+  const pinning = cpuPinning();
+  const pinned = pinning ? [process.pid, stack.serviceBus?.pid, stack.azurite?.pid].filter(Boolean) : [];
+  for (const pid of pinned) pinning.pin(pid, pinning.others);
+  const startWorkerd = async (o) => {
+    const w = await startUnpinned(o);
+    if (pinning) pinning.pin(w.pid, pinning.workers);
+    return w;
+  };
   const compat = compatFromWranglerToml(join(REPO_ROOT, 'wrangler.toml'));
   const secretVar = 'AEG_BENCH_CLIENT_SECRET';
   const common = { ...compat, env: { [secretVar]: stack.clientSecret }, caCertPaths: [stack.azurite.certPath] };
@@ -194,9 +206,13 @@ export async function runWorkerdBench({ stack, gatewayBuildDir, policyPath, oha,
     }
 
     const versionOut = { binary: 'node_modules/workerd/bin/workerd', version: execFileSync(WORKERD_BIN, ['--version']).toString().trim(), compat };
-    return { knobs, workerd: versionOut, rounds, summary: summarize(rounds, scenarios), logCheck, memory, failures, ports: WORKERD_PORTS };
+    const cpus = pinning && { workers: pinning.workers, others: pinning.others };
+    return { knobs, workerd: versionOut, rounds, summary: summarize(rounds, scenarios), logCheck, memory, failures, ports: WORKERD_PORTS, cpus };
   } finally {
     for (const w of started.reverse()) await w.stop().catch(() => {});
+    for (const pid of pinned) {
+      try { pinning.pin(pid, pinning.all); } catch { /* it has exited */ }
+    }
   }
 }
 
@@ -323,7 +339,8 @@ export function workerdMarkdown(w) {
   const k = w.knobs;
   const out = [];
   out.push(`## Bare workerd: gateway vs peer (${k.rounds} alternating rounds of ${k.seconds} s at concurrency ${k.concurrency}, medians)`, '');
-  out.push(`Each worker on its own \`workerd serve\` (${w.workerd.version}; no wrangler: no entry proxy, no Node process), compatibility date ${w.workerd.compat.compatibilityDate}; ports ${w.ports.gateway} (gateway) and ${w.ports.peer} (peer). CPU ms/req: utime+stime of that workerd process over the round, divided by the requests it answered. Both workers print one JSON log line per request (lines / requests: gateway ${w.logCheck.gateway.lines} / ${w.logCheck.gateway.requests}, ${w.logCheck.gateway.bytesPerLine ?? '–'} bytes per line; peer ${w.logCheck.peer.lines} / ${w.logCheck.peer.requests}, ${w.logCheck.peer.bytesPerLine ?? '–'} bytes).`, '');
+  const pinned = w.cpus ? ` Each workerd pinned to CPU ${w.cpus.workers}, and oha, the stand-ins, Azurite and the runner to CPU ${w.cpus.others} (\`BENCH_WORKERD_PIN=0\`: unpinned).` : ' Unpinned: the workers share their cores with oha and the stand-ins.';
+  out.push(`Each worker on its own \`workerd serve\` (${w.workerd.version}; no wrangler: no entry proxy, no Node process), compatibility date ${w.workerd.compat.compatibilityDate}; ports ${w.ports.gateway} (gateway) and ${w.ports.peer} (peer).${pinned} CPU ms/req: utime+stime of that workerd process over the round, divided by the requests it answered. Both workers print one JSON log line per request (lines / requests: gateway ${w.logCheck.gateway.lines} / ${w.logCheck.gateway.requests}, ${w.logCheck.gateway.bytesPerLine ?? '–'} bytes per line; peer ${w.logCheck.peer.lines} / ${w.logCheck.peer.requests}, ${w.logCheck.peer.bytesPerLine ?? '–'} bytes).`, '');
   out.push('| scenario | way | CPU ms/req (min–max) | req/s | p50 ms | p99 ms | requests | errors | gw/peer CPU/req | gw/peer req/s |');
   out.push('|---|---|--:|--:|--:|--:|--:|--:|--:|--:|');
   for (const row of w.summary) {

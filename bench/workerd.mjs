@@ -25,6 +25,7 @@
 import { execFileSync, spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { basename, dirname, extname, join, relative, resolve } from 'node:path';
+import { availableParallelism } from 'node:os';
 import { NODE_BIN, REPO_ROOT, spawnService, waitUntil } from '../dev/proc.mjs';
 
 export const WORKERD_BIN = join(REPO_ROOT, 'node_modules', 'workerd', 'bin', 'workerd');
@@ -114,6 +115,30 @@ ${bindings.join('\n')}
   globalOutbound = "loopback",
 );
 `;
+}
+
+/**
+ * CPU pinning for the bare-workerd measurements, or null (BENCH_WORKERD_PIN=0, one CPU, not
+ * Linux, no `taskset`): the workers under measurement get the last CPU to themselves and
+ * everything else (this process with the in-process issuer, the stand-ins, Azurite, oha) the
+ * others, so that a worker's CPU per request is not inflated by sharing its core with the load
+ * generator. `pin(pid, cpus)` sets the affinity of every thread of `pid`.
+ */
+export function cpuPinning(env = process.env) {
+  const n = availableParallelism();
+  if (env.BENCH_WORKERD_PIN === '0' || process.platform !== 'linux' || n < 2) return null;
+  try {
+    execFileSync('taskset', ['-p', String(process.pid)], { stdio: 'ignore' });
+  } catch {
+    return null;
+  }
+  const last = n - 1;
+  return {
+    workers: String(last),
+    others: last === 1 ? '0' : `0-${last - 1}`,
+    all: `0-${last}`,
+    pin: (pid, cpus) => execFileSync('taskset', ['-a', '-p', '-c', cpus, String(pid)], { stdio: 'ignore' }),
+  };
 }
 
 /** utime+stime (ms) of process `pid`, all its threads (the process total in /proc/PID/stat). */

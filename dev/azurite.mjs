@@ -113,7 +113,7 @@ async function startService({ service: kind, main, port, stateDir, timeoutMs, on
     throw err;
   }
   return {
-    url, certPath, keyPath, ca,
+    url, certPath, keyPath, ca, pid: service.pid,
     logs: service.logs, tail: service.tail, exited: service.exited,
     stop: () => service.stop(),
   };

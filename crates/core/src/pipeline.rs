@@ -45,19 +45,70 @@ pub struct RequestHead {
     pub path: String,
     /// The raw query string, without `?`.
     pub query: String,
-    /// Header names lowercase, in the order they came.
-    pub headers: Vec<(String, String)>,
+    /// The headers, in the order they came.
+    pub headers: HeaderList,
     /// Whether the request has a body stream at all.
     pub has_body: bool,
+}
+
+/// A request's headers, names lowercase, in the order they came: one string and where each name
+/// and value lies in it (read once per request; two allocations, not two per header).
+#[derive(Debug, Clone, Default)]
+pub struct HeaderList {
+    text: String,
+    /// Start of the name, end of the name (the value starts one byte later), end of the value.
+    at: Vec<(u32, u32, u32)>,
+}
+
+impl HeaderList {
+    pub fn push(&mut self, name: &str, value: &str) {
+        let start = self.text.len();
+        self.text.push_str(name);
+        let name_end = self.text.len();
+        if let Some(added) = self.text.get_mut(start..) {
+            added.make_ascii_lowercase();
+        }
+        self.text.push('\n');
+        self.text.push_str(value);
+        self.at
+            .push((start as u32, name_end as u32, self.text.len() as u32));
+    }
+
+    /// The first value of a header, by lowercase name.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.iter().find(|(k, _)| *k == name).map(|(_, v)| v)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.at.iter().map(|&(start, name_end, end)| {
+            let (start, name_end, end) = (start as usize, name_end as usize, end as usize);
+            (&self.text[start..name_end], &self.text[name_end + 1..end])
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.at.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
+}
+
+impl<N: AsRef<str>, V: AsRef<str>> FromIterator<(N, V)> for HeaderList {
+    fn from_iter<T: IntoIterator<Item = (N, V)>>(pairs: T) -> HeaderList {
+        let mut list = HeaderList::default();
+        for (name, value) in pairs {
+            list.push(name.as_ref(), value.as_ref());
+        }
+        list
+    }
 }
 
 impl RequestHead {
     /// The first value of a header, by lowercase name.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.get(name)
     }
 
     /// The declared `Content-Length`, when it is a number.
@@ -83,9 +134,13 @@ impl RequestHead {
         let target = after_scheme.find('/').map_or("/", |i| &after_scheme[i..]);
         let target = target.split('#').next().unwrap_or(target);
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
-        let mut headers = Vec::new();
+        // Room for every header at once (a little more: the head's first fields are in `wire`).
+        let mut headers = HeaderList {
+            text: String::with_capacity(wire.len()),
+            at: Vec::with_capacity(wire.bytes().filter(|&b| b == b'\n').count() / 2),
+        };
         while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
-            headers.push((name.to_ascii_lowercase(), value.to_owned()));
+            headers.push(name, value);
         }
         Some(RequestHead {
             method: method.to_owned(),
@@ -1378,6 +1433,39 @@ mod tests {
             let line: Value = serde_json::from_str(&log_line(&cx, 202, duration)).unwrap();
             assert_eq!(line["request_id"], Value::from(cx.request_id.clone()));
         }
+    }
+
+    #[test]
+    fn the_head_reads_every_header_once_lowercase_first_value_first() {
+        let wire = "POST\nhttps://gw.example/a%2Fb?x=1#f\n1\nX-Api-Key\nk:1\ncontent-type\napplication/json\naccept\n\nx-api-key\nsecond\nx-n\nvalé\ndangling";
+        let head = RequestHead::from_wire(wire).unwrap();
+        assert_eq!(
+            (
+                head.method.as_str(),
+                head.path.as_str(),
+                head.query.as_str()
+            ),
+            ("POST", "/a%2Fb", "x=1")
+        );
+        assert!(head.has_body);
+        assert_eq!(head.header("x-api-key"), Some("k:1"));
+        assert_eq!(
+            head.header("X-Api-Key"),
+            None,
+            "names are looked up lowercase"
+        );
+        assert_eq!(head.header("content-type"), Some("application/json"));
+        assert_eq!(head.header("accept"), Some(""));
+        assert_eq!(head.header("x-n"), Some("valé"));
+        assert_eq!(
+            head.header("dangling"),
+            None,
+            "a name without a value is not a header"
+        );
+        let all: Vec<(&str, &str)> = head.headers.iter().collect();
+        assert_eq!(all.len(), 5);
+        assert_eq!(all[3], ("x-api-key", "second"));
+        assert!(RequestHead::from_wire("GET\n/\n2").is_none());
     }
 
     #[test]
