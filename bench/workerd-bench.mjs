@@ -351,7 +351,7 @@ export function workerdMarkdown(w) {
       out.push(`| ${row.label} | ${way} | ${f(x.cpuMsPerReq, 3)} (${f(x.cpuMsPerReqRange[0], 3)}–${f(x.cpuMsPerReqRange[1], 3)}) | ${f(x.rps, 0)} | ${f(x.p50_ms)} | ${f(x.p99_ms)} | ${x.requests} | ${x.errors} | ${g ? f(row.gatewayVsPeer?.cpuMsPerReq, 2) : ''} | ${g ? f(row.gatewayVsPeer?.rps, 2) : ''} |`);
     }
   }
-  out.push('', 'Errors: any answer other than 404 in the 404 scenario, any non-2xx elsewhere, and connection errors. Everything (oha, both workerd, Azurite, the stand-in, the issuer) shares the same cores: req/s moves with whatever else runs, CPU per request much less.');
+  out.push('', `Errors: any answer other than 404 in the 404 scenario, any non-2xx elsewhere, and connection errors. ${w.cpus ? 'oha, Azurite, the stand-in and the issuer share one core: in the scenarios that call them, req/s is bounded by that core, and a worker\'s CPU per request moves with how many requests each wake-up finds (the rounds\' min–max shows how much).' : 'Everything (oha, both workerd, Azurite, the stand-in, the issuer) shares the same cores: req/s moves with whatever else runs, CPU per request much less.'}`);
   if (w.memory?.length) {
     out.push('', `## Bare workerd: memory, ${w.memory[0].n} concurrent uploads, each run on a fresh workerd`, '');
     out.push('Chunked: no Content-Length, so the gateway cuts the body into Put Block calls of the default 1 MiB (route `PUT /blob-default/{kind}`, default limits) and commits them with Put Block List. With Content-Length: one streamed Put Blob (route `PUT /blob/{kind}`, `single_put_max_bytes` 64 MiB), for reference, in the gateway and in the peer.', '');
