@@ -15,7 +15,7 @@
  * dev is not started at all: no floor, no cold starts), and the BENCH_WORKERD_* knobs of
  * bench/workerd-bench.mjs.
  */
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { cpus, totalmem } from 'node:os';
 import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
@@ -27,12 +27,13 @@ import { buildWorker, startGateway } from '../dev/gateway.mjs';
 import { CLIENT_ID, CONTAINER, TENANT, serviceBusToken, startStack, storageToken } from '../dev/stack.mjs';
 import { BLOB_API_VERSION } from '../dev/azurite.mjs';
 import { runWorkerdBench, workerdMarkdown } from './workerd-bench.mjs';
+import { BENCH_STACK_PORTS, body1k as writeBody1k, oha as runOha } from './compare.mjs';
 
 const BENCH = join(REPO_ROOT, 'bench');
 const STATE = join(REPO_ROOT, 'target', 'bench');
 const RESULTS = join(BENCH, 'results');
 const OHA = process.env.OHA_BIN;
-const PORTS = { issuer: 28400, azurite: 30000, serviceBus: 28410, gateway: 28787 };
+const PORTS = BENCH_STACK_PORTS;
 const PEER_PORT = 28788;
 const CONCURRENCY = [1, 16, 64];
 const WAYS = ['direct', 'gateway', 'peer'];
@@ -53,20 +54,7 @@ const round = (x, d = 1) => (x == null || Number.isNaN(x) ? null : Number(x.toFi
 // oha
 
 /** Run oha with args (plus JSON output); resolves its parsed JSON report. */
-function oha(args) {
-  return new Promise((resolve, reject) => {
-    const child = spawn(OHA, ['--no-tui', '--output-format', 'json', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    child.stdout.on('data', (d) => { out += d; });
-    child.stderr.on('data', (d) => { err += d; });
-    child.once('error', reject);
-    child.once('exit', (code) => {
-      if (code !== 0) return reject(new Error(`oha exited ${code}: ${err.slice(-2000)}`));
-      try { resolve(JSON.parse(out)); } catch (e) { reject(new Error(`oha output is not JSON: ${e.message}\n${out.slice(0, 500)}`)); }
-    });
-  });
-}
+const oha = (args) => runOha(OHA, args);
 
 
 /**
@@ -107,9 +95,7 @@ async function main() {
   mkdirSync(RESULTS, { recursive: true });
   const ohaVersion = execFileSync(OHA, ['--version']).toString().trim();
 
-  const body1k = join(STATE, 'body-1k.json');
-  const skeleton = JSON.stringify({ order: 1, sku: 'ABC-123', qty: 1, pad: '' });
-  writeFileSync(body1k, JSON.stringify({ order: 1, sku: 'ABC-123', qty: 1, pad: 'x'.repeat(1024 - skeleton.length) })); // 1024 bytes
+  const body1k = writeBody1k(STATE); // 1024 bytes of JSON
   const body1kBytes = statSync(body1k).size;
   const body50m = join(STATE, 'body-50m.bin');
   if (!existsSync(body50m) || statSync(body50m).size !== 50 * MB) writeFileSync(body50m, randomBytes(50 * MB));

@@ -81,24 +81,11 @@ export async function runWorkerdBench({ stack, gatewayBuildDir, policyPath, oha,
     if (pinning) pinning.pin(w.pid, pinning.workers);
     return w;
   };
-  const compat = compatFromWranglerToml(join(REPO_ROOT, 'wrangler.toml'));
-  const secretVar = 'AEG_BENCH_CLIENT_SECRET';
-  const common = { ...compat, env: { [secretVar]: stack.clientSecret }, caCertPaths: [stack.azurite.certPath] };
   const started = [];
   try {
     const options = {
-      gateway: {
-        ...common, name: 'workerd-gateway', entry: join(gatewayBuildDir, 'index.js'), port: WORKERD_PORTS.gateway,
-        stateDir: join(stateDir, 'gateway'), fromEnv: { DEV_CLIENT_SECRET: secretVar },
-      },
-      peer: {
-        ...common, name: 'workerd-peer', entry: join(REPO_ROOT, 'bench', 'peer', 'index.js'), port: WORKERD_PORTS.peer,
-        stateDir: join(stateDir, 'peer'), fromEnv: { CLIENT_SECRET: secretVar },
-        text: {
-          TOKEN_URL: stack.issuer.tokenUrlV2, CLIENT_ID, SB_URL: stack.serviceBus.url, SB_QUEUE: 'orders',
-          BLOB_URL: stack.azurite.url, BLOB_CONTAINER: CONTAINER,
-        },
-      },
+      gateway: benchWorker(stack, { way: 'gateway', entry: join(gatewayBuildDir, 'index.js'), port: WORKERD_PORTS.gateway, stateDir: join(stateDir, 'gateway') }),
+      peer: benchWorker(stack, { way: 'peer', port: WORKERD_PORTS.peer, stateDir: join(stateDir, 'peer') }),
     };
     log(`bare workerd: starting the gateway (${WORKERD_PORTS.gateway}) and the peer (${WORKERD_PORTS.peer})`);
     const gateway = await startWorkerd(options.gateway);
@@ -107,20 +94,8 @@ export async function runWorkerdBench({ stack, gatewayBuildDir, policyPath, oha,
     started.push(peer);
     const workers = { gateway, peer };
 
-    const scenarios = {
-      404: { label: '404 (no I/O)', expect: '404', args: (w) => [`${w.url}/nothing-here`] },
-      sb: { label: 'Service Bus send 1 KB', expect: '2xx', args: (w) => ['-m', 'POST', '-T', 'application/json', '-D', body1k, `${w.url}/sb/contoso`] },
-      // The same send, the peer doing what the gateway must do to keep its guarantees (the body
-      // read whole and size-checked so that a retry or a replay sends the same bytes, a 30 s
-      // deadline per attempt, redirects not followed): what the guarantees cost, apart from
-      // what the gateway costs.
-      sbhold: { label: 'Service Bus send 1 KB (peer: `?hold`, body held, deadline, as the gateway)', expect: '2xx', args: (w) => ['-m', 'POST', '-T', 'application/json', '-D', body1k, `${w.url}/sb/contoso${w === workers.peer ? '?hold' : ''}`] },
-      // The same send through the general azure_rest backend (the gateway's route rest-send, to
-      // the same entity); the peer has no such route and does its Service Bus send.
-      rest: { label: 'azure_rest send 1 KB (peer: its Service Bus send)', expect: '2xx', args: (w) => ['-m', 'POST', '-T', 'application/json', '-D', body1k, `${w.url}/${w === workers.peer ? 'sb' : 'rest'}/contoso`] },
-      blob1k: { label: 'Blob write 1 KB', expect: '2xx', args: (w) => ['-m', 'PUT', '-T', 'application/json', '-D', body1k, `${w.url}/blob/small`] },
-    };
-    const isError = (expect, code) => (expect === '404' ? code !== '404' : !code.startsWith('2'));
+    const all = benchScenarios(body1k);
+    const scenarios = Object.fromEntries(Object.entries(all).map(([name, s]) => [name, { ...s, args: (w) => s.args(w.url, w === workers.peer) }]));
 
     // Smoke (a broken path fails in seconds; it also fetches each worker's tokens), then one
     // second of load per way and scenario so that V8 has compiled the hot paths before round 1.
@@ -205,7 +180,7 @@ export async function runWorkerdBench({ stack, gatewayBuildDir, policyPath, oha,
       }
     }
 
-    const versionOut = { binary: 'node_modules/workerd/bin/workerd', version: execFileSync(WORKERD_BIN, ['--version']).toString().trim(), compat };
+    const versionOut = { binary: 'node_modules/workerd/bin/workerd', version: execFileSync(WORKERD_BIN, ['--version']).toString().trim(), compat: compatFromWranglerToml(join(REPO_ROOT, 'wrangler.toml')) };
     const cpus = pinning && { workers: pinning.workers, others: pinning.others };
     return { knobs, workerd: versionOut, rounds, summary: summarize(rounds, scenarios), logCheck, memory, failures, ports: WORKERD_PORTS, cpus };
   } finally {
@@ -214,6 +189,52 @@ export async function runWorkerdBench({ stack, gatewayBuildDir, policyPath, oha,
       try { pinning.pin(pid, pinning.all); } catch { /* it has exited */ }
     }
   }
+}
+
+/** Whether oha's status `code` is an error in a scenario that expects `expect`. */
+export const isError = (expect, code) => (expect === '404' ? code !== '404' : !code.startsWith('2'));
+
+/**
+ * The bare-workerd scenarios (also bench/compare.mjs's and bench/profile.mjs's): label, the
+ * status expected, and oha's arguments for a worker at `url` (`peer`: the peer, whose routes
+ * differ). `body1k`: the path of the 1 KB JSON body.
+ */
+export function benchScenarios(body1k) {
+  const post = ['-m', 'POST', '-T', 'application/json', '-D', body1k];
+  return {
+    404: { label: '404 (no I/O)', expect: '404', args: (url) => [`${url}/nothing-here`] },
+    sb: { label: 'Service Bus send 1 KB', expect: '2xx', args: (url) => [...post, `${url}/sb/contoso`] },
+    // The same send, the peer doing what the gateway must do to keep its guarantees (the body
+    // read whole and size-checked so that a retry or a replay sends the same bytes, a 30 s
+    // deadline per attempt, redirects not followed): what the guarantees cost, apart from what
+    // the gateway costs.
+    sbhold: { label: 'Service Bus send 1 KB (peer: `?hold`, body held, deadline, as the gateway)', expect: '2xx', args: (url, peer) => [...post, `${url}/sb/contoso${peer ? '?hold' : ''}`] },
+    // The same send through the general azure_rest backend (the gateway's route rest-send, to
+    // the same entity); the peer has no such route and does its Service Bus send.
+    rest: { label: 'azure_rest send 1 KB (peer: its Service Bus send)', expect: '2xx', args: (url, peer) => [...post, `${url}/${peer ? 'sb' : 'rest'}/contoso`] },
+    blob1k: { label: 'Blob write 1 KB', expect: '2xx', args: (url) => ['-m', 'PUT', '-T', 'application/json', '-D', body1k, `${url}/blob/small`] },
+  };
+}
+
+/**
+ * startWorkerd's options for a worker of the bench against the stack started with
+ * bench/policy.json: `way` 'gateway' (a build's `entry`, the client secret as DEV_CLIENT_SECRET)
+ * or 'peer' (bench/peer/index.js, or `entry`, with its URLs as text bindings).
+ */
+export function benchWorker(stack, { way, entry, port, stateDir, name = `workerd-${way}`, v8Flags }) {
+  const secretVar = 'AEG_BENCH_CLIENT_SECRET';
+  const common = {
+    ...compatFromWranglerToml(join(REPO_ROOT, 'wrangler.toml')), name, port, stateDir, v8Flags,
+    env: { [secretVar]: stack.clientSecret }, caCertPaths: [stack.azurite.certPath],
+  };
+  if (way === 'gateway') return { ...common, entry, fromEnv: { DEV_CLIENT_SECRET: secretVar } };
+  return {
+    ...common, entry: entry ?? join(REPO_ROOT, 'bench', 'peer', 'index.js'), fromEnv: { CLIENT_SECRET: secretVar },
+    text: {
+      TOKEN_URL: stack.issuer.tokenUrlV2, CLIENT_ID, SB_URL: stack.serviceBus.url, SB_QUEUE: 'orders',
+      BLOB_URL: stack.azurite.url, BLOB_CONTAINER: CONTAINER,
+    },
+  };
 }
 
 function summarize(rounds, scenarios) {

@@ -359,14 +359,7 @@ fn done(answer: Answer<u32>, line: &str) -> String {
         AnswerBody::Text(text) => (Some(text), None),
         AnswerBody::Stream(id) => (None, Some(id)),
     };
-    let room = 64
-        + line.len()
-        + text.as_ref().map_or(0, String::len)
-        + answer
-            .headers
-            .iter()
-            .map(|(n, v)| n.len() + v.len() + 2)
-            .sum::<usize>();
+    let room = 64 + line.len() + text.as_ref().map_or(0, String::len) + fields_len(&answer.headers);
     let mut op = Op::with_room("done", room);
     op.int(answer.status)
         .int(u8::from(text.is_some()))
@@ -403,6 +396,14 @@ fn push_header(out: &mut String, name: &str, value: &str) {
     out.push_str(name);
     out.push('\n');
     out.push_str(value);
+}
+
+/// The bytes headers take as an op's fields (each name and value after a line break).
+fn fields_len<N: AsRef<str>, V: AsRef<str>>(headers: &[(N, V)]) -> usize {
+    headers
+        .iter()
+        .map(|(n, v)| n.as_ref().len() + v.as_ref().len() + 2)
+        .sum()
 }
 
 /// An op for `drive`: its kind, then its fields, each after a line break. A field never holds
@@ -627,11 +628,7 @@ impl Io for Edge {
             + request.url.len()
             + text.len()
             + token.map_or(0, |t| t.len() + 24)
-            + request
-                .headers
-                .iter()
-                .map(|(n, v)| n.len() + v.len() + 2)
-                .sum::<usize>();
+            + fields_len(&request.headers);
         let mut op = Op::with_room("send", room);
         op.field(&request.url)
             .field(request.method)
