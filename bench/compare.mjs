@@ -12,7 +12,9 @@
  * scripts/build --out-dir dir`); a name starting with `peer` runs dir/index.js as a peer (a
  * variant of bench/peer/index.js). The peer of bench/peer always runs, as the reference.
  * Prints, per way, CPU µs per request of each round, the median, req/s, and the ratio to the
- * peer. Knobs: COMPARE_ROUNDS (7), COMPARE_SECONDS (2), COMPARE_CONCURRENCY (16).
+ * peer. Knobs: COMPARE_ROUNDS (7), COMPARE_SECONDS (2), COMPARE_CONCURRENCY (16), COMPARE_QPS
+ * (unset: as fast as they go; a rate below what every way sustains makes CPU per request of a
+ * send steadier, as it then does not follow how fast the stand-ins answer).
  *
  * It starts the stack on bench/run's ports (the bench policy names them): not while bench/run
  * runs. Needs bench/run's oha (OHA_BIN, or it is looked up where bench/run installs it).
@@ -77,6 +79,9 @@ async function main() {
   const rounds = Number(process.env.COMPARE_ROUNDS ?? 7);
   const seconds = Number(process.env.COMPARE_SECONDS ?? 2);
   const concurrency = String(process.env.COMPARE_CONCURRENCY ?? 16);
+  // A fixed rate (req/s) instead of as fast as they go: every way then gets the same load, and
+  // its CPU per request does not depend on how fast the stand-ins answer.
+  const rate = process.env.COMPARE_QPS ? ['-q', String(Number(process.env.COMPARE_QPS))] : [];
   const stack = await startStack({ policyPath: join(REPO_ROOT, 'bench', 'policy.json'), ports: BENCH_STACK_PORTS, stateDir: STATE, gateway: false, log: () => {} });
   const pinning = cpuPinning();
   const pinned = pinning ? [process.pid, stack.serviceBus?.pid, stack.azurite?.pid].filter(Boolean) : [];
@@ -95,7 +100,7 @@ async function main() {
     for (let r = 0; r < rounds; r++) {
       for (const x of workers) {
         const cpu0 = x.w.cpuMs();
-        const o = await oha(bin, ['-z', `${seconds}s`, '-c', concurrency, '-w', '-t', '30s', ...scenario.args(x.w.url, x.peer)]);
+        const o = await oha(bin, ['-z', `${seconds}s`, '-c', concurrency, ...rate, '-w', '-t', '30s', ...scenario.args(x.w.url, x.peer)]);
         const codes = o.statusCodeDistribution ?? {};
         const requests = Object.values(codes).reduce((a, b) => a + b, 0);
         const bad = Object.entries(codes).filter(([k]) => isError(scenario.expect, k));
@@ -106,7 +111,7 @@ async function main() {
     }
     const ref = median(workers[0].cpu);
     const refRps = median(workers[0].rps);
-    console.log(`${scenario.label}: ${rounds} alternating rounds of ${seconds} s at concurrency ${concurrency}${pinning ? `, workers on CPU ${pinning.workers}` : ', unpinned'}`);
+    console.log(`${scenario.label}: ${rounds} alternating rounds of ${seconds} s at concurrency ${concurrency}${rate.length ? `, ${rate[1]} req/s` : ''}${pinning ? `, workers on CPU ${pinning.workers}` : ', unpinned'}`);
     for (const x of workers) {
       console.log(`${x.name.padEnd(12)} CPU µs/req ${x.cpu.map((v) => v.toFixed(1)).join(' ')}  median ${median(x.cpu).toFixed(1)} (×${(median(x.cpu) / ref).toFixed(3)})  req/s ${median(x.rps).toFixed(0)} (×${(median(x.rps) / refRps).toFixed(3)})`);
     }
