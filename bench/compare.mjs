@@ -26,7 +26,7 @@ import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { REPO_ROOT } from '../dev/proc.mjs';
 import { startStack } from '../dev/stack.mjs';
-import { cpuPinning, startWorkerd } from './workerd.mjs';
+import { cpuPinning } from './workerd.mjs';
 import { benchScenarios, benchWorker, isError } from './workerd-bench.mjs';
 
 export const BENCH_STACK_PORTS = { issuer: 28400, azurite: 30000, serviceBus: 28410, gateway: 28787 };
@@ -84,16 +84,14 @@ async function main() {
   const rate = process.env.COMPARE_QPS ? ['-q', String(Number(process.env.COMPARE_QPS))] : [];
   const stack = await startStack({ policyPath: join(REPO_ROOT, 'bench', 'policy.json'), ports: BENCH_STACK_PORTS, stateDir: STATE, gateway: false, log: () => {} });
   const pinning = cpuPinning();
-  const pinned = pinning ? [process.pid, stack.serviceBus?.pid, stack.azurite?.pid].filter(Boolean) : [];
-  for (const pid of pinned) pinning.pin(pid, pinning.others);
+  pinning.pinStack(stack);
   const workers = [];
   try {
     let port = FIRST_PORT;
     for (const [name, dir] of [['peer', null], ...specs.map((s) => s.split('='))]) {
       const peer = name.startsWith('peer');
       const options = benchWorker(stack, { way: peer ? 'peer' : 'gateway', entry: dir ? join(dir, 'index.js') : undefined, port: port++, stateDir: join(STATE, name), name });
-      const w = await startWorkerd(options);
-      if (pinning) pinning.pin(w.pid, pinning.workers);
+      const w = await pinning.startWorkerd(options);
       workers.push({ name, peer, w, cpu: [], rps: [] });
     }
     for (const x of workers) await oha(bin, ['-z', '1s', '-c', concurrency, ...scenario.args(x.w.url, x.peer)]);
@@ -111,7 +109,7 @@ async function main() {
     }
     const ref = median(workers[0].cpu);
     const refRps = median(workers[0].rps);
-    console.log(`${scenario.label}: ${rounds} alternating rounds of ${seconds} s at concurrency ${concurrency}${rate.length ? `, ${rate[1]} req/s` : ''}${pinning ? `, workers on CPU ${pinning.workers}` : ', unpinned'}`);
+    console.log(`${scenario.label}: ${rounds} alternating rounds of ${seconds} s at concurrency ${concurrency}${rate.length ? `, ${rate[1]} req/s` : ''}${pinning.cpus ? `, workers on CPU ${pinning.cpus.workers}` : ', unpinned'}`);
     for (const x of workers) {
       console.log(`${x.name.padEnd(12)} CPU µs/req ${x.cpu.map((v) => v.toFixed(1)).join(' ')}  median ${median(x.cpu).toFixed(1)} (×${(median(x.cpu) / ref).toFixed(3)})  req/s ${median(x.rps).toFixed(0)} (×${(median(x.rps) / refRps).toFixed(3)})`);
     }

@@ -21,7 +21,7 @@ import { join } from 'node:path';
 import { REPO_ROOT } from '../dev/proc.mjs';
 import { startStack } from '../dev/stack.mjs';
 import { BENCH_STACK_PORTS, body1k, oha, ohaBin } from './compare.mjs';
-import { cpuPinning, startWorkerd } from './workerd.mjs';
+import { cpuPinning } from './workerd.mjs';
 import { benchScenarios, benchWorker } from './workerd-bench.mjs';
 
 const STATE = join(REPO_ROOT, 'target', 'bench-profile');
@@ -60,12 +60,11 @@ async function main() {
   const hz = Number(process.env.PROFILE_HZ ?? 5000);
   const stack = await startStack({ policyPath: join(REPO_ROOT, 'bench', 'policy.json'), ports: BENCH_STACK_PORTS, stateDir: STATE, gateway: false, log: () => {} });
   const pinning = cpuPinning();
-  for (const pid of pinning ? [process.pid, stack.serviceBus?.pid, stack.azurite?.pid].filter(Boolean) : []) pinning.pin(pid, pinning.others);
+  pinning.pinStack(stack);
   let w;
   try {
     const options = benchWorker(stack, { way, entry: buildDir ? join(buildDir, 'index.js') : undefined, port: PORT, stateDir: join(STATE, way), v8Flags: ['--perf-basic-prof'] });
-    w = await startWorkerd(options);
-    if (pinning) pinning.pin(w.pid, pinning.workers);
+    w = await pinning.startWorkerd(options);
     const args = scenario.args(w.url, way === 'peer');
     await oha(bin, ['-z', '3s', '-c', '16', ...args]);
     const data = join(STATE, `${way}-${scenarioName}.perf.data`);

@@ -31,7 +31,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { REPO_ROOT } from '../dev/proc.mjs';
 import { BLOB_API_VERSION, blobRequest } from '../dev/azurite.mjs';
 import { CLIENT_ID, CONTAINER, storageToken } from '../dev/stack.mjs';
-import { WORKERD_BIN, compatFromWranglerToml, cpuPinning, rssSampler, startWorkerd as startUnpinned } from './workerd.mjs';
+import { WORKERD_BIN, compatFromWranglerToml, cpuPinning, rssSampler } from './workerd.mjs';
 
 /** gateway and peer for the scenarios; memory: a fresh worker for each memory run, one at a time. */
 export const WORKERD_PORTS = { gateway: 28800, peer: 28801, memory: 28802 };
@@ -71,16 +71,10 @@ export async function runWorkerdBench({ stack, gatewayBuildDir, policyPath, oha,
     throw new Error(`${policyPath} names a rate limit: bench/workerd.mjs provides no ratelimit bindings (use a bench policy without rate_limit)`);
   }
   const failures = [];
-  // The workers on a CPU of their own, the rest (this process, the stand-ins, Azurite, and oha,
-  // which inherits this process's affinity) on the others, for this part only.
+  // The workers on a CPU of their own, the rest on the others, for this part only.
   const pinning = cpuPinning();
-  const pinned = pinning ? [process.pid, stack.serviceBus?.pid, stack.azurite?.pid].filter(Boolean) : [];
-  for (const pid of pinned) pinning.pin(pid, pinning.others);
-  const startWorkerd = async (o) => {
-    const w = await startUnpinned(o);
-    if (pinning) pinning.pin(w.pid, pinning.workers);
-    return w;
-  };
+  pinning.pinStack(stack);
+  const { startWorkerd } = pinning;
   const started = [];
   try {
     const options = {
@@ -181,13 +175,10 @@ export async function runWorkerdBench({ stack, gatewayBuildDir, policyPath, oha,
     }
 
     const versionOut = { binary: 'node_modules/workerd/bin/workerd', version: execFileSync(WORKERD_BIN, ['--version']).toString().trim(), compat: compatFromWranglerToml(join(REPO_ROOT, 'wrangler.toml')) };
-    const cpus = pinning && { workers: pinning.workers, others: pinning.others };
-    return { knobs, workerd: versionOut, rounds, summary: summarize(rounds, scenarios), logCheck, memory, failures, ports: WORKERD_PORTS, cpus };
+    return { knobs, workerd: versionOut, rounds, summary: summarize(rounds, scenarios), logCheck, memory, failures, ports: WORKERD_PORTS, cpus: pinning.cpus };
   } finally {
     for (const w of started.reverse()) await w.stop().catch(() => {});
-    for (const pid of pinned) {
-      try { pinning.pin(pid, pinning.all); } catch { /* it has exited */ }
-    }
+    pinning.release();
   }
 }
 

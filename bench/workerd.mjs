@@ -119,26 +119,48 @@ ${bindings.join('\n')}
 }
 
 /**
- * CPU pinning for the bare-workerd measurements, or null (BENCH_WORKERD_PIN=0, one CPU, not
- * Linux, no `taskset`): the workers under measurement get the last CPU to themselves and
- * everything else (this process with the in-process issuer, the stand-ins, Azurite, oha) the
- * others, so that a worker's CPU per request is not inflated by sharing its core with the load
- * generator. `pin(pid, cpus)` sets the affinity of every thread of `pid`.
+ * CPU pinning for the bare-workerd measurements: the workers under measurement get the last CPU
+ * to themselves and everything else (this process with the in-process issuer, the stand-ins,
+ * Azurite, and oha, which inherits this process's affinity) the others, so that a worker's CPU
+ * per request is not inflated by sharing its core with the load generator. Off (`cpus` null,
+ * every method as if unpinned) with BENCH_WORKERD_PIN=0, one CPU, not Linux, or no `taskset`.
+ * - pinStack(stack): this process and the stack's processes onto the other CPUs;
+ * - startWorkerd(options): startWorkerd, the worker (all its threads) onto its CPU;
+ * - release(): what pinStack pinned, back onto every CPU.
  */
 export function cpuPinning(env = process.env) {
   const n = availableParallelism();
-  if (env.BENCH_WORKERD_PIN === '0' || process.platform !== 'linux' || n < 2) return null;
-  try {
-    execFileSync('taskset', ['-p', String(process.pid)], { stdio: 'ignore' });
-  } catch {
-    return null;
-  }
+  const usable = env.BENCH_WORKERD_PIN !== '0' && process.platform === 'linux' && n >= 2 && (() => {
+    try {
+      execFileSync('taskset', ['-p', String(process.pid)], { stdio: 'ignore' });
+      return true;
+    } catch {
+      return false;
+    }
+  })();
+  if (!usable) return { cpus: null, pinStack() {}, startWorkerd, release() {} };
   const last = n - 1;
+  const cpus = { workers: String(last), others: last === 1 ? '0' : `0-${last - 1}` };
+  const pin = (pid, set) => execFileSync('taskset', ['-a', '-p', '-c', set, String(pid)], { stdio: 'ignore' });
+  const pinned = [];
   return {
-    workers: String(last),
-    others: last === 1 ? '0' : `0-${last - 1}`,
-    all: `0-${last}`,
-    pin: (pid, cpus) => execFileSync('taskset', ['-a', '-p', '-c', cpus, String(pid)], { stdio: 'ignore' }),
+    cpus,
+    pinStack(stack) {
+      for (const pid of [process.pid, stack.serviceBus?.pid, stack.azurite?.pid].filter(Boolean)) {
+        pin(pid, cpus.others);
+        pinned.push(pid);
+      }
+    },
+    async startWorkerd(options) {
+      const w = await startWorkerd(options);
+      pin(w.pid, cpus.workers);
+      return w;
+    },
+    release() {
+      for (const pid of pinned.splice(0)) {
+        try { pin(pid, `0-${last}`); } catch { /* it has exited */ }
+      }
+    },
   };
 }
 
