@@ -12,3 +12,11 @@ pub use aeg_core::*;
 
 #[cfg(target_arch = "wasm32")]
 pub mod edge;
+
+pub mod allocator;
+
+/// The wasm's allocator: small blocks from free lists, the rest from the default ([`allocator`]).
+#[cfg(target_arch = "wasm32")]
+#[global_allocator]
+static ALLOCATOR: allocator::SizeClasses<std::alloc::System> =
+    allocator::SizeClasses::new(std::alloc::System);
