@@ -15,9 +15,7 @@ mod crypto;
 mod tokens;
 
 use std::cell::{Cell, OnceCell, RefCell};
-use std::collections::HashMap;
 use std::future::Future;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -29,6 +27,7 @@ use wasm_bindgen::JsCast;
 use worker::js_sys::Promise;
 
 use crate::backend::BackendRequest;
+use crate::fasthash::FastMap;
 use crate::identity::TokenKey;
 use crate::pipeline::{
     Answer, AnswerBody, BodyError, Gateway, Grant, Io, Limit, NoToken, OutBody, Reply, RequestHead,
@@ -112,8 +111,7 @@ thread_local! {
     /// isolate runs one thread).
     static GATEWAY: OnceCell<Option<&'static Gateway>> = const { OnceCell::new() };
     /// The requests in flight, by task id.
-    static TASKS: RefCell<HashMap<u32, Task, BuildHasherDefault<TaskIdHasher>>> =
-        RefCell::new(HashMap::default());
+    static TASKS: RefCell<FastMap<u32, Task>> = RefCell::new(FastMap::default());
     /// The one entry point `drive` steps tasks through, made once per isolate.
     static STEPPER: OnceCell<Stepper> = const { OnceCell::new() };
 }
@@ -191,27 +189,6 @@ enum Delivery {
     Buffer(u32),
     Text(String),
     None,
-}
-
-/// Hashes a task id (a counter `drive` keeps) with one multiplication: the map is looked up twice
-/// per step, and the ids need no protection from collisions chosen by a caller.
-#[derive(Default)]
-struct TaskIdHasher(u64);
-
-impl Hasher for TaskIdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u32(&mut self, id: u32) {
-        self.0 = u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
 }
 
 /// Starts task `id`: its future, made over the task's I/O.

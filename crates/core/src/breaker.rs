@@ -5,7 +5,7 @@
 //!
 //! Pure state, no I/O and no clock of its own: the driver asks before a call and reports after.
 
-use std::collections::HashMap;
+use crate::fasthash::FastMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -83,7 +83,7 @@ pub enum Outcome {
 /// The breakers of one isolate, by host.
 #[derive(Debug, Default)]
 pub struct Breakers {
-    hosts: HashMap<String, State>,
+    hosts: FastMap<String, State>,
 }
 
 impl Breakers {

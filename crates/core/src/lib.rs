@@ -10,6 +10,7 @@
 pub mod backend;
 pub mod breaker;
 pub mod encoding;
+pub mod fasthash;
 pub mod identity;
 pub mod inbound;
 pub mod pipeline;

@@ -20,12 +20,12 @@
 //! unit tests drive exactly the code production runs. Backends plug in through [`Backend`].
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
 use crate::backend::{azure_rest, blob, service_bus, BackendRequest, Bearer};
 use crate::breaker::{Admission, Breakers, Outcome};
+use crate::fasthash::FastMap;
 use crate::identity::{Token, TokenKey};
 use crate::inbound::{self, jwt};
 use crate::policy::prepared::{Prepared, PreparedBackend, PreparedRoute, TokenTarget};
@@ -457,7 +457,7 @@ pub struct Gateway {
     /// Key sets of JWT checks, by URL.
     jwks: RefCell<jwt::JwksCache>,
     /// SHA-256 of API keys held in Worker secrets, by secret name (hashed once per isolate).
-    key_digests: RefCell<HashMap<String, Option<[u8; 32]>>>,
+    key_digests: RefCell<FastMap<String, Option<[u8; 32]>>>,
     /// The circuit breakers of backend hosts.
     breakers: RefCell<Breakers>,
 }
@@ -474,7 +474,7 @@ impl Gateway {
         Gateway {
             prepared,
             jwks: RefCell::new(jwt::JwksCache::new()),
-            key_digests: RefCell::new(HashMap::new()),
+            key_digests: RefCell::new(FastMap::default()),
             breakers: RefCell::new(Breakers::default()),
         }
     }

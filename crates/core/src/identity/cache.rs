@@ -14,7 +14,7 @@
 //!   error at once instead of each hammering the identity provider;
 //! - **eviction**: a backend's 401 for a token removes it ([`TokenCache::evict`]).
 
-use std::collections::HashMap;
+use crate::fasthash::FastMap;
 
 use super::endpoint::{Token, TokenError, TokenKey};
 
@@ -79,7 +79,7 @@ struct Entry {
 #[derive(Debug, Default)]
 pub struct TokenCache {
     config: CacheConfig,
-    entries: HashMap<TokenKey, Entry>,
+    entries: FastMap<TokenKey, Entry>,
 }
 
 /// Whether `token` may still be handed out at `now` (its margin before expiry not reached).
@@ -95,7 +95,7 @@ impl TokenCache {
     pub fn new(config: CacheConfig) -> TokenCache {
         TokenCache {
             config,
-            entries: HashMap::new(),
+            entries: FastMap::default(),
         }
     }
 
