@@ -56,9 +56,7 @@ impl BackendRequest {
 /// something else or drops the connection over (and a dropped connection is retried as a network
 /// error: the same bad bytes three times, then 503).
 pub fn is_header_value(value: &str) -> bool {
-    value
-        .bytes()
-        .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+    crate::encoding::bytes_within(value.as_bytes(), 0x20, b'\t')
         && !value.starts_with([' ', '\t'])
         && !value.ends_with([' ', '\t'])
 }
@@ -66,7 +64,8 @@ pub fn is_header_value(value: &str) -> bool {
 /// Whether `url` travels unchanged: an `http(s)` URL of visible ASCII, no fragment.
 fn is_wire_url(url: &str) -> bool {
     (url.starts_with("https://") || url.starts_with("http://"))
-        && url.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b'#')
+        && crate::encoding::bytes_within(url.as_bytes(), 0x21, 0x21)
+        && !url.contains('#')
 }
 
 /// The gate every backend request passes before anything of its call is sent: every header

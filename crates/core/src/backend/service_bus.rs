@@ -14,6 +14,7 @@ use serde_json::{json, Map, Value};
 
 use super::BackendRequest;
 use super::Verdict;
+use crate::encoding::push_json_str;
 use crate::pipeline::{BodyError, Cx, Io, Limit, OutBody, Reply};
 use crate::policy::prepared::{Flavor, PreparedMessage, PreparedServiceBus};
 use crate::policy::ServiceBusBackend;
@@ -94,9 +95,31 @@ pub struct Properties {
 }
 
 impl Properties {
-    /// The `BrokerProperties` header's value: the broker properties as JSON.
+    /// The `BrokerProperties` header's value: the broker properties as JSON, byte for byte what
+    /// `serde_json` writes for the map, without its serializer on a send's path (strings are
+    /// [`push_json_str`]'s, the rare number or bool `serde_json`'s own).
     pub fn broker_json(&self) -> String {
-        serde_json::to_string(&self.broker).unwrap_or_default()
+        let mut out = String::with_capacity(
+            2 + self
+                .broker
+                .iter()
+                .map(|(k, v)| k.len() + v.as_str().map_or(8, str::len) + 6)
+                .sum::<usize>(),
+        );
+        out.push('{');
+        for (name, value) in &self.broker {
+            if out.len() > 1 {
+                out.push(',');
+            }
+            push_json_str(&mut out, name);
+            out.push(':');
+            match value {
+                Value::String(text) => push_json_str(&mut out, text),
+                other => out.push_str(&other.to_string()),
+            }
+        }
+        out.push('}');
+        out
     }
 
     pub fn message_id(&self) -> &str {
@@ -1358,5 +1381,30 @@ mod tests {
         let p = unavailable_for(Flavor::EventHubs, None, "answered 503");
         assert_eq!((p.status, p.title), (503, "Event Hubs is unavailable"));
         assert_eq!(p.headers, vec![("retry-after", "5".to_owned())]);
+    }
+
+    #[test]
+    fn broker_json_is_what_serde_json_writes() {
+        let mut broker = Map::new();
+        broker.insert(
+            "MessageId".into(),
+            Value::from("id \"quoted\" \\ \u{1}\n é ✓"),
+        );
+        broker.insert("Label".into(), Value::from(""));
+        broker.insert("TimeToLive".into(), Value::from(90u64));
+        broker.insert("ForcePersistence".into(), Value::from(true));
+        let props = Properties {
+            broker,
+            custom: Vec::new(),
+        };
+        assert_eq!(
+            props.broker_json(),
+            serde_json::to_string(&props.broker).unwrap()
+        );
+        let empty = Properties {
+            broker: Map::new(),
+            custom: Vec::new(),
+        };
+        assert_eq!(empty.broker_json(), "{}");
     }
 }
