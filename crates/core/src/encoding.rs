@@ -31,29 +31,54 @@ pub fn is_header_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-/// Whether every byte is in `lowest..0x7f` (printable ASCII from `lowest` on) or is `also`.
-/// Eight bytes at a time: it runs over every header value and URL a backend request carries
-/// (a bearer token is over a kilobyte); only a word holding another byte is looked at byte by
-/// byte.
-pub fn bytes_within(bytes: &[u8], lowest: u8, also: u8) -> bool {
+/// Byte tests on eight bytes at once (a `u64` read little-endian), for the scans that run over
+/// every header value, URL and JSON string of a request. Each says whether *any* byte matches,
+/// exactly (a borrow across bytes only starts at a byte that matches).
+pub(crate) mod word {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+    /// The words of `bytes`, and the bytes after the last whole word.
+    pub fn split(bytes: &[u8]) -> (impl Iterator<Item = (u64, &[u8])>, &[u8]) {
+        let words = bytes.chunks_exact(8);
+        let rest = words.remainder();
+        let words = words.map(|chunk| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(chunk);
+            (u64::from_le_bytes(w), chunk)
+        });
+        (words, rest)
+    }
+
+    /// A byte of 0x80 or more.
+    pub fn any_high(x: u64) -> bool {
+        x & HIGHS != 0
+    }
+
+    /// A byte below `n` among the bytes under 0x80 (`n` at most 0x80).
+    pub fn any_below(x: u64, n: u8) -> bool {
+        x.wrapping_sub(ONES * u64::from(n)) & !x & HIGHS != 0
+    }
+
+    /// A byte equal to `b`.
+    pub fn any_equal(x: u64, b: u8) -> bool {
+        let y = x ^ (ONES * u64::from(b));
+        y.wrapping_sub(ONES) & !y & HIGHS != 0
+    }
+}
+
+/// Whether every byte is in `lowest..0x7f` (printable ASCII from `lowest` on) or is `also`.
+/// Eight bytes at a time ([`word`]); only a word holding another byte is looked at byte by byte.
+pub fn bytes_within(bytes: &[u8], lowest: u8, also: u8) -> bool {
     let ok = |b: u8| (lowest..0x7f).contains(&b) || b == also;
-    let mut words = bytes.chunks_exact(8);
-    for word in &mut words {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(word);
-        let x = u64::from_le_bytes(w);
-        // A byte of 0x80 or more; a byte below `lowest` (exact as to whether there is one, for
-        // bytes under 0x80); a byte of 0x7f (a zero byte in x ^ 0x7f…).
-        let below = x.wrapping_sub(ONES * u64::from(lowest)) & !x & HIGHS;
-        let del = x ^ (ONES * 0x7f);
-        let del = del.wrapping_sub(ONES) & !del & HIGHS;
-        if (x & HIGHS) | below | del != 0 && !word.iter().all(|&b| ok(b)) {
+    let (words, rest) = word::split(bytes);
+    for (x, chunk) in words {
+        let suspect = word::any_high(x) || word::any_below(x, lowest) || word::any_equal(x, 0x7f);
+        if suspect && !chunk.iter().all(|&b| ok(b)) {
             return false;
         }
     }
-    words.remainder().iter().all(|&b| ok(b))
+    rest.iter().all(|&b| ok(b))
 }
 
 pub fn base64(bytes: &[u8]) -> String {
@@ -241,27 +266,12 @@ impl JsonObject {
 }
 
 /// Whether a JSON string of these bytes escapes any: a control character, `"` or `\\` (eight
-/// bytes at a time, as [`bytes_within`]).
+/// bytes at a time, [`word`]).
 fn needs_json_escape(bytes: &[u8]) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    let zero_in = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS != 0;
-    let mut words = bytes.chunks_exact(8);
-    for word in &mut words {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(word);
-        let x = u64::from_le_bytes(w);
-        if x.wrapping_sub(ONES * 0x20) & !x & HIGHS != 0
-            || zero_in(x ^ (ONES * u64::from(b'"')))
-            || zero_in(x ^ (ONES * u64::from(b'\\')))
-        {
-            return true;
-        }
-    }
-    words
-        .remainder()
-        .iter()
-        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+    let (mut words, rest) = word::split(bytes);
+    words.any(|(x, _)| {
+        word::any_below(x, 0x20) || word::any_equal(x, b'"') || word::any_equal(x, b'\\')
+    }) || rest.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 /// `value` as a JSON string, escaped as `serde_json` escapes it: `"`, `\\`, and control

@@ -33,13 +33,10 @@ impl Hasher for FastHasher {
 
     #[inline]
     fn write(&mut self, bytes: &[u8]) {
-        let mut words = bytes.chunks_exact(8);
-        for word in &mut words {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(word);
-            self.add(u64::from_le_bytes(b));
+        let (words, rest) = crate::encoding::word::split(bytes);
+        for (word, _) in words {
+            self.add(word);
         }
-        let rest = words.remainder();
         if !rest.is_empty() {
             let mut b = [0u8; 8];
             b[..rest.len()].copy_from_slice(rest);

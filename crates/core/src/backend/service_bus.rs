@@ -275,10 +275,7 @@ fn check(flavor: Flavor, props: &Properties, at: &str) -> Result<(), Problem> {
     }
     let mut header_bytes = "BrokerProperties".len() + props.broker_json().len();
     for (name, value) in &props.custom {
-        if !value
-            .bytes()
-            .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
-        {
+        if !crate::encoding::bytes_within(value.as_bytes(), 0x20, b'\t') {
             return Err(bad_message(
                 flavor,
                 format!(
