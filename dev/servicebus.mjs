@@ -115,12 +115,14 @@ export function controlClient(url) {
     return json;
   };
   return {
-    /** { requests, unknownEntity, entities: { name: { accepted, duplicates, rejected: { status: n }, received, completed, depth, locked } } } */
+    /** { requests, unknownEntity, faultsInjected, faultsAfterStore, entities: { name: { accepted, duplicates, rejected: { status: n }, received, completed, arrived, answersLost, arrivedAfterAck, depth, locked } } } */
     stats: () => control('GET', 'stats'),
     resetStats: () => control('DELETE', 'stats'),
     /**
      * { status?, retryAfter?, delayMs?, count = 1, entity? }: the next count sends answer status
-     * (after delayMs). With probability (and seed), each send fails with that probability.
+     * (after delayMs). With probability (and seed), each send fails with that probability. With
+     * storedShare (0..1; storedStatus = 500, storedDelayMs), that share of the failures comes
+     * after the message is stored: the answer is lost, the message kept.
      */
     setFault: (fault) => control('POST', 'faults', fault),
     clearFaults: () => control('DELETE', 'faults'),
@@ -132,7 +134,13 @@ export function controlClient(url) {
     /** Every stored message of an entity (not removed), oldest first; body decoded to a Buffer (an event hub's have partitionId). */
     messages: async (entity) => (await control('GET', `messages/${encodeURIComponent(entity)}`))
       .map((m) => ({ ...m, body: Buffer.from(m.body, 'base64') })),
-    /** Drop every message, lock and remembered MessageId of every entity. */
+    /**
+     * The arrivals ledger of an entity: MessageId → { arrived, refused, stored, duplicates,
+     * answersLost, acknowledged, afterAck }, counted before duplicate detection (see
+     * dev/servicebus/src/lib.rs).
+     */
+    arrivals: (entity) => control('GET', `arrivals/${encodeURIComponent(entity)}`),
+    /** Drop every message, lock, remembered MessageId and arrival of every entity. */
     purge: () => control('DELETE', 'messages'),
     /**
      * Receive the Azure way with a Service Bus token: receive-and-delete, or peek-lock with

@@ -36,7 +36,7 @@
 //!   lock); `DELETE` on that location completes, `PUT` abandons (200, or 404).
 //! - `/__control/`: `GET stats`, `DELETE stats`, `GET|POST|DELETE faults`, `GET|POST|DELETE
 //!   outage`, `DELETE messages` (purge all), `GET messages/{entity}` (everything stored, body in
-//!   base64; an event's `partitionId` too).
+//!   base64; an event's `partitionId` too), `GET arrivals/{entity}` (the arrivals ledger below).
 //!
 //! # Faults (for the fault and load suite, `bench/faults`)
 //!
@@ -48,8 +48,26 @@
 //! - `POST /__control/outage {"seconds": 10, "status": 503, "retryAfter": 2}`: every request
 //!   but `/__control/*` answers `status` (default 503) for that long; `DELETE` ends it.
 //!
-//! A send failed by a fault or an outage is answered before its body is parsed: it is never
-//! stored. `stats.faultsInjected` counts the requests so answered.
+//! - `{"status": 503, "probability": 0.1, "storedShare": 0.3, "storedStatus": 500,
+//!   "storedDelayMs": 0}`: of the failures drawn, a seeded share comes *after* the message is
+//!   stored (through duplicate detection): it is kept, then answered `storedStatus` (default 500,
+//!   InternalServerError) after `storedDelayMs`. The sender cannot know it was taken, as when
+//!   Azure stores a message and its answer is lost; `{"storedShare": 1}` alone does it to the
+//!   next send.
+//!
+//! Any other send failed by a fault or an outage is answered before it is stored.
+//! `stats.faultsInjected` counts the requests failed by either, `stats.faultsAfterStore` those
+//! failed after storing.
+//!
+//! # The arrivals ledger
+//!
+//! With duplicate detection on, what is stored cannot show a message sent twice. So each entity
+//! also records, per MessageId and before duplicate detection, every arrival and its outcome:
+//! `{"arrived", "refused" (by a fault, before storing), "stored", "duplicates" (dropped by
+//! duplicate detection), "answersLost" (failed after storing), "acknowledged" (answered 201),
+//! "afterAck" (arrived after a 201 for that id: a resend no failure explains)}`, and totals in
+//! the entity's stats (`arrived`, `answersLost`, `arrivedAfterAck`). `DELETE stats` and
+//! `DELETE messages` clear it.
 //!
 //! # Event hubs (`--entity NAME:partitions=N`)
 //!

@@ -343,12 +343,23 @@ impl App {
         log: &dyn Fn(&str),
     ) -> Reply {
         let fault = self.lock().take_fault(entity);
-        if let Some(fault) = fault {
+        let stored_fault = fault.as_ref().filter(|f| f.after_store);
+        if let Some(fault) = fault.as_ref().filter(|f| !f.after_store) {
             if fault.delay_ms > 0 {
                 std::thread::sleep(Duration::from_millis(fault.delay_ms));
             }
             if let Some(status) = fault.status {
-                return self.fault_reply(&fault, status, entity);
+                // Nothing is stored; the ledger still records what arrived, when it parses.
+                let max_size = self.lock().entity_ref(entity).map(|e| e.config.max_size);
+                if let Some(max_size) = max_size {
+                    if let Ok(messages) = parse_send(query, headers, body.clone(), max_size, None) {
+                        let ids = message_ids(&messages);
+                        if let Some(e) = self.lock().entity(entity) {
+                            e.note_refused(&ids);
+                        }
+                    }
+                }
+                return self.fault_reply(fault, status, entity);
             }
         }
         if let Err(e) = self.auth.authenticate(
@@ -378,6 +389,7 @@ impl App {
             Ok(m) => m,
             Err(e) => return self.message_error(&e, entity),
         };
+        let ids = message_ids(&messages);
         let mut broker = self.lock();
         let Some(target) = broker.entity(entity) else {
             return self.unknown_entity(entity);
@@ -390,8 +402,16 @@ impl App {
                 target.enqueue(messages, SystemTime::now(), Instant::now());
             }
         }
+        target.note_answered(&ids, stored_fault.is_none());
         drop(broker);
         self.arrived.notify_all();
+        if let Some(fault) = stored_fault {
+            // Stored, and now the answer is lost: late, and an error.
+            if fault.stored_delay_ms > 0 {
+                std::thread::sleep(Duration::from_millis(fault.stored_delay_ms));
+            }
+            return self.fault_reply(fault, fault.stored_status.unwrap_or(500), entity);
+        }
         Reply::empty(201)
     }
 
@@ -539,6 +559,13 @@ impl App {
                 broker.purge();
                 Reply::json(200, &broker.stats())
             }
+            ("GET", p) if p.starts_with("arrivals/") => {
+                let name = &p["arrivals/".len()..];
+                match broker.entity_ref(name) {
+                    Some(e) => Reply::json(200, &json!(e.arrivals())),
+                    None => Reply::json(404, &json!({ "error": format!("no entity {name}") })),
+                }
+            }
             ("GET", p) if p.starts_with("messages/") => {
                 let name = &p["messages/".len()..];
                 match broker.entity_ref(name) {
@@ -587,6 +614,14 @@ struct HubSend {
 }
 
 /// A partition id of a partition send: a decimal number below the hub's partition count.
+/// The MessageId of each message of a send (None where the sender gave none).
+fn message_ids(messages: &[NewMessage]) -> Vec<Option<String>> {
+    messages
+        .iter()
+        .map(|m| m.broker.message_id.clone())
+        .collect()
+}
+
 fn parse_partition(id: &str, count: u32) -> Result<u32, MessageError> {
     match id.parse::<u32>() {
         Ok(p) if p < count && id == p.to_string() => Ok(p),
@@ -1101,6 +1136,119 @@ mod tests {
         let stats = app.handle("GET", "/__control/stats", &[], vec![], &|_| {});
         let stats: Value = serde_json::from_slice(&stats.body).unwrap();
         assert_eq!(stats["entities"]["telemetry"]["rejected"]["400"], 9);
+    }
+
+    #[test]
+    fn a_fault_after_storing_keeps_the_message_and_the_ledger_counts_every_arrival() {
+        let app = app_with(&["orders:duplicate-detection=60", "plain"]);
+        let sb = fixtures::servicebus_token();
+        let control = |method: &str, path: &str, body: &str| {
+            let reply = app.handle(
+                method,
+                &format!("/__control/{path}"),
+                &[],
+                body.as_bytes().to_vec(),
+                &|_| {},
+            );
+            let value: Value = serde_json::from_slice(&reply.body).unwrap();
+            (reply.status, value)
+        };
+        let send = |entity: &str, id: &str| {
+            let props = format!(r#"{{"MessageId":"{id}"}}"#);
+            call(
+                &app,
+                "POST",
+                &format!("/{entity}/messages"),
+                &sb,
+                &[("BrokerProperties", props.as_str())],
+                b"x",
+            )
+        };
+
+        // Stored, then answered 500: the sender resends; duplicate detection drops the resend.
+        assert_eq!(
+            control("POST", "faults", r#"{"storedShare":1}"#).0,
+            200,
+            "a store-then-fail fault needs no other field"
+        );
+        assert_eq!(send("orders", "m1"), (500, "InternalServerError".into()));
+        assert_eq!(send("orders", "m1"), (201, String::new()));
+        // A resend after a 201: no failure explains it.
+        assert_eq!(send("orders", "m1"), (201, String::new()));
+        assert_eq!(stored(&app, "orders").len(), 1);
+        // A refusal before storing, then the message.
+        assert_eq!(control("POST", "faults", r#"{"status":503}"#).0, 200);
+        assert_eq!(send("orders", "m2"), (503, "ServerBusy".into()));
+        assert_eq!(send("orders", "m2"), (201, String::new()));
+        // Without duplicate detection, a store-then-fail and its resend are stored twice.
+        control(
+            "POST",
+            "faults",
+            r#"{"status":503,"storedShare":1,"storedStatus":503}"#,
+        );
+        assert_eq!(send("plain", "p1"), (503, "ServerBusy".into()));
+        assert_eq!(send("plain", "p1"), (201, String::new()));
+        assert_eq!(stored(&app, "plain").len(), 2);
+
+        let orders = control("GET", "arrivals/orders", "").1;
+        assert_eq!(
+            orders["m1"],
+            json!({"arrived": 3, "refused": 0, "stored": 1, "duplicates": 2, "answersLost": 1,
+                   "acknowledged": 2, "afterAck": 1})
+        );
+        assert_eq!(
+            orders["m2"],
+            json!({"arrived": 2, "refused": 1, "stored": 1, "duplicates": 0, "answersLost": 0,
+                   "acknowledged": 1, "afterAck": 0})
+        );
+        assert_eq!(control("GET", "arrivals/plain", "").1["p1"]["stored"], 2);
+        let stats = control("GET", "stats", "").1;
+        assert_eq!(stats["faultsAfterStore"], 2);
+        assert_eq!(stats["entities"]["orders"]["arrived"], 5);
+        assert_eq!(stats["entities"]["orders"]["answersLost"], 1);
+        assert_eq!(stats["entities"]["orders"]["arrivedAfterAck"], 1);
+        assert_eq!(control("POST", "faults", r#"{"storedShare":1.5}"#).0, 400);
+        control("DELETE", "stats", "");
+        assert_eq!(control("GET", "arrivals/orders", "").1, json!({}));
+    }
+
+    #[test]
+    fn a_seeded_share_of_faults_comes_after_storing() {
+        let app = app_with(&["orders"]);
+        let sb = fixtures::servicebus_token();
+        let fault = r#"{"status":503,"probability":0.5,"seed":7,"storedShare":0.5}"#;
+        app.handle(
+            "POST",
+            "/__control/faults",
+            &[],
+            fault.as_bytes().to_vec(),
+            &|_| {},
+        );
+        let statuses: Vec<u16> = (0..200)
+            .map(|i| {
+                let props = format!(r#"{{"MessageId":"s{i}"}}"#);
+                call(
+                    &app,
+                    "POST",
+                    "/orders/messages",
+                    &sb,
+                    &[("BrokerProperties", props.as_str())],
+                    b"x",
+                )
+                .0
+            })
+            .collect();
+        let lost = statuses.iter().filter(|s| **s == 500).count();
+        let refused = statuses.iter().filter(|s| **s == 503).count();
+        assert!(
+            (25..=75).contains(&lost),
+            "{lost} of about 50 failed after storing"
+        );
+        assert!(
+            (25..=75).contains(&refused),
+            "{refused} of about 50 refused"
+        );
+        assert_eq!(stored(&app, "orders").len(), 200 - refused);
     }
 
     #[test]

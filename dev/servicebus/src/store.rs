@@ -110,7 +110,40 @@ pub struct EntityStats {
     pub rejected: BTreeMap<String, u64>,
     pub received: u64,
     pub completed: u64,
+    /// Messages that reached the entity, before duplicate detection (a batch counts each), and
+    /// of those the ones whose answer an injected fault lost after storing them.
+    pub arrived: u64,
+    pub answers_lost: u64,
+    /// Messages that arrived with a MessageId this entity had already answered 201 for: a
+    /// resend that no failure explains (see [`Arrivals`]).
+    pub arrived_after_ack: u64,
 }
+
+/// Everything that reached an entity with one MessageId, before duplicate detection, and how
+/// each arrival was answered. The fault and load suite and the "exactly once" tests judge the
+/// gateway by it: with duplicate detection on, `stored` alone cannot show a message sent twice.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Arrivals {
+    /// Sends that carried this id, whatever their outcome.
+    pub arrived: u32,
+    /// Answered with an injected fault before anything was stored.
+    pub refused: u32,
+    /// Stored (not dropped by duplicate detection).
+    pub stored: u32,
+    /// Dropped by duplicate detection (answered 201 all the same, as Azure does).
+    pub duplicates: u32,
+    /// Stored or dropped as a duplicate, then answered with an injected fault: the sender cannot
+    /// know it was taken.
+    pub answers_lost: u32,
+    /// Answered 201.
+    pub acknowledged: u32,
+    /// Arrived after this id had already been answered 201.
+    pub after_ack: u32,
+}
+
+/// The most MessageIds one entity keeps arrivals for (a long fault run sends 10,000 per phase).
+pub const MAX_ARRIVAL_IDS: usize = 1_000_000;
 
 #[derive(Debug)]
 pub struct Entity {
@@ -122,6 +155,8 @@ pub struct Entity {
     /// Round-robin position for events sent with neither partition nor PartitionKey.
     next_partition: u32,
     pub stats: EntityStats,
+    /// Per MessageId, what arrived (messages without one are not recorded).
+    arrivals: HashMap<String, Arrivals>,
 }
 
 /// The partition of a PartitionKey: the same key always lands on the same partition. (Event
@@ -146,7 +181,61 @@ impl Entity {
             dedup,
             next_partition: 0,
             stats: EntityStats::default(),
+            arrivals: HashMap::new(),
         }
+    }
+
+    /// The ledger entry of `id`, unless the ledger is full.
+    fn arrival(&mut self, id: &str) -> Option<&mut Arrivals> {
+        if !self.arrivals.contains_key(id) && self.arrivals.len() >= MAX_ARRIVAL_IDS {
+            return None;
+        }
+        Some(self.arrivals.entry(id.to_string()).or_default())
+    }
+
+    /// Record that messages with these ids arrived (before duplicate detection).
+    fn note_arrived(&mut self, id: Option<&str>) {
+        self.stats.arrived += 1;
+        let Some(a) = id.and_then(|id| self.arrival(id)) else {
+            return;
+        };
+        a.arrived += 1;
+        if a.acknowledged > 0 {
+            a.after_ack += 1;
+            self.stats.arrived_after_ack += 1;
+        }
+    }
+
+    /// Messages answered with an injected fault before anything was stored.
+    pub fn note_refused(&mut self, ids: &[Option<String>]) {
+        for id in ids {
+            self.note_arrived(id.as_deref());
+            if let Some(a) = id.as_deref().and_then(|id| self.arrival(id)) {
+                a.refused += 1;
+            }
+        }
+    }
+
+    /// How the send that carried these (stored or deduplicated) messages was answered: 201
+    /// (`acknowledged`) or an injected fault after storing (the answer lost).
+    pub fn note_answered(&mut self, ids: &[Option<String>], acknowledged: bool) {
+        for id in ids {
+            if !acknowledged {
+                self.stats.answers_lost += 1;
+            }
+            if let Some(a) = id.as_deref().and_then(|id| self.arrival(id)) {
+                if acknowledged {
+                    a.acknowledged += 1;
+                } else {
+                    a.answers_lost += 1;
+                }
+            }
+        }
+    }
+
+    /// The arrivals ledger, by MessageId.
+    pub fn arrivals(&self) -> &HashMap<String, Arrivals> {
+        &self.arrivals
     }
 
     /// Store events of an event hub in order, each on `partition` when the send named one, else
@@ -161,6 +250,11 @@ impl Entity {
         let partitions = self.config.partitions.unwrap_or(1).max(1);
         let count = events.len();
         for m in events {
+            let id = m.broker.message_id.clone();
+            self.note_arrived(id.as_deref());
+            if let Some(a) = id.as_deref().and_then(|id| self.arrival(id)) {
+                a.stored += 1;
+            }
             let chosen = match (partition, m.broker.partition_key.as_deref()) {
                 (Some(p), _) => p,
                 (None, Some(key)) => partition_for_key(key, partitions),
@@ -207,6 +301,7 @@ impl Entity {
     }
 
     /// Store messages in order (all or, for duplicates, some); returns (stored, duplicates).
+    /// Each arrival is recorded in the ledger under its MessageId (given, or made up here).
     pub fn enqueue(
         &mut self,
         messages: Vec<NewMessage>,
@@ -220,11 +315,21 @@ impl Entity {
                 .message_id
                 .get_or_insert_with(|| uuid_v4().replace('-', ""))
                 .clone();
-            if let Some(dedup) = &mut self.dedup {
-                if dedup.is_duplicate(&id, mono) {
-                    duplicates += 1;
-                    continue;
+            self.note_arrived(Some(&id));
+            let duplicate = self
+                .dedup
+                .as_mut()
+                .is_some_and(|dedup| dedup.is_duplicate(&id, mono));
+            if let Some(a) = self.arrival(&id) {
+                if duplicate {
+                    a.duplicates += 1;
+                } else {
+                    a.stored += 1;
                 }
+            }
+            if duplicate {
+                duplicates += 1;
+                continue;
             }
             self.queue.push_back(StoredMessage {
                 sequence_number: self.next_sequence,
@@ -312,10 +417,12 @@ impl Entity {
         true
     }
 
-    /// Drop every message, lock and remembered MessageId (sequence numbers keep counting).
+    /// Drop every message, lock, remembered MessageId and arrival (sequence numbers keep
+    /// counting).
     pub fn purge(&mut self) {
         self.queue.clear();
         self.locked.clear();
+        self.arrivals.clear();
         if let Some(d) = &mut self.dedup {
             d.clear();
         }
@@ -369,6 +476,20 @@ pub struct Fault {
     pub probability: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// The share of the failures this fault injects that come *after* the message is stored
+    /// (drawn from the same generator): the message is kept (through duplicate detection) and
+    /// then answered `storedStatus` after `storedDelayMs`, so the sender cannot know it was
+    /// taken, as when Azure stores a message and its answer is a 500 or comes too late.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_share: Option<f64>,
+    /// The status of a failure after storing (default 500, InternalServerError).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_status: Option<u16>,
+    #[serde(default)]
+    pub stored_delay_ms: u64,
+    /// On the copy taken for one send: this failure comes after storing.
+    #[serde(skip)]
+    pub after_store: bool,
     /// The generator's state (splitmix64), from `seed`.
     #[serde(skip)]
     rng: u64,
@@ -393,8 +514,23 @@ impl Fault {
         if fault.delay_ms > MAX_FAULT_DELAY_MS {
             return Err(format!("fault.delayMs must be 0..{MAX_FAULT_DELAY_MS}"));
         }
-        if fault.status.is_none() && fault.delay_ms == 0 {
-            return Err("a fault needs a status or a delayMs".into());
+        if fault.status.is_none() && fault.delay_ms == 0 && fault.stored_share.is_none() {
+            return Err("a fault needs a status, a delayMs or a storedShare".into());
+        }
+        if let Some(share) = fault.stored_share {
+            if !(0.0..=1.0).contains(&share) {
+                return Err("fault.storedShare must be 0..1".into());
+            }
+        }
+        if let Some(s) = fault.stored_status {
+            if !(400..=599).contains(&s) {
+                return Err("fault.storedStatus must be 400..599".into());
+            }
+        }
+        if fault.stored_delay_ms > MAX_FAULT_DELAY_MS {
+            return Err(format!(
+                "fault.storedDelayMs must be 0..{MAX_FAULT_DELAY_MS}"
+            ));
         }
         match fault.probability {
             Some(p) if !(0.0..=1.0).contains(&p) => {
@@ -485,6 +621,8 @@ pub struct Broker {
     pub unknown_entity: u64,
     /// Requests answered by an injected fault or an outage (not reset with the messages).
     pub faults_injected: u64,
+    /// Of those, the faults that came after storing the message (the answer lost).
+    pub faults_after_store: u64,
 }
 
 impl Broker {
@@ -519,7 +657,16 @@ impl Broker {
         }
         let left = fault.count.map(|c| c.saturating_sub(1));
         fault.count = left;
-        let taken = fault.clone();
+        let after_store = match fault.stored_share {
+            Some(share) if share >= 1.0 => true,
+            Some(share) if share > 0.0 => fault.draw() < share,
+            _ => false,
+        };
+        let mut taken = fault.clone();
+        taken.after_store = after_store;
+        if after_store {
+            self.faults_after_store += 1;
+        }
         if left == Some(0) {
             self.fault = None;
         }
@@ -551,10 +698,12 @@ impl Broker {
     pub fn reset_stats(&mut self) {
         for e in &mut self.entities {
             e.stats = EntityStats::default();
+            e.arrivals.clear();
         }
         self.requests = 0;
         self.unknown_entity = 0;
         self.faults_injected = 0;
+        self.faults_after_store = 0;
     }
 
     pub fn stats(&self) -> Value {
@@ -572,6 +721,7 @@ impl Broker {
             "requests": self.requests,
             "unknownEntity": self.unknown_entity,
             "faultsInjected": self.faults_injected,
+            "faultsAfterStore": self.faults_after_store,
             "entities": entities,
         })
     }
