@@ -7,6 +7,15 @@
  *   dev/faults.mjs) hits writes only (PUT, POST, DELETE by default: `faultMethods`): the request
  *   is answered with Storage's error shape (`<Error><Code>ServerBusy</Code>…`, x-ms-error-code)
  *   and never forwarded, so what it failed is never stored.
+ * - With `storedShare`, that share of the failures comes after the write: it is forwarded, and
+ *   when Azurite took it (2xx) its answer is replaced by `storedStatus` (default 500,
+ *   OperationTimedOut: Storage's "may or may not have completed") after `storedDelayMs`, or, with
+ *   `storedMode: 'reset'`, the connection is dropped unanswered. Azurite's refusals pass through.
+ * - The arrivals ledger (`arrivals()`, GET /__control/arrivals): per blob path, every write of
+ *   the blob (Put Blob, Put Block List) that reached the proxy and its outcome: { arrived,
+ *   refused (by a fault, not forwarded), stored (Azurite answered 2xx), conflicts (Azurite
+ *   answered 409), answersLost (stored, then failed), acknowledged (2xx delivered), afterAck
+ *   (arrived after a 2xx for that path had been delivered: a write no failure explains) }.
  * - An outage ({ seconds, status = 503, mode = 'status' | 'reset' }) fails every request for that
  *   long ('reset': the connection is dropped unanswered).
  * Control, in process (setFault, clearFault, setOutage, clearOutage, stats) and over HTTPS
@@ -20,18 +29,22 @@ import { faultSwitch } from './faults.mjs';
 
 const STORAGE_MESSAGES = {
   500: ['InternalError', 'The server encountered an internal error. Please retry the request.'],
+  'after-store': ['OperationTimedOut', 'Operation could not be completed within the specified time.'],
   503: ['ServerBusy', 'The server is currently unable to receive requests. Please retry your request.'],
 };
 
 /**
  * Start the proxy on 127.0.0.1:port in front of `target` (an https origin such as
  * https://127.0.0.1:10000). Returns { url (origin), port, setFault, clearFault, setOutage,
- * clearOutage, outage, stats, resetStats, stop }.
+ * clearOutage, outage, stats, arrivals, resetStats, stop }.
  */
 export async function startFaultProxy({ port, target, certPath, keyPath, ca, faultMethods = ['PUT', 'POST', 'DELETE'], log = () => {} }) {
   const to = new URL(target);
-  const switches = faultSwitch();
+  const switches = faultSwitch({ storable: true });
   const stats = { requests: 0, forwarded: 0, upstreamErrors: 0 };
+  /** path → the arrivals of writes of that blob (see above). */
+  const ledger = new Map();
+  const blank = () => ({ arrived: 0, refused: 0, stored: 0, conflicts: 0, answersLost: 0, acknowledged: 0, afterAck: 0 });
   const agent = new Agent({ keepAlive: true, maxSockets: 256, ca });
   const server = createServer({ cert: readFileSync(certPath), key: readFileSync(keyPath) }, (req, res) => {
     if (req.url.startsWith('/__control/')) {
@@ -40,11 +53,13 @@ export async function startFaultProxy({ port, target, certPath, keyPath, ca, fau
     }
     stats.requests += 1;
     const decision = switches.decide(faultMethods.includes(req.method));
+    const entry = blobWrite(req) ? arrival(req.url) : null;
     if (decision?.mode === 'reset') {
       req.socket.destroy();
       return;
     }
-    if (decision) {
+    if (decision && !decision.afterStore) {
+      if (entry) entry.refused += 1;
       // Read the body away first: answering mid-upload makes some clients see a reset.
       req.resume();
       req.on('end', () => storageError(res, decision));
@@ -55,6 +70,20 @@ export async function startFaultProxy({ port, target, certPath, keyPath, ca, fau
       host: to.hostname, port: to.port, method: req.method, path: req.url, agent,
       headers: { ...req.headers, host: to.host },
     }, (answer) => {
+      const ok = answer.statusCode >= 200 && answer.statusCode < 300;
+      if (entry && ok) entry.stored += 1;
+      if (entry && answer.statusCode === 409) entry.conflicts += 1;
+      if (decision?.afterStore && ok) {
+        // Taken by Azurite; the answer is lost.
+        if (entry) entry.answersLost += 1;
+        answer.resume();
+        answer.on('end', () => setTimeout(() => {
+          if (decision.afterStore.mode === 'reset') req.socket.destroy();
+          else storageError(res, { status: decision.afterStore.status, code: 'after-store' });
+        }, decision.afterStore.delayMs));
+        return;
+      }
+      if (entry && ok) entry.acknowledged += 1;
       res.writeHead(answer.statusCode, answer.headers);
       answer.pipe(res);
     });
@@ -67,12 +96,28 @@ export async function startFaultProxy({ port, target, certPath, keyPath, ca, fau
     req.pipe(upstream);
   });
 
+  /** A write of a whole blob: Put Blob or Put Block List (not Put Block, nor a read). */
+  function blobWrite(req) {
+    if (req.method !== 'PUT') return false;
+    const comp = new URL(req.url, 'https://x').searchParams.get('comp');
+    return comp === null || comp === 'blocklist';
+  }
+  function arrival(url) {
+    const path = new URL(url, 'https://x').pathname;
+    let entry = ledger.get(path);
+    if (!entry) ledger.set(path, (entry = blank()));
+    entry.arrived += 1;
+    if (entry.acknowledged > 0) entry.afterAck += 1;
+    return entry;
+  }
+
   async function control(req, res) {
     const path = new URL(req.url, 'https://x').pathname.replace(/\/$/, '');
     const body = req.method === 'POST' ? JSON.parse((await readAll(req)) || '{}') : null;
     try {
       switch (`${req.method} ${path}`) {
         case 'GET /__control/stats': return sendJson(res, 200, { ...stats, ...switches.counts() });
+        case 'GET /__control/arrivals': return sendJson(res, 200, Object.fromEntries(ledger));
         case 'DELETE /__control/stats': resetStats(); return sendJson(res, 200, { ...stats, ...switches.counts() });
         case 'GET /__control/faults': return sendJson(res, 200, { fault: switches.fault() });
         case 'POST /__control/faults': return sendJson(res, 200, { fault: switches.setFault(body) });
@@ -89,6 +134,7 @@ export async function startFaultProxy({ port, target, certPath, keyPath, ca, fau
   function resetStats() {
     Object.assign(stats, { requests: 0, forwarded: 0, upstreamErrors: 0 });
     switches.resetCounts();
+    ledger.clear();
   }
 
   await new Promise((resolveListen, rejectListen) => {
@@ -105,6 +151,8 @@ export async function startFaultProxy({ port, target, certPath, keyPath, ca, fau
     clearOutage: () => switches.clearOutage(),
     outage: () => switches.outage(),
     stats: () => ({ ...stats, ...switches.counts() }),
+    /** The arrivals ledger: blob path → { arrived, refused, stored, conflicts, answersLost, acknowledged, afterAck }. */
+    arrivals: () => new Map([...ledger].map(([k, v]) => [k, { ...v }])),
     resetStats,
     stop: () => new Promise((resolveStop) => {
       agent.destroy();
@@ -114,8 +162,8 @@ export async function startFaultProxy({ port, target, certPath, keyPath, ca, fau
   };
 }
 
-function storageError(res, { status, retryAfter }) {
-  const [code, message] = STORAGE_MESSAGES[status] ?? ['InjectedFault', 'Injected fault.'];
+function storageError(res, { status, retryAfter, code: kind }) {
+  const [code, message] = STORAGE_MESSAGES[kind ?? status] ?? ['InjectedFault', 'Injected fault.'];
   const body = `<?xml version="1.0" encoding="utf-8"?><Error><Code>${code}</Code><Message>${message} (injected)</Message></Error>`;
   const headers = { 'content-type': 'application/xml', 'content-length': Buffer.byteLength(body), 'x-ms-error-code': code };
   if (retryAfter !== undefined) headers['retry-after'] = String(retryAfter);

@@ -21,15 +21,18 @@ const MAX_OUTAGE_SECONDS = 3600;
  * Injected faults of one stand-in, in the shape the issuer and the Service Bus stand-in take:
  * - fault { status, count?, probability?, seed?, retryAfter? }: without probability, the next
  *   `count` (default 1) requests fail; with it, each fails with that probability (seeded draws),
- *   `count` capping the failures (default: none);
+ *   `count` capping the failures (default: none). Where the stand-in can store (`storable`:
+ *   the Blob fault proxy), `storedShare` (0..1) of the failures, drawn from the same generator,
+ *   come after the request was carried out: answered `storedStatus` (default 500) after
+ *   `storedDelayMs`, or with `storedMode: 'reset'` not answered at all (the answer lost);
  * - outage { seconds, status = 503, retryAfter?, mode = 'status' | 'reset' }: every request
  *   fails for that long (mode 'reset': the connection is dropped without an answer).
  * decide() says what to do with one request: null (go on) or { status, retryAfter, mode }.
  */
-export function faultSwitch() {
+export function faultSwitch({ storable = false } = {}) {
   let fault = null;
   let outage = null;
-  const counts = { faultsInjected: 0, outageRejected: 0 };
+  const counts = { faultsInjected: 0, outageRejected: 0, faultsAfterStore: 0 };
   const activeOutage = () => {
     if (outage && Date.now() >= outage.until) outage = null;
     return outage;
@@ -43,7 +46,16 @@ export function faultSwitch() {
       if (count !== null && (!Number.isInteger(count) || count < 1)) throw new Error('fault.count must be a positive integer');
       if (probability !== undefined && !(typeof probability === 'number' && probability >= 0 && probability <= 1)) throw new Error('fault.probability must be 0..1');
       if (seed !== undefined && (probability === undefined || !Number.isInteger(seed))) throw new Error('fault.seed must be an integer, with a probability');
+      const { storedShare, storedStatus = 500, storedDelayMs = 0, storedMode = 'status' } = f;
+      if (storedShare !== undefined) {
+        if (!storable) throw new Error('fault.storedShare: this stand-in cannot fail after storing');
+        if (!(typeof storedShare === 'number' && storedShare >= 0 && storedShare <= 1)) throw new Error('fault.storedShare must be 0..1');
+        if (!(Number.isInteger(storedStatus) && storedStatus >= 400 && storedStatus <= 599)) throw new Error('fault.storedStatus must be 400..599');
+        if (!(Number.isInteger(storedDelayMs) && storedDelayMs >= 0 && storedDelayMs <= 120_000)) throw new Error('fault.storedDelayMs must be 0..120000');
+        if (storedMode !== 'status' && storedMode !== 'reset') throw new Error("fault.storedMode must be 'status' or 'reset'");
+      }
       fault = { status, retryAfter, remaining: count, probability, seed: probability === undefined ? undefined : (seed ?? 1) };
+      if (storedShare !== undefined) Object.assign(fault, { storedShare, storedStatus, storedDelayMs, storedMode });
       Object.defineProperty(fault, 'draw', { value: seededRandom(seed ?? 1) });
       return fault;
     },
@@ -64,8 +76,12 @@ export function faultSwitch() {
       return o && { status: o.status, retryAfter: o.retryAfter, mode: o.mode, remainingSeconds: Math.max(0, (o.until - Date.now()) / 1000) };
     },
     counts: () => ({ ...counts }),
-    resetCounts() { counts.faultsInjected = 0; counts.outageRejected = 0; },
-    /** For one request that faults apply to (`faultable`: a fault may hit it; an outage hits all). */
+    resetCounts() { counts.faultsInjected = 0; counts.outageRejected = 0; counts.faultsAfterStore = 0; },
+    /**
+     * For one request that faults apply to (`faultable`: a fault may hit it; an outage hits all).
+     * A fault's decision carries `afterStore` ({ status, delayMs, mode }) when it is to come
+     * after the request was carried out.
+     */
     decide(faultable = true) {
       const o = activeOutage();
       if (o) {
@@ -74,15 +90,17 @@ export function faultSwitch() {
       }
       if (!fault || !faultable) return null;
       if (fault.probability !== undefined && fault.draw() >= fault.probability) return null;
+      const taken = fault;
       if (fault.remaining !== null) {
         fault.remaining -= 1;
-        const taken = fault;
         if (fault.remaining <= 0) fault = null;
-        counts.faultsInjected += 1;
-        return { status: taken.status, retryAfter: taken.retryAfter, mode: 'status' };
       }
       counts.faultsInjected += 1;
-      return { status: fault.status, retryAfter: fault.retryAfter, mode: 'status' };
+      const share = taken.storedShare ?? 0;
+      const afterStore = share >= 1 || (share > 0 && taken.draw() < share);
+      if (!afterStore) return { status: taken.status, retryAfter: taken.retryAfter, mode: 'status' };
+      counts.faultsAfterStore += 1;
+      return { status: taken.status, retryAfter: taken.retryAfter, mode: 'status', afterStore: { status: taken.storedStatus, delayMs: taken.storedDelayMs, mode: taken.storedMode } };
     },
   };
 }

@@ -2,7 +2,9 @@
  * The fault knobs the fault and load suite (bench/faults) relies on, in the stand-ins themselves:
  * a seeded share of requests failed (the same ones by position for the same seed), a full
  * outage for N seconds, and nothing failed ever stored or forwarded. No gateway: the issuer, the
- * Service Bus stand-in and the fault proxy are driven directly.
+ * Service Bus stand-in and the fault proxy are driven directly. Faults after storing (the
+ * message kept, the answer lost) and the arrivals ledgers that count every arrival before
+ * duplicate detection are checked here too: the fault suite's duplicate verdict rests on them.
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -11,6 +13,7 @@ import { createServer } from 'node:https';
 import { join } from 'node:path';
 import { blobRequest, ensureCertificate } from '../../dev/azurite.mjs';
 import { startFaultProxy } from '../../dev/faultproxy.mjs';
+import { faultSwitch } from '../../dev/faults.mjs';
 import { requestToken, startIssuer } from '../../dev/issuer.mjs';
 import { REPO_ROOT } from '../../dev/proc.mjs';
 import { startServiceBus } from '../../dev/servicebus.mjs';
@@ -21,6 +24,8 @@ const TENANT = '11111111-2222-3333-4444-555555555555';
 const SECRET = 'knob-secret';
 const SB_AUDIENCE = 'https://servicebus.azure.net';
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+/** A stand-in that cannot store (faultSwitch without `storable`) refuses a fault after storing. */
+const issuerRefusesStored = () => faultSwitch().setFault({ status: 503, storedShare: 0.5 });
 
 describe('fault knobs of the stand-ins', () => {
   let issuer;
@@ -154,5 +159,46 @@ describe('fault knobs of the stand-ins', () => {
     assert.equal((await call('PUT', '/c/after')).status, 201);
     assert.equal(proxy.stats().faultsInjected, failed);
     assert.equal(proxy.stats().outageRejected, 1);
+  });
+
+  test('service bus stand-in: a fault after storing keeps the message, loses the answer, and the ledger counts the resend', async () => {
+    const bearer = (await token()).body.access_token;
+    await sb.purge();
+    await sb.setFault({ storedShare: 1 });
+    assert.equal(await send('lost-1', bearer), 500, 'stored, then answered 500');
+    assert.deepEqual((await sb.messages('q')).map((m) => m.brokerProperties.MessageId), ['lost-1'], 'kept');
+    assert.equal(await send('lost-1', bearer), 201, 'the resend is answered');
+    assert.equal(await send('lost-1', bearer), 201, 'a resend after a 201');
+    assert.equal((await sb.messages('q')).length, 1, 'duplicate detection drops both resends');
+    const ledger = await sb.arrivals('q');
+    assert.deepEqual(ledger['lost-1'], { arrived: 3, refused: 0, stored: 1, duplicates: 2, answersLost: 1, acknowledged: 2, afterAck: 1 });
+    const stats = await sb.stats();
+    assert.equal(stats.faultsAfterStore, 1);
+    assert.equal(stats.entities.q.arrivedAfterAck, 1);
+  });
+
+  test('fault proxy: a fault after storing forwards the write and loses its answer (500, or a reset); the ledger counts per blob', async () => {
+    const ca = readFileSync(ensureCertificate(join(REPO_ROOT, 'target', 'e2e', 'fault-knobs')).certPath);
+    const call = (method, path) => blobRequest(`${proxy.url}${path}`, { method, body: method === 'PUT' ? path : undefined, ca });
+    proxy.resetStats();
+    received.length = 0;
+    proxy.setFault({ count: 1, storedShare: 1 });
+    const lost = await call('PUT', '/c/s1');
+    assert.equal(lost.status, 500);
+    assert.equal(lost.headers['x-ms-error-code'], 'OperationTimedOut');
+    assert.deepEqual(received, ['PUT /c/s1 /c/s1'], 'forwarded');
+    assert.equal((await call('PUT', '/c/s1')).status, 201);
+    proxy.setFault({ count: 1, storedShare: 1, storedMode: 'reset' });
+    await assert.rejects(call('PUT', '/c/s2'), /socket hang up|ECONNRESET/);
+    assert.equal(received.length, 3, 'the reset one was forwarded too');
+    proxy.setFault({ count: 1 });
+    assert.equal((await call('PUT', '/c/s3')).status, 503);
+    assert.equal((await call('PUT', '/c/s3?comp=block&blockid=AAAA')).status, 201, 'a Put Block is no write of the blob');
+    const ledger = proxy.arrivals();
+    assert.deepEqual(ledger.get('/c/s1'), { arrived: 2, refused: 0, stored: 2, conflicts: 0, answersLost: 1, acknowledged: 1, afterAck: 0 });
+    assert.deepEqual(ledger.get('/c/s2'), { arrived: 1, refused: 0, stored: 1, conflicts: 0, answersLost: 1, acknowledged: 0, afterAck: 0 });
+    assert.deepEqual(ledger.get('/c/s3'), { arrived: 1, refused: 1, stored: 0, conflicts: 0, answersLost: 0, acknowledged: 0, afterAck: 0 });
+    assert.equal(proxy.stats().faultsAfterStore, 2);
+    assert.throws(() => issuerRefusesStored(), /cannot fail after storing/);
   });
 });
