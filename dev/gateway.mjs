@@ -33,6 +33,9 @@ const BUILD_SCRIPT = join(REPO_ROOT, 'scripts', 'build');
  * - countCrossings: build with AEG_COUNT_CROSSINGS=1 (scripts/build), so each response carries
  *   x-wasm-crossings (tests/e2e/crossings.test.mjs). Off, the build runs with it unset whatever
  *   the environment says, and a build found instrumented is refused.
+ * - sabotage: 'drop:N' | 'double:N' builds a deliberately broken gateway (AEG_SABOTAGE,
+ *   scripts/sabotage.mjs) whose N-th message send is dropped or doubled; off (default), the build
+ *   runs with it unset and a sabotaged build is refused.
  * - leanEntry: build with the lean entry (true, scripts/build's default) or with worker-build's
  *   entry (false, AEG_LEAN_ENTRY=0); default: as the environment says (so `AEG_LEAN_ENTRY=0
  *   scripts/test` runs every suite on worker-build's entry).
@@ -50,6 +53,7 @@ export async function startGateway({
   buildCommand = BUILD_SCRIPT,
   extraToml = '',
   countCrossings = false,
+  sabotage = null,
   leanEntry,
   buildTimeoutMs = 300_000,
   startTimeoutMs = 30_000,
@@ -60,9 +64,10 @@ export async function startGateway({
   await assertPortFree(port);
 
   const buildLogs = build
-    ? await buildWorker({ policyPath, dir, buildCommand, timeoutMs: buildTimeoutMs, onLog, countCrossings, leanEntry })
+    ? await buildWorker({ policyPath, dir, buildCommand, timeoutMs: buildTimeoutMs, onLog, countCrossings, sabotage, leanEntry })
     : [];
   assertInstrumentation(join(dir, 'build', 'index.js'), countCrossings, build);
+  assertSabotage(join(dir, 'build', 'index.js'), sabotage);
   const configPath = writeWranglerConfig(wranglerToml, dir, extraToml);
   writeDevVars(join(dir, '.dev.vars'), secrets);
   const extraCa = writeCaBundle(join(dir, 'extra-ca.pem'), caCertPaths);
@@ -108,7 +113,7 @@ export async function startGateway({
 }
 
 /** scripts/build --out-dir <dir>/build with GATEWAY_POLICY; resolves its output lines or throws. */
-export async function buildWorker({ policyPath, dir, buildCommand = BUILD_SCRIPT, timeoutMs = 300_000, onLog, countCrossings, leanEntry }) {
+export async function buildWorker({ policyPath, dir, buildCommand = BUILD_SCRIPT, timeoutMs = 300_000, onLog, countCrossings, sabotage, leanEntry }) {
   if (!policyPath) throw new Error('startGateway: policyPath is required');
   const policy = resolve(policyPath);
   if (!existsSync(policy)) throw new Error(`policy file not found: ${policy}`);
@@ -120,6 +125,7 @@ export async function buildWorker({ policyPath, dir, buildCommand = BUILD_SCRIPT
     env: offlineEnv({
       GATEWAY_POLICY: policy,
       AEG_COUNT_CROSSINGS: countCrossings ? '1' : '',
+      AEG_SABOTAGE: sabotage ?? '',
       ...(leanEntry === undefined ? {} : { AEG_LEAN_ENTRY: leanEntry ? '1' : '0' }),
     }),
     onLine: onLog && ((line) => onLog(`[build] ${line}`)),
@@ -149,6 +155,14 @@ function assertInstrumentation(indexPath, countCrossings, built) {
     throw new Error(`${indexPath} is not instrumented: start with build: true and countCrossings: true`);
   }
   if (!instrumented && countCrossings) throw new Error(`the build with AEG_COUNT_CROSSINGS=1 did not instrument ${indexPath}`);
+}
+
+/** A sabotaged build (scripts/sabotage.mjs) runs only when asked for, and only then. */
+function assertSabotage(indexPath, sabotage) {
+  if (!existsSync(indexPath)) return;
+  const sabotaged = readFileSync(indexPath, 'utf8').startsWith('/* aeg:sabotage */');
+  if (sabotaged && !sabotage) throw new Error(`${indexPath} is a sabotaged build (AEG_SABOTAGE) but sabotage is off: rebuild it`);
+  if (!sabotaged && sabotage) throw new Error(`${indexPath} is not sabotaged although sabotage ${sabotage} was asked for`);
 }
 
 /** Copy wrangler.toml into dir without its [build] section; check that `main` was built there. */
