@@ -8,11 +8,15 @@
  * duplicate detection, the gateway under wrangler dev with bench/faults/policy.json), and for each
  * backend (Service Bus, then Blob):
  *   1. sets the faults: the issuer fails `--idp-fail` of token requests with 503 and the backend
- *      `--backend-fail` of sends with 503, both from seeded generators (dev/faults.mjs, the
- *      stand-in's splitmix64), so a rerun fails the same requests by position;
+ *      `--backend-fail` of sends, both from seeded generators (dev/faults.mjs, the stand-in's
+ *      splitmix64), so a rerun fails the same requests by position. Of the backend's failures,
+ *      `--stored-share` come after storing: Azure kept the message and the answer is lost (the
+ *      Service Bus stand-in answers 500; the Blob proxy drops the connection), the one case that
+ *      can make a duplicate; the others are 503s before anything is stored;
  *   2. drives `--requests` requests at `--concurrency` in flight (fetch, each bounded by
- *      `--timeout-ms`), each with a unique Idempotency-Key (Service Bus: the MessageId) or blob
- *      name; when a quarter of the requests have started the issuer goes fully down for
+ *      `--timeout-ms`; at most `--rate` per second when given), each with a unique
+ *      Idempotency-Key (Service Bus: the MessageId) or blob name; when a quarter of the requests
+ *      have started the issuer goes fully down for
  *      `--outage-seconds`, and when 60 % have, the backend does (staggered: they overlap only
  *      when the load outruns them);
  *   3. clears every fault and outage, then waits for any store-and-forward backlog to drain: it
@@ -21,12 +25,23 @@
  *   4. counts, per backend: sent, acknowledged (2xx, split into `accepted` and `queued` by the
  *      answer's JSON `status`), refused (by status; `error:timeout`/`error:network` for no
  *      answer), stored (distinct MessageIds / blob names the backend holds, read from the
- *      backend, not from what it answered), duplicates, lost (acknowledged, not stored),
- *      stored-but-unacknowledged, the drain time, and token requests per 1,000 requests.
+ *      backend, not from what it answered, each body compared with the one sent), what the
+ *      backend *received* (its arrivals ledger, before duplicate detection: resends after a
+ *      refusal, after a lost answer, and unexplained ones), lost (acknowledged, not stored),
+ *      stored-but-unacknowledged, the drain time, and token requests per 1,000 requests;
+ *   5. judges (bench/faults/judge.mjs): the run fails on any acknowledged message lost or
+ *      altered, any key stored twice, any resend that no refusal or lost answer explains (or
+ *      that follows a 2xx), and on faults not met (too few acknowledged; a configured fault, lost
+ *      answer, outage or issuer fault that no request met; nothing queued), so it cannot pass
+ *      with nothing tested.
  *
- * Prints a table, writes <out>/<label>.json and .md, and exits 1 when duplicates or lost are
- * above 0 (2 when the global deadline stopped it, 3 on a setup error). It stops everything it
- * started, also on Ctrl-C. See bench/faults/README.md.
+ * `--sabotage drop:N | double:N` runs it against a gateway built to drop or double its N-th
+ * send (scripts/sabotage.mjs): the run then exits 0 only when the verdict failed for that reason
+ * (lost / resent), showing the suite can fail.
+ *
+ * Prints a table, writes <out>/<label>.json and .md, and exits 1 when the verdict fails (2 when
+ * the global deadline stopped it, 3 on a setup error). It stops everything it started, also on
+ * Ctrl-C. See bench/faults/README.md.
  */
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -39,6 +54,8 @@ import { startFaultProxy } from '../../dev/faultproxy.mjs';
 import { requestToken } from '../../dev/issuer.mjs';
 import { REPO_ROOT, after } from '../../dev/proc.mjs';
 import { CLIENT_ID, CONTAINER, STORAGE_AUDIENCE, startStack } from '../../dev/stack.mjs';
+import { parseSabotage } from '../../scripts/sabotage.mjs';
+import { countPhase, faultsNotMet } from './judge.mjs';
 
 // Ports of this suite (bench/faults/policy.json names them): Azurite itself listens on 20801 and
 // the fault proxy in front of it on 20800, where the policy's blob endpoint points.
@@ -46,17 +63,23 @@ const PORTS = { issuer: 19400, serviceBus: 19410, azurite: 20801, gateway: 19487
 const PROXY_PORT = 20800;
 const ENTITY = 'faults';
 const BLOB_PREFIX = 'faults/';
+const AZURITE_ACCOUNT = 'devstoreaccount1';
 
 /** After the deadline: how long a stack start may take to finish before it is stopped, and the backstop. */
 const STARTUP_GRACE_SECONDS = 40;
 const BACKSTOP_SECONDS = 60;
 
-const SHORT = { requests: 400, concurrency: 16, 'outage-seconds': 3, backend: 'both', 'token-lifetime': 10, 'breaker-cooldown': 5, 'settle-seconds': 2, 'max-drain-seconds': 45, 'deadline-seconds': 150 };
+// The CI form: 600 requests paced at 60/s (10 s of load per backend) with 5 s tokens, so the
+// gateway refreshes its token during the issuer's 3 s outage and meets its faults.
+const SHORT = { requests: 600, concurrency: 16, rate: 60, 'outage-seconds': 3, backend: 'both', 'token-lifetime': 5, 'breaker-cooldown': 5, 'settle-seconds': 2, 'max-drain-seconds': 45, 'deadline-seconds': 180 };
 const OPTIONS = {
   requests: { type: 'string', default: '10000', env: 'FAULTS_REQUESTS', help: 'requests per backend' },
   concurrency: { type: 'string', default: '64', env: 'FAULTS_CONCURRENCY', help: 'requests in flight' },
   'idp-fail': { type: 'string', default: '0.2', env: 'FAULTS_IDP_FAIL', help: 'share of token requests the issuer fails with 503' },
-  'backend-fail': { type: 'string', default: '0.1', env: 'FAULTS_BACKEND_FAIL', help: 'share of sends/writes the backend fails with 503' },
+  'backend-fail': { type: 'string', default: '0.1', env: 'FAULTS_BACKEND_FAIL', help: 'share of sends/writes the backend fails' },
+  'stored-share': { type: 'string', default: '0.3', env: 'FAULTS_STORED_SHARE', help: 'share of the backend\'s failures that come after storing (the answer lost)' },
+  rate: { type: 'string', default: '0', env: 'FAULTS_RATE', help: 'requests started per second at most (0: as fast as the concurrency allows)' },
+  sabotage: { type: 'string', env: 'FAULTS_SABOTAGE', help: 'drop:N | double:N: run against a gateway built to drop or double its N-th send; exits 0 only when the verdict catches it' },
   'outage-seconds': { type: 'string', default: '10', env: 'FAULTS_OUTAGE_SECONDS', help: 'length of the one full outage of each (0: none)' },
   backend: { type: 'string', default: 'both', env: 'FAULTS_BACKEND', help: 'sb | blob | both' },
   'timeout-ms': { type: 'string', default: '30000', env: 'FAULTS_TIMEOUT_MS', help: 'bound of each request' },
@@ -104,6 +127,9 @@ function readOptions(argv) {
     concurrency: num('concurrency', { min: 1, max: 1024, int: true }),
     idpFail: num('idp-fail', { max: 1 }),
     backendFail: num('backend-fail', { max: 1 }),
+    storedShare: num('stored-share', { max: 1 }),
+    rate: num('rate', { max: 100_000 }),
+    sabotage: pick('sabotage') ? parseSabotage(pick('sabotage')) : null,
     outageSeconds: num('outage-seconds', { max: 3600 }),
     backends: backend === 'both' ? ['sb', 'blob'] : [backend],
     timeoutMs: num('timeout-ms', { min: 100 }),
@@ -121,8 +147,8 @@ function readOptions(argv) {
   };
   if (!['policy', 'off'].includes(o.storeAndForward)) throw new Error(`--store-and-forward: ${o.storeAndForward} is not policy or off`);
   const isShort = values.short && !Object.keys(SHORT).some((k) => given(k));
-  const isLong = !values.short && !['requests', 'concurrency', 'idp-fail', 'backend-fail', 'outage-seconds', 'backend'].some(given);
-  o.label = pick('label') ?? (isShort ? 'short' : isLong ? 'long' : 'custom');
+  const isLong = !values.short && !['requests', 'concurrency', 'idp-fail', 'backend-fail', 'stored-share', 'rate', 'outage-seconds', 'backend'].some(given);
+  o.label = pick('label') ?? (o.sabotage ? `sabotage-${o.sabotage.mode}` : isShort ? 'short' : isLong ? 'long' : 'custom');
   return o;
 }
 
@@ -139,13 +165,19 @@ function percentile(sorted, p) {
  * Drive `n` requests at `concurrency` in flight; `send(i, signal)` performs request i and
  * resolves its record. `onStart(i)` runs as request i starts (the outage triggers).
  */
-async function drive({ n, concurrency, send, onStart, signal }) {
+async function drive({ n, concurrency, rate, send, onStart, signal }) {
   const records = new Array(n);
   let next = 0;
+  const start = Date.now();
   const worker = async () => {
     while (!signal.aborted) {
       const i = next++;
       if (i >= n) return;
+      // Paced: request i starts no earlier than i / rate seconds into the load.
+      if (rate > 0) {
+        const wait = start + (i / rate) * 1000 - Date.now();
+        if (wait > 0) await sleep(wait);
+      }
       onStart(i);
       records[i] = await send(i, signal);
     }
@@ -172,14 +204,46 @@ async function call(url, init, { timeoutMs, signal }) {
 // ---------------------------------------------------------------------------------------------
 // What each backend holds
 
-/** Service Bus: MessageId → how many times the stand-in stored it (our run's only). */
+/** Service Bus: MessageId → { count (times stored), body (the first copy's) } (our run's only). */
 async function storedMessages(sb, prefix) {
-  const counts = new Map();
+  const stored = new Map();
   for (const m of await sb.messages(ENTITY)) {
     const id = m.brokerProperties?.MessageId;
-    if (typeof id === 'string' && id.startsWith(prefix)) counts.set(id, (counts.get(id) ?? 0) + 1);
+    if (typeof id !== 'string' || !id.startsWith(prefix)) continue;
+    const seen = stored.get(id);
+    stored.set(id, { count: (seen?.count ?? 0) + 1, body: seen?.body ?? m.body });
   }
-  return counts;
+  return stored;
+}
+
+/** The arrivals ledger of our run's keys: Map key → { arrived, refused, stored, … }. */
+async function arrivalsOf(kind, { sb, proxy, prefix }) {
+  const out = new Map();
+  if (kind === 'sb') {
+    for (const [id, a] of Object.entries(await sb.arrivals(ENTITY))) if (id.startsWith(prefix)) out.set(id, a);
+  } else {
+    const head = `/${AZURITE_ACCOUNT}/${CONTAINER}/${BLOB_PREFIX}`;
+    for (const [path, a] of proxy.arrivals()) {
+      const name = decodeURIComponent(path.startsWith(head) ? path.slice(head.length) : '');
+      if (name.startsWith(prefix)) out.set(name, a);
+    }
+  }
+  return out;
+}
+
+/** Each stored blob's body, read from Azurite itself (not through the fault proxy), 16 at a time. */
+async function readBlobBodies(stack, token, blobs) {
+  const names = [...blobs.keys()];
+  let next = 0;
+  const reader = async () => {
+    while (next < names.length) {
+      const name = names[next++];
+      const res = await blobRequest(`${stack.azurite.url}/${CONTAINER}/${BLOB_PREFIX}${encodeURIComponent(name)}`, { token, ca: stack.azurite.ca, timeoutMs: 30_000 });
+      blobs.get(name).body = res.status === 200 ? res.body : null;
+    }
+  };
+  await Promise.all(Array.from({ length: 16 }, reader));
+  return blobs;
 }
 
 /** Blob: name (without the route's folder) → { count, etag } from Azurite's own listing. */
@@ -230,14 +294,19 @@ async function runPhase(kind, ctx) {
     return res.body.access_token;
   };
   const readStored = kind === 'sb'
-    ? async () => new Map([...(await storedMessages(sb, prefix))].map(([id, count]) => [id, { count }]))
+    ? async () => storedMessages(sb, prefix)
     : async () => storedBlobs(stack, await storageTokenNow(), prefix);
+  const readArrivals = () => arrivalsOf(kind, { sb, proxy, prefix });
+  const arrivedTotal = (arrivals) => [...arrivals.values()].reduce((n, a) => n + a.arrived, 0);
 
   issuer.resetStats();
   await sb.resetStats();
   proxy.resetStats();
   if (o.idpFail > 0) issuer.setFault({ status: 503, probability: o.idpFail, seed: o.seed });
-  if (o.backendFail > 0) await backend.setFault({ status: 503, probability: o.backendFail, seed: o.seed + 1 });
+  // The Service Bus stand-in answers a failure after storing with 500 (InternalServerError), the
+  // Blob proxy drops the connection: both leave the gateway not knowing whether it was taken.
+  const afterStore = o.storedShare > 0 ? (kind === 'sb' ? { storedShare: o.storedShare, storedStatus: 500 } : { storedShare: o.storedShare, storedMode: 'reset' }) : {};
+  if (o.backendFail > 0) await backend.setFault({ status: 503, probability: o.backendFail, seed: o.seed + 1, ...afterStore });
 
   const outages = [];
   const trigger = (who, at) => ({ who, at, fired: false });
@@ -258,6 +327,7 @@ async function runPhase(kind, ctx) {
   const records = await drive({
     n: o.requests,
     concurrency: o.concurrency,
+    rate: o.rate,
     signal,
     onStart,
     send: async (i, sig) => ({ i, ...(await call(...request(i), { timeoutMs: o.timeoutMs, signal: sig })) }),
@@ -282,7 +352,9 @@ async function runPhase(kind, ctx) {
   const drainStart = Date.now();
   let stored = await readStored();
   let lastChange = drainStart;
-  let lastCount = stored.size;
+  // Settled: neither what is stored nor what arrived (a late resend that duplicate detection
+  // drops changes only the latter) has changed for settle-seconds.
+  let lastCount = `${stored.size}/${arrivedTotal(await readArrivals())}`;
   let drainBounded = false;
   while (!signal.aborted) {
     const outstanding = acknowledgedKeys.filter((k) => !stored.has(k)).length;
@@ -290,82 +362,50 @@ async function runPhase(kind, ctx) {
     if (Date.now() - drainStart >= o.maxDrainSeconds * 1000) { drainBounded = outstanding > 0; break; }
     await sleep(500);
     stored = await readStored();
-    if (stored.size !== lastCount) {
-      lastCount = stored.size;
+    const count = `${stored.size}/${arrivedTotal(await readArrivals())}`;
+    if (count !== lastCount) {
+      lastCount = count;
       lastChange = Date.now();
     }
   }
   const drainSeconds = (lastChange - drainStart) / 1000;
   const issuerAtEnd = issuer.stats();
 
-  // Count.
+  // Count and judge (bench/faults/judge.mjs).
+  if (kind === 'blob') await readBlobBodies(stack, await storageTokenNow(), stored);
+  const arrivals = await readArrivals();
+  const bodies = new Map(records.map((r) => [key(r.i), body(r.i)]));
+  const { counts, keys, failures } = countPhase({ records, keyOf: key, bodyOf: (k) => bodies.get(k), stored, arrivals });
   const byKey = new Map(records.map((r) => [key(r.i), r]));
   const refused = {};
   const refusedByType = {};
-  let accepted = 0;
-  let queued = 0;
-  let lost = 0;
-  let duplicates = 0;
-  let overwritten = 0;
-  let storedUnacknowledged = 0;
-  let storedUnacknowledgedDuplicated = 0;
-  const lostKeys = [];
-  const duplicateKeys = [];
   for (const r of records) {
-    const k = key(r.i);
-    const ok = r.status >= 200 && r.status < 300;
-    const s = stored.get(k);
-    if (!ok) {
-      const label = r.status ? String(r.status) : `error:${r.error}`;
-      refused[label] = (refused[label] ?? 0) + 1;
-      const type = r.status ? `${r.status} ${String(r.json?.type ?? 'no problem type').replace('urn:azure-edge-gateway:problem:', '')}` : `error:${r.error} ${r.detail}`;
-      refusedByType[type] = (refusedByType[type] ?? 0) + 1;
-      if (s) {
-        storedUnacknowledged += 1;
-        if (s.count > 1) storedUnacknowledgedDuplicated += 1;
-      }
-      continue;
-    }
-    if (r.json?.status === 'queued') queued += 1;
-    else accepted += 1;
-    if (!s) {
-      lost += 1;
-      if (lostKeys.length < 20) lostKeys.push(k);
-    } else if (kind === 'blob' && r.json?.status !== 'queued' && r.json?.etag && s.etag && unquote(r.json.etag) !== unquote(s.etag)) {
-      overwritten += 1; // a create-only blob rewritten after its acknowledgement: a second write
-      if (duplicateKeys.length < 20) duplicateKeys.push(k);
-    }
-  }
-  for (const [k, s] of stored) {
-    if (s.count > 1) {
-      duplicates += s.count - 1;
-      if (duplicateKeys.length < 20) duplicateKeys.push(k);
-    }
+    if (r.status >= 200 && r.status < 300) continue;
+    const label = r.status ? String(r.status) : `error:${r.error}`;
+    refused[label] = (refused[label] ?? 0) + 1;
+    const type = r.status ? `${r.status} ${String(r.json?.type ?? 'no problem type').replace('urn:azure-edge-gateway:problem:', '')}` : `error:${r.error} ${r.detail}`;
+    refusedByType[type] = (refusedByType[type] ?? 0) + 1;
   }
   const strays = [...stored.keys()].filter((k) => !byKey.has(k)).length;
-  const acknowledged = accepted + queued;
   const latencies = records.filter((r) => r.status).map((r) => r.ms).sort((a, b) => a - b);
   const ackLatencies = records.filter((r) => r.status >= 200 && r.status < 300).map((r) => r.ms).sort((a, b) => a - b);
   const gatewayTokenRequests = issuerAtEnd.tokenRequests - ownTokenRequests;
   const sbStats = kind === 'sb' ? (await sb.stats()).entities[ENTITY] : null;
+  // What the faults met during the load: before storing, after storing, outage; the issuer's.
+  const met = kind === 'sb'
+    ? { backendFaults: backendAtLoadEnd.faultsInjected - backendAtLoadEnd.faultsAfterStore - backendAtLoadEnd.outageRejected, backendAfterStore: backendAtLoadEnd.faultsAfterStore, backendOutageRejected: backendAtLoadEnd.outageRejected }
+    : { backendFaults: backendAtLoadEnd.faultsInjected - backendAtLoadEnd.faultsAfterStore, backendAfterStore: backendAtLoadEnd.faultsAfterStore, backendOutageRejected: backendAtLoadEnd.outageRejected };
+  const issuerFaults = issuerAtLoadEnd.faultsInjected;
+  const notMet = faultsNotMet({ ...o, storeAndForward: ctx.storeAndForward }, { ...counts, ...met, issuerFaults });
 
   return {
     backend: kind === 'sb' ? 'service bus' : 'blob',
-    sent: records.length,
+    ...counts,
     unsent: o.requests - records.length,
-    acknowledged,
-    accepted,
-    queued,
     refused,
     refusedByType,
-    refusedTotal: records.length - acknowledged,
-    stored: stored.size,
-    duplicates: duplicates + overwritten,
-    duplicatesDetail: { storedMoreThanOnce: duplicates, overwrittenAfterAck: overwritten, keys: duplicateKeys },
-    lost,
-    lostKeys,
-    storedUnacknowledged,
-    storedUnacknowledgedDuplicated,
+    keys,
+    failures: [...failures, ...notMet],
     strays,
     drainSeconds,
     drainBounded,
@@ -377,11 +417,9 @@ async function runPhase(kind, ctx) {
     tokenRequestsDuringLoad: issuerAtLoadEnd.tokenRequests,
     tokenRequestsPer1000: (gatewayTokenRequests / Math.max(1, records.length)) * 1000,
     issuer: { ...issuerAtEnd, tokenRequests: gatewayTokenRequests, ownTokenRequests },
-    // Requests the backend failed on purpose: faults and the outage (the Service Bus stand-in
-    // counts both as faultsInjected; the proxy apart).
-    backendFaults: (backendAtLoadEnd.faultsInjected ?? 0) + (backendAtLoadEnd.outageRejected ?? 0),
-    backendStats: kind === 'sb' ? { faultsInjected: backendAtLoadEnd.faultsInjected, entity: sbStats } : backendAtLoadEnd,
-    dedupDropped: sbStats?.duplicates ?? null,
+    issuerFaults,
+    ...met,
+    backendStats: kind === 'sb' ? { ...backendAtLoadEnd, entities: undefined, entity: sbStats } : backendAtLoadEnd,
     outages,
   };
 }
@@ -389,7 +427,6 @@ async function runPhase(kind, ctx) {
 // ---------------------------------------------------------------------------------------------
 // Report
 
-const unquote = (etag) => String(etag).replace(/^W\//, '').replaceAll('"', '');
 const fmt = (x, d = 0) => (x == null ? '–' : Number(x).toLocaleString('en-US', { maximumFractionDigits: d, minimumFractionDigits: d }));
 const refusedText = (r) => Object.entries(r.refused).sort(([a], [b]) => a.localeCompare(b)).map(([s, n]) => `${s}×${fmt(n)}`).join(', ') || '0';
 
@@ -400,14 +437,20 @@ function tableRows(phases) {
     ['of which accepted', (p) => fmt(p.accepted)],
     ['of which queued', (p) => fmt(p.queued)],
     ['refused (by status)', (p) => `${fmt(p.refusedTotal)}: ${refusedText(p)}`],
-    ['stored (distinct)', (p) => fmt(p.stored)],
-    ['duplicates', (p) => fmt(p.duplicates)],
+    ['stored (distinct), bodies compared', (p) => `${fmt(p.stored)}, ${fmt(p.stored - p.unread)}`],
     ['lost (acknowledged, not stored)', (p) => fmt(p.lost)],
+    ['altered (stored body ≠ sent)', (p) => fmt(p.altered)],
+    ['stored more than once', (p) => fmt(p.storedTwice)],
     ['stored but unacknowledged', (p) => fmt(p.storedUnacknowledged)],
+    ['received by the backend (before dedup)', (p) => fmt(p.received)],
+    ['resends after a refusal (503 before storing)', (p) => fmt(p.resendsAfterRefusal)],
+    ['resends after a lost answer (stored, then 500 / reset)', (p) => fmt(p.resendsAfterLostAnswer)],
+    ['resends unexplained / after a 2xx', (p) => `${fmt(p.unexplainedResends)} / ${fmt(p.afterAck)}`],
+    ['dropped by duplicate detection; create refused (409)', (p) => `${fmt(p.dedupDropped)}; ${fmt(p.conflicts)}`],
+    ['faults met: before storing / lost answers / outage', (p) => `${fmt(p.backendFaults)} / ${fmt(p.backendAfterStore)} / ${fmt(p.backendOutageRejected)}`],
+    ['issuer faults met (token requests failed)', (p) => fmt(p.issuerFaults)],
     ['drained in (s)', (p) => `${fmt(p.drainSeconds, 1)}${p.drainBounded ? ' (not drained: bounded)' : ''}`],
     ['token requests per 1,000', (p) => fmt(p.tokenRequestsPer1000, 1)],
-    ['backend requests failed (faults + outage)', (p) => fmt(p.backendFaults)],
-    ['replays dropped by duplicate detection', (p) => (p.dedupDropped == null ? 'n/a' : fmt(p.dedupDropped))],
     ['load (s), req/s', (p) => `${fmt(p.loadSeconds, 1)}, ${fmt(p.requestsPerSecond)}`],
     ['latency p50 / p99 (ms)', (p) => `${fmt(p.latencyMs.p50)} / ${fmt(p.latencyMs.p99)}`],
   ];
@@ -429,12 +472,14 @@ function markdown(result) {
   const body = tableRows(phases).map((r) => `| ${r.join(' | ')} |`).join('\n');
   return `# Fault and load suite: ${result.label} (${result.date})
 
-${o.requests} requests per backend at ${o.concurrency} in flight; the issuer fails ${o.idpFail * 100} % of token
-requests and the backend ${o.backendFail * 100} % of sends with 503 (seed ${o.seed}); one full outage of
+${o.requests} requests per backend at ${o.concurrency} in flight${o.rate ? ` (at most ${o.rate}/s)` : ''}; the issuer fails ${o.idpFail * 100} % of token
+requests and the backend ${o.backendFail * 100} % of sends (seed ${o.seed}), ${o.storedShare * 100} % of those after storing
+the message (its answer lost: Service Bus 500, Blob a dropped connection), the rest with 503; one full outage of
 ${o.outageSeconds} s of each (issuer at 25 % of the requests, backend at 60 %); token lifetime ${o.tokenLifetime} s;
 breaker cool-down ${o.breakerCooldown === null ? 'the policy\'s (default 30 s)' : `${o.breakerCooldown} s`}.
 Gateway commit ${result.commit}; store-and-forward in the policy: ${result.storeAndForward ? 'yes' : 'no'}.
-Verdict: **${result.verdict}** (${result.seconds.toFixed(0)} s in all).
+${o.sabotage ? `Sabotaged gateway: ${o.sabotage.mode} of its send ${o.sabotage.nth} (scripts/sabotage.mjs).\n` : ''}Verdict: **${result.verdict}** (${result.seconds.toFixed(0)} s in all).
+${result.failures.length ? `\nWhy:\n${result.failures.map((f) => `- ${f}`).join('\n')}\n` : ''}
 
 ${head}
 ${body}
@@ -470,7 +515,8 @@ async function main() {
   backstop.unref();
   for (const sig of ['SIGINT', 'SIGTERM']) process.once(sig, () => { log(`${sig}: stopping`); abort.abort(); });
 
-  const stateDir = join(REPO_ROOT, 'target', 'faults');
+  // A sabotaged gateway is built into a state directory of its own.
+  const stateDir = join(REPO_ROOT, 'target', o.sabotage ? 'faults-sabotage' : 'faults');
   mkdirSync(stateDir, { recursive: true });
   const policyPath = derivePolicy(o, stateDir);
   const policyText = readFileSync(policyPath, 'utf8');
@@ -500,8 +546,9 @@ async function main() {
         queue: false,
         serviceBus: { entities: [`${ENTITY}:duplicate-detection=3600`] },
         issuerOptions: { lifetimeSeconds: o.tokenLifetime },
+        gatewayOptions: o.sabotage ? { sabotage: `${o.sabotage.mode}:${o.sabotage.nth}` } : {},
         log: (m) => { if (o.verbose || !m.startsWith('issuer: ')) log(`  ${m}`); },
-        onLog: { gateway: echo, serviceBus: echo, azurite: echo },
+        onLog: { gateway: (line) => (echo ? echo(line) : line.includes('aeg sabotage') && log(`  | ${line}`)), serviceBus: echo, azurite: echo },
       });
     stack = await Promise.race([
       starting,
@@ -511,7 +558,7 @@ async function main() {
     const runId = randomBytes(4).toString('hex');
     for (const kind of o.backends) {
       if (abort.signal.aborted) break;
-      phases.push(await runPhase(kind, { o, stack, proxy, runId, signal: abort.signal }));
+      phases.push(await runPhase(kind, { o, stack, proxy, runId, storeAndForward, signal: abort.signal }));
     }
   } catch (err) {
     if (!abort.signal.aborted) {
@@ -530,10 +577,9 @@ async function main() {
     await stack?.stop().catch(() => {});
   }
 
-  const failures = phases.filter((p) => p.duplicates > 0 || p.lost > 0);
+  const failures = phases.flatMap((p) => p.failures.map((f) => `${p.backend}: ${f.code}: ${f.text}`));
   for (const p of phases) {
     if (p.unsent) notes.push(`${p.backend}: ${p.unsent} requests never sent (stopped by the deadline)`);
-    if (p.storedUnacknowledgedDuplicated) notes.push(`${p.backend}: ${p.storedUnacknowledgedDuplicated} unacknowledged requests stored more than once`);
     if (p.strays) notes.push(`${p.backend}: ${p.strays} stored entries of this run that the harness never sent`);
     if (p.drainBounded) notes.push(`${p.backend}: acknowledged requests were still missing after ${o.maxDrainSeconds} s of drain (counted as lost)`);
     const upstream = p.backendStats?.upstreamErrors;
@@ -542,7 +588,11 @@ async function main() {
   }
   if (!storeAndForward) notes.push('The policy has no store-and-forward: an outage is a refusal (503), nothing is queued, so nothing drains.');
   if (storeAndForward && phases.length && phases.every((p) => !p.queued)) notes.push('Store-and-forward is in the policy but nothing was queued.');
-  const verdict = setupError ? 'error' : deadlineHit ? 'stopped by the deadline' : failures.length ? 'FAIL (duplicates or lost)' : 'pass (0 duplicates, 0 lost)';
+  // A sabotaged run passes only when the verdict caught the sabotage, for the reason it causes.
+  const expected = o.sabotage ? { drop: 'lost', double: 'resent' }[o.sabotage.mode] : null;
+  const caught = expected !== null && phases.some((p) => p.failures.some((f) => f.code === expected));
+  const judged = failures.length ? `FAIL (${[...new Set(phases.flatMap((p) => p.failures.map((f) => f.code)))].join(', ')})` : 'pass (nothing lost, altered or resent unexplained; every fault met)';
+  const verdict = setupError ? 'error' : deadlineHit ? 'stopped by the deadline' : o.sabotage ? `${judged}; sabotage ${o.sabotage.mode}:${o.sabotage.nth} ${caught ? 'caught' : 'NOT caught'}` : judged;
   const result = {
     label: o.label,
     date: new Date().toISOString(),
@@ -551,6 +601,7 @@ async function main() {
     options: { ...o, out: undefined },
     seconds: (Date.now() - startedAt) / 1000,
     verdict,
+    failures,
     deadlineHit,
     error: setupError ? String(setupError.message).slice(0, 2000) : null,
     phases,
@@ -563,11 +614,12 @@ async function main() {
     console.log('');
   }
   for (const n of notes) console.log(`note: ${n}`);
+  for (const f of failures) console.log(`failed: ${f}`);
   mkdirSync(o.out, { recursive: true });
   writeFileSync(join(o.out, `${o.label}.json`), `${JSON.stringify(result, null, 2)}\n`);
   writeFileSync(join(o.out, `${o.label}.md`), markdown(result));
   log(`${verdict}; results in ${join(o.out, `${o.label}.{json,md}`)}`);
-  process.exitCode = setupError ? 3 : deadlineHit ? 2 : failures.length ? 1 : 0;
+  process.exitCode = setupError ? 3 : deadlineHit ? 2 : o.sabotage ? (caught ? 0 : 1) : failures.length ? 1 : 0;
 }
 
 /**

@@ -57,13 +57,13 @@
 //!
 //! Any other send failed by a fault or an outage is answered before it is stored.
 //! `stats.faultsInjected` counts the requests failed by either, `stats.faultsAfterStore` those
-//! failed after storing.
+//! failed after storing, `stats.outageRejected` those an outage answered.
 //!
 //! # The arrivals ledger
 //!
 //! With duplicate detection on, what is stored cannot show a message sent twice. So each entity
 //! also records, per MessageId and before duplicate detection, every arrival and its outcome:
-//! `{"arrived", "refused" (by a fault, before storing), "stored", "duplicates" (dropped by
+//! `{"arrived", "refused" (by a fault or an outage, before storing), "stored", "duplicates" (dropped by
 //! duplicate detection), "answersLost" (failed after storing), "acknowledged" (answered 201),
 //! "afterAck" (arrived after a 201 for that id: a resend no failure explains)}`, and totals in
 //! the entity's stats (`arrived`, `answersLost`, `arrivedAfterAck`). `DELETE stats` and

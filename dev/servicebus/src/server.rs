@@ -249,6 +249,7 @@ impl App {
                 _ => None,
             };
             if let Some(name) = entity {
+                self.note_refused(name, query, headers, &body);
                 if let Some(target) = self.lock().entity(name) {
                     target.reject(outage.status);
                 }
@@ -332,6 +333,20 @@ impl App {
         )
     }
 
+    /// A send refused before anything was stored (a fault, an outage): the ledger still records
+    /// what arrived, when the body parses.
+    fn note_refused(&self, entity: &str, query: &str, headers: &[(String, String)], body: &[u8]) {
+        let Some(max_size) = self.lock().entity_ref(entity).map(|e| e.config.max_size) else {
+            return;
+        };
+        if let Ok(messages) = parse_send(query, headers, body.to_vec(), max_size, None) {
+            let ids = message_ids(&messages);
+            if let Some(e) = self.lock().entity(entity) {
+                e.note_refused(&ids);
+            }
+        }
+    }
+
     /// A send to a queue, or to an event hub (`partition`: the id in a partition send's path).
     fn send(
         &self,
@@ -349,16 +364,7 @@ impl App {
                 std::thread::sleep(Duration::from_millis(fault.delay_ms));
             }
             if let Some(status) = fault.status {
-                // Nothing is stored; the ledger still records what arrived, when it parses.
-                let max_size = self.lock().entity_ref(entity).map(|e| e.config.max_size);
-                if let Some(max_size) = max_size {
-                    if let Ok(messages) = parse_send(query, headers, body.clone(), max_size, None) {
-                        let ids = message_ids(&messages);
-                        if let Some(e) = self.lock().entity(entity) {
-                            e.note_refused(&ids);
-                        }
-                    }
-                }
+                self.note_refused(entity, query, headers, &body);
                 return self.fault_reply(fault, status, entity);
             }
         }

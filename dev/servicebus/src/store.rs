@@ -621,8 +621,10 @@ pub struct Broker {
     pub unknown_entity: u64,
     /// Requests answered by an injected fault or an outage (not reset with the messages).
     pub faults_injected: u64,
-    /// Of those, the faults that came after storing the message (the answer lost).
+    /// Of those, the faults that came after storing the message (the answer lost), and the
+    /// requests an outage answered.
     pub faults_after_store: u64,
+    pub outage_rejected: u64,
 }
 
 impl Broker {
@@ -679,6 +681,7 @@ impl Broker {
         match &self.outage {
             Some(o) if now < o.until => {
                 self.faults_injected += 1;
+                self.outage_rejected += 1;
                 Some(o.clone())
             }
             Some(_) => {
@@ -704,6 +707,7 @@ impl Broker {
         self.unknown_entity = 0;
         self.faults_injected = 0;
         self.faults_after_store = 0;
+        self.outage_rejected = 0;
     }
 
     pub fn stats(&self) -> Value {
@@ -722,6 +726,7 @@ impl Broker {
             "unknownEntity": self.unknown_entity,
             "faultsInjected": self.faults_injected,
             "faultsAfterStore": self.faults_after_store,
+            "outageRejected": self.outage_rejected,
             "entities": entities,
         })
     }
