@@ -12,8 +12,8 @@
  *   explained resends = min(arrived - 1, refused + answersLost)
  *   unexplained       = arrived - 1 - explained   (a resend no failure accounts for)
  *   afterAck          = arrivals after the backend had answered 2xx for the key
- * Unexplained resends, arrivals after a 2xx, and keys stored more than once all fail the run,
- * whatever duplicate detection then dropped.
+ * Unexplained resends, arrivals after a 2xx, and keys stored more than once (held twice, or
+ * taken twice: a blob overwritten) all fail the run, whatever duplicate detection then dropped.
  */
 
 /** One failure of the verdict: a stable code (for scripts), and what it says. */
@@ -55,12 +55,17 @@ export function countPhase({ records, keyOf, bodyOf, stored, arrivals }) {
       note(keys.lost, k);
     }
   }
-  for (const [k, s] of stored) {
-    if (!sentKeys.has(k)) continue;
-    if (s.count > 1) {
-      c.storedTwice += s.count - 1;
+  for (const k of sentKeys) {
+    // Stored more than once: copies the backend holds (a queue without duplicate detection), or
+    // writes it took (a blob overwritten: its name is listed once).
+    const extra = Math.max((stored.get(k)?.count ?? 0) - 1, (arrivals.get(k)?.stored ?? 0) - 1);
+    if (extra > 0) {
+      c.storedTwice += extra;
       note(keys.storedTwice, k);
     }
+  }
+  for (const [k, s] of stored) {
+    if (!sentKeys.has(k)) continue;
     if (s.body === null || s.body === undefined) {
       c.unread += 1;
     } else if (!Buffer.from(bodyOf(k)).equals(s.body)) {

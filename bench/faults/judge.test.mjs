@@ -51,6 +51,11 @@ test('a key stored twice (no duplicate detection) fails', () => {
   assert.deepEqual(codes(r), ['stored-twice']);
 });
 
+test('a blob written twice (listed once, taken twice) is stored twice', () => {
+  const r = run(10, ({ arrivals }) => arrivals.set(keyOf(8), ledger({ arrived: 2, stored: 2, answersLost: 1 })));
+  assert.deepEqual(codes(r), ['stored-twice']);
+});
+
 test('resends after a refusal or a lost answer are expected, and counted apart', () => {
   const r = run(10, ({ arrivals }) => {
     arrivals.set(keyOf(1), ledger({ arrived: 2, refused: 1 }));
