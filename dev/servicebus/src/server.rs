@@ -936,6 +936,18 @@ mod tests {
         (reply.status, reply.note.unwrap_or_default())
     }
 
+    /// A request to the control surface: its status and JSON answer.
+    fn control(app: &App, method: &str, path: &str, body: &str) -> (u16, Value) {
+        let reply = app.handle(
+            method,
+            &format!("/__control/{path}"),
+            &[],
+            body.as_bytes().to_vec(),
+            &|_| {},
+        );
+        (reply.status, serde_json::from_slice(&reply.body).unwrap())
+    }
+
     fn stored(app: &App, entity: &str) -> Vec<Value> {
         let reply = app.handle(
             "GET",
@@ -1148,17 +1160,7 @@ mod tests {
     fn a_fault_after_storing_keeps_the_message_and_the_ledger_counts_every_arrival() {
         let app = app_with(&["orders:duplicate-detection=60", "plain"]);
         let sb = fixtures::servicebus_token();
-        let control = |method: &str, path: &str, body: &str| {
-            let reply = app.handle(
-                method,
-                &format!("/__control/{path}"),
-                &[],
-                body.as_bytes().to_vec(),
-                &|_| {},
-            );
-            let value: Value = serde_json::from_slice(&reply.body).unwrap();
-            (reply.status, value)
-        };
+        let control = |method: &str, path: &str, body: &str| control(&app, method, path, body);
         let send = |entity: &str, id: &str| {
             let props = format!(r#"{{"MessageId":"{id}"}}"#);
             call(
@@ -1261,17 +1263,7 @@ mod tests {
     fn faults_and_outages_store_nothing_they_fail() {
         let app = app_with(&["orders:duplicate-detection=60"]);
         let sb = fixtures::servicebus_token();
-        let control = |method: &str, path: &str, body: &str| {
-            let reply = app.handle(
-                method,
-                &format!("/__control/{path}"),
-                &[],
-                body.as_bytes().to_vec(),
-                &|_| {},
-            );
-            let value: Value = serde_json::from_slice(&reply.body).unwrap();
-            (reply.status, value)
-        };
+        let control = |method: &str, path: &str, body: &str| control(&app, method, path, body);
         let send = |id: &str| {
             let props = format!(r#"{{"MessageId":"{id}"}}"#);
             call(
