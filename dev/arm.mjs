@@ -53,8 +53,11 @@
  *   GET /__control/requests (the last 100: method, path, query, headers without Authorization,
  *   authorization {present, scheme, audience}, body, route, status), DELETE clears;
  *   GET|POST|DELETE /__control/faults: {status, code?, message?, retryAfter?, count = 1, delayMs?,
- *   match? (a substring of the path)} — the next `count` matching calls answer `status` with an ARM
- *   error body (before any other check);
+ *   match? (a substring of the path), after?, reset?} — the next `count` matching calls answer
+ *   `status` with an ARM error body (before any other check). With `after: true` the call is
+ *   carried out first (a restart restarts) and only then answered with the fault, after
+ *   `delayMs`: Azure did it, the answer is lost or late. With `reset: true` the connection is
+ *   dropped instead of answered (after the call when `after`);
  *   GET /__control/resources (the model as it is now), DELETE restores the seed.
  *
  * startArm({ port, jwksUrl, issuerPrefix, subscriptions, pollsBeforeDone }) resolves
@@ -530,10 +533,11 @@ const FAULT_CODES = {
 
 function normalizeFault(fault) {
   if (!fault || typeof fault !== 'object' || Array.isArray(fault)) throw new Error('fault must be an object');
-  const known = new Set(['status', 'code', 'message', 'retryAfter', 'count', 'delayMs', 'match']);
+  const known = new Set(['status', 'code', 'message', 'retryAfter', 'count', 'delayMs', 'match', 'after', 'reset']);
   const unknown = Object.keys(fault).find((k) => !known.has(k));
   if (unknown) throw new Error(`unknown fault field ${unknown}`);
-  const { status, code, message, retryAfter, count = 1, delayMs = 0, match } = fault;
+  const { status = 500, code, message, retryAfter, count = 1, delayMs = 0, match, after = false, reset = false } = fault;
+  if (typeof after !== 'boolean' || typeof reset !== 'boolean') throw new Error('fault.after and fault.reset must be booleans');
   if (!(Number.isInteger(status) && status >= 400 && status <= 599)) throw new Error('fault.status must be 400..599');
   if (!Number.isInteger(count) || count < 1) throw new Error('fault.count must be a positive integer');
   if (!(Number.isInteger(delayMs) && delayMs >= 0 && delayMs <= MAX_FAULT_DELAY_MS)) throw new Error(`fault.delayMs must be 0..${MAX_FAULT_DELAY_MS}`);
@@ -542,7 +546,7 @@ function normalizeFault(fault) {
     if (value !== undefined && typeof value !== 'string') throw new Error(`fault.${name} must be a string`);
   }
   const [defaultCode, defaultMessage] = FAULT_CODES[status] ?? ['InjectedFault', 'Injected fault.'];
-  return { status, code: code ?? defaultCode, message: message ?? defaultMessage, retryAfter, remaining: count, delayMs, match };
+  return { status, code: code ?? defaultCode, message: message ?? defaultMessage, retryAfter, remaining: count, delayMs, match, after, reset };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -596,6 +600,13 @@ async function handle(ctx, req, res) {
     entry.body = body.length ? body.toString('utf8') : null;
     answer = await respond(ctx, req, url, body, entry);
   } catch (err) {
+    if (err instanceof ConnectionReset) {
+      entry.status = 0;
+      record(ctx, entry);
+      ctx.log(`arm: ${req.method} ${path}${url.search} -> connection dropped (injected)`);
+      req.socket.destroy();
+      return;
+    }
     if (!(err instanceof ArmError)) throw err;
     answer = { status: err.status, body: { error: { code: err.code, message: err.message } }, headers: err.headers };
   }
@@ -632,10 +643,24 @@ async function respond(ctx, req, url, body, entry) {
     fault.remaining -= 1;
     if (fault.remaining <= 0) ctx.fault = null;
     ctx.stats.faultsInjected += 1;
-    entry.route = 'fault';
+    if (fault.after) {
+      // Carried out, then the answer is lost: late, an error, or no answer at all.
+      const done = await carryOut(ctx, req, url, body, entry);
+      entry.carriedOut = done.status;
+    } else {
+      entry.route = 'fault';
+    }
     if (fault.delayMs) await delay(ctx, fault.delayMs);
+    if (fault.reset) throw new ConnectionReset();
     throw armError(fault.status, fault.code, fault.message, fault.retryAfter === undefined ? {} : { 'retry-after': String(fault.retryAfter) });
   }
+  return carryOut(ctx, req, url, body, entry);
+}
+
+/** A fault that drops the connection instead of answering. */
+class ConnectionReset extends Error {}
+
+async function carryOut(ctx, req, url, body, entry) {
   const claims = await authenticate(ctx, req.headers.authorization);
   const apiVersion = url.searchParams.get('api-version');
   if (apiVersion === null || apiVersion === '') {

@@ -665,6 +665,118 @@ fn a_post_azure_may_have_processed_is_never_sent_twice_a_read_is_retried() {
 }
 
 #[test]
+fn a_post_that_timed_out_or_lost_its_connection_is_never_sent_again_a_read_is() {
+    let g = Gateway::load(REST_POLICY).unwrap();
+    for (error, status) in [
+        (SendError::Timeout, 504),
+        (
+            SendError::Network("connection reset after the request was written".into()),
+            502,
+        ),
+    ] {
+        let io = rest_io().reply(202, &[], "");
+        io.replies.borrow_mut().push_front(Err(error));
+        let (got, headers, answer, log) =
+            run(&g, &request("POST", "/sites/a/restart", &[], false), &io);
+        assert_eq!(got, status, "{answer}");
+        assert!(answer.contains("backend-outcome-unknown"), "{answer}");
+        assert!(answer.contains("Check the outcome"), "{answer}");
+        assert!(!headers.iter().any(|(k, _)| *k == "retry-after"));
+        assert_eq!(
+            io.sent().len(),
+            1,
+            "a POST whose outcome is unknown is sent once"
+        );
+        assert_eq!(log["problem"], "backend-outcome-unknown");
+        assert!(
+            log["backend_detail"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("outcome unknown"),
+            "{log}"
+        );
+    }
+    // A GET that timed out is sent again.
+    let io = rest_io().reply(200, &[("content-type", "application/json")], "{}");
+    io.replies.borrow_mut().push_front(Err(SendError::Timeout));
+    let (status, _, _, _) = run(&g, &request("GET", "/sites/a", &[], false), &io);
+    assert_eq!(status, 200);
+    assert_eq!(io.sent().len(), 2);
+}
+
+#[test]
+fn a_service_bus_send_with_an_unknown_outcome_goes_again_only_with_duplicate_detection() {
+    // The plain route (no duplicate_detection): 500, a timeout or a lost connection end the call.
+    for first in [
+        Err(SendError::Timeout),
+        Err(SendError::Network("reset".into())),
+        Ok((500, vec![], String::new())),
+    ] {
+        let g = store_gateway();
+        let io = Fake::new().with_body(b"m").reply(201, &[], "");
+        io.replies.borrow_mut().push_front(first);
+        let (status, _, answer, _) = run(&g, &request("POST", "/plain/a", &[], true), &io);
+        assert!(matches!(status, 502 | 504), "{status} {answer}");
+        assert!(answer.contains("backend-outcome-unknown"), "{answer}");
+        assert_eq!(io.sent().len(), 1, "sent once: {answer}");
+    }
+    // A busy entity (503, 429) did not take it: sent again.
+    let g = store_gateway();
+    let io = Fake::new()
+        .with_body(b"m")
+        .reply(503, &[], "")
+        .reply(201, &[], "");
+    assert_eq!(run(&g, &request("POST", "/plain/a", &[], true), &io).0, 202);
+    assert_eq!(io.sent().len(), 2);
+    // With duplicate detection, the same MessageId goes again after a 500.
+    let io = Fake::new()
+        .with_body(b"m")
+        .reply(500, &[], "")
+        .reply(201, &[], "");
+    let head = request("POST", "/orders/a", &[("idempotency-key", "k-1")], true);
+    assert_eq!(run(&g, &head, &io).0, 202);
+    let sent = io.sent();
+    assert_eq!(sent.len(), 2);
+    assert_eq!(
+        sent[0]
+            .headers
+            .iter()
+            .find(|(k, _)| k == "brokerproperties"),
+        sent[1]
+            .headers
+            .iter()
+            .find(|(k, _)| k == "brokerproperties")
+    );
+}
+
+#[test]
+fn a_create_only_write_that_finds_its_own_lost_attempt_says_the_outcome_is_unknown() {
+    // A route that stores requests holds the body, so the write can be sent again.
+    let g = store_gateway();
+    let io =
+        Fake::new()
+            .with_body(b"hello")
+            .reply(409, &[("x-ms-error-code", "BlobAlreadyExists")], "");
+    io.replies.borrow_mut().push_front(Err(SendError::Timeout));
+    let head = request("PUT", "/files/a.txt", &[("content-length", "5")], true);
+    let (status, _, answer, _) = run(&g, &head, &io);
+    assert_eq!(status, 502, "{answer}");
+    assert!(answer.contains("backend-outcome-unknown"), "{answer}");
+    assert!(
+        answer.contains("most likely that attempt's own write"),
+        "{answer}"
+    );
+    assert_eq!(io.sent().len(), 2);
+    // Without a lost attempt, a 409 is someone else's blob.
+    let io =
+        Fake::new()
+            .with_body(b"hello")
+            .reply(409, &[("x-ms-error-code", "BlobAlreadyExists")], "");
+    let (status, _, answer, _) = run(&g, &head, &io);
+    assert_eq!(status, 409, "{answer}");
+}
+
+#[test]
 fn an_operation_is_followed_through_the_gateway_as_the_route_that_started_it() {
     let g = Gateway::load(REST_POLICY).unwrap();
     let azure_op = "https://management.azure.com/subscriptions/s1/providers/Microsoft.Web/locations/westeurope/operationResults/op-1?api-version=2022-09-01";
@@ -943,13 +1055,39 @@ fn a_busy_queue_is_retried_with_the_same_body_then_503_with_retry_after() {
 
     let mut io = Fake::new().with_body(b"job");
     for _ in 0..5 {
-        io = io.reply(500, &[("retry-after", "2")], "");
+        io = io.reply(503, &[("retry-after", "2")], "");
     }
     let (status, headers, answer, _) = run(&messaging(), &request("POST", "/jobs", &[], true), &io);
     assert_eq!(status, 503, "{answer}");
     assert!(headers.contains(&("retry-after", "2".to_owned())));
     assert!(answer.contains("Queue Storage is unavailable"), "{answer}");
     assert_eq!(io.sent().len(), 3, "three attempts");
+}
+
+#[test]
+fn a_queue_message_whose_outcome_is_unknown_is_not_sent_again() {
+    // 500 OperationTimedOut: Storage says the operation may or may not have completed.
+    let io = Fake::new()
+        .with_body(b"job")
+        .reply(500, &[("x-ms-error-code", "OperationTimedOut")], "")
+        .reply(201, &[], ENQUEUED);
+    let (status, headers, answer, log) =
+        run(&messaging(), &request("POST", "/jobs", &[], true), &io);
+    assert_eq!(status, 502, "{answer}");
+    assert!(answer.contains("backend-outcome-unknown"), "{answer}");
+    assert!(
+        !headers.iter().any(|(k, _)| *k == "retry-after"),
+        "no invitation to resend"
+    );
+    assert_eq!(io.sent().len(), 1, "Put Message is not sent twice");
+    assert_eq!(log["problem"], "backend-outcome-unknown");
+    // A timeout: 504, the same.
+    let io = Fake::new().with_body(b"job");
+    io.replies.borrow_mut().push_back(Err(SendError::Timeout));
+    let (status, _, answer, _) = run(&messaging(), &request("POST", "/jobs", &[], true), &io);
+    assert_eq!(status, 504, "{answer}");
+    assert!(answer.contains("backend-outcome-unknown"), "{answer}");
+    assert_eq!(io.sent().len(), 1);
 }
 
 #[test]
@@ -1191,7 +1329,8 @@ const STORE_POLICY: &str = r#"{
   "routes": [
     { "name": "orders", "methods": ["POST"], "path": "/orders/{tenant}", "public": true,
       "when_unavailable": "queue",
-      "backend": { "service_bus": { "namespace": "contoso-orders", "queue": "orders", "identity": "gw" } } },
+      "backend": { "service_bus": { "namespace": "contoso-orders", "queue": "orders", "identity": "gw",
+        "duplicate_detection": true } } },
     { "name": "files", "methods": ["PUT"], "path": "/files/{name}", "public": true,
       "when_unavailable": "queue",
       "backend": { "blob": { "account": "contosofiles", "container": "uploads", "blob": "{path.name}", "identity": "gw" } } },

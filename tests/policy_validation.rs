@@ -1919,3 +1919,19 @@ fn policy_check_notes_bodies_too_large_to_store() {
         .unwrap();
     assert!(!String::from_utf8(out.stdout).unwrap().contains("note:"));
 }
+
+#[test]
+fn a_service_bus_route_stores_requests_only_with_duplicate_detection_declared() {
+    assert_one_error(
+        |p| p["routes"][0]["when_unavailable"] = json!("queue"),
+        "routes[0].backend.service_bus.duplicate_detection",
+        "true for a route that stores requests",
+    );
+    assert_eq!(
+        errors_after(|p| {
+            p["routes"][0]["when_unavailable"] = json!("queue");
+            p["routes"][0]["backend"]["service_bus"]["duplicate_detection"] = json!(true);
+        }),
+        Vec::<String>::new()
+    );
+}

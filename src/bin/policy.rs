@@ -159,7 +159,52 @@ mod cli {
                 println!("  {line}");
             }
         }
+        println!();
+        println!("After a timeout, a lost connection or a 500 (Azure may have carried it out):");
+        for r in &p.routes {
+            if let Some(line) = resend_line(r) {
+                println!("  {}: {line}", r.name);
+            }
+        }
         0
+    }
+
+    /// Whether a route's request is sent again when its outcome is unknown, and why.
+    fn resend_line(r: &Route) -> Option<&'static str> {
+        const NOT: &str = "not sent again: the caller gets backend-outcome-unknown (502/504)";
+        const READ: &str = "a read: sent again";
+        let idempotent = |m: &str| matches!(m, "GET" | "HEAD" | "PUT" | "DELETE" | "OPTIONS");
+        let reads = r
+            .methods
+            .iter()
+            .all(|m| matches!(m.as_str(), "GET" | "HEAD"));
+        Some(match &r.backend {
+            Backend::Blob(_) if reads => READ,
+            Backend::ServiceBus(sb) if sb.duplicate_detection => {
+                "sent again, same MessageId (the entity's duplicate detection drops a second copy)"
+            }
+            Backend::ServiceBus(_) => {
+                "not sent again (no duplicate_detection declared): the caller gets backend-outcome-unknown (502/504)"
+            }
+            Backend::EventHubs(_) | Backend::StorageQueue(_) => NOT,
+            Backend::Blob(_) => {
+                "a held body is sent again (PUT); a create-only name then found taken is backend-outcome-unknown; a streamed body is never sent twice"
+            }
+            Backend::AzureRest(rest) => {
+                let sent: Vec<&str> = match rest.method {
+                    Some(m) => vec![m.as_str()],
+                    None => r.methods.iter().map(|m| m.as_str()).collect(),
+                };
+                if sent.iter().all(|m| idempotent(m)) {
+                    "sent again (an idempotent method with a held body; a streamed body never)"
+                } else if sent.iter().any(|m| idempotent(m)) {
+                    "as the caller's method: GET, HEAD, PUT, DELETE sent again; POST, PATCH not (backend-outcome-unknown)"
+                } else {
+                    NOT
+                }
+            }
+            _ => return None,
+        })
     }
 
     /// Store-and-forward routes that accept requests larger than a queue message can carry:

@@ -642,7 +642,8 @@ impl Gateway {
         let outcome = self.settle(cx, admitted, sent.as_ref().err(), io);
         let reply = match sent {
             Ok(reply) => reply,
-            Err(problem) if outcome == Outcome::Failed => {
+            // Unavailable: a storing route keeps it. Not an unknown outcome: Azure may have it.
+            Err(problem) if outcome == Outcome::Failed && problem.kind != UNKNOWN => {
                 return self.store(backend, &plan, problem, cx, io).await
             }
             Err(problem) => return Err(problem),
@@ -705,7 +706,7 @@ impl Gateway {
             // A failed call that streamed the caller's body may be the caller's doing: a client
             // that stalls or breaks its uploads must not open the breaker for everyone.
             Some(_) if cx.log.caller_stream => Outcome::NotSent,
-            Some(p) if matches!(p.kind, "backend-unavailable" | "backend-timeout") => {
+            Some(p) if matches!(p.kind, "backend-unavailable" | "backend-timeout" | UNKNOWN) => {
                 Outcome::Failed
             }
             Some(p) if p.kind == "unsendable-value" => Outcome::NotSent,
@@ -1247,6 +1248,9 @@ impl Backend for crate::policy::prepared::PreparedRest {
         azure_rest::answer(self, plan, reply, cx)
     }
 }
+
+/// The problem kind of a call whose outcome is unknown ([`crate::backend::outcome_unknown`]).
+const UNKNOWN: &str = "backend-outcome-unknown";
 
 /// A call not made: the backend's host was found unavailable by recent calls.
 fn circuit_open(retry_in_ms: f64) -> Problem {

@@ -608,11 +608,18 @@ pub async fn send<I: Io>(
         PlanBody::Text(t) => OutBody::Text(t),
         PlanBody::Stream(length) => OutBody::CallerStream { length: *length },
     };
-    // A call is sent again after a 429 or 5xx only when doing so cannot do it twice: reads and
-    // idempotent writes (PUT, DELETE) with a body the edge holds. POST and PATCH only on 429
-    // (a throttled call was not processed). The caller's stream is never sent twice.
+    // A call is sent again after a 5xx, a timeout or a lost connection only when doing so
+    // cannot do it twice: reads and idempotent writes (PUT, DELETE) with a body the edge holds.
+    // POST and PATCH only on 429 (a throttled call was not processed); a timeout or a lost
+    // connection is the caller's `backend-outcome-unknown`. The caller's stream is never sent
+    // twice.
     let reply = if !matches!(plan.body, PlanBody::Stream(_)) {
         let method_idempotent = idempotent(request.method);
+        let resend = if method_idempotent {
+            super::Resend::Safe
+        } else {
+            super::Resend::OnlyIfRefused
+        };
         send_retried(
             io,
             request,
@@ -620,7 +627,8 @@ pub async fn send<I: Io>(
             body,
             limit,
             &mut cx.log,
-            async |reply: Reply<I::Stream>| {
+            (resend, "the Azure API"),
+            async |reply: Reply<I::Stream>, _| {
                 let status = reply.status;
                 let retry = status == 429 || (method_idempotent && status >= 500);
                 if retry {

@@ -564,9 +564,29 @@ async fn retried<I: Io>(
         body,
         limit,
         &mut cx.log,
-        async |reply: Reply<I::Stream>| {
+        // PUTs with a body the edge holds: sending one twice writes the same bytes again (or,
+        // create-only, is refused).
+        (super::Resend::Safe, "Blob Storage"),
+        async |reply: Reply<I::Stream>, earlier_unknown| {
             if (200..300).contains(&reply.status) {
                 return Verdict::Done(reply);
+            }
+            if earlier_unknown && reply.status == 409 && request.header("if-none-match") == Some("*")
+            {
+                // A create-only write sent again after an attempt whose answer was lost: the
+                // blob that is there now is most likely that attempt's own. Neither "created"
+                // nor "someone else's": say what is known.
+                if let Some(body) = reply.body {
+                    io.text(body).await;
+                }
+                return Verdict::Fail {
+                    problem: super::outcome_unknown(
+                        "Blob Storage",
+                        &format!("an attempt's answer was lost, and sent again the create-only write of '{}' found the blob already there (most likely that attempt's own write)", plan.name),
+                        false,
+                    ),
+                    detail: Some("outcome unknown: 409 after an attempt whose answer was lost".to_owned()),
+                };
             }
             if reply.status == 429 || reply.status >= 500 {
                 let retry_after = crate::retry::parse_retry_after_secs(reply.header("retry-after"));

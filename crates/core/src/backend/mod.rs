@@ -227,9 +227,42 @@ pub async fn send_renewing<I: Io>(
     Ok(io.send(request, Some(&bearer.token()), body, limit).await)
 }
 
+/// Whether a request may be sent again when an attempt's outcome is unknown: no answer within
+/// the deadline, or the connection lost once the request may have gone out. (What Azure
+/// *answered* is the judge's to weigh: a backend's judge retries a 5xx only where this says
+/// [`Resend::Safe`].)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resend {
+    /// Sending it twice does it once: an idempotent method (GET, HEAD, PUT, DELETE) with a body
+    /// the edge holds, or a Service Bus message whose entity drops a resent `MessageId`.
+    Safe,
+    /// Sending it twice may do it twice (POST, PATCH; a message to an entity without duplicate
+    /// detection): sent again only when Azure said it did not process it (429, or a throttling
+    /// 503 where the service documents one); an unknown outcome is the caller's
+    /// [`outcome_unknown`], and the request is not sent again.
+    OnlyIfRefused,
+}
+
+/// The caller's answer when a request that must not be sent twice may or may not have been
+/// carried out: 504 when no answer came in time, 502 when the connection was lost or Azure's
+/// answer said its own outcome is unknown (a 500). No `Retry-After`: sending it again is the
+/// caller's decision, after checking.
+pub fn outcome_unknown(service: &str, why: &str, gateway_timeout: bool) -> Problem {
+    Problem::new(
+        if gateway_timeout { 504 } else { 502 },
+        "backend-outcome-unknown",
+        "Azure may or may not have carried out the request",
+        format!("The request reached {service}, but {why}, so whether {service} carried it out is unknown. The gateway did not send it again, since sending it twice could do it twice. Check the outcome (read the resource or the entity) before sending the request again."),
+    )
+}
+
 /// Sends a request whose body the edge holds (so every attempt carries the same bytes) until
-/// `judge` says done or failed. Network errors, timeouts and [`Verdict::Retry`] are retried
-/// within the [`RetryPolicy`], honouring `Retry-After`; then `unavailable(why, retry_after)`.
+/// `judge` says done or failed. [`Verdict::Retry`], and (with [`Resend::Safe`]) network errors
+/// and timeouts, are retried within the [`RetryPolicy`], honouring `Retry-After`; then
+/// `unavailable(why, retry_after)`. With [`Resend::OnlyIfRefused`], a timeout or a lost
+/// connection ends the call at once with [`outcome_unknown`] (`service`: who it was sent to).
+/// `judge` is told whether an earlier attempt's outcome was unknown (its answer lost), so that
+/// it can tell a conflict with that attempt's own effect from someone else's.
 /// A first 401 is replayed at once with a fresh token (outside the retry budget); a second
 /// goes to `judge`. A request the outgoing gate refuses is never retried.
 #[allow(clippy::too_many_arguments)]
@@ -240,12 +273,15 @@ pub async fn send_retried<I: Io>(
     body: OutBody<'_, I::Bytes>,
     limit: Limit,
     log: &mut LogFields,
-    mut judge: impl AsyncFnMut(Reply<I::Stream>) -> Verdict<I::Stream>,
+    resend: (Resend, &str),
+    mut judge: impl AsyncFnMut(Reply<I::Stream>, bool) -> Verdict<I::Stream>,
     unavailable: impl Fn(&str, Option<u64>) -> Problem,
 ) -> Result<Reply<I::Stream>, Problem> {
+    let (resend, service) = resend;
     let retry = RetryPolicy::default();
     let started = io.now();
     let mut attempts = 0;
+    let mut earlier_unknown = false;
     loop {
         attempts += 1;
         // A first 401 is replayed inside: it does not use the retry budget.
@@ -254,17 +290,34 @@ pub async fn send_retried<I: Io>(
             Ok(reply) => {
                 let status = reply.status;
                 log.backend_status = Some(status);
-                match judge(reply).await {
+                match judge(reply, earlier_unknown).await {
                     Verdict::Done(reply) => return Ok(reply),
                     Verdict::Fail { problem, detail } => {
                         log.backend_detail = detail;
                         return Err(problem);
                     }
-                    Verdict::Retry(retry_after) => (retry_after, format!("answered {status}")),
+                    Verdict::Retry(retry_after) => {
+                        earlier_unknown |= status >= 500 && status != 503;
+                        (retry_after, format!("answered {status}"))
+                    }
                 }
             }
             Err(SendError::Unsendable(problem)) => return Err(problem),
-            Err(e) => (None, format!("could not be reached ({e})")),
+            Err(e) if resend == Resend::OnlyIfRefused => {
+                log.backend_detail =
+                    Some(format!("outcome unknown: the request {e}; not sent again"));
+                let timed_out = matches!(e, SendError::Timeout);
+                let why = if timed_out {
+                    "no answer came back within the route's time limit"
+                } else {
+                    "the connection was lost before an answer came back"
+                };
+                return Err(outcome_unknown(service, why, timed_out));
+            }
+            Err(e) => {
+                earlier_unknown = true;
+                (None, format!("could not be reached ({e})"))
+            }
         };
         let wait = retry.next_delay(
             attempts,

@@ -13,7 +13,7 @@
 use serde_json::{json, Map, Value};
 
 use super::BackendRequest;
-use super::Verdict;
+use super::{Resend, Verdict};
 use crate::encoding::push_json_str;
 use crate::pipeline::{BodyError, Cx, Io, Limit, OutBody, Reply};
 use crate::policy::prepared::{Flavor, PreparedMessage, PreparedServiceBus};
@@ -572,8 +572,21 @@ pub async fn build<I: Io>(
     Ok(plan)
 }
 
-/// Phase 9: sends, retrying 429, 5xx, timeouts and network errors with the same bytes within
-/// the retry policy; a final refusal is mapped (and a 401 evicts the token).
+/// Whether a send may go again when its outcome is unknown (a timeout, a lost connection, a
+/// 500/502/504): only to a Service Bus entity the route says has duplicate detection (which
+/// drops the resent `MessageId`). Event Hubs has none: an event sent twice is stored twice.
+pub fn resend_for(sb: &PreparedServiceBus) -> Resend {
+    if sb.flavor == Flavor::ServiceBus && sb.config.duplicate_detection {
+        Resend::Safe
+    } else {
+        Resend::OnlyIfRefused
+    }
+}
+
+/// Phase 9: sends with the same bytes within the retry policy, again after a 429 or 503 (the
+/// service busy: not taken) and, where [`resend_for`] allows, after a 500/502/504, a timeout or
+/// a lost connection; otherwise those are `backend-outcome-unknown`. A final refusal is mapped
+/// (and a 401 evicts the token).
 pub async fn send<I: Io>(
     sb: &PreparedServiceBus,
     plan: &Plan<I::Bytes>,
@@ -587,6 +600,11 @@ pub async fn send<I: Io>(
         Payload::Empty => OutBody::Text(""),
     };
     let entity = sb.config.entity();
+    let resend = resend_for(sb);
+    let service = match sb.flavor {
+        Flavor::ServiceBus => "Service Bus",
+        Flavor::EventHubs => "Event Hubs",
+    };
     crate::backend::send_retried(
         io,
         &plan.request,
@@ -594,7 +612,8 @@ pub async fn send<I: Io>(
         body,
         Limit::Deadline(SEND_TIMEOUT_MS),
         &mut cx.log,
-        async |reply: Reply<I::Stream>| {
+        (resend, service),
+        async |reply: Reply<I::Stream>, _| {
             let status = reply.status;
             if status == 201 {
                 return Verdict::Done(reply);
@@ -604,6 +623,18 @@ pub async fn send<I: Io>(
                 Some(body) => io.text(body).await,
                 None => String::new(),
             };
+            if resend == Resend::OnlyIfRefused && matches!(status, 500 | 502 | 504) {
+                // Not a refusal: the message may have been taken. Without duplicate detection a
+                // second send could be a second message.
+                return Verdict::Fail {
+                    problem: crate::backend::outcome_unknown(
+                        service,
+                        &format!("it answered {status}, which does not say whether the message was taken"),
+                        status == 504,
+                    ),
+                    detail: Some(format!("outcome unknown: answered {status}; not sent again")),
+                };
+            }
             match map_response_for(sb.flavor, status, retry_after, &text, entity) {
                 SendOutcome::Accepted => Verdict::Done(Reply {
                     status,

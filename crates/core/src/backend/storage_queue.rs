@@ -181,8 +181,9 @@ pub async fn build<I: Io>(
     })
 }
 
-/// Phase 9: sends, retrying 429, 5xx, timeouts and network errors with the same body within
-/// the retry policy; a final refusal is mapped (and a 401 evicts the token). Azure's error code
+/// Phase 9: sends, again after a 429 or 503 (throttled: not stored) within the retry policy;
+/// a 500/502/504, a timeout or a lost connection is `backend-outcome-unknown` (Put Message is
+/// not idempotent), a final refusal is mapped (and a 401 evicts the token). Azure's error code
 /// and message go to the log line, not to the caller.
 pub async fn send<I: Io>(
     q: &PreparedStorageQueue,
@@ -199,7 +200,9 @@ pub async fn send<I: Io>(
         OutBody::Text(&plan.xml),
         Limit::Deadline(SEND_TIMEOUT_MS),
         &mut cx.log,
-        async |reply: Reply<I::Stream>| {
+        // Put Message is a POST: a message sent twice is in the queue twice.
+        (super::Resend::OnlyIfRefused, "Queue Storage"),
+        async |reply: Reply<I::Stream>, _| {
             let status = reply.status;
             let code = reply.header("x-ms-error-code").map(str::to_owned);
             let retry_after = crate::retry::parse_retry_after_secs(reply.header("retry-after"));
@@ -215,8 +218,20 @@ pub async fn send<I: Io>(
                     body: None,
                 });
             }
-            if status == 429 || status >= 500 {
+            // Storage throttles with 503 ServerBusy (and 429): the message was not taken.
+            if status == 429 || status == 503 {
                 return Verdict::Retry(retry_after);
+            }
+            if matches!(status, 500 | 502 | 504) {
+                // 500 OperationTimedOut / InternalError: "may or may not have completed".
+                return Verdict::Fail {
+                    problem: super::outcome_unknown(
+                        "Queue Storage",
+                        &format!("it answered {status}, which does not say whether the message was stored"),
+                        status == 504,
+                    ),
+                    detail: Some(error_detail(code.as_deref(), &text)),
+                };
             }
             let (problem, evict) = map_error(status, queue);
             if evict {

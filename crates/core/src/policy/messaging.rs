@@ -149,6 +149,8 @@ impl EventHubsBackend {
             message: Some(self.mapping()),
             batch: self.batch,
             max_message_bytes: Some(self.max_message_bytes()),
+            // Event Hubs has none.
+            duplicate_detection: false,
         }
     }
 

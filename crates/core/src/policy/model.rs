@@ -671,6 +671,13 @@ pub struct ServiceBusBackend {
     /// 413 before anything is sent. Default 262144 (256 KB, the Standard tier).
     #[serde(default)]
     pub max_message_bytes: Option<u32>,
+    /// The entity has duplicate detection on (with a window longer than a send's retries and,
+    /// for a storing route, its deliveries). Then a send whose outcome is unknown (a timeout, a
+    /// lost connection, a 500) is sent again with the same `MessageId`, which Service Bus drops
+    /// if the first was taken; and the route may store requests (`when_unavailable`). Default
+    /// false: such a send is the caller's `backend-outcome-unknown`, never sent twice.
+    #[serde(default)]
+    pub duplicate_detection: bool,
 }
 
 /// Templates for a message's broker properties and application properties. Each string is a

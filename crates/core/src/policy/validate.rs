@@ -369,6 +369,14 @@ fn check_route(
                 "\"fail\" for this backend: only service_bus routes and create-only blob routes (overwrite false) may store requests, because only there a request delivered twice is kept once (Service Bus drops a resent MessageId when the entity has duplicate detection; a create-only blob cannot be written twice)",
             );
         }
+        if let Backend::ServiceBus(sb) = &route.backend {
+            if !sb.duplicate_detection {
+                c.err(
+                    format!("{at}.backend.service_bus.duplicate_detection"),
+                    "true for a route that stores requests: a stored message may be delivered after an attempt Azure took but did not answer, and only the entity's duplicate detection drops the second copy. Turn duplicate detection on for the entity (its window longer than max_attempts' deliveries take), then set \"duplicate_detection\": true",
+                );
+            }
+        }
     }
     if let Some(b) = &route.breaker {
         if b.failures.is_some_and(|n| n > 1000) {
