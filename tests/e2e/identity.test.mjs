@@ -13,6 +13,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { startStack } from './stack.mjs';
+import { secretFingerprint } from '../../dev/issuer.mjs';
 import { REPO_ROOT } from '../../dev/proc.mjs';
 
 const LIFETIME_S = 8;
@@ -47,6 +48,11 @@ describe('identities', () => {
   };
   const logOf = async (requestId) => JSON.parse(await gw.waitForLog((_l, j) => j?.request_id === requestId && 'status' in j, 10_000));
   const tokenRequests = (client) => stack.issuer.stats().byClient?.[client] ?? 0;
+  /** What the issuer saw from `client` since request number `since`: [credential, status] each. */
+  const presentedSince = (client, since) => stack.issuer.tokenRequestLog()
+    .filter((r) => r.client === client && r.n > since)
+    .map((r) => [r.credential, r.status]);
+  const presented = (secret) => `secret:${secretFingerprint(secret)}`;
 
   before(async () => {
     const { keyPem, certPem } = certificate();
@@ -164,8 +170,14 @@ describe('identities', () => {
   });
 
   test('during a rotation the second secret is used when the first is refused', async () => {
+    const since = stack.issuer.stats().tokenRequests;
     const r = await put('rotating');
     assert.equal(r.status, 201, r.text);
+    // The issuer's own record: the first secret was presented and refused, then the second taken.
+    assert.deepEqual(presentedSince('rotating-client', since), [
+      [presented(secrets.ROTATING_OLD), 401],
+      [presented(secrets.ROTATING_NEW), 200],
+    ], 'the old secret first (refused), then the new one');
     for (const text of gw.logs) {
       assert.ok(!text.includes(secrets.ROTATING_OLD) && !text.includes(secrets.ROTATING_NEW), 'secret leaked');
     }
@@ -177,7 +189,10 @@ describe('identities', () => {
     const before = stack.issuer.stats();
     const r = await put('rotating');
     assert.equal(r.status, 201, r.text);
+    assert.equal((await logOf(r.headers.get('x-request-id'))).token, 'fetched', 'the request fetched a new token');
     const after = stack.issuer.stats();
+    assert.deepEqual(presentedSince('rotating-client', before.tokenRequests), [[presented(secrets.ROTATING_NEW), 200]],
+      'only the secret that worked last time was presented');
     assert.equal(after.tokenRequests - before.tokenRequests, 1, 'one token request, with the secret that worked last time');
     assert.equal(after.errors - before.errors, 0, 'the retired secret was not offered again');
   });
