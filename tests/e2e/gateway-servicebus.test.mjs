@@ -2,21 +2,68 @@
  * Service Bus routes end to end: the worker in workerd sends to the Service Bus stand-in of the
  * local stack (which checks the token's signature, audience and expiry, the properties and the
  * sizes like Azure), and the tests read what arrived from the stand-in.
+ * Route `recorded` reaches the stand-in through a recording front (RECORDER_PORT), which keeps
+ * every request as the gateway sent it, headers included, whatever the stand-in answered.
  */
 import { after, before, beforeEach, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { createServer, request as httpRequest } from 'node:http';
 import { join } from 'node:path';
-import { requestToken, startStack } from './stack.mjs';
+import { requestToken, SERVICEBUS_AUDIENCE, startStack } from './stack.mjs';
 import { REPO_ROOT } from '../../dev/proc.mjs';
 
 const KEY = randomBytes(18).toString('base64url');
+const RECORDER_PORT = 18412;
 const report = [];
+
+/**
+ * A front for the stand-in on 127.0.0.1:port that forwards each request unchanged and records it:
+ * { method, path, headers: [[name, value], ...] as received (repeated headers kept), status }.
+ * The stand-in keeps neither a request's Authorization nor a refused request's BrokerProperties;
+ * this record does.
+ */
+async function startRecorder(port, target) {
+  const seen = [];
+  const upstream = new URL(target);
+  const server = createServer((req, res) => {
+    const headers = [];
+    for (let i = 0; i < req.rawHeaders.length; i += 2) headers.push([req.rawHeaders[i], req.rawHeaders[i + 1]]);
+    const entry = { method: req.method, path: req.url, headers, status: null };
+    seen.push(entry);
+    const forwarded = {};
+    for (const [name, value] of headers) {
+      const lower = name.toLowerCase();
+      if (lower === 'host' || lower === 'connection') continue;
+      forwarded[lower] = lower in forwarded ? [].concat(forwarded[lower], value) : value;
+    }
+    const out = httpRequest({ host: upstream.hostname, port: upstream.port, method: req.method, path: req.url, headers: forwarded }, (answer) => {
+      entry.status = answer.statusCode;
+      res.writeHead(answer.statusCode, answer.headers);
+      answer.pipe(res);
+    });
+    out.setTimeout(30_000, () => out.destroy(new Error('the stand-in did not answer')));
+    out.on('error', () => { if (!res.headersSent) res.writeHead(502); res.end(); });
+    req.pipe(out);
+  });
+  await new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, '127.0.0.1', resolve);
+  });
+  return {
+    seen,
+    stop: () => new Promise((resolve) => { server.close(() => resolve()); server.closeAllConnections(); }),
+  };
+}
+
+/** Values of a header in a recorded request, by name (any case). */
+const headerValues = (entry, name) => entry.headers.filter(([n]) => n.toLowerCase() === name).map(([, v]) => v);
 
 describe('Service Bus routes', () => {
   let stack;
   let gw;
   let sb;
+  let recorder;
   const send = async (path, body, headers = {}) => {
     const res = await fetch(`${gw.url}${path}`, { method: 'POST', body, headers });
     const text = await res.text();
@@ -44,12 +91,14 @@ describe('Service Bus routes', () => {
     });
     gw = stack.gateway;
     sb = stack.serviceBus;
+    recorder = await startRecorder(RECORDER_PORT, sb.url);
   });
   beforeEach(async () => {
     await sb.clearFaults();
     await sb.purge();
   });
   after(async () => {
+    await recorder?.stop();
     await stack?.stop();
     if (report.length) console.log(`\n# service bus figures\n${report.map((l) => `#   ${l}`).join('\n')}`);
   });
@@ -69,10 +118,33 @@ describe('Service Bus routes', () => {
     assert.equal(m.brokerProperties.TimeToLive, 3600);
     assert.equal(m.userProperties.tenant, 'contoso');
     assert.equal(m.userProperties.source, 'edge');
-    assert.equal(m.userProperties.authorization, undefined, "the caller's Authorization never reaches Azure");
     const log = await logOf(res);
     assert.equal(log.backend_status, 201);
     assert.equal(log.identity, 'main');
+  });
+
+  test("the caller's Authorization and API key never reach Service Bus: the gateway's own token does", async () => {
+    // The stand-in drops an Authorization header before it keeps properties, and keeps no
+    // request headers: what the gateway sent is read from the recording front instead.
+    const callerToken = `caller-${randomBytes(12).toString('base64url')}`;
+    const from = recorder.seen.length;
+    const res = await send('/recorded/contoso', '{"order": 43}', { 'x-api-key': KEY, 'content-type': 'application/json', authorization: `Bearer ${callerToken}` });
+    assert.equal(res.status, 202, res.text);
+    const sent = recorder.seen.slice(from);
+    assert.deepEqual(sent.map((r) => [r.method, r.path, r.status]), [['POST', '/orders/messages', 201]]);
+    const auth = headerValues(sent[0], 'authorization');
+    assert.equal(auth.length, 1, `Authorization headers sent: ${auth.length}`);
+    const [, payload] = auth[0].replace(/^Bearer /, '').split('.');
+    const claims = JSON.parse(Buffer.from(payload, 'base64url').toString('utf8'));
+    assert.equal(claims.aud, SERVICEBUS_AUDIENCE, "the gateway's Service Bus token");
+    assert.equal(claims.appid, stack.clientId);
+    for (const [name, value] of sent[0].headers) {
+      assert.ok(!value.includes(callerToken), `the caller's token went out in ${name}`);
+      assert.ok(!value.includes(KEY), `the caller's API key went out in ${name}`);
+    }
+    assert.deepEqual(headerValues(sent[0], 'x-api-key'), []);
+    const [m] = await stored('orders');
+    assert.deepEqual(Object.keys(m.userProperties).sort(), ['source', 'tenant'], 'only the mapped properties');
   });
 
   test('a binary message arrives byte-identical', async () => {
