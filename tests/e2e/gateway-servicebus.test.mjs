@@ -1,7 +1,8 @@
 /**
  * Service Bus routes end to end: the worker in workerd sends to the Service Bus stand-in of the
  * local stack (which checks the token's signature, audience and expiry, the properties and the
- * sizes like Azure), and the tests read what arrived from the stand-in.
+ * sizes like Azure), and the tests read what arrived from the stand-in, and its counters: how
+ * many messages each entity stored (`accepted`), dropped as duplicates, and refused by status.
  * Route `recorded` reaches the stand-in through a recording front (RECORDER_PORT), which keeps
  * every request as the gateway sent it, headers included, whatever the stand-in answered.
  */
@@ -76,6 +77,17 @@ describe('Service Bus routes', () => {
     return JSON.parse(await gw.waitForLog((_l, j) => j?.request_id === id && 'status' in j, 10_000));
   };
   const stored = (entity) => sb.messages(entity);
+  /** An entity's counters: { accepted, duplicates, rejected: { status: n }, … }. */
+  const counters = async (entity) => (await sb.stats()).entities[entity];
+  /** What changed in an entity's counters since `before` (a counters() result). */
+  const countedSince = async (entity, before) => {
+    const now = await counters(entity);
+    const rejected = {};
+    for (const [status, n] of Object.entries(now.rejected)) {
+      if (n !== (before.rejected[status] ?? 0)) rejected[status] = n - (before.rejected[status] ?? 0);
+    }
+    return { accepted: now.accepted - before.accepted, duplicates: now.duplicates - before.duplicates, rejected };
+  };
   const sendCount = async () => {
     const s = await sb.stats();
     return Object.values(s.entities).reduce((n, e) => n + e.accepted + Object.values(e.rejected).reduce((a, b) => a + b, 0), 0);
@@ -109,7 +121,9 @@ describe('Service Bus routes', () => {
     const res = await send('/orders/contoso', body, { 'x-api-key': KEY, 'content-type': 'application/json', 'idempotency-key': 'order-42', traceparent, authorization: 'Bearer caller-token-never-forwarded' });
     assert.equal(res.status, 202, res.text);
     assert.deepEqual(res.json, { status: 'accepted', entity: 'orders', messageId: 'order-42' });
-    const [m] = await stored('orders');
+    const msgs = await stored('orders');
+    assert.equal(msgs.length, 1);
+    const [m] = msgs;
     assert.equal(m.body.toString('utf8'), body);
     assert.equal(m.contentType, 'application/json');
     assert.equal(m.brokerProperties.MessageId, 'order-42');
@@ -151,18 +165,23 @@ describe('Service Bus routes', () => {
     const body = randomBytes(64 * 1024);
     const res = await send('/orders/fabrikam', body, { 'x-api-key': KEY, 'content-type': 'application/octet-stream' });
     assert.equal(res.status, 202, res.text);
-    const [m] = await stored('orders');
+    const msgs = await stored('orders');
+    assert.equal(msgs.length, 1);
+    const [m] = msgs;
     assert.ok(m.body.equals(body), 'bytes differ');
     assert.equal(m.brokerProperties.MessageId, res.json.messageId);
     assert.match(res.json.messageId, /^[0-9a-f-]{36}$/);
   });
 
   test('the same Idempotency-Key twice yields one message', async () => {
+    const before = await counters('orders-dedup');
     for (let i = 0; i < 2; i++) {
       const res = await send('/dedup/contoso', 'pay once', { 'idempotency-key': 'pay-7' });
       assert.equal(res.status, 202, res.text);
     }
     assert.equal((await stored('orders-dedup')).length, 1);
+    // Two sends, one each: the second is the caller's, dropped by duplicate detection.
+    assert.deepEqual(await countedSince('orders-dedup', before), { accepted: 1, duplicates: 1, rejected: {} });
   });
 
   test('a batch of 100 arrives in order, as one send', async () => {
@@ -210,13 +229,23 @@ describe('Service Bus routes', () => {
   });
 
   test('Service Bus failures map as specified', async () => {
-    // 503 twice with Retry-After, then accepted: retried with the same MessageId, stored once.
+    // 503 twice with Retry-After, then accepted: three attempts, all with the MessageId the
+    // gateway chose (no Idempotency-Key), stored once. `orders` has no duplicate detection, so a
+    // second copy would be stored; the recording front sees the refused attempts' BrokerProperties,
+    // which the stand-in never reads (a fault answers before the message is parsed).
     await sb.setFault({ status: 503, retryAfter: 1, count: 2, entity: 'orders' });
-    let res = await send('/orders/a', 'retry me', { 'x-api-key': KEY, 'idempotency-key': 'retry-1' });
+    const before = await counters('orders');
+    const from = recorder.seen.length;
+    let res = await send('/recorded/a', 'retry me', { 'x-api-key': KEY });
     assert.equal(res.status, 202, res.text);
+    const attempts = recorder.seen.slice(from);
+    assert.deepEqual(attempts.map((r) => r.status), [503, 503, 201]);
+    const ids = attempts.map((r) => headerValues(r, 'brokerproperties').map((b) => JSON.parse(b).MessageId));
+    assert.deepEqual(ids, [[res.json.messageId], [res.json.messageId], [res.json.messageId]], 'every attempt carried the MessageId the caller was told');
+    assert.deepEqual(await countedSince('orders', before), { accepted: 1, duplicates: 0, rejected: { 503: 2 } });
     const msgs = await stored('orders');
     assert.equal(msgs.length, 1);
-    assert.equal(msgs[0].brokerProperties.MessageId, 'retry-1');
+    assert.equal(msgs[0].brokerProperties.MessageId, res.json.messageId);
 
     // Failing on and on: 503 with Retry-After, never a 2xx.
     await sb.setFault({ status: 429, retryAfter: 2, count: 10, entity: 'orders' });
@@ -272,9 +301,12 @@ describe('Service Bus routes', () => {
   }
 
   test('1,000 messages sent with 32 in flight all arrive exactly once', async () => {
+    const before = await counters('load');
     const { ids, rate } = await pump('load', 1000, async (id) => (await send('/load', `message ${id}`, { 'idempotency-key': id })).status);
     const msgs = await stored('load');
     assert.equal(msgs.length, 1000);
+    // Once each by the gateway, not thanks to the entity's duplicate detection: nothing was dropped.
+    assert.deepEqual(await countedSince('load', before), { accepted: 1000, duplicates: 0, rejected: {} });
     assert.deepEqual(new Set(msgs.map((m) => m.brokerProperties.MessageId)), new Set(ids));
     for (const m of msgs) assert.equal(m.body.toString(), `message ${m.brokerProperties.MessageId}`);
     report.push(`1000 messages, 32 in flight: all stored once (${rate.toFixed(0)} msg/s)`);
