@@ -14,6 +14,9 @@
  *   - JWKS at /{tenant}/discovery/v2.0/keys as well as the library's /jwks;
  *   - a control surface for tests: stats and injected faults (status + Retry-After, delay),
  *     in-process (stats(), setFault()) and over HTTP (/__control/stats, /__control/faults);
+ *     the last TOKEN_REQUEST_LOG token requests, each with its client, which credential it
+ *     presented (a fingerprint of a secret, never the secret) and the answer
+ *     (tokenRequestLog(), /__control/token-requests), so a test can tell which secret was tried;
  *     a fault may fail a share of token requests (`probability`, drawn from a seeded generator,
  *     so the same seed fails the same requests by position), and a full outage of the token
  *     endpoint lasts N seconds (setOutage(), /__control/outage), answering 503 or resetting the
@@ -31,6 +34,8 @@ const MAX_FAULT_DELAY_MS = 120_000;
 const MAX_OUTAGE_SECONDS = 3600;
 const ASSERTION_TYPE = 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer';
 const CLOCK_SKEW_S = 300;
+/** How many token requests tokenRequestLog() keeps (the latest). */
+const TOKEN_REQUEST_LOG = 100;
 
 /** Entra's answer to each failure we reproduce: HTTP status, `error`, AADSTS code, message. */
 const ENTRA_ERRORS = {
@@ -68,7 +73,7 @@ export async function startIssuer({ port = 8400, host = '127.0.0.1', tenant, cli
   const service = new OAuth2Service(issuer);
   advertiseLocalEndpoints(service, url, tenant);
 
-  const state = { stats: emptyStats(), fault: null, outage: null, timers: new Set() };
+  const state = { stats: emptyStats(), requestLog: [], fault: null, outage: null, timers: new Set() };
   const ctx = { url, tenant, issuerClaim, credentials, lifetimeSeconds, service, state, log };
   const server = createServer((req, res) => {
     route(ctx, req, res).catch((err) => {
@@ -88,7 +93,14 @@ export async function startIssuer({ port = 8400, host = '127.0.0.1', tenant, cli
     /** the oauth2-mock-server service, for per-test hooks (service.once(Events.BeforeTokenSigning, …)) */
     service,
     stats: () => structuredClone(state.stats),
-    resetStats: () => { state.stats = emptyStats(); },
+    /**
+     * The latest token requests, oldest first: { n, client, credential, status, aadsts? }.
+     * n: the request's number (stats().tokenRequests when it came, so `n > before` picks the
+     * ones since); credential: `secret:<secretFingerprint(secret)>`, 'assertion' or 'none';
+     * status 0 when the connection was reset (an outage). Cleared with the stats.
+     */
+    tokenRequestLog: () => structuredClone(state.requestLog),
+    resetStats: () => { state.stats = emptyStats(); state.requestLog = []; },
     setFault: (fault) => { state.fault = normalizeFault(fault); },
     clearFaults: () => { state.fault = null; },
     /** { seconds, status = 503, retryAfter?, mode = 'status' | 'reset' }: the token endpoint is down that long. */
@@ -159,7 +171,8 @@ async function control(ctx, req, res, pathname) {
   const key = `${req.method} ${pathname.replace(/\/$/, '')}`;
   switch (key) {
     case 'GET /__control/stats': return sendJson(res, 200, state.stats);
-    case 'DELETE /__control/stats': state.stats = emptyStats(); return sendJson(res, 200, state.stats);
+    case 'DELETE /__control/stats': state.stats = emptyStats(); state.requestLog = []; return sendJson(res, 200, state.stats);
+    case 'GET /__control/token-requests': return sendJson(res, 200, state.requestLog);
     case 'GET /__control/faults': return sendJson(res, 200, { fault: state.fault });
     case 'DELETE /__control/faults': state.fault = null; return sendJson(res, 200, { fault: null });
     case 'POST /__control/faults': {
@@ -190,23 +203,34 @@ async function control(ctx, req, res, pathname) {
 async function tokenEndpoint(ctx, req, res, { tenant, version }) {
   const { state } = ctx;
   state.stats.tokenRequests += 1;
+  const n = state.stats.tokenRequests;
   const body = await readBody(req);
   const form = Object.fromEntries(new URLSearchParams(body));
   req.body = form; // what the library's hooks read
+  const presented = { n, ...presentedCredential(req, form) };
+  const record = (status, err) => {
+    state.requestLog.push({ ...presented, status, ...(err ? { aadsts: err.number } : {}) });
+    if (state.requestLog.length > TOKEN_REQUEST_LOG) state.requestLog.shift();
+  };
+  const refuse = (err, options) => {
+    record(err.status, err);
+    return sendEntraError(ctx, req, res, err, options);
+  };
 
   const outage = activeOutage(state, true);
   if (outage?.mode === 'reset') {
     ctx.log('issuer: outage, connection reset');
+    record(0);
     req.socket.destroy();
     return;
   }
-  if (outage) return sendEntraError(ctx, req, res, faultError(outage), { retryAfter: outage.retryAfter });
+  if (outage) return refuse(faultError(outage), { retryAfter: outage.retryAfter });
 
   const fault = await takeFault(state);
-  if (fault?.status) return sendEntraError(ctx, req, res, faultError(fault), { retryAfter: fault.retryAfter });
+  if (fault?.status) return refuse(faultError(fault), { retryAfter: fault.retryAfter });
 
   const outcome = checkTokenRequest(ctx, req, form, { tenant, version });
-  if (outcome.error) return sendEntraError(ctx, req, res, outcome.error);
+  if (outcome.error) return refuse(outcome.error);
 
   const { clientId, audience } = outcome;
   const now = Math.floor(Date.now() / 1000);
@@ -217,6 +241,7 @@ async function tokenEndpoint(ctx, req, res, { tenant, version }) {
   ctx.service.emit(Events.BeforeResponse, response, req);
 
   state.stats.tokensIssued += 1;
+  record(response.statusCode);
   bump(state.stats.byClient, clientId);
   bump(state.stats.byAudience, audience);
   ctx.log(`issuer: token v${version} client=${clientId} aud=${audience}`);
@@ -317,6 +342,25 @@ function certificateThumbprints(pem) {
     x5t: createHash('sha1').update(raw).digest('base64url'),
     'x5t#S256': createHash('sha256').update(raw).digest('base64url'),
   };
+}
+
+/**
+ * What a token request presented, for the request log: its client id and which credential, a
+ * secret only as its fingerprint (the secret itself is never kept). Read like authenticate():
+ * an assertion wins over a secret, HTTP Basic over the form.
+ */
+function presentedCredential(req, form) {
+  const basic = parseBasicAuth(req.headers.authorization);
+  const secret = basic?.secret ?? form.client_secret;
+  let credential = 'none';
+  if (form.client_assertion_type === ASSERTION_TYPE && form.client_assertion) credential = 'assertion';
+  else if (secret) credential = `secret:${secretFingerprint(secret)}`;
+  return { client: basic?.id ?? form.client_id ?? null, credential };
+}
+
+/** The first 12 hex digits of a secret's SHA-256: tells secrets apart in the request log without keeping them. */
+export function secretFingerprint(secret) {
+  return createHash('sha256').update(String(secret)).digest('hex').slice(0, 12);
 }
 
 function sameSecret(given, expected) {

@@ -490,10 +490,28 @@ fn a_batch_element_cannot_set_what_the_route_maps() {
     assert!(io.sent().is_empty());
 }
 
-#[test]
-fn a_body_without_a_length_is_uploaded_in_blocks_of_this_upload_s_own_ids() {
-    let data: Vec<u8> = (0..150_000u32).map(|i| (i % 251) as u8).collect();
-    let io = Fake::new().with_body(&data);
+/// A query value as sent (`%XX` escapes undone).
+fn percent_decoded(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            out.push(u8::from_str_radix(&value[i + 1..i + 3], 16).unwrap());
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// Uploads `data` without a length as /files/big.bin on a fake whose UUIDs start after
+/// `uuids_from`; returns (the block ids of its Put Block calls, in order, and its commit).
+fn upload_in_blocks(data: &[u8], uuids_from: u32) -> (Vec<String>, Sent) {
+    let io = Fake::new().with_body(data);
+    io.uuids.set(uuids_from);
     let head = request(
         "PUT",
         "/files/big.bin",
@@ -507,8 +525,8 @@ fn a_body_without_a_length_is_uploaded_in_blocks_of_this_upload_s_own_ids() {
     assert_eq!(sent.len(), 4, "three blocks and the commit");
     let mut ids = Vec::new();
     for s in &sent[..3] {
-        let id = s.url.split("blockid=").nth(1).unwrap().to_owned();
-        ids.push(id);
+        let id = s.url.split("blockid=").nth(1).unwrap();
+        ids.push(percent_decoded(id));
         assert!(matches!(s.limit, Limit::Deadline(_)));
     }
     assert_eq!(
@@ -518,13 +536,41 @@ fn a_body_without_a_length_is_uploaded_in_blocks_of_this_upload_s_own_ids() {
             .collect::<Vec<u8>>(),
         data
     );
+    (ids, sent[3].clone())
+}
+
+#[test]
+fn a_body_without_a_length_is_uploaded_in_blocks_of_this_upload_s_own_ids() {
+    let data: Vec<u8> = (0..150_000u32).map(|i| (i % 251) as u8).collect();
+    let (ids, commit) = upload_in_blocks(&data, 0);
+    // Azure wants one length for every id of a blob; each block its own id.
     assert!(ids.iter().all(|id| id.len() == ids[0].len()));
-    let commit = &sent[3];
+    assert_eq!(
+        ids.iter().collect::<std::collections::HashSet<_>>().len(),
+        3
+    );
     assert!(commit.url.ends_with("?comp=blocklist"));
     assert_eq!(commit.header("x-ms-blob-content-type"), Some("image/png"));
     assert_eq!(commit.header("if-none-match"), Some("*"));
+    // The commit lists exactly the blocks this upload put, in order: nothing else.
     let list = String::from_utf8(commit.body.clone()).unwrap();
-    assert_eq!(list.matches("<Latest>").count(), 3);
+    let latest: String = ids
+        .iter()
+        .map(|id| format!("<Latest>{id}</Latest>"))
+        .collect();
+    assert_eq!(
+        list,
+        format!("<?xml version=\"1.0\" encoding=\"utf-8\"?><BlockList>{latest}</BlockList>")
+    );
+    // Another upload of the same name (another request, other UUIDs) shares none of these ids,
+    // so it can neither replace nor commit a block of this one.
+    let (other, other_commit) = upload_in_blocks(&data, 1_000);
+    assert!(
+        other.iter().all(|id| !ids.contains(id)),
+        "{ids:?} / {other:?}"
+    );
+    let other_list = String::from_utf8(other_commit.body).unwrap();
+    assert!(ids.iter().all(|id| !other_list.contains(id.as_str())));
 }
 
 #[test]

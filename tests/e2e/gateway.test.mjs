@@ -113,9 +113,16 @@ describe('a worker built with a valid policy', () => {
     const id = 'e2e-one-line';
     await call(gw, 'GET', '/files/contoso', { 'x-request-id': id });
     await logLine(gw, id);
-    await new Promise((r) => setTimeout(r, 300));
-    const lines = gw.logs.filter((l) => l.includes(`"request_id":"${id}"`));
+    // A later request's line, waited for (at most 10 s, else the test fails): the worker's lines
+    // arrive in the order it wrote them, so once the later one is read, every line the first
+    // request wrote while it was answered has been read too.
+    const next = 'e2e-one-line-next';
+    await call(gw, 'GET', '/files/contoso', { 'x-request-id': next });
+    await logLine(gw, next);
+    const at = (rid) => gw.logs.flatMap((l, i) => (l.includes(`"request_id":"${rid}"`) ? [i] : []));
+    const lines = at(id).map((i) => gw.logs[i]);
     assert.equal(lines.length, 1, lines.join('\n'));
+    assert.ok(at(id)[0] < at(next)[0], 'the lines in the order of their requests');
     assert.equal(JSON.parse(lines[0]).route, 'status');
   });
 });

@@ -73,6 +73,25 @@ describe('hardening: what a hostile caller can no longer do', () => {
   /** Straight from Azurite: { status, body }. */
   const stored = (blob) => blobRequest(`${stack.azurite.url}/uploads/${blob}`, { token: storage, ca: stack.azurite.ca });
   const sends = async () => (await sb.stats()).requests;
+  /** A blob's block ids in Azurite, `which` = committed | uncommitted, in order. */
+  const blockIds = async (blob, which) => {
+    const list = await stored(`${blob}?comp=blocklist&blocklisttype=${which}`);
+    if (list.status === 404) return [];
+    assert.equal(list.status, 200, list.body.toString());
+    const tag = which === 'committed' ? 'CommittedBlocks' : 'UncommittedBlocks';
+    const section = new RegExp(`<${tag}>(.*?)</${tag}>`, 's').exec(list.body.toString())?.[1] ?? '';
+    return [...section.matchAll(/<Name>([^<]*)<\/Name>/g)].map((m) => m[1]);
+  };
+  /** Polls `check()` every 50 ms until it is truthy (resolves it) or fails after `ms`. */
+  const within = async (ms, what, check) => {
+    const end = Date.now() + ms;
+    for (;;) {
+      const value = await check();
+      if (value) return value;
+      if (Date.now() >= end) assert.fail(`not within ${ms} ms: ${what}`);
+      await sleep(50);
+    }
+  };
   const logOf = async (res) => {
     const id = res.headers.get('x-request-id');
     return JSON.parse(await gw.waitForLog((_l, j) => j?.request_id === id && 'status' in j, 10_000));
@@ -100,14 +119,21 @@ describe('hardening: what a hostile caller can no longer do', () => {
   });
 
   test('hole 1: a second caller cannot slip a block into another caller\'s upload of the same name', async () => {
-    // A streams a chunked upload (no Content-Length: blocks of 64 KiB); after A's first block is
-    // in Azure, B (another key) uploads to the same name and runs over the route's limit.
+    // A streams a chunked upload (no Content-Length: blocks of 64 KiB); once A's first block is
+    // in Azure (Azurite lists it uncommitted), B (another key) uploads to the same name and runs
+    // over the route's limit.
     const a = [randomBytes(64 * KiB), randomBytes(64 * KiB)];
     let releaseA;
     const bDone = new Promise((r) => { releaseA = r; });
-    const aFirstSent = sleep(1500); // time for the gateway to Put A's first block
     const aUpload = put('/race/shared.bin', gatedStream(a, [null, bDone]), { 'x-api-key': KEY_A });
-    await aFirstSent;
+    const aFirst = await within(10_000, "A's first block uncommitted in Azure before B starts", async () => {
+      const ids = await blockIds('race/shared.bin', 'uncommitted');
+      return ids.length === 1 && ids;
+    }).catch(async (e) => {
+      releaseA();
+      await aUpload.catch(() => {});
+      throw e;
+    });
     const b = await put('/race/shared.bin', gatedStream([randomBytes(64 * KiB), randomBytes(64 * KiB), randomBytes(64 * KiB)]), { 'x-api-key': KEY_B });
     assert.equal(b.status, 413, b.text);
     assert.match(b.json.detail, /Nothing was committed/);
@@ -117,6 +143,10 @@ describe('hardening: what a hostile caller can no longer do', () => {
     const blob = await stored('race/shared.bin');
     assert.equal(blob.status, 200);
     assert.equal(sha(blob.body), sha(Buffer.concat(a)), 'the stored blob is exactly A\'s bytes');
+    // A's commit lists its own blocks: the one B's upload ran beside, then its second.
+    const committed = await blockIds('race/shared.bin', 'committed');
+    assert.equal(committed.length, 2, committed.join(' '));
+    assert.equal(committed[0], aFirst[0], "A's first block is the one seen before B started");
   });
 
   test('hole 2: a broker property or content type HTTP cannot carry is refused with 400, nothing sent', async () => {

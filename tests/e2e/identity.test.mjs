@@ -13,6 +13,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { startStack } from './stack.mjs';
+import { secretFingerprint } from '../../dev/issuer.mjs';
 import { REPO_ROOT } from '../../dev/proc.mjs';
 
 const LIFETIME_S = 8;
@@ -23,6 +24,7 @@ const secrets = {
   ROTATING_OLD: randomBytes(24).toString('base64url'),
   ROTATING_NEW: randomBytes(24).toString('base64url'),
   SLOW_SECRET: randomBytes(24).toString('base64url'),
+  CACHED_SECRET: randomBytes(24).toString('base64url'),
 };
 const report = []; // figures for the closing note, printed at the end
 
@@ -47,6 +49,11 @@ describe('identities', () => {
   };
   const logOf = async (requestId) => JSON.parse(await gw.waitForLog((_l, j) => j?.request_id === requestId && 'status' in j, 10_000));
   const tokenRequests = (client) => stack.issuer.stats().byClient?.[client] ?? 0;
+  /** What the issuer saw from `client` since request number `since`: [credential, status] each. */
+  const presentedSince = (client, since) => stack.issuer.tokenRequestLog()
+    .filter((r) => r.client === client && r.n > since)
+    .map((r) => [r.credential, r.status]);
+  const presented = (secret) => `secret:${secretFingerprint(secret)}`;
 
   before(async () => {
     const { keyPem, certPem } = certificate();
@@ -60,6 +67,7 @@ describe('identities', () => {
         'wrong-client': randomBytes(24).toString('base64url'),
         'rotating-client': secrets.ROTATING_NEW,
         'slow-client': secrets.SLOW_SECRET,
+        'cached-client': secrets.CACHED_SECRET,
         'cert-client': { certificatePem: certPem },
       },
       gatewaySecrets: { ...secrets, CERT_KEY: keyPem, CERT_PEM: certPem },
@@ -164,8 +172,14 @@ describe('identities', () => {
   });
 
   test('during a rotation the second secret is used when the first is refused', async () => {
+    const since = stack.issuer.stats().tokenRequests;
     const r = await put('rotating');
     assert.equal(r.status, 201, r.text);
+    // The issuer's own record: the first secret was presented and refused, then the second taken.
+    assert.deepEqual(presentedSince('rotating-client', since), [
+      [presented(secrets.ROTATING_OLD), 401],
+      [presented(secrets.ROTATING_NEW), 200],
+    ], 'the old secret first (refused), then the new one');
     for (const text of gw.logs) {
       assert.ok(!text.includes(secrets.ROTATING_OLD) && !text.includes(secrets.ROTATING_NEW), 'secret leaked');
     }
@@ -177,7 +191,10 @@ describe('identities', () => {
     const before = stack.issuer.stats();
     const r = await put('rotating');
     assert.equal(r.status, 201, r.text);
+    assert.equal((await logOf(r.headers.get('x-request-id'))).token, 'fetched', 'the request fetched a new token');
     const after = stack.issuer.stats();
+    assert.deepEqual(presentedSince('rotating-client', before.tokenRequests), [[presented(secrets.ROTATING_NEW), 200]],
+      'only the secret that worked last time was presented');
     assert.equal(after.tokenRequests - before.tokenRequests, 1, 'one token request, with the secret that worked last time');
     assert.equal(after.errors - before.errors, 0, 'the retired secret was not offered again');
   });
@@ -195,30 +212,49 @@ describe('identities', () => {
     assert.match((await logOf(r.headers.get('x-request-id'))).token_error, /timed out/);
   });
 
-  test('with the issuer stopped, cached tokens serve until they expire, then 503 with Retry-After', async () => {
-    // Start from a fresh token so the run covers its whole remaining life.
+  test('with the issuer stopped, a cached token serves until it expires, then 503 with Retry-After', async () => {
+    // Start from a token fetched just now, while the issuer is up: the `cached` identity is used
+    // by this test only, so its first request fetches.
+    const issuedBefore = stack.issuer.stats().tokensIssued;
+    const warmSentAt = Date.now();
+    const warm = await put('cached');
+    assert.equal(warm.status, 201, warm.text);
+    assert.equal((await logOf(warm.headers.get('x-request-id'))).token, 'fetched', 'the run starts from a freshly fetched token');
+    assert.equal(tokenRequests('cached-client'), 1);
     await stack.issuer.stop();
+    const requestsAtStop = stack.issuer.stats().tokenRequests;
     const results = [];
     const deadline = Date.now() + (LIFETIME_S + 3) * 1000;
     while (Date.now() < deadline) {
-      const r = await put('main');
-      results.push(r);
+      const sentAt = Date.now();
+      const r = await put('cached');
+      results.push({ ...r, sentAt });
       if (r.status === 503 && results.filter((x) => x.status === 503).length >= 5) break;
       await new Promise((res) => setTimeout(res, 100));
     }
     const statuses = results.map((r) => r.status);
     const first503 = statuses.indexOf(503);
     assert.ok(first503 >= 0, `never 503: ${statuses.join(',')}`);
-    assert.ok(statuses.slice(0, first503).every((s) => s === 201), statuses.join(','));
     const odd = results.find((r) => r.status !== 201 && r.status !== 503);
     assert.equal(odd, undefined, `${odd?.status} ${odd?.text}`);
+    assert.ok(first503 >= 1, `no request was served from the cached token: ${statuses.join(',')}`);
     assert.ok(statuses.slice(first503).every((s) => s === 503), `a 201 after the first 503: ${statuses.join(',')}`);
     for (const r of results.slice(first503)) {
-      assert.ok(Number(r.headers.get('retry-after')) >= 1);
+      assert.ok(Number(r.headers.get('retry-after')) >= 1, `Retry-After: ${r.headers.get('retry-after')}`);
       assert.equal(JSON.parse(r.text).type, 'urn:azure-edge-gateway:problem:identity-unavailable');
     }
+    // Each 201 carried the cached token: none was fetched, each had time left.
     const served = await Promise.all(results.slice(0, first503).map((r) => logOf(r.headers.get('x-request-id'))));
+    const sources = [...new Set(served.map((l) => l.token))];
+    assert.ok(sources.every((s) => s === 'cache' || s === 'cache_refresh_ahead'), `token sources of the 201s: ${sources}`);
     assert.ok(served.every((l) => l.token_ttl_s >= 1), 'a token at or past its expiry was sent');
-    report.push(`issuer stopped: ${first503} requests served from the cache, then 503 with Retry-After`);
+    // Served until it expired: the cache stops serving a token a margin before its expiry, a
+    // margin under half its lifetime, so the 201s cover at least half of it.
+    const servedFor = results[first503 - 1].sentAt - warmSentAt;
+    assert.ok(servedFor >= (LIFETIME_S / 2) * 1000, `the cached token was served for ${servedFor} ms of its ${LIFETIME_S} s`);
+    // The issuer was really down: no token request reached it, and no token was issued since the warm one.
+    assert.equal(stack.issuer.stats().tokenRequests, requestsAtStop, 'a token request reached the stopped issuer');
+    assert.equal(stack.issuer.stats().tokensIssued, issuedBefore + 1, 'a token was issued while the issuer was stopped');
+    report.push(`issuer stopped: ${first503} requests served from the cached token over ${(servedFor / 1000).toFixed(1)} s, then 503 with Retry-After`);
   });
 });

@@ -14,6 +14,7 @@ import { after, before, describe, test } from 'node:test';
 import {
   blobRequest, CLIENT_ID, createContainer, requestToken, SERVICEBUS_AUDIENCE, startStack, STORAGE_AUDIENCE, TENANT,
 } from './stack.mjs';
+import { secretFingerprint } from '../../dev/issuer.mjs';
 
 const PORTS = { issuer: 18400, azurite: 20000 };
 const STORAGE_SCOPE = `${STORAGE_AUDIENCE}/.default`;
@@ -208,5 +209,21 @@ describe('issuer control surface', () => {
       byAudience: { [STORAGE_AUDIENCE]: 1, [SERVICEBUS_AUDIENCE]: 1 },
     });
     assert.deepEqual(await (await fetch(`${stack.issuer.url}/__control/stats`)).json(), stats);
+  });
+
+  test('the token request log names the client and a fingerprint of the secret presented, never the secret', async () => {
+    stack.issuer.resetStats();
+    await tokenV2();
+    await tokenV2({ secret: 'nope' });
+    await tokenV2({ basic: true });
+    const log = stack.issuer.tokenRequestLog();
+    assert.deepEqual(log, [
+      { n: 1, client: CLIENT_ID, credential: `secret:${secretFingerprint(stack.clientSecret)}`, status: 200 },
+      { n: 2, client: CLIENT_ID, credential: `secret:${secretFingerprint('nope')}`, status: 401, aadsts: 7000215 },
+      { n: 3, client: CLIENT_ID, credential: `secret:${secretFingerprint(stack.clientSecret)}`, status: 200 },
+    ]);
+    const served = await (await fetch(`${stack.issuer.url}/__control/token-requests`)).text();
+    assert.deepEqual(JSON.parse(served), log);
+    assert.ok(!served.includes(stack.clientSecret) && !served.includes('nope'), 'a secret in the log');
   });
 });
