@@ -1324,9 +1324,13 @@ fn explain_says_what_each_element_of_a_batch_may_set() {
     routes.push(route("plain-batch", "/plain", sb(None)));
     let (code, out, _) = run_policy_tool("explain", "batch-policy.json", &p);
     assert_eq!(code, Some(0), "{out}");
+    // The section ends at the next blank line (another section follows).
     let section = out
         .split_once("\nBatch routes: what each element of the caller's array may set\n")
-        .map(|(_, s)| s)
+        .map(|(_, s)| {
+            s.split_once("\n\n")
+                .map_or(s.to_owned(), |(a, _)| format!("{a}\n"))
+        })
         .unwrap_or_else(|| panic!("no batch section in:\n{out}"));
     assert_eq!(
         section,
@@ -1933,5 +1937,30 @@ fn a_service_bus_route_stores_requests_only_with_duplicate_detection_declared() 
             p["routes"][0]["backend"]["service_bus"]["duplicate_detection"] = json!(true);
         }),
         Vec::<String>::new()
+    );
+}
+
+#[test]
+fn explain_says_which_routes_send_again_after_an_unknown_outcome() {
+    let mut p = base();
+    p["routes"][0]["backend"]["service_bus"]["duplicate_detection"] = json!(true);
+    let routes = p["routes"].as_array_mut().unwrap();
+    routes.push(json!({ "name": "plain", "methods": ["POST"], "path": "/plain", "public": true,
+        "backend": { "service_bus": { "namespace": "contoso-orders", "queue": "plain", "identity": "gw" } } }));
+    let (code, out, _) = run_policy_tool("explain", "resend-policy.json", &p);
+    assert_eq!(code, Some(0), "{out}");
+    let section = out
+        .split_once(
+            "\nAfter a timeout, a lost connection or a 500 (Azure may have carried it out):\n",
+        )
+        .map(|(_, s)| s)
+        .unwrap_or_else(|| panic!("no resend section in:\n{out}"));
+    assert!(
+        section.contains("  orders: sent again, same MessageId (the entity's duplicate detection drops a second copy)\n"),
+        "{section}"
+    );
+    assert!(
+        section.contains("  plain: not sent again (no duplicate_detection declared): the caller gets backend-outcome-unknown (502/504)\n"),
+        "{section}"
     );
 }
