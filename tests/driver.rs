@@ -823,6 +823,40 @@ fn a_create_only_write_that_finds_its_own_lost_attempt_says_the_outcome_is_unkno
 }
 
 #[test]
+fn an_allowed_query_parameter_given_twice_is_refused_and_nothing_is_sent() {
+    let policy = REST_POLICY.replace(
+        r#"{ "name": "operations","#,
+        r#"{ "name": "list", "methods": ["GET"], "path": "/sites", "public": true,
+      "backend": { "azure_rest": { "identity": "gw", "api_version": "2022-09-01", "query": ["$top"],
+        "url": "https://management.azure.com/subscriptions/s1/providers/Microsoft.Web/sites" } } },
+    { "name": "operations","#,
+    );
+    let g = Gateway::load(&policy).unwrap_or_else(|e| panic!("{e:?}"));
+    for query in ["$top=1&$top=2", "$top=1&$TOP=2"] {
+        let io = rest_io().reply(200, &[("content-type", "application/json")], "{}");
+        let (status, _, answer, _) = run(
+            &g,
+            &request("GET", &format!("/sites?{query}"), &[], false),
+            &io,
+        );
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer.contains("repeated-query-parameter"), "{answer}");
+        assert!(io.sent().is_empty(), "nothing sent for {query}");
+    }
+    let io = rest_io().reply(200, &[("content-type", "application/json")], "{}");
+    let (status, _, _, _) = run(
+        &g,
+        &request("GET", "/sites?$top=1&other=x", &[], false),
+        &io,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(
+        io.sent()[0].url,
+        "https://management.azure.com/subscriptions/s1/providers/Microsoft.Web/sites?api-version=2022-09-01&%24top=1"
+    );
+}
+
+#[test]
 fn an_operation_is_followed_through_the_gateway_as_the_route_that_started_it() {
     let g = Gateway::load(REST_POLICY).unwrap();
     let azure_op = "https://management.azure.com/subscriptions/s1/providers/Microsoft.Web/locations/westeurope/operationResults/op-1?api-version=2022-09-01";

@@ -1462,6 +1462,19 @@ fn azure_rest_rules_name_their_path() {
         "not api-version",
     );
     assert_one_error(
+        rest_after(|b| {
+            b["url"] = json!("https://management.azure.com/subscriptions/0000/resources?$filter=resourceType%20eq%20'x'");
+            b["query"] = json!(["$Filter"]);
+        }),
+        &format!("{at}.query[0]"),
+        "names compare case-insensitively",
+    );
+    assert_one_error(
+        rest_after(|b| b["query"] = json!(["$top", "$TOP"])),
+        &format!("{at}.query[1]"),
+        "a parameter named once",
+    );
+    assert_one_error(
         rest_after(|b| b["response_headers"] = json!(["location"])),
         &format!("{at}.response_headers[0]"),
         "does not set or rewrite itself",

@@ -418,6 +418,23 @@ pub async fn build<I: Io>(
             .map(|m| m.as_str())
             .unwrap_or("GET"),
     };
+    // An allowed query parameter given more than once (in any case) is refused: which one Azure
+    // reads would be Azure's choice, not the route's.
+    for allowed in &rest.query {
+        let given = cx
+            .query
+            .iter()
+            .filter(|(name, _)| name.eq_ignore_ascii_case(allowed))
+            .count();
+        if given > 1 {
+            return Err(Problem::new(
+                400,
+                "repeated-query-parameter",
+                "A query parameter is given more than once",
+                format!("The query parameter {allowed} is given {given} times (names compare without regard to case); give it once. Nothing was sent."),
+            ));
+        }
+    }
     // The body first: a template may need it, and a body too large is refused before anything.
     let mut held = None;
     let mut bytes = None;

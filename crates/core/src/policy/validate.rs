@@ -1290,10 +1290,17 @@ fn check_azure_rest(
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'$'))
         {
             c.err(&path, format!("a query parameter name of letters, digits, '-', '_', '.' or '$', not api-version, got \"{name}\""));
-        } else if url.query.iter().any(|(n, _)| n == name) {
+        } else if url.query.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
+            // Azure reads query names without regard to case: `$Filter` would reach it as a
+            // second `$filter` beside the fixed one.
             c.err(
                 &path,
-                format!("a parameter the URL does not fix itself, got \"{name}\""),
+                format!("a parameter the URL does not fix itself (names compare case-insensitively, as Azure reads them), got \"{name}\""),
+            );
+        } else if rest.query[..i].iter().any(|n| n.eq_ignore_ascii_case(name)) {
+            c.err(
+                &path,
+                format!("a parameter named once (names compare case-insensitively), got \"{name}\" again"),
             );
         }
     }
