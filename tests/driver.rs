@@ -823,6 +823,44 @@ fn a_create_only_write_that_finds_its_own_lost_attempt_says_the_outcome_is_unkno
 }
 
 #[test]
+fn during_a_rotation_with_only_the_next_secret_set_operations_are_still_handed_out() {
+    let policy = REST_POLICY.replace(
+        r#""credential": { "client_secret": { "secret": "GW_SECRET" } }"#,
+        r#""credential": { "client_secret": { "secret": "GW_SECRET", "next_secret": "GW_NEXT" } }"#,
+    );
+    assert_ne!(policy, REST_POLICY);
+    let g = Gateway::load(&policy).unwrap_or_else(|e| panic!("{e:?}"));
+    let azure_op = "https://management.azure.com/subscriptions/s1/providers/Microsoft.Web/locations/westeurope/operationResults/op-2?api-version=2022-09-01";
+    let only_next = || {
+        let mut io = Fake::new();
+        io.secrets.insert("GW_NEXT".into(), "next-secret".into());
+        io
+    };
+    let io = only_next().reply(202, &[("azure-asyncoperation", azure_op)], "");
+    let (status, headers, answer, _) =
+        run(&g, &request("POST", "/sites/a/restart", &[], false), &io);
+    assert_eq!(status, 202, "{answer}");
+    let location = headers
+        .iter()
+        .find(|(k, _)| *k == "location")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| panic!("no Location: {headers:?}"));
+    let io = only_next().reply(
+        200,
+        &[("content-type", "application/json")],
+        r#"{"status":"Succeeded"}"#,
+    );
+    assert_eq!(run(&g, &request("GET", &location, &[], false), &io).0, 200);
+    assert_eq!(io.sent()[0].url, azure_op);
+    // With neither set, the restart is not sent: the caller could not follow it.
+    let io = Fake::new().reply(202, &[("azure-asyncoperation", azure_op)], "");
+    let (status, _, answer, _) = run(&g, &request("POST", "/sites/a/restart", &[], false), &io);
+    assert_eq!(status, 500, "{answer}");
+    assert!(answer.contains("GW_SECRET, GW_NEXT"), "{answer}");
+    assert!(io.sent().is_empty());
+}
+
+#[test]
 fn an_allowed_query_parameter_given_twice_is_refused_and_nothing_is_sent() {
     let policy = REST_POLICY.replace(
         r#"{ "name": "operations","#,

@@ -318,6 +318,16 @@ pub fn percent_encode(value: &str, out: &mut String) {
     }
 }
 
+/// A route whose operations are followed, with none of its identity's secrets set.
+fn no_handle_key(secrets: &[String]) -> Problem {
+    Problem::new(
+        500,
+        "gateway-misconfigured",
+        "Gateway is misconfigured",
+        format!("This route hands out links to follow Azure's operations, sealed with a key from its identity's credential, but none of the Worker secrets it may use ({}) is set; nothing was sent. The operator should set one with `wrangler secret put`.", secrets.join(", ")),
+    )
+}
+
 fn missing(what: &str) -> Problem {
     Problem::new(
         400,
@@ -558,12 +568,14 @@ pub async fn build<I: Io>(
         reply_headers: rest.reply_headers.clone(),
     };
     super::check(&request)?;
+    // The handle key comes from whichever of the identity's secrets is set (during a rotation,
+    // perhaps only the next one): a route that follows operations must be able to hand one
+    // out, so with none set nothing is sent.
     let handle_key = match &rest.operation_path {
-        Some(_) => rest
-            .handle_secrets
-            .first()
-            .and_then(|s| io.secret(s))
-            .map(|s| operation_key(&s)),
+        Some(_) => match rest.handle_secrets.iter().find_map(|s| io.secret(s)) {
+            Some(secret) => Some(operation_key(&secret)),
+            None => return Err(no_handle_key(&rest.handle_secrets)),
+        },
         None => None,
     };
     Ok(Plan {
