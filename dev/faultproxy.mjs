@@ -41,7 +41,7 @@ const STORAGE_MESSAGES = {
 export async function startFaultProxy({ port, target, certPath, keyPath, ca, faultMethods = ['PUT', 'POST', 'DELETE'], log = () => {} }) {
   const to = new URL(target);
   const switches = faultSwitch({ storable: true });
-  const stats = { requests: 0, forwarded: 0, upstreamErrors: 0 };
+  const stats = { requests: 0, forwarded: 0, upstreamErrors: 0, faultsBeforeStore: 0, faultsAfterStore: 0 };
   /** path → the arrivals of writes of that blob (see above). */
   const ledger = new Map();
   const blank = () => ({ arrived: 0, refused: 0, stored: 0, conflicts: 0, answersLost: 0, acknowledged: 0, afterAck: 0 });
@@ -60,6 +60,7 @@ export async function startFaultProxy({ port, target, certPath, keyPath, ca, fau
     }
     if (decision && !decision.afterStore) {
       if (entry) entry.refused += 1;
+      if (!switches.outage()) stats.faultsBeforeStore += 1;
       // Read the body away first: answering mid-upload makes some clients see a reset.
       req.resume();
       req.on('end', () => storageError(res, decision));
@@ -75,6 +76,7 @@ export async function startFaultProxy({ port, target, certPath, keyPath, ca, fau
       if (entry && answer.statusCode === 409) entry.conflicts += 1;
       if (decision?.afterStore && ok) {
         // Taken by Azurite; the answer is lost.
+        stats.faultsAfterStore += 1;
         if (entry) entry.answersLost += 1;
         answer.resume();
         answer.on('end', () => setTimeout(() => {
@@ -132,7 +134,7 @@ export async function startFaultProxy({ port, target, certPath, keyPath, ca, fau
     }
   }
   function resetStats() {
-    Object.assign(stats, { requests: 0, forwarded: 0, upstreamErrors: 0 });
+    Object.assign(stats, { requests: 0, forwarded: 0, upstreamErrors: 0, faultsBeforeStore: 0, faultsAfterStore: 0 });
     switches.resetCounts();
     ledger.clear();
   }

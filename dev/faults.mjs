@@ -32,7 +32,7 @@ const MAX_OUTAGE_SECONDS = 3600;
 export function faultSwitch({ storable = false } = {}) {
   let fault = null;
   let outage = null;
-  const counts = { faultsInjected: 0, outageRejected: 0, faultsAfterStore: 0 };
+  const counts = { faultsInjected: 0, outageRejected: 0 };
   const activeOutage = () => {
     if (outage && Date.now() >= outage.until) outage = null;
     return outage;
@@ -76,7 +76,7 @@ export function faultSwitch({ storable = false } = {}) {
       return o && { status: o.status, retryAfter: o.retryAfter, mode: o.mode, remainingSeconds: Math.max(0, (o.until - Date.now()) / 1000) };
     },
     counts: () => ({ ...counts }),
-    resetCounts() { counts.faultsInjected = 0; counts.outageRejected = 0; counts.faultsAfterStore = 0; },
+    resetCounts() { counts.faultsInjected = 0; counts.outageRejected = 0; },
     /**
      * For one request that faults apply to (`faultable`: a fault may hit it; an outage hits all).
      * A fault's decision carries `afterStore` ({ status, delayMs, mode }) when it is to come
@@ -99,7 +99,7 @@ export function faultSwitch({ storable = false } = {}) {
       const share = taken.storedShare ?? 0;
       const afterStore = share >= 1 || (share > 0 && taken.draw() < share);
       if (!afterStore) return { status: taken.status, retryAfter: taken.retryAfter, mode: 'status' };
-      counts.faultsAfterStore += 1;
+      // The stand-in counts it when it applies it (only once the backend took the request).
       return { status: taken.status, retryAfter: taken.retryAfter, mode: 'status', afterStore: { status: taken.storedStatus, delayMs: taken.storedDelayMs, mode: taken.storedMode } };
     },
   };

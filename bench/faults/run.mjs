@@ -392,9 +392,8 @@ async function runPhase(kind, ctx) {
   const gatewayTokenRequests = issuerAtEnd.tokenRequests - ownTokenRequests;
   const sbStats = kind === 'sb' ? (await sb.stats()).entities[ENTITY] : null;
   // What the faults met during the load: before storing, after storing, outage; the issuer's.
-  const met = kind === 'sb'
-    ? { backendFaults: backendAtLoadEnd.faultsInjected - backendAtLoadEnd.faultsAfterStore - backendAtLoadEnd.outageRejected, backendAfterStore: backendAtLoadEnd.faultsAfterStore, backendOutageRejected: backendAtLoadEnd.outageRejected }
-    : { backendFaults: backendAtLoadEnd.faultsInjected - backendAtLoadEnd.faultsAfterStore, backendAfterStore: backendAtLoadEnd.faultsAfterStore, backendOutageRejected: backendAtLoadEnd.outageRejected };
+  // Each counted by the stand-in when applied (a lost answer only once the backend took it).
+  const met = { backendFaults: backendAtLoadEnd.faultsBeforeStore, backendAfterStore: backendAtLoadEnd.faultsAfterStore, backendOutageRejected: backendAtLoadEnd.outageRejected };
   const issuerFaults = issuerAtLoadEnd.faultsInjected;
   const notMet = faultsNotMet({ ...o, storeAndForward: ctx.storeAndForward }, { ...counts, ...met, issuerFaults });
 

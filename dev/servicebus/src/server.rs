@@ -365,6 +365,7 @@ impl App {
             }
             if let Some(status) = fault.status {
                 self.note_refused(entity, query, headers, &body);
+                self.lock().faults_before_store += 1;
                 return self.fault_reply(fault, status, entity);
             }
         }
@@ -409,6 +410,9 @@ impl App {
             }
         }
         target.note_answered(&ids, stored_fault.is_none());
+        if stored_fault.is_some() {
+            broker.faults_after_store += 1;
+        }
         drop(broker);
         self.arrived.notify_all();
         if let Some(fault) = stored_fault {

@@ -625,6 +625,8 @@ pub struct Broker {
     /// requests an outage answered.
     pub faults_after_store: u64,
     pub outage_rejected: u64,
+    /// Sends answered with a fault before anything was stored.
+    pub faults_before_store: u64,
 }
 
 impl Broker {
@@ -665,10 +667,9 @@ impl Broker {
             _ => false,
         };
         let mut taken = fault.clone();
+        // Counted in faults_after_store when it is applied: a send refused on its way to the
+        // store (its token, its body) loses no answer.
         taken.after_store = after_store;
-        if after_store {
-            self.faults_after_store += 1;
-        }
         if left == Some(0) {
             self.fault = None;
         }
@@ -708,6 +709,7 @@ impl Broker {
         self.faults_injected = 0;
         self.faults_after_store = 0;
         self.outage_rejected = 0;
+        self.faults_before_store = 0;
     }
 
     pub fn stats(&self) -> Value {
@@ -727,6 +729,7 @@ impl Broker {
             "faultsInjected": self.faults_injected,
             "faultsAfterStore": self.faults_after_store,
             "outageRejected": self.outage_rejected,
+            "faultsBeforeStore": self.faults_before_store,
             "entities": entities,
         })
     }
