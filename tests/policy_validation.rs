@@ -109,8 +109,9 @@ fn the_shipped_policies_are_valid() {
 
 /// Store-and-forward only works if wrangler.toml declares the policy's queue binding as a
 /// producer, this worker as the consumer of the same queue with `max_retries` one less than
-/// the policy's `max_attempts`, and a dead-letter queue. Checked for every shipped policy that
-/// stores requests (the dev stack and the tests run with this wrangler.toml).
+/// the policy's `max_attempts`, and a dead-letter queue that the policy's dead-letter binding
+/// produces to. Checked for every shipped policy that stores requests (the dev stack and the
+/// tests run with this wrangler.toml).
 #[test]
 fn store_and_forward_bindings_of_the_shipped_policies_are_declared_in_wrangler_toml() {
     let toml = std::fs::read_to_string("wrangler.toml").unwrap();
@@ -159,12 +160,54 @@ fn store_and_forward_bindings_of_the_shipped_policies_are_declared_in_wrangler_t
             Some(attempts - 1),
             "{file}: max_retries must be max_attempts - 1"
         );
-        assert!(
-            field(consumer, "dead_letter_queue").is_some(),
-            "{file}: deliveries that keep failing need a dead-letter queue"
+        let dead_letter_queue = field(consumer, "dead_letter_queue").unwrap_or_else(|| {
+            panic!("{file}: deliveries that keep failing need a dead-letter queue")
+        });
+        // The gateway puts what cannot be delivered there itself, with the reason: it needs a
+        // producer binding of that same queue.
+        let dead_letters = policy.dead_letter_binding();
+        let producer = toml
+            .split("[[queues.producers]]")
+            .skip(1)
+            .find(|b| field(b, "binding").as_deref() == Some(dead_letters.as_str()))
+            .unwrap_or_else(|| {
+                panic!("{file}: wrangler.toml declares no queue producer {dead_letters} (the dead-letter queue)")
+            });
+        assert_eq!(
+            field(producer, "queue"),
+            Some(dead_letter_queue),
+            "{file}: {dead_letters} must be the consumer's dead_letter_queue"
         );
     }
     assert!(checked > 0, "a shipped policy stores requests");
+}
+
+#[test]
+fn the_dead_letter_binding_is_a_binding_name_and_not_the_deliveries_own() {
+    assert_one_error(
+        |p| p["store_and_forward"] = json!({ "dead_letter_binding": "dead-letters" }),
+        "store_and_forward.dead_letter_binding",
+        "a binding name of letters, digits and '_'",
+    );
+    // Put back on the deliveries queue, a dead letter would be delivered again, and again.
+    assert_one_error(
+        |p| p["store_and_forward"] = json!({ "dead_letter_binding": "DELIVERIES" }),
+        "store_and_forward.dead_letter_binding",
+        "a binding other than the deliveries' own (DELIVERIES)",
+    );
+    assert_one_error(
+        |p| {
+            p["store_and_forward"] = json!({ "binding": "QUEUED", "dead_letter_binding": "QUEUED" })
+        },
+        "store_and_forward.dead_letter_binding",
+        "a binding other than the deliveries' own (QUEUED)",
+    );
+    assert_eq!(
+        errors_after(|p| p["store_and_forward"] = json!({ "dead_letter_binding": "REFUSED" })),
+        Vec::<String>::new()
+    );
+    let policy = policy::load(&base().to_string()).unwrap();
+    assert_eq!(policy.dead_letter_binding(), "DEAD_LETTERS");
 }
 
 /// A rate limit in policy.json only works if wrangler.toml declares its binding with the same

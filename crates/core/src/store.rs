@@ -20,6 +20,9 @@ pub const MAX_STORED_BODY_BYTES: usize = 96 * 1024;
 /// Default producer binding.
 pub const DEFAULT_BINDING: &str = "DELIVERIES";
 
+/// Default producer binding of the dead-letter queue (the consumer's `dead_letter_queue`).
+pub const DEFAULT_DEAD_LETTER_BINDING: &str = "DEAD_LETTERS";
+
 /// Default number of tries of a delivery (the consumer's `max_retries` + 1).
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 6;
 
