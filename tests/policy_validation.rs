@@ -1962,3 +1962,45 @@ fn policy_check_notes_bodies_too_large_to_store() {
         .unwrap();
     assert!(!String::from_utf8(out.stdout).unwrap().contains("note:"));
 }
+
+/// `policy check` warns of each store-and-forward route without a rate limit (one caller could
+/// fill the queue while Azure is down), and not of one with a rate limit or of a route that
+/// does not store requests; the policy is still valid.
+#[test]
+fn policy_check_warns_when_a_storing_route_has_no_rate_limit() {
+    let check = |policy: &Value| {
+        let dir = std::env::temp_dir().join(format!("aeg-policy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("warn.json");
+        std::fs::write(&file, policy.to_string()).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_policy"))
+            .arg("check")
+            .arg(&file)
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(out.status.success(), "a warning is not an error: {text}");
+        text.lines()
+            .filter(|l| l.contains(": warning: "))
+            .map(|l| l.split_once(": warning: ").unwrap().1.to_owned())
+            .collect::<Vec<_>>()
+    };
+    let mut policy = base();
+    policy["routes"][0]["when_unavailable"] = json!("queue");
+    let warnings = check(&policy);
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(
+        warnings[0].starts_with(&format!(
+            "routes[0] (\"{}\") stores requests when Azure is unavailable but has no rate limit",
+            policy["routes"][0]["name"].as_str().unwrap()
+        )),
+        "{warnings:#?}"
+    );
+    assert!(
+        warnings[0].ends_with("add inbound.rate_limit"),
+        "{warnings:#?}"
+    );
+    // With a rate limit (the route's own, or the policy's default), no warning.
+    policy["inbound"] = json!({ "rate_limit": { "binding": "RL", "key": "client_ip", "limit": 10, "period_seconds": 60 } });
+    assert_eq!(check(&policy), Vec::<String>::new());
+}
