@@ -126,6 +126,7 @@ fn store_and_forward_bindings_of_the_shipped_policies_are_declared_in_wrangler_t
         "policy.json",
         "dev/policy.json",
         "tests/e2e/fixtures/store-forward-policy.json",
+        "tests/e2e/fixtures/dead-letter-policy.json",
     ] {
         let policy = policy::load(&std::fs::read_to_string(file).unwrap()).unwrap();
         if !policy
