@@ -39,6 +39,10 @@ const BUILD_SCRIPT = join(REPO_ROOT, 'scripts', 'build');
  * - leanEntry: build with the lean entry (true, scripts/build's default) or with worker-build's
  *   entry (false, AEG_LEAN_ENTRY=0); default: as the environment says (so `AEG_LEAN_ENTRY=0
  *   scripts/test` runs every suite on worker-build's entry).
+ * - frontConfig: the wrangler config of a test worker run in front of the gateway in the same
+ *   `wrangler dev` (`-c front -c gateway`): it serves the port and reaches the gateway through a
+ *   service binding, and shares wrangler's simulated queues with it (a queue exists only inside
+ *   one wrangler dev). tests/e2e/dead-letters.test.mjs reads the dead-letter queue this way.
  */
 export async function startGateway({
   policyPath,
@@ -55,6 +59,7 @@ export async function startGateway({
   countCrossings = false,
   sabotage = null,
   leanEntry,
+  frontConfig,
   buildTimeoutMs = 300_000,
   startTimeoutMs = 30_000,
   onLog,
@@ -77,6 +82,7 @@ export async function startGateway({
     command: NODE_BIN,
     args: [
       WRANGLER_JS, 'dev',
+      ...(frontConfig ? ['--config', resolve(frontConfig)] : []),
       '--config', configPath,
       '--ip', '127.0.0.1', '--port', String(port),
       '--inspector-ip', '127.0.0.1',

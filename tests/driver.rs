@@ -75,6 +75,10 @@ struct Fake {
     evicted: RefCell<Vec<String>>,
     /// Store-and-forward: what was put on the queue (binding, stored request, body).
     enqueued: RefCell<Vec<(String, String, Vec<u8>)>>,
+    /// Store-and-forward's consumer: the dead letters (binding, reason as JSON).
+    dead_letters: RefCell<Vec<(String, Value)>>,
+    /// The dead-letter queue refuses, with this error.
+    dead_letter_refused: Option<String>,
 }
 
 impl Fake {
@@ -271,6 +275,17 @@ impl Io for Fake {
         self.enqueued
             .borrow_mut()
             .push((binding.to_owned(), stored.to_owned(), bytes));
+        Ok(())
+    }
+
+    async fn dead_letter(&self, binding: &str, why: &str) -> Result<(), String> {
+        if let Some(not) = &self.dead_letter_refused {
+            return Err(not.clone());
+        }
+        let why: Value = serde_json::from_str(why).expect("a dead letter's reason is JSON");
+        self.dead_letters
+            .borrow_mut()
+            .push((binding.to_owned(), why));
         Ok(())
     }
 }
@@ -1547,7 +1562,8 @@ fn a_create_only_blob_write_is_held_stored_and_delivered_once() {
         stored.contains("If-None-Match") || stored.contains("if-none-match"),
         "{stored}"
     );
-    // Delivered: the same request, a fresh token; a second delivery meets 409 and counts as done.
+    // Delivered: the same request, a fresh token; a second delivery meets 409 (or 412) and
+    // counts as done, never as a dead letter.
     let io = Fake::new().reply(201, &[], "");
     let (outcome, line) = block_on(g.deliver(&stored, OutBody::Bytes(&bytes), 1, &io));
     assert_eq!(outcome, Delivered::Yes, "{line}");
@@ -1558,32 +1574,54 @@ fn a_create_only_blob_write_is_held_stored_and_delivered_once() {
         sent[0].url,
         "https://contosofiles.blob.core.windows.net/uploads/a.txt"
     );
+    assert_eq!(sent[0].header("if-none-match"), Some("*"));
     assert!(sent[0].token.is_some());
-    let io = Fake::new().reply(409, &[("x-ms-error-code", "BlobAlreadyExists")], "");
-    let (outcome, _) = block_on(g.deliver(&stored, OutBody::Bytes(&bytes), 2, &io));
-    assert_eq!(outcome, Delivered::Yes);
+    for (status, code) in [(409, "BlobAlreadyExists"), (412, "ConditionNotMet")] {
+        let io = Fake::new().reply(status, &[("x-ms-error-code", code)], "");
+        let (outcome, line) = block_on(g.deliver(&stored, OutBody::Bytes(&bytes), 2, &io));
+        assert_eq!(outcome, Delivered::Yes, "{status}: {line}");
+        assert!(io.dead_letters.borrow().is_empty());
+    }
+}
+
+/// A delivery's stored request, queued by a request Service Bus could not take.
+fn queued_send(g: &Gateway, key: &str) -> (String, Vec<u8>) {
+    let io = unavailable(Fake::new().with_body(b"m"), 20);
+    let head = request("POST", "/orders/a", &[("idempotency-key", key)], true);
+    assert_eq!(run(g, &head, &io).0, 202);
+    let (_, stored, bytes) = io.enqueued.borrow()[0].clone();
+    (stored, bytes)
 }
 
 #[test]
-fn deliveries_retry_while_azure_is_down_and_dead_letter_after_the_last_attempt() {
+fn deliveries_retry_while_azure_is_down_and_the_last_attempt_is_dead_lettered_with_its_reason() {
     let g = store_gateway();
-    let io = unavailable(Fake::new().with_body(b"m"), 20);
-    run(
-        &g,
-        &request("POST", "/orders/a", &[("idempotency-key", "k1")], true),
-        &io,
-    );
-    let (_, stored, bytes) = io.enqueued.borrow()[0].clone();
+    let (stored, bytes) = queued_send(&g, "k1");
     let io = Fake::new().reply(503, &[("retry-after", "7")], "");
     let (outcome, line) = block_on(g.deliver(&stored, OutBody::Bytes(&bytes), 1, &io));
     assert_eq!(outcome, Delivered::Later(7));
     let line: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(line["outcome"], "retry");
     assert_eq!(line["request_id"].as_str().map(str::len), Some(36));
+    assert!(io.dead_letters.borrow().is_empty());
+    // The last attempt (max_attempts 3) fails too: on the dead-letter queue, with why.
     let io = Fake::new().reply(503, &[], "");
-    let (_, line) = block_on(g.deliver(&stored, OutBody::Bytes(&bytes), 3, &io));
-    assert!(line.contains("\"outcome\":\"dead_letter\""), "{line}");
-    // A delivery Azure takes; and one whose route is gone, or that points elsewhere, never goes.
+    let (outcome, line) = block_on(g.deliver(&stored, OutBody::Bytes(&bytes), 3, &io));
+    assert_eq!(outcome, Delivered::DeadLettered, "{line}");
+    let line: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(line["outcome"], "dead_lettered");
+    assert_eq!(line["level"], "error");
+    assert_eq!(
+        line["reason"],
+        "its last attempt (3) failed: Azure answered 503"
+    );
+    let letters = io.dead_letters.borrow();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].0, "DEAD_LETTERS", "the default binding");
+    assert_eq!(letters[0].1["reason"], line["reason"]);
+    assert_eq!(letters[0].1["attempts"], 3);
+    assert_eq!(letters[0].1["backend_status"], 503);
+    // A delivery Azure takes.
     let io = Fake::new();
     let (outcome, _) = block_on(g.deliver(&stored, OutBody::Bytes(&bytes), 2, &io));
     assert_eq!(outcome, Delivered::Yes);
@@ -1593,18 +1631,370 @@ fn deliveries_retry_while_azure_is_down_and_dead_letter_after_the_last_attempt()
             .map(|p| p.contains("k1")),
         Some(true)
     );
-    let moved = stored.replace("contoso-orders.servicebus", "attacker.servicebus");
+}
+
+#[test]
+fn a_queued_send_azure_refuses_at_delivery_is_dead_lettered_with_its_reason_not_dropped() {
+    let g = store_gateway();
+    let (stored, bytes) = queued_send(&g, "k403");
+    let caller: Value = serde_json::from_str(&stored).unwrap();
+    let io = Fake::new().reply(
+        403,
+        &[],
+        "<Error><Code>403</Code><Detail>Unauthorized: 'Send' claim(s) are required</Detail></Error>",
+    );
+    let (outcome, line) = block_on(g.deliver(&stored, OutBody::Bytes(&bytes), 1, &io));
+    // Acknowledged off the deliveries queue only because it is on the dead-letter queue.
+    assert_eq!(outcome, Delivered::DeadLettered, "{line}");
+    assert_eq!(io.sent().len(), 1, "sent once, not retried");
+    let line: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(line["outcome"], "dead_lettered");
+    assert_eq!(line["reason"], "Azure refused it (403)");
+    assert_eq!(line["backend_status"], 403);
+    let letters = io.dead_letters.borrow();
+    assert_eq!(letters.len(), 1, "one dead letter");
+    let (binding, letter) = &letters[0];
+    assert_eq!(binding, "DEAD_LETTERS");
+    assert_eq!(letter["reason"], "Azure refused it (403)");
+    assert_eq!(letter["backend_status"], 403);
+    assert!(
+        letter["backend_detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("'Send' claim(s) are required")),
+        "{letter}"
+    );
+    assert_eq!(letter["route"], "orders");
+    assert_eq!(letter["request_id"], caller["request_id"]);
+    assert_eq!(letter["ids"], json!(["k403"]));
+    assert_eq!(letter["attempts"], 1);
+    assert!(
+        letter["at"]
+            .as_str()
+            .is_some_and(|at| at.starts_with("2023-11-14T") && at.ends_with('Z')),
+        "{letter}"
+    );
+    for text in [letter.to_string(), line.to_string()] {
+        assert!(!text.contains("token-for"), "no token: {text}");
+    }
+}
+
+#[test]
+fn when_the_dead_letter_queue_does_not_take_it_the_message_stays_on_the_queue() {
+    let g = store_gateway();
+    let (stored, bytes) = queued_send(&g, "k-stays");
+    let mut io = Fake::new().reply(400, &[], "bad");
+    io.dead_letter_refused = Some("no queue binding DEAD_LETTERS".into());
+    let (outcome, line) = block_on(g.deliver(&stored, OutBody::Bytes(&bytes), 1, &io));
+    assert_eq!(outcome, Delivered::Later(10), "retried, not acknowledged");
+    let line: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(line["outcome"], "retry");
+    assert!(
+        line["reason"].as_str().is_some_and(|r| r.starts_with(
+            "Azure refused it (400); the dead-letter queue did not take it (no queue binding DEAD_LETTERS)"
+        )),
+        "{line}"
+    );
+    // After the last attempt the queue's own dead-lettering keeps it; the line says so.
+    let mut io = Fake::new().reply(400, &[], "bad");
+    io.dead_letter_refused = Some("too large".into());
+    let (outcome, line) = block_on(g.deliver(&stored, OutBody::Bytes(&bytes), 3, &io));
+    assert!(matches!(outcome, Delivered::Later(_)), "{line}");
+    assert!(
+        line.contains("\"outcome\":\"dead_letter_by_queue\""),
+        "{line}"
+    );
+}
+
+/// Delivers a stored request (as JSON, after `tamper`) and asserts it is dead-lettered with a
+/// reason containing `why`, and that nothing is sent and no token is asked for.
+#[track_caller]
+fn assert_dead_lettered_unsent(g: &Gateway, stored: &Value, why: &str) {
     let io = Fake::new();
-    assert_eq!(
-        block_on(g.deliver(&moved, OutBody::Bytes(&bytes), 1, &io)).0,
-        Delivered::Never
-    );
+    let (outcome, line) =
+        block_on(g.deliver(&stored.to_string(), OutBody::Bytes(&b"m".to_vec()), 1, &io));
+    assert_eq!(outcome, Delivered::DeadLettered, "{line}");
+    assert!(io.sent().is_empty(), "nothing sent: {line}");
+    assert_eq!(io.tokens_asked.get(), 0, "no token asked for: {line}");
+    let line: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(line["outcome"], "dead_lettered");
+    let reason = line["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains(why), "{reason:?} should contain {why:?}");
+    let letters = io.dead_letters.borrow();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].1["reason"], reason);
+    assert!(letters[0].1.get("backend_status").is_none(), "never sent");
+}
+
+/// `stored` with `change` made to it.
+fn tampered(stored: &str, change: impl FnOnce(&mut Value)) -> Value {
+    let mut v: Value = serde_json::from_str(stored).unwrap();
+    change(&mut v);
+    v
+}
+
+#[test]
+fn a_stored_send_is_delivered_only_as_its_route_sends_it_today() {
+    let g = store_gateway();
+    let (stored, _) = queued_send(&g, "k1");
+    let entity = "https://contoso-orders.servicebus.windows.net/orders/messages";
+    let cases: Vec<(&str, Value)> = vec![
+        // Another producer's DELETE of the queue's head (it would remove real messages).
+        (
+            "its method is \"DELETE\"; route \"orders\" sends POST",
+            tampered(&stored, |v| {
+                v["method"] = json!("DELETE");
+                v["url"] = json!(format!("{entity}/head"));
+            }),
+        ),
+        (
+            "its URL is \"https://contoso-orders.servicebus.windows.net/audit/messages\"; route \"orders\" sends to https://contoso-orders.servicebus.windows.net/orders/messages",
+            tampered(&stored, |v| {
+                v["url"] = json!("https://contoso-orders.servicebus.windows.net/audit/messages")
+            }),
+        ),
+        (
+            "its URL is \"https://attacker.servicebus.windows.net/orders/messages\"",
+            tampered(&stored, |v| {
+                v["url"] = json!("https://attacker.servicebus.windows.net/orders/messages")
+            }),
+        ),
+        (
+            "its URL is \"https://contoso-orders.servicebus.windows.net/orders/messages?timeout=1\"",
+            tampered(&stored, |v| v["url"] = json!(format!("{entity}?timeout=1"))),
+        ),
+        (
+            "it carries the header \"authorization\", which route \"orders\" does not send",
+            tampered(&stored, |v| {
+                v["headers"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!(["authorization", "Bearer stolen"]))
+            }),
+        ),
+        (
+            "it carries the header \"Content-Type\" twice",
+            tampered(&stored, |v| {
+                v["headers"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!(["Content-Type", "text/plain"]))
+            }),
+        ),
+        (
+            "it has no BrokerProperties with a MessageId",
+            tampered(&stored, |v| {
+                v["headers"]
+                    .as_array_mut()
+                    .unwrap()
+                    .retain(|h| h[0] != "brokerproperties")
+            }),
+        ),
+        (
+            "it has no BrokerProperties with a MessageId",
+            tampered(&stored, |v| {
+                v["headers"] = json!([["brokerproperties", "{\"Label\":\"x\"}"]])
+            }),
+        ),
+        (
+            "its BrokerProperties set \"ReplyTo\" as route \"orders\" does not",
+            tampered(&stored, |v| {
+                v["headers"] = json!([[
+                    "brokerproperties",
+                    "{\"MessageId\":\"k1\",\"ReplyTo\":\"elsewhere\"}"
+                ]])
+            }),
+        ),
+        (
+            "it is in format 2; this gateway reads format 1",
+            tampered(&stored, |v| v["v"] = json!(2)),
+        ),
+        (
+            "its route \"nope\" is no longer in the policy",
+            tampered(&stored, |v| v["route"] = json!("nope")),
+        ),
+        (
+            "route \"plain\" no longer stores requests",
+            tampered(&stored, |v| v["route"] = json!("plain")),
+        ),
+    ];
+    for (why, stored) in &cases {
+        assert_dead_lettered_unsent(&g, stored, why);
+    }
+    // An unreadable message too: dead-lettered (the edge keeps the message whole), not dropped.
+    let io = Fake::new();
+    let (outcome, line) = block_on(g.deliver("{\"not\":\"stored\"}", OutBody::None, 1, &io));
+    assert_eq!(outcome, Delivered::DeadLettered, "{line}");
     assert!(io.sent().is_empty());
-    let gone = stored.replace("\"route\":\"orders\"", "\"route\":\"nope\"");
     assert_eq!(
-        block_on(g.deliver(&gone, OutBody::Bytes(&bytes), 1, &io)).0,
-        Delivered::Never
+        io.dead_letters.borrow()[0].1["reason"],
+        "it is not a stored request this gateway can read"
     );
+}
+
+#[test]
+fn a_policy_change_since_a_send_was_stored_dead_letters_it_instead_of_sending_it_elsewhere() {
+    let (stored, _) = queued_send(&store_gateway(), "k1");
+    // The route now sends to another queue, another namespace, or no longer stores requests.
+    for (change, why) in [
+        (
+            ("\"queue\": \"orders\"", "\"queue\": \"orders-v2\""),
+            "route \"orders\" sends to https://contoso-orders.servicebus.windows.net/orders-v2/messages",
+        ),
+        (
+            ("\"namespace\": \"contoso-orders\", \"queue\": \"orders\"", "\"namespace\": \"contoso-new\", \"queue\": \"orders\""),
+            "route \"orders\" sends to https://contoso-new.servicebus.windows.net/orders/messages",
+        ),
+        (
+            ("\"when_unavailable\": \"queue\",\n      \"backend\": { \"service_bus\"", "\"backend\": { \"service_bus\""),
+            "route \"orders\" no longer stores requests",
+        ),
+    ] {
+        let policy = STORE_POLICY.replacen(change.0, change.1, 1);
+        assert_ne!(policy, STORE_POLICY, "{change:?}");
+        let g = Gateway::load(&policy).unwrap_or_else(|e| panic!("{e:?}"));
+        let stored: Value = serde_json::from_str(&stored).unwrap();
+        assert_dead_lettered_unsent(&g, &stored, why);
+    }
+    // A dead letter goes to the binding the policy names.
+    let policy = STORE_POLICY.replacen(
+        "\"max_attempts\": 3 }",
+        "\"max_attempts\": 3, \"dead_letter_binding\": \"REFUSED\" }",
+        1,
+    );
+    let g = Gateway::load(&policy).unwrap_or_else(|e| panic!("{e:?}"));
+    let io = Fake::new();
+    let gone = stored.replace("\"route\":\"orders\"", "\"route\":\"nope\"");
+    let (outcome, _) = block_on(g.deliver(&gone, OutBody::None, 1, &io));
+    assert_eq!(outcome, Delivered::DeadLettered);
+    assert_eq!(io.dead_letters.borrow()[0].0, "REFUSED");
+}
+
+const BLOB_STORE_POLICY: &str = r#"{
+  "identities": { "gw": { "token_endpoint": { "url": "https://idp.example.com/token" },
+      "client_id": "c", "credential": { "client_secret": { "secret": "GW_SECRET" } } } },
+  "routes": [
+    { "name": "files", "methods": ["PUT"], "path": "/files/{tenant}/{name}", "public": true,
+      "when_unavailable": "queue",
+      "backend": { "blob": { "account": "contosofiles", "container": "uploads",
+        "blob": "in/{path.tenant}/{path.name}.bin", "identity": "gw",
+        "metadata": { "tenant": "{path.tenant}" } } } }
+  ]
+}"#;
+
+#[test]
+fn a_stored_blob_write_is_delivered_only_as_its_route_writes_today_with_a_fresh_date() {
+    let g = Gateway::load(BLOB_STORE_POLICY).unwrap_or_else(|e| panic!("{e:?}"));
+    let io = unavailable(Fake::new().with_body(b"file-bytes"), 20);
+    let head = request("PUT", "/files/north/a b", &[("content-length", "10")], true);
+    assert_eq!(run(&g, &head, &io).0, 202);
+    let (_, stored, bytes) = io.enqueued.borrow()[0].clone();
+    let url = "https://contosofiles.blob.core.windows.net/uploads/in/north/a%20b.bin";
+    assert!(stored.contains(url), "{stored}");
+    // As stored, it goes, with the gateway's own headers made for the time it is sent.
+    let io = Fake::new();
+    io.clock.set(1_800_000_000_000.0);
+    let (outcome, line) = block_on(g.deliver(&stored, OutBody::Bytes(&bytes), 1, &io));
+    assert_eq!(outcome, Delivered::Yes, "{line}");
+    let sent = io.sent();
+    assert_eq!(sent[0].url, url);
+    assert_eq!(sent[0].method, "PUT");
+    assert_eq!(sent[0].header("x-ms-meta-tenant"), Some("north"));
+    assert_eq!(sent[0].header("if-none-match"), Some("*"));
+    assert_eq!(
+        sent[0].header("x-ms-date"),
+        Some("Fri, 15 Jan 2027 08:00:00 GMT"),
+        "the date it is sent, not the date it was stored"
+    );
+    assert_eq!(
+        sent[0]
+            .headers
+            .iter()
+            .filter(|(k, _)| k == "x-ms-date")
+            .count(),
+        1
+    );
+    let header_list = |v: &mut Value| v["headers"].as_array_mut().unwrap().clone();
+    let cases: Vec<(&str, Value)> = vec![
+        (
+            "its method is \"POST\"; route \"files\" sends PUT",
+            tampered(&stored, |v| v["method"] = json!("POST")),
+        ),
+        (
+            "its method is \"DELETE\"",
+            tampered(&stored, |v| v["method"] = json!("DELETE")),
+        ),
+        (
+            "not a blob in route \"files\"'s container https://contosofiles.blob.core.windows.net/uploads",
+            tampered(&stored, |v| {
+                v["url"] = json!(url.replace("/uploads/", "/secrets/"))
+            }),
+        ),
+        (
+            "not a blob in route \"files\"'s container",
+            tampered(&stored, |v| v["url"] = json!(format!("{url}?comp=block&blockid=AA"))),
+        ),
+        (
+            "not a blob in route \"files\"'s container",
+            tampered(&stored, |v| v["url"] = json!(url.replace("%20", " "))),
+        ),
+        (
+            "its blob name \"out/north/a b.bin\" is not one route \"files\"'s name template \"in/{path.tenant}/{path.name}.bin\" makes",
+            tampered(&stored, |v| v["url"] = json!(url.replace("/in/", "/out/"))),
+        ),
+        (
+            "it is not create-only (no If-None-Match: *)",
+            tampered(&stored, |v| {
+                let kept: Vec<Value> = header_list(v)
+                    .into_iter()
+                    .filter(|h| h[0] != "if-none-match")
+                    .collect();
+                v["headers"] = json!(kept);
+            }),
+        ),
+        (
+            "it carries the header \"x-ms-meta-owner\", which route \"files\" does not send",
+            tampered(&stored, |v| {
+                v["headers"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!(["x-ms-meta-owner", "mallory"]))
+            }),
+        ),
+        (
+            "it carries the header \"x-ms-delete-snapshots\"",
+            tampered(&stored, |v| {
+                v["headers"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!(["x-ms-delete-snapshots", "include"]))
+            }),
+        ),
+        (
+            "its x-ms-blob-type is not BlockBlob",
+            tampered(&stored, |v| {
+                let changed: Vec<Value> = header_list(v)
+                    .into_iter()
+                    .map(|h| {
+                        if h[0] == "x-ms-blob-type" {
+                            json!(["x-ms-blob-type", "AppendBlob"])
+                        } else {
+                            h
+                        }
+                    })
+                    .collect();
+                v["headers"] = json!(changed);
+            }),
+        ),
+    ];
+    for (why, stored) in &cases {
+        assert_dead_lettered_unsent(&g, stored, why);
+    }
+    // A route that now overwrites cannot store (the policy check refuses it), so the write it
+    // stored before is dead-lettered, not sent without its create-only condition.
+    let changed = BLOB_STORE_POLICY.replacen("\"when_unavailable\": \"queue\",", "", 1);
+    let g = Gateway::load(&changed).unwrap_or_else(|e| panic!("{e:?}"));
+    let stored: Value = serde_json::from_str(&stored).unwrap();
+    assert_dead_lettered_unsent(&g, &stored, "route \"files\" no longer stores requests");
 }
 
 #[test]

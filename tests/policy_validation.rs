@@ -109,8 +109,9 @@ fn the_shipped_policies_are_valid() {
 
 /// Store-and-forward only works if wrangler.toml declares the policy's queue binding as a
 /// producer, this worker as the consumer of the same queue with `max_retries` one less than
-/// the policy's `max_attempts`, and a dead-letter queue. Checked for every shipped policy that
-/// stores requests (the dev stack and the tests run with this wrangler.toml).
+/// the policy's `max_attempts`, and a dead-letter queue that the policy's dead-letter binding
+/// produces to. Checked for every shipped policy that stores requests (the dev stack and the
+/// tests run with this wrangler.toml).
 #[test]
 fn store_and_forward_bindings_of_the_shipped_policies_are_declared_in_wrangler_toml() {
     let toml = std::fs::read_to_string("wrangler.toml").unwrap();
@@ -125,6 +126,7 @@ fn store_and_forward_bindings_of_the_shipped_policies_are_declared_in_wrangler_t
         "policy.json",
         "dev/policy.json",
         "tests/e2e/fixtures/store-forward-policy.json",
+        "tests/e2e/fixtures/dead-letter-policy.json",
     ] {
         let policy = policy::load(&std::fs::read_to_string(file).unwrap()).unwrap();
         if !policy
@@ -159,12 +161,54 @@ fn store_and_forward_bindings_of_the_shipped_policies_are_declared_in_wrangler_t
             Some(attempts - 1),
             "{file}: max_retries must be max_attempts - 1"
         );
-        assert!(
-            field(consumer, "dead_letter_queue").is_some(),
-            "{file}: deliveries that keep failing need a dead-letter queue"
+        let dead_letter_queue = field(consumer, "dead_letter_queue").unwrap_or_else(|| {
+            panic!("{file}: deliveries that keep failing need a dead-letter queue")
+        });
+        // The gateway puts what cannot be delivered there itself, with the reason: it needs a
+        // producer binding of that same queue.
+        let dead_letters = policy.dead_letter_binding();
+        let producer = toml
+            .split("[[queues.producers]]")
+            .skip(1)
+            .find(|b| field(b, "binding").as_deref() == Some(dead_letters.as_str()))
+            .unwrap_or_else(|| {
+                panic!("{file}: wrangler.toml declares no queue producer {dead_letters} (the dead-letter queue)")
+            });
+        assert_eq!(
+            field(producer, "queue"),
+            Some(dead_letter_queue),
+            "{file}: {dead_letters} must be the consumer's dead_letter_queue"
         );
     }
     assert!(checked > 0, "a shipped policy stores requests");
+}
+
+#[test]
+fn the_dead_letter_binding_is_a_binding_name_and_not_the_deliveries_own() {
+    assert_one_error(
+        |p| p["store_and_forward"] = json!({ "dead_letter_binding": "dead-letters" }),
+        "store_and_forward.dead_letter_binding",
+        "a binding name of letters, digits and '_'",
+    );
+    // Put back on the deliveries queue, a dead letter would be delivered again, and again.
+    assert_one_error(
+        |p| p["store_and_forward"] = json!({ "dead_letter_binding": "DELIVERIES" }),
+        "store_and_forward.dead_letter_binding",
+        "a binding other than the deliveries' own (DELIVERIES)",
+    );
+    assert_one_error(
+        |p| {
+            p["store_and_forward"] = json!({ "binding": "QUEUED", "dead_letter_binding": "QUEUED" })
+        },
+        "store_and_forward.dead_letter_binding",
+        "a binding other than the deliveries' own (QUEUED)",
+    );
+    assert_eq!(
+        errors_after(|p| p["store_and_forward"] = json!({ "dead_letter_binding": "REFUSED" })),
+        Vec::<String>::new()
+    );
+    let policy = policy::load(&base().to_string()).unwrap();
+    assert_eq!(policy.dead_letter_binding(), "DEAD_LETTERS");
 }
 
 /// A rate limit in policy.json only works if wrangler.toml declares its binding with the same
@@ -1976,4 +2020,47 @@ fn explain_says_which_routes_send_again_after_an_unknown_outcome() {
         section.contains("  plain: not sent again (no duplicate_detection declared): the caller gets backend-outcome-unknown (502/504)\n"),
         "{section}"
     );
+}
+
+/// `policy check` warns of each store-and-forward route without a rate limit (one caller could
+/// fill the queue while Azure is down), and not of one with a rate limit or of a route that
+/// does not store requests; the policy is still valid.
+#[test]
+fn policy_check_warns_when_a_storing_route_has_no_rate_limit() {
+    let check = |policy: &Value| {
+        let dir = std::env::temp_dir().join(format!("aeg-policy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("warn.json");
+        std::fs::write(&file, policy.to_string()).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_policy"))
+            .arg("check")
+            .arg(&file)
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(out.status.success(), "a warning is not an error: {text}");
+        text.lines()
+            .filter(|l| l.contains(": warning: "))
+            .map(|l| l.split_once(": warning: ").unwrap().1.to_owned())
+            .collect::<Vec<_>>()
+    };
+    let mut policy = base();
+    policy["routes"][0]["when_unavailable"] = json!("queue");
+    policy["routes"][0]["backend"]["service_bus"]["duplicate_detection"] = json!(true);
+    let warnings = check(&policy);
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(
+        warnings[0].starts_with(&format!(
+            "routes[0] (\"{}\") stores requests when Azure is unavailable but has no rate limit",
+            policy["routes"][0]["name"].as_str().unwrap()
+        )),
+        "{warnings:#?}"
+    );
+    assert!(
+        warnings[0].ends_with("add inbound.rate_limit"),
+        "{warnings:#?}"
+    );
+    // With a rate limit (the route's own, or the policy's default), no warning.
+    policy["inbound"] = json!({ "rate_limit": { "binding": "RL", "key": "client_ip", "limit": 10, "period_seconds": 60 } });
+    assert_eq!(check(&policy), Vec::<String>::new());
 }

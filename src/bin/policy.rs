@@ -70,6 +70,9 @@ mod cli {
                 for line in store_notes(&p) {
                     println!("{file}: note: {line}");
                 }
+                for line in store_warnings(&p) {
+                    println!("{file}: warning: {line}");
+                }
                 0
             }
             Err(code) => code,
@@ -233,6 +236,26 @@ mod cli {
                         r.name
                     )
                 })
+            })
+            .collect()
+    }
+
+    /// Store-and-forward routes without a rate limit: while Azure is unavailable (the breaker
+    /// open, nothing sent), each request a caller makes costs it one request and puts a message
+    /// of up to the stored size on the queue, so one caller could fill the queue.
+    fn store_warnings(p: &Policy) -> Vec<String> {
+        use azure_edge_gateway::policy::WhenUnavailable;
+        use azure_edge_gateway::store::MAX_STORED_BODY_BYTES;
+        p.routes
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.when_unavailable == WhenUnavailable::Queue)
+            .filter(|(_, r)| p.effective_inbound(r).rate_limit.is_none())
+            .map(|(i, r)| {
+                format!(
+                    "routes[{i}] (\"{}\") stores requests when Azure is unavailable but has no rate limit: with the breaker open each request puts a message of up to {MAX_STORED_BODY_BYTES} bytes on the store-and-forward queue without reaching Azure, so one caller can fill the queue; add inbound.rate_limit",
+                    r.name
+                )
             })
             .collect()
     }

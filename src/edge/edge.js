@@ -40,7 +40,7 @@ function parseOp(out) {
 }
 
 /** Index of the field that runs to the end of the op, by kind (-1: it follows the headers). */
-const LAST_FIELD = { done: -1, send: -1, rate: 2, verify: 4, enqueue: 6 };
+const LAST_FIELD = { done: -1, send: -1, rate: 2, verify: 4, enqueue: 6, deadletter: 2 };
 
 function lastField(fields) {
   // done: kind, status, hasText, stream, count, headers…, log line, text.
@@ -204,6 +204,7 @@ function perform(c, op) {
     case 'verify': return verify(op[1], op[4], op[2], op[3]).then((ok) => (ok ? '1' : '0'));
     case 'sleep': return sleep(Number(op[1])).then(() => '');
     case 'enqueue': return enqueue(c, op);
+    case 'deadletter': return deadLetter(c, op);
     default: return Promise.reject(new Error(`unknown op ${op[0]}`));
   }
 }
@@ -230,15 +231,40 @@ async function enqueue(c, op) {
 }
 
 /**
+ * Store-and-forward's consumer: puts the message being delivered on the dead-letter queue of a
+ * binding, as it came off the deliveries queue (its `stored` and `body` unchanged, so an operator
+ * can send it back as it is), with `dead_letter` beside them: the reason, as JSON. A message that
+ * is not an object is kept whole under `original`. The op's fields: deadletter, binding, why.
+ * Resolves `1`, or `error\n{why}` (then the message stays on the deliveries queue).
+ */
+async function deadLetter(c, op) {
+  const [, binding, why] = op;
+  const queue = c.env[binding];
+  if (!queue || typeof queue.send !== 'function') return `error\nno queue binding ${binding}`;
+  if (!c.message) return 'error\nno message is being delivered';
+  let reason;
+  try { reason = JSON.parse(why); } catch { reason = why; }
+  const original = c.message.body;
+  const plain = original !== null && typeof original === 'object' && Object.getPrototypeOf(original) === Object.prototype;
+  const letter = plain ? { ...original, dead_letter: reason } : { original, dead_letter: reason };
+  try {
+    await queue.send(letter, { contentType: 'v8' });
+    return '1';
+  } catch (e) {
+    return `error\nthe dead-letter queue refused it: ${String(e && e.message || e)}`;
+  }
+}
+
+/**
  * The queue handler: each message of the batch is one stored request, delivered as a task of
  * its own (concurrently), started with `attempt\nkind\nid\nstored\ntext`; the task's final
  * status says what to do with the message: 200 acknowledge, 503 retry after the seconds in
- * retry-after, 410 acknowledge (never deliverable; the log line says why). One log line per
- * delivery.
+ * retry-after, 410 acknowledge (it is on the dead-letter queue with its reason, which the log
+ * line says too). One log line per delivery.
  */
 export async function consume(batch, env, ctx) {
   await Promise.all(batch.messages.map(async (message) => {
-    const c = { request: null, env, ctx, reader: null, total: 0, ended: false, buffers: [], replies: [], wake: null, woken: false };
+    const c = { request: null, message, env, ctx, reader: null, total: 0, ended: false, buffers: [], replies: [], wake: null, woken: false };
     const task = nextTask;
     nextTask = nextTask >= 0x7fffffff ? 1 : nextTask + 1;
     contexts.set(task, c);

@@ -280,13 +280,14 @@ fn step(kind: u32, task: u32, now: f64, payload: Option<String>) -> String {
                 };
                 let (outcome, line) = gateway.deliver(&stored, out, attempt, &io).await;
                 // The outcome as the final op's status: 200 acknowledge, 503 retry after the
-                // seconds in retry-after, 410 acknowledge (never deliverable; logged as an error).
+                // seconds in retry-after, 410 acknowledge (it is on the dead-letter queue with
+                // its reason; logged as an error).
                 let (status, headers) = match outcome {
                     crate::store::Delivered::Yes => (200, Vec::new()),
                     crate::store::Delivered::Later(secs) => {
                         (503, vec![("retry-after", secs.to_string())])
                     }
-                    crate::store::Delivered::Never => (410, Vec::new()),
+                    crate::store::Delivered::DeadLettered => (410, Vec::new()),
                 };
                 let answer = Answer {
                     status,
@@ -691,6 +692,17 @@ impl Io for Edge {
             None if result == "1" => Ok(()),
             Some(("error", why)) => Err(why.to_owned()),
             _ => Err("the queue did not answer".to_owned()),
+        }
+    }
+
+    async fn dead_letter(&self, binding: &str, why: &str) -> Result<(), String> {
+        let mut op = Op::new("deadletter");
+        op.field(binding).field(why);
+        let result = self.ask(op).await;
+        match result.split_once('\n') {
+            None if result == "1" => Ok(()),
+            Some(("error", why)) => Err(why.to_owned()),
+            _ => Err("the dead-letter queue did not answer".to_owned()),
         }
     }
 }

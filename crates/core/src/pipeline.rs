@@ -301,6 +301,10 @@ pub trait Io {
         body: OutBody<'_, Self::Bytes>,
         max_body: usize,
     ) -> Result<(), String>;
+    /// Store-and-forward's consumer: puts the message being delivered, as it came off the
+    /// queue, on the dead-letter queue of `binding` with `why` (a [`crate::store::DeadLetter`]
+    /// as JSON) beside it; the error says why it was not taken, for the log.
+    async fn dead_letter(&self, binding: &str, why: &str) -> Result<(), String>;
     async fn sleep(&self, ms: f64);
 }
 
@@ -440,6 +444,19 @@ pub trait Backend {
         Answer::json(202, r#"{"status":"queued"}"#.to_owned())
     }
 }
+
+/// What one delivery attempt came to, before the dead-letter queue is asked.
+enum Tried {
+    /// Azure has it.
+    Delivered(String),
+    /// Not now: again after this many seconds (or, after the last attempt, a dead letter).
+    Later(u64, String),
+    /// Never: a dead letter with this reason.
+    Refused(String),
+}
+
+/// Seconds before a delivery the dead-letter queue did not take is tried again.
+const DEAD_LETTER_RETRY_SECS: u64 = 10;
 
 /// What a backend stores of a plan.
 pub struct StoredPlan<'p, B> {
@@ -789,9 +806,12 @@ impl Gateway {
         }
     }
 
-    /// Delivers one stored request (store-and-forward's consumer): the request sent again as
-    /// the route that stored it, with a fresh token, through the route's circuit breaker.
-    /// `attempt` counts from 1. Returns what became of it and the delivery's one log line.
+    /// Delivers one stored request (store-and-forward's consumer): the request its route sends
+    /// (checked against the route as it is in the current policy), with a fresh token, through
+    /// the route's circuit breaker. `attempt` counts from 1. A delivery that cannot succeed
+    /// (Azure refuses it, its route is gone or changed, it is not a request its route sends, or
+    /// its last attempt failed) is put on the dead-letter queue with its reason. Returns what
+    /// became of it and the delivery's one log line.
     pub async fn deliver<I: Io>(
         &self,
         stored: &str,
@@ -803,16 +823,23 @@ impl Gateway {
         let started = io.now();
         let mut log = LogFields::default();
         let parsed: Option<Stored> = serde_json::from_str(stored).ok();
-        let (outcome, why) = match &parsed {
-            None => (Delivered::Never, "not a stored request".to_owned()),
+        let tried = match &parsed {
+            None => Tried::Refused("it is not a stored request this gateway can read".to_owned()),
             Some(s) => self.deliver_stored(s, body, io, &mut log).await,
         };
         let last = attempt >= self.prepared.max_delivery_attempts;
-        let state = match (outcome, last) {
-            (Delivered::Yes, _) => "delivered",
-            (Delivered::Later(_), false) => "retry",
-            (Delivered::Later(_), true) => "dead_letter",
-            (Delivered::Never, _) => "dropped",
+        let (outcome, state, why) = match tried {
+            Tried::Delivered(why) => (Delivered::Yes, "delivered", why),
+            Tried::Later(secs, why) if !last => (Delivered::Later(secs), "retry", why),
+            Tried::Later(_, why) => {
+                let why = format!("its last attempt ({attempt}) failed: {why}");
+                self.dead_letter(why, parsed.as_ref(), attempt, last, &log, io)
+                    .await
+            }
+            Tried::Refused(why) => {
+                self.dead_letter(why, parsed.as_ref(), attempt, last, &log, io)
+                    .await
+            }
         };
         #[derive(serde::Serialize)]
         struct Line<'a> {
@@ -864,44 +891,28 @@ impl Gateway {
         body: OutBody<'_, I::Bytes>,
         io: &I,
         log: &mut LogFields,
-    ) -> (crate::store::Delivered, String) {
-        use crate::store::Delivered;
+    ) -> Tried {
         let Some(route) = self.prepared.routes.iter().find(|r| r.name == stored.route) else {
-            return (
-                Delivered::Never,
-                "its route is no longer in the policy".to_owned(),
-            );
+            return Tried::Refused(format!(
+                "its route {} is no longer in the policy",
+                crate::store::shown(&stored.route)
+            ));
         };
-        // The route must still store requests, and to the same place: a policy changed since
-        // must not send an old request somewhere else.
-        let same_host = stored
-            .url
-            .get(..route.host.len() + 1)
-            .is_some_and(|p| p.eq_ignore_ascii_case(&format!("{}/", route.host)));
+        // Only what the route sends today: a policy changed since, or another producer bound to
+        // the queue, must not make the gateway send anything else, anywhere else.
+        let request = match stored.request_for(route, io.now()) {
+            Ok(request) => request,
+            Err(why) => return Tried::Refused(why),
+        };
         let (target, created_ok) = match &route.backend {
             PreparedBackend::ServiceBus(sb) => (&sb.token, false),
             PreparedBackend::Blob(b) => (&b.token, true),
             _ => {
-                return (
-                    Delivered::Never,
-                    "its route's backend does not store requests".to_owned(),
-                )
+                return Tried::Refused(format!(
+                    "route \"{}\" is no longer a Service Bus or blob route",
+                    route.name
+                ))
             }
-        };
-        if route.store.is_none() || !same_host {
-            return (
-                Delivered::Never,
-                "its route no longer stores requests for this backend".to_owned(),
-            );
-        }
-        let Some(request) = stored
-            .request()
-            .filter(|r| crate::backend::check(r).is_ok())
-        else {
-            return (
-                Delivered::Never,
-                "not a request the gateway sends".to_owned(),
-            );
         };
         let admitted = self
             .breakers
@@ -910,10 +921,7 @@ impl Gateway {
         log.breaker = Some(admitted.log_state());
         if let Admission::Open { retry_in_ms } = admitted {
             let secs = (retry_in_ms / 1000.0).ceil().max(1.0) as u64;
-            return (
-                Delivered::Later(secs),
-                "the backend's circuit breaker is open".to_owned(),
-            );
+            return Tried::Later(secs, "the backend's circuit breaker is open".to_owned());
         }
         let record = |outcome: Outcome| {
             self.breakers.borrow_mut().record(
@@ -928,7 +936,7 @@ impl Gateway {
             Ok(grant) => grant,
             Err(no) => {
                 record(Outcome::NotSent);
-                return (Delivered::Later(10), format!("no token: {}", no.log));
+                return Tried::Later(10, format!("no token: {}", no.log));
             }
         };
         let bearer = Bearer::new(target, &grant);
@@ -938,7 +946,7 @@ impl Gateway {
                 Ok(sent) => sent,
                 Err(problem) => {
                     record(Outcome::NotSent);
-                    return (Delivered::Later(10), problem.detail);
+                    return Tried::Later(10, problem.detail);
                 }
             };
         match sent {
@@ -956,37 +964,68 @@ impl Gateway {
                 }
                 if (200..300).contains(&status) {
                     record(Outcome::Answered);
-                    (Delivered::Yes, format!("Azure answered {status}"))
-                } else if created_ok && status == 409 {
+                    Tried::Delivered(format!("Azure answered {status}"))
+                } else if created_ok && (status == 409 || status == 412) {
                     // Create-only: the name exists, written by an earlier attempt of this
                     // delivery (or, if another write took the name, by that one).
                     record(Outcome::Answered);
-                    (
-                        Delivered::Yes,
-                        "the blob exists already (409): written by an earlier attempt".to_owned(),
-                    )
+                    Tried::Delivered(format!(
+                        "the blob exists already ({status}): written by an earlier attempt"
+                    ))
                 } else if status == 429 || status >= 500 {
                     record(Outcome::Failed);
-                    (
-                        Delivered::Later(retry_after.unwrap_or(5)),
-                        format!("Azure answered {status}"),
-                    )
+                    Tried::Later(retry_after.unwrap_or(5), format!("Azure answered {status}"))
                 } else {
                     record(Outcome::Answered);
-                    (Delivered::Never, format!("Azure refused it ({status})"))
+                    Tried::Refused(format!("Azure refused it ({status})"))
                 }
             }
             Err(SendError::Unsendable(problem)) => {
                 record(Outcome::NotSent);
-                (Delivered::Never, problem.detail)
+                Tried::Refused(problem.detail)
             }
             Err(e) => {
                 record(Outcome::Failed);
-                (
-                    Delivered::Later(5),
-                    format!("Azure could not be reached ({e})"),
-                )
+                Tried::Later(5, format!("Azure could not be reached ({e})"))
             }
+        }
+    }
+
+    /// Puts a delivery that cannot succeed on the dead-letter queue with its reason; when the
+    /// dead-letter queue does not take it, the message stays on the deliveries queue.
+    async fn dead_letter<I: Io>(
+        &self,
+        why: String,
+        stored: Option<&crate::store::Stored>,
+        attempt: u32,
+        last: bool,
+        log: &LogFields,
+        io: &I,
+    ) -> (crate::store::Delivered, &'static str, String) {
+        use crate::store::{DeadLetter, Delivered};
+        let letter = DeadLetter {
+            reason: why.clone(),
+            route: stored.map(|s| s.route.clone()),
+            request_id: stored.map(|s| s.request_id.clone()),
+            ids: stored.map(|s| s.ids.clone()),
+            attempts: attempt,
+            at: crate::time::Utc::from_millis(io.now()).format("%Y-%m-%dT%H:%M:%SZ"),
+            backend_status: log.backend_status,
+            backend_detail: log.backend_detail.clone(),
+        };
+        let letter = serde_json::to_string(&letter).unwrap_or_default();
+        match io
+            .dead_letter(&self.prepared.dead_letter_binding, &letter)
+            .await
+        {
+            Ok(()) => (Delivered::DeadLettered, "dead_lettered", why),
+            // Not lost: the queue keeps it and tries it again, and after its last attempt moves
+            // it to the dead-letter queue itself (without the reason, which is in this line).
+            Err(not) => (
+                Delivered::Later(DEAD_LETTER_RETRY_SECS),
+                if last { "dead_letter_by_queue" } else { "retry" },
+                format!("{why}; the dead-letter queue did not take it ({not}), so it stays on the queue"),
+            ),
         }
     }
 

@@ -8,10 +8,21 @@
 //! redelivers) is dropped by Azure itself: Service Bus's duplicate detection drops a resent
 //! `MessageId`, and a create-only blob (`If-None-Match: *`) cannot be written twice. Only those
 //! two kinds of route may store requests; the policy check refuses the others.
+//!
+//! A stored request is not trusted as it is: the policy may have changed since it was stored, and
+//! any worker bound to the queue can put a message on it. At delivery, [`Stored::request_for`]
+//! checks it against its route as it is in the current policy (method, URL, each header's name,
+//! what makes the delivery happen once) and derives the gateway's own headers anew; one that is
+//! not a request its route sends is dead-lettered with the reason, never sent.
+//!
+//! Nothing acknowledged to a caller is lost: a delivery either reaches Azure or is put on the
+//! dead-letter queue with its reason ([`DeadLetter`]). Only when the dead-letter queue does not
+//! take it either is it left on the queue, whose own dead-lettering then keeps it.
 
 use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendRequest;
+use crate::policy::prepared::{PreparedBackend, PreparedRoute};
 
 /// The largest body stored: a Cloudflare Queues message holds 128 KB, and the request's
 /// method, URL and headers travel with it.
@@ -19,6 +30,12 @@ pub const MAX_STORED_BODY_BYTES: usize = 96 * 1024;
 
 /// Default producer binding.
 pub const DEFAULT_BINDING: &str = "DELIVERIES";
+
+/// Default producer binding of the dead-letter queue (the consumer's `dead_letter_queue`).
+pub const DEFAULT_DEAD_LETTER_BINDING: &str = "DEAD_LETTERS";
+
+/// The format of [`Stored`] this gateway writes and reads.
+pub const FORMAT: u32 = 1;
 
 /// Default number of tries of a delivery (the consumer's `max_retries` + 1).
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 6;
@@ -62,15 +79,96 @@ impl Stored {
         }
     }
 
-    /// The request to send again, when its method is one a route sends.
-    pub fn request(&self) -> Option<BackendRequest> {
-        let method = crate::policy::Method::parse(&self.method)?.as_str();
-        Some(BackendRequest {
-            method,
-            url: self.url.clone(),
-            headers: self.headers.clone(),
-            reply_headers: Vec::new(),
-        })
+    /// The request to send for this stored one: checked against `route` as it is in the current
+    /// policy, with the gateway's own headers derived at `now_ms`; or why it is not a request
+    /// that route sends (then it is dead-lettered, never sent).
+    pub fn request_for(
+        &self,
+        route: &PreparedRoute,
+        now_ms: f64,
+    ) -> Result<BackendRequest, String> {
+        if self.v != FORMAT {
+            return Err(format!(
+                "it is in format {}; this gateway reads format {FORMAT}",
+                self.v
+            ));
+        }
+        if route.store.is_none() {
+            return Err(format!(
+                "route \"{}\" no longer stores requests",
+                route.name
+            ));
+        }
+        let request = match &route.backend {
+            PreparedBackend::ServiceBus(sb) => {
+                crate::backend::service_bus::stored_request(sb, &route.name, self)?
+            }
+            PreparedBackend::Blob(b) => {
+                crate::backend::blob::stored_request(b, &route.name, self, now_ms)?
+            }
+            _ => {
+                return Err(format!(
+                    "route \"{}\" is no longer a Service Bus or blob route",
+                    route.name
+                ))
+            }
+        };
+        crate::backend::check(&request).map_err(|p| p.detail)?;
+        Ok(request)
+    }
+
+    /// Its method, when it is `expected`.
+    pub fn method_is(&self, expected: &'static str, route: &str) -> Result<&'static str, String> {
+        if self.method == expected {
+            Ok(expected)
+        } else {
+            Err(format!(
+                "its method is {}; route \"{route}\" sends {expected}",
+                shown(&self.method)
+            ))
+        }
+    }
+
+    /// Its headers, when each name is one of `allowed` (without case) and none comes twice.
+    pub fn headers_within(
+        &self,
+        allowed: &dyn Fn(&str) -> bool,
+        route: &str,
+    ) -> Result<Vec<(String, String)>, String> {
+        let mut seen: Vec<String> = Vec::with_capacity(self.headers.len());
+        for (name, _) in &self.headers {
+            let lower = name.to_ascii_lowercase();
+            if !allowed(&lower) {
+                return Err(format!(
+                    "it carries the header {}, which route \"{route}\" does not send",
+                    shown(name)
+                ));
+            }
+            if seen.contains(&lower) {
+                return Err(format!("it carries the header {} twice", shown(name)));
+            }
+            seen.push(lower);
+        }
+        Ok(self.headers.clone())
+    }
+
+    /// The value of a header, by name without case.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A value from a stored request, quoted and cut short, for a reason in the log and the dead
+/// letter (the line is JSON: any character is safe in it; the length is what is bounded).
+pub fn shown(value: &str) -> String {
+    let cut: String = value.chars().take(160).collect();
+    if cut.len() < value.len() {
+        format!("\"{cut}…\"")
+    } else {
+        format!("\"{cut}\"")
     }
 }
 
@@ -81,7 +179,30 @@ pub enum Delivered {
     Yes,
     /// Not now: the queue tries again after this many seconds.
     Later(u64),
-    /// Never: the message cannot be delivered (its route is gone or changed, or Azure refused
-    /// the request itself); acknowledged and logged as an error.
-    Never,
+    /// On the dead-letter queue with its reason (Azure refused it, its route is gone or changed,
+    /// it is not a request its route sends, or it ran out of attempts): acknowledge the message.
+    DeadLettered,
+}
+
+/// Why a message was dead-lettered: what travels beside it on the dead-letter queue (the
+/// message itself is there as it came off the deliveries queue).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Why it was not delivered, in words.
+    pub reason: String,
+    /// The route that stored it, and the request id its caller was given (when readable).
+    pub route: Option<String>,
+    pub request_id: Option<String>,
+    /// What it was to carry (message ids, or the blob's name).
+    pub ids: Option<Vec<String>>,
+    /// The attempts made, this one included.
+    pub attempts: u32,
+    /// When it was dead-lettered (RFC 3339, UTC).
+    pub at: String,
+    /// Azure's answer to the last attempt, when there was one: its status, and its error code or
+    /// the start of its reason.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub backend_status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub backend_detail: Option<String>,
 }

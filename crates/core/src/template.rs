@@ -161,6 +161,65 @@ impl Template {
         }
         Ok(out)
     }
+
+    /// Whether some request could render `text`: its literals, in order, with anything in the
+    /// place of each variable (a variable may be empty). Store-and-forward asks it of a stored
+    /// blob name before delivering it.
+    pub fn could_render(&self, text: &str) -> bool {
+        // Wildcard matching: each variable a `*`, each literal character itself. When a
+        // literal fails, the last `*` takes one more character and matching resumes after it.
+        enum Token {
+            Char(char),
+            Any,
+        }
+        let mut pattern = Vec::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(l) => pattern.extend(l.chars().map(Token::Char)),
+                Part::Var(_) => pattern.push(Token::Any),
+            }
+        }
+        let text: Vec<char> = text.chars().collect();
+        let (mut p, mut t) = (0, 0);
+        let mut star: Option<(usize, usize)> = None;
+        while t < text.len() {
+            match pattern.get(p) {
+                Some(Token::Char(c)) if text.get(t) == Some(c) => {
+                    p += 1;
+                    t += 1;
+                }
+                Some(Token::Any) => {
+                    star = Some((p, t));
+                    p += 1;
+                }
+                _ => match star {
+                    Some((sp, st)) => {
+                        star = Some((sp, st + 1));
+                        p = sp + 1;
+                        t = st + 1;
+                    }
+                    None => return false,
+                },
+            }
+        }
+        pattern
+            .iter()
+            .skip(p)
+            .all(|token| matches!(token, Token::Any))
+    }
+}
+
+impl fmt::Display for Template {
+    /// The template as it is written in the policy (`{{` and `}}` for literal braces).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for part in &self.parts {
+            match part {
+                Part::Literal(l) => f.write_str(&l.replace('{', "{{").replace('}', "}}"))?,
+                Part::Var(v) => write!(f, "{v}")?,
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One variable's value for this request.
@@ -258,6 +317,29 @@ fn is_token(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_is_one_the_template_could_render_only_with_its_literals_in_order() {
+        let t = Template::parse("in/{path.tenant}/{date:%Y/%m}/{uuid}.json").unwrap();
+        assert!(t.could_render("in/contoso/2026/12/0b1c.json"));
+        assert!(t.could_render("in/a/b/c/d/e.json.json"));
+        assert!(!t.could_render("out/contoso/2026/12/0b1c.json"));
+        assert!(!t.could_render("in/contoso/2026/12/0b1c.xml"));
+        assert!(
+            !t.could_render("in/contoso.json"),
+            "the literal / between variables"
+        );
+        let fixed = Template::parse("reports/latest.csv").unwrap();
+        assert!(fixed.could_render("reports/latest.csv"));
+        assert!(!fixed.could_render("reports/latest.csv2"));
+        assert!(!fixed.could_render("reports/latest.cs"));
+        let any = Template::parse("{path.name}").unwrap();
+        assert!(any.could_render("anything/at/all"));
+        assert_eq!(t.to_string(), "in/{path.tenant}/{date:%Y/%m}/{uuid}.json");
+        let braces = Template::parse("a{{b}}{uuid}").unwrap();
+        assert_eq!(braces.to_string(), "a{{b}}{uuid}");
+        assert!(braces.could_render("a{b}x"));
+    }
 
     #[test]
     fn parses_literals_variables_and_escaped_braces() {

@@ -643,6 +643,94 @@ pub fn stored<B>(plan: &Plan<B>) -> Option<crate::pipeline::StoredPlan<'_, B>> {
     })
 }
 
+/// Store-and-forward's delivery: the stored write, when it is one route `route` (over `b`)
+/// makes today: a create-only (`If-None-Match: *`) `PUT` of a block blob in its container, of a
+/// name its template can make, with only the headers such a write carries (its metadata's by
+/// name, its content type when the route fixes one). The gateway's own headers (`x-ms-version`,
+/// `x-ms-date`) are made anew for the time it is sent. Otherwise why not.
+pub fn stored_request(
+    b: &PreparedBlob,
+    route: &str,
+    stored: &crate::store::Stored,
+    now_ms: f64,
+) -> Result<BackendRequest, String> {
+    use crate::store::shown;
+    if b.config.overwrite {
+        return Err(format!(
+            "route \"{route}\" overwrites blobs, so it cannot take a stored write (a second delivery could overwrite a newer one)"
+        ));
+    }
+    let method = stored.method_is("PUT", route)?;
+    let outside = || {
+        format!(
+            "its URL is {}, not a blob in route \"{route}\"'s container {}",
+            shown(&stored.url),
+            b.container_url
+        )
+    };
+    let encoded = stored
+        .url
+        .strip_prefix(b.container_url.as_str())
+        .and_then(|rest| rest.strip_prefix('/'))
+        .ok_or_else(outside)?;
+    // The name as the gateway writes it in a URL (each segment percent-encoded, nothing else: no
+    // query, no other encoding of the same name).
+    let name = crate::routing::percent_decode(encoded)
+        .filter(|name| encode_blob_name(name).is_ok_and(|again| again == encoded))
+        .ok_or_else(outside)?;
+    if !b.name.could_render(&name) {
+        return Err(format!(
+            "its blob name {} is not one route \"{route}\"'s name template \"{}\" makes",
+            shown(&name),
+            b.name
+        ));
+    }
+    let allowed = |header: &str| {
+        matches!(
+            header,
+            "x-ms-version"
+                | "x-ms-date"
+                | "x-ms-blob-type"
+                | "content-type"
+                | "content-length"
+                | "if-none-match"
+        ) || header.strip_prefix("x-ms-meta-").is_some_and(|meta| {
+            b.metadata
+                .iter()
+                .any(|(name, _)| name.eq_ignore_ascii_case(meta))
+        })
+    };
+    let mut headers = stored.headers_within(&allowed, route)?;
+    if stored.header("if-none-match") != Some("*") {
+        return Err("it is not create-only (no If-None-Match: *), so a second delivery could overwrite the blob".to_owned());
+    }
+    if stored.header("x-ms-blob-type") != Some("BlockBlob") {
+        return Err(format!(
+            "its x-ms-blob-type is not BlockBlob, which route \"{route}\" writes"
+        ));
+    }
+    if let Some(fixed) = &b.config.content_type {
+        if stored.header("content-type") != Some(fixed.as_str()) {
+            return Err(format!(
+                "its Content-Type is not {}, which route \"{route}\" sets",
+                shown(fixed)
+            ));
+        }
+    }
+    headers.retain(|(name, _)| {
+        !name.eq_ignore_ascii_case("x-ms-version") && !name.eq_ignore_ascii_case("x-ms-date")
+    });
+    let own = base_request(&b.container_url, encoded, now_ms);
+    let mut all = own.headers;
+    all.extend(headers);
+    Ok(BackendRequest {
+        method,
+        url: own.url,
+        headers: all,
+        ..Default::default()
+    })
+}
+
 /// The caller's 202 for a stored write.
 pub fn queued<B, S>(b: &PreparedBlob, plan: &Plan<B>) -> Answer<S> {
     Answer::json(

@@ -693,6 +693,94 @@ pub fn stored<'p, B>(
     })
 }
 
+/// Store-and-forward's delivery: the stored send, when it is one `sb` (of route `route`) sends
+/// today: `POST` to exactly its entity, the headers a send of its carries (a batch: only its
+/// content type; a message: its content type, `BrokerProperties` with the properties its mapping
+/// and the gateway set and a `MessageId`, so that Service Bus drops a second delivery, and the
+/// mapping's application properties). Otherwise why not.
+pub fn stored_request(
+    sb: &PreparedServiceBus,
+    route: &str,
+    stored: &crate::store::Stored,
+) -> Result<BackendRequest, String> {
+    use crate::store::shown;
+    if sb.flavor != Flavor::ServiceBus {
+        return Err(format!(
+            "route \"{route}\" sends to an event hub, which cannot take a stored request"
+        ));
+    }
+    let method = stored.method_is("POST", route)?;
+    if stored.url != sb.send_url {
+        return Err(format!(
+            "its URL is {}; route \"{route}\" sends to {}",
+            shown(&stored.url),
+            sb.send_url
+        ));
+    }
+    let headers = if sb.config.batch {
+        let headers = stored.headers_within(&|name| name == "content-type", route)?;
+        if stored.header("content-type") != Some(BATCH_CONTENT_TYPE) {
+            return Err(format!(
+                "its Content-Type is not {BATCH_CONTENT_TYPE}, which the batch route \"{route}\" sends"
+            ));
+        }
+        headers
+    } else {
+        let mapped = |name: &str| {
+            name == "content-type"
+                || name == "brokerproperties"
+                || sb
+                    .message
+                    .properties
+                    .iter()
+                    .any(|(p, _)| p.eq_ignore_ascii_case(name))
+        };
+        let headers = stored.headers_within(&mapped, route)?;
+        check_stored_broker(sb, route, stored.header("brokerproperties"))?;
+        headers
+    };
+    Ok(BackendRequest {
+        method,
+        url: sb.send_url.clone(),
+        headers,
+        ..Default::default()
+    })
+}
+
+/// A stored message's `BrokerProperties`: a JSON object with a `MessageId`, and no property the
+/// route's mapping and the gateway do not set (`TimeToLive` the route's own).
+fn check_stored_broker(
+    sb: &PreparedServiceBus,
+    route: &str,
+    broker: Option<&str>,
+) -> Result<(), String> {
+    let lacks = "it has no BrokerProperties with a MessageId, so Service Bus could not drop a second delivery";
+    let Some(Value::Object(broker)) = broker.and_then(|b| serde_json::from_str(b).ok()) else {
+        return Err(lacks.to_owned());
+    };
+    let id = broker.get("MessageId").and_then(Value::as_str);
+    if id.is_none_or(str::is_empty) {
+        return Err(lacks.to_owned());
+    }
+    for (name, value) in &broker {
+        let allowed = match name.as_str() {
+            "MessageId" | "CorrelationId" => true,
+            "TimeToLive" => sb
+                .message
+                .time_to_live
+                .is_some_and(|ttl| value.as_u64() == Some(ttl)),
+            other => sb.message.broker.iter().any(|(b, _)| b == other),
+        };
+        if !allowed {
+            return Err(format!(
+                "its BrokerProperties set {} as route \"{route}\" does not",
+                crate::store::shown(name)
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The caller's 202 for a stored send: the message id(s) it will carry.
 pub fn queued<B, S>(sb: &PreparedServiceBus, plan: &Plan<B>) -> crate::pipeline::Answer<S> {
     let body = ids_body("queued", sb.config.entity(), &plan.ids, sb.config.batch);

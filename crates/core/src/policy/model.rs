@@ -61,6 +61,12 @@ pub struct StoreAndForward {
     /// queue: the consumer's `max_retries` + 1 in `wrangler.toml`. Default 6.
     #[serde(default)]
     pub max_attempts: Option<u32>,
+    /// The producer binding of the dead-letter queue (the consumer's `dead_letter_queue` in
+    /// `wrangler.toml`). A delivery that cannot succeed (Azure refuses it, its route is gone or
+    /// changed, it is not a request its route sends, its last attempt failed) is put there with
+    /// its reason. Default `DEAD_LETTERS`; not the same as `binding`.
+    #[serde(default)]
+    pub dead_letter_binding: Option<String>,
 }
 
 /// What a route does when Azure stays unavailable.

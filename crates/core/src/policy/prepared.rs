@@ -28,6 +28,8 @@ pub struct Prepared {
     pub cloud: Cloud,
     /// Tries of a stored request's delivery before the queue dead-letters it.
     pub max_delivery_attempts: u32,
+    /// Where a delivery that cannot succeed is put, with its reason.
+    pub dead_letter_binding: String,
     pub identities: BTreeMap<String, Identity>,
     pub routes: Vec<PreparedRoute>,
     pub router: Router,
@@ -471,6 +473,7 @@ mod compile {
                 .as_ref()
                 .and_then(|s| s.max_attempts)
                 .unwrap_or(crate::store::DEFAULT_MAX_ATTEMPTS),
+            dead_letter_binding: policy.dead_letter_binding(),
             identities: policy.identities.clone(),
             router: Router::new(&policy.routes),
             routes,

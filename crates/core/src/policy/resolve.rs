@@ -149,6 +149,14 @@ impl Policy {
             .unwrap_or_else(|| crate::store::DEFAULT_BINDING.to_owned())
     }
 
+    /// The producer binding of the store-and-forward dead-letter queue.
+    pub fn dead_letter_binding(&self) -> String {
+        self.store_and_forward
+            .as_ref()
+            .and_then(|s| s.dead_letter_binding.clone())
+            .unwrap_or_else(|| crate::store::DEFAULT_DEAD_LETTER_BINDING.to_owned())
+    }
+
     /// A route's inbound checks over the policy's defaults.
     pub fn effective_inbound(&self, route: &Route) -> Inbound {
         let defaults = self.inbound.clone().unwrap_or_default();

@@ -127,16 +127,30 @@ fn check_store_and_forward(c: &mut Checker) {
     let Some(s) = &c.policy.store_and_forward else {
         return;
     };
-    if let Some(binding) = &s.binding {
-        let ok = !binding.is_empty()
+    let is_binding = |binding: &str| {
+        !binding.is_empty()
             && binding.len() <= 64
             && binding.starts_with(|ch: char| ch.is_ascii_alphabetic() || ch == '_')
             && binding
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_');
-        if !ok {
-            c.err("store_and_forward.binding", format!("a binding name of letters, digits and '_' (as in wrangler.toml), got \"{binding}\""));
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    };
+    for (field, value) in [
+        ("binding", &s.binding),
+        ("dead_letter_binding", &s.dead_letter_binding),
+    ] {
+        if let Some(binding) = value.as_deref().filter(|b| !is_binding(b)) {
+            c.err(format!("store_and_forward.{field}"), format!("a binding name of letters, digits and '_' (as in wrangler.toml), got \"{binding}\""));
         }
+    }
+    if c.policy.store_binding() == c.policy.dead_letter_binding() {
+        c.err(
+            "store_and_forward.dead_letter_binding",
+            format!(
+                "a binding other than the deliveries' own ({}): a dead letter put back on the deliveries queue would be delivered again, and again",
+                c.policy.store_binding()
+            ),
+        );
     }
     if let Some(n) = s.max_attempts {
         if !(1..=100).contains(&n) {
