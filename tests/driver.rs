@@ -65,6 +65,9 @@ struct Fake {
     body: Option<Vec<u8>>,
     body_pos: Cell<usize>,
     replies: RefCell<VecDeque<FakeReply>>,
+    /// Replies by URL: a send whose URL contains the text gets this one, every time (before
+    /// `replies`).
+    by_url: RefCell<Vec<(String, FakeReply)>>,
     sent: RefCell<Vec<Sent>>,
     tokens_asked: Cell<u32>,
     no_token: Option<Problem>,
@@ -105,6 +108,11 @@ impl Fake {
 
     fn sent(&self) -> Vec<Sent> {
         self.sent.borrow().clone()
+    }
+
+    /// Every send whose URL contains `part` gets this reply from now on.
+    fn answer_for(&self, part: &str, reply: FakeReply) {
+        self.by_url.borrow_mut().insert(0, (part.to_owned(), reply));
     }
 }
 
@@ -233,11 +241,20 @@ impl Io for Fake {
             stream,
             limit,
         });
-        let reply =
-            self.replies
-                .borrow_mut()
-                .pop_front()
-                .unwrap_or(Ok((201, Vec::new(), String::new())));
+        let by_url = self
+            .by_url
+            .borrow()
+            .iter()
+            .find(|(part, _)| request.url.contains(part.as_str()))
+            .map(|(_, reply)| reply.clone());
+        let reply = match by_url {
+            Some(reply) => reply,
+            None => self.replies.borrow_mut().pop_front().unwrap_or(Ok((
+                201,
+                Vec::new(),
+                String::new(),
+            ))),
+        };
         reply.map(|(status, headers, body)| Reply {
             status,
             headers,
@@ -1370,4 +1387,113 @@ fn uploads_that_stall_or_break_on_the_caller_s_side_do_not_open_the_breaker() {
     assert_eq!(status, 201);
     assert_eq!(log["breaker"], "closed");
     assert_eq!(io.sent().len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Azure's Retry-After, as callers are told it (issue 20)
+
+const SCOPE_POLICY: &str = r#"{
+  "identities": { "gw": { "token_endpoint": { "url": "https://idp.example.com/token" },
+      "client_id": "c", "credential": { "client_secret": { "secret": "GW_SECRET" } } } },
+  "inbound": { "api_key": { "keys": [
+      { "name": "a", "secret": "KEY_A" }, { "name": "b", "secret": "KEY_B" },
+      { "name": "c", "secret": "KEY_C" }, { "name": "d", "secret": "KEY_D" } ] } },
+  "routes": [
+    { "name": "items", "methods": ["GET"], "path": "/items/{id}",
+      "backend": { "azure_rest": { "identity": "gw", "api_version": "2022-09-01",
+        "url": "https://management.azure.com/items/{path.id}" } } },
+    { "name": "other", "methods": ["GET"], "path": "/other/{id}",
+      "backend": { "azure_rest": { "identity": "gw", "api_version": "2022-09-01",
+        "url": "https://management.azure.com/other/{path.id}" } } },
+    { "name": "strict", "methods": ["GET"], "path": "/strict/{id}",
+      "breaker": { "failures": 1, "cooldown_seconds": 3600 },
+      "backend": { "azure_rest": { "identity": "gw", "api_version": "2022-09-01",
+        "url": "https://management.azure.com/strict/{path.id}" } } },
+    { "name": "raw", "methods": ["POST"], "path": "/raw/{id}",
+      "backend": { "azure_rest": { "identity": "gw", "api_version": "2022-09-01", "body": "none",
+        "errors": "pass", "url": "https://management.azure.com/raw/{path.id}" } } },
+    { "name": "orders", "methods": ["POST"], "path": "/orders/{tenant}",
+      "backend": { "service_bus": { "namespace": "contoso-orders", "queue": "orders", "identity": "gw" } } }
+  ]
+}"#;
+
+fn scope_io() -> Fake {
+    let mut io = Fake::new();
+    for (secret, value) in [
+        ("GW_SECRET", "identity-secret"),
+        ("KEY_A", "key-a"),
+        ("KEY_B", "key-b"),
+        ("KEY_C", "key-c"),
+        ("KEY_D", "key-d"),
+    ] {
+        io.secrets.insert(secret.into(), value.into());
+    }
+    io.answer_for("management.azure.com", Ok((200, Vec::new(), "{}".into())));
+    io
+}
+
+/// A GET by caller `who` (a, b, c or d): status, headers, body, log line, and how many sends it
+/// made.
+fn get_as(
+    g: &Gateway,
+    io: &Fake,
+    who: &str,
+    path: &str,
+) -> (u16, Vec<(&'static str, String)>, String, Value, usize) {
+    let method = if path.starts_with("/raw/") || path.starts_with("/orders/") {
+        "POST"
+    } else {
+        "GET"
+    };
+    let key = format!("key-{who}");
+    let head = request(method, path, &[("x-api-key", key.as_str())], false);
+    let before = io.sent().len();
+    let (status, headers, body, log) = run(g, &head, io);
+    (status, headers, body, log, io.sent().len() - before)
+}
+
+fn retry_after<'h>(headers: &'h [(&'static str, String)]) -> Option<&'h str> {
+    headers
+        .iter()
+        .find(|(k, _)| *k == "retry-after")
+        .map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn azures_retry_after_reaches_callers_between_1_and_300_seconds() {
+    let g = Gateway::load(SCOPE_POLICY).unwrap();
+    let io = scope_io();
+    let asking = |secs: &str| -> FakeReply {
+        Ok((
+            503,
+            vec![("retry-after".into(), secs.into())],
+            String::new(),
+        ))
+    };
+    let throttled = |secs: &str| -> FakeReply {
+        Ok((
+            429,
+            vec![("retry-after".into(), secs.into())],
+            String::new(),
+        ))
+    };
+    for (who, path, reply, expected) in [
+        // Mapped to problem+json after the retries.
+        ("a", "/items/huge", throttled("99999999999"), "300"),
+        ("b", "/items/zero", throttled("0"), "1"),
+        // Passed through as Azure answered (a POST answered 503 is not sent again).
+        ("c", "/raw/huge", asking("99999999999"), "300"),
+        ("d", "/raw/zero", asking("0"), "1"),
+        // Service Bus, after its retries.
+        ("a", "/orders/t", asking("0"), "1"),
+    ] {
+        if path.starts_with("/orders/") {
+            io.answer_for("servicebus.windows.net", reply);
+        } else {
+            io.answer_for(path, reply);
+        }
+        let (status, headers, body, _, _) = get_as(&g, &io, who, path);
+        assert_eq!(status, 503, "{path}: {body}");
+        assert_eq!(retry_after(&headers), Some(expected), "{path}");
+    }
 }

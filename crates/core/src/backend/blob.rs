@@ -679,7 +679,10 @@ fn unavailable(why: &str, retry_after: Option<u64>) -> Problem {
         "Blob Storage is unavailable",
         format!("Blob Storage {why}; nothing was committed. Try again later."),
     )
-    .with_header("retry-after", retry_after.unwrap_or(5).max(1).to_string())
+    .with_header(
+        "retry-after",
+        crate::retry::caller_retry_after(retry_after).to_string(),
+    )
 }
 
 /// The caller's answer to a successful write.
