@@ -398,6 +398,13 @@ pub struct Plan<B> {
     projected: std::cell::RefCell<Option<String>>,
 }
 
+impl<B> Plan<B> {
+    /// The call (its URL names the resource).
+    pub fn request(&self) -> &BackendRequest {
+        &self.request
+    }
+}
+
 enum PlanBody<B> {
     None,
     Held(B),

@@ -367,6 +367,13 @@ pub struct Plan<B> {
     metadata: Vec<(String, String)>,
 }
 
+impl<B> Plan<B> {
+    /// The request that carries the caller's values (its URL names the blob).
+    pub fn request(&self) -> &BackendRequest {
+        &self.first
+    }
+}
+
 /// Phase 7: the blob name and metadata from the request, Azure's limits, the upload's shape,
 /// and the outgoing gate: all before a token is fetched.
 pub async fn build<I: Io>(

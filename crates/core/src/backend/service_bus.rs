@@ -503,6 +503,13 @@ pub struct Plan<B> {
     ids: Vec<String>,
 }
 
+impl<B> Plan<B> {
+    /// The send (its URL names the entity).
+    pub fn request(&self) -> &BackendRequest {
+        &self.request
+    }
+}
+
 enum Payload<B> {
     /// The caller's body, held by the edge.
     Bytes(B),

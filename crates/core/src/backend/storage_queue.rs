@@ -335,6 +335,10 @@ impl crate::pipeline::Backend for PreparedStorageQueue {
     fn answer<B, S>(&self, plan: &Self::Plan<B>, _reply: Reply<S>, _cx: &Cx<'_>) -> Answer<S> {
         answer(self, plan)
     }
+
+    fn request<'p, B>(&self, plan: &'p Self::Plan<B>) -> &'p BackendRequest {
+        &plan.request
+    }
 }
 
 #[cfg(test)]

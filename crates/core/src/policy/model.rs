@@ -256,6 +256,7 @@ impl BreakerSettings {
             failures: s.failures.unwrap_or(DEFAULT_FAILURES),
             window_ms: f64::from(s.window_seconds.unwrap_or(DEFAULT_WINDOW_SECONDS)) * 1000.0,
             cooldown_ms: f64::from(s.cooldown_seconds.unwrap_or(DEFAULT_COOLDOWN_SECONDS)) * 1000.0,
+            many_resources: false,
         }
     }
 }
