@@ -57,7 +57,6 @@ pub struct BreakerConfig {
     pub cooldown_ms: f64,
     /// The route's backend URL path is built from the request, so its calls go to many
     /// resources (decided at build time).
-    #[serde(default)]
     pub many_resources: bool,
 }
 
