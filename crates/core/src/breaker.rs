@@ -34,9 +34,9 @@
 //!
 //! Memory is bounded: route and host breakers by the policy; the other scopes are created by a
 //! failure only (a call that finds nothing open passes without touching the map), in one map of
-//! at most [`MAX_TRACKED`] entries that drops the least recently touched eighth when full. Keys
-//! are 64-bit hashes of the caller and resource, seeded per isolate, so a caller can neither
-//! choose collisions nor grow a key's size.
+//! at most [`MAX_TRACKED`] entries that drops the least recently touched (an eighth or more) when
+//! full. Keys are 64-bit hashes of the caller and resource, seeded per isolate, so a caller can
+//! neither choose collisions nor grow a key's size.
 //!
 //! Pure state, no I/O and no clock of its own: the driver asks before a call and reports after.
 
@@ -387,7 +387,8 @@ impl State {
 #[derive(Debug, Clone)]
 struct Entry {
     state: State,
-    touched: f64,
+    /// When it was last touched, in [`Breakers::touches`].
+    touched: u64,
 }
 
 enum View {
@@ -404,6 +405,8 @@ pub struct Breakers {
     shared: FastMap<Key, Entry>,
     /// Per caller and per resource: at most [`MAX_TRACKED`].
     tracked: FastMap<Key, Entry>,
+    /// Counts touches: the order in which entries were last touched.
+    touches: u64,
 }
 
 impl Breakers {
@@ -488,8 +491,10 @@ impl Breakers {
             return Admission::Open { retry_in_ms, scope };
         }
         for scope in Scope::ALL.into_iter().filter(|s| probes & s.bit() != 0) {
+            self.touches += 1;
+            let touched = self.touches;
             if let Some(entry) = self.map(scope).get_mut(&call.key(scope)) {
-                entry.touched = now;
+                entry.touched = touched;
                 if let State::Open { probes, .. } = &mut entry.state {
                     probes.push((call.caller, now));
                 }
@@ -561,11 +566,13 @@ impl Breakers {
         if tracked && !self.tracked.contains_key(&key) {
             self.make_room();
         }
+        self.touches += 1;
+        let touched = self.touches;
         let entry = self.map(scope).entry(key).or_insert_with(|| Entry {
             state: State::Closed(Evidence::default()),
-            touched: now,
+            touched,
         });
-        entry.touched = now;
+        entry.touched = touched;
         match &mut entry.state {
             State::Closed(evidence) => {
                 if evidence.add(rule, call, retry_after_ms, now) {
@@ -586,20 +593,18 @@ impl Breakers {
         }
     }
 
-    /// Drops the least recently touched eighth of the tracked breakers when they are at the
+    /// Drops the least recently touched tracked breakers (an eighth or more) when they are at the
     /// limit.
     fn make_room(&mut self) {
         if self.tracked.len() < MAX_TRACKED {
             return;
         }
-        let mut times: Vec<f64> = self.tracked.values().map(|e| e.touched).collect();
-        let nth = MAX_TRACKED / 8;
-        if nth >= times.len() {
-            return;
-        }
-        let (_, cutoff, _) = times.select_nth_unstable_by(nth, f64::total_cmp);
-        let cutoff = *cutoff;
-        self.tracked.retain(|_, e| e.touched > cutoff);
+        // The last 7/8 × MAX_TRACKED touches touched at most that many entries: the others
+        // (at least an eighth) go.
+        let keep_from = self
+            .touches
+            .saturating_sub((MAX_TRACKED - MAX_TRACKED / 8) as u64);
+        self.tracked.retain(|_, e| e.touched > keep_from);
     }
 
     /// How many per-caller and per-resource breakers are held.
@@ -628,8 +633,12 @@ fn write_caller(h: &mut FastHasher, caller: Caller<'_>) {
                 }
             }
             Ok(addr) => {
+                // IPv4, or IPv4 mapped into IPv6: the same caller either way.
                 h.write_u8(4);
-                h.write(addr.to_canonical().to_string().as_bytes());
+                match addr.to_canonical() {
+                    std::net::IpAddr::V4(v4) => h.write(&v4.octets()),
+                    std::net::IpAddr::V6(v6) => h.write(&v6.octets()),
+                }
             }
             Err(_) => {
                 h.write_u8(5);
