@@ -65,6 +65,9 @@ struct Fake {
     body: Option<Vec<u8>>,
     body_pos: Cell<usize>,
     replies: RefCell<VecDeque<FakeReply>>,
+    /// Replies by URL: a send whose URL contains the text gets this one, every time (before
+    /// `replies`).
+    by_url: RefCell<Vec<(String, FakeReply)>>,
     sent: RefCell<Vec<Sent>>,
     tokens_asked: Cell<u32>,
     no_token: Option<Problem>,
@@ -109,6 +112,11 @@ impl Fake {
 
     fn sent(&self) -> Vec<Sent> {
         self.sent.borrow().clone()
+    }
+
+    /// Every send whose URL contains `part` gets this reply from now on.
+    fn answer_for(&self, part: &str, reply: FakeReply) {
+        self.by_url.borrow_mut().insert(0, (part.to_owned(), reply));
     }
 }
 
@@ -237,11 +245,20 @@ impl Io for Fake {
             stream,
             limit,
         });
-        let reply =
-            self.replies
-                .borrow_mut()
-                .pop_front()
-                .unwrap_or(Ok((201, Vec::new(), String::new())));
+        let by_url = self
+            .by_url
+            .borrow()
+            .iter()
+            .find(|(part, _)| request.url.contains(part.as_str()))
+            .map(|(_, reply)| reply.clone());
+        let reply = match by_url {
+            Some(reply) => reply,
+            None => self.replies.borrow_mut().pop_front().unwrap_or(Ok((
+                201,
+                Vec::new(),
+                String::new(),
+            ))),
+        };
         reply.map(|(status, headers, body)| Reply {
             status,
             headers,
@@ -2017,4 +2034,278 @@ fn uploads_that_stall_or_break_on_the_caller_s_side_do_not_open_the_breaker() {
     assert_eq!(status, 201);
     assert_eq!(log["breaker"], "closed");
     assert_eq!(io.sent().len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Whose failures open which breaker (issue 20): no caller, resource or route alone can make the
+// gateway refuse others.
+
+const SCOPE_POLICY: &str = r#"{
+  "identities": { "gw": { "token_endpoint": { "url": "https://idp.example.com/token" },
+      "client_id": "c", "credential": { "client_secret": { "secret": "GW_SECRET" } } } },
+  "inbound": { "api_key": { "keys": [
+      { "name": "a", "secret": "KEY_A" }, { "name": "b", "secret": "KEY_B" },
+      { "name": "c", "secret": "KEY_C" }, { "name": "d", "secret": "KEY_D" } ] } },
+  "routes": [
+    { "name": "items", "methods": ["GET"], "path": "/items/{id}",
+      "backend": { "azure_rest": { "identity": "gw", "api_version": "2022-09-01",
+        "url": "https://management.azure.com/items/{path.id}" } } },
+    { "name": "other", "methods": ["GET"], "path": "/other/{id}",
+      "backend": { "azure_rest": { "identity": "gw", "api_version": "2022-09-01",
+        "url": "https://management.azure.com/other/{path.id}" } } },
+    { "name": "strict", "methods": ["GET"], "path": "/strict/{id}",
+      "breaker": { "failures": 1, "cooldown_seconds": 3600 },
+      "backend": { "azure_rest": { "identity": "gw", "api_version": "2022-09-01",
+        "url": "https://management.azure.com/strict/{path.id}" } } },
+    { "name": "raw", "methods": ["POST"], "path": "/raw/{id}",
+      "backend": { "azure_rest": { "identity": "gw", "api_version": "2022-09-01", "body": "none",
+        "errors": "pass", "url": "https://management.azure.com/raw/{path.id}" } } },
+    { "name": "orders", "methods": ["POST"], "path": "/orders/{tenant}",
+      "backend": { "service_bus": { "namespace": "contoso-orders", "queue": "orders", "identity": "gw" } } }
+  ]
+}"#;
+
+fn scope_io() -> Fake {
+    let mut io = Fake::new();
+    for (secret, value) in [
+        ("GW_SECRET", "identity-secret"),
+        ("KEY_A", "key-a"),
+        ("KEY_B", "key-b"),
+        ("KEY_C", "key-c"),
+        ("KEY_D", "key-d"),
+    ] {
+        io.secrets.insert(secret.into(), value.into());
+    }
+    io.answer_for("management.azure.com", Ok((200, Vec::new(), "{}".into())));
+    io
+}
+
+/// A GET by caller `who` (a, b, c or d): status, headers, body, log line, and how many sends it
+/// made.
+fn get_as(
+    g: &Gateway,
+    io: &Fake,
+    who: &str,
+    path: &str,
+) -> (u16, Vec<(&'static str, String)>, String, Value, usize) {
+    let method = if path.starts_with("/raw/") || path.starts_with("/orders/") {
+        "POST"
+    } else {
+        "GET"
+    };
+    let key = format!("key-{who}");
+    let head = request(method, path, &[("x-api-key", key.as_str())], false);
+    let before = io.sent().len();
+    let (status, headers, body, log) = run(g, &head, io);
+    (status, headers, body, log, io.sent().len() - before)
+}
+
+fn retry_after<'h>(headers: &'h [(&'static str, String)]) -> Option<&'h str> {
+    headers
+        .iter()
+        .find(|(k, _)| *k == "retry-after")
+        .map(|(_, v)| v.as_str())
+}
+
+fn failed(status: u16) -> FakeReply {
+    Ok((status, Vec::new(), String::new()))
+}
+
+/// Caller a calls one resource that Azure fails, again and again; then b's calls (another
+/// resource of the route, another route of the host, the same resource) and a's other calls
+/// are all made, and only a's calls of that resource fail fast.
+fn one_caller_hammering_one_failing_resource(fault: FakeReply) {
+    let g = Gateway::load(SCOPE_POLICY).unwrap();
+    let io = scope_io();
+    io.answer_for("/items/bad", fault);
+    for _ in 0..12 {
+        let (status, _, _, _, _) = get_as(&g, &io, "a", "/items/bad");
+        assert_eq!(status, 503);
+    }
+    for (who, path) in [
+        ("b", "/items/good"),
+        ("b", "/other/x"),
+        ("a", "/items/good"),
+    ] {
+        let (status, _, body, log, sends) = get_as(&g, &io, who, path);
+        assert_eq!(status, 200, "{who} {path}: {body}");
+        assert_eq!(
+            (log["breaker"].as_str(), sends),
+            (Some("closed"), 1),
+            "{who} {path}"
+        );
+    }
+    // a's calls of that resource fail fast, for a alone: nothing is sent.
+    let (status, _, body, log, sends) = get_as(&g, &io, "a", "/items/bad");
+    assert_eq!((status, sends), (503, 0), "{body}");
+    assert!(body.contains("backend-circuit-open"), "{body}");
+    assert!(
+        body.contains("Your recent calls for this resource"),
+        "{body}"
+    );
+    assert_eq!(log["breaker_scope"], "caller_resource");
+    // b's call of it is made (and fails as Azure fails it).
+    let (status, _, body, log, sends) = get_as(&g, &io, "b", "/items/bad");
+    assert_eq!(status, 503);
+    assert!(sends >= 1 && body.contains("backend-unavailable"), "{body}");
+    assert_eq!(log["breaker"], "closed");
+}
+
+#[test]
+fn one_caller_whose_resource_azure_fails_is_refused_alone_not_the_host() {
+    one_caller_hammering_one_failing_resource(failed(500));
+}
+
+#[test]
+fn one_caller_whose_resource_times_out_is_refused_alone_not_the_host() {
+    one_caller_hammering_one_failing_resource(Err(SendError::Timeout));
+}
+
+#[test]
+fn one_caller_throttled_on_one_resource_is_refused_alone_for_as_long_as_azure_asked() {
+    let g = Gateway::load(SCOPE_POLICY).unwrap();
+    let io = scope_io();
+    io.answer_for(
+        "/items/hot",
+        Ok((
+            429,
+            vec![("retry-after".into(), "60".into())],
+            String::new(),
+        )),
+    );
+    for _ in 0..5 {
+        let (status, headers, _, _, sends) = get_as(&g, &io, "a", "/items/hot");
+        // 60 s is past the retry budget: answered at once, with Azure's wait.
+        assert_eq!((status, retry_after(&headers), sends), (503, Some("60"), 1));
+    }
+    let (status, _, body, _, _) = get_as(&g, &io, "b", "/items/cool");
+    assert_eq!(status, 200, "b: {body}");
+    let (status, headers, body, log, sends) = get_as(&g, &io, "a", "/items/hot");
+    assert_eq!((status, sends), (503, 0), "{body}");
+    assert_eq!(log["breaker_scope"], "caller_resource");
+    assert_eq!(
+        retry_after(&headers),
+        Some("60"),
+        "Azure's wait, not the 30 s cool-down"
+    );
+}
+
+#[test]
+fn a_routes_own_breaker_settings_change_that_route_alone() {
+    let g = Gateway::load(SCOPE_POLICY).unwrap();
+    let io = scope_io();
+    io.answer_for("/strict/x", failed(500));
+    let (status, _, _, _, _) = get_as(&g, &io, "a", "/strict/x");
+    assert_eq!(status, 503);
+    // One failure on the route that opens at 1 failure for an hour: nobody else is refused.
+    for (who, path) in [
+        ("b", "/items/y"),
+        ("b", "/other/z"),
+        ("b", "/strict/y"),
+        ("a", "/strict/y"),
+    ] {
+        let (status, _, body, _, sends) = get_as(&g, &io, who, path);
+        assert_eq!((status, sends), (200, 1), "{who} {path}: {body}");
+    }
+    // a, on that resource, for the route's hour.
+    let (status, headers, _, log, sends) = get_as(&g, &io, "a", "/strict/x");
+    assert_eq!((status, sends), (503, 0));
+    assert_eq!(log["breaker_scope"], "caller_resource");
+    assert_eq!(retry_after(&headers), Some("3600"));
+}
+
+/// Azure fails everything; three callers fail on five resources of two routes.
+fn host_outage(g: &Gateway, io: &Fake) {
+    io.answer_for("management.azure.com", failed(503));
+    for (who, path) in [
+        ("a", "/items/a1"),
+        ("b", "/other/b1"),
+        ("c", "/items/c1"),
+        ("a", "/other/a2"),
+        ("b", "/items/b2"),
+    ] {
+        let (status, _, body, _, sends) = get_as(g, io, who, path);
+        assert_eq!(status, 503, "{body}");
+        assert!(sends >= 1, "{who} {path}");
+    }
+}
+
+#[test]
+fn a_real_outage_seen_by_several_callers_on_several_resources_opens_the_host_for_everyone() {
+    let g = Gateway::load(SCOPE_POLICY).unwrap();
+    let io = scope_io();
+    host_outage(&g, &io);
+    // Each route for its own cool-down: the default 30 s, and the strict route's hour.
+    for (path, cool_down) in [
+        ("/other/new", 30),
+        ("/items/new", 30),
+        ("/strict/new", 3600),
+    ] {
+        let (status, headers, body, log, sends) = get_as(&g, &io, "d", path);
+        assert_eq!((status, sends), (503, 0), "d {path}: {body}");
+        assert!(body.contains("backend-circuit-open"), "{body}");
+        assert_eq!(log["breaker"], "open");
+        assert_eq!(log["breaker_scope"], "host", "{path}");
+        let wait: u64 = retry_after(&headers).unwrap().parse().unwrap();
+        assert!(wait > cool_down - 5 && wait <= cool_down, "{path}: {wait}");
+    }
+}
+
+#[test]
+fn after_an_outage_a_caller_whose_own_resource_still_fails_cannot_reopen_it_for_others() {
+    let g = Gateway::load(SCOPE_POLICY).unwrap();
+    let io = scope_io();
+    host_outage(&g, &io);
+    // Azure is back, except for a's resource. a fires first as the cool-down ends.
+    io.answer_for("management.azure.com", Ok((200, Vec::new(), "{}".into())));
+    io.answer_for("/items/bad", failed(503));
+    io.clock.set(io.clock.get() + 31_000.0);
+    let (status, _, _, log, sends) = get_as(&g, &io, "a", "/items/bad");
+    assert_eq!((status, log["breaker"].as_str()), (503, Some("probe")));
+    assert!(sends >= 1);
+    // b, right after: called (and the answer closes the host's breaker for all).
+    let (status, _, body, log, sends) = get_as(&g, &io, "b", "/items/good");
+    assert_eq!((status, sends), (200, 1), "b: {body}");
+    assert_eq!(log["breaker"], "probe");
+    let (status, _, _, log, _) = get_as(&g, &io, "c", "/other/x");
+    assert_eq!((status, log["breaker"].as_str()), (200, Some("closed")));
+}
+
+#[test]
+fn azures_retry_after_reaches_callers_between_1_and_300_seconds() {
+    let g = Gateway::load(SCOPE_POLICY).unwrap();
+    let io = scope_io();
+    let asking = |secs: &str| -> FakeReply {
+        Ok((
+            503,
+            vec![("retry-after".into(), secs.into())],
+            String::new(),
+        ))
+    };
+    let throttled = |secs: &str| -> FakeReply {
+        Ok((
+            429,
+            vec![("retry-after".into(), secs.into())],
+            String::new(),
+        ))
+    };
+    for (who, path, reply, expected) in [
+        // Mapped to problem+json after the retries.
+        ("a", "/items/huge", throttled("99999999999"), "300"),
+        ("b", "/items/zero", throttled("0"), "1"),
+        // Passed through as Azure answered (a POST answered 503 is not sent again).
+        ("c", "/raw/huge", asking("99999999999"), "300"),
+        ("d", "/raw/zero", asking("0"), "1"),
+        // Service Bus, after its retries.
+        ("a", "/orders/t", asking("0"), "1"),
+    ] {
+        if path.starts_with("/orders/") {
+            io.answer_for("servicebus.windows.net", reply);
+        } else {
+            io.answer_for(path, reply);
+        }
+        let (status, headers, body, _, _) = get_as(&g, &io, who, path);
+        assert_eq!(status, 503, "{path}: {body}");
+        assert_eq!(retry_after(&headers), Some(expected), "{path}");
+    }
 }

@@ -1387,6 +1387,109 @@ fn explain_says_what_each_element_of_a_batch_may_set() {
     assert!(!out.contains("Batch routes"), "{out}");
 }
 
+#[test]
+fn explain_shows_whom_each_routes_breakers_refuse_and_on_whose_failures() {
+    let rest = |id: &str| {
+        json!({ "azure_rest": { "identity": "gw", "api_version": "2022-09-01",
+        "url": format!("https://management.azure.com/{id}/{{path.id}}") } })
+    };
+    let route = |name: &str, backend: Value| {
+        json!({ "name": name, "methods": ["GET"],
+        "path": format!("/{name}/{{id}}"), "public": true, "backend": backend })
+    };
+    let mut p = base();
+    p["routes"] = json!([
+        route("items", rest("items")),
+        route("strict", rest("strict")),
+        route("off", rest("off")),
+        {
+            "name": "orders", "methods": ["POST"], "path": "/orders/{tenant}",
+            "inbound": { "api_key": { "keys": [{ "name": "primary", "secret": "ORDERS_KEY" }] } },
+            "backend": { "service_bus": { "namespace": "contoso-orders", "queue": "orders", "identity": "gw" } }
+        }
+    ]);
+    p["routes"][1]["breaker"] = json!({ "failures": 1, "cooldown_seconds": 3600 });
+    p["routes"][2]["breaker"] = json!({ "failures": 0 });
+    let (code, out, err) = run_policy_tool("explain", "breaker-policy.json", &p);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let section = out
+        .split_once("\nCircuit breakers (per isolate): whom each refuses, on whose failures\n")
+        .map(|(_, s)| s)
+        .unwrap_or_else(|| panic!("no breaker section in:\n{out}"));
+    let cells = |name: &str| -> Vec<String> {
+        let line = section
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no row for {name} in:\n{section}"));
+        line.split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    // ROUTE, CALLERS BY, RESOURCES, WINDOW, COOL-DOWN, CALLER_RESOURCE, CALLER, RESOURCE, ROUTE, HOST
+    assert_eq!(
+        cells("items"),
+        [
+            "items",
+            "address",
+            "many",
+            "30 s",
+            "30 s",
+            "5",
+            "5 r<=3",
+            "5 c<=3",
+            "5 c<=3 r<=3",
+            "https://management.azure.com"
+        ]
+    );
+    // Its own hour and one failure: only for its own scopes; shared ones need two callers.
+    assert_eq!(
+        cells("strict"),
+        [
+            "strict",
+            "address",
+            "many",
+            "30 s",
+            "3600 s",
+            "1",
+            "2 r<=1",
+            "2 c<=1",
+            "2 c<=1 r<=1",
+            "https://management.azure.com"
+        ]
+    );
+    assert_eq!(
+        cells("orders"),
+        [
+            "orders",
+            "API key",
+            "one",
+            "30 s",
+            "30 s",
+            "5",
+            "-",
+            "-",
+            "5 c<=3",
+            "https://contoso-orders.servicebus.windows.net"
+        ]
+    );
+    assert!(
+        section.contains(
+            "\n  off: no breaker (\"failures\": 0): always called, its failures count nowhere\n"
+        ),
+        "{section}"
+    );
+    // The host's rule is the gateway's, the same whatever its routes say; the route without a
+    // breaker is not on it.
+    assert!(
+        section.contains(
+            "\n  HOST https://management.azure.com (items, strict): 5 c<=3 r<=3 within 30 s\n"
+        ),
+        "{section}"
+    );
+}
+
 /// The base policy with one `azure_rest` route (index 3) whose backend `edit` changes.
 fn rest_after(edit: impl FnOnce(&mut Value)) -> impl FnOnce(&mut Value) {
     move |p: &mut Value| {

@@ -154,6 +154,23 @@ mod cli {
                 );
             }
         }
+        let compiled = std::fs::read_to_string(file)
+            .map_err(|e| e.to_string())
+            .and_then(|text| {
+                azure_edge_gateway::policy::prepared::compile(&text).map_err(|e| format!("{e:?}"))
+            });
+        match compiled {
+            Ok(prepared) => {
+                println!();
+                for line in breaker_lines(&p, &prepared) {
+                    println!("{line}");
+                }
+            }
+            Err(e) => {
+                eprintln!("policy: {file} could not be compiled: {e}");
+                return 1;
+            }
+        }
         let batches: Vec<String> = p.routes.iter().filter_map(batch_line).collect();
         if !batches.is_empty() {
             println!();
@@ -208,6 +225,109 @@ mod cli {
             }
             _ => return None,
         })
+    }
+
+    /// Each route's circuit breakers: whom each refuses, and what opens it (from the same rules
+    /// the gateway runs, [`azure_edge_gateway::breaker`]).
+    fn breaker_lines(
+        p: &Policy,
+        prepared: &azure_edge_gateway::policy::prepared::Prepared,
+    ) -> Vec<String> {
+        use azure_edge_gateway::breaker::{Rule, Scope};
+        use azure_edge_gateway::retry::RETRY_AFTER_SECS;
+        let cell = |rule: Option<Rule>| match rule {
+            None => "-".to_owned(),
+            Some(rule) => {
+                let mut cell = rule.failures.to_string();
+                if let Some(n) = rule.per_caller {
+                    cell.push_str(&format!(" c<={n}"));
+                }
+                if let Some(n) = rule.per_resource {
+                    cell.push_str(&format!(" r<={n}"));
+                }
+                cell
+            }
+        };
+        let mut out = vec![
+            "Circuit breakers (per isolate): whom each refuses, on whose failures".to_owned(),
+            "  A breaker refuses one scope and opens on failures from inside it: CALLER_RESOURCE one caller on one resource, CALLER one caller on the route, RESOURCE every caller on one resource, ROUTE every caller on the route, HOST every route on the origin.".to_owned(),
+            "  Each cell: the failures (within the window) that open it; c<=N, r<=N: at most N of them from one caller, on one resource; '-': the route has one resource, so CALLER is CALLER_RESOURCE and RESOURCE is ROUTE.".to_owned(),
+            "  Callers are told apart by their API key's name, else their token's issuer and subject, else their address (IPv6 by its /64); a resource is the path of the URL sent to Azure.".to_owned(),
+            format!("  An open breaker refuses for its route's cool-down, or for Azure's Retry-After ({}-{} s) when every failure that opened it carried one; then one probe per caller at a time.", RETRY_AFTER_SECS.start(), RETRY_AFTER_SECS.end()),
+        ];
+        let mut hosts: Vec<(&str, Vec<&str>, Option<Rule>)> = Vec::new();
+        for r in prepared.routes.iter().filter(|r| r.breaker.failures > 0) {
+            match hosts.iter_mut().find(|(h, _, _)| *h == r.host) {
+                Some((_, names, _)) => names.push(&r.name),
+                None => hosts.push((&r.host, vec![&r.name], r.breaker.rule(Scope::Host))),
+            }
+        }
+        for (host, names, rule) in &hosts {
+            out.push(format!(
+                "  HOST {host} ({}): {} within {} s",
+                names.join(", "),
+                cell(*rule),
+                rule.map_or(0.0, |r| r.window_ms / 1000.0)
+            ));
+        }
+        let header = [
+            "ROUTE",
+            "CALLERS BY",
+            "RESOURCES",
+            "WINDOW",
+            "COOL-DOWN",
+            "CALLER_RESOURCE",
+            "CALLER",
+            "RESOURCE",
+            "ROUTE",
+            "HOST",
+        ]
+        .map(String::from);
+        let mut rows = vec![header];
+        let mut off = Vec::new();
+        for (route, prepared) in p.routes.iter().zip(&prepared.routes) {
+            let config = &prepared.breaker;
+            if config.failures == 0 {
+                off.push(format!(
+                    "  {}: no breaker (\"failures\": 0): always called, its failures count nowhere",
+                    route.name
+                ));
+                continue;
+            }
+            let inbound = p.effective_inbound(route);
+            let callers = if inbound.api_key.is_some() {
+                "API key"
+            } else if inbound.jwt.is_some() {
+                "token subject"
+            } else {
+                "address"
+            };
+            rows.push([
+                route.name.clone(),
+                callers.to_owned(),
+                if config.many_resources { "many" } else { "one" }.to_owned(),
+                format!("{} s", config.window_ms / 1000.0),
+                format!("{} s", config.cooldown_ms / 1000.0),
+                cell(config.rule(Scope::CallerResource)),
+                cell(config.rule(Scope::Caller)),
+                cell(config.rule(Scope::Resource)),
+                cell(config.rule(Scope::Route)),
+                prepared.host.clone(),
+            ]);
+        }
+        let widths: Vec<usize> = (0..10)
+            .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+            .collect();
+        for row in &rows {
+            let cells: Vec<String> = row
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect();
+            out.push(format!("  {}", cells.join("  ").trim_end()));
+        }
+        out.extend(off);
+        out
     }
 
     /// Store-and-forward routes that accept requests larger than a queue message can carry:

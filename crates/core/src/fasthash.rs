@@ -2,9 +2,11 @@
 //!
 //! Their keys come from the policy (a backend's host, a token's key, an API key's secret name)
 //! or from the gateway itself (a task's id), never from a caller, so they need no defence
-//! against chosen collisions; the standard SipHash cost a Service Bus send about a microsecond
-//! of wasm time (perf on workerd). This is the Fx hash (Firefox, rustc): a rotate, a xor and a
-//! multiply per eight bytes (with rustc-hash 2's constant and final rotation).
+//! against chosen collisions (the circuit breakers key theirs by caller and resource hashed
+//! with [`FastHasher::seeded`], whose seed is random per isolate); the standard SipHash cost a
+//! Service Bus send about a microsecond of wasm time (perf on workerd). This is the Fx hash
+//! (Firefox, rustc): a rotate, a xor and a multiply per eight bytes (with rustc-hash 2's
+//! constant and final rotation).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -18,6 +20,13 @@ pub struct FastHasher(u64);
 const SEED: u64 = 0xf1_35_7a_ea_2e_62_a9_c5;
 
 impl FastHasher {
+    /// A hasher that starts from `seed`: keys hashed with a seed the caller cannot know.
+    pub fn seeded(seed: u64) -> FastHasher {
+        let mut h = FastHasher(0);
+        h.add(seed);
+        h
+    }
+
     #[inline]
     fn add(&mut self, word: u64) {
         self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(SEED);

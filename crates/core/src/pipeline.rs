@@ -24,7 +24,7 @@ use std::cell::RefCell;
 use serde_json::{Map, Value};
 
 use crate::backend::{azure_rest, blob, service_bus, BackendRequest, Bearer};
-use crate::breaker::{Admission, Breakers, Outcome};
+use crate::breaker::{Admission, Breakers, Call, Caller, Outcome, Scope};
 use crate::fasthash::FastMap;
 use crate::identity::{Token, TokenKey};
 use crate::inbound::{self, jwt};
@@ -400,8 +400,13 @@ pub struct LogFields {
     pub backend_detail: Option<String>,
     /// A backend refused the token (401) and a fresh one was fetched for this request.
     pub token_renewed: bool,
-    /// The backend host's circuit breaker as this request found it: `closed`, `probe`, `open`.
+    /// The circuit breakers as this request found them: `closed`, `probe`, `open`.
     pub breaker: Option<&'static str>,
+    /// Which breaker refused the call, or the broadest one it probes (`caller_resource`,
+    /// `caller`, `resource`, `route`, `host`).
+    pub breaker_scope: Option<&'static str>,
+    /// Azure's `Retry-After` on its last answer that found it unavailable (not logged).
+    pub retry_after: Option<u64>,
     /// Store-and-forward: `queued`, or why the request was not stored.
     pub stored: Option<String>,
     /// A send carried the caller's own stream: its failure may be the caller's (a stalled or
@@ -434,6 +439,9 @@ pub trait Backend {
     ) -> Result<Reply<I::Stream>, Problem>;
     /// Phase 10: the caller's answer to a reply that [`Backend::send`] accepted.
     fn answer<B, S>(&self, plan: &Self::Plan<B>, reply: Reply<S>, cx: &Cx<'_>) -> Answer<S>;
+    /// The request that names what the call is about: the path of its URL is the resource the
+    /// circuit breakers count failures by.
+    fn request<'p, B>(&self, plan: &'p Self::Plan<B>) -> &'p BackendRequest;
     /// Store-and-forward: the request as it would be stored (request, body, the ids the
     /// caller is told), when this backend's plan can be sent again later. None by default.
     fn stored<'p, B>(&self, _plan: &'p Self::Plan<B>) -> Option<StoredPlan<'p, B>> {
@@ -648,7 +656,8 @@ impl Gateway {
         io: &I,
     ) -> Result<Answer<I::Stream>, Problem> {
         // 8. breaker and token
-        let (admitted, grant) = match self.admit_and_grant(target, cx, io).await {
+        let resource = resource_of(&backend.request(&plan).url);
+        let (call, admitted, grant) = match self.admit_and_grant(target, resource, cx, io).await {
             Ok(granted) => granted,
             Err((problem, true)) => return self.store(backend, &plan, problem, cx, io).await,
             Err((problem, false)) => return Err(problem),
@@ -656,11 +665,13 @@ impl Gateway {
         // 9. send
         let bearer = Bearer::new(target, &grant);
         let sent = backend.send(&plan, &bearer, cx, io).await;
-        let outcome = self.settle(cx, admitted, sent.as_ref().err(), io);
+        let outcome = self.settle(cx, &call, admitted, sent.as_ref().err(), io);
         let reply = match sent {
             Ok(reply) => reply,
             // Unavailable: a storing route keeps it. Not an unknown outcome: Azure may have it.
-            Err(problem) if outcome == Outcome::Failed && problem.kind != UNKNOWN => {
+            Err(problem)
+                if matches!(outcome, Outcome::Failed { .. }) && problem.kind != UNKNOWN =>
+            {
                 return self.store(backend, &plan, problem, cx, io).await
             }
             Err(problem) => return Err(problem),
@@ -669,27 +680,37 @@ impl Gateway {
         Ok(backend.answer(&plan, reply, cx))
     }
 
-    /// Phase 8: the host's circuit breaker (a host found down recently is not called: fail
-    /// fast, then one probe after the cool-down), then the identity's token. An error says
-    /// whether the request may be stored (Azure or the identity provider unavailable).
+    /// Phase 8: the circuit breakers (calls recently found failing are not made: fail fast,
+    /// then probes after the cool-down; see [`crate::breaker`] for who is refused on whose
+    /// failures), then the identity's token. An error says whether the request may be stored
+    /// (Azure or the identity provider unavailable).
     async fn admit_and_grant<I: Io>(
         &self,
         target: &TokenTarget,
+        resource: &str,
         cx: &mut Cx<'_>,
         io: &I,
-    ) -> Result<(Admission, Grant), (Problem, bool)> {
+    ) -> Result<(Call, Admission, Grant), (Problem, bool)> {
         let route = cx
             .route
             .ok_or_else(|| (Problem::internal("no route"), false))?;
-        let admitted = self
-            .breakers
-            .borrow_mut()
-            .admit(&route.host, &route.breaker, io.now());
+        let (call, admitted) = {
+            let mut breakers = self.breakers.borrow_mut();
+            let call = breakers.call(
+                &route.name,
+                &route.host,
+                breaker_caller(cx),
+                resource,
+                || io.random(),
+            );
+            (call, breakers.admit(&call, &route.breaker, io.now()))
+        };
         if route.breaker.failures > 0 {
             cx.log.breaker = Some(admitted.log_state());
+            cx.log.breaker_scope = admitted.scope().map(|s| s.name());
         }
-        if let Admission::Open { retry_in_ms } = admitted {
-            return Err((circuit_open(retry_in_ms), true));
+        if let Admission::Open { retry_in_ms, scope } = admitted {
+            return Err((circuit_open(retry_in_ms, scope), true));
         }
         cx.log.identity = Some(target.identity.clone());
         match io.token(target).await {
@@ -697,10 +718,10 @@ impl Gateway {
                 cx.log.token = Some(grant.source);
                 cx.log.idp_ms = grant.idp_ms;
                 cx.log.token_ttl_s = Some((grant.token.expires_at - io.now()) / 1000.0);
-                Ok((admitted, grant))
+                Ok((call, admitted, grant))
             }
             Err(no) => {
-                self.settle(cx, admitted, None, io);
+                self.settle(cx, &call, admitted, None, io);
                 cx.log.token_error = Some(no.log);
                 // The identity provider is unavailable (no token cached): may be stored. A
                 // refused credential is not a reason to store anything.
@@ -710,34 +731,33 @@ impl Gateway {
         }
     }
 
-    /// Tells the host's breaker how the call went (`failed`: the send's problem, if any; a
-    /// call that never went out says nothing), and returns the outcome.
+    /// Tells the breakers how the call went (`failed`: the send's problem, if any; a call that
+    /// never went out says nothing), and returns the outcome.
     fn settle<I: Io>(
         &self,
         cx: &Cx<'_>,
+        call: &Call,
         admitted: Admission,
         failed: Option<&Problem>,
         io: &I,
     ) -> Outcome {
         let outcome = match failed {
             // A failed call that streamed the caller's body may be the caller's doing: a client
-            // that stalls or breaks its uploads must not open the breaker for everyone.
+            // that stalls or breaks its uploads must not open a breaker, even its own.
             Some(_) if cx.log.caller_stream => Outcome::NotSent,
             Some(p) if matches!(p.kind, "backend-unavailable" | "backend-timeout" | UNKNOWN) => {
-                Outcome::Failed
+                Outcome::Failed {
+                    retry_after_ms: asked_ms(cx.log.retry_after),
+                }
             }
             Some(p) if p.kind == "unsendable-value" => Outcome::NotSent,
             _ if cx.log.token.is_none() => Outcome::NotSent,
             _ => Outcome::Answered,
         };
         if let Some(route) = cx.route {
-            self.breakers.borrow_mut().record(
-                &route.host,
-                &route.breaker,
-                admitted,
-                outcome,
-                io.now(),
-            );
+            self.breakers
+                .borrow_mut()
+                .record(call, &route.breaker, admitted, outcome, io.now());
         }
         outcome
     }
@@ -914,23 +934,32 @@ impl Gateway {
                 ))
             }
         };
-        let admitted = self
-            .breakers
-            .borrow_mut()
-            .admit(&route.host, &route.breaker, io.now());
+        // Deliveries are the gateway's own calls: one caller, whose failures count for at most
+        // half of what opens a breaker shared with the callers.
+        let (call, admitted) = {
+            let mut breakers = self.breakers.borrow_mut();
+            let call = breakers.call(
+                &route.name,
+                &route.host,
+                Caller::Gateway,
+                resource_of(&request.url),
+                || io.random(),
+            );
+            (call, breakers.admit(&call, &route.breaker, io.now()))
+        };
         log.breaker = Some(admitted.log_state());
-        if let Admission::Open { retry_in_ms } = admitted {
+        log.breaker_scope = admitted.scope().map(|s| s.name());
+        if let Admission::Open { retry_in_ms, scope } = admitted {
             let secs = (retry_in_ms / 1000.0).ceil().max(1.0) as u64;
-            return Tried::Later(secs, "the backend's circuit breaker is open".to_owned());
+            return Tried::Later(
+                secs,
+                format!("the backend's circuit breaker ({}) is open", scope.name()),
+            );
         }
         let record = |outcome: Outcome| {
-            self.breakers.borrow_mut().record(
-                &route.host,
-                &route.breaker,
-                admitted,
-                outcome,
-                io.now(),
-            )
+            self.breakers
+                .borrow_mut()
+                .record(&call, &route.breaker, admitted, outcome, io.now())
         };
         let grant = match io.token(target).await {
             Ok(grant) => grant,
@@ -973,8 +1002,13 @@ impl Gateway {
                         "the blob exists already ({status}): written by an earlier attempt"
                     ))
                 } else if status == 429 || status >= 500 {
-                    record(Outcome::Failed);
-                    Tried::Later(retry_after.unwrap_or(5), format!("Azure answered {status}"))
+                    record(Outcome::Failed {
+                        retry_after_ms: asked_ms(retry_after),
+                    });
+                    Tried::Later(
+                        crate::retry::caller_retry_after(retry_after),
+                        format!("Azure answered {status}"),
+                    )
                 } else {
                     record(Outcome::Answered);
                     Tried::Refused(format!("Azure refused it ({status})"))
@@ -985,7 +1019,9 @@ impl Gateway {
                 Tried::Refused(problem.detail)
             }
             Err(e) => {
-                record(Outcome::Failed);
+                record(Outcome::Failed {
+                    retry_after_ms: None,
+                });
                 Tried::Later(5, format!("Azure could not be reached ({e})"))
             }
         }
@@ -1227,6 +1263,10 @@ impl Backend for crate::policy::prepared::PreparedServiceBus {
         service_bus::answer(self, plan)
     }
 
+    fn request<'p, B>(&self, plan: &'p Self::Plan<B>) -> &'p BackendRequest {
+        plan.request()
+    }
+
     fn stored<'p, B>(&self, plan: &'p Self::Plan<B>) -> Option<StoredPlan<'p, B>> {
         service_bus::stored(self, plan)
     }
@@ -1255,6 +1295,10 @@ impl Backend for crate::policy::prepared::PreparedBlob {
 
     fn answer<B, S>(&self, plan: &Self::Plan<B>, reply: Reply<S>, cx: &Cx<'_>) -> Answer<S> {
         blob::answer(self, plan, reply, cx)
+    }
+
+    fn request<'p, B>(&self, plan: &'p Self::Plan<B>) -> &'p BackendRequest {
+        plan.request()
     }
 
     fn stored<'p, B>(&self, plan: &'p Self::Plan<B>) -> Option<StoredPlan<'p, B>> {
@@ -1286,21 +1330,74 @@ impl Backend for crate::policy::prepared::PreparedRest {
     fn answer<B, S>(&self, plan: &Self::Plan<B>, reply: Reply<S>, cx: &Cx<'_>) -> Answer<S> {
         azure_rest::answer(self, plan, reply, cx)
     }
+
+    fn request<'p, B>(&self, plan: &'p Self::Plan<B>) -> &'p BackendRequest {
+        plan.request()
+    }
 }
 
 /// The problem kind of a call whose outcome is unknown ([`crate::backend::outcome_unknown`]).
 const UNKNOWN: &str = "backend-outcome-unknown";
 
-/// A call not made: the backend's host was found unavailable by recent calls.
-fn circuit_open(retry_in_ms: f64) -> Problem {
+/// A call not made: recent calls in `scope` found Azure unavailable.
+fn circuit_open(retry_in_ms: f64, scope: Scope) -> Problem {
     let seconds = (retry_in_ms / 1000.0).ceil().max(1.0) as u64;
+    let whose = match scope {
+        Scope::CallerResource => "Your recent calls for this resource found Azure unavailable, so the gateway is not calling Azure for it on your behalf",
+        Scope::Caller => "Your recent calls on this route found Azure unavailable for several resources, so the gateway is not calling Azure on this route on your behalf",
+        Scope::Resource => "Recent calls of several callers for this resource found Azure unavailable, so the gateway is not calling Azure for it",
+        Scope::Route => "Recent calls of several callers on this route found Azure unavailable, so the gateway is not calling Azure on this route",
+        Scope::Host => "Recent calls of several callers found this Azure service unavailable, so the gateway is not calling it",
+    };
     Problem::new(
         503,
         "backend-circuit-open",
         "Azure is unavailable",
-        format!("Recent calls found this route's Azure service unavailable, so the gateway is not calling it for {seconds} s; nothing was sent. Retry after the time in Retry-After."),
+        format!("{whose} for {seconds} s; nothing was sent. Retry after the time in Retry-After."),
     )
     .with_header("retry-after", seconds.to_string())
+    .with_extension("breaker_scope", Value::from(scope.name()))
+}
+
+/// What Azure asked for, as the breakers honour it (clamped like a caller's `Retry-After`).
+fn asked_ms(retry_after: Option<u64>) -> Option<f64> {
+    retry_after.map(|s| crate::retry::caller_retry_after(Some(s)) as f64 * 1000.0)
+}
+
+/// The resource a backend URL names, as the breakers count it: its path, without the query.
+fn resource_of(url: &str) -> &str {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let rest = url.get(after_scheme..).unwrap_or("");
+    let path = rest.find('/').map_or("", |i| rest.get(i..).unwrap_or(""));
+    path.split('?').next().unwrap_or(path)
+}
+
+/// Who is calling, as the breakers tell callers apart: the API key's name, else the token's
+/// issuer and subject, else the client address.
+fn breaker_caller<'c>(cx: &'c Cx<'_>) -> Caller<'c> {
+    if let Some(name) = cx.api_key.as_deref() {
+        return Caller::ApiKey(name);
+    }
+    let claim = |name: &str| {
+        cx.claims
+            .as_ref()
+            .and_then(|c| c.get(name))
+            .and_then(Value::as_str)
+    };
+    if let Some(subject) = claim("sub").filter(|s| !s.is_empty()) {
+        return Caller::Subject {
+            issuer: claim("iss").unwrap_or(""),
+            subject,
+        };
+    }
+    match cx
+        .head
+        .header("cf-connecting-ip")
+        .filter(|ip| !ip.is_empty())
+    {
+        Some(ip) => Caller::Address(ip),
+        None => Caller::Unknown,
+    }
 }
 
 /// Phase 1: the caller's request id, when it is one we can safely echo and log: 1 to 128
@@ -1341,6 +1438,7 @@ fn log_line(cx: &Cx<'_>, status: u16, duration_ms: f64) -> String {
         line.bool("token_renewed", true);
     }
     line.opt_str("breaker", log.breaker)
+        .opt_str("breaker_scope", log.breaker_scope)
         .opt_str("stored", log.stored.as_deref())
         .opt_str("unavailable", log.problem_avoided);
     if let Some(status) = log.backend_status {
@@ -1384,6 +1482,8 @@ mod tests {
             #[serde(skip_serializing_if = "Option::is_none")]
             breaker: Option<&'static str>,
             #[serde(skip_serializing_if = "Option::is_none")]
+            breaker_scope: Option<&'static str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
             stored: Option<&'a str>,
             #[serde(skip_serializing_if = "Option::is_none")]
             unavailable: Option<&'static str>,
@@ -1410,6 +1510,7 @@ mod tests {
             token_error: log.token_error.as_deref(),
             token_renewed: log.token_renewed,
             breaker: log.breaker,
+            breaker_scope: log.breaker_scope,
             stored: log.stored.as_deref(),
             unavailable: log.problem_avoided,
             backend_status: log.backend_status,
@@ -1461,6 +1562,8 @@ mod tests {
                     backend_detail: Some(strange.into()),
                     token_renewed: i % 2 == 1,
                     breaker: Some("open"),
+                    breaker_scope: Some("host"),
+                    retry_after: Some(7),
                     stored: Some("queued".into()),
                     caller_stream: false,
                     problem_avoided: Some("backend-unavailable"),

@@ -141,7 +141,7 @@ impl Problem {
                 "The gateway could not get a token",
                 format!("The token endpoint of identity '{identity}' is throttling or unavailable; nothing was forwarded. Retry after the time in Retry-After."),
             ))
-            .with_header("retry-after", retry_after_secs.unwrap_or(5).max(1).to_string()),
+            .with_header("retry-after", crate::retry::caller_retry_after(*retry_after_secs).to_string()),
             TokenError::Malformed { .. } => ext(Problem::new(
                 502,
                 "identity-bad-response",

@@ -55,6 +55,21 @@ pub fn parse_retry_after_secs(value: Option<&str>) -> Option<u64> {
     value.and_then(|v| v.trim().parse::<u64>().ok())
 }
 
+/// The `Retry-After` a caller is told, and an open circuit breaker honours, when Azure (or
+/// Entra) asked for a time: at least 1 s, so that `0` does not invite a loop of immediate
+/// retries; at most 5 minutes, past which a wait says "down for a while" no better than 300
+/// does, and a caller that obeyed a day (or `99999999999`) would never come back. Azure's
+/// throttling asks for seconds to a few minutes (Resource Manager's 429s, Storage's and
+/// Service Bus's server-busy answers); the token cache backs off at most 5 minutes as well.
+pub const RETRY_AFTER_SECS: std::ops::RangeInclusive<u64> = 1..=300;
+
+/// The caller's `Retry-After` for what Azure asked (`None`: 5 s), within [`RETRY_AFTER_SECS`].
+pub fn caller_retry_after(asked_secs: Option<u64>) -> u64 {
+    asked_secs
+        .unwrap_or(5)
+        .clamp(*RETRY_AFTER_SECS.start(), *RETRY_AFTER_SECS.end())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,5 +101,13 @@ mod tests {
             parse_retry_after_secs(Some("Wed, 21 Oct 2015 07:28:00 GMT")),
             None
         );
+    }
+
+    #[test]
+    fn what_azure_asks_reaches_callers_between_1_and_300_seconds() {
+        assert_eq!(caller_retry_after(Some(0)), 1);
+        assert_eq!(caller_retry_after(Some(17)), 17);
+        assert_eq!(caller_retry_after(Some(99_999_999_999)), 300);
+        assert_eq!(caller_retry_after(None), 5);
     }
 }

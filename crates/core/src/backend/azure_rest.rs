@@ -408,6 +408,13 @@ pub struct Plan<B> {
     projected: std::cell::RefCell<Option<String>>,
 }
 
+impl<B> Plan<B> {
+    /// The call (its URL names the resource).
+    pub fn request(&self) -> &BackendRequest {
+        &self.request
+    }
+}
+
 enum PlanBody<B> {
     None,
     Held(B),
@@ -768,6 +775,14 @@ pub fn answer<B, S>(
     let mut headers: Vec<(&'static str, String)> = Vec::new();
     for (name, value) in &reply.headers {
         if let Some(allowed) = rest.response_headers.iter().find(|h| *h == name) {
+            if name == "retry-after" {
+                // Azure's wait, within what a caller is told (an HTTP-date is not passed).
+                if let Some(secs) = crate::retry::parse_retry_after_secs(Some(value)) {
+                    let secs = crate::retry::caller_retry_after(Some(secs));
+                    headers.push(("retry-after", secs.to_string()));
+                }
+                continue;
+            }
             headers.push((leak_name(allowed), value.clone()));
         }
     }
@@ -914,7 +929,10 @@ fn unavailable(why: &str, retry_after: Option<u64>) -> Problem {
         "Azure is unavailable",
         format!("The Azure API {why}; try again later."),
     )
-    .with_header("retry-after", retry_after.unwrap_or(5).to_string())
+    .with_header(
+        "retry-after",
+        crate::retry::caller_retry_after(retry_after).to_string(),
+    )
 }
 
 fn timed_out() -> Problem {

@@ -367,6 +367,13 @@ pub struct Plan<B> {
     metadata: Vec<(String, String)>,
 }
 
+impl<B> Plan<B> {
+    /// The request that carries the caller's values (its URL names the blob).
+    pub fn request(&self) -> &BackendRequest {
+        &self.first
+    }
+}
+
 /// Phase 7: the blob name and metadata from the request, Azure's limits, the upload's shape,
 /// and the outgoing gate: all before a token is fetched.
 pub async fn build<I: Io>(
@@ -787,7 +794,10 @@ fn unavailable(why: &str, retry_after: Option<u64>) -> Problem {
         "Blob Storage is unavailable",
         format!("Blob Storage {why}; nothing was committed. Try again later."),
     )
-    .with_header("retry-after", retry_after.unwrap_or(5).max(1).to_string())
+    .with_header(
+        "retry-after",
+        crate::retry::caller_retry_after(retry_after).to_string(),
+    )
 }
 
 /// The caller's answer to a successful write.

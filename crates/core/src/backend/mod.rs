@@ -211,6 +211,7 @@ pub async fn send_renewing<I: Io>(
         log.caller_stream = true;
     }
     let reply = io.send(request, Some(&bearer.token()), body, limit).await;
+    note_retry_after(&reply, log);
     let refused = matches!(&reply, Ok(r) if r.status == 401);
     if !refused || bearer.renewed() {
         return Ok(reply);
@@ -224,7 +225,19 @@ pub async fn send_renewing<I: Io>(
         return Err(not_replayable());
     }
     bearer.renew(io, log).await?;
-    Ok(io.send(request, Some(&bearer.token()), body, limit).await)
+    let reply = io.send(request, Some(&bearer.token()), body, limit).await;
+    note_retry_after(&reply, log);
+    Ok(reply)
+}
+
+/// Azure's `Retry-After` on an answer that found it unavailable (429, 5xx): what the circuit
+/// breaker honours if the call fails.
+fn note_retry_after<S>(reply: &Result<Reply<S>, SendError>, log: &mut LogFields) {
+    if let Ok(r) = reply {
+        if r.status == 429 || r.status >= 500 {
+            log.retry_after = crate::retry::parse_retry_after_secs(r.header("retry-after"));
+        }
+    }
 }
 
 /// Whether a request may be sent again when an attempt's outcome is unknown: no answer within

@@ -503,6 +503,13 @@ pub struct Plan<B> {
     ids: Vec<String>,
 }
 
+impl<B> Plan<B> {
+    /// The send (its URL names the entity).
+    pub fn request(&self) -> &BackendRequest {
+        &self.request
+    }
+}
+
 enum Payload<B> {
     /// The caller's body, held by the edge.
     Bytes(B),
@@ -944,7 +951,7 @@ pub fn unavailable_for(flavor: Flavor, retry_after_secs: Option<u64>, why: &str)
         Flavor::EventHubs => ("Event Hubs", "Event Hubs is unavailable"),
     };
     Problem::new(503, "backend-unavailable", title, format!("{service} {why} after retries; nothing was accepted. Retry after the time in Retry-After."))
-        .with_header("retry-after", retry_after_secs.unwrap_or(5).max(1).to_string())
+        .with_header("retry-after", crate::retry::caller_retry_after(retry_after_secs).to_string())
 }
 
 /// The human part of Service Bus's XML error (`<Detail>…</Detail>`), without tracking ids.

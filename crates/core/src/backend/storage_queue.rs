@@ -303,7 +303,7 @@ fn unavailable(why: &str, retry_after: Option<u64>) -> Problem {
         "Queue Storage is unavailable",
         format!("Queue Storage {why} after retries; nothing was stored. Retry after the time in Retry-After."),
     )
-    .with_header("retry-after", retry_after.unwrap_or(5).max(1).to_string())
+    .with_header("retry-after", crate::retry::caller_retry_after(retry_after).to_string())
 }
 
 /// Azure's error code (the `x-ms-error-code` header, else `<Code>`) and the first line of its
@@ -349,6 +349,10 @@ impl crate::pipeline::Backend for PreparedStorageQueue {
 
     fn answer<B, S>(&self, plan: &Self::Plan<B>, _reply: Reply<S>, _cx: &Cx<'_>) -> Answer<S> {
         answer(self, plan)
+    }
+
+    fn request<'p, B>(&self, plan: &'p Self::Plan<B>) -> &'p BackendRequest {
+        &plan.request
     }
 }
 

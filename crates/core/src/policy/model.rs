@@ -221,8 +221,9 @@ pub struct Route {
     pub inbound: Option<Inbound>,
     /// Where an accepted request goes.
     pub backend: Backend,
-    /// The circuit breaker of the backend's host (per isolate); default on, with 5 failures
-    /// in 30 s opening it for 30 s.
+    /// The circuit breakers of this route's calls (per isolate): by caller and resource, and
+    /// for the whole route; default on, with 5 failures in 30 s opening one for 30 s. They apply
+    /// to this route alone; the host's breaker opens on the gateway's own rule.
     #[serde(default)]
     pub breaker: Option<BreakerSettings>,
     /// `queue`: when Azure stays unavailable (after the retries, with the breaker open, or with
@@ -231,14 +232,18 @@ pub struct Route {
     pub when_unavailable: WhenUnavailable,
 }
 
-/// When calls to a backend's host fail fast: after `failures` consecutive calls that found it
+/// When this route's calls fail fast: after `failures` consecutive calls that found Azure
 /// unavailable (5xx, 429, timeouts, network errors, after their retries) within
-/// `window_seconds`, for `cooldown_seconds`; then one call probes it.
+/// `window_seconds`, for `cooldown_seconds` (or Azure's `Retry-After`); then probes go through.
+/// A caller's own failures open its own breakers (on a resource, on the route); a breaker that
+/// refuses other callers needs failures from at least two callers, one caller counting for at
+/// most half of them.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "compile", derive(JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BreakerSettings {
-    /// Consecutive failures that open the breaker; 0 turns it off. Default 5.
+    /// Consecutive failures that open a breaker (at least 2, from two callers, for one that
+    /// refuses others); 0 turns this route's breakers off. Default 5.
     #[serde(default)]
     pub failures: Option<u32>,
     /// Default 30.
@@ -262,6 +267,7 @@ impl BreakerSettings {
             failures: s.failures.unwrap_or(DEFAULT_FAILURES),
             window_ms: f64::from(s.window_seconds.unwrap_or(DEFAULT_WINDOW_SECONDS)) * 1000.0,
             cooldown_ms: f64::from(s.cooldown_seconds.unwrap_or(DEFAULT_COOLDOWN_SECONDS)) * 1000.0,
+            many_resources: false,
         }
     }
 }

@@ -48,7 +48,8 @@ pub struct PreparedRoute {
     /// one (keys held in Worker secrets are hashed once per isolate, when first read).
     pub api_key: Option<PreparedApiKey>,
     pub backend: PreparedBackend,
-    /// The backend's origin (`scheme://host[:port]`): what the circuit breaker is kept by.
+    /// The backend's origin (`scheme://host[:port]`): what the host's circuit breaker is kept
+    /// by.
     pub host: String,
     pub breaker: crate::breaker::BreakerConfig,
     /// The store-and-forward queue binding, when the route stores requests Azure cannot take.
@@ -90,6 +91,26 @@ pub enum PreparedBackend {
     StorageQueue(PreparedStorageQueue),
     AzureRest(PreparedRest),
     AzureOperation(PreparedOperation),
+}
+
+impl PreparedBackend {
+    /// Whether the path of the URL sent to Azure is built from the request (a blob name, an
+    /// `azure_rest` path value, an operation's URL), so that the route's calls go to many
+    /// resources; otherwise (a queue, an event hub, a fixed URL) to one.
+    pub fn many_resources(&self) -> bool {
+        match self {
+            PreparedBackend::Blob(b) => b.name.vars().next().is_some(),
+            PreparedBackend::AzureRest(r) => r
+                .url
+                .segments
+                .iter()
+                .any(|s| matches!(s, crate::backend::azure_rest::UrlPart::Var(_))),
+            PreparedBackend::AzureOperation(_) => true,
+            PreparedBackend::ServiceBus(_)
+            | PreparedBackend::EventHubs(_)
+            | PreparedBackend::StorageQueue(_) => false,
+        }
+    }
 }
 
 /// An `azure_rest` route's call, prepared.
@@ -453,6 +474,10 @@ mod compile {
                     config: b.clone(),
                 }),
             };
+            let breaker = crate::breaker::BreakerConfig {
+                many_resources: backend.many_resources(),
+                ..BreakerSettings::resolve(route.breaker.as_ref())
+            };
             routes.push(PreparedRoute {
                 name: route.name.clone(),
                 methods: route.methods.clone(),
@@ -460,7 +485,7 @@ mod compile {
                 ip,
                 api_key,
                 host: backend_origin(policy, route),
-                breaker: BreakerSettings::resolve(route.breaker.as_ref()),
+                breaker,
                 store: (route.when_unavailable == WhenUnavailable::Queue)
                     .then(|| policy.store_binding()),
                 backend,
