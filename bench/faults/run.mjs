@@ -15,10 +15,12 @@
  *      can make a duplicate; the others are 503s before anything is stored;
  *   2. drives `--requests` requests at `--concurrency` in flight (fetch, each bounded by
  *      `--timeout-ms`; at most `--rate` per second when given), each with a unique
- *      Idempotency-Key (Service Bus: the MessageId) or blob name; when a quarter of the requests
- *      have started the issuer goes fully down for
- *      `--outage-seconds`, and when 60 % have, the backend does (staggered: they overlap only
- *      when the load outruns them);
+ *      Idempotency-Key (Service Bus: the MessageId) or blob name; when `--idp-outage-at` (15 %)
+ *      of the requests have started the issuer goes fully down for `--outage-seconds`, and at
+ *      `--backend-outage-at` (65 %) the backend does. Staggered, with room between: after the
+ *      issuer's outage the gateway may wait out a 5 s back-off before it asks for a token
+ *      again, and with no token it sends nothing, so a backend outage too close behind would
+ *      meet no send (the verdict's `backend-outage-not-met`);
  *   3. clears every fault and outage, then waits for any store-and-forward backlog to drain: it
  *      polls what the backend holds until the count has not changed for `--settle-seconds`,
  *      at most `--max-drain-seconds`;
@@ -69,9 +71,10 @@ const AZURITE_ACCOUNT = 'devstoreaccount1';
 const STARTUP_GRACE_SECONDS = 40;
 const BACKSTOP_SECONDS = 60;
 
-// The CI form: 600 requests paced at 60/s (10 s of load per backend) with 5 s tokens, so the
-// gateway refreshes its token during the issuer's 3 s outage and meets its faults.
-const SHORT = { requests: 600, concurrency: 16, rate: 60, 'outage-seconds': 3, backend: 'both', 'token-lifetime': 5, 'breaker-cooldown': 5, 'settle-seconds': 2, 'max-drain-seconds': 45, 'deadline-seconds': 180 };
+// The CI form: 900 requests paced at 60/s (15 s of load per backend) with 5 s tokens, so the
+// gateway refreshes its token during the issuer's 3 s outage and meets its faults, and has its
+// token back (after the 5 s back-off that may follow) well before the backend's outage.
+const SHORT = { requests: 900, concurrency: 16, rate: 60, 'outage-seconds': 3, backend: 'both', 'token-lifetime': 5, 'breaker-cooldown': 5, 'settle-seconds': 2, 'max-drain-seconds': 45, 'deadline-seconds': 180 };
 const OPTIONS = {
   requests: { type: 'string', default: '10000', env: 'FAULTS_REQUESTS', help: 'requests per backend' },
   concurrency: { type: 'string', default: '64', env: 'FAULTS_CONCURRENCY', help: 'requests in flight' },
@@ -81,6 +84,8 @@ const OPTIONS = {
   rate: { type: 'string', default: '0', env: 'FAULTS_RATE', help: 'requests started per second at most (0: as fast as the concurrency allows)' },
   sabotage: { type: 'string', env: 'FAULTS_SABOTAGE', help: 'drop:N | double:N: run against a gateway built to drop or double its N-th send; exits 0 only when the verdict catches it' },
   'outage-seconds': { type: 'string', default: '10', env: 'FAULTS_OUTAGE_SECONDS', help: 'length of the one full outage of each (0: none)' },
+  'idp-outage-at': { type: 'string', default: '0.15', env: 'FAULTS_IDP_OUTAGE_AT', help: 'share of the requests started when the issuer goes down' },
+  'backend-outage-at': { type: 'string', default: '0.65', env: 'FAULTS_BACKEND_OUTAGE_AT', help: 'share of the requests started when the backend goes down' },
   backend: { type: 'string', default: 'both', env: 'FAULTS_BACKEND', help: 'sb | blob | both' },
   'timeout-ms': { type: 'string', default: '30000', env: 'FAULTS_TIMEOUT_MS', help: 'bound of each request' },
   'token-lifetime': { type: 'string', default: '30', env: 'FAULTS_TOKEN_LIFETIME', help: 'seconds; short, so the gateway refreshes during the run and meets the issuer\'s faults' },
@@ -131,6 +136,8 @@ function readOptions(argv) {
     rate: num('rate', { max: 100_000 }),
     sabotage: pick('sabotage') ? parseSabotage(pick('sabotage')) : null,
     outageSeconds: num('outage-seconds', { max: 3600 }),
+    idpOutageAt: num('idp-outage-at', { max: 1 }),
+    backendOutageAt: num('backend-outage-at', { max: 1 }),
     backends: backend === 'both' ? ['sb', 'blob'] : [backend],
     timeoutMs: num('timeout-ms', { min: 100 }),
     tokenLifetime: num('token-lifetime', { min: 5, int: true }),
@@ -147,7 +154,7 @@ function readOptions(argv) {
   };
   if (!['policy', 'off'].includes(o.storeAndForward)) throw new Error(`--store-and-forward: ${o.storeAndForward} is not policy or off`);
   const isShort = values.short && !Object.keys(SHORT).some((k) => given(k));
-  const isLong = !values.short && !['requests', 'concurrency', 'idp-fail', 'backend-fail', 'stored-share', 'rate', 'outage-seconds', 'backend'].some(given);
+  const isLong = !values.short && !['requests', 'concurrency', 'idp-fail', 'backend-fail', 'stored-share', 'rate', 'outage-seconds', 'idp-outage-at', 'backend-outage-at', 'backend'].some(given);
   o.label = pick('label') ?? (o.sabotage ? `sabotage-${o.sabotage.mode}` : isShort ? 'short' : isLong ? 'long' : 'custom');
   return o;
 }
@@ -310,7 +317,7 @@ async function runPhase(kind, ctx) {
 
   const outages = [];
   const trigger = (who, at) => ({ who, at, fired: false });
-  const plan = o.outageSeconds > 0 ? [trigger('idp', Math.floor(o.requests * 0.25)), trigger('backend', Math.floor(o.requests * 0.6))] : [];
+  const plan = o.outageSeconds > 0 ? [trigger('idp', Math.floor(o.requests * o.idpOutageAt)), trigger('backend', Math.floor(o.requests * o.backendOutageAt))] : [];
   const onStart = (i) => {
     for (const t of plan) {
       if (t.fired || i < t.at) continue;
@@ -474,7 +481,7 @@ function markdown(result) {
 ${o.requests} requests per backend at ${o.concurrency} in flight${o.rate ? ` (at most ${o.rate}/s)` : ''}; the issuer fails ${o.idpFail * 100} % of token
 requests and the backend ${o.backendFail * 100} % of sends (seed ${o.seed}), ${o.storedShare * 100} % of those after storing
 the message (its answer lost: Service Bus 500, Blob a dropped connection), the rest with 503; one full outage of
-${o.outageSeconds} s of each (issuer at 25 % of the requests, backend at 60 %); token lifetime ${o.tokenLifetime} s;
+${o.outageSeconds} s of each (issuer at ${o.idpOutageAt * 100} % of the requests, backend at ${o.backendOutageAt * 100} %); token lifetime ${o.tokenLifetime} s;
 breaker cool-down ${o.breakerCooldown === null ? 'the policy\'s (default 30 s)' : `${o.breakerCooldown} s`}.
 Gateway commit ${result.commit}; store-and-forward in the policy: ${result.storeAndForward ? 'yes' : 'no'}.
 ${o.sabotage ? `Sabotaged gateway: ${o.sabotage.mode} of its send ${o.sabotage.nth} (scripts/sabotage.mjs).\n` : ''}Verdict: **${result.verdict}** (${result.seconds.toFixed(0)} s in all).
