@@ -82,6 +82,8 @@ struct Fake {
     dead_letters: RefCell<Vec<(String, Value)>>,
     /// The dead-letter queue refuses, with this error.
     dead_letter_refused: Option<String>,
+    /// The limit of each reply body the core read.
+    text_limits: RefCell<Vec<u32>>,
 }
 
 impl Fake {
@@ -151,7 +153,7 @@ impl Io for Fake {
         }
     }
 
-    async fn fetch_jwks(&self, _url: &str) -> Result<String, &'static str> {
+    async fn fetch_jwks(&self, _url: &str, _limit: u32) -> Result<String, &'static str> {
         self.jwks_fetches.set(self.jwks_fetches.get() + 1);
         self.jwks
             .clone()
@@ -200,6 +202,10 @@ impl Io for Fake {
 
     fn bytes(&self, body: &Vec<u8>) -> Vec<u8> {
         body.clone()
+    }
+
+    async fn keep_text(&self, text: String, _release: Option<&Vec<u8>>) -> Option<Vec<u8>> {
+        Some(text.into_bytes())
     }
 
     async fn next_block(
@@ -266,8 +272,16 @@ impl Io for Fake {
         })
     }
 
-    async fn text(&self, body: String) -> String {
-        body
+    async fn text(&self, body: String, limit: u32) -> Result<String, BodyError> {
+        self.text_limits.borrow_mut().push(limit);
+        if let Some(why) = body.strip_prefix("<broken>") {
+            return Err(BodyError::Unreadable(why.to_owned()));
+        }
+        if body.len() > limit as usize {
+            // As the edge: it stops reading past the limit and says how much it saw.
+            return Err(BodyError::TooLarge(limit as u64 + 1));
+        }
+        Ok(body)
     }
 
     async fn sleep(&self, ms: f64) {
@@ -952,15 +966,16 @@ fn an_operation_is_followed_through_the_gateway_as_the_route_that_started_it() {
         .iter()
         .any(|(_, v)| v.contains("management.azure.com")));
     assert!(headers.contains(&("retry-after", "2".to_owned())));
-    // The follow-up: Azure's URL, with the identity's token.
+    // The follow-up: Azure's URL, with the identity's token; the answer shaped to the
+    // operation's own fields.
     let io2 = rest_io().reply(
         200,
         &[("content-type", "application/json")],
-        r#"{"status":"Succeeded"}"#,
+        r#"{"status":"Succeeded","properties":{"password":"p"}}"#,
     );
     let (status, _, body, log) = run(&g, &request("GET", &location, &[], false), &io2);
     assert_eq!(status, 200);
-    assert_eq!(body, "<stream {\"status\":\"Succeeded\"}>");
+    assert_eq!(body, r#"{"status":"Succeeded"}"#);
     assert_eq!(log["route"], "operations");
     let sent = io2.sent();
     assert_eq!(sent.len(), 1);
@@ -1004,6 +1019,251 @@ fn azure_s_401_evicts_the_token_and_is_the_caller_s_502() {
         .contains("wrong audience"));
     assert_eq!(io.evicted.borrow().len(), 2);
     assert_eq!(io.sent().len(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// What the gateway reads of Azure's answers, and what a template builds
+
+const BOUNDED_POLICY: &str = r#"{
+  "identities": { "gw": { "token_endpoint": { "url": "https://idp.example.com/token" },
+      "client_id": "c", "credential": { "client_secret": { "secret": "GW_SECRET" } } } },
+  "routes": [
+    { "name": "site", "methods": ["GET"], "path": "/sites/{site}", "public": true,
+      "backend": { "azure_rest": { "identity": "gw", "api_version": "2022-09-01", "project": ["/name"],
+        "url": "https://management.azure.com/subscriptions/s1/resourceGroups/rg/providers/Microsoft.Web/sites/{path.site}" } } },
+    { "name": "site-big", "methods": ["GET"], "path": "/big/sites/{site}", "public": true,
+      "backend": { "azure_rest": { "identity": "gw", "api_version": "2022-09-01", "project": ["/name"],
+        "max_answer_bytes": 1048576,
+        "url": "https://management.azure.com/subscriptions/s1/resourceGroups/rg/providers/Microsoft.Web/sites/{path.site}" } } },
+    { "name": "start", "methods": ["POST"], "path": "/sites/{site}/start", "public": true,
+      "backend": { "azure_rest": { "identity": "gw", "api_version": "2022-09-01", "body": "none", "project": ["/id", "/name"],
+        "url": "https://management.azure.com/subscriptions/s1/resourceGroups/rg/providers/Microsoft.Web/sites/{path.site}/start" } } },
+    { "name": "ops", "methods": ["GET"], "path": "/ops/{operation}", "public": true,
+      "backend": { "azure_operation": { "of": ["start"] } } },
+    { "name": "six", "methods": ["POST"], "path": "/six", "public": true,
+      "backend": { "azure_rest": { "identity": "gw", "api_version": "2022-09-01",
+        "url": "https://management.azure.com/subscriptions/s1/x",
+        "body": { "template": { "content_type": "application/xml",
+          "template": "<M><A>{body}</A><B>{body}</B><C>{body}</C><D>{body}</D><E>{body}</E><F>{body}</F></M>" } } } } },
+    { "name": "b64", "methods": ["POST"], "path": "/b64", "public": true,
+      "backend": { "azure_rest": { "identity": "gw", "api_version": "2021-08-06",
+        "url": "https://contoso.queue.core.windows.net/jobs/messages",
+        "max_body_bytes": 49152, "max_built_body_bytes": 65536,
+        "body": { "template": { "content_type": "application/xml",
+          "template": "<QueueMessage><MessageText>{body_base64}</MessageText></QueueMessage>" } } } } },
+    { "name": "json", "methods": ["POST"], "path": "/json", "public": true,
+      "backend": { "azure_rest": { "identity": "gw", "api_version": "2022-09-01",
+        "url": "https://management.azure.com/subscriptions/s1/y", "max_built_body_bytes": 1000,
+        "body": { "json": { "properties": { "text": "{body}" } } } } } }
+  ]
+}"#;
+
+/// A JSON answer of `bytes` bytes: `{"name":"big","properties":{"secret":…,"padding":"xxx…"}}`.
+fn big_answer(bytes: usize) -> String {
+    let head = r#"{"name":"big","properties":{"secret":"not-for-callers","padding":""#;
+    let tail = r#""}}"#;
+    format!(
+        "{head}{}{tail}",
+        "x".repeat(bytes - head.len() - tail.len())
+    )
+}
+
+fn problem_type(body: &str) -> String {
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    v["type"]
+        .as_str()
+        .unwrap_or_default()
+        .trim_start_matches("urn:azure-edge-gateway:problem:")
+        .to_owned()
+}
+
+#[test]
+fn a_projected_answer_is_read_only_up_to_the_route_s_limit_and_refused_past_it() {
+    let g = Gateway::load(BOUNDED_POLICY).unwrap();
+    let json = [("content-type", "application/json")];
+    // 70,000 bytes against the default 64 KiB: refused, nothing of it passed on.
+    let io = rest_io().reply(200, &json, &big_answer(70_000));
+    let (status, _, body, log) = run(&g, &request("GET", "/sites/a", &[], false), &io);
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(problem_type(&body), "backend-answer-too-large");
+    assert!(body.contains("65536 bytes (max_answer_bytes)"), "{body}");
+    assert!(!body.contains("not-for-callers"));
+    assert_eq!(
+        *io.text_limits.borrow(),
+        [65536],
+        "read with the route's limit"
+    );
+    assert!(
+        log["backend_detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("over max_answer_bytes (65536): not read"),
+        "{log}"
+    );
+    assert_eq!(
+        io.sent().len(),
+        1,
+        "a refused answer is not asked for again"
+    );
+    // The same answer on a route that reads up to 1 MiB: projected.
+    let io = rest_io().reply(200, &json, &big_answer(70_000));
+    let (status, headers, body, _) = run(&g, &request("GET", "/big/sites/a", &[], false), &io);
+    assert_eq!((status, body.as_str()), (200, r#"{"name":"big"}"#));
+    assert!(headers.contains(&("content-type", "application/json".to_owned())));
+    assert_eq!(*io.text_limits.borrow(), [1_048_576]);
+    // An answer that broke off is never projected as if it were whole (nor as an empty one).
+    let io = rest_io().reply(200, &json, "<broken>connection reset");
+    let (status, _, body, _) = run(&g, &request("GET", "/sites/a", &[], false), &io);
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(problem_type(&body), "backend-answer-unreadable");
+    assert!(body.contains("broke off"), "{body}");
+}
+
+#[test]
+fn an_error_answer_is_read_only_up_to_64_kib_and_mapped_by_its_status_and_header() {
+    let g = Gateway::load(BOUNDED_POLICY).unwrap();
+    let huge = format!(
+        r#"{{"error":{{"code":"SomethingElse","message":"{}"}}}}"#,
+        "m".repeat(100_000)
+    );
+    let io = rest_io().reply(
+        404,
+        &[
+            ("content-type", "application/json"),
+            ("x-ms-error-code", "ResourceNotFound"),
+        ],
+        &huge,
+    );
+    let (status, _, body, log) = run(&g, &request("GET", "/sites/a", &[], false), &io);
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(problem_type(&body), "azure-rejected");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["azure_error_code"], "ResourceNotFound");
+    assert_eq!(*io.text_limits.borrow(), [65536]);
+    assert!(
+        log["backend_detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not read"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_template_body_is_built_only_up_to_its_limit_and_refused_before_anything_is_sent() {
+    let g = Gateway::load(BOUNDED_POLICY).unwrap();
+    // {body} six times: 1 MiB would build 6 MiB; the default limit is a third more than
+    // max_body_bytes and 64 KiB.
+    let io = rest_io().with_body(&vec![b'x'; 1024 * 1024]);
+    let (status, _, body, _) = run(&g, &request("POST", "/six", &[], true), &io);
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(problem_type(&body), "body-too-large");
+    assert!(
+        body.contains("at most 1463638 bytes (max_built_body_bytes)"),
+        "{body}"
+    );
+    assert!(io.sent().is_empty(), "nothing sent");
+    assert_eq!(
+        io.tokens_asked.get(),
+        0,
+        "refused before a token is asked for"
+    );
+    // 100 KiB builds 600 KiB and some markup: sent.
+    let io = rest_io().with_body(&vec![b'x'; 100 * 1024]);
+    let (status, _, body, _) = run(&g, &request("POST", "/six", &[], true), &io);
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(io.sent()[0].body.len(), 6 * 100 * 1024 + 49);
+    // Escaping counts: 700 KiB of '<' is 2.8 MiB as XML.
+    let io = rest_io().with_body(&vec![b'<'; 700 * 1024]);
+    assert_eq!(run(&g, &request("POST", "/six", &[], true), &io).0, 413);
+    assert!(io.sent().is_empty());
+    // {body_base64} into at most 65536 bytes: 48,000 bytes fit (64,000 and the markup), 49,152
+    // (within max_body_bytes) do not.
+    let io = rest_io().with_body(&[7u8; 48_000]);
+    assert_eq!(run(&g, &request("POST", "/b64", &[], true), &io).0, 201);
+    assert_eq!(io.sent()[0].body.len(), 64_000 + 56);
+    let io = rest_io().with_body(&[7u8; 49_152]);
+    let (status, _, body, _) = run(&g, &request("POST", "/b64", &[], true), &io);
+    assert_eq!(
+        (status, problem_type(&body).as_str()),
+        (413, "body-too-large")
+    );
+    assert!(io.sent().is_empty());
+    // A JSON body: a body longer than the limit is not even read whole; one that escaping
+    // makes longer is refused as it is written.
+    let io = rest_io().with_body(&[b'a'; 2000]);
+    let (status, _, body, _) = run(&g, &request("POST", "/json", &[], true), &io);
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body.contains("at most 1000 bytes (max_built_body_bytes)"),
+        "{body}"
+    );
+    let io = rest_io().with_body(&[b'"'; 600]);
+    assert_eq!(run(&g, &request("POST", "/json", &[], true), &io).0, 413);
+    assert!(io.sent().is_empty());
+    let io = rest_io().with_body(b"he said \"hi\"");
+    assert_eq!(run(&g, &request("POST", "/json", &[], true), &io).0, 201);
+    assert_eq!(
+        String::from_utf8(io.sent()[0].body.clone()).unwrap(),
+        r#"{"properties":{"text":"he said \"hi\""}}"#
+    );
+}
+
+#[test]
+fn a_followed_operation_shows_its_status_error_and_times_and_nothing_else() {
+    let g = Gateway::load(BOUNDED_POLICY).unwrap();
+    let azure_op = "https://management.azure.com/subscriptions/s1/providers/Microsoft.Web/locations/westeurope/operationResults/op-1?api-version=2022-09-01";
+    let io = rest_io().reply(202, &[("azure-asyncoperation", azure_op)], "");
+    let (status, headers, _, _) = run(&g, &request("POST", "/sites/a/start", &[], false), &io);
+    assert_eq!(status, 202);
+    let location = headers
+        .iter()
+        .find(|(k, _)| *k == "location")
+        .unwrap()
+        .1
+        .clone();
+    let answer = r#"{"id":"/subscriptions/s1/operationResults/op-1","name":"op-1","status":"Failed",
+        "startTime":"2026-12-01T10:00:00Z","endTime":"2026-12-01T10:00:05Z","percentComplete":100,
+        "error":{"code":"Conflict","message":"The site is busy.","details":[{"message":"secret-1"}]},
+        "properties":{"connectionString":"secret-2"}}"#;
+    let io = rest_io().reply(200, &[("content-type", "application/json")], answer);
+    let (status, headers, body, _) = run(&g, &request("GET", &location, &[], false), &io);
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v,
+        json!({"status": "Failed", "error": {"code": "Conflict", "message": "The site is busy."},
+            "startTime": "2026-12-01T10:00:00Z", "endTime": "2026-12-01T10:00:05Z"})
+    );
+    assert!(headers.contains(&("content-type", "application/json".to_owned())));
+    assert_eq!(
+        *io.text_limits.borrow(),
+        [65536],
+        "read with the starting route's limit"
+    );
+    // Still running (Location polling): 202, no body, a new handle to follow.
+    let io = rest_io().reply(202, &[("location", azure_op), ("retry-after", "5")], "");
+    let (status, headers, body, _) = run(&g, &request("GET", &location, &[], false), &io);
+    assert_eq!((status, body.as_str()), (202, ""));
+    assert!(headers
+        .iter()
+        .any(|(k, v)| *k == "location" && v.starts_with("/ops/")));
+    // An answer that is not JSON is not passed on.
+    let io = rest_io().reply(200, &[("content-type", "text/plain")], "secret-3");
+    let (status, _, body, _) = run(&g, &request("GET", &location, &[], false), &io);
+    assert_eq!(status, 502, "{body}");
+    assert!(!body.contains("secret-3"));
+    // An answer too large to read is refused, not streamed.
+    let io = rest_io().reply(
+        200,
+        &[("content-type", "application/json")],
+        &big_answer(70_000),
+    );
+    let (status, _, body, _) = run(&g, &request("GET", &location, &[], false), &io);
+    assert_eq!(
+        (status, problem_type(&body).as_str()),
+        (502, "backend-answer-too-large")
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

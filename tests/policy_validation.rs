@@ -1716,6 +1716,86 @@ fn body_variables_are_only_for_azure_rest_bodies_and_operation_routes_follow_azu
     );
 }
 
+#[test]
+fn what_a_route_reads_of_answers_and_what_a_template_builds_are_bounded() {
+    let at = "routes[3].backend.azure_rest";
+    let errors = errors_after(rest_after(|b| {
+        b["project"] = json!(["/name"]);
+        b["max_answer_bytes"] = json!(1_048_576);
+        b["body"] = json!({"template": {"content_type": "application/xml", "template": "<a>{body_base64}</a>"}});
+        b["max_built_body_bytes"] = json!(65536);
+    }));
+    assert!(errors.is_empty(), "{errors:#?}");
+    for bad in [0, 1_048_577] {
+        assert_one_error(
+            rest_after(|b| b["max_answer_bytes"] = json!(bad)),
+            &format!("{at}.max_answer_bytes"),
+            &format!("a size between 1 and 1048576 bytes (1 MiB: the gateway holds what it reads of an answer; a larger answer can pass through unread, without \"project\"), got {bad}"),
+        );
+    }
+    assert_one_error(
+        rest_after(|b| b["max_built_body_bytes"] = json!(1000)),
+        &format!("{at}.max_built_body_bytes"),
+        "only with a \"json\" or \"template\" body",
+    );
+    assert_one_error(
+        rest_after(|b| {
+            b["body"] = json!({"json": {"text": "{body}"}});
+            b["max_built_body_bytes"] = json!(2_097_153);
+        }),
+        &format!("{at}.max_built_body_bytes"),
+        "a size between 1 and 2097152 bytes (2 MiB",
+    );
+    assert_one_error(
+        rest_after(|b| b["project"] = json!(["/a~2b"])),
+        &format!("{at}.project[0]"),
+        "a JSON pointer",
+    );
+}
+
+#[test]
+fn a_followed_operation_shows_nothing_the_route_that_started_it_does_not() {
+    // restart projects /id and /name; operations follows it.
+    let follow = |project: Option<Value>| {
+        move |p: &mut Value| {
+            rest_after(|b| b["project"] = json!(["/id", "/name"]))(p);
+            let mut op = json!({ "of": ["restart"] });
+            if let Some(project) = project {
+                op["project"] = project;
+            }
+            p["routes"].as_array_mut().unwrap().push(json!({
+                "name": "operations", "methods": ["GET"], "path": "/ops/{operation}",
+                "inbound": { "api_key": { "keys": [{ "name": "ops", "secret": "OPS_KEY" }] } },
+                "backend": { "azure_operation": op }
+            }));
+        }
+    };
+    assert!(errors_after(follow(None)).is_empty());
+    // The operation's own fields, and what the route shows.
+    assert!(errors_after(follow(Some(json!([
+        "/status",
+        "/error/message",
+        "/name",
+        "/id"
+    ]))))
+    .is_empty());
+    assert_one_error(
+        follow(Some(json!(["/status", "/properties"]))),
+        "routes[4].backend.azure_operation.project[1]",
+        "one of the operation's own fields (/status, /error/code, /error/message, /startTime, /endTime) or a pointer within what route \"restart\" shows (its project: /id, /name), got \"/properties\"",
+    );
+    assert_one_error(
+        follow(Some(json!(["/names"]))),
+        "routes[4].backend.azure_operation.project[0]",
+        "got \"/names\"",
+    );
+    assert_one_error(
+        follow(Some(json!(["status"]))),
+        "routes[4].backend.azure_operation.project[0]",
+        "a JSON pointer such as \"/status\", got \"status\"",
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Event Hubs and Storage queue routes
 

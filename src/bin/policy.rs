@@ -435,10 +435,14 @@ mod cli {
                 "a body streamed through (Content-Length required)".to_owned()
             }
             Some(RestBody::None) => "no body (none is sent)".to_owned(),
-            Some(RestBody::Json(_)) => "only the values of the JSON body template".to_owned(),
-            Some(RestBody::Template { content_type, .. }) => {
-                format!("only the values of the {content_type} body template")
-            }
+            Some(RestBody::Json(_)) => format!(
+                "only the values of the JSON body template (at most {} bytes built)",
+                built_limit(rest)
+            ),
+            Some(RestBody::Template { content_type, .. }) => format!(
+                "only the values of the {content_type} body template (at most {} bytes built)",
+                built_limit(rest)
+            ),
         });
         out.push(format!("    caller sets: {}", may.join("; ")));
         let mut back: Vec<String> = DEFAULT_RESPONSE_HEADERS
@@ -452,7 +456,12 @@ mod cli {
         let body = if rest.project.is_empty() {
             "Azure's body".to_owned()
         } else {
-            format!("only {} of Azure's JSON", rest.project.join(", "))
+            format!(
+                "only {} of Azure's JSON (read up to {} bytes, 502 past them)",
+                rest.project.join(", "),
+                rest.max_answer_bytes
+                    .unwrap_or(azure_edge_gateway::backend::azure_rest::DEFAULT_MAX_ANSWER_BYTES)
+            )
         };
         let errors = match rest.errors {
             ErrorMode::Problem => "errors as problem+json naming Azure's code",
@@ -467,12 +476,33 @@ mod cli {
             .iter()
             .find(|o| matches!(&o.backend, Backend::AzureOperation(op) if op.of.contains(&r.name)))
         {
+            let shown = match &follower.backend {
+                Backend::AzureOperation(op) => op.project.clone().unwrap_or_else(|| {
+                    azure_edge_gateway::backend::azure_rest::OPERATION_FIELDS
+                        .iter()
+                        .map(|f| (*f).to_owned())
+                        .collect()
+                }),
+                _ => Vec::new(),
+            };
             out.push(format!(
-                "    long-running: a 202 is answered with Location: {} (route {}), never Azure's URL",
-                follower.path, follower.name
+                "    long-running: a 202 is answered with Location: {} (route {}), never Azure's URL; following it shows only {} of the operation's answer",
+                follower.path,
+                follower.name,
+                shown.join(", ")
             ));
         }
         Some(out.join("\n"))
+    }
+
+    /// The most a route's body template builds.
+    fn built_limit(rest: &azure_edge_gateway::policy::AzureRestBackend) -> u64 {
+        use azure_edge_gateway::backend::azure_rest::{
+            default_max_built_body_bytes, DEFAULT_MAX_BODY_BYTES,
+        };
+        rest.max_built_body_bytes.unwrap_or_else(|| {
+            default_max_built_body_bytes(rest.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES))
+        })
     }
 
     /// For a batch route: the `BrokerProperties` an element may set (a sender's, less those the

@@ -26,21 +26,35 @@ function step(kind, task, payload) {
 /**
  * An op from the wasm: its kind and its fields, separated by line breaks (src/edge/mod.rs, `Op`).
  * No field holds a line break but an op's last, which the ops that may have one (a text body, a
- * rate-limit key, a key) put last: it is joined back here.
+ * rate-limit key, a key) put last: it is taken whole, as one slice of the op, without splitting
+ * it (a body of megabytes with many lines is neither cut into pieces nor joined back).
  */
 function parseOp(out) {
-  const fields = out.split('\n');
-  const n = LAST_FIELD[fields[0]];
-  if (n !== undefined && fields.length > n + 1) {
-    // A send's and a done's field count depends on their header counts.
-    const last = n >= 0 ? n : lastField(fields);
-    if (fields.length > last + 1) fields.splice(last, fields.length - last, fields.slice(last).join('\n'));
+  const first = out.indexOf('\n');
+  const n = LAST_FIELD[first < 0 ? out : out.slice(0, first)];
+  if (n === undefined) return out.split('\n');
+  const fields = [];
+  let at = 0;
+  // A send's and a done's last field follows their headers: known once their count is read.
+  let last = n >= 0 ? n : Infinity;
+  while (fields.length < last) {
+    const end = out.indexOf('\n', at);
+    if (end < 0) {
+      fields.push(out.slice(at));
+      return fields;
+    }
+    fields.push(out.slice(at, end));
+    at = end + 1;
+    if (n < 0 && fields.length === COUNT_AT[fields[0]] + 1) last = lastField(fields);
   }
+  fields.push(out.slice(at));
   return fields;
 }
 
 /** Index of the field that runs to the end of the op, by kind (-1: it follows the headers). */
-const LAST_FIELD = { done: -1, send: -1, rate: 2, verify: 4, enqueue: 6, deadletter: 2 };
+const LAST_FIELD = { done: -1, send: -1, rate: 2, verify: 4, enqueue: 6, deadletter: 2, keep: 2 };
+/** Where a done's and a send's header count is. */
+const COUNT_AT = { done: 4, send: 9 };
 
 function lastField(fields) {
   // done: kind, status, hasText, stream, count, headers…, log line, text.
@@ -198,11 +212,12 @@ function perform(c, op) {
     case 'read': return readBody(c, Number(op[1]));
     case 'block': return nextBlock(c, Number(op[1]), Number(op[2]));
     case 'send': return send(c, op);
-    case 'text': return text(c, Number(op[1]));
+    case 'text': return text(c, Number(op[1]), Number(op[2]));
     case 'rate': return rateLimit(c, op[1], op[2]).then(String);
-    case 'jwks': return fetchJwks(op[1], Number(op[2]));
+    case 'jwks': return fetchJwks(op[1], Number(op[2]), Number(op[3]));
     case 'verify': return verify(op[1], op[4], op[2], op[3]).then((ok) => (ok ? '1' : '0'));
     case 'sleep': return sleep(Number(op[1])).then(() => '');
+    case 'keep': return Promise.resolve(keepText(c, op[1], op[2]));
     case 'enqueue': return enqueue(c, op);
     case 'deadletter': return deadLetter(c, op);
     default: return Promise.reject(new Error(`unknown op ${op[0]}`));
@@ -332,6 +347,16 @@ async function rateLimit(c, binding, key) {
 function reader(c) {
   if (c.reader === null && c.request.body !== null) c.reader = c.request.body.getReader();
   return c.reader;
+}
+
+/**
+ * A body the wasm built (a template's), kept here as the string it is (fetch encodes it when it
+ * sends it; encoding it here too would hold it twice): `{id}\n{length}`. The caller's body it
+ * was built from, `release`, is let go of.
+ */
+function keepText(c, release, text) {
+  if (release !== '') c.buffers[Number(release)] = undefined;
+  return `${c.buffers.push(text) - 1}\n${text.length}`;
 }
 
 /** A body read: `{id}\n{length}`; the bytes stay here under the id. */
@@ -553,24 +578,96 @@ async function send(c, op) {
   return result;
 }
 
-/** A reply's body as text (at most 64 KiB kept), draining it. */
-async function text(c, id) {
+const decoder = new TextDecoder();
+
+/**
+ * A reply's body, read only up to `limit` bytes: `{ bytes }`, or `{ over: n }` as soon as it
+ * passes the limit (n: the bytes seen, at least). Past the limit nothing more is read: the body is
+ * cancelled, so an answer of any size costs at most the limit here, and a body whose declared
+ * length is over the limit is refused without reading a byte of it. All of it runs here, chunk by
+ * chunk, with no call into or out of the wasm. Throws when the body breaks off.
+ */
+async function readLimited(response, limit) {
+  const body = response.body;
+  if (body === null) return { bytes: new Uint8Array(0) };
+  const declared = response.headers.get('content-length');
+  if (declared !== null && Number(declared) > limit) {
+    body.cancel().catch(() => {});
+    return { over: Number(declared) };
+  }
+  const reader = body.getReader();
+  // With a declared length, chunks are copied into one buffer of that length as they come (each
+  // is garbage at once, not kept to the end and copied again); what does not fit (a body that
+  // is longer once decoded) is kept as chunks after it.
+  const whole = declared !== null && Number(declared) > 0 ? new Uint8Array(Number(declared)) : null;
+  let filled = 0;
+  const chunks = [];
+  let total = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    total += value.byteLength;
+    if (total > limit) {
+      reader.cancel().catch(() => {});
+      return { over: total };
+    }
+    if (whole !== null && chunks.length === 0 && filled + value.byteLength <= whole.byteLength) {
+      whole.set(value, filled);
+      filled += value.byteLength;
+    } else {
+      chunks.push(value);
+    }
+  }
+  if (whole !== null) {
+    if (chunks.length === 0) return { bytes: filled === whole.byteLength ? whole : whole.subarray(0, filled) };
+    chunks.unshift(whole.subarray(0, filled));
+  }
+  if (chunks.length === 1) return { bytes: chunks[0] };
+  const bytes = new Uint8Array(total);
+  let at = 0;
+  for (const chunk of chunks) {
+    bytes.set(chunk, at);
+    at += chunk.byteLength;
+  }
+  chunks.length = 0;
+  return { bytes };
+}
+
+/** Answers up to this size go to the wasm as text in the op's result; larger ones as bytes. */
+const TEXT_IN_RESULT = 16 * 1024;
+
+/**
+ * A reply's body, up to `limit` bytes (readLimited): `text\n{text}` for a small one; `bytes\n{id}`
+ * for a larger one, kept here until the wasm takes its bytes (`takeBytes`: one call, and no
+ * string of it on either side); `over\n{bytes seen}` past the limit; or `error\n{timeout | what
+ * failed}` when it broke off.
+ */
+async function text(c, id, limit) {
   const response = c.replies[id];
   c.replies[id] = undefined;
-  if (!response) return '';
+  if (!response) return 'text\n';
   try {
-    const all = await response.text();
-    return all.length > 65536 ? all.slice(0, 65536) : all;
-  } catch {
-    return '';
+    const read = await readLimited(response, limit);
+    if (read.over !== undefined) return `over\n${read.over}`;
+    if (read.bytes.byteLength <= TEXT_IN_RESULT) return `text\n${decoder.decode(read.bytes)}`;
+    return `bytes\n${c.buffers.push(read.bytes) - 1}`;
+  } catch (e) {
+    return e && e.name === 'TimeoutError' ? 'error\ntimeout' : failed(e);
   }
 }
 
-/** A key set: `{status}\n{text}`, or `error\n{timeout | what failed}`. */
-async function fetchJwks(url, deadlineMs) {
+/** The bytes the wasm asked for (a large answer `text` kept), let go of here. */
+export function takeBytes(c, id) {
+  const bytes = c.buffers[id] || new Uint8Array(0);
+  c.buffers[id] = undefined;
+  return bytes;
+}
+
+/** A key set of at most `limit` bytes: `{status}\n{text}`, `over\n{bytes seen}`, or `error\n{timeout | what failed}`. */
+async function fetchJwks(url, deadlineMs, limit) {
   try {
-    const [status, , text] = JSON.parse(await fetchText(url, 'GET', 'accept\napplication/json', null, deadlineMs));
-    return `${status}\n${text}`;
+    const [status, , text, over] = JSON.parse(await fetchText(url, 'GET', 'accept\napplication/json', null, deadlineMs, limit));
+    return over !== null ? `over\n${over}` : `${status}\n${text}`;
   } catch (e) {
     return e && e.name === 'TimeoutError' ? 'error\ntimeout' : failed(e);
   }
@@ -607,22 +704,27 @@ async function verify(alg, jwk, data, signature) {
   }
 }
 
-/** A request whose body is read whole as text, with a deadline: [status, retry-after, text] as one string. */
-export async function fetchText(url, method, headers, body, deadlineMs) {
+/**
+ * A request whose answer is read as text up to `limit` bytes (readLimited), with a deadline:
+ * [status, retry-after, text, null] as one string, or [status, retry-after, '', bytes seen] for
+ * an answer past the limit.
+ */
+export async function fetchText(url, method, headers, body, deadlineMs, limit) {
   const init = { method, headers: pairs(headers), signal: AbortSignal.timeout(Math.max(1, deadlineMs)) };
   // A token request carries the client's credential: a redirect must not take it elsewhere.
   if (method !== 'GET') init.redirect = 'manual';
   if (body !== null && body !== undefined) init.body = body;
   let response;
-  let text;
+  let read;
   try {
     response = await fetch(url, init);
-    text = await response.text();
+    read = await readLimited(response, limit);
   } catch (e) {
     if (init.signal.aborted) throw timeoutError('no answer within the time limit');
     throw e;
   }
-  return JSON.stringify([response.status, response.headers.get('retry-after'), text]);
+  const text = read.bytes ? decoder.decode(read.bytes) : '';
+  return JSON.stringify([response.status, response.headers.get('retry-after'), text, read.over ?? null]);
 }
 
 /** Resolves after `ms` milliseconds. */

@@ -56,6 +56,9 @@ extern "C" {
     fn secret(c: &JsValue, name: &str) -> Option<String>;
     #[wasm_bindgen(js_name = bufferBytes)]
     fn buffer_bytes(c: &JsValue, id: u32) -> Vec<u8>;
+    /// The bytes of a large answer `text` kept, which `drive` lets go of.
+    #[wasm_bindgen(js_name = takeBytes)]
+    fn take_bytes(c: &JsValue, id: u32) -> Vec<u8>;
     #[wasm_bindgen(js_name = waitUntil)]
     fn wait_until(c: &JsValue, promise: &Promise);
     #[wasm_bindgen(catch, js_name = fetchText)]
@@ -65,6 +68,7 @@ extern "C" {
         headers: &str,
         body: Option<String>,
         deadline_ms: f64,
+        limit: u32,
     ) -> Result<Promise, JsValue>;
     fn sleep(ms: f64) -> Promise;
     /// For the wasm tests: the head `drive` would read, and the `Response` of an answer.
@@ -523,13 +527,14 @@ impl Io for Edge {
         }
     }
 
-    async fn fetch_jwks(&self, url: &str) -> Result<String, &'static str> {
+    async fn fetch_jwks(&self, url: &str, limit: u32) -> Result<String, &'static str> {
         let mut op = Op::new("jwks");
-        op.field(url).num(JWKS_TIMEOUT_MS);
-        // `{status}\n{body}`, or `error\n{what}`.
+        op.field(url).num(JWKS_TIMEOUT_MS).int(limit);
+        // `{status}\n{body}`, `over\n{bytes seen}`, or `error\n{what}`.
         let result = self.ask(op).await;
         let (first, body) = result.split_once('\n').unwrap_or((&result, ""));
         match first {
+            "over" => Err("the key set URL answered more than a key set may be"),
             "error" if body == "timeout" => Err("the key set URL timed out"),
             "error" => Err("the key set URL could not be reached"),
             status => match status.parse::<u16>() {
@@ -567,6 +572,20 @@ impl Io for Edge {
 
     fn bytes(&self, body: &u32) -> Vec<u8> {
         buffer_bytes(self.c(), *body)
+    }
+
+    /// `keep`, the id of the buffer to let go of (or nothing) and, to the end, the text (the
+    /// fields written in front of the text in its own string: no copy of it when it has the
+    /// room, as a template's body has). The result: `{id}\n{length}` of what `drive` keeps
+    /// under the id.
+    async fn keep_text(&self, text: String, release: Option<&u32>) -> Option<u32> {
+        let mut op = text;
+        op.insert_str(
+            0,
+            &release.map_or_else(|| "keep\n\n".to_owned(), |id| format!("keep\n{id}\n")),
+        );
+        let result = self.ask(Op(op)).await;
+        result.split_once('\n').and_then(|(id, _)| id.parse().ok())
     }
 
     async fn next_block(
@@ -656,10 +675,33 @@ impl Io for Edge {
         })
     }
 
-    async fn text(&self, body: u32) -> String {
+    /// `text`, the reply's id, the limit. The result: `text\n{the text}` (a small answer),
+    /// `bytes\n{id}` (a larger one, whose bytes are taken in one call: no string of it is made
+    /// on either side), `over\n{bytes seen}` (the edge stopped reading past the limit and
+    /// cancelled the body), or `error\n{what}`.
+    async fn text(&self, body: u32, limit: u32) -> Result<String, BodyError> {
         let mut op = Op::new("text");
-        op.int(body);
-        self.ask(op).await
+        op.int(body).int(limit);
+        let mut result = self.ask(op).await;
+        match result.split_once('\n') {
+            Some(("text", _)) => {
+                // The text is the rest: drop the tag in place rather than copy the text.
+                result.drain(..5);
+                Ok(result)
+            }
+            Some(("bytes", id)) => {
+                let id = id.parse().unwrap_or(u32::MAX);
+                let bytes = take_bytes(self.c(), id);
+                // As the runtime's text(): invalid UTF-8 replaced (a copy only then).
+                Ok(match String::from_utf8(bytes) {
+                    Ok(text) => text,
+                    Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+                })
+            }
+            Some(("over", seen)) => Err(BodyError::TooLarge(seen.parse().unwrap_or(u64::MAX))),
+            Some(("error", why)) => Err(BodyError::Unreadable(why.to_owned())),
+            _ => Err(BodyError::Unreadable("an unreadable result".to_owned())),
+        }
     }
 
     async fn sleep(&self, ms: f64) {

@@ -281,6 +281,7 @@ async fn attempt(
         &headers,
         Some(request.body),
         identity.timeout_ms(),
+        crate::identity::endpoint::MAX_TOKEN_ANSWER_BYTES,
     )
     .map_err(|e| transient(format!("the token request failed: {}", super::describe(&e))))?;
     let summary = match JsFuture::from(promise).await {
@@ -295,8 +296,15 @@ async fn attempt(
             )))
         }
     };
-    let (status, retry_after, body): (u16, Option<String>, String) = serde_json::from_str(&summary)
-        .map_err(|_| transient("reading the token response failed".into()))?;
+    let (status, retry_after, body, over): (u16, Option<String>, String, Option<f64>) =
+        serde_json::from_str(&summary)
+            .map_err(|_| transient("reading the token response failed".into()))?;
+    if over.is_some() {
+        return Err(crate::identity::endpoint::oversized_token_response(
+            status,
+            retry_after.as_deref(),
+        ));
+    }
     parse_token_response(status, retry_after.as_deref(), &body, sent_at)
 }
 

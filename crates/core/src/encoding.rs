@@ -6,6 +6,11 @@ const URL_SAFE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx
 
 fn encode_with(bytes: &[u8], alphabet: &[u8; 64], pad: bool) -> String {
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    push_encoded(&mut out, bytes, alphabet, pad);
+    out
+}
+
+fn push_encoded(out: &mut String, bytes: &[u8], alphabet: &[u8; 64], pad: bool) {
     for chunk in bytes.chunks(3) {
         let n = chunk
             .iter()
@@ -20,7 +25,16 @@ fn encode_with(bytes: &[u8], alphabet: &[u8; 64], pad: bool) -> String {
             }
         }
     }
-    out
+}
+
+/// Appends `bytes` in standard base64 with padding to `out` (no string of its own on the way).
+pub fn push_base64(out: &mut String, bytes: &[u8]) {
+    push_encoded(out, bytes, STANDARD, true);
+}
+
+/// The length of `n` bytes in padded base64.
+pub fn base64_len(n: usize) -> usize {
+    n.div_ceil(3) * 4
 }
 
 /// Standard base64 with padding (RFC 4648 §4), as HTTP Basic and PEM use.
@@ -277,12 +291,17 @@ fn needs_json_escape(bytes: &[u8]) -> bool {
 /// `value` as a JSON string, escaped as `serde_json` escapes it: `"`, `\\`, and control
 /// characters (`\b \f \n \r \t` short, the others as `\u00xx`); everything else as it is.
 pub fn push_json_str(out: &mut String, value: &str) {
-    use std::fmt::Write;
     out.push('"');
+    push_json_str_inner(out, value);
+    out.push('"');
+}
+
+/// `value` escaped as the inside of a JSON string (without the quotes), as [`push_json_str`].
+pub fn push_json_str_inner(out: &mut String, value: &str) {
+    use std::fmt::Write;
     if !needs_json_escape(value.as_bytes()) {
         // Most values (ids, paths, routes, host names): copied as they are.
         out.push_str(value);
-        out.push('"');
         return;
     }
     let mut start = 0;
@@ -308,7 +327,6 @@ pub fn push_json_str(out: &mut String, value: &str) {
         start = i + 1;
     }
     out.push_str(&value[start..]);
-    out.push('"');
 }
 
 /// The DER bytes of the first PEM block with this label (`PRIVATE KEY`, `CERTIFICATE`).

@@ -261,8 +261,9 @@ pub trait Io {
     /// Counts one request against a rate-limiting binding: `Ok(true)` when allowed, `Err`
     /// when the binding is missing (`Err(true)`) or did not answer (`Err(false)`).
     async fn rate_limit(&self, binding: &str, key: &str) -> Result<bool, bool>;
-    /// GET a key set URL; the error is safe to tell a caller.
-    async fn fetch_jwks(&self, url: &str) -> Result<String, &'static str>;
+    /// GET a key set URL, its answer read up to `limit` bytes (an answer past it is refused);
+    /// the error is safe to tell a caller.
+    async fn fetch_jwks(&self, url: &str, limit: u32) -> Result<String, &'static str>;
     /// Whether `signature` over `data` verifies with the public `jwk` under `alg`.
     async fn verify(&self, alg: JwtAlgorithm, jwk: &Value, data: &[u8], signature: &[u8]) -> bool;
     /// The token of `target`: from the isolate's cache, or fetched once for all callers.
@@ -273,6 +274,11 @@ pub trait Io {
     async fn read_body(&self, limit: u64) -> Result<Option<(Self::Bytes, u64)>, BodyError>;
     /// The bytes of a body the edge holds (for the few bodies the core must parse).
     fn bytes(&self, body: &Self::Bytes) -> Vec<u8>;
+    /// Hands a body the core built (a template's) to the edge, which holds it from then on: the
+    /// wasm's memory, which never shrinks, does not hold it while it is sent (and sent again).
+    /// The edge lets go of `release` (the caller's body it was built from). `None` when the
+    /// edge could not take it.
+    async fn keep_text(&self, text: String, release: Option<&Self::Bytes>) -> Option<Self::Bytes>;
     /// The next `block_bytes` of the body (fewer at its end), `None` after the end; refused as
     /// soon as the body passes `limit` bytes in all.
     async fn next_block(
@@ -289,8 +295,11 @@ pub trait Io {
         body: OutBody<'_, Self::Bytes>,
         limit: Limit,
     ) -> Result<Reply<Self::Stream>, SendError>;
-    /// A reply body's text (bounded by the edge); draining it.
-    async fn text(&self, body: Self::Stream) -> String;
+    /// A reply body's text, read only up to `limit` bytes: past it the edge stops reading and
+    /// cancels the body ([`BodyError::TooLarge`], never a cut-off text), and a body that breaks
+    /// off is [`BodyError::Unreadable`]. The limit is the core's, decided when the policy was
+    /// built (a route's `max_answer_bytes`, or a constant for bodies read only for a log line).
+    async fn text(&self, body: Self::Stream, limit: u32) -> Result<String, BodyError>;
     /// Puts a stored request (its description as JSON, and its body) on the store-and-forward
     /// queue of `binding`; refused when the body is over `max_body` bytes or the queue does not
     /// take it (the error says why, for the log).
@@ -984,12 +993,14 @@ impl Gateway {
                 log.backend_status = Some(status);
                 let code = reply.header("x-ms-error-code").map(str::to_owned);
                 let retry_after = crate::retry::parse_retry_after_secs(reply.header("retry-after"));
-                if let Some(b) = reply.body {
-                    let text = io.text(b).await;
-                    if status >= 300 {
-                        let detail = code.unwrap_or_else(|| text.chars().take(300).collect());
-                        log.backend_detail = Some(crate::backend::log_detail(&detail));
-                    }
+                if status >= 300 {
+                    let text = crate::backend::answer_text(io, reply.body)
+                        .await
+                        .unwrap_or_else(|note| note);
+                    let detail = code.unwrap_or_else(|| text.chars().take(300).collect());
+                    log.backend_detail = Some(crate::backend::log_detail(&detail));
+                } else {
+                    crate::backend::drain(io, reply.body).await;
                 }
                 if (200..300).contains(&status) {
                     record(Outcome::Answered);
@@ -1229,9 +1240,13 @@ impl Gateway {
         check: &crate::policy::JwtCheck,
         io: &I,
     ) -> Result<Value, Problem> {
-        let result = io.fetch_jwks(&check.jwks_url).await.and_then(|body| {
-            jwt::parse_jwks(&body).ok_or("the key set URL answered something that is not a key set")
-        });
+        let result = io
+            .fetch_jwks(&check.jwks_url, jwt::MAX_JWKS_BYTES)
+            .await
+            .and_then(|body| {
+                jwt::parse_jwks(&body)
+                    .ok_or("the key set URL answered something that is not a key set")
+            });
         let now = io.now();
         let mut cache = self.jwks.borrow_mut();
         match &result {

@@ -63,8 +63,33 @@ pub const RESERVED_REQUEST_HEADERS: &[&str] = &[
 ];
 /// How long an operation handle the gateway hands out stays valid.
 pub const OPERATION_HANDLE_TTL_S: f64 = 24.0 * 3600.0;
-/// Largest answer a projection reads.
-pub const MAX_PROJECTED_BYTES: usize = 64 * 1024;
+/// Default largest answer read to pass on a part of it (`max_answer_bytes`).
+pub const DEFAULT_MAX_ANSWER_BYTES: u32 = 64 * 1024;
+/// The largest `max_answer_bytes` a route may set: an answer read is held three times over for a
+/// moment (its bytes here and in the wasm, and what is parsed of it), and 16 answers of 1 MB read
+/// at once grew workerd by about 70 MB (bench/results/memory-answers.md).
+pub const MAX_ANSWER_BYTES_LIMIT: u32 = 1024 * 1024;
+/// The largest `max_built_body_bytes` a route may set, and the most its default may be: a built
+/// body is held while it is sent (and the runtime copies it to send it), and 16 bodies of 1.4 MB
+/// built at once grew workerd by about 90 MB (bench/results/memory-answers.md).
+pub const MAX_BUILT_BODY_BYTES_LIMIT: u64 = 2 * 1024 * 1024;
+
+/// The default `max_built_body_bytes` of a route reading bodies of up to `max_body_bytes`: a third
+/// more, and 64 KiB for the template's own text. `{body_base64}` of a body at the limit fits
+/// (base64 is a third longer), and so does `{body}` that escaping makes up to a third longer;
+/// `{body}` written twice does not.
+pub fn default_max_built_body_bytes(max_body_bytes: u64) -> u64 {
+    (max_body_bytes + max_body_bytes.div_ceil(3) + 64 * 1024).min(MAX_BUILT_BODY_BYTES_LIMIT)
+}
+/// What a followed operation's answer shows by default: its status, its error's code and
+/// message, and its times.
+pub const OPERATION_FIELDS: &[&str] = &[
+    "/status",
+    "/error/code",
+    "/error/message",
+    "/startTime",
+    "/endTime",
+];
 
 // ---------------------------------------------------------------------------------------------
 // The URL
@@ -380,8 +405,7 @@ impl BodyFormat {
     pub fn escape(self, value: &str, out: &mut String) -> Result<(), (usize, char)> {
         match self {
             BodyFormat::Json => {
-                let quoted = serde_json::to_string(value).unwrap_or_default();
-                out.push_str(&quoted[1..quoted.len() - 1]);
+                crate::encoding::push_json_str_inner(out, value);
                 Ok(())
             }
             BodyFormat::Xml => crate::encoding::xml_escape(value, out),
@@ -401,9 +425,11 @@ pub struct Plan<B> {
     /// A fresh UUID for a handle's nonce (empty when no handle can be made).
     nonce_seed: String,
     now_ms: f64,
-    /// For an operation being followed: the route that started it (handles name it; the
-    /// answer is never projected).
+    /// For an operation being followed: the route that started it (handles name it).
     issuer: Option<String>,
+    /// For an operation being followed: the JSON pointers of its answer the caller sees (the
+    /// `azure_operation` route's), applied to every successful answer.
+    shape: Option<Vec<String>>,
     /// The answer's text when the backend's reply was read here (projection).
     projected: std::cell::RefCell<Option<String>>,
 }
@@ -462,7 +488,15 @@ pub async fn build<I: Io>(
         .any(|v| matches!(v, Var::Body | Var::BodyBase64));
     let has_body = head.has_body && head.content_length() != Some(0);
     if has_body && (matches!(rest.body, RestBodyPlan::Caller) || needs_body_text) {
-        match io.read_body(rest.max_body_bytes).await {
+        // A body a template writes is in what it builds at least once, whole: it is never read
+        // past what the template may build.
+        let built_first = needs_body_text && rest.max_built_body_bytes < rest.max_body_bytes;
+        let limit = if built_first {
+            rest.max_built_body_bytes
+        } else {
+            rest.max_body_bytes
+        };
+        match io.read_body(limit).await {
             Ok(Some((body, _))) => {
                 if needs_body_text {
                     bytes = Some(io.bytes(&body));
@@ -470,6 +504,9 @@ pub async fn build<I: Io>(
                 held = Some(body);
             }
             Ok(None) => {}
+            Err(crate::pipeline::BodyError::TooLarge(seen)) if built_first => {
+                return Err(built_too_large(seen, limit))
+            }
             Err(crate::pipeline::BodyError::TooLarge(seen)) => {
                 return Err(too_large(seen, rest.max_body_bytes))
             }
@@ -510,7 +547,7 @@ pub async fn build<I: Io>(
     }
     let body = match &rest.body {
         RestBodyPlan::None => PlanBody::None,
-        RestBodyPlan::Caller => match held {
+        RestBodyPlan::Caller => match held.take() {
             Some(body) => {
                 if let Some(ct) = head.header("content-type") {
                     headers.push(("content-type".into(), ct.to_owned()));
@@ -538,34 +575,25 @@ pub async fn build<I: Io>(
             format,
             template,
         } => {
-            let format = *format;
-            let mut bad_text = false;
-            let text = template
-                .render_escaped(&values, |value, out| {
-                    bad_text |= format.escape(value, out).is_err();
-                })
-                .map_err(|m| missing(&m))?;
-            if bad_text {
-                return Err(Problem::new(
-                    400,
-                    "bad-body",
-                    "The request body cannot be sent as XML",
-                    "A value this route writes into an XML body holds control characters XML cannot carry; remove them. Nothing was sent.",
-                ));
-            }
+            let text = render_within(template, &values, Some(*format), rest.max_built_body_bytes)?;
             headers.push(("content-type".into(), content_type.clone()));
             PlanBody::Text(text)
         }
         RestBodyPlan::Json { skeleton, leaves } => {
+            let limit = rest.max_built_body_bytes;
             let mut document: Value = serde_json::from_str(skeleton).unwrap_or(Value::Null);
+            // A value is at least as long in the document as it is (escaping never shortens
+            // it): a body past the limit is refused before the next value is built.
+            let mut at_least = skeleton.len() as u64;
             for (pointer, template) in leaves {
-                let value = template.render(&values).map_err(|m| missing(&m))?;
+                let value = render_within(template, &values, None, limit.saturating_sub(at_least))?;
+                at_least += value.len() as u64;
                 if let Some(slot) = document.pointer_mut(pointer) {
                     *slot = Value::String(value);
                 }
             }
             headers.push(("content-type".into(), "application/json".to_owned()));
-            PlanBody::Text(document.to_string())
+            PlanBody::Text(json_within(&document, limit)?)
         }
     };
     let request = BackendRequest {
@@ -575,6 +603,17 @@ pub async fn build<I: Io>(
         reply_headers: rest.reply_headers.clone(),
     };
     super::check(&request)?;
+    // What a template built goes to the edge, which holds it from here on, and lets go of the
+    // caller's body it was built from; the wasm's copy of that body is dropped first.
+    drop(bytes);
+    let body = match body {
+        PlanBody::Text(text) => PlanBody::Held(
+            io.keep_text(text, held.as_ref())
+                .await
+                .ok_or_else(|| Problem::internal("the edge did not take the body it built"))?,
+        ),
+        other => other,
+    };
     // The handle key comes from whichever of the identity's secrets is set (during a rotation,
     // perhaps only the next one): a route that follows operations must be able to hand one
     // out, so with none set nothing is sent.
@@ -596,6 +635,7 @@ pub async fn build<I: Io>(
         handle_key,
         now_ms: now,
         issuer: None,
+        shape: None,
         projected: std::cell::RefCell::new(None),
     })
 }
@@ -615,6 +655,140 @@ fn length_required() -> Problem {
         "length-required",
         "Content-Length required",
         "This route streams the body to Azure, which needs its length: send Content-Length (not chunked encoding).",
+    )
+}
+
+/// Fills a body template, each value escaped for `format` (none: as it is, for a JSON body's
+/// strings, which the serializer escapes), into at most `limit` bytes. Building stops as soon as
+/// the body would pass the limit, before the value that passes it is written whole: a template
+/// that writes `{body}` six times never holds six bodies. The caller's body is written from its
+/// bytes (`{body}` checked as UTF-8, `{body_base64}` encoded straight into the body), without a
+/// copy of its own per use.
+fn render_within(
+    template: &Template,
+    values: &RenderContext,
+    format: Option<BodyFormat>,
+    limit: u64,
+) -> Result<String, Problem> {
+    use crate::template::Part;
+    let body = values.body.unwrap_or_default();
+    // What the body is at least: literals, and each value as it is (escaping never shortens).
+    let mut at_least = 0u64;
+    for part in &template.parts {
+        at_least += match part {
+            Part::Literal(l) => l.len(),
+            Part::Var(Var::Body) => body.len(),
+            Part::Var(Var::BodyBase64) => crate::encoding::base64_len(body.len()),
+            Part::Var(_) => 0,
+        } as u64;
+    }
+    if at_least > limit {
+        return Err(built_too_large(at_least, limit));
+    }
+    let mut out = String::with_capacity(at_least as usize + 64);
+    for part in &template.parts {
+        match part {
+            Part::Literal(l) => out.push_str(l),
+            Part::Var(Var::BodyBase64) => {
+                if values.body.is_none() {
+                    return Err(missing("the request has no body"));
+                }
+                // Base64 needs no escaping in JSON or XML.
+                crate::encoding::push_base64(&mut out, body);
+            }
+            Part::Var(Var::Body) => {
+                let text = match values.body.map(std::str::from_utf8) {
+                    Some(Ok(text)) => text,
+                    Some(Err(_)) => return Err(missing("the body is not UTF-8 text")),
+                    None => return Err(missing("the request has no body")),
+                };
+                push_within(text, format, &mut out, limit)?;
+            }
+            Part::Var(var) => {
+                let value = render_var(var, values).map_err(|m| missing(&m))?;
+                push_within(&value, format, &mut out, limit)?;
+            }
+        }
+        if out.len() as u64 > limit {
+            return Err(built_too_large(out.len() as u64, limit));
+        }
+    }
+    Ok(out)
+}
+
+/// Writes `value` escaped for `format` into `out` in pieces of 64 KiB, stopping as soon as `out`
+/// passes `limit` (escaping may make a value up to six times longer).
+fn push_within(
+    value: &str,
+    format: Option<BodyFormat>,
+    out: &mut String,
+    limit: u64,
+) -> Result<(), Problem> {
+    const PIECE: usize = 64 * 1024;
+    let mut rest = value;
+    while !rest.is_empty() {
+        let mut cut = rest.len().min(PIECE);
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let (piece, tail) = rest.split_at(cut);
+        match format {
+            Some(format) => format.escape(piece, out).map_err(|_| not_xml())?,
+            None => out.push_str(piece),
+        }
+        if out.len() as u64 > limit {
+            return Err(built_too_large(out.len() as u64, limit));
+        }
+        rest = tail;
+    }
+    Ok(())
+}
+
+/// A JSON document as text of at most `limit` bytes: the writing stops as it passes the limit.
+fn json_within(document: &Value, limit: u64) -> Result<String, Problem> {
+    struct Capped {
+        out: Vec<u8>,
+        limit: u64,
+    }
+    impl std::io::Write for Capped {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if (self.out.len() + buf.len()) as u64 > self.limit {
+                return Err(std::io::Error::other("over the limit"));
+            }
+            self.out.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut capped = Capped {
+        out: Vec::new(),
+        limit,
+    };
+    match serde_json::to_writer(&mut capped, document) {
+        // serde_json writes UTF-8.
+        Ok(()) => String::from_utf8(capped.out).map_err(|_| Problem::internal("a JSON body")),
+        Err(_) => Err(built_too_large(capped.out.len() as u64 + 1, limit)),
+    }
+}
+
+fn not_xml() -> Problem {
+    Problem::new(
+        400,
+        "bad-body",
+        "The request body cannot be sent as XML",
+        "A value this route writes into an XML body holds control characters XML cannot carry; remove them. Nothing was sent.",
+    )
+}
+
+/// The body a template builds from the request is over the route's `max_built_body_bytes`.
+fn built_too_large(at_least: u64, limit: u64) -> Problem {
+    Problem::new(
+        413,
+        "body-too-large",
+        "Request body too large",
+        format!("This route builds the body it sends to Azure from the request, and that body may be at most {limit} bytes (max_built_body_bytes); from this request it would be at least {at_least}. Send a smaller body. Nothing was sent."),
     )
 }
 
@@ -669,9 +843,7 @@ pub async fn send<I: Io>(
                 let retry = status == 429 || (method_idempotent && status >= 500);
                 if retry {
                     let after = crate::retry::parse_retry_after_secs(reply.header("retry-after"));
-                    if let Some(body) = reply.body {
-                        io.text(body).await;
-                    }
+                    super::drain(io, reply.body).await;
                     Verdict::Retry(after)
                 } else {
                     Verdict::Done(reply)
@@ -697,7 +869,8 @@ pub async fn send<I: Io>(
     finish(rest, plan, reply, cx, io).await
 }
 
-/// Azure's reply, read here when the route maps errors or projects answers.
+/// Azure's reply, read here when the route maps errors or projects answers (and always for a
+/// followed operation, whose answer is shaped).
 async fn finish<I: Io, B>(
     rest: &PreparedRest,
     plan: &Plan<B>,
@@ -711,56 +884,81 @@ async fn finish<I: Io, B>(
         }
         let header_code = reply.header("x-ms-error-code").map(str::to_owned);
         let retry_after = crate::retry::parse_retry_after_secs(reply.header("retry-after"));
-        let text = match reply.body {
-            Some(body) => io.text(body).await,
-            None => String::new(),
+        let (code, message) = match super::answer_text(io, reply.body).await {
+            Ok(text) => azure_error(&text, header_code.as_deref()),
+            Err(unread) => (header_code, Some(unread)),
         };
-        let (code, message) = azure_error(&text, header_code.as_deref());
         cx.log.backend_detail = message.map(|m| super::log_detail(&m));
         return Err(mapped_error(reply.status, code.as_deref(), retry_after));
     }
-    // A 202 starts an operation (its body, if any, is not the resource): not projected.
-    let projects = !rest.project.is_empty() && plan.issuer.is_none();
-    if projects && matches!(reply.status, 200 | 201) {
-        let is_json = reply
-            .header("content-type")
-            .is_some_and(|ct| BodyFormat::of(ct) == Some(BodyFormat::Json));
-        let text = match reply.body {
-            Some(body) => io.text(body).await,
-            None => String::new(),
-        };
-        if text.is_empty() {
-            // Nothing to project (an empty 200 or 201).
-            *plan.projected.borrow_mut() = Some(String::new());
-            return Ok(Reply {
-                status: reply.status,
-                headers: reply.headers,
-                body: None,
-            });
+    // A followed operation's answer is always shaped; a route's own answer is projected when
+    // it is the resource (200, 201): a 202 starts an operation, and its body is not.
+    let pointers = match &plan.shape {
+        Some(shape) if (200..300).contains(&reply.status) => shape.as_slice(),
+        None if !rest.project.is_empty() && matches!(reply.status, 200 | 201) => {
+            rest.project.as_slice()
         }
-        let projected = if is_json && text.len() < MAX_PROJECTED_BYTES {
-            serde_json::from_str::<Value>(&text)
-                .ok()
-                .map(|v| project(&v, &rest.project).to_string())
-        } else {
-            None
-        };
-        let Some(projected) = projected else {
-            return Err(Problem::new(
-                502,
-                "backend-answer-unreadable",
-                "Azure's answer could not be projected",
-                format!("This route passes on only parts of Azure's JSON answer, but Azure answered something that is not JSON of at most {MAX_PROJECTED_BYTES} bytes; nothing of it is passed on."),
-            ));
-        };
-        *plan.projected.borrow_mut() = Some(projected);
-        return Ok(Reply {
-            status: reply.status,
-            headers: reply.headers,
-            body: None,
-        });
-    }
-    Ok(reply)
+        _ => return Ok(reply),
+    };
+    let is_json = reply
+        .header("content-type")
+        .is_some_and(|ct| BodyFormat::of(ct) == Some(BodyFormat::Json));
+    let limit = rest.max_answer_bytes;
+    let text = match reply.body {
+        Some(body) => match io.text(body, limit).await {
+            Ok(text) => text,
+            Err(crate::pipeline::BodyError::TooLarge(seen)) => {
+                cx.log.backend_detail = Some(format!(
+                    "an answer of at least {seen} bytes, over max_answer_bytes ({limit}): not read"
+                ));
+                return Err(answer_too_large(limit));
+            }
+            Err(crate::pipeline::BodyError::Unreadable(why)) => {
+                cx.log.backend_detail =
+                    Some(super::log_detail(&format!("the answer broke off: {why}")));
+                return Err(answer_unreadable("Azure's answer broke off before its end"));
+            }
+        },
+        None => String::new(),
+    };
+    let projected = if text.is_empty() {
+        // Nothing to project (an empty 200, 201 or 204).
+        String::new()
+    } else {
+        match serde_json::from_str::<Value>(&text) {
+            Ok(value) if is_json => project(&value, pointers).to_string(),
+            _ => {
+                return Err(answer_unreadable(
+                    "Azure answered something that is not JSON",
+                ))
+            }
+        }
+    };
+    *plan.projected.borrow_mut() = Some(projected);
+    Ok(Reply {
+        status: reply.status,
+        headers: reply.headers,
+        body: None,
+    })
+}
+
+/// Azure's answer is over what the route reads (`max_answer_bytes`).
+fn answer_too_large(limit: u32) -> Problem {
+    Problem::new(
+        502,
+        "backend-answer-too-large",
+        "Azure's answer is too large to pass on",
+        format!("This route passes on only parts of Azure's answer, which it reads up to {limit} bytes (max_answer_bytes); Azure answered more, so the gateway stopped reading it and nothing of it is passed on."),
+    )
+}
+
+fn answer_unreadable(what: &str) -> Problem {
+    Problem::new(
+        502,
+        "backend-answer-unreadable",
+        "Azure's answer could not be projected",
+        format!("This route passes on only parts of Azure's JSON answer, but {what}; nothing of it is passed on."),
+    )
 }
 
 /// Phase 10: status, allowed headers and body; a long-running operation's URL as a gateway
@@ -1101,6 +1299,7 @@ pub fn build_operation<'p, I: Io>(
             nonce_seed: io.uuid(),
             now_ms: now,
             issuer: Some(route.name.clone()),
+            shape: Some(op.project.clone()),
             projected: std::cell::RefCell::new(None),
         };
         return Ok((rest, plan));

@@ -583,9 +583,7 @@ async fn retried<I: Io>(
                 // A create-only write sent again after an attempt whose answer was lost: the
                 // blob that is there now is most likely that attempt's own. Neither "created"
                 // nor "someone else's": say what is known.
-                if let Some(body) = reply.body {
-                    io.text(body).await;
-                }
+                super::drain(io, reply.body).await;
                 return Verdict::Fail {
                     problem: super::outcome_unknown(
                         "Blob Storage",
@@ -597,9 +595,7 @@ async fn retried<I: Io>(
             }
             if reply.status == 429 || reply.status >= 500 {
                 let retry_after = crate::retry::parse_retry_after_secs(reply.header("retry-after"));
-                if let Some(body) = reply.body {
-                    io.text(body).await;
-                }
+                super::drain(io, reply.body).await;
                 return Verdict::Retry(retry_after);
             }
             Verdict::Fail {
@@ -623,9 +619,7 @@ async fn failure<I: Io>(
 ) -> Problem {
     let code = reply.header("x-ms-error-code").map(str::to_owned);
     let status = reply.status;
-    if let Some(body) = reply.body {
-        io.text(body).await;
-    }
+    super::drain(io, reply.body).await;
     let (problem, evict) = map_error(
         plan.op,
         status,

@@ -216,8 +216,8 @@ pub async fn send_renewing<I: Io>(
     if !refused || bearer.renewed() {
         return Ok(reply);
     }
-    if let Ok(Reply { body: Some(b), .. }) = reply {
-        io.text(b).await;
+    if let Ok(Reply { body, .. }) = reply {
+        drain(io, body).await;
     }
     if matches!(body, OutBody::CallerStream { .. }) {
         bearer.evict(io);
@@ -341,6 +341,39 @@ pub async fn send_retried<I: Io>(
         match wait {
             Some(delay) => io.sleep(delay).await,
             None => return Err(unavailable(&why, retry_after)),
+        }
+    }
+}
+
+/// Largest answer read for what the gateway parses of it where the route sets no limit of its
+/// own: an error's code and message (they go to the log line; the status decides the caller's
+/// problem), a Put Message's receipt. A longer one is not read, and the log says so.
+pub const ANSWER_TEXT_BYTES: u32 = 64 * 1024;
+/// A reply nobody needs is read to its end when it is at most this long (its connection can be
+/// used again); a longer one is cancelled.
+pub const DRAIN_BYTES: u32 = 16 * 1024;
+
+/// Lets go of a reply whose body nobody needs (read to its end if short, else cancelled).
+pub async fn drain<I: Io>(io: &I, body: Option<I::Stream>) {
+    if let Some(body) = body {
+        let _ = io.text(body, DRAIN_BYTES).await;
+    }
+}
+
+/// A small answer's text (an error's code and message, a receipt): read up to
+/// [`ANSWER_TEXT_BYTES`]. A longer answer, or one that broke off, is never read as if it were
+/// whole: the error is what the log line should say instead.
+pub async fn answer_text<I: Io>(io: &I, body: Option<I::Stream>) -> Result<String, String> {
+    let Some(body) = body else {
+        return Ok(String::new());
+    };
+    match io.text(body, ANSWER_TEXT_BYTES).await {
+        Ok(text) => Ok(text),
+        Err(crate::pipeline::BodyError::TooLarge(seen)) => Err(format!(
+            "an answer of at least {seen} bytes, over the {ANSWER_TEXT_BYTES} read: not read"
+        )),
+        Err(crate::pipeline::BodyError::Unreadable(why)) => {
+            Err(log_detail(&format!("the answer broke off: {why}")))
         }
     }
 }

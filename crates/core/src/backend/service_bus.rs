@@ -626,9 +626,9 @@ pub async fn send<I: Io>(
                 return Verdict::Done(reply);
             }
             let retry_after = crate::retry::parse_retry_after_secs(reply.header("retry-after"));
-            let text = match reply.body {
-                Some(body) => io.text(body).await,
-                None => String::new(),
+            let (text, unread) = match crate::backend::answer_text(io, reply.body).await {
+                Ok(text) => (text, None),
+                Err(note) => (String::new(), Some(note)),
             };
             if resend == Resend::OnlyIfRefused && matches!(status, 500 | 502 | 504) {
                 // Not a refusal: the message may have been taken. Without duplicate detection a
@@ -659,7 +659,7 @@ pub async fn send<I: Io>(
                     }
                     Verdict::Fail {
                         problem,
-                        detail: Some(detail),
+                        detail: Some(unread.unwrap_or(detail)),
                     }
                 }
             }

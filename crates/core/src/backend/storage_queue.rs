@@ -206,9 +206,9 @@ pub async fn send<I: Io>(
             let status = reply.status;
             let code = reply.header("x-ms-error-code").map(str::to_owned);
             let retry_after = crate::retry::parse_retry_after_secs(reply.header("retry-after"));
-            let text = match reply.body {
-                Some(body) => io.text(body).await,
-                None => String::new(),
+            let (text, unread) = match super::answer_text(io, reply.body).await {
+                Ok(text) => (text, None),
+                Err(note) => (String::new(), Some(note)),
             };
             if status == 201 {
                 *plan.answered.borrow_mut() = parse_enqueued(&text);
@@ -230,7 +230,7 @@ pub async fn send<I: Io>(
                         &format!("it answered {status}, which does not say whether the message was stored"),
                         status == 504,
                     ),
-                    detail: Some(error_detail(code.as_deref(), &text)),
+                    detail: Some(unread.unwrap_or_else(|| error_detail(code.as_deref(), &text))),
                 };
             }
             let (problem, evict) = map_error(status, queue);
@@ -239,15 +239,16 @@ pub async fn send<I: Io>(
             }
             Verdict::Fail {
                 problem,
-                detail: Some(error_detail(code.as_deref(), &text)),
+                detail: Some(unread.unwrap_or_else(|| error_detail(code.as_deref(), &text))),
             }
         },
         unavailable,
     )
     .await?;
     if plan.answered.borrow().is_none() {
-        cx.log.backend_detail =
-            Some("stored (201), but the answer was not a QueueMessagesList".to_owned());
+        cx.log.backend_detail = Some(
+            "stored (201), but the answer was not a QueueMessagesList of at most 64 KiB".to_owned(),
+        );
     }
     Ok(reply)
 }

@@ -250,6 +250,21 @@ fn is_b64token(t: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
 }
 
+/// Largest token endpoint answer read (Entra's are a few KB): a larger one is not read whole.
+pub const MAX_TOKEN_ANSWER_BYTES: u32 = 64 * 1024;
+
+/// A token endpoint's answer that was over [`MAX_TOKEN_ANSWER_BYTES`] and was not read: judged
+/// by its status alone (throttled or failing: worth a retry; refused: the refusal; a success
+/// that is too large to be a token answer: malformed).
+pub fn oversized_token_response(status: u16, retry_after: Option<&str>) -> TokenError {
+    match parse_token_response(status, retry_after, "", 0.0) {
+        Err(e @ (TokenError::Transient { .. } | TokenError::Rejected { .. })) => e,
+        _ => TokenError::Malformed {
+            reason: format!("the answer is over {MAX_TOKEN_ANSWER_BYTES} bytes; it was not read"),
+        },
+    }
+}
+
 /// Reads a token endpoint's answer. `now_ms` is when the request was sent: a token's
 /// lifetime counts from then, so a slow answer errs on the early side.
 pub fn parse_token_response(
@@ -555,6 +570,26 @@ mod tests {
         let jwt_like =
             r#"{"token_type":"Bearer","expires_in":60,"access_token":"eyJ0.eyJz-_.c2ln+/=="}"#;
         assert!(parse_token_response(200, None, jwt_like, now).is_ok());
+    }
+
+    #[test]
+    fn an_answer_too_large_to_read_is_judged_by_its_status() {
+        assert!(matches!(
+            oversized_token_response(200, None),
+            TokenError::Malformed { reason } if reason.contains("over 65536 bytes")
+        ));
+        assert!(matches!(
+            oversized_token_response(503, Some("7")),
+            TokenError::Transient {
+                status: Some(503),
+                retry_after_secs: Some(7),
+                ..
+            }
+        ));
+        assert!(matches!(
+            oversized_token_response(400, None),
+            TokenError::Rejected { status: 400, .. }
+        ));
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub const DEFAULT_JWKS_TTL_SECONDS: u32 = 600;
 pub const UNKNOWN_KID_REFETCH_MS: f64 = 60_000.0;
 /// After a failed fetch, requests are refused at once (503) for this long.
 pub const JWKS_FAILURE_BACKOFF_MS: f64 = 5_000.0;
+/// Largest key set read (Entra's is about 10 KB): a larger answer is refused without being read
+/// whole (`jwks-unavailable`), so a key set URL cannot make the isolate hold what it sends.
+pub const MAX_JWKS_BYTES: u32 = 256 * 1024;
 /// Smallest RSA modulus accepted, in bytes (2048 bits).
 const MIN_RSA_MODULUS_BYTES: usize = 256;
 

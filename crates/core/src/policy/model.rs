@@ -593,9 +593,22 @@ pub struct AzureRestBackend {
     #[serde(default)]
     pub errors: ErrorMode,
     /// Keep only these JSON pointers (`/properties/state`) of a successful JSON answer of at
-    /// most 64 KiB; the rest is never sent to the caller.
+    /// most `max_answer_bytes`; the rest is never sent to the caller.
     #[serde(default)]
     pub project: Vec<String>,
+    /// Largest answer the gateway reads to pass on a part of it, in bytes: a projected answer
+    /// (`project`) and the answers of this route's operations followed through the gateway. A
+    /// larger one is not read whole: the gateway stops reading as it passes the limit and
+    /// answers 502 `backend-answer-too-large`. Answers passed on as they are stream through and
+    /// are not limited. Default 65536 (64 KiB), at most 1048576 (1 MiB).
+    #[serde(default)]
+    pub max_answer_bytes: Option<u32>,
+    /// Largest body a `json` or `template` body may build, in bytes: building stops as soon as
+    /// it passes the limit, and the caller gets 413 before anything is sent. Default a third
+    /// more than `max_body_bytes` and 64 KiB (room for `{body_base64}` of a body at that limit,
+    /// or `{body}` escaped), at most 2097152 (2 MiB), which is also the most it may be set to.
+    #[serde(default)]
+    pub max_built_body_bytes: Option<u64>,
     /// Time limit of one call, in milliseconds (for a reply streamed back: of no bytes moving).
     /// Default 30000.
     #[serde(default)]
@@ -647,6 +660,13 @@ pub enum ErrorMode {
 pub struct AzureOperationBackend {
     /// Names of the `azure_rest` routes whose operations this route follows.
     pub of: Vec<String>,
+    /// The JSON pointers of an operation's answer the caller sees; nothing else of it is passed
+    /// on. Default: the operation's status, error code and message, and times (`/status`,
+    /// `/error/code`, `/error/message`, `/startTime`, `/endTime`). A pointer besides those must
+    /// lie within the `project` of each route in `of` that projects: following an operation
+    /// never shows more than the route that started it.
+    #[serde(default)]
+    pub project: Option<Vec<String>>,
 }
 
 /// A Service Bus queue or topic.

@@ -128,6 +128,10 @@ pub struct PreparedRest {
     pub query: Vec<String>,
     pub body: RestBodyPlan,
     pub max_body_bytes: u64,
+    /// Largest body a `json` or `template` body builds.
+    pub max_built_body_bytes: u64,
+    /// Largest answer read to pass on a part of it (projected, or a followed operation's).
+    pub max_answer_bytes: u32,
     /// Reply headers passed back (lowercase): the defaults and the route's.
     pub response_headers: Vec<String>,
     /// Reply headers the edge hands the core beyond its usual few: the above and the
@@ -219,10 +223,13 @@ pub fn json_templates(
     Ok(())
 }
 
-/// An `azure_operation` route: the indices (in `Prepared::routes`) of the routes it follows.
+/// An `azure_operation` route: the indices (in `Prepared::routes`) of the routes it follows, and
+/// what of an operation's answer it shows.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PreparedOperation {
     pub of: Vec<usize>,
+    /// The JSON pointers of an operation's answer the caller sees.
+    pub project: Vec<String>,
 }
 
 /// The identity a backend's requests carry a token of.
@@ -460,6 +467,12 @@ mod compile {
                                 .ok_or_else(|| format!("no route {name}"))
                         })
                         .collect::<Result<_, String>>()?,
+                    project: o.project.clone().unwrap_or_else(|| {
+                        crate::backend::azure_rest::OPERATION_FIELDS
+                            .iter()
+                            .map(|p| (*p).to_owned())
+                            .collect()
+                    }),
                 }),
                 Backend::Blob(b) => PreparedBackend::Blob(PreparedBlob {
                     container_url: format!("{}/{}", b.base_url(policy.cloud), b.container),
@@ -583,6 +596,12 @@ mod compile {
             query: r.query.clone(),
             body,
             max_body_bytes: r.max_body_bytes.unwrap_or(rest::DEFAULT_MAX_BODY_BYTES),
+            max_built_body_bytes: r.max_built_body_bytes.unwrap_or_else(|| {
+                rest::default_max_built_body_bytes(
+                    r.max_body_bytes.unwrap_or(rest::DEFAULT_MAX_BODY_BYTES),
+                )
+            }),
+            max_answer_bytes: r.max_answer_bytes.unwrap_or(rest::DEFAULT_MAX_ANSWER_BYTES),
             response_headers,
             reply_headers,
             errors: r.errors,

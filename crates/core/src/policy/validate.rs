@@ -1403,13 +1403,62 @@ fn check_azure_rest(
         }
     }
     for (i, pointer) in rest.project.iter().enumerate() {
-        if !pointer.starts_with('/') || pointer.contains("~2") {
+        if !is_json_pointer(pointer) {
             c.err(
                 format!("{at}.project[{i}]"),
                 format!("a JSON pointer such as \"/properties/state\", got \"{pointer}\""),
             );
         }
     }
+    if let Some(max) = rest.max_answer_bytes {
+        if !(1..=ar::MAX_ANSWER_BYTES_LIMIT).contains(&max) {
+            c.err(
+                format!("{at}.max_answer_bytes"),
+                format!(
+                    "a size between 1 and {} bytes (1 MiB: the gateway holds what it reads of an answer; a larger answer can pass through unread, without \"project\"), got {max}",
+                    ar::MAX_ANSWER_BYTES_LIMIT
+                ),
+            );
+        }
+    }
+    if let Some(max) = rest.max_built_body_bytes {
+        if !matches!(
+            rest.body,
+            Some(RestBody::Json(_) | RestBody::Template { .. })
+        ) {
+            c.err(
+                format!("{at}.max_built_body_bytes"),
+                "only with a \"json\" or \"template\" body (it limits the body they build)",
+            );
+        } else if !(1..=ar::MAX_BUILT_BODY_BYTES_LIMIT).contains(&max) {
+            c.err(
+                format!("{at}.max_built_body_bytes"),
+                format!(
+                    "a size between 1 and {} bytes (2 MiB: the gateway holds the body it builds until the call is done; a larger body can be sent as the caller's, \"body\": \"caller\" or \"stream\"), got {max}",
+                    ar::MAX_BUILT_BODY_BYTES_LIMIT
+                ),
+            );
+        }
+    }
+}
+
+/// A JSON pointer (RFC 6901) as `project` takes it: `/a/b`, with `~0` and `~1` escapes only.
+fn is_json_pointer(pointer: &str) -> bool {
+    pointer.starts_with('/')
+        && pointer
+            .split('~')
+            .skip(1)
+            .all(|after| after.starts_with(['0', '1']))
+}
+
+/// Whether a pointer shows nothing beyond `allowed`: it is one of them or lies under one.
+fn within_pointers(pointer: &str, allowed: &[String]) -> bool {
+    allowed.iter().any(|a| {
+        pointer == a
+            || pointer
+                .strip_prefix(a.as_str())
+                .is_some_and(|rest| rest.starts_with('/'))
+    })
 }
 
 /// An `azure_operation` route: GET only, one path parameter `{operation}`, following
@@ -1463,6 +1512,42 @@ fn check_azure_operation(
                 format!("{at}.of[{i}]"),
                 format!("a route no other azure_operation route follows, got \"{name}\""),
             );
+        }
+    }
+    // What a caller following an operation sees: the operation's own fields, and of the rest
+    // nothing a route that started it does not show.
+    for (i, pointer) in op.project.iter().flatten().enumerate() {
+        let path = format!("{at}.project[{i}]");
+        if !is_json_pointer(pointer) {
+            c.err(
+                &path,
+                format!("a JSON pointer such as \"/status\", got \"{pointer}\""),
+            );
+            continue;
+        }
+        if crate::backend::azure_rest::OPERATION_FIELDS.contains(&pointer.as_str()) {
+            continue;
+        }
+        for name in &op.of {
+            let Some(Backend::AzureRest(rest)) = c
+                .policy
+                .routes
+                .iter()
+                .find(|r| &r.name == name)
+                .map(|r| &r.backend)
+            else {
+                continue;
+            };
+            if !rest.project.is_empty() && !within_pointers(pointer, &rest.project) {
+                c.err(
+                    &path,
+                    format!(
+                        "one of the operation's own fields ({}) or a pointer within what route \"{name}\" shows (its project: {}), got \"{pointer}\"",
+                        crate::backend::azure_rest::OPERATION_FIELDS.join(", "),
+                        rest.project.join(", ")
+                    ),
+                );
+            }
         }
     }
 }
