@@ -2009,6 +2009,16 @@ fn tampered(stored: &str, change: impl FnOnce(&mut Value)) -> Value {
     v
 }
 
+/// The stored request with one more header.
+fn with_header(stored: &str, name: &str, value: &str) -> Value {
+    tampered(stored, |v| {
+        v["headers"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!([name, value]))
+    })
+}
+
 #[test]
 fn a_stored_send_is_delivered_only_as_its_route_sends_it_today() {
     let g = store_gateway();
@@ -2041,21 +2051,11 @@ fn a_stored_send_is_delivered_only_as_its_route_sends_it_today() {
         ),
         (
             "it carries the header \"authorization\", which route \"orders\" does not send",
-            tampered(&stored, |v| {
-                v["headers"]
-                    .as_array_mut()
-                    .unwrap()
-                    .push(json!(["authorization", "Bearer stolen"]))
-            }),
+            with_header(&stored, "authorization", "Bearer stolen"),
         ),
         (
             "it carries the header \"Content-Type\" twice",
-            tampered(&stored, |v| {
-                v["headers"]
-                    .as_array_mut()
-                    .unwrap()
-                    .push(json!(["Content-Type", "text/plain"]))
-            }),
+            with_header(&stored, "Content-Type", "text/plain"),
         ),
         (
             "it has no BrokerProperties with a MessageId",
@@ -2230,21 +2230,11 @@ fn a_stored_blob_write_is_delivered_only_as_its_route_writes_today_with_a_fresh_
         ),
         (
             "it carries the header \"x-ms-meta-owner\", which route \"files\" does not send",
-            tampered(&stored, |v| {
-                v["headers"]
-                    .as_array_mut()
-                    .unwrap()
-                    .push(json!(["x-ms-meta-owner", "mallory"]))
-            }),
+            with_header(&stored, "x-ms-meta-owner", "mallory"),
         ),
         (
             "it carries the header \"x-ms-delete-snapshots\"",
-            tampered(&stored, |v| {
-                v["headers"]
-                    .as_array_mut()
-                    .unwrap()
-                    .push(json!(["x-ms-delete-snapshots", "include"]))
-            }),
+            with_header(&stored, "x-ms-delete-snapshots", "include"),
         ),
         (
             "its x-ms-blob-type is not BlockBlob",

@@ -940,6 +940,19 @@ mod tests {
         (reply.status, reply.note.unwrap_or_default())
     }
 
+    /// A one-byte send to `entity` with this MessageId: status and error code.
+    fn send_id(app: &App, token: &str, entity: &str, id: &str) -> (u16, String) {
+        let props = format!(r#"{{"MessageId":"{id}"}}"#);
+        call(
+            app,
+            "POST",
+            &format!("/{entity}/messages"),
+            token,
+            &[("BrokerProperties", props.as_str())],
+            b"x",
+        )
+    }
+
     /// A request to the control surface: its status and JSON answer.
     fn control(app: &App, method: &str, path: &str, body: &str) -> (u16, Value) {
         let reply = app.handle(
@@ -1165,17 +1178,7 @@ mod tests {
         let app = app_with(&["orders:duplicate-detection=60", "plain"]);
         let sb = fixtures::servicebus_token();
         let control = |method: &str, path: &str, body: &str| control(&app, method, path, body);
-        let send = |entity: &str, id: &str| {
-            let props = format!(r#"{{"MessageId":"{id}"}}"#);
-            call(
-                &app,
-                "POST",
-                &format!("/{entity}/messages"),
-                &sb,
-                &[("BrokerProperties", props.as_str())],
-                b"x",
-            )
-        };
+        let send = |entity: &str, id: &str| send_id(&app, &sb, entity, id);
 
         // Stored, then answered 500: the sender resends; duplicate detection drops the resend.
         assert_eq!(
@@ -1237,18 +1240,7 @@ mod tests {
             &|_| {},
         );
         let statuses: Vec<u16> = (0..200)
-            .map(|i| {
-                let props = format!(r#"{{"MessageId":"s{i}"}}"#);
-                call(
-                    &app,
-                    "POST",
-                    "/orders/messages",
-                    &sb,
-                    &[("BrokerProperties", props.as_str())],
-                    b"x",
-                )
-                .0
-            })
+            .map(|i| send_id(&app, &sb, "orders", &format!("s{i}")).0)
             .collect();
         let lost = statuses.iter().filter(|s| **s == 500).count();
         let refused = statuses.iter().filter(|s| **s == 503).count();
@@ -1268,17 +1260,7 @@ mod tests {
         let app = app_with(&["orders:duplicate-detection=60"]);
         let sb = fixtures::servicebus_token();
         let control = |method: &str, path: &str, body: &str| control(&app, method, path, body);
-        let send = |id: &str| {
-            let props = format!(r#"{{"MessageId":"{id}"}}"#);
-            call(
-                &app,
-                "POST",
-                "/orders/messages",
-                &sb,
-                &[("BrokerProperties", props.as_str())],
-                b"x",
-            )
-        };
+        let send = |id: &str| send_id(&app, &sb, "orders", id);
 
         assert_eq!(
             control("POST", "faults", r#"{"status":503,"probability":1}"#).0,
