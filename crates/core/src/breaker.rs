@@ -221,6 +221,9 @@ pub struct Call {
     host: u64,
     caller: u64,
     resource: u64,
+    /// A delivery of a stored request: the gateway sending again what a caller sent, so its
+    /// failures are that caller's evidence, not a second caller's (see [`Breakers::record`]).
+    delivery: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -432,6 +435,7 @@ impl Breakers {
             host: hash(&|h| h.write(host.as_bytes())),
             caller: hash(&|h| write_caller(h, caller)),
             resource: hash(&|h| h.write(resource.as_bytes())),
+            delivery: matches!(caller, Caller::Gateway),
         }
     }
 
@@ -521,6 +525,15 @@ impl Breakers {
             };
             let probed = probes & scope.bit() != 0;
             let key = call.key(scope);
+            // A delivery's failure counts for the deliveries' own scopes only: it is a caller's
+            // request sent again, and counted as a second caller it would let one caller and the
+            // redelivery of its own stored requests open a breaker shared with everyone. For the
+            // shared scopes it says nothing (a probe slot it held is given back).
+            let shared = matches!(scope, Scope::Resource | Scope::Route | Scope::Host);
+            let outcome = match outcome {
+                Outcome::Failed { .. } if call.delivery && shared => Outcome::NotSent,
+                other => other,
+            };
             match outcome {
                 Outcome::Answered => self.answered(scope, key, call.caller, probed),
                 Outcome::NotSent => {
@@ -722,6 +735,36 @@ mod tests {
             Admission::Open { scope, .. } => Some(scope),
             Admission::Call { .. } => None,
         }
+    }
+
+    #[test]
+    fn one_caller_and_the_redelivery_of_its_stored_requests_open_no_shared_breaker() {
+        let mut g = Gw::new();
+        let delivery = |g: &mut Gw, resource: &str| {
+            g.b.call("r", "https://h", Caller::Gateway, resource, || 0.25)
+        };
+        // Caller a fails on many resources; the gateway's deliveries of what it stored fail too.
+        for t in 0..20 {
+            let t = f64::from(t);
+            g.go(&MANY, ("r", "a", &format!("/x{t}")), FAIL, t);
+            let call = delivery(&mut g, &format!("/x{t}"));
+            let admitted = g.b.admit(&call, &MANY, t);
+            if matches!(admitted, Admission::Call { .. }) {
+                g.b.record(&call, &MANY, admitted, FAIL, t);
+            }
+        }
+        // Caller b, who never failed, is still called, on any resource.
+        assert_eq!(
+            g.admit(&MANY, ("r", "b", "/x3"), 30.0),
+            Admission::Call { probes: 0 }
+        );
+        assert_eq!(
+            g.admit(&MANY, ("r", "b", "/y"), 30.0),
+            Admission::Call { probes: 0 }
+        );
+        // The deliveries themselves back off (their own scope).
+        let call = delivery(&mut g, "/x1");
+        assert_eq!(open(g.b.admit(&call, &MANY, 31.0)), Some(Scope::Caller));
     }
 
     #[test]

@@ -754,6 +754,11 @@ impl Gateway {
             // A failed call that streamed the caller's body may be the caller's doing: a client
             // that stalls or breaks its uploads must not open a breaker, even its own.
             Some(_) if cx.log.caller_stream => Outcome::NotSent,
+            // An unknown outcome whose last answer was Azure's own refusal (a create-only write
+            // that found its lost attempt's blob: 409): Azure answered.
+            Some(p) if p.kind == UNKNOWN && cx.log.backend_status.is_some_and(|s| s < 500) => {
+                Outcome::Answered
+            }
             Some(p) if matches!(p.kind, "backend-unavailable" | "backend-timeout" | UNKNOWN) => {
                 Outcome::Failed {
                     retry_after_ms: asked_ms(cx.log.retry_after),
