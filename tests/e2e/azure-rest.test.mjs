@@ -12,7 +12,7 @@ import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { after, before, beforeEach, describe, test } from 'node:test';
 import { REPO_ROOT } from '../../dev/proc.mjs';
-import { decodeBase64Text, peekQueueMessages, startStack, storageToken } from './stack.mjs';
+import { decodeBase64Text, gatewayClient, peekQueueMessages, startStack, storageToken } from './stack.mjs';
 
 const PORTS = { issuer: 19000, serviceBus: 19010, arm: 19020, azurite: 20600, queue: 20601, gateway: 19087 };
 const SUB = '11111111-aaaa-4bbb-8ccc-000000000001';
@@ -29,25 +29,8 @@ const SITE_PATH = `/subscriptions/${SUB}/resourceGroups/${RG}/providers/Microsof
 
 describe('azure_rest through the gateway', { timeout: 600_000 }, () => {
   let stack;
-  let gw;
   let arm;
-  const call = async (method, path, { body, headers = {} } = {}) => {
-    const res = await fetch(`${gw.url}${path}`, {
-      method,
-      body,
-      headers: { 'x-api-key': stack.apiKey, ...headers },
-      redirect: 'manual',
-      signal: AbortSignal.timeout(20_000),
-    });
-    const text = await res.text();
-    let json = null;
-    try { json = JSON.parse(text); } catch { /* not JSON */ }
-    return { status: res.status, headers: res.headers, text, json };
-  };
-  const logOf = async (res) => {
-    const id = res.headers.get('x-request-id');
-    return JSON.parse(await gw.waitForLog((_l, j) => j?.request_id === id && 'status' in j, 10_000));
-  };
+  const { call, logOf } = gatewayClient(() => stack, { timeoutMs: 20_000 });
   /** What the ARM stand-in received since the last clear (its own log). */
   const armSaw = async () => arm.requests();
 
@@ -59,7 +42,6 @@ describe('azure_rest through the gateway', { timeout: 600_000 }, () => {
       serviceBus: false,
       arm: { subscriptions: SUBSCRIPTIONS, pollsBeforeDone: 2 },
     });
-    gw = stack.gateway;
     arm = stack.arm;
   });
   beforeEach(async () => {

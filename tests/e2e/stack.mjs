@@ -22,3 +22,31 @@ export {
   blobRequest, createContainer, BLOB_API_VERSION,
   createQueue, putQueueMessage, peekQueueMessages, parseQueueMessagesList, decodeBase64Text, QUEUE_API_VERSION,
 } from '../../dev/azurite.mjs';
+
+/**
+ * A caller of a running stack's gateway, with its API key: `call(method, path, { body, headers })`
+ * resolves { status, headers, text, json (null when not JSON) }, never following a redirect;
+ * `logOf(res)` the gateway's log line of that answer (by its x-request-id). `stack()` is read at
+ * each call, so the client can be made before the stack is up.
+ */
+export function gatewayClient(stack, { timeoutMs = 30_000 } = {}) {
+  const call = async (method, path, { body, headers = {} } = {}) => {
+    const { gateway, apiKey } = stack();
+    const res = await fetch(`${gateway.url}${path}`, {
+      method,
+      body,
+      headers: { 'x-api-key': apiKey, ...headers },
+      redirect: 'manual',
+      signal: AbortSignal.timeout(timeoutMs),
+    });
+    const text = await res.text();
+    let json = null;
+    try { json = JSON.parse(text); } catch { /* not JSON */ }
+    return { status: res.status, headers: res.headers, text, json };
+  };
+  const logOf = async (res) => {
+    const id = res.headers.get('x-request-id');
+    return JSON.parse(await stack().gateway.waitForLog((_l, j) => j?.request_id === id && 'status' in j, 10_000));
+  };
+  return { call, logOf };
+}

@@ -15,7 +15,7 @@ import { join } from 'node:path';
 import { after, before, beforeEach, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { REPO_ROOT } from '../../dev/proc.mjs';
-import { startStack } from './stack.mjs';
+import { gatewayClient, startStack } from './stack.mjs';
 
 const PORTS = { issuer: 23400, serviceBus: 23410, arm: 23420, azurite: 23000, queue: 23001, gateway: 23787 };
 const SUB = '11111111-aaaa-4bbb-8ccc-000000000001';
@@ -24,25 +24,9 @@ const SUBSCRIPTIONS = { [SUB]: { resourceGroups: { 'rg-web': { location: 'westeu
 
 describe('requests whose outcome is unknown', { timeout: 600_000 }, () => {
   let stack;
-  let gw;
   let arm;
   let sb;
-  const call = async (method, path, { body, headers = {} } = {}) => {
-    const res = await fetch(`${gw.url}${path}`, {
-      method,
-      body,
-      headers: { 'x-api-key': stack.apiKey, ...headers },
-      signal: AbortSignal.timeout(30_000),
-    });
-    const text = await res.text();
-    let json = null;
-    try { json = JSON.parse(text); } catch { /* not JSON */ }
-    return { status: res.status, headers: res.headers, text, json };
-  };
-  const logOf = async (res) => {
-    const id = res.headers.get('x-request-id');
-    return JSON.parse(await gw.waitForLog((_l, j) => j?.request_id === id && 'status' in j, 10_000));
-  };
+  const { call, logOf } = gatewayClient(() => stack, { timeoutMs: 30_000 });
   /** The restarts (or reads) the ARM stand-in received, answered or not, once late resends had time to come. */
   const armReceived = async (method, suffix) => {
     await sleep(3_000);
@@ -58,7 +42,6 @@ describe('requests whose outcome is unknown', { timeout: 600_000 }, () => {
       serviceBus: { entities: ['plain', 'dedup:duplicate-detection=60'] },
       arm: { subscriptions: SUBSCRIPTIONS, pollsBeforeDone: 1 },
     });
-    gw = stack.gateway;
     arm = stack.arm;
     sb = stack.serviceBus;
   });
