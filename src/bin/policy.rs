@@ -193,7 +193,7 @@ mod cli {
     fn resend_line(r: &Route) -> Option<&'static str> {
         const NOT: &str = "not sent again: the caller gets backend-outcome-unknown (502/504)";
         const READ: &str = "a read: sent again";
-        let idempotent = |m: &str| matches!(m, "GET" | "HEAD" | "PUT" | "DELETE" | "OPTIONS");
+        use azure_edge_gateway::backend::azure_rest::idempotent;
         let reads = r
             .methods
             .iter()

@@ -792,7 +792,8 @@ fn built_too_large(at_least: u64, limit: u64) -> Problem {
     )
 }
 
-fn idempotent(method: &str) -> bool {
+/// Whether sending a request with this method twice does it once (RFC 9110 §9.2.2).
+pub fn idempotent(method: &str) -> bool {
     matches!(method, "GET" | "HEAD" | "PUT" | "DELETE" | "OPTIONS")
 }
 
