@@ -2247,3 +2247,40 @@ fn policy_check_warns_when_a_storing_route_has_no_rate_limit() {
     policy["inbound"] = json!({ "rate_limit": { "binding": "RL", "key": "client_ip", "limit": 10, "period_seconds": 60 } });
     assert_eq!(check(&policy), Vec::<String>::new());
 }
+
+#[test]
+fn coalescing_is_not_for_batch_routes_and_its_limits_are_bounded() {
+    assert_one_error(
+        |p| {
+            let sb = &mut p["routes"][0]["backend"]["service_bus"];
+            sb["batch"] = json!(true);
+            sb["coalesce"] = json!(true);
+        },
+        "routes[0].backend.service_bus.coalesce",
+        "false or absent on a batch route",
+    );
+    assert_one_error(
+        |p| p["routes"][0]["backend"]["service_bus"]["linger_ms"] = json!(5000),
+        "routes[0].backend.service_bus.linger_ms",
+        "a time between 0 and 1000 milliseconds, got 5000",
+    );
+    assert_one_error(
+        |p| p["routes"][0]["backend"]["service_bus"]["max_batch_messages"] = json!(1),
+        "routes[0].backend.service_bus.max_batch_messages",
+        "a number of messages between 2 and 1000, got 1",
+    );
+    // Off, tuned, or a batch route that leaves it alone: all valid.
+    for change in [
+        json!({ "coalesce": false }),
+        json!({ "linger_ms": 5, "max_batch_messages": 500 }),
+        json!({ "batch": true }),
+    ] {
+        let errors = errors_after(|p| {
+            let sb = p["routes"][0]["backend"]["service_bus"]
+                .as_object_mut()
+                .unwrap();
+            sb.extend(change.as_object().unwrap().clone());
+        });
+        assert!(errors.is_empty(), "{change}: {errors:?}");
+    }
+}

@@ -186,7 +186,47 @@ mod cli {
                 println!("  {}: {line}", r.name);
             }
         }
+        let coalescing: Vec<String> = p.routes.iter().filter_map(coalesce_line).collect();
+        if !coalescing.is_empty() {
+            println!();
+            println!("Coalescing (group commit): sends that arrive while one to the same entity is in flight leave as one batch:");
+            for line in coalescing {
+                println!("  {line}");
+            }
+        }
         0
+    }
+
+    /// Whether a Service Bus or Event Hubs route coalesces its sends, and within what limits.
+    fn coalesce_line(r: &Route) -> Option<String> {
+        let sb = match &r.backend {
+            Backend::ServiceBus(sb) => sb.clone(),
+            Backend::EventHubs(eh) => eh.as_service_bus(),
+            _ => return None,
+        };
+        let by = match &r.backend {
+            Backend::ServiceBus(_) => "session or partition key",
+            _ => "partition key",
+        };
+        Some(if sb.coalesces() {
+            format!(
+                "{}: on, at most {} messages and {} bytes per batch, one batch per {by}, linger {} ms; a body that is not UTF-8 goes alone",
+                r.name,
+                sb.max_batch_messages(),
+                sb.max_message_bytes(),
+                sb.linger_ms.unwrap_or(0)
+            )
+        } else if sb.batch {
+            format!(
+                "{}: off (a batch route sends each caller's batch as it is)",
+                r.name
+            )
+        } else {
+            format!(
+                "{}: off (\"coalesce\": false): every request is its own send",
+                r.name
+            )
+        })
     }
 
     /// Whether a route's request is sent again when its outcome is unknown, and why.

@@ -52,9 +52,9 @@ function parseOp(out) {
 }
 
 /** Index of the field that runs to the end of the op, by kind (-1: it follows the headers). */
-const LAST_FIELD = { done: -1, send: -1, rate: 2, verify: 4, enqueue: 6, deadletter: 2, keep: 2 };
+const LAST_FIELD = { done: -1, send: -1, sendh: -1, rate: 2, verify: 4, enqueue: 6, deadletter: 2, keep: 2 };
 /** Where a done's and a send's header count is. */
-const COUNT_AT = { done: 4, send: 9 };
+const COUNT_AT = { done: 4, send: 9, sendh: 9 };
 
 function lastField(fields) {
   // done: kind, status, hasText, stream, count, headers…, log line, text.
@@ -77,7 +77,7 @@ export function headOf(request) {
  * refusals cost one step and no await.
  */
 export function drive(request, env, ctx) {
-  const c = { request, env, ctx, reader: null, total: 0, ended: false, buffers: [], replies: [], wake: null, woken: false };
+  const c = { request, env, ctx, reader: null, total: 0, ended: false, buffers: [], replies: [], wake: null, woken: false, release: null };
   // The context is known before the first step: the task may read a secret in it.
   const task = nextTask;
   nextTask = nextTask >= 0x7fffffff ? 1 : nextTask + 1;
@@ -105,6 +105,7 @@ async function driveRest(c, task, op) {
     return failed500(task, e);
   } finally {
     contexts.delete(task);
+    if (c.release) c.release();
   }
 }
 
@@ -130,6 +131,32 @@ async function run(c, task, op) {
     }
     op = step(1, task, result);
   }
+}
+
+/**
+ * Keeps the request running until its task ends, even if its caller goes away: others wait on
+ * its send (a coalesced batch it leads, or the send they queue behind). Without it, a caller that
+ * disconnects tears the request's context down with the send in flight.
+ */
+function hold(c) {
+  if (c.release || !c.ctx || typeof c.ctx.waitUntil !== 'function') return;
+  c.ctx.waitUntil(new Promise((resolve) => { c.release = resolve; }));
+}
+
+/**
+ * Waits until the task's waker is called (another request's send finished what this one waits
+ * on) or `ms` pass: the timer is this request's own pending work, without which the runtime
+ * would cancel a request that only waits on another's.
+ */
+function park(c, ms) {
+  if (c.woken) {
+    c.woken = false;
+    return Promise.resolve('');
+  }
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => { c.wake = null; resolve(''); }, Math.max(1, ms));
+    c.wake = () => { clearTimeout(timer); resolve(''); };
+  });
 }
 
 /** A task's waker. */
@@ -212,6 +239,8 @@ function perform(c, op) {
     case 'read': return readBody(c, Number(op[1]));
     case 'block': return nextBlock(c, Number(op[1]), Number(op[2]));
     case 'send': return send(c, op);
+    case 'sendh': hold(c); return send(c, op);
+    case 'park': return park(c, Number(op[1]));
     case 'text': return text(c, Number(op[1]), Number(op[2]));
     case 'rate': return rateLimit(c, op[1], op[2]).then(String);
     case 'jwks': return fetchJwks(op[1], Number(op[2]), Number(op[3]));
@@ -279,7 +308,7 @@ async function deadLetter(c, op) {
  */
 export async function consume(batch, env, ctx) {
   await Promise.all(batch.messages.map(async (message) => {
-    const c = { request: null, message, env, ctx, reader: null, total: 0, ended: false, buffers: [], replies: [], wake: null, woken: false };
+    const c = { request: null, message, env, ctx, reader: null, total: 0, ended: false, buffers: [], replies: [], wake: null, woken: false, release: null };
     const task = nextTask;
     nextTask = nextTask >= 0x7fffffff ? 1 : nextTask + 1;
     contexts.set(task, c);

@@ -207,6 +207,7 @@ fn start(
         slot: slot.clone(),
         c: OnceCell::new(),
         uuid: RefCell::new(uuid),
+        hold: Cell::new(false),
     };
     let future = make(io);
     let waker = Waker::from(Arc::new(TaskWaker(id)));
@@ -451,6 +452,9 @@ struct Edge {
     c: OnceCell<JsValue>,
     /// A fresh UUID `drive` handed over with the head, for the first [`Io::uuid`].
     uuid: RefCell<Option<String>>,
+    /// [`Io::hold`] was asked: the next send tells `drive` to keep the request running past
+    /// its caller (`sendh` instead of `send`: no call of its own).
+    hold: Cell<bool>,
 }
 
 /// Waits for the result of the op in the slot.
@@ -626,7 +630,12 @@ impl Io for Edge {
             + text.len()
             + token.map_or(0, |t| t.len() + 24)
             + fields_len(&request.headers);
-        let mut op = Op::with_room("send", room);
+        let kind_of_op = if self.hold.replace(false) {
+            "sendh"
+        } else {
+            "send"
+        };
+        let mut op = Op::with_room(kind_of_op, room);
         op.field(&request.url)
             .field(request.method)
             .field(kind)
@@ -708,6 +717,18 @@ impl Io for Edge {
         let mut op = Op::new("sleep");
         op.num(ms);
         self.ask(op).await;
+    }
+
+    /// `park`, the time limit: resolved by the task's waker (`schedule`) or the request's own
+    /// timer, whichever comes first.
+    async fn park(&self, ms: f64) {
+        let mut op = Op::new("park");
+        op.num(ms);
+        self.ask(op).await;
+    }
+
+    fn hold(&self) {
+        self.hold.set(true);
     }
 
     async fn enqueue(

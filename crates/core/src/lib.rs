@@ -4,11 +4,12 @@
 //!   and the compiler that build.rs runs; [`policy::prepared`] is what the worker loads.
 //! - [`pipeline`]: the phases of one request, run by one driver over an I/O interface that
 //!   the edge implements (and the tests fake).
-//! - [`routing`], [`template`], [`inbound`], [`identity`], [`backend`], [`breaker`]: what the
-//!   phases use.
+//! - [`routing`], [`template`], [`inbound`], [`identity`], [`backend`], [`breaker`],
+//!   [`coalesce`]: what the phases use.
 
 pub mod backend;
 pub mod breaker;
+pub mod coalesce;
 pub mod encoding;
 pub mod fasthash;
 pub mod identity;

@@ -315,6 +315,15 @@ pub trait Io {
     /// as JSON) beside it; the error says why it was not taken, for the log.
     async fn dead_letter(&self, binding: &str, why: &str) -> Result<(), String>;
     async fn sleep(&self, ms: f64);
+    /// Waits until this request's task is woken (its waker) or `ms` pass, whichever is first:
+    /// a request waiting for another's send keeps a timer of its own (a runtime cancels a
+    /// request whose only pending work is another request's). A fake may return at once.
+    async fn park(&self, ms: f64) {
+        self.sleep(ms).await
+    }
+    /// This request's work must finish even if its caller goes away (others wait on its send):
+    /// the edge keeps it running past the caller (`waitUntil`).
+    fn hold(&self) {}
 }
 
 /// The caller's answer.
@@ -423,6 +432,12 @@ pub struct LogFields {
     pub caller_stream: bool,
     /// The problem the caller would have had, had the request not been stored.
     pub problem_avoided: Option<&'static str>,
+    /// Group commit: the batch this request's message left in (messages, its leader's request
+    /// id), when it left with others.
+    pub batch: Option<(usize, String)>,
+    /// The batch's outcome came from its leader's send, which its leader's breakers counted:
+    /// this request's breakers say nothing of it (the batch is counted once).
+    pub batch_follower: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -769,9 +784,14 @@ impl Gateway {
             _ => Outcome::Answered,
         };
         if let Some(route) = cx.route {
+            let counted = if cx.log.batch_follower {
+                Outcome::NotSent
+            } else {
+                outcome
+            };
             self.breakers
                 .borrow_mut()
-                .record(call, &route.breaker, admitted, outcome, io.now());
+                .record(call, &route.breaker, admitted, counted, io.now());
         }
         outcome
     }
@@ -1465,6 +1485,9 @@ fn log_line(cx: &Cx<'_>, status: u16, duration_ms: f64) -> String {
         line.uint("backend_status", u64::from(status));
     }
     line.opt_str("backend_detail", log.backend_detail.as_deref());
+    if let Some((size, leader)) = &log.batch {
+        line.uint("batch", *size as u64).str("batch_leader", leader);
+    }
     line.finish()
 }
 
@@ -1511,6 +1534,10 @@ mod tests {
             backend_status: Option<u16>,
             #[serde(skip_serializing_if = "Option::is_none")]
             backend_detail: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            batch: Option<usize>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            batch_leader: Option<&'a str>,
         }
         let log = &cx.log;
         serde_json::to_string(&Line {
@@ -1535,6 +1562,8 @@ mod tests {
             unavailable: log.problem_avoided,
             backend_status: log.backend_status,
             backend_detail: log.backend_detail.as_deref(),
+            batch: log.batch.as_ref().map(|(n, _)| *n),
+            batch_leader: log.batch.as_ref().map(|(_, l)| l.as_str()),
         })
         .unwrap()
     }
@@ -1587,6 +1616,8 @@ mod tests {
                     stored: Some("queued".into()),
                     caller_stream: false,
                     problem_avoided: Some("backend-unavailable"),
+                    batch: Some((i + 2, format!("leader{strange}"))),
+                    batch_follower: i % 2 == 0,
                 };
             }
             for status in [200, 404, 503] {

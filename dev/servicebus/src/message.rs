@@ -58,6 +58,10 @@ pub struct BrokerProperties {
     pub scheduled_enqueue_time_utc: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub force_persistence: Option<bool>,
+    /// A batch message's content type (a single message's is its Content-Type header): read
+    /// from a batch element, kept as the message's content type, never echoed here.
+    #[serde(skip_serializing)]
+    pub content_type: Option<String>,
 }
 
 impl BrokerProperties {
@@ -80,6 +84,11 @@ impl BrokerProperties {
             Ok(p) => p,
             Err(e) => return bad(format!("{what} is invalid: {e}.")),
         };
+        if props.content_type.is_some() {
+            return bad(format!(
+                "{what}: ContentType is a batch message's; a single message's content type is the Content-Type header."
+            ));
+        }
         props.validate(what)?;
         Ok(props)
     }
@@ -325,10 +334,19 @@ pub fn parse_batch(body: &[u8]) -> Result<Vec<NewMessage>, MessageError> {
             Some(_) => return bad(format!("{what}: Body must be a string.")),
             None => return bad(format!("{what}: Body is missing.")),
         };
-        let broker = match fields.remove("BrokerProperties") {
+        let mut broker = match fields.remove("BrokerProperties") {
             None | Some(Value::Null) => BrokerProperties::default(),
             Some(v) => BrokerProperties::from_value(v, &format!("{what}: BrokerProperties"))?,
         };
+        // A batch has one Content-Type header for all its messages: each message's own is its
+        // `BrokerProperties.ContentType`, stored as the message's content type (without it,
+        // the message has none).
+        let content_type = broker.content_type.take();
+        if content_type.as_deref() == Some("") {
+            return bad(format!(
+                "{what}: BrokerProperties.ContentType must not be empty."
+            ));
+        }
         let user = match fields.remove("UserProperties") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::Object(map)) => {
@@ -359,7 +377,7 @@ pub fn parse_batch(body: &[u8]) -> Result<Vec<NewMessage>, MessageError> {
         }
         out.push(NewMessage {
             body,
-            content_type: None,
+            content_type,
             broker,
             user,
         });

@@ -76,7 +76,22 @@ impl ServiceBusBackend {
     pub fn max_message_bytes(&self) -> usize {
         self.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES) as usize
     }
+
+    /// Whether concurrent single-message sends leave together ([`crate::coalesce`]): on by
+    /// default, never for a route that sends the caller's own batch.
+    pub fn coalesces(&self) -> bool {
+        !self.batch && self.coalesce.unwrap_or(true)
+    }
+
+    /// The most messages in one coalesced batch.
+    pub fn max_batch_messages(&self) -> usize {
+        self.max_batch_messages
+            .unwrap_or(DEFAULT_MAX_BATCH_MESSAGES) as usize
+    }
 }
+
+/// Messages in one coalesced batch, unless the route says otherwise.
+pub const DEFAULT_MAX_BATCH_MESSAGES: u32 = 100;
 
 /// Where defaults come from.
 pub struct Defaults<'a> {
@@ -501,6 +516,14 @@ pub struct Plan<B> {
     request: BackendRequest,
     payload: Payload<B>,
     ids: Vec<String>,
+    /// A single message on a coalescing route: what a batch element is built from.
+    single: Option<Single>,
+}
+
+/// A single message's parts, kept to build its batch element if it waits to join a batch.
+struct Single {
+    props: Properties,
+    content_type: String,
 }
 
 impl<B> Plan<B> {
@@ -557,6 +580,7 @@ pub async fn build<I: Io>(
             request: batch_request(sb),
             payload: Payload::Text(batch),
             ids,
+            single: None,
         }
     } else {
         let props = properties_for(sb.flavor, &sb.message, &values, &defaults, None)?;
@@ -573,6 +597,10 @@ pub async fn build<I: Io>(
             request: single_request(sb, content_type, broker_json, &props),
             ids: vec![props.message_id().to_owned()],
             payload: body.map_or(Payload::Empty, |(b, _)| Payload::Bytes(b)),
+            single: sb.config.coalesces().then(|| Single {
+                props,
+                content_type: content_type.to_owned(),
+            }),
         }
     };
     crate::backend::check(&plan.request)?;
@@ -590,11 +618,27 @@ pub fn resend_for(sb: &PreparedServiceBus) -> Resend {
     }
 }
 
-/// Phase 9: sends with the same bytes within the retry policy, again after a 429 or 503 (the
-/// service busy: not taken) and, where [`resend_for`] allows, after a 500/502/504, a timeout or
-/// a lost connection; otherwise those are `backend-outcome-unknown`. A final refusal is mapped
-/// (and a 401 evicts the token).
+/// Phase 9: on a coalescing route, a single message goes at once when its lane is idle, and
+/// otherwise waits to leave with others as one batch ([`crate::coalesce`]); every other send
+/// goes alone ([`send_alone`]).
 pub async fn send<I: Io>(
+    sb: &PreparedServiceBus,
+    plan: &Plan<I::Bytes>,
+    bearer: &super::Bearer<'_>,
+    cx: &mut Cx<'_>,
+    io: &I,
+) -> Result<Reply<I::Stream>, Problem> {
+    match &plan.single {
+        Some(single) => coalesced(sb, plan, single, bearer, cx, io).await,
+        None => send_alone(sb, plan, bearer, cx, io).await,
+    }
+}
+
+/// Sends with the same bytes within the retry policy, again after a 429 or 503 (the service
+/// busy: not taken) and, where [`resend_for`] allows, after a 500/502/504, a timeout or a lost
+/// connection; otherwise those are `backend-outcome-unknown`. A final refusal is mapped (and a
+/// 401 evicts the token).
+async fn send_alone<I: Io>(
     sb: &PreparedServiceBus,
     plan: &Plan<I::Bytes>,
     bearer: &super::Bearer<'_>,
@@ -606,15 +650,29 @@ pub async fn send<I: Io>(
         Payload::Text(t) => OutBody::Text(t),
         Payload::Empty => OutBody::Text(""),
     };
+    send_request(sb, &plan.request, body, false, bearer, cx, io).await
+}
+
+/// One send (a message, a caller's batch, or a coalesced batch) through the retry loop.
+/// `coalesced`: a batch of several callers' messages, which Azure may refuse as a whole for one
+/// message's content (400, 403, 413): that answer comes back as it is (without its body), for
+/// the messages to be sent again alone.
+async fn send_request<I: Io>(
+    sb: &PreparedServiceBus,
+    request: &BackendRequest,
+    body: OutBody<'_, I::Bytes>,
+    coalesced: bool,
+    bearer: &super::Bearer<'_>,
+    cx: &mut Cx<'_>,
+    io: &I,
+) -> Result<Reply<I::Stream>, Problem> {
     let entity = sb.config.entity();
     let resend = resend_for(sb);
-    let service = match sb.flavor {
-        Flavor::ServiceBus => "Service Bus",
-        Flavor::EventHubs => "Event Hubs",
-    };
-    crate::backend::send_retried(
+    let service = service_name(sb.flavor);
+    let refused = std::cell::RefCell::new(None);
+    let sent = crate::backend::send_retried(
         io,
-        &plan.request,
+        request,
         bearer,
         body,
         Limit::Deadline(SEND_TIMEOUT_MS),
@@ -630,6 +688,14 @@ pub async fn send<I: Io>(
                 Ok(text) => (text, None),
                 Err(note) => (String::new(), Some(note)),
             };
+            if coalesced && matches!(status, 400 | 403 | 413) {
+                *refused.borrow_mut() = Some(unread.unwrap_or_else(|| error_detail(&text)));
+                return Verdict::Done(Reply {
+                    status,
+                    headers: Vec::new(),
+                    body: None,
+                });
+            }
             if resend == Resend::OnlyIfRefused && matches!(status, 500 | 502 | 504) {
                 // Not a refusal: the message may have been taken. Without duplicate detection a
                 // second send could be a second message.
@@ -666,7 +732,220 @@ pub async fn send<I: Io>(
         },
         |why, retry_after| unavailable_for(sb.flavor, retry_after, why),
     )
-    .await
+    .await;
+    if let Some(detail) = refused.into_inner() {
+        cx.log.backend_detail = Some(format!(
+            "the batch was refused as a whole: {detail}; each message sent alone"
+        ));
+    }
+    sent
+}
+
+fn service_name(flavor: Flavor) -> &'static str {
+    match flavor {
+        Flavor::ServiceBus => "Service Bus",
+        Flavor::EventHubs => "Event Hubs",
+    }
+}
+
+/// The lane a message travels on: its session (Service Bus) or partition key, which every
+/// message of one batch must share.
+fn lane_of(props: &Properties) -> &str {
+    let text = |name: &str| props.broker.get(name).and_then(Value::as_str);
+    text("SessionId")
+        .or_else(|| text("PartitionKey"))
+        .unwrap_or_default()
+}
+
+/// A message as a batch element, exactly as it would be received had it been sent alone: its
+/// body as the batch's `Body` string (only a body that is UTF-8 can be carried byte for byte;
+/// `None` for any other, which goes alone), its broker properties with its `ContentType` (which
+/// a batch's HTTP header cannot give each message), and its application properties under the
+/// lowercase names its headers would have had.
+fn element_of<I: Io>(plan: &Plan<I::Bytes>, single: &Single, io: &I) -> Option<Value> {
+    let body = match &plan.payload {
+        Payload::Bytes(b) => String::from_utf8(io.bytes(b)).ok()?,
+        Payload::Text(t) => t.clone(),
+        Payload::Empty => String::new(),
+    };
+    let mut broker = single.props.broker.clone();
+    broker.insert(
+        "ContentType".to_owned(),
+        Value::from(single.content_type.as_str()),
+    );
+    let user: Map<String, Value> = single
+        .props
+        .custom
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), Value::from(v.as_str())))
+        .collect();
+    Some(json!({ "Body": body, "BrokerProperties": broker, "UserProperties": user }))
+}
+
+/// Group commit ([`crate::coalesce`]): alone at once on an idle lane; otherwise the message
+/// waits, on its own timer, until its batch's leader tells it what became of the batch, or
+/// until it is handed the lane and leads the next batch itself.
+async fn coalesced<I: Io>(
+    sb: &PreparedServiceBus,
+    plan: &Plan<I::Bytes>,
+    single: &Single,
+    bearer: &super::Bearer<'_>,
+    cx: &mut Cx<'_>,
+    io: &I,
+) -> Result<Reply<I::Stream>, Problem> {
+    use crate::coalesce::{Entry, Flight, State, Waiter, STALE_MS};
+    let lane = lane_of(&single.props);
+    if let Entry::Alone = sb.lanes.enter(lane, io.now()) {
+        // Whoever waits behind this send is handed the lane when it ends, even if this
+        // request's caller has gone by then.
+        io.hold();
+        let _flight = Flight::new(&sb.lanes, lane, Vec::new(), io.now());
+        return send_alone(sb, plan, bearer, cx, io).await;
+    }
+    let Some(element) = element_of(plan, single, io) else {
+        return send_alone(sb, plan, bearer, cx, io).await;
+    };
+    let me = Waiter::new(element, &cx.request_id, io.now());
+    sb.lanes.queue(lane, me.clone());
+    loop {
+        match me.state() {
+            State::Done(outcome) => return follow(sb, plan, &outcome, bearer, cx, io).await,
+            State::Lead => return lead(sb, plan, lane, bearer, cx, io).await,
+            State::Queued { .. } => {
+                if sb.lanes.take_over(lane, &me, io.now()) {
+                    continue;
+                }
+            }
+            State::InBatch { since } if io.now() - since > STALE_MS => {
+                let orphaned = crate::coalesce::Outcome {
+                    size: 0,
+                    leader: String::new(),
+                    result: crate::coalesce::BatchResult::Orphaned,
+                };
+                return follow(sb, plan, &orphaned, bearer, cx, io).await;
+            }
+            State::InBatch { .. } => {}
+        }
+        std::future::poll_fn(|task| {
+            me.listen(task.waker());
+            std::task::Poll::Ready(())
+        })
+        .await;
+        io.park(STALE_MS + 1_000.0).await;
+    }
+}
+
+/// The leader of a batch: it takes the waiters of its lane (itself first), sends them as one
+/// batch in its own request's context (kept alive past its caller), and tells each what became
+/// of it; its own answer comes from the same outcome.
+async fn lead<I: Io>(
+    sb: &PreparedServiceBus,
+    plan: &Plan<I::Bytes>,
+    lane: &str,
+    bearer: &super::Bearer<'_>,
+    cx: &mut Cx<'_>,
+    io: &I,
+) -> Result<Reply<I::Stream>, Problem> {
+    use crate::coalesce::{batch_body, BatchResult, Flight, Outcome};
+    if let Some(ms) = sb.config.linger_ms.filter(|&ms| ms > 0) {
+        io.sleep(f64::from(ms)).await;
+    }
+    let batch = sb.lanes.take_batch(
+        lane,
+        sb.config.max_batch_messages(),
+        sb.config.max_message_bytes(),
+        io.now(),
+    );
+    io.hold();
+    let mut flight = Flight::new(
+        &sb.lanes,
+        lane,
+        batch.iter().skip(1).cloned().collect(),
+        io.now(),
+    );
+    if batch.len() <= 1 {
+        return send_alone(sb, plan, bearer, cx, io).await;
+    }
+    let elements: Vec<&Value> = batch.iter().map(|w| &w.element).collect();
+    let body = batch_body(&elements);
+    drop(elements);
+    let request = batch_request(sb);
+    let sent = send_request(sb, &request, OutBody::Text(&body), true, bearer, cx, io).await;
+    let result = match sent {
+        Ok(reply) if reply.status == 201 => BatchResult::Accepted,
+        Ok(_) => BatchResult::Alone,
+        Err(problem) => BatchResult::Failed {
+            problem,
+            detail: cx.log.backend_detail.clone(),
+            backend_status: cx.log.backend_status,
+            retry_after: cx.log.retry_after,
+        },
+    };
+    let outcome = std::rc::Rc::new(Outcome {
+        size: batch.len(),
+        leader: cx.request_id.clone(),
+        result,
+    });
+    flight.finish(outcome.clone(), io.now());
+    drop(flight);
+    follow(sb, plan, &outcome, bearer, cx, io).await
+}
+
+/// A message's answer from its batch's outcome: accepted; sent again alone (its batch was
+/// refused for something in one message, or its leader went away and the entity drops a resent
+/// `MessageId`); or the batch's failure as its own.
+async fn follow<I: Io>(
+    sb: &PreparedServiceBus,
+    plan: &Plan<I::Bytes>,
+    outcome: &crate::coalesce::Outcome,
+    bearer: &super::Bearer<'_>,
+    cx: &mut Cx<'_>,
+    io: &I,
+) -> Result<Reply<I::Stream>, Problem> {
+    use crate::coalesce::BatchResult;
+    if outcome.size > 1 {
+        cx.log.batch = Some((outcome.size, outcome.leader.clone()));
+    }
+    let led = outcome.leader == cx.request_id;
+    match &outcome.result {
+        BatchResult::Accepted => {
+            // The batch's one send: counted once, by its leader.
+            cx.log.batch_follower = !led;
+            cx.log.backend_status = Some(201);
+            Ok(Reply {
+                status: 201,
+                headers: Vec::new(),
+                body: None,
+            })
+        }
+        BatchResult::Alone => send_alone(sb, plan, bearer, cx, io).await,
+        BatchResult::Failed {
+            problem,
+            detail,
+            backend_status,
+            retry_after,
+        } => {
+            cx.log.batch_follower = !led;
+            cx.log.backend_status = *backend_status;
+            cx.log.backend_detail = detail.clone();
+            cx.log.retry_after = *retry_after;
+            Err(problem.clone())
+        }
+        BatchResult::Orphaned if resend_for(sb) == Resend::Safe => {
+            cx.log.backend_detail =
+                Some("its batch's leader went away before Azure answered; sent again alone".into());
+            send_alone(sb, plan, bearer, cx, io).await
+        }
+        BatchResult::Orphaned => {
+            cx.log.backend_detail =
+                Some("its batch's leader went away before Azure answered; not sent again".into());
+            Err(crate::backend::outcome_unknown(
+                service_name(sb.flavor),
+                "the request that sent it in a batch went away before the answer reached the gateway",
+                true,
+            ))
+        }
+    }
 }
 
 /// Phase 10: the caller's 202 with the message id(s), or for an event hub the number of events.
@@ -1284,6 +1563,7 @@ mod tests {
                     scope: "https://servicebus.azure.net/.default".into(),
                 },
             },
+            lanes: Default::default(),
             message: prep(&mapping()),
             config: backend,
             flavor: Flavor::ServiceBus,

@@ -53,6 +53,16 @@ pub struct EventHubsBackend {
     /// before anything is sent. Default 1048576 (1 MB, Event Hubs' limit from Standard up).
     #[serde(default)]
     pub max_message_bytes: Option<u32>,
+    /// Group commit, as a Service Bus route's: concurrent single-event sends with the same
+    /// partition key leave as one batch send. Default true; false sends each on its own.
+    #[serde(default)]
+    pub coalesce: Option<bool>,
+    /// Coalescing: how long, in milliseconds, a batch waits for more sends (0 to 1000; default 0).
+    #[serde(default)]
+    pub linger_ms: Option<u32>,
+    /// Coalescing: the most events in one batch (2 to 1000). Default 100.
+    #[serde(default)]
+    pub max_batch_messages: Option<u32>,
 }
 
 /// A Storage queue.
@@ -151,6 +161,9 @@ impl EventHubsBackend {
             max_message_bytes: Some(self.max_message_bytes()),
             // Event Hubs has none.
             duplicate_detection: false,
+            coalesce: self.coalesce,
+            linger_ms: self.linger_ms,
+            max_batch_messages: self.max_batch_messages,
         }
     }
 

@@ -710,6 +710,21 @@ pub struct ServiceBusBackend {
     /// false: such a send is the caller's `backend-outcome-unknown`, never sent twice.
     #[serde(default)]
     pub duplicate_detection: bool,
+    /// Group commit: while a send to this entity is in flight, single-message sends that arrive
+    /// wait for it, then leave together as one Send Message Batch (each message keeps its own
+    /// body, broker and application properties; grouped by session or partition key), within
+    /// `max_message_bytes` for the whole batch and `max_batch_messages`. A send to an idle entity
+    /// goes at once, alone. Default true; false sends every request on its own. Not for `batch`
+    /// routes, which send the caller's own batch as it is.
+    #[serde(default)]
+    pub coalesce: Option<bool>,
+    /// Coalescing: how long, in milliseconds, a batch waits for more sends before it leaves
+    /// (0 to 1000). Default 0: it leaves as soon as the send before it completes.
+    #[serde(default)]
+    pub linger_ms: Option<u32>,
+    /// Coalescing: the most messages in one batch (2 to 1000). Default 100.
+    #[serde(default)]
+    pub max_batch_messages: Option<u32>,
 }
 
 /// Templates for a message's broker properties and application properties. Each string is a

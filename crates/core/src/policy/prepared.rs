@@ -250,6 +250,9 @@ pub struct PreparedServiceBus {
     /// Service Bus, or an event hub sent to the same way.
     #[serde(default)]
     pub flavor: Flavor,
+    /// Group commit's lanes: the isolate's sends in flight and those waiting to join a batch.
+    #[serde(skip)]
+    pub lanes: crate::coalesce::Lanes,
 }
 
 /// Which service a Service Bus-style send goes to. Event Hubs takes the same REST send; what
@@ -432,6 +435,7 @@ mod compile {
                         config: sb.clone(),
                         message,
                         flavor: Flavor::ServiceBus,
+                        lanes: Default::default(),
                     })
                 }
                 Backend::EventHubs(eh) => {
@@ -442,6 +446,7 @@ mod compile {
                         message: PreparedMessage::from_mapping(&eh.mapping())?,
                         config: sb,
                         flavor: Flavor::EventHubs,
+                        lanes: Default::default(),
                     })
                 }
                 Backend::StorageQueue(q) => PreparedBackend::StorageQueue(PreparedStorageQueue {

@@ -392,6 +392,14 @@ fn check_route(
             }
         }
     }
+    let coalescing = match &route.backend {
+        Backend::ServiceBus(sb) => Some(("service_bus", sb.clone())),
+        Backend::EventHubs(eh) => Some(("event_hubs", eh.as_service_bus())),
+        _ => None,
+    };
+    if let Some((kind, sb)) = coalescing {
+        check_coalescing(c, &format!("{at}.backend.{kind}"), &sb);
+    }
     if let Some(b) = &route.breaker {
         if b.failures.is_some_and(|n| n > 1000) {
             c.err(
@@ -1608,4 +1616,36 @@ fn is_container(s: &str) -> bool {
         && !s.starts_with('-')
         && !s.ends_with('-')
         && !s.contains("--")
+}
+
+/// Group commit's settings: not on a route that sends the caller's own batch, a linger of at
+/// most a second, and batches of 2 to 1000 messages.
+fn check_coalescing(c: &mut Checker<'_>, at: &str, sb: &ServiceBusBackend) {
+    if sb.batch && sb.coalesce == Some(true) {
+        c.err(
+            format!("{at}.coalesce"),
+            "false or absent on a batch route: it sends each caller's batch as it is, and coalescing applies to routes that take one message per request",
+        );
+    }
+    if sb.linger_ms.is_some_and(|ms| ms > 1000) {
+        c.err(
+            format!("{at}.linger_ms"),
+            format!(
+                "a time between 0 and 1000 milliseconds, got {}: every waiting caller waits that long on top of the send",
+                sb.linger_ms.unwrap_or_default()
+            ),
+        );
+    }
+    if sb
+        .max_batch_messages
+        .is_some_and(|n| !(2..=1000).contains(&n))
+    {
+        c.err(
+            format!("{at}.max_batch_messages"),
+            format!(
+                "a number of messages between 2 and 1000, got {} (to send every message alone, set \"coalesce\": false)",
+                sb.max_batch_messages.unwrap_or_default()
+            ),
+        );
+    }
 }

@@ -1,0 +1,434 @@
+//! Group commit for sends: requests that arrive together leave together.
+//!
+//! Per isolate and per lane (a route's entity, and within it one session or partition key):
+//! when a send arrives and none is in flight on its lane, it goes at once, alone, as it would
+//! without coalescing. While one is in flight, the sends that arrive wait in the lane's queue.
+//! When the send in flight completes, its request hands the lane to the first waiter, which
+//! wakes and becomes the *leader* of the next batch: it takes the waiters in order up to the
+//! route's limits (messages, bytes after encoding), sends them as one batch in its own
+//! request's context, and hands each its outcome. So a batch always starts from a request that
+//! waits on it (never from the completion of another request that has already answered), and
+//! the lane is handed on exactly once per send.
+//!
+//! This module is the lanes' state; the send itself is the backend's
+//! ([`crate::backend::service_bus`]). Waiting requests park on their own timer ([`crate::pipeline::Io::park`]):
+//! a woken waiter finds its outcome here; one whose timer ran out finds the lane or its batch
+//! stale (a leader that vanished) and takes over or gives up as [`Waiter::check`] says.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::task::Waker;
+
+use serde_json::Value;
+
+use crate::fasthash::FastMap;
+use crate::problem::Problem;
+
+/// How long a send in flight (alone or a batch, its retries and a token renewal included) may
+/// hold its lane before waiters stop waiting for it: its request has gone without handing the
+/// lane on. A send's attempts end within the retry budget (10 s) plus one attempt's deadline
+/// (30 s); this leaves room over that.
+pub const STALE_MS: f64 = 60_000.0;
+
+/// A message waiting to join a batch, and what became of it.
+pub struct Waiter {
+    /// The batch element: `{"Body", "BrokerProperties", "UserProperties"}`.
+    pub element: Value,
+    /// Its length as JSON (what it adds to the batch body, with its comma).
+    pub bytes: usize,
+    /// The waiting request's id (its log line names the batch's leader).
+    pub request_id: String,
+    state: RefCell<State>,
+    waker: RefCell<Option<Waker>>,
+}
+
+/// Where a waiter is.
+#[derive(Clone)]
+pub enum State {
+    /// In its lane's queue.
+    Queued { since: f64 },
+    /// Handed the lane: it leads the next batch.
+    Lead,
+    /// Taken into a batch that is in flight.
+    InBatch { since: f64 },
+    /// Its batch completed (or its leader went away).
+    Done(Rc<Outcome>),
+}
+
+/// What a batch came to, for every message in it.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Messages in the batch.
+    pub size: usize,
+    /// The request id of the request that sent it.
+    pub leader: String,
+    pub result: BatchResult,
+}
+
+/// What a batch's send came to.
+#[derive(Debug)]
+pub enum BatchResult {
+    /// Azure took every message.
+    Accepted,
+    /// Azure refused the batch for something about its content (400, 403, 413): each message
+    /// is sent again alone, and each caller gets its own answer.
+    Alone,
+    /// The batch failed as a whole (unavailable after its retries, an unknown outcome, a
+    /// refused identity): each caller gets what it would have got alone.
+    Failed {
+        problem: Problem,
+        detail: Option<String>,
+        backend_status: Option<u16>,
+        retry_after: Option<u64>,
+    },
+    /// The leader's request went away before it said what became of the batch: the outcome is
+    /// unknown.
+    Orphaned,
+}
+
+impl Waiter {
+    pub fn new(element: Value, request_id: &str, now: f64) -> Rc<Waiter> {
+        let bytes = element.to_string().len() + 1;
+        Rc::new(Waiter {
+            element,
+            bytes,
+            request_id: request_id.to_owned(),
+            state: RefCell::new(State::Queued { since: now }),
+            waker: RefCell::new(None),
+        })
+    }
+
+    pub fn state(&self) -> State {
+        self.state.borrow().clone()
+    }
+
+    /// The task to wake when this waiter's state changes (its request's, registered before
+    /// each park).
+    pub fn listen(&self, waker: &Waker) {
+        let mut slot = self.waker.borrow_mut();
+        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *slot = Some(waker.clone());
+        }
+    }
+
+    fn set(&self, state: State) {
+        *self.state.borrow_mut() = state;
+        if let Some(waker) = self.waker.borrow_mut().take() {
+            waker.wake();
+        }
+    }
+}
+
+/// The lanes of one route.
+#[derive(Default)]
+pub struct Lanes {
+    lanes: RefCell<FastMap<String, Lane>>,
+}
+
+// Per-isolate state, never part of the compiled policy: a copy starts empty.
+impl Clone for Lanes {
+    fn clone(&self) -> Lanes {
+        Lanes::default()
+    }
+}
+
+impl std::fmt::Debug for Lanes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lanes")
+    }
+}
+
+#[derive(Default)]
+struct Lane {
+    /// Since when a send has held the lane (alone, a batch, or a leader handed the lane and
+    /// not yet sending); `None` when idle.
+    held_since: Option<f64>,
+    queue: VecDeque<Rc<Waiter>>,
+}
+
+/// What [`Lanes::enter`] decided.
+pub enum Entry {
+    /// The lane was idle: send at once, alone, and hand the lane on with [`Lanes::release`].
+    Alone,
+    /// A send is in flight: wait with this [`Waiter`] (queued).
+    Wait,
+}
+
+impl Lanes {
+    /// A send arrives on `lane` at `now`.
+    pub fn enter(&self, lane: &str, now: f64) -> Entry {
+        let mut lanes = self.lanes.borrow_mut();
+        let l = lanes.entry(lane.to_owned()).or_default();
+        let stale = l.held_since.is_some_and(|t| now - t > STALE_MS);
+        if (l.held_since.is_none() || stale) && l.queue.is_empty() {
+            l.held_since = Some(now);
+            Entry::Alone
+        } else {
+            Entry::Wait
+        }
+    }
+
+    /// Queues a waiter on `lane` (after [`Entry::Wait`]).
+    pub fn queue(&self, lane: &str, waiter: Rc<Waiter>) {
+        let mut lanes = self.lanes.borrow_mut();
+        lanes
+            .entry(lane.to_owned())
+            .or_default()
+            .queue
+            .push_back(waiter);
+    }
+
+    /// The send holding `lane` is over: the first waiter (if any) is handed the lane and woken
+    /// to lead the next batch; otherwise the lane is idle (and forgotten).
+    pub fn release(&self, lane: &str, now: f64) {
+        let mut lanes = self.lanes.borrow_mut();
+        let Some(l) = lanes.get_mut(lane) else {
+            return;
+        };
+        // Waiters that went away (their request dropped) are no one's to lead.
+        while l.queue.front().is_some_and(|w| Rc::strong_count(w) == 1) {
+            l.queue.pop_front();
+        }
+        match l.queue.front().cloned() {
+            Some(next) => {
+                l.held_since = Some(now);
+                drop(lanes);
+                next.set(State::Lead);
+            }
+            None => {
+                lanes.remove(lane);
+            }
+        }
+    }
+
+    /// A waiter whose timer ran out while queued, on a lane held for longer than a send can
+    /// take: its holder went away without handing it on. The waiter takes the lane.
+    pub fn take_over(&self, lane: &str, waiter: &Rc<Waiter>, now: f64) -> bool {
+        let mut lanes = self.lanes.borrow_mut();
+        let Some(l) = lanes.get_mut(lane) else {
+            return false;
+        };
+        if l.held_since.is_some_and(|t| now - t <= STALE_MS) {
+            return false;
+        }
+        l.held_since = Some(now);
+        // It leads from the front of the queue, where a leader is.
+        l.queue.retain(|w| !Rc::ptr_eq(w, waiter));
+        l.queue.push_front(waiter.clone());
+        drop(lanes);
+        waiter.set(State::Lead);
+        true
+    }
+
+    /// The leader takes its batch: itself (at the front) and the waiters after it, in order,
+    /// while the batch stays within `max_messages` and `max_bytes` (of JSON, the brackets
+    /// included). Each taken waiter is in the batch from `now`.
+    pub fn take_batch(
+        &self,
+        lane: &str,
+        max_messages: usize,
+        max_bytes: usize,
+        now: f64,
+    ) -> Vec<Rc<Waiter>> {
+        let mut lanes = self.lanes.borrow_mut();
+        let Some(l) = lanes.get_mut(lane) else {
+            return Vec::new();
+        };
+        let mut batch: Vec<Rc<Waiter>> = Vec::new();
+        let mut bytes = 1;
+        while let Some(next) = l.queue.front() {
+            if Rc::strong_count(next) == 1 {
+                l.queue.pop_front();
+                continue;
+            }
+            if !batch.is_empty() && (batch.len() >= max_messages || bytes + next.bytes > max_bytes)
+            {
+                break;
+            }
+            bytes += next.bytes;
+            batch.extend(l.queue.pop_front());
+        }
+        l.held_since = Some(now);
+        drop(lanes);
+        for w in &batch[1..] {
+            *w.state.borrow_mut() = State::InBatch { since: now };
+        }
+        batch
+    }
+}
+
+/// A leader's batch in flight: when it ends (sent, or dropped with its request), every member
+/// that has not been told an outcome is told `Orphaned`, and the lane is handed on.
+pub struct Flight<'l> {
+    lanes: &'l Lanes,
+    lane: String,
+    members: Vec<Rc<Waiter>>,
+    now: f64,
+}
+
+impl<'l> Flight<'l> {
+    /// The lane `lane` is held by this request's send (alone, or leading `members`; the
+    /// leader's own waiter, if any, is not among them).
+    pub fn new(lanes: &'l Lanes, lane: &str, members: Vec<Rc<Waiter>>, now: f64) -> Flight<'l> {
+        Flight {
+            lanes,
+            lane: lane.to_owned(),
+            members,
+            now,
+        }
+    }
+
+    /// Tells every member the batch's outcome (and wakes them); the lane is handed on when the
+    /// flight is dropped.
+    pub fn finish(&mut self, outcome: Rc<Outcome>, now: f64) {
+        self.now = now;
+        for member in self.members.drain(..) {
+            member.set(State::Done(outcome.clone()));
+        }
+    }
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        let orphaned = Rc::new(Outcome {
+            size: self.members.len(),
+            leader: String::new(),
+            result: BatchResult::Orphaned,
+        });
+        for member in self.members.drain(..) {
+            member.set(State::Done(orphaned.clone()));
+        }
+        self.lanes.release(&self.lane, self.now);
+    }
+}
+
+/// A batch's body: its elements as one JSON array, written by the serializer (each element is
+/// a JSON value built field by field; no caller's text is ever joined into the array).
+pub fn batch_body(members: &[&Value]) -> String {
+    serde_json::to_string(members).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn waiter(n: usize) -> Rc<Waiter> {
+        Waiter::new(json!({ "Body": "x".repeat(n) }), "r", 0.0)
+    }
+
+    #[test]
+    fn an_idle_lane_sends_alone_and_a_busy_one_queues() {
+        let lanes = Lanes::default();
+        assert!(matches!(lanes.enter("a", 0.0), Entry::Alone));
+        assert!(matches!(lanes.enter("a", 1.0), Entry::Wait));
+        // Another lane (another session or partition key) is not held by it.
+        assert!(matches!(lanes.enter("b", 1.0), Entry::Alone));
+        lanes.release("a", 2.0);
+        assert!(matches!(lanes.enter("a", 3.0), Entry::Alone));
+    }
+
+    #[test]
+    fn the_lane_is_handed_to_the_first_waiter_which_takes_the_batch_within_its_limits() {
+        let lanes = Lanes::default();
+        assert!(matches!(lanes.enter("a", 0.0), Entry::Alone));
+        let ws: Vec<_> = (0..5).map(|_| waiter(10)).collect();
+        for w in &ws {
+            assert!(matches!(lanes.enter("a", 1.0), Entry::Wait));
+            lanes.queue("a", w.clone());
+        }
+        lanes.release("a", 2.0);
+        assert!(matches!(ws[0].state(), State::Lead));
+        assert!(matches!(ws[1].state(), State::Queued { .. }));
+        // While the leader sends, the lane stays held: a newcomer waits.
+        assert!(matches!(lanes.enter("a", 2.5), Entry::Wait));
+        let batch = lanes.take_batch("a", 3, 10_000, 3.0);
+        assert_eq!(batch.len(), 3);
+        assert!(Rc::ptr_eq(&batch[0], &ws[0]));
+        assert!(matches!(ws[2].state(), State::InBatch { .. }));
+        let mut flight = Flight::new(&lanes, "a", batch[1..].to_vec(), 3.0);
+        let outcome = Outcome {
+            size: 3,
+            leader: "r0".into(),
+            result: BatchResult::Accepted,
+        };
+        flight.finish(Rc::new(outcome), 4.0);
+        assert!(matches!(ws[1].state(), State::Done(_)));
+        drop(flight);
+        // Handed on to the next in line, which leads the rest.
+        assert!(matches!(ws[3].state(), State::Lead));
+        let rest = lanes.take_batch("a", 3, 10_000, 5.0);
+        assert_eq!(rest.len(), 2);
+    }
+
+    #[test]
+    fn a_batch_stops_at_its_byte_limit_but_always_takes_its_leader() {
+        let lanes = Lanes::default();
+        lanes.enter("a", 0.0);
+        let big = waiter(300);
+        let small = waiter(10);
+        lanes.queue("a", big.clone());
+        lanes.queue("a", small.clone());
+        lanes.release("a", 1.0);
+        let batch = lanes.take_batch("a", 100, 100, 1.0);
+        assert_eq!(
+            batch.len(),
+            1,
+            "the leader goes even over the limit (it goes alone)"
+        );
+        assert!(matches!(small.state(), State::Queued { .. }));
+    }
+
+    #[test]
+    fn a_leader_that_goes_away_orphans_its_batch_and_still_hands_the_lane_on() {
+        let lanes = Lanes::default();
+        lanes.enter("a", 0.0);
+        let ws: Vec<_> = (0..3).map(|_| waiter(5)).collect();
+        for w in &ws {
+            lanes.queue("a", w.clone());
+        }
+        lanes.release("a", 1.0);
+        let batch = lanes.take_batch("a", 2, 10_000, 1.0);
+        let flight = Flight::new(&lanes, "a", batch[1..].to_vec(), 1.0);
+        drop(flight);
+        match ws[1].state() {
+            State::Done(o) => assert!(matches!(o.result, BatchResult::Orphaned)),
+            _ => panic!("the member was not told"),
+        }
+        assert!(matches!(ws[2].state(), State::Lead));
+    }
+
+    #[test]
+    fn a_waiter_takes_over_a_lane_whose_holder_vanished_only_once_it_is_stale() {
+        let lanes = Lanes::default();
+        lanes.enter("a", 0.0);
+        let w = waiter(5);
+        lanes.queue("a", w.clone());
+        assert!(!lanes.take_over("a", &w, 1_000.0));
+        assert!(lanes.take_over("a", &w, STALE_MS + 1.0));
+        assert!(matches!(w.state(), State::Lead));
+        assert_eq!(lanes.take_batch("a", 10, 10_000, STALE_MS + 2.0).len(), 1);
+    }
+
+    #[test]
+    fn waiters_whose_requests_went_away_are_skipped() {
+        let lanes = Lanes::default();
+        lanes.enter("a", 0.0);
+        lanes.queue("a", waiter(5)); // nobody holds it but the queue
+        let w = waiter(5);
+        lanes.queue("a", w.clone());
+        lanes.release("a", 1.0);
+        assert!(matches!(w.state(), State::Lead));
+    }
+
+    #[test]
+    fn the_batch_body_is_the_serializer_s_array_of_its_elements() {
+        let hostile =
+            json!({ "Body": "\"}],[{\"Body\":\"injected", "UserProperties": { "a\"": "]}" } });
+        let plain = json!({ "Body": "ok" });
+        let body = batch_body(&[&hostile, &plain]);
+        let back: Vec<Value> = serde_json::from_str(&body).unwrap();
+        assert_eq!(back, vec![hostile, plain]);
+    }
+}
