@@ -1,0 +1,228 @@
+//! The cost meter's driver: `aeg-cost <path> <iterations>` runs `iterations` requests of one
+//! request path through the real driver (`Gateway::handle`) of one `Gateway` loaded from
+//! bench/cost/policy.json (like one isolate: caches warm after the first request), over the
+//! fake Io of the host tests, which answers everything at once. `aeg-cost --list` prints the
+//! paths. bench/cost/run counts its instructions under callgrind (bench/cost/README.md).
+//!
+//! Every request's status (and its one send to the fake Azure) is checked, so that a broken
+//! path fails instead of being measured.
+
+#[path = "../../../tests/support/fake_io.rs"]
+mod fake_io;
+
+use azure_edge_gateway::allocator::SizeClasses;
+use azure_edge_gateway::encoding::base64url;
+use azure_edge_gateway::pipeline::{Gateway, RequestHead};
+use fake_io::{block_on, request, Fake};
+use serde_json::json;
+
+/// The wasm's allocator (src/lib.rs), so that the small blocks of a request cost what they cost
+/// there rather than what glibc's malloc costs. It is single-threaded, as is this program.
+#[global_allocator]
+static ALLOCATOR: SizeClasses<std::alloc::System> = SizeClasses::new(std::alloc::System);
+
+const POLICY: &str = include_str!("../policy.json");
+
+/// One request path: the request, the fake Azure's answers, and the status it must get.
+struct CostPath {
+    name: &'static str,
+    /// What it is, for `--list` and the table.
+    about: &'static str,
+    /// The fake Io of the isolate, with its answers set up.
+    io: fn() -> Fake,
+    /// The request (built once; the same head every time).
+    head: fn() -> RequestHead,
+    status: u16,
+    /// How many sends to the fake Azure each request makes, and the body bytes they carry in
+    /// all (held or streamed).
+    sends: usize,
+    carries: u64,
+}
+
+/// The paths measured. To add one: a route in bench/cost/policy.json if it needs one, and an
+/// entry here (bench/cost/run asks the binary for this list).
+const PATHS: &[CostPath] = &[
+    CostPath {
+        name: "404",
+        about: "no route matches: problem+json 404",
+        io: Fake::new,
+        head: || request("GET", "/nowhere", &[], false),
+        status: 404,
+        sends: 0,
+        carries: 0,
+    },
+    CostPath {
+        name: "sb-send",
+        about: "Service Bus send of a 1 KB body, token from the cache, Azure answers 201",
+        io: || Fake::new().with_body(&kb_json()),
+        head: || body_request("POST", "/sb/contoso", "application/json"),
+        status: 202,
+        sends: 1,
+        carries: 1024,
+    },
+    CostPath {
+        name: "blob-write",
+        about: "Blob Put of a 1 KB body (streamed, one put), Azure answers 201",
+        io: || {
+            let io = Fake::new().with_body(&kb_json());
+            io.answer_for(
+                "blob.core.windows.net",
+                Ok((
+                    201,
+                    headers(&[
+                        ("etag", "\"0x8DC1E2F3A4B5C6D\""),
+                        ("last-modified", "Tue, 14 Nov 2023 22:13:20 GMT"),
+                        ("x-ms-request-id", "a1b2c3d4-0000-0000-0000-000000000001"),
+                    ]),
+                    String::new(),
+                )),
+            );
+            io
+        },
+        head: || body_request("PUT", "/blob/orders", "application/octet-stream"),
+        status: 201,
+        sends: 1,
+        carries: 1024,
+    },
+    CostPath {
+        name: "azure-rest",
+        about: "azure_rest PUT of a 1 KB JSON body to Resource Manager, Azure answers 200",
+        io: || {
+            let io = Fake::new().with_body(&kb_json());
+            io.answer_for(
+                "management.azure.com",
+                Ok((
+                    200,
+                    headers(&[
+                        ("content-type", "application/json; charset=utf-8"),
+                        ("x-ms-request-id", "a1b2c3d4-0000-0000-0000-000000000002"),
+                    ]),
+                    r#"{"id":"/subscriptions/00000000-aaaa-bbbb-cccc-000000000001/resourceGroups/rg-edge/providers/Microsoft.Web/sites/shop/config/appsettings","name":"appsettings","properties":{"MODE":"edge"}}"#.to_owned(),
+                )),
+            );
+            io
+        },
+        head: || body_request("PUT", "/sites/shop/settings", "application/json"),
+        status: 200,
+        sends: 1,
+        carries: 1024,
+    },
+    CostPath {
+        name: "jwt-send",
+        about: "Service Bus send of a 1 KB body behind a JWT check (RS256; the key set fetched once, then cached; the fake verify says yes)",
+        io: || {
+            let mut io = Fake::new().with_body(&kb_json());
+            io.jwks = Some(
+                json!({"keys": [{"kty": "RSA", "kid": "k1", "n": base64url(&[0xc5u8; 256]), "e": "AQAB"}]})
+                    .to_string(),
+            );
+            io
+        },
+        head: || {
+            let b64 = |v: serde_json::Value| base64url(v.to_string().as_bytes());
+            let token = format!(
+                "{}.{}.{}",
+                b64(json!({"alg": "RS256", "kid": "k1", "typ": "JWT"})),
+                b64(json!({"iss": "https://issuer.example/", "aud": "api://orders",
+                    "sub": "client-1", "exp": 1_800_000_000, "nbf": 1_600_000_000})),
+                base64url(&[1u8; 256]),
+            );
+            request(
+                "POST",
+                "/jwt/contoso",
+                &[
+                    ("content-type", "application/json"),
+                    ("content-length", "1024"),
+                    ("authorization", &format!("Bearer {token}")),
+                ],
+                true,
+            )
+        },
+        status: 202,
+        sends: 1,
+        carries: 1024,
+    },
+];
+
+/// A 1 KB (1024-byte) JSON body.
+fn kb_json() -> Vec<u8> {
+    let head = r#"{"order":"o-1","note":""#;
+    let tail = r#""}"#;
+    let fill = 1024 - head.len() - tail.len();
+    format!("{head}{}{tail}", "x".repeat(fill)).into_bytes()
+}
+
+/// A request with a 1 KB body and its length, as an HTTP client sends it.
+fn body_request(method: &str, path: &str, content_type: &str) -> RequestHead {
+    request(
+        method,
+        path,
+        &[("content-type", content_type), ("content-length", "1024")],
+        true,
+    )
+}
+
+fn headers(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--list") {
+        for path in PATHS {
+            println!("{}\t{}", path.name, path.about);
+        }
+        return;
+    }
+    let (Some(name), Some(Ok(iterations)), 2) = (
+        args.first(),
+        args.get(1).map(|n| n.parse::<u32>()),
+        args.len(),
+    ) else {
+        eprintln!("usage: aeg-cost <path> <iterations> | aeg-cost --list");
+        std::process::exit(2);
+    };
+    let Some(path) = PATHS.iter().find(|p| p.name == name) else {
+        eprintln!("aeg-cost: no path {name:?} (aeg-cost --list)");
+        std::process::exit(2);
+    };
+    let gateway = Gateway::load(POLICY).unwrap_or_else(|e| panic!("bench/cost/policy.json: {e:?}"));
+    let io = (path.io)();
+    let head = (path.head)();
+    for i in 0..iterations {
+        let (answer, _log_line) = block_on(gateway.handle(&head, &io));
+        let (sent, carried) = {
+            let sent = io.sent.borrow();
+            let carried = sent
+                .iter()
+                .map(|s| s.body.len() as u64 + s.stream.unwrap_or(0));
+            (sent.len(), carried.sum::<u64>())
+        };
+        if (answer.status, sent, carried) != (path.status, path.sends, path.carries) {
+            eprintln!(
+                "aeg-cost: {name}, request {}: status {}, {sent} send(s) of {carried} bytes; expected {}, {} of {}",
+                i + 1,
+                answer.status,
+                path.status,
+                path.sends,
+                path.carries
+            );
+            std::process::exit(1);
+        }
+        // What the fake recorded of this request, so that the next one starts as it did.
+        io.sent.borrow_mut().clear();
+        io.text_limits.borrow_mut().clear();
+        io.body_pos.set(0);
+    }
+    if io.jwks_fetches.get() > 1 {
+        eprintln!(
+            "aeg-cost: {name}: the key set was fetched {} times, not once",
+            io.jwks_fetches.get()
+        );
+        std::process::exit(1);
+    }
+    println!("{name}: {iterations} request(s), each {}", path.status);
+}
