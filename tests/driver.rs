@@ -8,7 +8,7 @@ mod fake_io;
 use azure_edge_gateway::pipeline::{AnswerBody, Gateway, Limit, OutBody, RequestHead, SendError};
 use azure_edge_gateway::problem::Problem;
 use azure_edge_gateway::store::Delivered;
-use fake_io::{block_on, request, Fake, FakeReply, Sent};
+use fake_io::{block_on, block_on_all, request, Fake, FakeReply, Sent};
 use serde_json::{json, Value};
 
 const POLICY: &str = r#"{
@@ -2234,4 +2234,141 @@ fn azures_retry_after_reaches_callers_between_1_and_300_seconds() {
         assert_eq!(status, 503, "{path}: {body}");
         assert_eq!(retry_after(&headers), Some(expected), "{path}");
     }
+}
+
+/// `n` requests to the `orders` route in flight together, each with its own `Idempotency-Key`
+/// (`m-{i}`, its `MessageId`) and label; returns each one's status, body and log line.
+fn coalesced_sends(io: &Fake, n: usize) -> Vec<(u16, Value, Value)> {
+    let g = gateway();
+    let heads: Vec<RequestHead> = (0..n)
+        .map(|i| {
+            request(
+                "POST",
+                &format!("/orders/t{i}"),
+                &[
+                    ("x-api-key", "k-123"),
+                    ("x-label", &format!("label-{i}")),
+                    ("idempotency-key", &format!("m-{i}")),
+                    ("content-type", "application/json"),
+                ],
+                true,
+            )
+        })
+        .collect();
+    let answers = block_on_all(heads.iter().map(|h| g.handle(h, io)).collect());
+    answers
+        .into_iter()
+        .map(|(answer, line)| {
+            let body = match answer.body {
+                AnswerBody::Text(t) => serde_json::from_str(&t).unwrap_or(Value::Null),
+                _ => Value::Null,
+            };
+            (answer.status, body, serde_json::from_str(&line).unwrap())
+        })
+        .collect()
+}
+
+fn concurrent(io: Fake) -> Fake {
+    Fake {
+        concurrent: true,
+        ..with_secrets(io)
+    }
+}
+
+#[test]
+fn sends_that_arrive_while_one_is_in_flight_leave_as_one_batch_each_message_its_own() {
+    let io = concurrent(Fake::new().with_body(br#"{"n": "\"}]"}"#));
+    let results = coalesced_sends(&io, 9);
+    for (i, (status, body, _)) in results.iter().enumerate() {
+        assert_eq!(*status, 202, "{body}");
+        assert_eq!(
+            body["messageId"],
+            format!("m-{i}"),
+            "each caller its own id"
+        );
+    }
+    let sent = io.sent();
+    assert_eq!(sent.len(), 2, "one send alone, then one batch");
+    assert_eq!(
+        sent[0]
+            .header("brokerproperties")
+            .map(|b| b.contains("m-0")),
+        Some(true)
+    );
+    assert_eq!(
+        sent[1].header("content-type"),
+        Some("application/vnd.microsoft.servicebus.json")
+    );
+    let batch: Vec<Value> = serde_json::from_slice(&sent[1].body).expect("the batch is JSON");
+    assert_eq!(batch.len(), 8);
+    for (k, element) in batch.iter().enumerate() {
+        let i = k + 1;
+        assert_eq!(element["Body"], r#"{"n": "\"}]"}"#, "the body as it came");
+        assert_eq!(element["BrokerProperties"]["MessageId"], format!("m-{i}"));
+        assert_eq!(element["BrokerProperties"]["Label"], format!("label-{i}"));
+        assert_eq!(
+            element["BrokerProperties"]["ContentType"],
+            "application/json"
+        );
+        assert_eq!(element["UserProperties"]["tenant"], format!("t{i}"));
+    }
+    let leader = results[1].2["request_id"].clone();
+    assert_eq!(results[0].2.get("batch"), None, "the first went alone");
+    for (_, _, log) in &results[1..] {
+        assert_eq!(log["batch"], 8);
+        assert_eq!(log["batch_leader"], leader);
+    }
+}
+
+#[test]
+fn a_batch_refused_as_a_whole_is_sent_again_one_message_each() {
+    let io = concurrent(Fake::new().with_body(b"payload").reply(201, &[], "").reply(
+        413,
+        &[],
+        "<Error><Detail>The batch is too large.</Detail></Error>",
+    ));
+    let results = coalesced_sends(&io, 4);
+    assert!(results.iter().all(|(s, _, _)| *s == 202), "{results:?}");
+    let sent = io.sent();
+    let kinds: Vec<bool> = sent
+        .iter()
+        .map(|s| s.header("content-type") == Some("application/vnd.microsoft.servicebus.json"))
+        .collect();
+    assert_eq!(
+        kinds,
+        [false, true, false, false, false],
+        "alone, the batch, then each alone"
+    );
+    assert!(results[2].2["backend_detail"]
+        .as_str()
+        .unwrap()
+        .contains("refused as a whole"));
+}
+
+#[test]
+fn a_batch_azure_cannot_take_is_retried_as_a_batch_then_each_caller_gets_its_own_503() {
+    let io = concurrent(
+        Fake::new()
+            .with_body(b"payload")
+            .reply(201, &[], "")
+            .reply(503, &[("retry-after", "1")], "")
+            .reply(503, &[("retry-after", "1")], "")
+            .reply(503, &[("retry-after", "1")], ""),
+    );
+    let results = coalesced_sends(&io, 4);
+    assert_eq!(results[0].0, 202);
+    for (status, body, log) in &results[1..] {
+        assert_eq!(*status, 503);
+        assert_eq!(
+            body["type"],
+            "urn:azure-edge-gateway:problem:backend-unavailable"
+        );
+        assert_eq!(log["batch"], 3);
+    }
+    let sent = io.sent();
+    assert_eq!(sent.len(), 4, "one alone, and the batch three times");
+    assert_eq!(
+        sent[1].body, sent[3].body,
+        "the batch again with the same MessageIds"
+    );
 }

@@ -32,7 +32,7 @@ describe('coalesced sends (group commit)', () => {
   let gw;
   let sb;
   const post = async (path, body, headers = {}, signal) => {
-    const res = await fetch(`${gw.url}${path}`, { method: 'POST', body, headers: { 'x-api-key': KEY, ...headers }, signal });
+    const res = await fetch(`${gw.url}${path}`, { method: 'POST', body, headers: { 'x-api-key': KEY, 'x-note': 'n', ...headers }, signal });
     const text = await res.text();
     let json = null;
     try { json = JSON.parse(text); } catch { /* not JSON */ }

@@ -33,6 +33,40 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
     }
 }
 
+/// Runs several futures at once, round robin, until all are done (as an isolate runs the
+/// requests in flight): with [`Fake::concurrent`], each send and park lets the others run.
+pub fn block_on_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut outs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    let mut cx = Context::from_waker(Waker::noop());
+    while outs.iter().any(Option::is_none) {
+        for (future, out) in futures.iter_mut().zip(outs.iter_mut()) {
+            if out.is_none() {
+                if let Poll::Ready(done) = future.as_mut().poll(&mut cx) {
+                    *out = Some(done);
+                }
+            }
+        }
+    }
+    outs.into_iter().map(Option::unwrap).collect()
+}
+
+/// Pending once, then ready: lets the other futures of [`block_on_all`] run.
+struct YieldOnce(bool);
+
+impl Future for YieldOnce {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            Poll::Ready(())
+        } else {
+            self.0 = true;
+            Poll::Pending
+        }
+    }
+}
+
 /// What the fake Azure saw: one request.
 #[derive(Debug, Clone)]
 pub struct Sent {
@@ -60,6 +94,9 @@ pub type FakeReply = Result<(u16, Vec<(String, String)>, String), SendError>;
 
 #[derive(Default)]
 pub struct Fake {
+    /// Sends (before they are recorded) and parks let other requests run once, so that
+    /// requests run with [`block_on_all`] are in flight together.
+    pub concurrent: bool,
     pub clock: Cell<f64>,
     pub uuids: Cell<u32>,
     pub secrets: HashMap<String, String>,
@@ -238,6 +275,9 @@ impl Io for Fake {
         limit: Limit,
     ) -> Result<Reply<String>, SendError> {
         azure_edge_gateway::backend::check(request).map_err(SendError::Unsendable)?;
+        if self.concurrent {
+            YieldOnce(false).await;
+        }
         let (bytes, stream) = match body {
             OutBody::None => (Vec::new(), None),
             OutBody::Bytes(b) => (b.clone(), None),
@@ -288,6 +328,12 @@ impl Io for Fake {
 
     async fn sleep(&self, ms: f64) {
         self.clock.set(self.clock.get() + ms);
+    }
+
+    /// Woken or not, a park lets the others run once (the clock does not move: a waiter's
+    /// timer never runs out here).
+    async fn park(&self, _ms: f64) {
+        YieldOnce(false).await;
     }
 
     async fn enqueue(

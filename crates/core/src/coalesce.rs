@@ -120,10 +120,12 @@ impl Waiter {
     }
 }
 
-/// The lanes of one route.
+/// The lanes of one route: the lane of messages without a session or partition key (most
+/// routes' only one, kept without a map), and one per key in use (forgotten when idle).
 #[derive(Default)]
 pub struct Lanes {
-    lanes: RefCell<FastMap<String, Lane>>,
+    unkeyed: RefCell<Lane>,
+    keyed: RefCell<FastMap<String, Lane>>,
 }
 
 // Per-isolate state, never part of the compiled policy: a copy starts empty.
@@ -156,69 +158,75 @@ pub enum Entry {
 }
 
 impl Lanes {
+    /// Runs `f` on lane `key` (made if absent); a keyed lane left idle is forgotten.
+    fn with<R>(&self, key: &str, f: impl FnOnce(&mut Lane) -> R) -> R {
+        if key.is_empty() {
+            return f(&mut self.unkeyed.borrow_mut());
+        }
+        let mut keyed = self.keyed.borrow_mut();
+        let lane = match keyed.get_mut(key) {
+            Some(lane) => lane,
+            None => keyed.entry(key.to_owned()).or_default(),
+        };
+        let out = f(lane);
+        if lane.held_since.is_none() && lane.queue.is_empty() {
+            keyed.remove(key);
+        }
+        out
+    }
+
     /// A send arrives on `lane` at `now`.
     pub fn enter(&self, lane: &str, now: f64) -> Entry {
-        let mut lanes = self.lanes.borrow_mut();
-        let l = lanes.entry(lane.to_owned()).or_default();
-        let stale = l.held_since.is_some_and(|t| now - t > STALE_MS);
-        if (l.held_since.is_none() || stale) && l.queue.is_empty() {
-            l.held_since = Some(now);
-            Entry::Alone
-        } else {
-            Entry::Wait
-        }
+        self.with(lane, |l| {
+            let stale = l.held_since.is_some_and(|t| now - t > STALE_MS);
+            if (l.held_since.is_none() || stale) && l.queue.is_empty() {
+                l.held_since = Some(now);
+                Entry::Alone
+            } else {
+                Entry::Wait
+            }
+        })
     }
 
     /// Queues a waiter on `lane` (after [`Entry::Wait`]).
     pub fn queue(&self, lane: &str, waiter: Rc<Waiter>) {
-        let mut lanes = self.lanes.borrow_mut();
-        lanes
-            .entry(lane.to_owned())
-            .or_default()
-            .queue
-            .push_back(waiter);
+        self.with(lane, |l| l.queue.push_back(waiter));
     }
 
     /// The send holding `lane` is over: the first waiter (if any) is handed the lane and woken
-    /// to lead the next batch; otherwise the lane is idle (and forgotten).
+    /// to lead the next batch; otherwise the lane is idle.
     pub fn release(&self, lane: &str, now: f64) {
-        let mut lanes = self.lanes.borrow_mut();
-        let Some(l) = lanes.get_mut(lane) else {
-            return;
-        };
-        // Waiters that went away (their request dropped) are no one's to lead.
-        while l.queue.front().is_some_and(|w| Rc::strong_count(w) == 1) {
-            l.queue.pop_front();
-        }
-        match l.queue.front().cloned() {
-            Some(next) => {
-                l.held_since = Some(now);
-                drop(lanes);
-                next.set(State::Lead);
+        let next = self.with(lane, |l| {
+            // Waiters that went away (their request dropped) are no one's to lead.
+            while l.queue.front().is_some_and(|w| Rc::strong_count(w) == 1) {
+                l.queue.pop_front();
             }
-            None => {
-                lanes.remove(lane);
-            }
+            let next = l.queue.front().cloned();
+            l.held_since = next.is_some().then_some(now);
+            next
+        });
+        if let Some(next) = next {
+            next.set(State::Lead);
         }
     }
 
     /// A waiter whose timer ran out while queued, on a lane held for longer than a send can
     /// take: its holder went away without handing it on. The waiter takes the lane.
     pub fn take_over(&self, lane: &str, waiter: &Rc<Waiter>, now: f64) -> bool {
-        let mut lanes = self.lanes.borrow_mut();
-        let Some(l) = lanes.get_mut(lane) else {
-            return false;
-        };
-        if l.held_since.is_some_and(|t| now - t <= STALE_MS) {
-            return false;
+        let taken = self.with(lane, |l| {
+            if l.held_since.is_some_and(|t| now - t <= STALE_MS) {
+                return false;
+            }
+            l.held_since = Some(now);
+            // It leads from the front of the queue, where a leader is.
+            l.queue.retain(|w| !Rc::ptr_eq(w, waiter));
+            l.queue.push_front(waiter.clone());
+            true
+        });
+        if taken {
+            waiter.set(State::Lead);
         }
-        l.held_since = Some(now);
-        // It leads from the front of the queue, where a leader is.
-        l.queue.retain(|w| !Rc::ptr_eq(w, waiter));
-        l.queue.push_front(waiter.clone());
-        drop(lanes);
-        waiter.set(State::Lead);
-        true
+        taken
     }
 
     /// The leader takes its batch: itself (at the front) and the waiters after it, in order,
@@ -231,27 +239,26 @@ impl Lanes {
         max_bytes: usize,
         now: f64,
     ) -> Vec<Rc<Waiter>> {
-        let mut lanes = self.lanes.borrow_mut();
-        let Some(l) = lanes.get_mut(lane) else {
-            return Vec::new();
-        };
-        let mut batch: Vec<Rc<Waiter>> = Vec::new();
-        let mut bytes = 1;
-        while let Some(next) = l.queue.front() {
-            if Rc::strong_count(next) == 1 {
-                l.queue.pop_front();
-                continue;
+        let batch = self.with(lane, |l| {
+            let mut batch: Vec<Rc<Waiter>> = Vec::new();
+            let mut bytes = 1;
+            while let Some(next) = l.queue.front() {
+                if Rc::strong_count(next) == 1 {
+                    l.queue.pop_front();
+                    continue;
+                }
+                if !batch.is_empty()
+                    && (batch.len() >= max_messages || bytes + next.bytes > max_bytes)
+                {
+                    break;
+                }
+                bytes += next.bytes;
+                batch.extend(l.queue.pop_front());
             }
-            if !batch.is_empty() && (batch.len() >= max_messages || bytes + next.bytes > max_bytes)
-            {
-                break;
-            }
-            bytes += next.bytes;
-            batch.extend(l.queue.pop_front());
-        }
-        l.held_since = Some(now);
-        drop(lanes);
-        for w in &batch[1..] {
+            l.held_since = Some(now);
+            batch
+        });
+        for w in batch.iter().skip(1) {
             *w.state.borrow_mut() = State::InBatch { since: now };
         }
         batch
@@ -262,7 +269,7 @@ impl Lanes {
 /// that has not been told an outcome is told `Orphaned`, and the lane is handed on.
 pub struct Flight<'l> {
     lanes: &'l Lanes,
-    lane: String,
+    lane: &'l str,
     members: Vec<Rc<Waiter>>,
     now: f64,
 }
@@ -270,10 +277,10 @@ pub struct Flight<'l> {
 impl<'l> Flight<'l> {
     /// The lane `lane` is held by this request's send (alone, or leading `members`; the
     /// leader's own waiter, if any, is not among them).
-    pub fn new(lanes: &'l Lanes, lane: &str, members: Vec<Rc<Waiter>>, now: f64) -> Flight<'l> {
+    pub fn new(lanes: &'l Lanes, lane: &'l str, members: Vec<Rc<Waiter>>, now: f64) -> Flight<'l> {
         Flight {
             lanes,
-            lane: lane.to_owned(),
+            lane,
             members,
             now,
         }
@@ -291,6 +298,10 @@ impl<'l> Flight<'l> {
 
 impl Drop for Flight<'_> {
     fn drop(&mut self) {
+        if self.members.is_empty() {
+            self.lanes.release(self.lane, self.now);
+            return;
+        }
         let orphaned = Rc::new(Outcome {
             size: self.members.len(),
             leader: String::new(),
@@ -299,7 +310,7 @@ impl Drop for Flight<'_> {
         for member in self.members.drain(..) {
             member.set(State::Done(orphaned.clone()));
         }
-        self.lanes.release(&self.lane, self.now);
+        self.lanes.release(self.lane, self.now);
     }
 }
 

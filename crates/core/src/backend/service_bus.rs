@@ -520,10 +520,10 @@ pub struct Plan<B> {
     single: Option<Single>,
 }
 
-/// A single message's parts, kept to build its batch element if it waits to join a batch.
+/// A single message's properties, kept to build its batch element if it waits to join a batch
+/// (its content type is its send's header).
 struct Single {
     props: Properties,
-    content_type: String,
 }
 
 impl<B> Plan<B> {
@@ -597,10 +597,7 @@ pub async fn build<I: Io>(
             request: single_request(sb, content_type, broker_json, &props),
             ids: vec![props.message_id().to_owned()],
             payload: body.map_or(Payload::Empty, |(b, _)| Payload::Bytes(b)),
-            single: sb.config.coalesces().then(|| Single {
-                props,
-                content_type: content_type.to_owned(),
-            }),
+            single: sb.config.coalesces().then_some(Single { props }),
         }
     };
     crate::backend::check(&plan.request)?;
@@ -769,10 +766,8 @@ fn element_of<I: Io>(plan: &Plan<I::Bytes>, single: &Single, io: &I) -> Option<V
         Payload::Empty => String::new(),
     };
     let mut broker = single.props.broker.clone();
-    broker.insert(
-        "ContentType".to_owned(),
-        Value::from(single.content_type.as_str()),
-    );
+    let content_type = plan.request.header("content-type").unwrap_or_default();
+    broker.insert("ContentType".to_owned(), Value::from(content_type));
     let user: Map<String, Value> = single
         .props
         .custom
@@ -918,7 +913,15 @@ async fn follow<I: Io>(
                 body: None,
             })
         }
-        BatchResult::Alone => send_alone(sb, plan, bearer, cx, io).await,
+        BatchResult::Alone => {
+            if !led {
+                cx.log.backend_detail = Some(format!(
+                    "the batch of {} led by {} was refused as a whole; sent alone",
+                    outcome.size, outcome.leader
+                ));
+            }
+            send_alone(sb, plan, bearer, cx, io).await
+        }
         BatchResult::Failed {
             problem,
             detail,
