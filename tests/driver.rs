@@ -2372,3 +2372,65 @@ fn a_batch_azure_cannot_take_is_retried_as_a_batch_then_each_caller_gets_its_own
         "the batch again with the same MessageIds"
     );
 }
+
+#[test]
+fn when_a_batch_s_leader_goes_away_mid_send_its_followers_are_told_the_outcome_is_unknown() {
+    // The leader's request is dropped (its caller gone, the runtime cancelling it) after its
+    // batch went out: the followers cannot know whether Azure took it. Without duplicate
+    // detection a second send could be a second message, so nothing is sent again.
+    let io = concurrent(Fake::new().with_body(b"payload"));
+    let g = gateway();
+    let heads: Vec<RequestHead> = (0..4)
+        .map(|i| {
+            let key = format!("m-{i}");
+            request(
+                "POST",
+                "/orders/t",
+                &[
+                    ("x-api-key", "k-123"),
+                    ("x-label", "l"),
+                    ("idempotency-key", &key),
+                ],
+                true,
+            )
+        })
+        .collect();
+    let mut futures: Vec<_> = heads
+        .iter()
+        .map(|h| Some(Box::pin(g.handle(h, &io))))
+        .collect();
+    let mut outs: Vec<Option<(u16, Value)>> = vec![None; 4];
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    while outs
+        .iter()
+        .enumerate()
+        .any(|(i, o)| o.is_none() && futures[i].is_some())
+    {
+        for i in 0..4 {
+            let Some(future) = futures[i].as_mut() else {
+                continue;
+            };
+            if let std::task::Poll::Ready((answer, line)) =
+                std::future::Future::poll(future.as_mut(), &mut cx)
+            {
+                outs[i] = Some((answer.status, serde_json::from_str(&line).unwrap()));
+                futures[i] = None;
+            }
+        }
+        if io.sent().len() == 2 && futures[1].is_some() {
+            futures[1] = None; // the leader of the batch, with its send in flight
+        }
+    }
+    assert_eq!(
+        outs[0].as_ref().map(|o| o.0),
+        Some(202),
+        "the first went alone"
+    );
+    assert!(outs[1].is_none(), "the leader never answered");
+    for out in &outs[2..] {
+        let (status, log) = out.as_ref().unwrap();
+        assert_eq!(*status, 504);
+        assert_eq!(log["problem"], "backend-outcome-unknown");
+    }
+    assert_eq!(io.sent().len(), 2, "nothing was sent again");
+}

@@ -94,7 +94,7 @@ pub type FakeReply = Result<(u16, Vec<(String, String)>, String), SendError>;
 
 #[derive(Default)]
 pub struct Fake {
-    /// Sends (before they are recorded) and parks let other requests run once, so that
+    /// Sends (once recorded, before their answer) and parks let other requests run once, so that
     /// requests run with [`block_on_all`] are in flight together.
     pub concurrent: bool,
     pub clock: Cell<f64>,
@@ -275,9 +275,6 @@ impl Io for Fake {
         limit: Limit,
     ) -> Result<Reply<String>, SendError> {
         azure_edge_gateway::backend::check(request).map_err(SendError::Unsendable)?;
-        if self.concurrent {
-            YieldOnce(false).await;
-        }
         let (bytes, stream) = match body {
             OutBody::None => (Vec::new(), None),
             OutBody::Bytes(b) => (b.clone(), None),
@@ -293,6 +290,10 @@ impl Io for Fake {
             stream,
             limit,
         });
+        // Out on the wire: the answer is not back yet.
+        if self.concurrent {
+            YieldOnce(false).await;
+        }
         let by_url = self
             .by_url
             .borrow()
