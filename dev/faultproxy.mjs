@@ -14,7 +14,8 @@
  * - The arrivals ledger (`arrivals()`, GET /__control/arrivals): per blob path, every write of
  *   the blob (Put Blob, Put Block List) that reached the proxy and its outcome: { arrived,
  *   refused (by a fault, not forwarded), stored (Azurite answered 2xx), conflicts (Azurite
- *   answered 409), answersLost (stored, then failed), acknowledged (2xx delivered), afterAck
+ *   answered 409), answersLost (stored, then failed; or Azurite dropped the connection, so that
+ *   it may have stored it), acknowledged (2xx delivered), afterAck
  *   (arrived after a 2xx for that path had been delivered: a write no failure explains) }.
  * - An outage ({ seconds, status = 503, mode = 'status' | 'reset' }) fails every request for that
  *   long ('reset': the connection is dropped unanswered).
@@ -91,6 +92,10 @@ export async function startFaultProxy({ port, target, certPath, keyPath, ca, fau
     });
     upstream.on('error', (err) => {
       stats.upstreamErrors += 1;
+      // Azurite dropped the connection (it does under load): the write may or may not have
+      // landed, and the gateway gets a 502 (or a reset) for it, as for a lost answer. A resend
+      // after it is explained by it.
+      if (entry) entry.answersLost += 1;
       log(`faultproxy: upstream ${req.method} ${req.url}: ${err.message}`);
       if (!res.headersSent) storageError(res, { status: 502 });
       else res.destroy();

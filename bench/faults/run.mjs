@@ -277,7 +277,27 @@ async function storedBlobs(stack, token, prefix) {
 // ---------------------------------------------------------------------------------------------
 // One backend's phase
 
+/**
+ * Group commit, from the gateway's log lines: requests whose message left in a batch of more than
+ * one (`batch`, `batch_leader`), the batches (distinct leaders) and the largest. Counted for the
+ * phase running; reset at its start.
+ */
+const coalesced = { requests: 0, leaders: new Set(), largest: 0 };
+function noteBatch(line) {
+  if (!line.includes('"batch":')) return;
+  try {
+    const j = JSON.parse(line.slice(line.indexOf('{')));
+    if (!j.batch || !('status' in j)) return;
+    coalesced.requests += 1;
+    coalesced.leaders.add(j.batch_leader);
+    coalesced.largest = Math.max(coalesced.largest, j.batch);
+  } catch { /* not a log line */ }
+}
+
 async function runPhase(kind, ctx) {
+  coalesced.requests = 0;
+  coalesced.leaders.clear();
+  coalesced.largest = 0;
   const { o, stack, proxy, runId, signal } = ctx;
   const sb = stack.serviceBus;
   const issuer = stack.issuer;
@@ -422,6 +442,7 @@ async function runPhase(kind, ctx) {
     tokenRequests: gatewayTokenRequests,
     tokenRequestsDuringLoad: issuerAtLoadEnd.tokenRequests,
     tokenRequestsPer1000: (gatewayTokenRequests / Math.max(1, records.length)) * 1000,
+    coalesced: { requests: coalesced.requests, batches: coalesced.leaders.size, largest: coalesced.largest },
     issuer: { ...issuerAtEnd, tokenRequests: gatewayTokenRequests, ownTokenRequests },
     issuerFaults,
     ...met,
@@ -457,6 +478,7 @@ function tableRows(phases) {
     ['issuer faults met (token requests failed)', (p) => fmt(p.issuerFaults)],
     ['drained in (s)', (p) => `${fmt(p.drainSeconds, 1)}${p.drainBounded ? ' (not drained: bounded)' : ''}`],
     ['token requests per 1,000', (p) => fmt(p.tokenRequestsPer1000, 1)],
+    ['coalesced: requests in batches / batches / largest', (p) => `${fmt(p.coalesced.requests)} / ${fmt(p.coalesced.batches)} / ${fmt(p.coalesced.largest)}`],
     ['load (s), req/s', (p) => `${fmt(p.loadSeconds, 1)}, ${fmt(p.requestsPerSecond)}`],
     ['latency p50 / p99 (ms)', (p) => `${fmt(p.latencyMs.p50)} / ${fmt(p.latencyMs.p99)}`],
   ];
@@ -554,7 +576,15 @@ async function main() {
         issuerOptions: { lifetimeSeconds: o.tokenLifetime },
         gatewayOptions: o.sabotage ? { sabotage: `${o.sabotage.mode}:${o.sabotage.nth}` } : {},
         log: (m) => { if (o.verbose || !m.startsWith('issuer: ')) log(`  ${m}`); },
-        onLog: { gateway: (line) => (echo ? echo(line) : line.includes('aeg sabotage') && log(`  | ${line}`)), serviceBus: echo, azurite: echo },
+        onLog: {
+          gateway: (line) => {
+            noteBatch(line);
+            if (echo) echo(line);
+            else if (line.includes('aeg sabotage')) log(`  | ${line}`);
+          },
+          serviceBus: echo,
+          azurite: echo,
+        },
       });
     stack = await Promise.race([
       starting,

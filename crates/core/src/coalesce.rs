@@ -16,13 +16,11 @@
 //! stale (a leader that vanished) and takes over or gives up as [`Waiter::check`] says.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::rc::Rc;
 use std::task::Waker;
 
 use serde_json::Value;
 
-use crate::fasthash::FastMap;
 use crate::problem::Problem;
 
 /// How long a send in flight (alone or a batch, its retries and a token renewal included) may
@@ -121,11 +119,12 @@ impl Waiter {
 }
 
 /// The lanes of one route: the lane of messages without a session or partition key (most
-/// routes' only one, kept without a map), and one per key in use (forgotten when idle).
+/// routes' only one), and one per key in use, forgotten when idle (a list: only the keys with a
+/// send in flight are in it, and it is searched where a map would hash).
 #[derive(Default)]
 pub struct Lanes {
     unkeyed: RefCell<Lane>,
-    keyed: RefCell<FastMap<String, Lane>>,
+    keyed: RefCell<Vec<(String, Lane)>>,
 }
 
 // Per-isolate state, never part of the compiled policy: a copy starts empty.
@@ -146,7 +145,8 @@ struct Lane {
     /// Since when a send has held the lane (alone, a batch, or a leader handed the lane and
     /// not yet sending); `None` when idle.
     held_since: Option<f64>,
-    queue: VecDeque<Rc<Waiter>>,
+    /// The waiters, first in line first (a handful to a few hundred: a list).
+    queue: Vec<Rc<Waiter>>,
 }
 
 /// What [`Lanes::enter`] decided.
@@ -164,13 +164,17 @@ impl Lanes {
             return f(&mut self.unkeyed.borrow_mut());
         }
         let mut keyed = self.keyed.borrow_mut();
-        let lane = match keyed.get_mut(key) {
-            Some(lane) => lane,
-            None => keyed.entry(key.to_owned()).or_default(),
+        let at = match keyed.iter().position(|(k, _)| k == key) {
+            Some(at) => at,
+            None => {
+                keyed.push((key.to_owned(), Lane::default()));
+                keyed.len() - 1
+            }
         };
+        let lane = &mut keyed[at].1;
         let out = f(lane);
         if lane.held_since.is_none() && lane.queue.is_empty() {
-            keyed.remove(key);
+            keyed.swap_remove(at);
         }
         out
     }
@@ -190,7 +194,7 @@ impl Lanes {
 
     /// Queues a waiter on `lane` (after [`Entry::Wait`]).
     pub fn queue(&self, lane: &str, waiter: Rc<Waiter>) {
-        self.with(lane, |l| l.queue.push_back(waiter));
+        self.with(lane, |l| l.queue.push(waiter));
     }
 
     /// The send holding `lane` is over: the first waiter (if any) is handed the lane and woken
@@ -198,10 +202,13 @@ impl Lanes {
     pub fn release(&self, lane: &str, now: f64) {
         let next = self.with(lane, |l| {
             // Waiters that went away (their request dropped) are no one's to lead.
-            while l.queue.front().is_some_and(|w| Rc::strong_count(w) == 1) {
-                l.queue.pop_front();
-            }
-            let next = l.queue.front().cloned();
+            let gone = l
+                .queue
+                .iter()
+                .take_while(|w| Rc::strong_count(w) == 1)
+                .count();
+            l.queue.drain(..gone);
+            let next = l.queue.first().cloned();
             l.held_since = next.is_some().then_some(now);
             next
         });
@@ -220,7 +227,7 @@ impl Lanes {
             l.held_since = Some(now);
             // It leads from the front of the queue, where a leader is.
             l.queue.retain(|w| !Rc::ptr_eq(w, waiter));
-            l.queue.push_front(waiter.clone());
+            l.queue.insert(0, waiter.clone());
             true
         });
         if taken {
@@ -240,23 +247,19 @@ impl Lanes {
         now: f64,
     ) -> Vec<Rc<Waiter>> {
         let batch = self.with(lane, |l| {
-            let mut batch: Vec<Rc<Waiter>> = Vec::new();
+            // Waiters whose requests went away are no one's to send.
+            l.queue.retain(|w| Rc::strong_count(w) > 1);
             let mut bytes = 1;
-            while let Some(next) = l.queue.front() {
-                if Rc::strong_count(next) == 1 {
-                    l.queue.pop_front();
-                    continue;
-                }
-                if !batch.is_empty()
-                    && (batch.len() >= max_messages || bytes + next.bytes > max_bytes)
-                {
+            let mut taken = 0;
+            for next in &l.queue {
+                if taken > 0 && (taken >= max_messages || bytes + next.bytes > max_bytes) {
                     break;
                 }
                 bytes += next.bytes;
-                batch.extend(l.queue.pop_front());
+                taken += 1;
             }
             l.held_since = Some(now);
-            batch
+            l.queue.drain(..taken).collect::<Vec<_>>()
         });
         for w in batch.iter().skip(1) {
             *w.state.borrow_mut() = State::InBatch { since: now };

@@ -561,6 +561,36 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_message_s_content_type_is_its_broker_properties_content_type() {
+        let batch = parse_batch(
+            br#"[{"Body":"{}","BrokerProperties":{"MessageId":"1","ContentType":"application/json"}},
+                 {"Body":"x"}]"#,
+        )
+        .unwrap();
+        assert_eq!(batch[0].content_type.as_deref(), Some("application/json"));
+        assert_eq!(
+            batch[0].broker.content_type, None,
+            "kept as the message's, not a property"
+        );
+        assert!(!serde_json::to_string(&batch[0].broker)
+            .unwrap()
+            .contains("ContentType"));
+        assert_eq!(batch[1].content_type, None, "without it, none");
+        let refused = |text: &str| parse_batch(text.as_bytes()).unwrap_err();
+        assert_eq!(
+            refused(r#"[{"Body":"a","BrokerProperties":{"ContentType":""}}]"#).status,
+            400
+        );
+        assert_eq!(
+            refused(r#"[{"Body":"a","BrokerProperties":{"ContentType":5}}]"#).status,
+            400
+        );
+        // A single message's content type is its header.
+        let e = BrokerProperties::parse_header(r#"{"ContentType":"text/plain"}"#).unwrap_err();
+        assert_eq!(e.status, 400);
+    }
+
+    #[test]
     fn event_hub_properties() {
         let ok = BrokerProperties::parse_header(
             r#"{"PartitionKey":"device-7","MessageId":"m","CorrelationId":"c","Label":"l"}"#,

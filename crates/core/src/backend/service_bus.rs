@@ -768,12 +768,10 @@ fn element_of<I: Io>(plan: &Plan<I::Bytes>, single: &Single, io: &I) -> Option<V
     let mut broker = single.props.broker.clone();
     let content_type = plan.request.header("content-type").unwrap_or_default();
     broker.insert("ContentType".to_owned(), Value::from(content_type));
-    let user: Map<String, Value> = single
-        .props
-        .custom
-        .iter()
-        .map(|(k, v)| (k.to_ascii_lowercase(), Value::from(v.as_str())))
-        .collect();
+    let mut user = Map::new();
+    for (name, value) in &single.props.custom {
+        user.insert(name.to_ascii_lowercase(), Value::from(value.as_str()));
+    }
     Some(json!({ "Body": body, "BrokerProperties": broker, "UserProperties": user }))
 }
 
