@@ -13,9 +13,21 @@ let stepper = null;
 const contexts = new Map();
 let nextTask = 1;
 
-/** The wasm's one entry point for tasks: (0, task, now, uuid + '\n' + head) starts one, (1, task, now, result) resumes it, (2, task) drops it. */
-export function setStepper(f) {
-  stepper = f;
+/**
+ * The wasm's one import that takes its arguments as they are (src/edge/mod.rs, `edge`): 0 drive
+ * (request, env, ctx), 1 consume (batch, env, ctx), 2 waitUntil (context, promise), 3 sleep (ms),
+ * 4 setStepper (f). One such import, not five: wasm-bindgen lists each one under this module's
+ * name in the imports object, and five were duplicate keys esbuild warned about.
+ */
+export function edge(kind, a, b, c) {
+  switch (kind) {
+    case 0: return drive(a, b, c);
+    case 1: return consume(a, b, c);
+    case 2: a.ctx.waitUntil(b); return undefined;
+    case 3: return sleep(a);
+    case 4: stepper = a; return undefined;
+    default: throw new Error(`edge: unknown kind ${kind}`);
+  }
 }
 
 /** One step of a task: the next op, as its fields. */
@@ -76,7 +88,7 @@ export function headOf(request) {
  * needs no I/O (a 404, a refused key, a 405) is returned as it is, without a promise: most
  * refusals cost one step and no await.
  */
-export function drive(request, env, ctx) {
+function drive(request, env, ctx) {
   const c = { request, env, ctx, reader: null, total: 0, ended: false, buffers: [], replies: [], wake: null, woken: false, release: null };
   // The context is known before the first step: the task may read a secret in it.
   const task = nextTask;
@@ -306,7 +318,7 @@ async function deadLetter(c, op) {
  * retry-after, 410 acknowledge (it is on the dead-letter queue with its reason, which the log
  * line says too). One log line per delivery.
  */
-export async function consume(batch, env, ctx) {
+async function consume(batch, env, ctx) {
   await Promise.all(batch.messages.map(async (message) => {
     const c = { request: null, message, env, ctx, reader: null, total: 0, ended: false, buffers: [], replies: [], wake: null, woken: false, release: null };
     const task = nextTask;
@@ -356,10 +368,6 @@ export function bufferBytes(c, id) {
   return c.buffers[id] || new Uint8Array(0);
 }
 
-/** Runs a promise past the response (a token refreshed ahead of expiry). */
-export function waitUntil(c, promise) {
-  c.ctx.waitUntil(promise);
-}
 
 /** Counts against a rate-limiting binding: 1 allowed, 0 over the limit, -1 no such binding, -2 no answer. */
 async function rateLimit(c, binding, key) {
@@ -757,6 +765,6 @@ export async function fetchText(url, method, headers, body, deadlineMs, limit) {
 }
 
 /** Resolves after `ms` milliseconds. */
-export function sleep(ms) {
+function sleep(ms) {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }

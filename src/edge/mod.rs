@@ -41,13 +41,11 @@ const PREPARED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/prepared.bin")
 
 #[wasm_bindgen(module = "/src/edge/edge.js")]
 extern "C" {
-    /// Runs one request: reads its head, steps its task through every op, builds the answer
-    /// (a `Response`, or a promise of one when the request needed I/O).
-    fn drive(request: &JsValue, env: &JsValue, ctx: &JsValue) -> JsValue;
-    /// Delivers a batch of stored requests, each as a task, and acknowledges or retries each.
-    fn consume(batch: &JsValue, env: &JsValue, ctx: &JsValue) -> Promise;
-    #[wasm_bindgen(js_name = setStepper)]
-    fn set_stepper(stepper: &Stepper);
+    /// The one import whose arguments need no conversion (wasm-bindgen imports such a function
+    /// straight from the module, and lists each one under the module's name in the imports
+    /// object: several of them would be duplicate keys, which esbuild warns about on every
+    /// build). `kind` picks the function: see the `EDGE_*` constants.
+    fn edge(kind: u32, a: &JsValue, b: &JsValue, c: &JsValue) -> JsValue;
     /// A task's waker: resume it in a microtask.
     fn schedule(task: u32);
     /// The per-request context `drive` keeps for a task (request, env, ctx, bodies, replies).
@@ -59,8 +57,6 @@ extern "C" {
     /// The bytes of a large answer `text` kept, which `drive` lets go of.
     #[wasm_bindgen(js_name = takeBytes)]
     fn take_bytes(c: &JsValue, id: u32) -> Vec<u8>;
-    #[wasm_bindgen(js_name = waitUntil)]
-    fn wait_until(c: &JsValue, promise: &Promise);
     #[wasm_bindgen(catch, js_name = fetchText)]
     fn fetch_text(
         url: &str,
@@ -70,7 +66,6 @@ extern "C" {
         deadline_ms: f64,
         limit: u32,
     ) -> Result<Promise, JsValue>;
-    fn sleep(ms: f64) -> Promise;
     /// For the wasm tests: the head `drive` would read, and the `Response` of an answer.
     #[wasm_bindgen(js_name = headOf)]
     fn head_of(request: &JsValue) -> String;
@@ -88,6 +83,35 @@ extern "C" {
     fn date_now() -> f64;
     #[wasm_bindgen(js_namespace = Math, js_name = random)]
     fn math_random() -> f64;
+}
+
+/// [`edge`]: runs one request (reads its head, steps its task through every op, builds the
+/// answer: a `Response`, or a promise of one when the request needed I/O).
+const EDGE_DRIVE: u32 = 0;
+/// [`edge`]: delivers a batch of stored requests, each as a task, and acknowledges or retries
+/// each (a promise).
+const EDGE_CONSUME: u32 = 1;
+/// [`edge`]: runs a promise past the response (`ctx.waitUntil` of a request's context).
+const EDGE_WAIT_UNTIL: u32 = 2;
+/// [`edge`]: a promise that resolves after the milliseconds given.
+const EDGE_SLEEP: u32 = 3;
+/// [`edge`]: hands over the stepper, once per isolate.
+const EDGE_SET_STEPPER: u32 = 4;
+
+/// Runs a promise past the response (a token refreshed ahead of expiry).
+fn wait_until(c: &JsValue, promise: &Promise) {
+    edge(EDGE_WAIT_UNTIL, c, promise, &JsValue::UNDEFINED);
+}
+
+/// Resolves after `ms` milliseconds.
+fn sleep(ms: f64) -> Promise {
+    edge(
+        EDGE_SLEEP,
+        &JsValue::from_f64(ms),
+        &JsValue::UNDEFINED,
+        &JsValue::UNDEFINED,
+    )
+    .unchecked_into()
 }
 
 /// A fresh request id: a random UUID from the runtime's WebCrypto.
@@ -143,7 +167,7 @@ fn gateway() -> Option<&'static Gateway> {
 #[wasm_bindgen]
 pub fn fetch(request: JsValue, env: JsValue, ctx: JsValue) -> JsValue {
     ensure_stepper();
-    drive(&request, &env, &ctx)
+    edge(EDGE_DRIVE, &request, &env, &ctx)
 }
 
 /// The worker's queue handler: store-and-forward's deliveries (the entry module calls it with
@@ -151,7 +175,7 @@ pub fn fetch(request: JsValue, env: JsValue, ctx: JsValue) -> JsValue {
 #[wasm_bindgen]
 pub fn queue(batch: JsValue, env: JsValue, ctx: JsValue) -> Promise {
     ensure_stepper();
-    consume(&batch, &env, &ctx)
+    edge(EDGE_CONSUME, &batch, &env, &ctx).unchecked_into()
 }
 
 fn ensure_stepper() {
@@ -160,7 +184,12 @@ fn ensure_stepper() {
             // A panic is written to the log with its message and location, not a bare trap.
             console_error_panic_hook::set_once();
             let stepper = Stepper::new(step);
-            set_stepper(&stepper);
+            edge(
+                EDGE_SET_STEPPER,
+                stepper.as_ref(),
+                &JsValue::UNDEFINED,
+                &JsValue::UNDEFINED,
+            );
             stepper
         });
     });
