@@ -155,22 +155,6 @@ function hold(c) {
   c.ctx.waitUntil(new Promise((resolve) => { c.release = resolve; }));
 }
 
-/**
- * Waits until the task's waker is called (another request's send finished what this one waits
- * on) or `ms` pass: the timer is this request's own pending work, without which the runtime
- * would cancel a request that only waits on another's.
- */
-function park(c, ms) {
-  if (c.woken) {
-    c.woken = false;
-    return Promise.resolve('');
-  }
-  return new Promise((resolve) => {
-    const timer = setTimeout(() => { c.wake = null; resolve(''); }, Math.max(1, ms));
-    c.wake = () => { clearTimeout(timer); resolve(''); };
-  });
-}
-
 /** A task's waker. */
 export function schedule(task) {
   const c = contexts.get(task);
@@ -252,7 +236,6 @@ function perform(c, op) {
     case 'block': return nextBlock(c, Number(op[1]), Number(op[2]));
     case 'send': return send(c, op);
     case 'sendh': hold(c); return send(c, op);
-    case 'park': return park(c, Number(op[1]));
     case 'text': return text(c, Number(op[1]), Number(op[2]));
     case 'rate': return rateLimit(c, op[1], op[2]).then(String);
     case 'jwks': return fetchJwks(op[1], Number(op[2]), Number(op[3]));

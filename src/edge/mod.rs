@@ -748,14 +748,6 @@ impl Io for Edge {
         self.ask(op).await;
     }
 
-    /// `park`, the time limit: resolved by the task's waker (`schedule`) or the request's own
-    /// timer, whichever comes first.
-    async fn park(&self, ms: f64) {
-        let mut op = Op::new("park");
-        op.num(ms);
-        self.ask(op).await;
-    }
-
     fn hold(&self) {
         self.hold.set(true);
     }

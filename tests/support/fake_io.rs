@@ -34,7 +34,7 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
 }
 
 /// Runs several futures at once, round robin, until all are done (as an isolate runs the
-/// requests in flight): with [`Fake::concurrent`], each send and park lets the others run.
+/// requests in flight): with [`Fake::concurrent`], each send and sleep lets the others run.
 pub fn block_on_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
     let mut futures: Vec<_> = futures.into_iter().map(Box::pin).collect();
     let mut outs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
@@ -94,7 +94,7 @@ pub type FakeReply = Result<(u16, Vec<(String, String)>, String), SendError>;
 
 #[derive(Default)]
 pub struct Fake {
-    /// Sends (once recorded, before their answer) and parks let other requests run once, so that
+    /// Sends (once recorded, before their answer) and sleeps let other requests run once, so that
     /// requests run with [`block_on_all`] are in flight together.
     pub concurrent: bool,
     pub clock: Cell<f64>,
@@ -327,14 +327,12 @@ impl Io for Fake {
         Ok(body)
     }
 
+    /// The clock moves on by `ms`; with [`Fake::concurrent`], the others run once meanwhile.
     async fn sleep(&self, ms: f64) {
         self.clock.set(self.clock.get() + ms);
-    }
-
-    /// Woken or not, a park lets the others run once (the clock does not move: a waiter's
-    /// timer never runs out here).
-    async fn park(&self, _ms: f64) {
-        YieldOnce(false).await;
+        if self.concurrent {
+            YieldOnce(false).await;
+        }
     }
 
     async fn enqueue(

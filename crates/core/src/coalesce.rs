@@ -11,15 +11,16 @@
 //! the lane is handed on exactly once per send.
 //!
 //! This module is the lanes' state; the send itself is the backend's
-//! ([`crate::backend::service_bus`]). Waiting requests park on their own timer ([`crate::pipeline::Io::park`]):
-//! a woken waiter finds its outcome here; one whose timer ran out finds the lane or its batch
-//! stale (a leader that vanished) and takes over or gives up as [`Waiter::check`] says.
+//! ([`crate::backend::service_bus`]). A waiting request is never woken by another: on Cloudflare,
+//! what one request's code resolves runs on behalf of that request, and a waiter resumed from the
+//! leader's request would build its answer as the leader's (workerd refuses it: "Cannot perform
+//! I/O on behalf of a different request"). So each waiter looks at its state on a timer of its
+//! own ([`Lanes::poll_ms`]): when the send it waits on should be over, by the lane's typical send
+//! time, then backing off. A waiter finds its outcome here, or that it was handed the lane, or
+//! the lane or its batch stale (a leader that went away), and takes over or gives up.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::task::Waker;
-
-use serde_json::Value;
 
 use crate::problem::Problem;
 
@@ -31,14 +32,14 @@ pub const STALE_MS: f64 = 60_000.0;
 
 /// A message waiting to join a batch, and what became of it.
 pub struct Waiter {
-    /// The batch element: `{"Body", "BrokerProperties", "UserProperties"}`.
-    pub element: Value,
-    /// Its length as JSON (what it adds to the batch body, with its comma).
+    /// The batch element as JSON: `{"Body", "BrokerProperties", "UserProperties"}`, one complete
+    /// object written by the backend's JSON writer.
+    pub element: String,
+    /// What it adds to the batch body (with its comma).
     pub bytes: usize,
     /// The waiting request's id (its log line names the batch's leader).
     pub request_id: String,
     state: RefCell<State>,
-    waker: RefCell<Option<Waker>>,
 }
 
 /// Where a waiter is.
@@ -86,14 +87,13 @@ pub enum BatchResult {
 }
 
 impl Waiter {
-    pub fn new(element: Value, request_id: &str, now: f64) -> Rc<Waiter> {
-        let bytes = element.to_string().len() + 1;
+    pub fn new(element: String, request_id: &str, now: f64) -> Rc<Waiter> {
+        let bytes = element.len() + 1;
         Rc::new(Waiter {
             element,
             bytes,
             request_id: request_id.to_owned(),
             state: RefCell::new(State::Queued { since: now }),
-            waker: RefCell::new(None),
         })
     }
 
@@ -101,20 +101,8 @@ impl Waiter {
         self.state.borrow().clone()
     }
 
-    /// The task to wake when this waiter's state changes (its request's, registered before
-    /// each park).
-    pub fn listen(&self, waker: &Waker) {
-        let mut slot = self.waker.borrow_mut();
-        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
-            *slot = Some(waker.clone());
-        }
-    }
-
     fn set(&self, state: State) {
         *self.state.borrow_mut() = state;
-        if let Some(waker) = self.waker.borrow_mut().take() {
-            waker.wake();
-        }
     }
 }
 
@@ -125,7 +113,13 @@ impl Waiter {
 pub struct Lanes {
     unkeyed: RefCell<Lane>,
     keyed: RefCell<Vec<(String, Lane)>>,
+    /// How long a send on this route takes, lately (a moving average, in milliseconds; 0 before
+    /// the first): when waiters look first.
+    typical_ms: Cell<f64>,
 }
+
+/// The longest a waiter sleeps between two looks at its state.
+const MAX_POLL_MS: f64 = 25.0;
 
 // Per-isolate state, never part of the compiled policy: a copy starts empty.
 impl Clone for Lanes {
@@ -236,6 +230,31 @@ impl Lanes {
         taken
     }
 
+    /// How long a waiter on `lane` sleeps before it looks at its state again: until the send
+    /// holding the lane should be over (by the route's typical send), at least 1 ms; once that is
+    /// past, 1, 2, 4, … ms (`overdue`: its looks since), at most [`MAX_POLL_MS`].
+    pub fn poll_ms(&self, lane: &str, now: f64, overdue: &mut u32) -> f64 {
+        let typical = self.typical_ms.get();
+        let held = self.with(lane, |l| l.held_since);
+        let left = held.map_or(0.0, |t| t + typical - now);
+        if left >= 1.0 {
+            return left.min(MAX_POLL_MS);
+        }
+        *overdue += 1;
+        f64::from(1u32 << (*overdue - 1).min(5)).min(MAX_POLL_MS)
+    }
+
+    /// A send on this route took `ms`: the typical send moves towards it.
+    fn note_sent(&self, ms: f64) {
+        let typical = self.typical_ms.get();
+        let ms = ms.clamp(0.0, STALE_MS);
+        self.typical_ms.set(if typical == 0.0 {
+            ms
+        } else {
+            typical + (ms - typical) / 8.0
+        });
+    }
+
     /// The leader takes its batch: itself (at the front) and the waiters after it, in order,
     /// while the batch stays within `max_messages` and `max_bytes` (of JSON, the brackets
     /// included). Each taken waiter is in the batch from `now`.
@@ -274,6 +293,7 @@ pub struct Flight<'l> {
     lanes: &'l Lanes,
     lane: &'l str,
     members: Vec<Rc<Waiter>>,
+    started: f64,
     now: f64,
 }
 
@@ -285,12 +305,13 @@ impl<'l> Flight<'l> {
             lanes,
             lane,
             members,
+            started: now,
             now,
         }
     }
 
-    /// Tells every member the batch's outcome (and wakes them); the lane is handed on when the
-    /// flight is dropped.
+    /// Tells every member the batch's outcome (each finds it at its next look); the lane is
+    /// handed on when the flight is dropped.
     pub fn finish(&mut self, outcome: Rc<Outcome>, now: f64) {
         self.now = now;
         for member in self.members.drain(..) {
@@ -301,6 +322,9 @@ impl<'l> Flight<'l> {
 
 impl Drop for Flight<'_> {
     fn drop(&mut self) {
+        if self.now > self.started {
+            self.lanes.note_sent(self.now - self.started);
+        }
         if self.members.is_empty() {
             self.lanes.release(self.lane, self.now);
             return;
@@ -317,10 +341,20 @@ impl Drop for Flight<'_> {
     }
 }
 
-/// A batch's body: its elements as one JSON array, written by the serializer (each element is
-/// a JSON value built field by field; no caller's text is ever joined into the array).
-pub fn batch_body(members: &[&Value]) -> String {
-    serde_json::to_string(members).unwrap_or_default()
+/// A batch's body: its members' elements as one JSON array. Each element is one complete JSON
+/// object (a caller's values only ever inside its strings, escaped); the array around them is
+/// the brackets and commas a serializer writes between values.
+pub fn batch_body(members: &[Rc<Waiter>]) -> String {
+    let mut out = String::with_capacity(1 + members.iter().map(|w| w.bytes).sum::<usize>());
+    out.push('[');
+    for (i, member) in members.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&member.element);
+    }
+    out.push(']');
+    out
 }
 
 #[cfg(test)]
@@ -329,7 +363,7 @@ mod tests {
     use serde_json::json;
 
     fn waiter(n: usize) -> Rc<Waiter> {
-        Waiter::new(json!({ "Body": "x".repeat(n) }), "r", 0.0)
+        Waiter::new(json!({ "Body": "x".repeat(n) }).to_string(), "r", 0.0)
     }
 
     #[test]
@@ -426,6 +460,23 @@ mod tests {
     }
 
     #[test]
+    fn a_waiter_looks_when_the_send_should_be_over_then_backs_off() {
+        let lanes = Lanes::default();
+        lanes.enter("a", 0.0);
+        let mut flight = Flight::new(&lanes, "a", Vec::new(), 0.0);
+        flight.now = 12.0;
+        drop(flight); // a send of 12 ms
+        lanes.enter("a", 100.0);
+        let mut overdue = 0;
+        assert_eq!(lanes.poll_ms("a", 104.0, &mut overdue), 8.0, "until 112");
+        assert_eq!(overdue, 0);
+        let later: Vec<f64> = (0..7)
+            .map(|_| lanes.poll_ms("a", 120.0, &mut overdue))
+            .collect();
+        assert_eq!(later, [1.0, 2.0, 4.0, 8.0, 16.0, 25.0, 25.0]);
+    }
+
+    #[test]
     fn waiters_whose_requests_went_away_are_skipped() {
         let lanes = Lanes::default();
         lanes.enter("a", 0.0);
@@ -437,12 +488,20 @@ mod tests {
     }
 
     #[test]
-    fn the_batch_body_is_the_serializer_s_array_of_its_elements() {
+    fn the_batch_body_is_one_array_of_its_elements_in_order() {
         let hostile =
             json!({ "Body": "\"}],[{\"Body\":\"injected", "UserProperties": { "a\"": "]}" } });
         let plain = json!({ "Body": "ok" });
-        let body = batch_body(&[&hostile, &plain]);
-        let back: Vec<Value> = serde_json::from_str(&body).unwrap();
+        let members = [
+            Waiter::new(hostile.to_string(), "a", 0.0),
+            Waiter::new(plain.to_string(), "b", 0.0),
+        ];
+        let body = batch_body(&members);
+        let back: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
         assert_eq!(back, vec![hostile, plain]);
+        assert_eq!(
+            body.len(),
+            1 + members.iter().map(|w| w.bytes).sum::<usize>()
+        );
     }
 }

@@ -304,8 +304,15 @@ pub fn push_json_str_inner(out: &mut String, value: &str) {
         out.push_str(value);
         return;
     }
+    let bytes = value.as_bytes();
     let mut start = 0;
-    for (i, &b) in value.as_bytes().iter().enumerate() {
+    loop {
+        let i = next_json_escape(bytes, start);
+        // `bytes[i]` is ASCII: `i` is on a character boundary.
+        out.push_str(&value[start..i]);
+        let Some(&b) = bytes.get(i) else {
+            return;
+        };
         let short = match b {
             b'"' => "\\\"",
             b'\\' => "\\\\",
@@ -314,11 +321,8 @@ pub fn push_json_str_inner(out: &mut String, value: &str) {
             b'\t' => "\\t",
             0x08 => "\\b",
             0x0c => "\\f",
-            0..=0x1f => "",
-            _ => continue,
+            _ => "",
         };
-        // `b` is ASCII: `i` is on a character boundary.
-        out.push_str(&value[start..i]);
         if short.is_empty() {
             let _ = write!(out, "\\u{b:04x}");
         } else {
@@ -326,7 +330,28 @@ pub fn push_json_str_inner(out: &mut String, value: &str) {
         }
         start = i + 1;
     }
-    out.push_str(&value[start..]);
+}
+
+/// The index of the first byte at or after `from` that JSON escapes, or `bytes.len()`: eight
+/// bytes at a time ([`word`]) past those that need none (a large body with a few quotes is
+/// copied in runs, not looked at byte by byte).
+fn next_json_escape(bytes: &[u8], mut from: usize) -> usize {
+    let escaped = |b: u8| b < 0x20 || b == b'"' || b == b'\\';
+    while let Some(chunk) = bytes.get(from..from + 8) {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(w);
+        if word::any_below(x, 0x20) || word::any_equal(x, b'"') || word::any_equal(x, b'\\') {
+            if let Some(at) = chunk.iter().position(|&b| escaped(b)) {
+                return from + at;
+            }
+        }
+        from += 8;
+    }
+    bytes[from.min(bytes.len())..]
+        .iter()
+        .position(|&b| escaped(b))
+        .map_or(bytes.len(), |at| from + at)
 }
 
 /// The DER bytes of the first PEM block with this label (`PRIVATE KEY`, `CERTIFICATE`).
@@ -417,6 +442,25 @@ mod tests {
             }
         }
         assert!(bytes_within(b"", 0x20, b'\t'));
+    }
+
+    #[test]
+    fn json_strings_are_escaped_as_serde_json_escapes_them_wherever_the_escape_falls() {
+        for len in 0..=19 {
+            for at in 0..len.max(1) {
+                for b in [b'"', b'\\', b'\n', 0x01, 0x1f, b'a', 0x7f] {
+                    let mut bytes = vec![b'x'; len];
+                    if at < len {
+                        bytes[at] = b;
+                    }
+                    let text = String::from_utf8(bytes).unwrap();
+                    let mut ours = String::new();
+                    push_json_str(&mut ours, &format!("{text}é\"{text}"));
+                    let theirs = serde_json::to_string(&format!("{text}é\"{text}")).unwrap();
+                    assert_eq!(ours, theirs, "{text:?}");
+                }
+            }
+        }
     }
 
     #[test]

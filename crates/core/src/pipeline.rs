@@ -315,12 +315,6 @@ pub trait Io {
     /// as JSON) beside it; the error says why it was not taken, for the log.
     async fn dead_letter(&self, binding: &str, why: &str) -> Result<(), String>;
     async fn sleep(&self, ms: f64);
-    /// Waits until this request's task is woken (its waker) or `ms` pass, whichever is first:
-    /// a request waiting for another's send keeps a timer of its own (a runtime cancels a
-    /// request whose only pending work is another request's). A fake may return at once.
-    async fn park(&self, ms: f64) {
-        self.sleep(ms).await
-    }
     /// This request's work must finish even if its caller goes away (others wait on its send):
     /// the edge keeps it running past the caller (`waitUntil`).
     fn hold(&self) {}

@@ -121,20 +121,35 @@ impl Properties {
                 .map(|(k, v)| k.len() + v.as_str().map_or(8, str::len) + 6)
                 .sum::<usize>(),
         );
+        self.write_broker_json(&mut out, None);
+        out
+    }
+
+    /// [`Properties::broker_json`] written onto `out`, with one more string member at its end
+    /// if given (a batch element's `ContentType`).
+    fn write_broker_json(&self, out: &mut String, more: Option<(&str, &str)>) {
         out.push('{');
-        for (name, value) in &self.broker {
-            if out.len() > 1 {
+        let mut first = true;
+        let mut member = |out: &mut String, name: &str| {
+            if !first {
                 out.push(',');
             }
-            push_json_str(&mut out, name);
+            first = false;
+            push_json_str(out, name);
             out.push(':');
+        };
+        for (name, value) in &self.broker {
+            member(out, name);
             match value {
-                Value::String(text) => push_json_str(&mut out, text),
+                Value::String(text) => push_json_str(out, text),
                 other => out.push_str(&other.to_string()),
             }
         }
+        if let Some((name, value)) = more {
+            member(out, name);
+            push_json_str(out, value);
+        }
         out.push('}');
-        out
     }
 
     pub fn message_id(&self) -> &str {
@@ -758,26 +773,51 @@ fn lane_of(props: &Properties) -> &str {
 /// body as the batch's `Body` string (only a body that is UTF-8 can be carried byte for byte;
 /// `None` for any other, which goes alone), its broker properties with its `ContentType` (which
 /// a batch's HTTP header cannot give each message), and its application properties under the
-/// lowercase names its headers would have had.
-fn element_of<I: Io>(plan: &Plan<I::Bytes>, single: &Single, io: &I) -> Option<Value> {
-    let body = match &plan.payload {
-        Payload::Bytes(b) => String::from_utf8(io.bytes(b)).ok()?,
-        Payload::Text(t) => t.clone(),
-        Payload::Empty => String::new(),
+/// lowercase names its headers would have had. Written as JSON by the same writer as the
+/// `BrokerProperties` header (every string escaped as `serde_json` escapes it): a caller's value
+/// is only ever the contents of a JSON string, so nothing in it can close the element.
+fn element_of<I: Io>(plan: &Plan<I::Bytes>, single: &Single, io: &I) -> Option<String> {
+    let bytes = match &plan.payload {
+        Payload::Bytes(b) => io.bytes(b),
+        Payload::Text(t) => t.as_bytes().to_vec(),
+        Payload::Empty => Vec::new(),
     };
-    let mut broker = single.props.broker.clone();
+    let body = std::str::from_utf8(&bytes).ok()?;
     let content_type = plan.request.header("content-type").unwrap_or_default();
-    broker.insert("ContentType".to_owned(), Value::from(content_type));
-    let mut user = Map::new();
-    for (name, value) in &single.props.custom {
-        user.insert(name.to_ascii_lowercase(), Value::from(value.as_str()));
+    Some(element_json(body, &single.props, content_type))
+}
+
+/// [`element_of`]'s JSON.
+fn element_json(body: &str, props: &Properties, content_type: &str) -> String {
+    let room = body.len()
+        + body.len() / 8
+        + 96
+        + props
+            .custom
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 6)
+            .sum::<usize>();
+    let mut out = String::with_capacity(room);
+    out.push_str("{\"Body\":");
+    push_json_str(&mut out, body);
+    out.push_str(",\"BrokerProperties\":");
+    props.write_broker_json(&mut out, Some(("ContentType", content_type)));
+    out.push_str(",\"UserProperties\":{");
+    for (i, (name, value)) in props.custom.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_json_str(&mut out, &name.to_ascii_lowercase());
+        out.push(':');
+        push_json_str(&mut out, value);
     }
-    Some(json!({ "Body": body, "BrokerProperties": broker, "UserProperties": user }))
+    out.push_str("}}");
+    out
 }
 
 /// Group commit ([`crate::coalesce`]): alone at once on an idle lane; otherwise the message
-/// waits, on its own timer, until its batch's leader tells it what became of the batch, or
-/// until it is handed the lane and leads the next batch itself.
+/// waits, looking on its own timer, until its batch's leader has left it its outcome, or until
+/// it is handed the lane and leads the next batch itself.
 async fn coalesced<I: Io>(
     sb: &PreparedServiceBus,
     plan: &Plan<I::Bytes>,
@@ -800,6 +840,7 @@ async fn coalesced<I: Io>(
     };
     let me = Waiter::new(element, &cx.request_id, io.now());
     sb.lanes.queue(lane, me.clone());
+    let mut overdue = 0;
     loop {
         match me.state() {
             State::Done(outcome) => return follow(sb, plan, &outcome, bearer, cx, io).await,
@@ -819,12 +860,9 @@ async fn coalesced<I: Io>(
             }
             State::InBatch { .. } => {}
         }
-        std::future::poll_fn(|task| {
-            me.listen(task.waker());
-            std::task::Poll::Ready(())
-        })
-        .await;
-        io.park(STALE_MS + 1_000.0).await;
+        // Its own timer: nothing another request does resumes this one.
+        io.sleep(sb.lanes.poll_ms(lane, io.now(), &mut overdue))
+            .await;
     }
 }
 
@@ -859,9 +897,7 @@ async fn lead<I: Io>(
     if batch.len() <= 1 {
         return send_alone(sb, plan, bearer, cx, io).await;
     }
-    let elements: Vec<&Value> = batch.iter().map(|w| &w.element).collect();
-    let body = batch_body(&elements);
-    drop(elements);
+    let body = batch_body(&batch);
     let request = batch_request(sb);
     let sent = send_request(sb, &request, OutBody::Text(&body), true, bearer, cx, io).await;
     let result = match sent {
@@ -1247,6 +1283,36 @@ fn error_detail(body: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_element_holds_each_caller_value_as_a_string_whatever_it_contains() {
+        let nasty = [
+            "\"}],[{\"Body\":\"x\"}]",
+            "\\\"",
+            "\u{0}\u{1f}\u{7f}\u{2028}\u{2029}",
+            "ünïcödé 😀",
+            "]}",
+            "",
+            "\n\r\t",
+        ];
+        for (i, value) in nasty.iter().enumerate() {
+            let mut broker = Map::new();
+            broker.insert("MessageId".into(), Value::from(*value));
+            broker.insert("TimeToLive".into(), Value::from(60));
+            let props = Properties {
+                broker,
+                custom: vec![("Tenant".into(), (*value).to_owned())],
+            };
+            let text = element_json(value, &props, value);
+            let parsed: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{i}: {e}"));
+            let expected = json!({
+                "Body": value,
+                "BrokerProperties": { "MessageId": value, "TimeToLive": 60, "ContentType": value },
+                "UserProperties": { "tenant": value },
+            });
+            assert_eq!(parsed, expected, "{i}");
+        }
+    }
 
     #[test]
     fn answers_are_the_json_callers_read() {
