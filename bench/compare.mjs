@@ -27,7 +27,7 @@ import { pathToFileURL } from 'node:url';
 import { REPO_ROOT } from '../dev/proc.mjs';
 import { startStack } from '../dev/stack.mjs';
 import { cpuPinning } from './workerd.mjs';
-import { benchScenarios, benchWorker, isError } from './workerd-bench.mjs';
+import { BENCH_SB_ENTITIES, benchScenarios, benchWorker, isError } from './workerd-bench.mjs';
 
 export const BENCH_STACK_PORTS = { issuer: 28400, azurite: 30000, serviceBus: 28410, gateway: 28787 };
 const STATE = join(REPO_ROOT, 'target', 'bench-compare');
@@ -82,7 +82,7 @@ async function main() {
   // A fixed rate (req/s) instead of as fast as they go: every way then gets the same load, and
   // its CPU per request does not depend on how fast the stand-ins answer.
   const rate = process.env.COMPARE_QPS ? ['-q', String(Number(process.env.COMPARE_QPS))] : [];
-  const stack = await startStack({ policyPath: join(REPO_ROOT, 'bench', 'policy.json'), ports: BENCH_STACK_PORTS, stateDir: STATE, gateway: false, log: () => {} });
+  const stack = await startStack({ policyPath: join(REPO_ROOT, 'bench', 'policy.json'), ports: BENCH_STACK_PORTS, stateDir: STATE, gateway: false, serviceBus: { entities: BENCH_SB_ENTITIES }, log: () => {} });
   const pinning = cpuPinning();
   pinning.pinStack(stack);
   const workers = [];
