@@ -23,7 +23,8 @@
  *
  * Knobs: BENCH_WORKERD_ROUNDS (default BENCH_ROUNDS when set, else 5), BENCH_WORKERD_SECONDS (2),
  * BENCH_WORKERD_CONCURRENCY (comma list, 16,64), BENCH_WORKERD_LONG (0: off),
- * BENCH_WORKERD_LONG_CONCURRENCY (16,64), BENCH_WORKERD_MEM_MB (50; 0 skips the memory part).
+ * BENCH_WORKERD_LONG_CONCURRENCY (16,64), BENCH_WORKERD_LONG_PATH (/sb/contoso),
+ * BENCH_WORKERD_MEM_MB (50; 0 skips the memory part).
  * BENCH_WORKERD_ROUNDS=0 skips the scenarios (and their smoke requests): memory runs only.
  * BENCH_WORKERD_MEM_RUNS (small,chunked,length,peer), BENCH_WORKERD_MEM_N (16),
  * BENCH_WORKERD_MEM_PATH (/blob-default: the routes of the chunked runs, comma-separated),
