@@ -7,7 +7,8 @@
  *
  *   node bench/compare.mjs <scenario> [name=dir ...]
  *
- * scenario: 404 | sb | sbhold | rest | blob1k (bench/workerd-bench.mjs `benchScenarios`).
+ * scenario: 404 | sb | sb-single | sbhold | rest | blob1k | eh (bench/workerd-bench.mjs `benchScenarios`;
+ * sb-single and eh: their gateway way is the /sb or /eh route, their levels are COMPARE_CONCURRENCY's).
  * name=dir: a gateway built with bench/policy.json into dir (`GATEWAY_POLICY=bench/policy.json
  * scripts/build --out-dir dir`); a name starting with `peer` runs dir/index.js as a peer (a
  * variant of bench/peer/index.js). The peer of bench/peer always runs, as the reference.
@@ -73,7 +74,7 @@ async function main() {
   mkdirSync(STATE, { recursive: true });
   const scenario = benchScenarios(body1k(STATE))[scenarioName];
   if (!scenario || specs.some((s) => !s.includes('='))) {
-    console.error('usage: node bench/compare.mjs <404|sb|sbhold|rest|blob1k> [name=dir ...]');
+    console.error('usage: node bench/compare.mjs <404|sb|sb-single|sbhold|rest|blob1k|eh> [name=dir ...]');
     process.exit(2);
   }
   const rounds = Number(process.env.COMPARE_ROUNDS ?? 7);

@@ -47,7 +47,7 @@ async function main() {
   const [way, scenarioName, buildDir] = process.argv.slice(2);
   const scenario = benchScenarios(body1k((mkdirSync(STATE, { recursive: true }), STATE)))[scenarioName];
   if (!['gateway', 'peer'].includes(way) || !scenario || (way === 'gateway' && !buildDir)) {
-    console.error('usage: node bench/profile.mjs <gateway|peer> <404|sb|sbhold|rest|blob1k> [buildDir (gateway)]');
+    console.error('usage: node bench/profile.mjs <gateway|peer> <404|sb|sb-single|sbhold|rest|blob1k|eh> [buildDir (gateway)]');
     process.exit(2);
   }
   try {
