@@ -187,8 +187,16 @@ export async function runWorkerdBench({ stack, gatewayBuildDir, policyPath, oha,
             const read = w.logRead(logAt[wkey]);
             logAt[wkey] = read.next;
             m.logLines = read.lines.length;
+            // Answers the worker logged as 2xx against those oha got: an exception workerd
+            // answers with 500 after the worker logged its answer shows as a difference.
+            m.logged2xx = read.lines.filter((l) => l.status >= 200 && l.status < 300).length;
+            m.uncaught = read.uncaught;
             if (wkey === 'gateway') m.batches = batchFigures(read.lines);
-            if (errors) failures.push(`workerd/${name}/${way}/c${c}/round${rnd}: ${JSON.stringify(codes)} ${JSON.stringify(errs)}`);
+            if (errors) {
+              const got2xx = Object.entries(codes).filter(([k]) => k.startsWith('2')).reduce((a, [, v]) => a + v, 0);
+              failures.push(`workerd/${name}/${way}/c${c}/round${rnd}: ${JSON.stringify(codes)} ${JSON.stringify(errs)}`
+                + `${read.uncaught ? `; workerd logged ${read.uncaught} uncaught exceptions (first: ${read.firstUncaught}); the worker logged ${m.logged2xx} answers 2xx, oha got ${got2xx}` : ''}`);
+            }
             rounds.push(m);
             const b = m.batches;
             log(`workerd ${name.padEnd(9)} c=${String(c).padEnd(3)} ${way.padEnd(12)} r${rnd} ${m.rps.toFixed(0).padStart(6)} req/s  p50 ${m.p50_ms.toFixed(1)} ms  p99 ${m.p99_ms.toFixed(1)} ms  cpu/req ${m.cpuMsPerReq.toFixed(3)} ms  errors ${errors}`
@@ -418,9 +426,14 @@ async function longRun({ oha, standIn, gateway, n, c, args, path, log, queue = '
     p50_ms: (lp.p50 ?? NaN) * 1000, p99_ms: (lp.p99 ?? NaN) * 1000, p999_ms: (lp['p99.9'] ?? NaN) * 1000, max_ms: (r.summary.slowest ?? NaN) * 1000,
     azureRequests: st1.requests - st0.requests, azurePerReq: (st1.requests - st0.requests) / Math.max(answered, 1),
     cpuMsPerReq: cpuMs / Math.max(answered, 1), standInCpuMsPerReq: sbCpuMs / Math.max(answered, 1),
-    batches: batchFigures(gateway.logRead(logFrom).lines),
     ok: problems.length === 0, problems,
   };
+  const read = gateway.logRead(logFrom);
+  m.batches = batchFigures(read.lines);
+  m.logged2xx = read.lines.filter((l) => l.status >= 200 && l.status < 300).length;
+  m.uncaught = read.uncaught;
+  if (read.uncaught) problems.push(`workerd logged ${read.uncaught} uncaught exceptions (first: ${read.firstUncaught}); the gateway logged ${m.logged2xx} answers 2xx, oha got ${Object.entries(codes).filter(([k]) => k.startsWith('2')).reduce((a, [, v]) => a + v, 0)}`);
+  m.ok = problems.length === 0;
   await standIn.purge();
   log(`workerd long run c=${c}: ${answered}/${n} answered in ${m.seconds.toFixed(1)} s (${m.rps.toFixed(0)} req/s), 202: ${accepted}, stored ${stored}, p50 ${m.p50_ms.toFixed(1)} ms, p99.9 ${m.p999_ms.toFixed(1)} ms, max ${m.max_ms.toFixed(1)} ms, azure/req ${m.azurePerReq.toFixed(3)}${problems.length ? `; PROBLEMS: ${problems.join('; ')}` : ''}`);
   return m;

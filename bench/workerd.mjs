@@ -263,12 +263,16 @@ export async function startWorkerd({
     /**
      * The complete lines written since byte `from` (only those: a line still being written is
      * left for the next read): { lines (the JSON log lines), next (the byte after the last
-     * complete line) }. Reads only what is new, for reading the log round by round.
+     * complete line), uncaught (lines of workerd's "Uncaught exception"), firstUncaught }. Reads only what is new, for reading the log round by round.
      */
     logRead: (from = 0) => {
       const buf = readFrom(logPath, from);
       const end = buf.lastIndexOf(10) + 1;
-      return { lines: jsonLogLines(buf.subarray(0, end).toString('utf8')), next: from + end };
+      const text = buf.subarray(0, end).toString('utf8');
+      // workerd's own errors (an exception out of the fetch handler, answered 500 by workerd
+      // without the worker's log line): how many, and the first.
+      const uncaught = text.split('\n').filter((l) => l.includes('Uncaught exception'));
+      return { lines: jsonLogLines(text), next: from + end, uncaught: uncaught.length, firstUncaught: uncaught[0] == null ? null : uncaught[0].length > 320 ? `${uncaught[0].slice(0, 200)} … ${uncaught[0].slice(-100)}` : uncaught[0] };
     },
     logSize: () => statSync(logPath).size,
     tail,
