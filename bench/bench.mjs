@@ -26,7 +26,7 @@ import { REPO_ROOT, workerdRss } from '../dev/proc.mjs';
 import { buildWorker, startGateway } from '../dev/gateway.mjs';
 import { CLIENT_ID, CONTAINER, TENANT, serviceBusToken, startStack, storageToken } from '../dev/stack.mjs';
 import { BLOB_API_VERSION } from '../dev/azurite.mjs';
-import { runWorkerdBench, workerdMarkdown } from './workerd-bench.mjs';
+import { BENCH_HUB, BENCH_SB_ENTITIES, runWorkerdBench, workerdMarkdown } from './workerd-bench.mjs';
 import { BENCH_STACK_PORTS, body1k as writeBody1k, oha as runOha } from './compare.mjs';
 
 const BENCH = join(REPO_ROOT, 'bench');
@@ -113,6 +113,7 @@ async function main() {
       ports: PORTS,
       stateDir: STATE,
       gateway: false,
+      serviceBus: { entities: BENCH_SB_ENTITIES },
       log: (m) => log(m),
     });
     cleanup.push(stack.stop);
@@ -167,6 +168,8 @@ async function main() {
         'SB_QUEUE = "orders"',
         `BLOB_URL = "${stack.azurite.url}"`,
         `BLOB_CONTAINER = "${CONTAINER}"`,
+        `EH_URL = "${stack.serviceBus.url}"`,
+        `EH_HUB = "${BENCH_HUB}"`,
         '',
       ].join('\n'));
       const peerOptions = {

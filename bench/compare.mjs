@@ -7,7 +7,8 @@
  *
  *   node bench/compare.mjs <scenario> [name=dir ...]
  *
- * scenario: 404 | sb | sbhold | rest | blob1k (bench/workerd-bench.mjs `benchScenarios`).
+ * scenario: 404 | sb | sb-single | sbhold | rest | blob1k | eh (bench/workerd-bench.mjs `benchScenarios`;
+ * sb-single and eh: their gateway way is the /sb or /eh route, their levels are COMPARE_CONCURRENCY's).
  * name=dir: a gateway built with bench/policy.json into dir (`GATEWAY_POLICY=bench/policy.json
  * scripts/build --out-dir dir`); a name starting with `peer` runs dir/index.js as a peer (a
  * variant of bench/peer/index.js). The peer of bench/peer always runs, as the reference.
@@ -27,7 +28,7 @@ import { pathToFileURL } from 'node:url';
 import { REPO_ROOT } from '../dev/proc.mjs';
 import { startStack } from '../dev/stack.mjs';
 import { cpuPinning } from './workerd.mjs';
-import { benchScenarios, benchWorker, isError } from './workerd-bench.mjs';
+import { BENCH_SB_ENTITIES, benchScenarios, benchWorker, isError } from './workerd-bench.mjs';
 
 export const BENCH_STACK_PORTS = { issuer: 28400, azurite: 30000, serviceBus: 28410, gateway: 28787 };
 const STATE = join(REPO_ROOT, 'target', 'bench-compare');
@@ -73,7 +74,7 @@ async function main() {
   mkdirSync(STATE, { recursive: true });
   const scenario = benchScenarios(body1k(STATE))[scenarioName];
   if (!scenario || specs.some((s) => !s.includes('='))) {
-    console.error('usage: node bench/compare.mjs <404|sb|sbhold|rest|blob1k> [name=dir ...]');
+    console.error('usage: node bench/compare.mjs <404|sb|sb-single|sbhold|rest|blob1k|eh> [name=dir ...]');
     process.exit(2);
   }
   const rounds = Number(process.env.COMPARE_ROUNDS ?? 7);
@@ -82,7 +83,7 @@ async function main() {
   // A fixed rate (req/s) instead of as fast as they go: every way then gets the same load, and
   // its CPU per request does not depend on how fast the stand-ins answer.
   const rate = process.env.COMPARE_QPS ? ['-q', String(Number(process.env.COMPARE_QPS))] : [];
-  const stack = await startStack({ policyPath: join(REPO_ROOT, 'bench', 'policy.json'), ports: BENCH_STACK_PORTS, stateDir: STATE, gateway: false, log: () => {} });
+  const stack = await startStack({ policyPath: join(REPO_ROOT, 'bench', 'policy.json'), ports: BENCH_STACK_PORTS, stateDir: STATE, gateway: false, serviceBus: { entities: BENCH_SB_ENTITIES }, log: () => {} });
   const pinning = cpuPinning();
   pinning.pinStack(stack);
   const workers = [];

@@ -22,7 +22,7 @@ import { REPO_ROOT } from '../dev/proc.mjs';
 import { startStack } from '../dev/stack.mjs';
 import { BENCH_STACK_PORTS, body1k, oha, ohaBin } from './compare.mjs';
 import { cpuPinning } from './workerd.mjs';
-import { benchScenarios, benchWorker } from './workerd-bench.mjs';
+import { BENCH_SB_ENTITIES, benchScenarios, benchWorker } from './workerd-bench.mjs';
 
 const STATE = join(REPO_ROOT, 'target', 'bench-profile');
 const PORT = 29880;
@@ -47,7 +47,7 @@ async function main() {
   const [way, scenarioName, buildDir] = process.argv.slice(2);
   const scenario = benchScenarios(body1k((mkdirSync(STATE, { recursive: true }), STATE)))[scenarioName];
   if (!['gateway', 'peer'].includes(way) || !scenario || (way === 'gateway' && !buildDir)) {
-    console.error('usage: node bench/profile.mjs <gateway|peer> <404|sb|sbhold|rest|blob1k> [buildDir (gateway)]');
+    console.error('usage: node bench/profile.mjs <gateway|peer> <404|sb|sb-single|sbhold|rest|blob1k|eh> [buildDir (gateway)]');
     process.exit(2);
   }
   try {
@@ -58,7 +58,7 @@ async function main() {
   const bin = ohaBin();
   const seconds = Number(process.env.PROFILE_SECONDS ?? 8);
   const hz = Number(process.env.PROFILE_HZ ?? 5000);
-  const stack = await startStack({ policyPath: join(REPO_ROOT, 'bench', 'policy.json'), ports: BENCH_STACK_PORTS, stateDir: STATE, gateway: false, log: () => {} });
+  const stack = await startStack({ policyPath: join(REPO_ROOT, 'bench', 'policy.json'), ports: BENCH_STACK_PORTS, stateDir: STATE, gateway: false, serviceBus: { entities: BENCH_SB_ENTITIES }, log: () => {} });
   const pinning = cpuPinning();
   pinning.pinStack(stack);
   let w;

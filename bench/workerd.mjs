@@ -20,10 +20,10 @@
  * workerd runs in its own process group (spawnService); its stdout and stderr (console.log of the
  * worker) go to `<stateDir>/workerd.log` through the shell that execs it, so the kernel drains
  * them and nothing parses them during a load; read the file afterwards (logLines()).
- * Returns { url, pid, configPath, logPath, cpuMs(), rssKb(), logLines(), tail(), exited, stop }.
+ * Returns { url, pid, configPath, logPath, cpuMs(), rssKb(), logLines(), logRead(), logSize(), tail(), exited, stop }.
  */
 import { execFileSync, spawn } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, fstatSync, mkdirSync, openSync, readFileSync, readSync, statSync, writeFileSync } from 'node:fs';
 import { basename, dirname, extname, join, relative, resolve } from 'node:path';
 import { availableParallelism } from 'node:os';
 import { NODE_BIN, REPO_ROOT, spawnService, waitUntil } from '../dev/proc.mjs';
@@ -259,13 +259,45 @@ export async function startWorkerd({
     cpuMs: () => processCpuMs(service.pid),
     rssKb: () => processRssKb(service.pid),
     /** The worker's JSON log lines (objects with duration_ms) written since byte `from` of the log. */
-    logLines: (from = 0) => jsonLogLines(readFileSync(logPath).subarray(from).toString('utf8')),
-    logSize: () => readFileSync(logPath).length,
+    logLines: (from = 0) => jsonLogLines(readFrom(logPath, from).toString('utf8')),
+    /**
+     * The complete lines written since byte `from` (only those: a line still being written is
+     * left for the next read): { lines (the JSON log lines), next (the byte after the last
+     * complete line), uncaught (lines of workerd's "Uncaught exception"), firstUncaught }. Reads only what is new, for reading the log round by round.
+     */
+    logRead: (from = 0) => {
+      const buf = readFrom(logPath, from);
+      const end = buf.lastIndexOf(10) + 1;
+      const text = buf.subarray(0, end).toString('utf8');
+      // workerd's own errors (an exception out of the fetch handler, answered 500 by workerd
+      // without the worker's log line): how many, and the first.
+      const uncaught = text.split('\n').filter((l) => l.includes('Uncaught exception'));
+      return { lines: jsonLogLines(text), next: from + end, uncaught: uncaught.length, firstUncaught: uncaught[0] == null ? null : uncaught[0].length > 320 ? `${uncaught[0].slice(0, 200)} … ${uncaught[0].slice(-100)}` : uncaught[0] };
+    },
+    logSize: () => statSync(logPath).size,
     tail,
     exited: service.exited,
     isRunning: service.isRunning,
     stop: () => service.stop(),
   };
+}
+
+/** The bytes of file `path` from offset `from` to its current end. */
+function readFrom(path, from) {
+  const fd = openSync(path, 'r');
+  try {
+    const size = fstatSync(fd).size;
+    const buf = Buffer.alloc(Math.max(0, size - from));
+    let got = 0;
+    while (got < buf.length) {
+      const n = readSync(fd, buf, got, buf.length - got, from + got);
+      if (n === 0) break;
+      got += n;
+    }
+    return buf.subarray(0, got);
+  } finally {
+    closeSync(fd);
+  }
 }
 
 function jsonLogLines(text) {

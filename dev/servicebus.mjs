@@ -11,10 +11,11 @@
  * date) into target/release/servicebus-standin, then run on 127.0.0.1:port.
  */
 import { existsSync } from 'node:fs';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { REPO_ROOT, after, spawnService } from './proc.mjs';
 
-export const SERVICEBUS_BIN = join(REPO_ROOT, 'target', 'release', 'servicebus-standin');
+/** Where `cargo build --release` puts it: under $CARGO_TARGET_DIR when set (relative to the repository), else target/. */
+export const SERVICEBUS_BIN = join(resolve(REPO_ROOT, process.env.CARGO_TARGET_DIR || 'target'), 'release', 'servicebus-standin');
 /** Entities of the dev stack: queues (plain, with duplicate detection (60 s), plain) and an event hub of 4 partitions. */
 export const DEFAULT_ENTITIES = ['orders', 'orders-dedup:duplicate-detection=60', 'events', 'telemetry:partitions=4'];
 const READY = /^servicebus-standin listening on (http:\/\/\S+)$/;
@@ -115,7 +116,7 @@ export function controlClient(url) {
     return json;
   };
   return {
-    /** { requests, unknownEntity, faultsInjected, faultsAfterStore, entities: { name: { accepted, duplicates, rejected: { status: n }, received, completed, arrived, answersLost, arrivedAfterAck, depth, locked } } } */
+    /** { requests, bytesReceived (their bodies), unknownEntity, faultsInjected, faultsAfterStore, entities: { name: { accepted, duplicates, rejected: { status: n }, received, completed, arrived, answersLost, arrivedAfterAck, depth, locked } } } */
     stats: () => control('GET', 'stats'),
     resetStats: () => control('DELETE', 'stats'),
     /**

@@ -6,6 +6,8 @@
  *                         against Service Bus's 256 KiB, a 30 s deadline, redirects not followed),
  *                         to tell what those guarantees cost from what the gateway costs
  * - PUT  /blob/{kind}  -> Blob Put Blob, body streamed through (bench/peer/{kind}/{uuid})
+ * - POST /eh/{device}  -> Event Hubs send of one event (the body streamed through, no partition
+ *                         key: Event Hubs spreads the events), answered like the gateway's 202
  * - anything else      -> 404 application/problem+json, shaped like the gateway's
  * Tokens: OAuth2 client credentials, cached per audience at module level (one fetch in flight
  * per audience; refreshed 5 minutes before expiry).
@@ -17,10 +19,12 @@
  * answers are the gateway's byte for byte where both answer (the 404 problem with its detail and
  * Cache-Control: no-store, the send's {entity, messageId, status}): the comparison is of the same
  * answer, written two ways.
- * Vars: TOKEN_URL, CLIENT_ID, SB_URL, SB_QUEUE, BLOB_URL, BLOB_CONTAINER; secret CLIENT_SECRET.
+ * Vars: TOKEN_URL, CLIENT_ID, SB_URL, SB_QUEUE, BLOB_URL, BLOB_CONTAINER, EH_URL, EH_HUB; secret
+ * CLIENT_SECRET.
  */
 const SB_AUDIENCE = 'https://servicebus.azure.net';
 const STORAGE_AUDIENCE = 'https://storage.azure.com';
+const EVENTHUBS_AUDIENCE = 'https://eventhubs.azure.net';
 const tokens = new Map(); // audience -> { token, expiresAt } | { pending: Promise }
 
 /** A token for `audience` and where it came from (cache / fetched / waited), noted in `log`. */
@@ -97,6 +101,21 @@ async function sendMessage(request, env, tenant, log, hold) {
   return json(202, { entity: env.SB_QUEUE, messageId, status: 'accepted' });
 }
 
+async function sendEvent(request, env, log) {
+  const res = await fetch(`${env.EH_URL}/${env.EH_HUB}/messages`, {
+    method: 'POST',
+    headers: {
+      authorization: `Bearer ${await token(env, EVENTHUBS_AUDIENCE, log)}`,
+      'content-type': request.headers.get('content-type') ?? 'application/octet-stream',
+    },
+    body: request.body,
+  });
+  await res.arrayBuffer();
+  log.backend_status = res.status;
+  if (res.status !== 201) return json(502, { error: 'backend', backend_status: res.status });
+  return json(202, { count: 1, hub: env.EH_HUB, status: 'accepted' });
+}
+
 async function putBlob(request, env, kind, log) {
   const blob = `bench/peer/${kind}/${crypto.randomUUID()}`;
   const res = await fetch(`${env.BLOB_URL}/${env.BLOB_CONTAINER}/${blob}`, {
@@ -122,6 +141,10 @@ async function handle(request, env, log, requestId, url) {
     if (first === 'sb' && request.method === 'POST') {
       log.route = 'sb-send';
       return sendMessage(request, env, decodeURIComponent(param), log, url.searchParams.has('hold'));
+    }
+    if (first === 'eh' && request.method === 'POST') {
+      log.route = 'eh-send';
+      return sendEvent(request, env, log);
     }
     if (first === 'blob' && request.method === 'PUT') {
       log.route = 'blob-write';

@@ -34,9 +34,11 @@
 //! - `DELETE /{entity}/messages/head?timeout=N`: receive and delete (200, or 204 after waiting up
 //!   to N s, default 0, at most 10). `POST` on the same path: peek-lock (201, `Location` of the
 //!   lock); `DELETE` on that location completes, `PUT` abandons (200, or 404).
-//! - `/__control/`: `GET stats`, `DELETE stats`, `GET|POST|DELETE faults`, `GET|POST|DELETE
-//!   outage`, `DELETE messages` (purge all), `GET messages/{entity}` (everything stored, body in
-//!   base64; an event's `partitionId` too), `GET arrivals/{entity}` (the arrivals ledger below).
+//! - `/__control/`: `GET stats` (`requests` and their body bytes `bytesReceived`, control
+//!   requests not counted; per entity below), `DELETE stats`, `GET|POST|DELETE faults`,
+//!   `GET|POST|DELETE outage`, `DELETE messages` (purge all), `GET messages/{entity}`
+//!   (everything stored, body in base64; an event's `partitionId` too), `GET arrivals/{entity}`
+//!   (the arrivals ledger below).
 //!
 //! # Faults (for the fault and load suite, `bench/faults`)
 //!

@@ -239,7 +239,11 @@ impl App {
         if let Some(rest) = path.strip_prefix("/__control/") {
             return self.control(method, rest.trim_end_matches('/'), &body);
         }
-        self.lock().requests += 1;
+        {
+            let mut broker = self.lock();
+            broker.requests += 1;
+            broker.bytes_received += body.len() as u64;
+        }
         let mut route = route(method, path);
         // A full outage answers every request alike, before its token or body is looked at.
         let outage = self.lock().active_outage(Instant::now());
@@ -1052,6 +1056,10 @@ mod tests {
         let stats: Value = serde_json::from_slice(&stats.body).unwrap();
         assert_eq!(stats["entities"]["telemetry"]["accepted"], 5);
         assert_eq!(stats["entities"]["telemetry"]["partitions"]["2"], 1);
+        // Four sends (the control requests are not counted): their bodies' bytes.
+        assert_eq!(stats["requests"], 4);
+        let sent = b"{\"t\":1}".len() + b"p2".len() + batch.len() + br#"[{"Body":"c"}]"#.len();
+        assert_eq!(stats["bytesReceived"], sent as u64);
         assert!(
             stats["entities"]["orders"].get("partitions").is_none(),
             "queues' stats unchanged"

@@ -618,6 +618,9 @@ pub struct Broker {
     pub fault: Option<Fault>,
     pub outage: Option<Outage>,
     pub requests: u64,
+    /// Body bytes of those requests (sends: the message or the batch as sent), for the bench's
+    /// bytes per Azure request.
+    pub bytes_received: u64,
     pub unknown_entity: u64,
     /// Requests answered by an injected fault or an outage (not reset with the messages).
     pub faults_injected: u64,
@@ -705,6 +708,7 @@ impl Broker {
             e.arrivals.clear();
         }
         self.requests = 0;
+        self.bytes_received = 0;
         self.unknown_entity = 0;
         self.faults_injected = 0;
         self.faults_after_store = 0;
@@ -725,6 +729,7 @@ impl Broker {
         }
         serde_json::json!({
             "requests": self.requests,
+            "bytesReceived": self.bytes_received,
             "unknownEntity": self.unknown_entity,
             "faultsInjected": self.faults_injected,
             "faultsAfterStore": self.faults_after_store,
