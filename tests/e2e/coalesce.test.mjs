@@ -14,10 +14,9 @@ import { after, before, beforeEach, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
-import { serviceBusToken, startStack } from './stack.mjs';
+import { gatewayClient, serviceBusToken, startStack } from './stack.mjs';
 import { REPO_ROOT } from '../../dev/proc.mjs';
 
-const KEY = randomBytes(18).toString('base64url');
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 /** What a stored message says beyond what the store adds (sequence numbers, enqueue time). */
 const SYSTEM = ['SequenceNumber', 'EnqueuedSequenceNumber', 'EnqueuedTimeUtc', 'DeliveryCount', 'State', 'LockToken', 'LockedUntilUtc'];
@@ -29,19 +28,9 @@ const seen = (m) => {
 
 describe('coalesced sends (group commit)', () => {
   let stack;
-  let gw;
   let sb;
-  const post = async (path, body, headers = {}, signal) => {
-    const res = await fetch(`${gw.url}${path}`, { method: 'POST', body, headers: { 'x-api-key': KEY, 'x-note': 'n', ...headers }, signal });
-    const text = await res.text();
-    let json = null;
-    try { json = JSON.parse(text); } catch { /* not JSON */ }
-    return { status: res.status, headers: res.headers, text, json };
-  };
-  const logOf = async (res) => {
-    const id = res.headers.get('x-request-id');
-    return JSON.parse(await gw.waitForLog((_l, j) => j?.request_id === id && 'status' in j, 10_000));
-  };
+  const { call, logOf } = gatewayClient(() => stack);
+  const post = (path, body, headers = {}, signal) => call('POST', path, { body, headers: { 'x-note': 'n', ...headers }, signal });
   const requests = async () => (await sb.stats()).requests;
   /** Holds the next `count` sends to `entity` for `ms` before the stand-in stores and answers them. */
   const holdSends = (entity, ms, count = 1) => sb.setFault({ entity, delayMs: ms, count });
@@ -58,9 +47,7 @@ describe('coalesced sends (group commit)', () => {
           'co-small:duplicate-detection=600,max-size=2048', 'co-hub:partitions=2',
         ],
       },
-      gatewaySecrets: { E2E_KEY: KEY },
     });
-    gw = stack.gateway;
     sb = stack.serviceBus;
   });
   beforeEach(async () => {

@@ -24,20 +24,21 @@ export {
 } from '../../dev/azurite.mjs';
 
 /**
- * A caller of a running stack's gateway, with its API key: `call(method, path, { body, headers })`
- * resolves { status, headers, text, json (null when not JSON) }, never following a redirect;
+ * A caller of a running stack's gateway, with its API key: `call(method, path, { body, headers,
+ * signal })` (`signal`: the caller hangs up when it aborts) resolves { status, headers, text, json (null when not JSON) }, never following a redirect;
  * `logOf(res)` the gateway's log line of that answer (by its x-request-id). `stack()` is read at
  * each call, so the client can be made before the stack is up.
  */
 export function gatewayClient(stack, { timeoutMs = 30_000 } = {}) {
-  const call = async (method, path, { body, headers = {} } = {}) => {
+  const call = async (method, path, { body, headers = {}, signal } = {}) => {
     const { gateway, apiKey } = stack();
+    const timeout = AbortSignal.timeout(timeoutMs);
     const res = await fetch(`${gateway.url}${path}`, {
       method,
       body,
       headers: { 'x-api-key': apiKey, ...headers },
       redirect: 'manual',
-      signal: AbortSignal.timeout(timeoutMs),
+      signal: signal ? AbortSignal.any([signal, timeout]) : timeout,
     });
     const text = await res.text();
     let json = null;
