@@ -310,6 +310,12 @@ impl<'l> Flight<'l> {
         }
     }
 
+    /// The send is over at `now` (the lane's typical send learns how long it took when the
+    /// flight is dropped).
+    pub fn ended(&mut self, now: f64) {
+        self.now = now;
+    }
+
     /// Tells every member the batch's outcome (each finds it at its next look); the lane is
     /// handed on when the flight is dropped.
     pub fn finish(&mut self, outcome: Rc<Outcome>, now: f64) {
@@ -464,7 +470,7 @@ mod tests {
         let lanes = Lanes::default();
         lanes.enter("a", 0.0);
         let mut flight = Flight::new(&lanes, "a", Vec::new(), 0.0);
-        flight.now = 12.0;
+        flight.ended(12.0);
         drop(flight); // a send of 12 ms
         lanes.enter("a", 100.0);
         let mut overdue = 0;

@@ -832,8 +832,10 @@ async fn coalesced<I: Io>(
         // Whoever waits behind this send is handed the lane when it ends, even if this
         // request's caller has gone by then.
         io.hold();
-        let _flight = Flight::new(&sb.lanes, lane, Vec::new(), io.now());
-        return send_alone(sb, plan, bearer, cx, io).await;
+        let mut flight = Flight::new(&sb.lanes, lane, Vec::new(), io.now());
+        let sent = send_alone(sb, plan, bearer, cx, io).await;
+        flight.ended(io.now());
+        return sent;
     }
     let Some(element) = element_of(plan, single, io) else {
         return send_alone(sb, plan, bearer, cx, io).await;
@@ -895,7 +897,9 @@ async fn lead<I: Io>(
         io.now(),
     );
     if batch.len() <= 1 {
-        return send_alone(sb, plan, bearer, cx, io).await;
+        let sent = send_alone(sb, plan, bearer, cx, io).await;
+        flight.ended(io.now());
+        return sent;
     }
     let body = batch_body(&batch);
     let request = batch_request(sb);
