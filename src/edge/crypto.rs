@@ -1,14 +1,14 @@
 //! WebCrypto at the edge: digests and RS256 signatures without a crypto crate in the wasm.
 
-use worker::js_sys::{Array, Object, Reflect, Uint8Array};
-use worker::wasm_bindgen::prelude::*;
-use worker::wasm_bindgen::JsValue;
-use worker::wasm_bindgen_futures::JsFuture;
+use js_sys::{Array, Object, Reflect, Uint8Array};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen::JsValue;
+use wasm_bindgen_futures::JsFuture;
 
 #[wasm_bindgen]
 extern "C" {
     #[wasm_bindgen(js_namespace = ["crypto", "subtle"], js_name = digest)]
-    fn subtle_digest(algorithm: &str, data: &Uint8Array) -> worker::js_sys::Promise;
+    fn subtle_digest(algorithm: &str, data: &Uint8Array) -> js_sys::Promise;
     #[wasm_bindgen(js_namespace = ["crypto", "subtle"], js_name = importKey)]
     fn subtle_import_key(
         format: &str,
@@ -16,13 +16,13 @@ extern "C" {
         algorithm: &JsValue,
         extractable: bool,
         usages: &Array,
-    ) -> worker::js_sys::Promise;
+    ) -> js_sys::Promise;
     #[wasm_bindgen(js_namespace = ["crypto", "subtle"], js_name = sign)]
     fn subtle_sign(
         algorithm: &JsValue,
         key: &JsValue,
         data: &Uint8Array,
-    ) -> worker::js_sys::Promise;
+    ) -> js_sys::Promise;
 }
 
 fn js_error(what: &str, e: JsValue) -> String {

@@ -12,6 +12,7 @@
 //! background refresh) still await JavaScript promises directly; the task's waker resumes it.
 
 mod crypto;
+mod init;
 mod tokens;
 
 use std::cell::{Cell, OnceCell, RefCell};
@@ -24,7 +25,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use serde_json::{json, Value};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
-use worker::js_sys::Promise;
+use js_sys::Promise;
 
 use crate::backend::BackendRequest;
 use crate::fasthash::FastMap;
@@ -127,10 +128,6 @@ pub(crate) fn random() -> f64 {
     math_random()
 }
 
-// The `worker` crate is linked for what worker-build's entry module expects of it
-// (`__worker_init_state`); its request types are not used.
-use worker as _;
-
 /// The one entry point `drive` steps tasks through: `(kind, task, now, payload) -> op`.
 type Stepper = Closure<dyn FnMut(u32, u32, f64, Option<String>) -> String>;
 
@@ -181,8 +178,8 @@ pub fn queue(batch: JsValue, env: JsValue, ctx: JsValue) -> Promise {
 fn ensure_stepper() {
     STEPPER.with(|cell| {
         cell.get_or_init(|| {
-            // A panic is written to the log with its message and location, not a bare trap.
-            console_error_panic_hook::set_once();
+            // The panic hook (the message and location on the console, not a bare trap) is set
+            // when the module starts (init.rs).
             let stepper = Stepper::new(step);
             edge(
                 EDGE_SET_STEPPER,
@@ -795,7 +792,7 @@ impl Io for Edge {
 const JWKS_TIMEOUT_MS: f64 = 5_000.0;
 
 fn is_timeout(e: &JsValue) -> bool {
-    worker::js_sys::Reflect::get(e, &"name".into())
+    js_sys::Reflect::get(e, &"name".into())
         .ok()
         .and_then(|n| n.as_string())
         .is_some_and(|n| n == "TimeoutError")
@@ -804,7 +801,7 @@ fn is_timeout(e: &JsValue) -> bool {
 fn describe(e: &JsValue) -> String {
     e.as_string()
         .or_else(|| {
-            e.dyn_ref::<worker::js_sys::Error>()
+            e.dyn_ref::<js_sys::Error>()
                 .map(|e| String::from(e.message()))
         })
         .unwrap_or_else(|| "a network error".to_owned())

@@ -7,7 +7,7 @@
 use std::cell::RefCell;
 
 use wasm_bindgen::JsValue;
-use worker::wasm_bindgen_futures::{future_to_promise, JsFuture};
+use wasm_bindgen_futures::{future_to_promise, JsFuture};
 
 use super::{crypto, now, random};
 use crate::encoding::{base64url, pem_block};
