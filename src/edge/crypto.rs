@@ -18,11 +18,7 @@ extern "C" {
         usages: &Array,
     ) -> js_sys::Promise;
     #[wasm_bindgen(js_namespace = ["crypto", "subtle"], js_name = sign)]
-    fn subtle_sign(
-        algorithm: &JsValue,
-        key: &JsValue,
-        data: &Uint8Array,
-    ) -> js_sys::Promise;
+    fn subtle_sign(algorithm: &JsValue, key: &JsValue, data: &Uint8Array) -> js_sys::Promise;
 }
 
 fn js_error(what: &str, e: JsValue) -> String {

@@ -22,10 +22,10 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
+use js_sys::Promise;
 use serde_json::{json, Value};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
-use js_sys::Promise;
 
 use crate::backend::BackendRequest;
 use crate::fasthash::FastMap;
