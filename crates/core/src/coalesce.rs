@@ -255,30 +255,37 @@ impl Lanes {
         });
     }
 
-    /// The leader takes its batch: itself (at the front) and the waiters after it, in order,
+    /// The leader takes its batch: itself first (wherever it stands in the queue: its message
+    /// is always in the batch it sends), then the waiters at the front of the queue, in order,
     /// while the batch stays within `max_messages` and `max_bytes` (of JSON, the brackets
-    /// included). Each taken waiter is in the batch from `now`.
+    /// included). Each waiter taken besides the leader is in the batch from `now`.
     pub fn take_batch(
         &self,
         lane: &str,
+        leader: &Rc<Waiter>,
         max_messages: usize,
         max_bytes: usize,
         now: f64,
     ) -> Vec<Rc<Waiter>> {
         let batch = self.with(lane, |l| {
-            // Waiters whose requests went away are no one's to send.
-            l.queue.retain(|w| Rc::strong_count(w) > 1);
-            let mut bytes = 1;
+            // The leader, and waiters whose requests went away (no one's to send), leave the
+            // queue.
+            l.queue
+                .retain(|w| !Rc::ptr_eq(w, leader) && Rc::strong_count(w) > 1);
+            let mut bytes = 1 + leader.bytes;
             let mut taken = 0;
             for next in &l.queue {
-                if taken > 0 && (taken >= max_messages || bytes + next.bytes > max_bytes) {
+                if taken + 1 >= max_messages || bytes + next.bytes > max_bytes {
                     break;
                 }
                 bytes += next.bytes;
                 taken += 1;
             }
             l.held_since = Some(now);
-            l.queue.drain(..taken).collect::<Vec<_>>()
+            let mut batch = Vec::with_capacity(taken + 1);
+            batch.push(leader.clone());
+            batch.extend(l.queue.drain(..taken));
+            batch
         });
         for w in batch.iter().skip(1) {
             *w.state.borrow_mut() = State::InBatch { since: now };
@@ -397,7 +404,7 @@ mod tests {
         assert!(matches!(ws[1].state(), State::Queued { .. }));
         // While the leader sends, the lane stays held: a newcomer waits.
         assert!(matches!(lanes.enter("a", 2.5), Entry::Wait));
-        let batch = lanes.take_batch("a", 3, 10_000, 3.0);
+        let batch = lanes.take_batch("a", &ws[0], 3, 10_000, 3.0);
         assert_eq!(batch.len(), 3);
         assert!(Rc::ptr_eq(&batch[0], &ws[0]));
         assert!(matches!(ws[2].state(), State::InBatch { .. }));
@@ -412,7 +419,7 @@ mod tests {
         drop(flight);
         // Handed on to the next in line, which leads the rest.
         assert!(matches!(ws[3].state(), State::Lead));
-        let rest = lanes.take_batch("a", 3, 10_000, 5.0);
+        let rest = lanes.take_batch("a", &ws[3], 3, 10_000, 5.0);
         assert_eq!(rest.len(), 2);
     }
 
@@ -425,13 +432,28 @@ mod tests {
         lanes.queue("a", big.clone());
         lanes.queue("a", small.clone());
         lanes.release("a", 1.0);
-        let batch = lanes.take_batch("a", 100, 100, 1.0);
+        let batch = lanes.take_batch("a", &big, 100, 100, 1.0);
         assert_eq!(
             batch.len(),
             1,
             "the leader goes even over the limit (it goes alone)"
         );
         assert!(matches!(small.state(), State::Queued { .. }));
+    }
+
+    #[test]
+    fn a_leader_s_own_message_is_always_in_its_batch_wherever_it_stood() {
+        let lanes = Lanes::default();
+        lanes.enter("a", 0.0);
+        let ws: Vec<_> = (0..3).map(|_| waiter(5)).collect();
+        for w in &ws {
+            lanes.queue("a", w.clone());
+        }
+        let batch = lanes.take_batch("a", &ws[2], 2, 10_000, 1.0);
+        assert!(Rc::ptr_eq(&batch[0], &ws[2]));
+        assert!(Rc::ptr_eq(&batch[1], &ws[0]));
+        assert_eq!(batch.len(), 2);
+        assert!(matches!(ws[1].state(), State::Queued { .. }));
     }
 
     #[test]
@@ -443,7 +465,7 @@ mod tests {
             lanes.queue("a", w.clone());
         }
         lanes.release("a", 1.0);
-        let batch = lanes.take_batch("a", 2, 10_000, 1.0);
+        let batch = lanes.take_batch("a", &ws[0], 2, 10_000, 1.0);
         let flight = Flight::new(&lanes, "a", batch[1..].to_vec(), 1.0);
         drop(flight);
         match ws[1].state() {
@@ -462,7 +484,10 @@ mod tests {
         assert!(!lanes.take_over("a", &w, 1_000.0));
         assert!(lanes.take_over("a", &w, STALE_MS + 1.0));
         assert!(matches!(w.state(), State::Lead));
-        assert_eq!(lanes.take_batch("a", 10, 10_000, STALE_MS + 2.0).len(), 1);
+        assert_eq!(
+            lanes.take_batch("a", &w, 10, 10_000, STALE_MS + 2.0).len(),
+            1
+        );
     }
 
     #[test]

@@ -846,7 +846,7 @@ async fn coalesced<I: Io>(
     loop {
         match me.state() {
             State::Done(outcome) => return follow(sb, plan, &outcome, bearer, cx, io).await,
-            State::Lead => return lead(sb, plan, lane, bearer, cx, io).await,
+            State::Lead => return lead(sb, plan, lane, &me, bearer, cx, io).await,
             State::Queued { .. } => {
                 if sb.lanes.take_over(lane, &me, io.now()) {
                     continue;
@@ -875,6 +875,7 @@ async fn lead<I: Io>(
     sb: &PreparedServiceBus,
     plan: &Plan<I::Bytes>,
     lane: &str,
+    me: &std::rc::Rc<crate::coalesce::Waiter>,
     bearer: &super::Bearer<'_>,
     cx: &mut Cx<'_>,
     io: &I,
@@ -885,6 +886,7 @@ async fn lead<I: Io>(
     }
     let batch = sb.lanes.take_batch(
         lane,
+        me,
         sb.config.max_batch_messages(),
         sb.config.max_message_bytes(),
         io.now(),
