@@ -351,7 +351,6 @@ export function bufferBytes(c, id) {
   return c.buffers[id] || new Uint8Array(0);
 }
 
-
 /** Counts against a rate-limiting binding: 1 allowed, 0 over the limit, -1 no such binding, -2 no answer. */
 async function rateLimit(c, binding, key) {
   const limiter = c.env[binding];
