@@ -2238,8 +2238,7 @@ fn azures_retry_after_reaches_callers_between_1_and_300_seconds() {
 
 /// `n` requests to the `orders` route in flight together, each with its own `Idempotency-Key`
 /// (`m-{i}`, its `MessageId`) and label; returns each one's status, body and log line.
-fn coalesced_sends(io: &Fake, n: usize) -> Vec<(u16, Value, Value)> {
-    let g = gateway();
+fn coalesced_sends(g: &Gateway, io: &Fake, n: usize) -> Vec<(u16, Value, Value)> {
     let heads: Vec<RequestHead> = (0..n)
         .map(|i| {
             request(
@@ -2278,7 +2277,7 @@ fn concurrent(io: Fake) -> Fake {
 #[test]
 fn sends_that_arrive_while_one_is_in_flight_leave_as_one_batch_each_message_its_own() {
     let io = concurrent(Fake::new().with_body(br#"{"n": "\"}]"}"#));
-    let results = coalesced_sends(&io, 9);
+    let results = coalesced_sends(&gateway(), &io, 9);
     for (i, (status, body, _)) in results.iter().enumerate() {
         assert_eq!(*status, 202, "{body}");
         assert_eq!(
@@ -2327,7 +2326,7 @@ fn a_batch_refused_as_a_whole_is_sent_again_one_message_each() {
         &[],
         "<Error><Detail>The batch is too large.</Detail></Error>",
     ));
-    let results = coalesced_sends(&io, 4);
+    let results = coalesced_sends(&gateway(), &io, 4);
     assert!(results.iter().all(|(s, _, _)| *s == 202), "{results:?}");
     let sent = io.sent();
     let kinds: Vec<bool> = sent
@@ -2355,7 +2354,7 @@ fn a_batch_azure_cannot_take_is_retried_as_a_batch_then_each_caller_gets_its_own
             .reply(503, &[("retry-after", "1")], "")
             .reply(503, &[("retry-after", "1")], ""),
     );
-    let results = coalesced_sends(&io, 4);
+    let results = coalesced_sends(&gateway(), &io, 4);
     assert_eq!(results[0].0, 202);
     for (status, body, log) in &results[1..] {
         assert_eq!(*status, 503);
@@ -2433,4 +2432,33 @@ fn when_a_batch_s_leader_goes_away_mid_send_its_followers_are_told_the_outcome_i
         assert_eq!(log["problem"], "backend-outcome-unknown");
     }
     assert_eq!(io.sent().len(), 2, "nothing was sent again");
+}
+
+#[test]
+fn a_failed_batch_counts_once_against_its_callers_breakers() {
+    // Nine requests of one caller: one alone, then a batch of eight that Service Bus cannot take.
+    // Counted once, the batch is one failure: the caller's breakers (which open at 5) stay
+    // closed, and its next request goes to Azure. Counted per message it would be 8.
+    let io = concurrent(
+        Fake::new()
+            .with_body(b"payload")
+            .reply(201, &[], "")
+            .reply(503, &[], "")
+            .reply(503, &[], "")
+            .reply(503, &[], ""),
+    );
+    let g = gateway();
+    let results = coalesced_sends(&g, &io, 9);
+    assert!(
+        results[1..].iter().all(|(s, _, _)| *s == 503),
+        "{results:?}"
+    );
+    let sent_before = io.sent().len();
+    let next = coalesced_sends(&g, &io, 1);
+    assert_eq!(next[0].0, 202, "{:?}", next[0]);
+    assert_eq!(
+        io.sent().len(),
+        sent_before + 1,
+        "the next request went to Azure"
+    );
 }
