@@ -56,6 +56,15 @@ fn run(
     (answer.status, answer.headers, body, log)
 }
 
+/// The `Location` an answer hands out (an operation's handle), or the test fails.
+fn location_of(headers: &[(&'static str, String)]) -> String {
+    headers
+        .iter()
+        .find(|(k, _)| *k == "location")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| panic!("no Location: {headers:?}"))
+}
+
 fn with_secrets(mut io: Fake) -> Fake {
     io.secrets.insert("PARTNER_KEY".into(), "k-123".into());
     io
@@ -562,11 +571,7 @@ fn during_a_rotation_with_only_the_next_secret_set_operations_are_still_handed_o
     let (status, headers, answer, _) =
         run(&g, &request("POST", "/sites/a/restart", &[], false), &io);
     assert_eq!(status, 202, "{answer}");
-    let location = headers
-        .iter()
-        .find(|(k, _)| *k == "location")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_else(|| panic!("no Location: {headers:?}"));
+    let location = location_of(&headers);
     let io = only_next().reply(
         200,
         &[("content-type", "application/json")],
@@ -631,12 +636,7 @@ fn an_operation_is_followed_through_the_gateway_as_the_route_that_started_it() {
     );
     let (status, headers, _, _) = run(&g, &request("POST", "/sites/a/restart", &[], false), &io);
     assert_eq!(status, 202);
-    let location = headers
-        .iter()
-        .find(|(k, _)| *k == "location")
-        .unwrap()
-        .1
-        .clone();
+    let location = location_of(&headers);
     assert!(location.starts_with("/ops/"), "{location}");
     assert!(!headers
         .iter()
@@ -892,12 +892,7 @@ fn a_followed_operation_shows_its_status_error_and_times_and_nothing_else() {
     let io = rest_io().reply(202, &[("azure-asyncoperation", azure_op)], "");
     let (status, headers, _, _) = run(&g, &request("POST", "/sites/a/start", &[], false), &io);
     assert_eq!(status, 202);
-    let location = headers
-        .iter()
-        .find(|(k, _)| *k == "location")
-        .unwrap()
-        .1
-        .clone();
+    let location = location_of(&headers);
     let answer = r#"{"id":"/subscriptions/s1/operationResults/op-1","name":"op-1","status":"Failed",
         "startTime":"2026-12-01T10:00:00Z","endTime":"2026-12-01T10:00:05Z","percentComplete":100,
         "error":{"code":"Conflict","message":"The site is busy.","details":[{"message":"secret-1"}]},
