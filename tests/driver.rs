@@ -588,6 +588,71 @@ fn during_a_rotation_with_only_the_next_secret_set_operations_are_still_handed_o
 }
 
 #[test]
+fn a_handle_issued_before_a_rotation_opens_while_the_old_secret_is_set_and_not_after() {
+    let policy = REST_POLICY
+        .replace(
+            r#""credential": { "client_secret": { "secret": "GW_SECRET" } }"#,
+            r#""credential": { "client_secret": { "secret": "GW_SECRET", "next_secret": "GW_NEXT" } }"#,
+        )
+        .replace(
+            r#"{ "name": "operations","#,
+            r#"{ "name": "stop", "methods": ["POST"], "path": "/sites/{site}/stop", "public": true,
+      "backend": { "azure_rest": { "identity": "gw", "api_version": "2022-09-01", "body": "none",
+        "url": "https://management.azure.com/subscriptions/s1/resourceGroups/rg/providers/Microsoft.Web/sites/{path.site}/stop" } } },
+    { "name": "stop-operations", "methods": ["GET"], "path": "/stop-ops/{operation}", "public": true,
+      "backend": { "azure_operation": { "of": ["stop"] } } },
+    { "name": "operations","#,
+        );
+    let g = Gateway::load(&policy).unwrap_or_else(|e| panic!("{e:?}"));
+    let azure_op = "https://management.azure.com/subscriptions/s1/providers/Microsoft.Web/locations/westeurope/operationResults/op-3?api-version=2022-09-01";
+    let with = |secrets: &[(&str, &str)]| {
+        let mut io = Fake::new();
+        for (name, value) in secrets {
+            io.secrets.insert((*name).into(), (*value).into());
+        }
+        io
+    };
+    // Before the rotation: only the old secret. The same operation twice: a fresh nonce each
+    // time, two handles.
+    let io = with(&[("GW_SECRET", "old-secret")])
+        .reply(202, &[("azure-asyncoperation", azure_op)], "")
+        .reply(202, &[("azure-asyncoperation", azure_op)], "");
+    let restart = || run(&g, &request("POST", "/sites/a/restart", &[], false), &io);
+    let (status, headers, _, _) = restart();
+    assert_eq!(status, 202);
+    let location = location_of(&headers);
+    assert_ne!(location, location_of(&restart().1));
+    let follow = |location: &str, io: Fake| {
+        let io = io.reply(
+            200,
+            &[("content-type", "application/json")],
+            r#"{"status":"Succeeded"}"#,
+        );
+        let status = run(&g, &request("GET", location, &[], false), &io).0;
+        (status, io.sent().len())
+    };
+    // During the rotation (both set) it still opens; once the old secret is gone it does not,
+    // and nothing is sent.
+    let both = [("GW_SECRET", "old-secret"), ("GW_NEXT", "next-secret")];
+    assert_eq!(follow(&location, with(&both)), (200, 1));
+    assert_eq!(
+        follow(&location, with(&[("GW_NEXT", "next-secret")])),
+        (404, 0)
+    );
+    // A handle sealed under the next secret (the old one was unset for a while) opens when both
+    // are set again: every configured key is tried, not only the first.
+    let io =
+        with(&[("GW_NEXT", "next-secret")]).reply(202, &[("azure-asyncoperation", azure_op)], "");
+    let (status, headers, _, _) = run(&g, &request("POST", "/sites/a/restart", &[], false), &io);
+    assert_eq!(status, 202);
+    assert_eq!(follow(&location_of(&headers), with(&both)), (200, 1));
+    // A handle is bound to the route that issued it: another operations route cannot open it,
+    // even under the same identity.
+    let elsewhere = location.replacen("/ops/", "/stop-ops/", 1);
+    assert_eq!(follow(&elsewhere, with(&both)), (404, 0));
+}
+
+#[test]
 fn an_allowed_query_parameter_given_twice_is_refused_and_nothing_is_sent() {
     let policy = REST_POLICY.replace(
         r#"{ "name": "operations","#,

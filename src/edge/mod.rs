@@ -78,6 +78,9 @@ extern "C" {
 extern "C" {
     #[wasm_bindgen(js_namespace = crypto, js_name = randomUUID)]
     fn random_uuid() -> String;
+    /// The platform's CSPRNG (one crossing; only when a handle is sealed).
+    #[wasm_bindgen(js_namespace = crypto, js_name = getRandomValues)]
+    fn get_random_values(out: &mut [u8]);
     #[wasm_bindgen(js_namespace = console, js_name = log)]
     fn console_log(line: &str);
     #[wasm_bindgen(js_namespace = Date, js_name = now)]
@@ -539,6 +542,10 @@ impl Io for Edge {
 
     fn random(&self) -> f64 {
         random()
+    }
+
+    fn fill_random(&self, out: &mut [u8]) {
+        get_random_values(out);
     }
 
     fn secret(&self, name: &str) -> Option<String> {

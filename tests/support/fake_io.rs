@@ -99,6 +99,8 @@ pub struct Fake {
     pub concurrent: bool,
     pub clock: Cell<f64>,
     pub uuids: Cell<u32>,
+    /// How many times the CSPRNG was asked (each answer differs).
+    pub random_fills: Cell<u32>,
     pub secrets: HashMap<String, String>,
     pub secret_reads: Cell<u32>,
     pub body: Option<Vec<u8>>,
@@ -178,6 +180,15 @@ impl Io for Fake {
 
     fn random(&self) -> f64 {
         0.5
+    }
+
+    fn fill_random(&self, out: &mut [u8]) {
+        // Distinct on every call, as a CSPRNG's would be.
+        self.random_fills.set(self.random_fills.get() + 1);
+        let seed = self.random_fills.get().to_le_bytes();
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = seed[i % seed.len()] ^ (i as u8);
+        }
     }
 
     fn secret(&self, name: &str) -> Option<String> {

@@ -10,6 +10,7 @@
 pub mod backend;
 pub mod breaker;
 pub mod coalesce;
+pub mod crypto;
 pub mod encoding;
 pub mod fasthash;
 pub mod identity;
@@ -19,7 +20,6 @@ pub mod policy;
 pub mod problem;
 pub mod retry;
 pub mod routing;
-pub mod sha256;
 pub mod store;
 pub mod template;
 pub mod time;

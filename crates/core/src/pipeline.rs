@@ -256,6 +256,8 @@ pub trait Io {
     fn now(&self) -> f64;
     fn uuid(&self) -> String;
     fn random(&self) -> f64;
+    /// Fills `out` from the platform's CSPRNG (`crypto.getRandomValues`): for nonces.
+    fn fill_random(&self, out: &mut [u8]);
     /// A Worker secret (the edge reads each once per isolate).
     fn secret(&self, name: &str) -> Option<String>;
     /// Counts one request against a rate-limiting binding: `Ok(true)` when allowed, `Err`
@@ -1164,7 +1166,7 @@ impl Gateway {
         }
         let digest = io
             .secret(name)
-            .map(|value| crate::sha256::sha256(value.as_bytes()));
+            .map(|value| crate::crypto::sha256(value.as_bytes()));
         self.key_digests
             .borrow_mut()
             .insert(name.to_owned(), digest);

@@ -14,6 +14,7 @@ use super::{send_retried, BackendRequest, Verdict};
 use crate::pipeline::{Answer, AnswerBody, Cx, Io, Limit, OutBody, Reply, SendError};
 use crate::policy::prepared::{PreparedOperation, PreparedRest, RestBodyPlan};
 
+use crate::crypto::{HandleKey, NONCE_LEN};
 use crate::policy::ErrorMode;
 use crate::problem::Problem;
 use crate::template::{render_var, RenderContext, Template, Var};
@@ -421,9 +422,9 @@ pub struct Plan<B> {
     request: BackendRequest,
     body: PlanBody<B>,
     /// The key of operation handles, when the route's operations can be followed.
-    handle_key: Option<[u8; 32]>,
-    /// A fresh UUID for a handle's nonce (empty when no handle can be made).
-    nonce_seed: String,
+    handle_key: Option<HandleKey>,
+    /// A handle's nonce, from the platform's CSPRNG (zeros when no handle can be made).
+    nonce: [u8; NONCE_LEN],
     now_ms: f64,
     /// For an operation being followed: the route that started it (handles name it).
     issuer: Option<String>,
@@ -627,10 +628,10 @@ pub async fn build<I: Io>(
     Ok(Plan {
         request,
         body,
-        nonce_seed: if handle_key.is_some() {
-            io.uuid()
+        nonce: if handle_key.is_some() {
+            fresh_nonce(io)
         } else {
-            String::new()
+            [0; NONCE_LEN]
         },
         handle_key,
         now_ms: now,
@@ -995,7 +996,7 @@ pub fn answer<B, S>(
                     Some(issuer) => issuer.as_str(),
                     None => cx.route.map(|r| r.name.as_str()).unwrap_or_default(),
                 };
-                let handle = operation_handle(key, route, azure, plan.now_ms, &plan.nonce_seed);
+                let handle = operation_handle(key, route, azure, plan.now_ms, &plan.nonce);
                 headers.push(("location", path.replace("{operation}", &handle)));
             }
         }
@@ -1177,70 +1178,47 @@ pub fn project(value: &Value, pointers: &[String]) -> Value {
 // ---------------------------------------------------------------------------------------------
 // Long-running operations
 
-/// The key of a route's operation handles: derived from the identity's own secret, so it is the
-/// same in every isolate and needs no configuration of its own.
-pub fn operation_key(secret: &str) -> [u8; 32] {
-    let mut input = b"azure-edge-gateway operation handle v1\n".to_vec();
-    input.extend_from_slice(secret.as_bytes());
-    crate::sha256::sha256(&input)
+/// A handle's nonce: 24 bytes from the platform's CSPRNG (`crypto.getRandomValues`).
+fn fresh_nonce<I: Io>(io: &I) -> [u8; NONCE_LEN] {
+    let mut nonce = [0; NONCE_LEN];
+    io.fill_random(&mut nonce);
+    nonce
 }
 
-/// XORs `data` with a keystream of HMAC-SHA256(key, nonce ‖ counter) blocks: encryption and
-/// decryption alike (a stream cipher with HMAC as its pseudorandom function).
-fn keystream_xor(key: &[u8; 32], nonce: &[u8], data: &mut [u8]) {
-    let enc = crate::sha256::hmac_sha256(key, b"encrypt");
-    for (counter, chunk) in data.chunks_mut(32).enumerate() {
-        let mut input = nonce.to_vec();
-        input.extend_from_slice(&(counter as u32).to_be_bytes());
-        let block = crate::sha256::hmac_sha256(&enc, &input);
-        for (byte, k) in chunk.iter_mut().zip(block) {
-            *byte ^= k;
-        }
-    }
+/// The key of a route's operation handles: derived (HKDF) from the identity's own credential,
+/// so it is the same in every isolate and needs no configuration of its own.
+pub fn operation_key(credential: &str) -> HandleKey {
+    HandleKey::derive(credential)
 }
 
-fn handle_mac(key: &[u8; 32], sealed: &[u8]) -> [u8; 32] {
-    crate::sha256::hmac_sha256(&crate::sha256::hmac_sha256(key, b"sign"), sealed)
+/// What a route's operation handles are bound to (the AEAD's associated data): a handle opens
+/// only as an operation of the route that issued it.
+fn operation_binding(route: &str) -> String {
+    format!("operation\n{route}")
 }
 
-/// An encrypted, signed, expiring handle of Azure's operation URL, issued by `route`:
-/// `base64url(nonce ‖ ciphertext of "expiry \n route \n url") . base64url(HMAC)`. The caller
-/// learns nothing of Azure's URL from it and cannot change it. `seed` makes the nonce (a fresh
-/// UUID).
-pub fn operation_handle(key: &[u8; 32], route: &str, url: &str, now_ms: f64, seed: &str) -> String {
+/// A sealed, expiring handle of Azure's operation URL, issued by `route` (see
+/// [`crate::crypto::seal`]): the caller learns nothing of Azure's URL from it, cannot change it,
+/// and cannot use it on another route. `nonce` comes from the platform's CSPRNG.
+pub fn operation_handle(
+    key: &HandleKey,
+    route: &str,
+    url: &str,
+    now_ms: f64,
+    nonce: &[u8; NONCE_LEN],
+) -> String {
     let expires = ((now_ms / 1000.0) + OPERATION_HANDLE_TTL_S).floor() as u64;
-    let nonce = &crate::sha256::sha256(format!("{seed}\n{}", now_ms.to_bits()).as_bytes())[..16];
-    let mut sealed = nonce.to_vec();
-    let start = sealed.len();
-    sealed.extend_from_slice(format!("{expires}\n{route}\n{url}").as_bytes());
-    keystream_xor(key, nonce, &mut sealed[start..]);
-    format!(
-        "{}.{}",
-        crate::encoding::base64url(&sealed),
-        crate::encoding::base64url(&handle_mac(key, &sealed))
-    )
+    let plain = format!("{expires}\n{url}");
+    crate::crypto::seal(key, &operation_binding(route), plain.as_bytes(), nonce)
 }
 
-/// A handle's route and URL, when one of `keys` made it and it has not expired.
-pub fn open_handle(handle: &str, keys: &[[u8; 32]], now_ms: f64) -> Option<(String, String)> {
-    let (sealed, mac) = handle.split_once('.')?;
-    let sealed = crate::encoding::base64_decode(sealed)?;
-    let mac = crate::encoding::base64_decode(mac)?;
-    if sealed.len() < 16 {
-        return None;
-    }
-    let key = keys
-        .iter()
-        .find(|key| crate::sha256::equal_in_constant_time(&handle_mac(key, &sealed), &mac))?;
-    let (nonce, ciphertext) = sealed.split_at(16);
-    let mut plain = ciphertext.to_vec();
-    keystream_xor(key, nonce, &mut plain);
+/// A handle's Azure URL, when one of `keys` sealed it for `route` and it has not expired.
+pub fn open_handle(handle: &str, keys: &[HandleKey], route: &str, now_ms: f64) -> Option<String> {
+    let plain = crate::crypto::open(keys, &operation_binding(route), handle)?;
     let text = String::from_utf8(plain).ok()?;
-    let mut parts = text.splitn(3, '\n');
-    let expires: u64 = parts.next()?.parse().ok()?;
-    let route = parts.next()?.to_owned();
-    let url = parts.next()?.to_owned();
-    (expires as f64 * 1000.0 >= now_ms).then_some((route, url))
+    let (expires, url) = text.split_once('\n')?;
+    let expires: u64 = expires.parse().ok()?;
+    (expires as f64 * 1000.0 >= now_ms).then(|| url.to_owned())
 }
 
 fn bad_handle() -> Problem {
@@ -1274,16 +1252,16 @@ pub fn build_operation<'p, I: Io>(
         let crate::policy::prepared::PreparedBackend::AzureRest(rest) = &route.backend else {
             continue;
         };
-        let keys: Vec<[u8; 32]> = rest
+        let keys: Vec<HandleKey> = rest
             .handle_secrets
             .iter()
             .filter_map(|s| io.secret(s))
             .map(|s| operation_key(&s))
             .collect();
-        let Some((name, url)) = open_handle(handle, &keys, now) else {
+        let Some(url) = open_handle(handle, &keys, &route.name, now) else {
             continue;
         };
-        if name != route.name || !same_origin(&url, &rest.url.origin) {
+        if !same_origin(&url, &rest.url.origin) {
             continue;
         }
         let request = BackendRequest {
@@ -1296,8 +1274,8 @@ pub fn build_operation<'p, I: Io>(
         let plan = Plan {
             request,
             body: PlanBody::None,
-            handle_key: keys.first().copied(),
-            nonce_seed: io.uuid(),
+            nonce: fresh_nonce(io),
+            handle_key: keys.into_iter().next(),
             now_ms: now,
             issuer: Some(route.name.clone()),
             shape: Some(op.project.clone()),
@@ -1367,40 +1345,38 @@ mod tests {
     }
 
     #[test]
-    fn handles_are_signed_bound_to_their_route_and_expire() {
+    fn handles_are_sealed_bound_to_their_route_and_expire() {
         let key = operation_key("s3cret");
         let url = "https://management.azure.com/subscriptions/s/providers/Microsoft.Web/locations/westeurope/operationResults/1?api-version=2022-09-01";
-        let h = operation_handle(&key, "restart", url, 1_000_000.0, "seed-1");
+        let h = operation_handle(&key, "restart", url, 1_000_000.0, &[1; NONCE_LEN]);
         // Nothing of Azure's URL can be read from the handle.
-        let (sealed, _) = h.split_once('.').unwrap();
-        let bytes = crate::encoding::base64_decode(sealed).unwrap();
+        let bytes = crate::encoding::base64_decode(&h).unwrap();
         assert!(!String::from_utf8_lossy(&bytes).contains("management"));
         assert!(!bytes.windows(9).any(|w| w == b"westeurop"));
         assert_ne!(
             h,
-            operation_handle(&key, "restart", url, 1_000_000.0, "seed-2")
+            operation_handle(&key, "restart", url, 1_000_000.0, &[2; NONCE_LEN])
         );
+        let keys = std::slice::from_ref(&key);
         assert_eq!(
-            open_handle(&h, &[key], 1_000_000.0),
-            Some(("restart".to_owned(), url.to_owned()))
+            open_handle(&h, keys, "restart", 1_000_000.0).as_deref(),
+            Some(url)
         );
+        // Another identity's key, another route, after the expiry, a flipped bit: closed.
         assert_eq!(
-            open_handle(&h, &[operation_key("other")], 1_000_000.0),
+            open_handle(&h, &[operation_key("other")], "restart", 1_000_000.0),
             None
         );
+        assert_eq!(open_handle(&h, keys, "stop", 1_000_000.0), None);
         let later = 1_000_000.0 + (OPERATION_HANDLE_TTL_S + 2.0) * 1000.0;
-        assert_eq!(open_handle(&h, &[key], later), None);
-        // A flipped bit in the ciphertext, or a forged one with the old signature.
-        let (sealed, mac) = h.split_once('.').unwrap();
-        let mut bytes = crate::encoding::base64_decode(sealed).unwrap();
-        bytes[20] ^= 1;
-        let flipped = format!("{}.{mac}", crate::encoding::base64url(&bytes));
-        assert_eq!(open_handle(&flipped, &[key], 1_000_000.0), None);
-        let forged = format!(
-            "{}.{mac}",
-            crate::encoding::base64url(b"0123456789abcdef99999999999\nrestart\nhttps://x")
-        );
-        assert_eq!(open_handle(&forged, &[key], 1_000_000.0), None);
+        assert_eq!(open_handle(&h, keys, "restart", later), None);
+        let mut flipped = bytes.clone();
+        flipped[40] ^= 1;
+        let flipped = crate::encoding::base64url(&flipped);
+        assert_eq!(open_handle(&flipped, keys, "restart", 1_000_000.0), None);
+        // The format before this one (ciphertext.mac, v1) no longer opens.
+        let v1 = "MDEyMzQ1Njc4OWFiY2RlZg.AAAA";
+        assert_eq!(open_handle(v1, keys, "restart", 1_000_000.0), None);
     }
 
     #[test]

@@ -692,25 +692,6 @@ mod tests {
 
     impl CryptoRng for TestRng {}
 
-    fn hmac_sha256(key: &[u8], data: &[u8]) -> Vec<u8> {
-        let mut block = [0u8; 64];
-        if key.len() > 64 {
-            block[..32].copy_from_slice(&Sha256::digest(key));
-        } else {
-            block[..key.len()].copy_from_slice(key);
-        }
-        let pad = |byte: u8| block.iter().map(|b| b ^ byte).collect::<Vec<u8>>();
-        let inner = Sha256::new()
-            .chain_update(pad(0x36))
-            .chain_update(data)
-            .finalize();
-        Sha256::new()
-            .chain_update(pad(0x5c))
-            .chain_update(inner)
-            .finalize()
-            .to_vec()
-    }
-
     enum Sig<'a> {
         Rs256(&'a RsaPrivateKey),
         Ps256(&'a RsaPrivateKey),
@@ -735,7 +716,7 @@ mod tests {
                 let signature: p256::ecdsa::Signature = ec_signing().sign(input.as_bytes());
                 signature.to_bytes().to_vec()
             }
-            Sig::Hs256(secret) => hmac_sha256(secret, input.as_bytes()),
+            Sig::Hs256(secret) => crate::crypto::hmac_sha256(secret, input.as_bytes()).to_vec(),
             Sig::Empty => Vec::new(),
         };
         format!("{input}.{}", base64url(&signature))
