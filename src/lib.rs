@@ -1,7 +1,7 @@
 //! azure-edge-gateway: a Cloudflare Worker that writes to Azure services on behalf of callers
 //! that hold no Azure credential.
 //!
-//! Two halves (README, "Architecture"):
+//! Two halves (docs/architecture.md):
 //! - the core, [`aeg_core`] (crates/core): the policy and its compiler, and the phases of a
 //!   request as plain Rust, re-exported here;
 //! - the edge, [`edge`], compiled only for wasm32: the one place that touches JavaScript. It

@@ -176,7 +176,7 @@ describe('inbound protection', () => {
     const evil = await fetch(`${gw.url}/cors`, { method: 'OPTIONS', headers: { origin: 'https://evil.example', 'access-control-request-method': 'POST' } });
     assert.equal(evil.status, 403);
     assert.equal(evil.headers.get('access-control-allow-origin'), null);
-    // A method the route does not have is a CORS refusal too (403, as the README says), not 405.
+    // A method the route does not have is a CORS refusal too (403, as docs/inbound.md says), not 405.
     const wrongMethod = await fetch(`${gw.url}/cors`, { method: 'OPTIONS', headers: { origin: 'https://app.example.com', 'access-control-request-method': 'DELETE' } });
     assert.equal(wrongMethod.status, 403);
     assert.equal((await wrongMethod.json()).type, 'urn:azure-edge-gateway:problem:cors-rejected');
