@@ -576,7 +576,16 @@ async function send(c, op) {
         disarm();
       } else {
         arm();
-        response = new Response(response.body.pipeThrough(watched(arm, disarm)), response);
+        let body = response.body.pipeThrough(watched(arm, disarm));
+        // The watch must not cost the caller Azure's length: a plain stream is answered chunked.
+        // A FixedLengthStream of that length keeps it (and errors if fewer bytes come). Not when
+        // the body is content-encoded: fetch decodes it, and the length is the encoded one.
+        const declared = response.headers.get('content-length');
+        const encoding = response.headers.get('content-encoding');
+        if (declared !== null && /^\d+$/.test(declared) && (encoding === null || encoding === 'identity')) {
+          body = body.pipeThrough(new FixedLengthStream(Number(declared)));
+        }
+        response = new Response(body, response);
       }
     }
   } catch (e) {
