@@ -43,37 +43,8 @@
 use std::hash::Hasher;
 
 use crate::fasthash::{FastHasher, FastMap};
+use crate::policy::{BreakerConfig, DEFAULT_FAILURES, DEFAULT_WINDOW_SECONDS};
 
-use serde::{Deserialize, Serialize};
-
-/// A route's breaker settings, resolved at build time.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct BreakerConfig {
-    /// Failures that open the route's own scopes; 0: no breaker at all on this route.
-    pub failures: u32,
-    /// The failures must fall within this many milliseconds of the first.
-    pub window_ms: f64,
-    /// How long an open breaker fails calls fast, in milliseconds, when Azure did not say.
-    pub cooldown_ms: f64,
-    /// The route's backend URL path is built from the request, so its calls go to many
-    /// resources (decided at build time).
-    pub many_resources: bool,
-}
-
-impl Default for BreakerConfig {
-    fn default() -> Self {
-        BreakerConfig {
-            failures: DEFAULT_FAILURES,
-            window_ms: f64::from(DEFAULT_WINDOW_SECONDS) * 1000.0,
-            cooldown_ms: f64::from(DEFAULT_COOLDOWN_SECONDS) * 1000.0,
-            many_resources: false,
-        }
-    }
-}
-
-pub const DEFAULT_FAILURES: u32 = 5;
-pub const DEFAULT_WINDOW_SECONDS: u32 = 30;
-pub const DEFAULT_COOLDOWN_SECONDS: u32 = 30;
 /// What opens a host's breaker, whatever its routes' own settings.
 pub const HOST_FAILURES: u32 = DEFAULT_FAILURES;
 pub const HOST_WINDOW_MS: f64 = DEFAULT_WINDOW_SECONDS as f64 * 1000.0;

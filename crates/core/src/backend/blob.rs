@@ -676,7 +676,7 @@ pub fn stored_request(
         .ok_or_else(outside)?;
     // The name as the gateway writes it in a URL (each segment percent-encoded, nothing else: no
     // query, no other encoding of the same name).
-    let name = crate::routing::percent_decode(encoded)
+    let name = crate::encoding::percent_decode(encoded)
         .filter(|name| encode_blob_name(name).is_ok_and(|again| again == encoded))
         .ok_or_else(outside)?;
     if !b.name.could_render(&name) {

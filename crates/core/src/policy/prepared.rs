@@ -51,7 +51,7 @@ pub struct PreparedRoute {
     /// The backend's origin (`scheme://host[:port]`): what the host's circuit breaker is kept
     /// by.
     pub host: String,
-    pub breaker: crate::breaker::BreakerConfig,
+    pub breaker: BreakerConfig,
     /// The store-and-forward queue binding, when the route stores requests Azure cannot take.
     pub store: Option<String>,
 }
@@ -492,7 +492,7 @@ mod compile {
                     config: b.clone(),
                 }),
             };
-            let breaker = crate::breaker::BreakerConfig {
+            let breaker = BreakerConfig {
                 many_resources: backend.many_resources(),
                 ..BreakerSettings::resolve(route.breaker.as_ref())
             };
