@@ -54,6 +54,16 @@ impl fmt::Display for PolicyError {
     }
 }
 
+/// What an error says instead of a value that may be a secret.
+#[cfg(feature = "compile")]
+const NOT_SHOWN: &str = "not shown: it may be a secret";
+
+/// A string that may be a secret, described without its content (for an error's message).
+#[cfg(feature = "compile")]
+fn hidden_string(s: &str) -> String {
+    format!("a string of {} characters ({NOT_SHOWN})", s.chars().count())
+}
+
 /// The report of an invalid policy, exactly as `policy check` prints it (and build.rs, which
 /// refuses to build a worker from such a policy): each error on its line, then the count.
 pub fn report(file: &str, errors: &[PolicyError]) -> String {

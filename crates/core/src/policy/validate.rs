@@ -7,9 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::model::*;
-use super::read::hidden_string;
-use super::PolicyError;
 use super::STORAGE_AUDIENCE;
+use super::{hidden_string, PolicyError};
 use crate::encoding::is_header_name;
 use crate::routing::PathTemplate;
 use crate::template::{Template, Var};
