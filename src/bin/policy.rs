@@ -157,7 +157,7 @@ mod cli {
         let compiled = std::fs::read_to_string(file)
             .map_err(|e| e.to_string())
             .and_then(|text| {
-                azure_edge_gateway::policy::prepared::compile(&text).map_err(|e| format!("{e:?}"))
+                azure_edge_gateway::policy::compile(&text).map_err(|e| format!("{e:?}"))
             });
         match compiled {
             Ok(prepared) => {

@@ -525,7 +525,7 @@ impl Gateway {
     /// Compiles `policy.json` text (as build.rs does) and loads the result: for tests and tools.
     #[cfg(feature = "compile")]
     pub fn load(text: &str) -> Result<Gateway, Vec<crate::policy::PolicyError>> {
-        crate::policy::prepared::compile(text).map(Gateway::new)
+        crate::policy::compile(text).map(Gateway::new)
     }
 
     pub fn prepared(&self) -> &Prepared {

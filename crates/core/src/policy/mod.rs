@@ -8,13 +8,15 @@
 //! 2. shape, per route and per identity ([`read`]);
 //! 3. meaning ([`validate`]): names, references, hosts, templates, overlaps, protection;
 //!
-//! then [`prepared::compile`] turns the valid policy into the prepared form the worker embeds:
+//! then [`compile`] turns the valid policy into the prepared form the worker embeds:
 //! templates parsed, CIDRs, path matchers, URLs, token keys and key digests resolved. The
 //! worker only loads that ([`prepared::Prepared::load`]); no validation runs in the wasm.
 
 pub mod cloud;
 mod messaging;
 pub mod model;
+#[cfg(feature = "compile")]
+mod prepare;
 pub mod prepared;
 #[cfg(feature = "compile")]
 mod read;
@@ -28,6 +30,8 @@ use std::fmt;
 
 pub use cloud::{SERVICE_BUS_AUDIENCE, STORAGE_AUDIENCE};
 pub use model::*;
+#[cfg(feature = "compile")]
+pub use prepare::compile;
 #[cfg(feature = "compile")]
 pub use read::load;
 
