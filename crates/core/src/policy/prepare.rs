@@ -5,10 +5,10 @@
 use super::model::*;
 use super::prepared::*;
 use super::PolicyError;
-use crate::backend::azure_rest::{BodyFormat, RestUrl};
+use crate::backend::azure_rest::url::RestUrl;
 use crate::inbound::ip::Cidr;
 use crate::routing::{PathTemplate, Router};
-use crate::template::Template;
+use crate::template::{BodyFormat, Template};
 
 /// Reads, validates and prepares a policy: every error at once (as `policy check` reports
 /// them), or the prepared form.

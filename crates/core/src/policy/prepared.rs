@@ -16,11 +16,11 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::model::*;
-use crate::backend::azure_rest::{BodyFormat, RestUrl};
+use crate::backend::azure_rest::url::RestUrl;
 use crate::identity::TokenKey;
 use crate::inbound::ip::Cidr;
 use crate::routing::{PathTemplate, Router};
-use crate::template::Template;
+use crate::template::{BodyFormat, Template};
 
 /// A compiled policy.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -104,7 +104,7 @@ impl PreparedBackend {
                 .url
                 .segments
                 .iter()
-                .any(|s| matches!(s, crate::backend::azure_rest::UrlPart::Var(_))),
+                .any(|s| matches!(s, crate::backend::azure_rest::url::UrlPart::Var(_))),
             PreparedBackend::AzureOperation(_) => true,
             PreparedBackend::ServiceBus(_)
             | PreparedBackend::EventHubs(_)

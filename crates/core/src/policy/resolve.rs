@@ -8,7 +8,7 @@ use super::model::{
     EVENT_HUBS_DEFAULT_MAX_MESSAGE_BYTES,
 };
 use super::{SERVICE_BUS_AUDIENCE, STORAGE_AUDIENCE};
-use crate::backend::azure_rest::RestUrl;
+use crate::backend::azure_rest::url::RestUrl;
 
 impl ServiceBusBackend {
     /// `https://{namespace}.servicebus.windows.net` or the explicit endpoint, no trailing slash.

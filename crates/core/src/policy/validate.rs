@@ -1178,8 +1178,9 @@ fn check_azure_rest(
     scope: &Scope,
     unreadable: &BTreeSet<String>,
 ) {
-    use crate::backend::azure_rest::{self as ar, BodyFormat, RestUrl};
+    use crate::backend::azure_rest::{self as ar, url::RestUrl};
     use crate::policy::cloud::Versioning;
+    use crate::template::BodyFormat;
     let cloud = c.policy.cloud;
     check_identity_ref(c, at, &rest.identity, unreadable);
     let url = match RestUrl::parse(&rest.url) {
