@@ -9,8 +9,10 @@
 
 use serde_json::Value;
 
-use super::{send_retried, BackendRequest, Verdict};
-use crate::pipeline::{Answer, AnswerBody, Cx, Io, Limit, OutBody, Reply, SendError};
+use super::{send_retried, Verdict};
+use crate::exchange::{
+    Answer, AnswerBody, Backend, BackendRequest, Bearer, Cx, Io, Limit, OutBody, Reply, SendError,
+};
 use crate::policy::prepared::{PreparedOperation, PreparedRest, RestBodyPlan};
 
 use crate::policy::ErrorMode;
@@ -197,13 +199,13 @@ pub async fn build<I: Io>(
                 held = Some(body);
             }
             Ok(None) => {}
-            Err(crate::pipeline::BodyError::TooLarge(seen)) if built_first => {
+            Err(crate::exchange::BodyError::TooLarge(seen)) if built_first => {
                 return Err(built_too_large(seen, limit))
             }
-            Err(crate::pipeline::BodyError::TooLarge(seen)) => {
+            Err(crate::exchange::BodyError::TooLarge(seen)) => {
                 return Err(too_large(seen, rest.max_body_bytes))
             }
-            Err(crate::pipeline::BodyError::Unreadable(why)) => {
+            Err(crate::exchange::BodyError::Unreadable(why)) => {
                 return Err(super::unreadable(&why))
             }
         }
@@ -495,7 +497,7 @@ pub fn idempotent(method: &str) -> bool {
 pub async fn send<I: Io>(
     rest: &PreparedRest,
     plan: &Plan<I::Bytes>,
-    bearer: &super::Bearer<'_>,
+    bearer: &Bearer<'_>,
     cx: &mut Cx<'_>,
     io: &I,
 ) -> Result<Reply<I::Stream>, Problem> {
@@ -601,13 +603,13 @@ async fn finish<I: Io, B>(
     let text = match reply.body {
         Some(body) => match io.text(body, limit).await {
             Ok(text) => text,
-            Err(crate::pipeline::BodyError::TooLarge(seen)) => {
+            Err(crate::exchange::BodyError::TooLarge(seen)) => {
                 cx.log.backend_detail = Some(format!(
                     "an answer of at least {seen} bytes, over max_answer_bytes ({limit}): not read"
                 ));
                 return Err(answer_too_large(limit));
             }
-            Err(crate::pipeline::BodyError::Unreadable(why)) => {
+            Err(crate::exchange::BodyError::Unreadable(why)) => {
                 cx.log.backend_detail =
                     Some(super::log_detail(&format!("the answer broke off: {why}")));
                 return Err(answer_unreadable("Azure's answer broke off before its end"));
@@ -708,6 +710,32 @@ pub fn answer<B, S>(
         status: reply.status,
         headers,
         body,
+    }
+}
+
+impl Backend for PreparedRest {
+    type Plan<B> = Plan<B>;
+
+    async fn build<I: Io>(&self, cx: &mut Cx<'_>, io: &I) -> Result<Self::Plan<I::Bytes>, Problem> {
+        build(self, cx, io).await
+    }
+
+    async fn send<I: Io>(
+        &self,
+        plan: &Self::Plan<I::Bytes>,
+        bearer: &Bearer<'_>,
+        cx: &mut Cx<'_>,
+        io: &I,
+    ) -> Result<Reply<I::Stream>, Problem> {
+        send(self, plan, bearer, cx, io).await
+    }
+
+    fn answer<B, S>(&self, plan: &Self::Plan<B>, reply: Reply<S>, cx: &Cx<'_>) -> Answer<S> {
+        answer(self, plan, reply, cx)
+    }
+
+    fn request<'p, B>(&self, plan: &'p Self::Plan<B>) -> &'p BackendRequest {
+        plan.request()
     }
 }
 
