@@ -42,8 +42,11 @@
 
 use std::hash::Hasher;
 
+use serde_json::Value;
+
 use crate::fasthash::{FastHasher, FastMap};
 use crate::policy::{BreakerConfig, DEFAULT_FAILURES, DEFAULT_WINDOW_SECONDS};
+use crate::problem::Problem;
 
 /// What opens a host's breaker, whatever its routes' own settings.
 pub const HOST_FAILURES: u32 = DEFAULT_FAILURES;
@@ -632,6 +635,39 @@ fn write_caller(h: &mut FastHasher, caller: Caller<'_>) {
         Caller::Gateway => h.write_u8(6),
         Caller::Unknown => h.write_u8(7),
     }
+}
+
+/// A call not made: recent calls in `scope` found Azure unavailable.
+pub fn circuit_open(retry_in_ms: f64, scope: Scope) -> Problem {
+    let seconds = (retry_in_ms / 1000.0).ceil().max(1.0) as u64;
+    let whose = match scope {
+        Scope::CallerResource => "Your recent calls for this resource found Azure unavailable, so the gateway is not calling Azure for it on your behalf",
+        Scope::Caller => "Your recent calls on this route found Azure unavailable for several resources, so the gateway is not calling Azure on this route on your behalf",
+        Scope::Resource => "Recent calls of several callers for this resource found Azure unavailable, so the gateway is not calling Azure for it",
+        Scope::Route => "Recent calls of several callers on this route found Azure unavailable, so the gateway is not calling Azure on this route",
+        Scope::Host => "Recent calls of several callers found this Azure service unavailable, so the gateway is not calling it",
+    };
+    Problem::new(
+        503,
+        "backend-circuit-open",
+        "Azure is unavailable",
+        format!("{whose} for {seconds} s; nothing was sent. Retry after the time in Retry-After."),
+    )
+    .with_header("retry-after", seconds.to_string())
+    .with_extension("breaker_scope", Value::from(scope.name()))
+}
+
+/// What Azure asked for, as the breakers honour it (clamped like a caller's `Retry-After`).
+pub fn asked_ms(retry_after: Option<u64>) -> Option<f64> {
+    retry_after.map(|s| crate::retry::caller_retry_after(Some(s)) as f64 * 1000.0)
+}
+
+/// The resource a backend URL names, as the breakers count it: its path, without the query.
+pub fn resource_of(url: &str) -> &str {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let rest = url.get(after_scheme..).unwrap_or("");
+    let path = rest.find('/').map_or("", |i| rest.get(i..).unwrap_or(""));
+    path.split('?').next().unwrap_or(path)
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::cell::{Cell, RefCell};
 
 use serde_json::{Map, Value};
 
+use crate::breaker::Caller;
 use crate::identity::{Token, TokenKey};
 use crate::policy::prepared::{PreparedRoute, TokenTarget};
 use crate::policy::JwtAlgorithm;
@@ -457,6 +458,34 @@ impl Cx<'_> {
     /// The route's inbound body limit, which also bounds bodies read without a length.
     pub fn max_body(&self) -> Option<u64> {
         self.route.and_then(|r| r.inbound.max_body_bytes)
+    }
+
+    /// Who is calling, as the breakers tell callers apart: the API key's name, else the token's
+    /// issuer and subject, else the client address.
+    pub fn breaker_caller(&self) -> Caller<'_> {
+        if let Some(name) = self.api_key.as_deref() {
+            return Caller::ApiKey(name);
+        }
+        let claim = |name: &str| {
+            self.claims
+                .as_ref()
+                .and_then(|c| c.get(name))
+                .and_then(Value::as_str)
+        };
+        if let Some(subject) = claim("sub").filter(|s| !s.is_empty()) {
+            return Caller::Subject {
+                issuer: claim("iss").unwrap_or(""),
+                subject,
+            };
+        }
+        match self
+            .head
+            .header("cf-connecting-ip")
+            .filter(|ip| !ip.is_empty())
+        {
+            Some(ip) => Caller::Address(ip),
+            None => Caller::Unknown,
+        }
     }
 }
 

@@ -26,7 +26,7 @@ use std::cell::RefCell;
 use serde_json::{Map, Value};
 
 use crate::backend::azure_rest;
-use crate::breaker::{Admission, Breakers, Call, Caller, Outcome, Scope};
+use crate::breaker::{asked_ms, circuit_open, resource_of, Admission, Breakers, Call, Outcome};
 use crate::exchange::{
     Answer, AnswerBody, Backend, Bearer, Cx, Grant, Io, LogFields, RequestHead, StoredPlan,
 };
@@ -264,7 +264,7 @@ impl Gateway {
             let call = breakers.call(
                 &route.name,
                 &route.host,
-                breaker_caller(cx),
+                cx.breaker_caller(),
                 resource,
                 || io.random(),
             );
@@ -584,67 +584,6 @@ impl Gateway {
 
 /// The problem kind of a call whose outcome is unknown ([`crate::backend::outcome_unknown`]).
 const UNKNOWN: &str = "backend-outcome-unknown";
-
-/// A call not made: recent calls in `scope` found Azure unavailable.
-fn circuit_open(retry_in_ms: f64, scope: Scope) -> Problem {
-    let seconds = (retry_in_ms / 1000.0).ceil().max(1.0) as u64;
-    let whose = match scope {
-        Scope::CallerResource => "Your recent calls for this resource found Azure unavailable, so the gateway is not calling Azure for it on your behalf",
-        Scope::Caller => "Your recent calls on this route found Azure unavailable for several resources, so the gateway is not calling Azure on this route on your behalf",
-        Scope::Resource => "Recent calls of several callers for this resource found Azure unavailable, so the gateway is not calling Azure for it",
-        Scope::Route => "Recent calls of several callers on this route found Azure unavailable, so the gateway is not calling Azure on this route",
-        Scope::Host => "Recent calls of several callers found this Azure service unavailable, so the gateway is not calling it",
-    };
-    Problem::new(
-        503,
-        "backend-circuit-open",
-        "Azure is unavailable",
-        format!("{whose} for {seconds} s; nothing was sent. Retry after the time in Retry-After."),
-    )
-    .with_header("retry-after", seconds.to_string())
-    .with_extension("breaker_scope", Value::from(scope.name()))
-}
-
-/// What Azure asked for, as the breakers honour it (clamped like a caller's `Retry-After`).
-fn asked_ms(retry_after: Option<u64>) -> Option<f64> {
-    retry_after.map(|s| crate::retry::caller_retry_after(Some(s)) as f64 * 1000.0)
-}
-
-/// The resource a backend URL names, as the breakers count it: its path, without the query.
-fn resource_of(url: &str) -> &str {
-    let after_scheme = url.find("://").map_or(0, |i| i + 3);
-    let rest = url.get(after_scheme..).unwrap_or("");
-    let path = rest.find('/').map_or("", |i| rest.get(i..).unwrap_or(""));
-    path.split('?').next().unwrap_or(path)
-}
-
-/// Who is calling, as the breakers tell callers apart: the API key's name, else the token's
-/// issuer and subject, else the client address.
-fn breaker_caller<'c>(cx: &'c Cx<'_>) -> Caller<'c> {
-    if let Some(name) = cx.api_key.as_deref() {
-        return Caller::ApiKey(name);
-    }
-    let claim = |name: &str| {
-        cx.claims
-            .as_ref()
-            .and_then(|c| c.get(name))
-            .and_then(Value::as_str)
-    };
-    if let Some(subject) = claim("sub").filter(|s| !s.is_empty()) {
-        return Caller::Subject {
-            issuer: claim("iss").unwrap_or(""),
-            subject,
-        };
-    }
-    match cx
-        .head
-        .header("cf-connecting-ip")
-        .filter(|ip| !ip.is_empty())
-    {
-        Some(ip) => Caller::Address(ip),
-        None => Caller::Unknown,
-    }
-}
 
 /// Phase 1: the caller's request id, when it is one we can safely echo and log: 1 to 128
 /// characters of letters, digits and `-._:`. Anything else is replaced by a generated id.

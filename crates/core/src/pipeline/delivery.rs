@@ -2,8 +2,8 @@
 //! stored it, as that route is in the current policy ([`Gateway::deliver`]), with a fresh token
 //! and through the route's circuit breaker; or put on the dead-letter queue with its reason.
 
-use super::{asked_ms, resource_of, Gateway};
-use crate::breaker::{Admission, Caller, Outcome};
+use super::Gateway;
+use crate::breaker::{asked_ms, resource_of, Admission, Caller, Outcome};
 use crate::exchange::{BackendRequest, Bearer, Io, Limit, LogFields, OutBody, SendError};
 use crate::policy::prepared::{PreparedBackend, PreparedRoute};
 use crate::store::FORMAT;
