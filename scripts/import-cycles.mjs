@@ -10,12 +10,11 @@
  * paths through a module brought in by `use` or a child module, `blob::f()`), each mapped to
  * the file of the innermost module the path walks through (`crate::backend::azure_rest::x` →
  * backend/azure_rest.rs; an inline `mod` belongs to its file). A name taken from a module root
- * (lib.rs, a mod.rs, or any file that declares file submodules) is followed through that root's
- * `pub use` re-exports, named or glob, to the file that defines or re-exports it
- * (`crate::policy::Foo` → policy/model.rs when policy/mod.rs has `pub use model::*` and model.rs
- * has Foo); a root's re-exports and `mod` declarations are no dependency of the root itself. A
- * re-export from any other file is a dependency of that file and stops there: importing a type
- * through a file that re-exports it depends on that file.
+ * (lib.rs or a mod.rs) is followed through that root's `pub use` re-exports, named or glob, to
+ * the file that defines or re-exports it (`crate::policy::Foo` → policy/model.rs when
+ * policy/mod.rs has `pub use model::*` and model.rs has Foo); a root's re-exports and every `mod`
+ * declaration are no dependency. A re-export from any other file is a dependency of that file
+ * and stops there: importing a type through a file that re-exports it depends on that file.
  *
  * Not counted: comments (doc links included), strings, items under `#[cfg(test)]` (the test
  * modules), `use` of a module alone (only the paths through it count), external crates.
@@ -258,8 +257,7 @@ function parseFile(file, rel) {
         stack.push({ mod: child });
         i += 3;
       } else {
-        m.root = true; // declares a file submodule: a module root
-        i += 2;
+        i += 2; // a file submodule: its declaration is no dependency
       }
       continue;
     }
@@ -441,9 +439,46 @@ if (sccs.length === 0) {
 }
 console.log(`import-cycles: ${sccs.length} circle(s) among the files of ${shown(relative(process.cwd(), root) || '.')}:`);
 sccs.sort((a, b) => a[0].localeCompare(b[0]));
+/** Every pair of files that read each other, and the shortest circle through each file of a
+ * component; each circle once. */
+function shortestCircles(scc) {
+  const inside = new Set(scc);
+  const seen = new Set();
+  const out = [];
+  for (const v of scc) {
+    for (const w of deps.get(v).keys()) {
+      if (v < w && inside.has(w) && deps.get(w).has(v)) { seen.add(`${v}>${w}`); out.push([v, w]); }
+    }
+  }
+  for (const start of scc) {
+    const back = new Map([[start, null]]);
+    const queue = [start];
+    let found = null;
+    while (queue.length && !found) {
+      const v = queue.shift();
+      for (const w of [...deps.get(v).keys()].sort()) {
+        if (!inside.has(w)) continue;
+        if (w === start) { found = v; break; }
+        if (!back.has(w)) { back.set(w, v); queue.push(w); }
+      }
+    }
+    if (!found) continue;
+    const path = [];
+    for (let v = found; v !== null; v = back.get(v)) path.unshift(v);
+    const k = path.indexOf([...path].sort()[0]);
+    const norm = [...path.slice(k), ...path.slice(0, k)];
+    const id = norm.join('>');
+    if (!seen.has(id)) { seen.add(id); out.push(norm); }
+  }
+  return out.sort((a, b) => a.length - b.length || a.join().localeCompare(b.join()));
+}
+
 for (const [n, scc] of sccs.entries()) {
   const inside = new Set(scc);
   console.log(`\n${n + 1}. ${scc.map(shown).join(', ')}`);
+  console.log('   circles (files that read each other, and the shortest circle through each file):');
+  for (const c of shortestCircles(scc)) console.log(`     ${[...c, c[0]].map(shown).join(' → ')}`);
+  console.log('   dependencies inside:');
   for (const from of scc) {
     for (const [to, place] of [...deps.get(from)].sort()) {
       if (inside.has(to)) console.log(`   ${shown(from)} → ${shown(to)}   (${shown(place)})`);
