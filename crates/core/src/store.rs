@@ -11,10 +11,10 @@
 //!
 //! A stored request is not trusted as it is: the policy may have changed since it was stored, and
 //! any worker bound to the queue can put a message on it. At delivery, [`Stored::request_for`]
-//! (defined with the backends, in [`crate::backend`]) checks it against its route as it is in
-//! the current policy (method, URL, each header's name, what makes the delivery happen once) and
-//! derives the gateway's own headers anew; one that is not a request its route sends is
-//! dead-lettered with the reason, never sent.
+//! (defined with the consumer, in pipeline/delivery.rs, above the backends it asks) checks it
+//! against its route as it is in the current policy (method, URL, each header's name, what makes
+//! the delivery happen once) and derives the gateway's own headers anew; one that is not a
+//! request its route sends is dead-lettered with the reason, never sent.
 //!
 //! Nothing acknowledged to a caller is lost: a delivery either reaches Azure or is put on the
 //! dead-letter queue with its reason ([`DeadLetter`]). Only when the dead-letter queue does not
