@@ -23,7 +23,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let prepared = match aeg_core::policy::prepared::compile(&text) {
+    let prepared = match aeg_core::policy::compile(&text) {
         Ok(prepared) => prepared,
         Err(errors) => {
             eprint!("{}", aeg_core::policy::report(&shown, &errors));

@@ -5,7 +5,8 @@
 #[path = "support/fake_io.rs"]
 mod fake_io;
 
-use azure_edge_gateway::pipeline::{AnswerBody, Gateway, Limit, OutBody, RequestHead, SendError};
+use azure_edge_gateway::exchange::{AnswerBody, Limit, OutBody, RequestHead, SendError};
+use azure_edge_gateway::pipeline::Gateway;
 use azure_edge_gateway::problem::Problem;
 use azure_edge_gateway::store::Delivered;
 use fake_io::{block_on, block_on_all, request, Fake, FakeReply, Sent};

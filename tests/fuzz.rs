@@ -1362,7 +1362,7 @@ fn reference_match(t: &PathTemplate, segs: &[String]) -> Option<Vec<(String, Str
     Some(params)
 }
 
-/// Percent-decoding for the oracle, written here from the contract `routing::percent_decode`
+/// Percent-decoding for the oracle, written here from the contract `encoding::percent_decode`
 /// documents, not by calling it (an oracle that calls the code under test cannot catch a bug
 /// in it): `%` and two hex digits of either case is that byte (RFC 3986 §2.1); any other `%`
 /// is malformed, `None`; every other byte, `+` included, stands for itself; a result that is

@@ -1872,7 +1872,7 @@ fn event_hubs_and_storage_queue_routes_are_valid_and_prepared() {
             ),
         ]
     );
-    let prepared = policy::prepared::compile(&p.to_string()).unwrap();
+    let prepared = policy::compile(&p.to_string()).unwrap();
     let json = serde_json::to_value(&prepared.routes[3..]).unwrap();
     assert_eq!(
         json[0]["backend"]["EventHubs"]["send_url"],
@@ -2116,7 +2116,7 @@ fn storage_queue_bodies_must_fit_azures_64_kib_once_encoded() {
 /// comes back from them whole (encoding what was loaded gives the same bytes again).
 #[test]
 fn the_compiled_policy_survives_the_bytes_the_worker_embeds() {
-    use azure_edge_gateway::policy::prepared::{compile, Prepared};
+    use azure_edge_gateway::policy::{compile, prepared::Prepared};
     for file in [
         "policy.json",
         "dev/policy.json",

@@ -3,7 +3,7 @@
 #![cfg(target_arch = "wasm32")]
 
 use azure_edge_gateway::edge::{new_request_id, read_head, to_response};
-use azure_edge_gateway::pipeline::{Answer, AnswerBody};
+use azure_edge_gateway::exchange::{Answer, AnswerBody};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 use wasm_bindgen_test::wasm_bindgen_test;

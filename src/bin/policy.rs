@@ -157,7 +157,7 @@ mod cli {
         let compiled = std::fs::read_to_string(file)
             .map_err(|e| e.to_string())
             .and_then(|text| {
-                azure_edge_gateway::policy::prepared::compile(&text).map_err(|e| format!("{e:?}"))
+                azure_edge_gateway::policy::compile(&text).map_err(|e| format!("{e:?}"))
             });
         match compiled {
             Ok(prepared) => {
@@ -423,7 +423,7 @@ mod cli {
     /// For an `azure_rest` route: the URL's shape with the pinned version, the audience, what
     /// the caller's request may put into it, and what comes back.
     fn rest_lines(p: &Policy, r: &Route) -> Option<String> {
-        use azure_edge_gateway::backend::azure_rest::{RestUrl, DEFAULT_RESPONSE_HEADERS};
+        use azure_edge_gateway::backend::azure_rest::{url::RestUrl, DEFAULT_RESPONSE_HEADERS};
         use azure_edge_gateway::policy::{ErrorMode, RestBody};
         let Backend::AzureRest(rest) = &r.backend else {
             return None;

@@ -27,13 +27,13 @@ use serde_json::{json, Value};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 
-use crate::backend::BackendRequest;
+use crate::exchange::{
+    Answer, AnswerBody, BackendRequest, BodyError, Grant, Io, Limit, NoToken, OutBody, Reply,
+    RequestHead, SendError,
+};
 use crate::fasthash::FastMap;
 use crate::identity::TokenKey;
-use crate::pipeline::{
-    Answer, AnswerBody, BodyError, Gateway, Grant, Io, Limit, NoToken, OutBody, Reply, RequestHead,
-    SendError,
-};
+use crate::pipeline::Gateway;
 use crate::policy::prepared::{Prepared, TokenTarget};
 use crate::policy::JwtAlgorithm;
 

@@ -11,11 +11,11 @@ use wasm_bindgen_futures::{future_to_promise, JsFuture};
 
 use super::{crypto, now, random};
 use crate::encoding::{base64url, pem_block};
+use crate::exchange::{Grant, NoToken};
 use crate::identity::cache::{Lookup, TokenCache};
 use crate::identity::endpoint::{assertion_signing_input, parse_token_response, Proof};
 use crate::identity::fetch::{Step, TokenFetch};
 use crate::identity::{Token, TokenError, TokenKey};
-use crate::pipeline::{Grant, NoToken};
 use crate::policy::prepared::TokenTarget;
 use crate::policy::{Credential, Identity};
 use crate::problem::Problem;
@@ -256,7 +256,7 @@ async fn attempt(
         retry_after_secs: None,
         reason,
     };
-    let outgoing = crate::backend::BackendRequest {
+    let outgoing = crate::exchange::BackendRequest {
         method: "POST",
         url: request.url,
         headers: request

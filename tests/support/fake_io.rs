@@ -12,11 +12,10 @@ use std::future::Future;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
-use azure_edge_gateway::backend::BackendRequest;
-use azure_edge_gateway::identity::{Token, TokenKey};
-use azure_edge_gateway::pipeline::{
-    BodyError, Grant, Io, Limit, NoToken, OutBody, Reply, RequestHead, SendError,
+use azure_edge_gateway::exchange::{
+    BackendRequest, BodyError, Grant, Io, Limit, NoToken, OutBody, Reply, RequestHead, SendError,
 };
+use azure_edge_gateway::identity::{Token, TokenKey};
 use azure_edge_gateway::policy::prepared::TokenTarget;
 use azure_edge_gateway::policy::JwtAlgorithm;
 use azure_edge_gateway::problem::Problem;

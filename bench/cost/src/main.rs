@@ -12,7 +12,8 @@ mod fake_io;
 
 use azure_edge_gateway::allocator::SizeClasses;
 use azure_edge_gateway::encoding::base64url;
-use azure_edge_gateway::pipeline::{Gateway, RequestHead};
+use azure_edge_gateway::exchange::RequestHead;
+use azure_edge_gateway::pipeline::Gateway;
 use fake_io::{block_on, block_on_all, request, Fake};
 use serde_json::json;
 

@@ -42,38 +42,12 @@
 
 use std::hash::Hasher;
 
+use serde_json::Value;
+
 use crate::fasthash::{FastHasher, FastMap};
+use crate::policy::{BreakerConfig, DEFAULT_FAILURES, DEFAULT_WINDOW_SECONDS};
+use crate::problem::Problem;
 
-use serde::{Deserialize, Serialize};
-
-/// A route's breaker settings, resolved at build time.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct BreakerConfig {
-    /// Failures that open the route's own scopes; 0: no breaker at all on this route.
-    pub failures: u32,
-    /// The failures must fall within this many milliseconds of the first.
-    pub window_ms: f64,
-    /// How long an open breaker fails calls fast, in milliseconds, when Azure did not say.
-    pub cooldown_ms: f64,
-    /// The route's backend URL path is built from the request, so its calls go to many
-    /// resources (decided at build time).
-    pub many_resources: bool,
-}
-
-impl Default for BreakerConfig {
-    fn default() -> Self {
-        BreakerConfig {
-            failures: DEFAULT_FAILURES,
-            window_ms: f64::from(DEFAULT_WINDOW_SECONDS) * 1000.0,
-            cooldown_ms: f64::from(DEFAULT_COOLDOWN_SECONDS) * 1000.0,
-            many_resources: false,
-        }
-    }
-}
-
-pub const DEFAULT_FAILURES: u32 = 5;
-pub const DEFAULT_WINDOW_SECONDS: u32 = 30;
-pub const DEFAULT_COOLDOWN_SECONDS: u32 = 30;
 /// What opens a host's breaker, whatever its routes' own settings.
 pub const HOST_FAILURES: u32 = DEFAULT_FAILURES;
 pub const HOST_WINDOW_MS: f64 = DEFAULT_WINDOW_SECONDS as f64 * 1000.0;
@@ -661,6 +635,39 @@ fn write_caller(h: &mut FastHasher, caller: Caller<'_>) {
         Caller::Gateway => h.write_u8(6),
         Caller::Unknown => h.write_u8(7),
     }
+}
+
+/// A call not made: recent calls in `scope` found Azure unavailable.
+pub fn circuit_open(retry_in_ms: f64, scope: Scope) -> Problem {
+    let seconds = (retry_in_ms / 1000.0).ceil().max(1.0) as u64;
+    let whose = match scope {
+        Scope::CallerResource => "Your recent calls for this resource found Azure unavailable, so the gateway is not calling Azure for it on your behalf",
+        Scope::Caller => "Your recent calls on this route found Azure unavailable for several resources, so the gateway is not calling Azure on this route on your behalf",
+        Scope::Resource => "Recent calls of several callers for this resource found Azure unavailable, so the gateway is not calling Azure for it",
+        Scope::Route => "Recent calls of several callers on this route found Azure unavailable, so the gateway is not calling Azure on this route",
+        Scope::Host => "Recent calls of several callers found this Azure service unavailable, so the gateway is not calling it",
+    };
+    Problem::new(
+        503,
+        "backend-circuit-open",
+        "Azure is unavailable",
+        format!("{whose} for {seconds} s; nothing was sent. Retry after the time in Retry-After."),
+    )
+    .with_header("retry-after", seconds.to_string())
+    .with_extension("breaker_scope", Value::from(scope.name()))
+}
+
+/// What Azure asked for, as the breakers honour it (clamped like a caller's `Retry-After`).
+pub fn asked_ms(retry_after: Option<u64>) -> Option<f64> {
+    retry_after.map(|s| crate::retry::caller_retry_after(Some(s)) as f64 * 1000.0)
+}
+
+/// The resource a backend URL names, as the breakers count it: its path, without the query.
+pub fn resource_of(url: &str) -> &str {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let rest = url.get(after_scheme..).unwrap_or("");
+    let path = rest.find('/').map_or("", |i| rest.get(i..).unwrap_or(""));
+    path.split('?').next().unwrap_or(path)
 }
 
 #[cfg(test)]

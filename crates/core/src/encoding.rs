@@ -152,10 +152,30 @@ pub fn form(pairs: &[(&str, &str)]) -> String {
         .join("&")
 }
 
+/// Decodes `%XX` escapes; `None` for a malformed escape or a result that is not UTF-8.
+pub fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hi = (hex[0] as char).to_digit(16)?;
+            let lo = (hex[1] as char).to_digit(16)?;
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// The name/value pairs of a query string (`a=1&b=x+y`), `+` and `%XX` decoded. A pair
 /// that does not decode to UTF-8 is left out.
 pub fn query_pairs(query: &str) -> Vec<(String, String)> {
-    let decode = |s: &str| crate::routing::percent_decode(&s.replace('+', " "));
+    let decode = |s: &str| percent_decode(&s.replace('+', " "));
     query
         .split('&')
         .filter(|p| !p.is_empty())

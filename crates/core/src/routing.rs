@@ -10,6 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::encoding::percent_decode;
 use crate::policy::model::{Method, Route};
 
 /// One segment of a path template.
@@ -128,26 +129,6 @@ fn is_param_name(name: &str) -> bool {
     matches!(bytes.next(), Some(b'a'..=b'z'))
         && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
         && name.len() <= 64
-}
-
-/// Decodes `%XX` escapes; `None` for a malformed escape or a result that is not UTF-8.
-pub fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3)?;
-            let hi = (hex[0] as char).to_digit(16)?;
-            let lo = (hex[1] as char).to_digit(16)?;
-            out.push((hi * 16 + lo) as u8);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// The routes of a valid policy, ready to match requests.

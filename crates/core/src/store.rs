@@ -11,9 +11,10 @@
 //!
 //! A stored request is not trusted as it is: the policy may have changed since it was stored, and
 //! any worker bound to the queue can put a message on it. At delivery, [`Stored::request_for`]
-//! checks it against its route as it is in the current policy (method, URL, each header's name,
-//! what makes the delivery happen once) and derives the gateway's own headers anew; one that is
-//! not a request its route sends is dead-lettered with the reason, never sent.
+//! (defined with the consumer, in pipeline/delivery.rs, above the backends it asks) checks it
+//! against its route as it is in the current policy (method, URL, each header's name, what makes
+//! the delivery happen once) and derives the gateway's own headers anew; one that is not a
+//! request its route sends is dead-lettered with the reason, never sent.
 //!
 //! Nothing acknowledged to a caller is lost: a delivery either reaches Azure or is put on the
 //! dead-letter queue with its reason ([`DeadLetter`]). Only when the dead-letter queue does not
@@ -21,8 +22,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::BackendRequest;
-use crate::policy::prepared::{PreparedBackend, PreparedRoute};
+use crate::exchange::BackendRequest;
 
 /// The largest body stored: a Cloudflare Queues message holds 128 KB, and the request's
 /// method, URL and headers travel with it.
@@ -77,44 +77,6 @@ impl Stored {
             ids,
             stored_at: now,
         }
-    }
-
-    /// The request to send for this stored one: checked against `route` as it is in the current
-    /// policy, with the gateway's own headers derived at `now_ms`; or why it is not a request
-    /// that route sends (then it is dead-lettered, never sent).
-    pub fn request_for(
-        &self,
-        route: &PreparedRoute,
-        now_ms: f64,
-    ) -> Result<BackendRequest, String> {
-        if self.v != FORMAT {
-            return Err(format!(
-                "it is in format {}; this gateway reads format {FORMAT}",
-                self.v
-            ));
-        }
-        if route.store.is_none() {
-            return Err(format!(
-                "route \"{}\" no longer stores requests",
-                route.name
-            ));
-        }
-        let request = match &route.backend {
-            PreparedBackend::ServiceBus(sb) => {
-                crate::backend::service_bus::stored_request(sb, &route.name, self)?
-            }
-            PreparedBackend::Blob(b) => {
-                crate::backend::blob::stored_request(b, &route.name, self, now_ms)?
-            }
-            _ => {
-                return Err(format!(
-                    "route \"{}\" is no longer a Service Bus or blob route",
-                    route.name
-                ))
-            }
-        };
-        crate::backend::check(&request).map_err(|p| p.detail)?;
-        Ok(request)
     }
 
     /// Its method, when it is `expected`.

@@ -314,6 +314,45 @@ fn is_token(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// How a body template's values are escaped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BodyFormat {
+    Json,
+    Xml,
+}
+
+impl BodyFormat {
+    /// The format of a media type, when a template can build it.
+    pub fn of(content_type: &str) -> Option<BodyFormat> {
+        let essence = content_type
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        if essence == "application/json" || essence.ends_with("+json") {
+            Some(BodyFormat::Json)
+        } else if essence == "application/xml" || essence == "text/xml" || essence.ends_with("+xml")
+        {
+            Some(BodyFormat::Xml)
+        } else {
+            None
+        }
+    }
+
+    /// Writes `value` escaped for a string in this format (a JSON string's inside, XML text or
+    /// an attribute value); XML refuses a character it cannot carry even escaped.
+    pub fn escape(self, value: &str, out: &mut String) -> Result<(), (usize, char)> {
+        match self {
+            BodyFormat::Json => {
+                crate::encoding::push_json_str_inner(out, value);
+                Ok(())
+            }
+            BodyFormat::Xml => crate::encoding::xml_escape(value, out),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,5 +448,28 @@ mod tests {
             .unwrap_err()
             .contains("a name after 'path.'"));
         assert!(Template::parse("{date:%Q}").unwrap_err().contains("got %Q"));
+    }
+
+    #[test]
+    fn template_values_are_escaped_for_their_format() {
+        let mut out = String::new();
+        BodyFormat::Json.escape("a\"b\\\n", &mut out).unwrap();
+        assert_eq!(out, "a\\\"b\\\\\\n");
+        out.clear();
+        BodyFormat::Xml.escape("<a & 'b'>", &mut out).unwrap();
+        assert_eq!(out, "&lt;a &amp; &apos;b&apos;&gt;");
+        assert_eq!(
+            BodyFormat::Xml.escape("ok\u{1b}", &mut out),
+            Err((2, '\u{1b}'))
+        );
+        assert_eq!(
+            BodyFormat::of("application/json; charset=utf-8"),
+            Some(BodyFormat::Json)
+        );
+        assert_eq!(
+            BodyFormat::of("application/atom+xml"),
+            Some(BodyFormat::Xml)
+        );
+        assert_eq!(BodyFormat::of("text/plain"), None);
     }
 }

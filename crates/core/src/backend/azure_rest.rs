@@ -3,22 +3,26 @@
 //! passed or mapped, long-running operations followed through the gateway).
 //!
 //! The URL is fixed at build time except for whole path segments and whole query values, which
-//! are percent-encoded here: a caller value can neither change the scheme, host or port nor add
+//! are percent-encoded ([`url`]): a caller value can neither change the scheme, host or port nor add
 //! a path level (`/`, `\`, `.` and `..` as a segment are refused). Every request then passes
 //! the outgoing gate like any other backend's.
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{send_retried, BackendRequest, Verdict};
-use crate::pipeline::{Answer, AnswerBody, Cx, Io, Limit, OutBody, Reply, SendError};
+use super::{send_retried, Verdict};
+use crate::exchange::{
+    Answer, AnswerBody, Backend, BackendRequest, Bearer, Cx, Io, Limit, OutBody, Reply, SendError,
+};
 use crate::policy::prepared::{PreparedOperation, PreparedRest, RestBodyPlan};
 
 use crate::crypto::{HandleKey, NONCE_LEN};
 use crate::policy::ErrorMode;
 use crate::problem::Problem;
-use crate::template::{render_var, RenderContext, Template, Var};
+use crate::template::{render_var, BodyFormat, RenderContext, Template, Var};
 use crate::time::Utc;
+use url::missing;
+
+pub mod url;
 
 /// Default largest caller body held whole (1 MiB).
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 1024 * 1024;
@@ -93,256 +97,7 @@ pub const OPERATION_FIELDS: &[&str] = &[
 ];
 
 // ---------------------------------------------------------------------------------------------
-// The URL
-
-/// A URL template, parsed at build time: a fixed origin, path segments and query values that
-/// are either fixed or one whole variable.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RestUrl {
-    /// `scheme://host[:port]`, as written.
-    pub origin: String,
-    pub host: String,
-    pub segments: Vec<UrlPart>,
-    pub query: Vec<(String, UrlPart)>,
-    /// The URL ended with `/`.
-    pub trailing_slash: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum UrlPart {
-    /// Fixed text, already valid in its place.
-    Fixed(String),
-    Var(Var),
-}
-
-fn is_unreserved(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
-}
-
-/// Whether fixed text is valid in a path segment or query part as it is (RFC 3986 pchar,
-/// `%XX` escapes included, plus `/` and `?` in query values).
-fn is_fixed_text(text: &str, query: bool) -> bool {
-    let bytes = text.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if b == b'%' {
-            let hex = |j: usize| bytes.get(j).is_some_and(u8::is_ascii_hexdigit);
-            if !(hex(i + 1) && hex(i + 2)) {
-                return false;
-            }
-            i += 3;
-            continue;
-        }
-        let ok = is_unreserved(b)
-            || b"!$'()*+,;:@".contains(&b)
-            || (query && matches!(b, b'/' | b'?'))
-            || (!query && matches!(b, b'=' | b'&'));
-        if !ok {
-            return false;
-        }
-        i += 1;
-    }
-    true
-}
-
-fn part(text: &str, query: bool, what: &str) -> Result<UrlPart, String> {
-    if text.contains(['{', '}']) {
-        let template = Template::parse(text)?;
-        return match template.parts.as_slice() {
-            [crate::template::Part::Var(var)] => {
-                if matches!(var, Var::Body | Var::BodyBase64) {
-                    Err(format!("no {var} in the URL (it may only be used in a body template)"))
-                } else {
-                    Ok(UrlPart::Var(var.clone()))
-                }
-            }
-            _ => Err(format!(
-                "a {what} that is fixed text or one whole variable such as {{path.name}}, got \"{text}\""
-            )),
-        };
-    }
-    if !is_fixed_text(text, query) {
-        return Err(format!(
-            "a {what} of URL characters (percent-encode others), got \"{text}\""
-        ));
-    }
-    Ok(UrlPart::Fixed(text.to_owned()))
-}
-
-impl RestUrl {
-    /// Parses a URL template. The error says what was expected.
-    pub fn parse(url: &str) -> Result<RestUrl, String> {
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| format!("an absolute https:// URL, got \"{url}\""))?;
-        if !matches!(scheme, "https" | "http") {
-            return Err(format!("an https:// URL, got \"{url}\""));
-        }
-        if url.contains('#') {
-            return Err(format!("a URL without a fragment ('#'), got \"{url}\""));
-        }
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        let authority = &rest[..authority_end];
-        if authority.contains(['{', '}']) {
-            return Err(format!(
-                "a URL whose host is fixed: template variables may fill path segments and query values only, got \"{url}\""
-            ));
-        }
-        let host = match authority.strip_prefix('[') {
-            Some(v6) => v6.split_once(']').map(|(h, _)| h),
-            None => Some(authority.rsplit_once(':').map_or(authority, |(h, _)| h)),
-        }
-        .filter(|h| {
-            !h.is_empty()
-                && h.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
-        })
-        .ok_or_else(|| {
-            format!("a URL with a plain host name or address and no user info, got \"{url}\"")
-        })?;
-        let after = &rest[authority_end..];
-        let (path, query) = after.split_once('?').unwrap_or((after, ""));
-        let mut segments = Vec::new();
-        let trailing_slash = path.len() > 1 && path.ends_with('/');
-        let inner = path.trim_start_matches('/');
-        let inner = inner.strip_suffix('/').unwrap_or(inner);
-        if !inner.is_empty() {
-            for segment in inner.split('/') {
-                if segment.is_empty() || segment == "." || segment == ".." {
-                    return Err(format!(
-                        "a path without empty, '.' or '..' segments, got \"{path}\""
-                    ));
-                }
-                segments.push(part(segment, false, "path segment")?);
-            }
-        }
-        let mut pairs = Vec::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            if name.contains(['{', '}']) || !is_fixed_text(name, true) || name.is_empty() {
-                return Err(format!(
-                    "query parameter names that are fixed text, got \"{name}\""
-                ));
-            }
-            if name.eq_ignore_ascii_case("api-version") {
-                return Err(
-                    "no api-version in the URL: set \"api_version\" (it is pinned and checked)"
-                        .to_owned(),
-                );
-            }
-            pairs.push((name.to_owned(), part(value, true, "query value")?));
-        }
-        Ok(RestUrl {
-            origin: format!("{scheme}://{authority}"),
-            host: host.to_ascii_lowercase(),
-            segments,
-            query: pairs,
-            trailing_slash,
-        })
-    }
-
-    /// The variables the URL uses.
-    pub fn vars(&self) -> impl Iterator<Item = &Var> {
-        self.segments
-            .iter()
-            .chain(self.query.iter().map(|(_, p)| p))
-            .filter_map(|p| match p {
-                UrlPart::Var(v) => Some(v),
-                UrlPart::Fixed(_) => None,
-            })
-    }
-
-    /// The URL's shape for people: `{path.site}` where a caller value goes.
-    pub fn shape(&self) -> String {
-        let mut out = self.origin.clone();
-        for segment in &self.segments {
-            out.push('/');
-            match segment {
-                UrlPart::Fixed(t) => out.push_str(t),
-                UrlPart::Var(v) => out.push_str(&v.to_string()),
-            }
-        }
-        if self.trailing_slash {
-            out.push('/');
-        }
-        for (i, (name, value)) in self.query.iter().enumerate() {
-            out.push(if i == 0 { '?' } else { '&' });
-            out.push_str(name);
-            out.push('=');
-            match value {
-                UrlPart::Fixed(t) => out.push_str(t),
-                UrlPart::Var(v) => out.push_str(&v.to_string()),
-            }
-        }
-        out
-    }
-
-    /// The URL for one request: every caller value percent-encoded; a path value that is
-    /// empty, `.` or `..`, or holds `/` or `\`, is refused (it would change the path's shape).
-    pub fn render(
-        &self,
-        ctx: &RenderContext,
-        extra_query: &[(&str, &str)],
-    ) -> Result<String, Problem> {
-        let mut out = self.origin.clone();
-        for segment in &self.segments {
-            out.push('/');
-            match segment {
-                UrlPart::Fixed(t) => out.push_str(t),
-                UrlPart::Var(var) => {
-                    let value = render_var(var, ctx).map_err(|m| missing(&m))?;
-                    if value.is_empty()
-                        || value == "."
-                        || value == ".."
-                        || value.contains(['/', '\\'])
-                    {
-                        return Err(bad_path_value(var));
-                    }
-                    percent_encode(&value, &mut out);
-                }
-            }
-        }
-        if self.trailing_slash {
-            out.push('/');
-        }
-        let mut first = true;
-        let mut sep = |out: &mut String| {
-            out.push(if first { '?' } else { '&' });
-            first = false;
-        };
-        for (name, value) in &self.query {
-            sep(&mut out);
-            out.push_str(name);
-            out.push('=');
-            match value {
-                UrlPart::Fixed(t) => out.push_str(t),
-                UrlPart::Var(var) => {
-                    let value = render_var(var, ctx).map_err(|m| missing(&m))?;
-                    percent_encode(&value, &mut out);
-                }
-            }
-        }
-        for (name, value) in extra_query {
-            sep(&mut out);
-            percent_encode(name, &mut out);
-            out.push('=');
-            percent_encode(value, &mut out);
-        }
-        Ok(out)
-    }
-}
-
-/// Percent-encodes every byte but RFC 3986's unreserved characters.
-pub fn percent_encode(value: &str, out: &mut String) {
-    for b in value.bytes() {
-        if is_unreserved(b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-}
+// The URL ([`url`]: parsed at build time, rendered per request)
 
 /// A route whose operations are followed, with none of its identity's secrets set.
 fn no_handle_key(secrets: &[String]) -> Problem {
@@ -352,66 +107,6 @@ fn no_handle_key(secrets: &[String]) -> Problem {
         "Gateway is misconfigured",
         format!("This route hands out links to follow Azure's operations, sealed with a key from its identity's credential, but none of the Worker secrets it may use ({}) is set; nothing was sent. The operator should set one with `wrangler secret put`.", secrets.join(", ")),
     )
-}
-
-fn missing(what: &str) -> Problem {
-    Problem::new(
-        400,
-        "missing-request-value",
-        "The request lacks a value this route needs",
-        format!("This route builds its Azure request from the request, but {what}."),
-    )
-}
-
-fn bad_path_value(var: &Var) -> Problem {
-    Problem::new(
-        400,
-        "bad-path-value",
-        "A value cannot be used as a path segment",
-        format!("The value of {var} fills one segment of the Azure URL: it must not be empty, '.' or '..', nor contain '/' or '\\'. Nothing was sent."),
-    )
-}
-
-// ---------------------------------------------------------------------------------------------
-// Bodies built from templates
-
-/// How a body template's values are escaped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum BodyFormat {
-    Json,
-    Xml,
-}
-
-impl BodyFormat {
-    /// The format of a media type, when a template can build it.
-    pub fn of(content_type: &str) -> Option<BodyFormat> {
-        let essence = content_type
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
-        if essence == "application/json" || essence.ends_with("+json") {
-            Some(BodyFormat::Json)
-        } else if essence == "application/xml" || essence == "text/xml" || essence.ends_with("+xml")
-        {
-            Some(BodyFormat::Xml)
-        } else {
-            None
-        }
-    }
-
-    /// Writes `value` escaped for a string in this format (a JSON string's inside, XML text or
-    /// an attribute value); XML refuses a character it cannot carry even escaped.
-    pub fn escape(self, value: &str, out: &mut String) -> Result<(), (usize, char)> {
-        match self {
-            BodyFormat::Json => {
-                crate::encoding::push_json_str_inner(out, value);
-                Ok(())
-            }
-            BodyFormat::Xml => crate::encoding::xml_escape(value, out),
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -505,13 +200,13 @@ pub async fn build<I: Io>(
                 held = Some(body);
             }
             Ok(None) => {}
-            Err(crate::pipeline::BodyError::TooLarge(seen)) if built_first => {
+            Err(crate::exchange::BodyError::TooLarge(seen)) if built_first => {
                 return Err(built_too_large(seen, limit))
             }
-            Err(crate::pipeline::BodyError::TooLarge(seen)) => {
+            Err(crate::exchange::BodyError::TooLarge(seen)) => {
                 return Err(too_large(seen, rest.max_body_bytes))
             }
-            Err(crate::pipeline::BodyError::Unreadable(why)) => {
+            Err(crate::exchange::BodyError::Unreadable(why)) => {
                 return Err(super::unreadable(&why))
             }
         }
@@ -803,7 +498,7 @@ pub fn idempotent(method: &str) -> bool {
 pub async fn send<I: Io>(
     rest: &PreparedRest,
     plan: &Plan<I::Bytes>,
-    bearer: &super::Bearer<'_>,
+    bearer: &Bearer<'_>,
     cx: &mut Cx<'_>,
     io: &I,
 ) -> Result<Reply<I::Stream>, Problem> {
@@ -909,13 +604,13 @@ async fn finish<I: Io, B>(
     let text = match reply.body {
         Some(body) => match io.text(body, limit).await {
             Ok(text) => text,
-            Err(crate::pipeline::BodyError::TooLarge(seen)) => {
+            Err(crate::exchange::BodyError::TooLarge(seen)) => {
                 cx.log.backend_detail = Some(format!(
                     "an answer of at least {seen} bytes, over max_answer_bytes ({limit}): not read"
                 ));
                 return Err(answer_too_large(limit));
             }
-            Err(crate::pipeline::BodyError::Unreadable(why)) => {
+            Err(crate::exchange::BodyError::Unreadable(why)) => {
                 cx.log.backend_detail =
                     Some(super::log_detail(&format!("the answer broke off: {why}")));
                 return Err(answer_unreadable("Azure's answer broke off before its end"));
@@ -1016,6 +711,32 @@ pub fn answer<B, S>(
         status: reply.status,
         headers,
         body,
+    }
+}
+
+impl Backend for PreparedRest {
+    type Plan<B> = Plan<B>;
+
+    async fn build<I: Io>(&self, cx: &mut Cx<'_>, io: &I) -> Result<Self::Plan<I::Bytes>, Problem> {
+        build(self, cx, io).await
+    }
+
+    async fn send<I: Io>(
+        &self,
+        plan: &Self::Plan<I::Bytes>,
+        bearer: &Bearer<'_>,
+        cx: &mut Cx<'_>,
+        io: &I,
+    ) -> Result<Reply<I::Stream>, Problem> {
+        send(self, plan, bearer, cx, io).await
+    }
+
+    fn answer<B, S>(&self, plan: &Self::Plan<B>, reply: Reply<S>, cx: &Cx<'_>) -> Answer<S> {
+        answer(self, plan, reply, cx)
+    }
+
+    fn request<'p, B>(&self, plan: &'p Self::Plan<B>) -> &'p BackendRequest {
+        plan.request()
     }
 }
 
@@ -1290,60 +1011,6 @@ pub fn build_operation<'p, I: Io>(
 mod tests {
     use super::*;
 
-    fn ctx_render(url: &RestUrl, params: &[(&str, &str)]) -> Result<String, Problem> {
-        let params: Vec<(String, String)> = params
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let header = |_: &str| None;
-        let uuid = || "u".to_owned();
-        let ctx = RenderContext {
-            path: &params,
-            query: &[],
-            header: &header,
-            request_id: "r",
-            uuid: &uuid,
-            now_ms: 0.0,
-            jwt: None,
-            body: None,
-        };
-        url.render(&ctx, &[("api-version", "2022-09-01")])
-    }
-
-    #[test]
-    fn caller_values_fill_whole_segments_encoded_and_never_change_the_shape() {
-        let url = RestUrl::parse(
-            "https://management.azure.com/subscriptions/{path.sub}/sites/{path.site}/restart?x={path.q}",
-        )
-        .unwrap();
-        assert_eq!(
-            ctx_render(&url, &[("sub", "s1"), ("site", "a b?#%2F"), ("q", "1&y=2")]).unwrap(),
-            "https://management.azure.com/subscriptions/s1/sites/a%20b%3F%23%252F/restart?x=1%26y%3D2&api-version=2022-09-01"
-        );
-        for bad in ["a/b", "..", ".", "", "a\\b"] {
-            let p = ctx_render(&url, &[("sub", "s"), ("site", bad), ("q", "")]).unwrap_err();
-            assert_eq!(p.kind, "bad-path-value", "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn url_templates_keep_the_host_fixed() {
-        let err = |u| RestUrl::parse(u).unwrap_err();
-        assert!(err("https://{path.h}.vault.azure.net/secrets").contains("host is fixed"));
-        assert!(err("https://management.azure.com/a{path.x}").contains("one whole variable"));
-        assert!(err("https://management.azure.com/a/../b").contains("'..'"));
-        assert!(err("https://management.azure.com/a?api-version=1").contains("api_version"));
-        assert!(err("https://management.azure.com/a#f").contains("fragment"));
-        assert!(err("https://management.azure.com/{body}").contains("body template"));
-        let ok =
-            RestUrl::parse("https://graph.microsoft.com/v1.0/users/{jwt.oid}?$select=id").unwrap();
-        assert_eq!(ok.host, "graph.microsoft.com");
-        assert_eq!(
-            ok.shape(),
-            "https://graph.microsoft.com/v1.0/users/{jwt.oid}?$select=id"
-        );
-    }
-
     #[test]
     fn handles_are_sealed_bound_to_their_route_and_expire() {
         let key = operation_key("s3cret");
@@ -1427,28 +1094,5 @@ mod tests {
         assert!(!mapped_error(400, Some("<script>"), None)
             .detail
             .contains("script"));
-    }
-
-    #[test]
-    fn template_values_are_escaped_for_their_format() {
-        let mut out = String::new();
-        BodyFormat::Json.escape("a\"b\\\n", &mut out).unwrap();
-        assert_eq!(out, "a\\\"b\\\\\\n");
-        out.clear();
-        BodyFormat::Xml.escape("<a & 'b'>", &mut out).unwrap();
-        assert_eq!(out, "&lt;a &amp; &apos;b&apos;&gt;");
-        assert_eq!(
-            BodyFormat::Xml.escape("ok\u{1b}", &mut out),
-            Err((2, '\u{1b}'))
-        );
-        assert_eq!(
-            BodyFormat::of("application/json; charset=utf-8"),
-            Some(BodyFormat::Json)
-        );
-        assert_eq!(
-            BodyFormat::of("application/atom+xml"),
-            Some(BodyFormat::Xml)
-        );
-        assert_eq!(BodyFormat::of("text/plain"), None);
     }
 }

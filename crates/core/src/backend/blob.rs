@@ -6,8 +6,11 @@
 
 use serde_json::json;
 
-use super::{BackendRequest, Verdict};
-use crate::pipeline::{Answer, AnswerBody, BodyError, Cx, Io, Limit, OutBody, Reply};
+use super::Verdict;
+use crate::exchange::{
+    Answer, AnswerBody, Backend, BackendRequest, Bearer, BodyError, Cx, Io, Limit, OutBody, Reply,
+    StoredPlan,
+};
 use crate::policy::prepared::PreparedBlob;
 use crate::policy::BlobBackend;
 use crate::problem::Problem;
@@ -460,7 +463,7 @@ pub async fn build<I: Io>(
 pub async fn send<I: Io>(
     b: &PreparedBlob,
     plan: &Plan<I::Bytes>,
-    bearer: &super::Bearer<'_>,
+    bearer: &Bearer<'_>,
     cx: &mut Cx<'_>,
     io: &I,
 ) -> Result<Reply<I::Stream>, Problem> {
@@ -479,8 +482,8 @@ pub async fn send<I: Io>(
     // A read is sent again once with a fresh token after a 401; the caller's stream is not.
     let reply = super::send_renewing(io, &plan.first, bearer, body, limit, &mut cx.log).await?;
     let reply = reply.map_err(|e| match e {
-        crate::pipeline::SendError::Unsendable(problem) => problem,
-        crate::pipeline::SendError::Timeout => stalled(b.config.idle_timeout_ms()),
+        crate::exchange::SendError::Unsendable(problem) => problem,
+        crate::exchange::SendError::Timeout => stalled(b.config.idle_timeout_ms()),
         e => unavailable(&format!("could not be reached ({e})"), None),
     })?;
     cx.log.backend_status = Some(reply.status);
@@ -496,7 +499,7 @@ pub async fn send<I: Io>(
 async fn write_blocks<I: Io>(
     b: &PreparedBlob,
     plan: &Plan<I::Bytes>,
-    bearer: &super::Bearer<'_>,
+    bearer: &Bearer<'_>,
     cx: &mut Cx<'_>,
     io: &I,
 ) -> Result<Reply<I::Stream>, Problem> {
@@ -558,7 +561,7 @@ async fn retried<I: Io>(
     b: &PreparedBlob,
     plan: &Plan<I::Bytes>,
     request: &BackendRequest,
-    bearer: &super::Bearer<'_>,
+    bearer: &Bearer<'_>,
     body: OutBody<'_, I::Bytes>,
     limit: Limit,
     cx: &mut Cx<'_>,
@@ -614,7 +617,7 @@ async fn failure<I: Io>(
     b: &PreparedBlob,
     plan: &Plan<I::Bytes>,
     reply: Reply<I::Stream>,
-    bearer: &super::Bearer<'_>,
+    bearer: &Bearer<'_>,
     io: &I,
 ) -> Problem {
     let code = reply.header("x-ms-error-code").map(str::to_owned);
@@ -635,9 +638,9 @@ async fn failure<I: Io>(
 
 /// Store-and-forward: a single Put Blob whose body is held (create-only, so a second delivery
 /// is refused by Azure, not written twice).
-pub fn stored<B>(plan: &Plan<B>) -> Option<crate::pipeline::StoredPlan<'_, B>> {
+pub fn stored<B>(plan: &Plan<B>) -> Option<crate::exchange::StoredPlan<'_, B>> {
     let held = plan.held.as_ref()?;
-    Some(crate::pipeline::StoredPlan {
+    Some(crate::exchange::StoredPlan {
         request: &plan.first,
         body: OutBody::Bytes(held),
         ids: vec![plan.name.clone()],
@@ -676,7 +679,7 @@ pub fn stored_request(
         .ok_or_else(outside)?;
     // The name as the gateway writes it in a URL (each segment percent-encoded, nothing else: no
     // query, no other encoding of the same name).
-    let name = crate::routing::percent_decode(encoded)
+    let name = crate::encoding::percent_decode(encoded)
         .filter(|name| encode_blob_name(name).is_ok_and(|again| again == encoded))
         .ok_or_else(outside)?;
     if !b.name.could_render(&name) {
@@ -853,6 +856,40 @@ pub fn map_error(
         problem.with_extension("backend_status", json!(status)),
         status == 401,
     )
+}
+
+impl Backend for PreparedBlob {
+    type Plan<B> = Plan<B>;
+
+    async fn build<I: Io>(&self, cx: &mut Cx<'_>, io: &I) -> Result<Self::Plan<I::Bytes>, Problem> {
+        build(self, cx, io).await
+    }
+
+    async fn send<I: Io>(
+        &self,
+        plan: &Self::Plan<I::Bytes>,
+        bearer: &Bearer<'_>,
+        cx: &mut Cx<'_>,
+        io: &I,
+    ) -> Result<Reply<I::Stream>, Problem> {
+        send(self, plan, bearer, cx, io).await
+    }
+
+    fn answer<B, S>(&self, plan: &Self::Plan<B>, reply: Reply<S>, cx: &Cx<'_>) -> Answer<S> {
+        answer(self, plan, reply, cx)
+    }
+
+    fn request<'p, B>(&self, plan: &'p Self::Plan<B>) -> &'p BackendRequest {
+        plan.request()
+    }
+
+    fn stored<'p, B>(&self, plan: &'p Self::Plan<B>) -> Option<StoredPlan<'p, B>> {
+        stored(plan)
+    }
+
+    fn queued<B, S>(&self, plan: &Self::Plan<B>) -> Answer<S> {
+        queued(self, plan)
+    }
 }
 
 #[cfg(test)]

@@ -12,42 +12,9 @@ pub mod blob;
 pub mod service_bus;
 pub mod storage_queue;
 
-use std::cell::{Cell, RefCell};
-
-use crate::pipeline::{Grant, Io, Limit, LogFields, OutBody, Reply, SendError};
-use crate::policy::prepared::TokenTarget;
+use crate::exchange::{BackendRequest, Bearer, Io, Limit, LogFields, OutBody, Reply, SendError};
 use crate::problem::Problem;
 use crate::retry::RetryPolicy;
-
-/// An HTTP request to a backend, without its body (the edge streams that) and without its
-/// `Authorization` header (the edge adds the token when it sends).
-#[derive(Clone, PartialEq, Eq, Default)]
-pub struct BackendRequest {
-    pub method: &'static str,
-    pub url: String,
-    pub headers: Vec<(String, String)>,
-    /// Reply headers (lowercase) the core reads besides the few every backend reads.
-    pub reply_headers: Vec<String>,
-}
-
-// Headers may hold caller values: print the method and URL only.
-impl std::fmt::Debug for BackendRequest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BackendRequest")
-            .field("method", &self.method)
-            .field("url", &self.url)
-            .finish_non_exhaustive()
-    }
-}
-
-impl BackendRequest {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
 
 /// Whether `value` travels unchanged as an HTTP header value: visible ASCII, spaces and tabs
 /// inside (RFC 9110 field-value without obs-text), nothing that a runtime would trim.
@@ -129,58 +96,6 @@ pub enum Verdict<S> {
     },
     /// Worth another attempt (429, 5xx), after at least this many seconds if given.
     Retry(Option<u64>),
-}
-
-/// The token a call's requests carry. When a backend refuses it (401), the token is evicted
-/// from the isolate's cache and, once per request, a fresh one is fetched (through the same
-/// single-flight cache as any other) for the request to be sent again.
-pub struct Bearer<'t> {
-    pub target: &'t TokenTarget,
-    token: RefCell<std::rc::Rc<str>>,
-    renewed: Cell<bool>,
-}
-
-impl<'t> Bearer<'t> {
-    pub fn new(target: &'t TokenTarget, grant: &Grant) -> Bearer<'t> {
-        Bearer {
-            target,
-            token: RefCell::new(grant.token.access_token.clone()),
-            renewed: Cell::new(false),
-        }
-    }
-
-    /// The token to send now.
-    pub fn token(&self) -> std::rc::Rc<str> {
-        self.token.borrow().clone()
-    }
-
-    /// Whether this request already fetched a fresh token after a 401.
-    pub fn renewed(&self) -> bool {
-        self.renewed.get()
-    }
-
-    /// Drops the current token from the isolate's cache: a backend refused it.
-    pub fn evict<I: Io>(&self, io: &I) {
-        io.evict_token(&self.target.key, &self.token.borrow());
-    }
-
-    /// After a backend's 401: the refused token evicted and a fresh one fetched. Fails with the
-    /// identity's problem when none can be had.
-    async fn renew<I: Io>(&self, io: &I, log: &mut LogFields) -> Result<(), Problem> {
-        self.evict(io);
-        self.renewed.set(true);
-        log.token_renewed = true;
-        match io.token(self.target).await {
-            Ok(grant) => {
-                *self.token.borrow_mut() = grant.token.access_token;
-                Ok(())
-            }
-            Err(no) => {
-                log.token_error = Some(no.log);
-                Err(no.problem)
-            }
-        }
-    }
 }
 
 /// A 401 to a body streamed as it arrived: it cannot be sent again.
@@ -369,10 +284,10 @@ pub async fn answer_text<I: Io>(io: &I, body: Option<I::Stream>) -> Result<Strin
     };
     match io.text(body, ANSWER_TEXT_BYTES).await {
         Ok(text) => Ok(text),
-        Err(crate::pipeline::BodyError::TooLarge(seen)) => Err(format!(
+        Err(crate::exchange::BodyError::TooLarge(seen)) => Err(format!(
             "an answer of at least {seen} bytes, over the {ANSWER_TEXT_BYTES} read: not read"
         )),
-        Err(crate::pipeline::BodyError::Unreadable(why)) => {
+        Err(crate::exchange::BodyError::Unreadable(why)) => {
             Err(log_detail(&format!("the answer broke off: {why}")))
         }
     }

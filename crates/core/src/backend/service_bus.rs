@@ -12,10 +12,11 @@
 
 use serde_json::{json, Map, Value};
 
-use super::BackendRequest;
 use super::{Resend, Verdict};
 use crate::encoding::push_json_str;
-use crate::pipeline::{BodyError, Cx, Io, Limit, OutBody, Reply};
+use crate::exchange::{
+    Answer, Backend, BackendRequest, Bearer, BodyError, Cx, Io, Limit, OutBody, Reply, StoredPlan,
+};
 use crate::policy::prepared::{Flavor, PreparedMessage, PreparedServiceBus};
 use crate::policy::ServiceBusBackend;
 use crate::problem::Problem;
@@ -636,7 +637,7 @@ pub fn resend_for(sb: &PreparedServiceBus) -> Resend {
 pub async fn send<I: Io>(
     sb: &PreparedServiceBus,
     plan: &Plan<I::Bytes>,
-    bearer: &super::Bearer<'_>,
+    bearer: &Bearer<'_>,
     cx: &mut Cx<'_>,
     io: &I,
 ) -> Result<Reply<I::Stream>, Problem> {
@@ -653,7 +654,7 @@ pub async fn send<I: Io>(
 async fn send_alone<I: Io>(
     sb: &PreparedServiceBus,
     plan: &Plan<I::Bytes>,
-    bearer: &super::Bearer<'_>,
+    bearer: &Bearer<'_>,
     cx: &mut Cx<'_>,
     io: &I,
 ) -> Result<Reply<I::Stream>, Problem> {
@@ -674,7 +675,7 @@ async fn send_request<I: Io>(
     request: &BackendRequest,
     body: OutBody<'_, I::Bytes>,
     coalesced: bool,
-    bearer: &super::Bearer<'_>,
+    bearer: &Bearer<'_>,
     cx: &mut Cx<'_>,
     io: &I,
 ) -> Result<Reply<I::Stream>, Problem> {
@@ -822,7 +823,7 @@ async fn coalesced<I: Io>(
     sb: &PreparedServiceBus,
     plan: &Plan<I::Bytes>,
     single: &Single,
-    bearer: &super::Bearer<'_>,
+    bearer: &Bearer<'_>,
     cx: &mut Cx<'_>,
     io: &I,
 ) -> Result<Reply<I::Stream>, Problem> {
@@ -876,7 +877,7 @@ async fn lead<I: Io>(
     plan: &Plan<I::Bytes>,
     lane: &str,
     me: &std::rc::Rc<crate::coalesce::Waiter>,
-    bearer: &super::Bearer<'_>,
+    bearer: &Bearer<'_>,
     cx: &mut Cx<'_>,
     io: &I,
 ) -> Result<Reply<I::Stream>, Problem> {
@@ -933,7 +934,7 @@ async fn follow<I: Io>(
     sb: &PreparedServiceBus,
     plan: &Plan<I::Bytes>,
     outcome: &crate::coalesce::Outcome,
-    bearer: &super::Bearer<'_>,
+    bearer: &Bearer<'_>,
     cx: &mut Cx<'_>,
     io: &I,
 ) -> Result<Reply<I::Stream>, Problem> {
@@ -992,12 +993,12 @@ async fn follow<I: Io>(
 }
 
 /// Phase 10: the caller's 202 with the message id(s), or for an event hub the number of events.
-pub fn answer<B, S>(sb: &PreparedServiceBus, plan: &Plan<B>) -> crate::pipeline::Answer<S> {
+pub fn answer<B, S>(sb: &PreparedServiceBus, plan: &Plan<B>) -> crate::exchange::Answer<S> {
     let body = match sb.flavor {
         Flavor::ServiceBus => accepted_body(sb.config.entity(), &plan.ids, sb.config.batch),
         Flavor::EventHubs => events_accepted_body(sb.config.entity(), plan.ids.len()),
     };
-    crate::pipeline::Answer::json(202, body)
+    crate::exchange::Answer::json(202, body)
 }
 
 /// Store-and-forward: the send as built (its `MessageId`s in `BrokerProperties` or the batch),
@@ -1006,7 +1007,7 @@ pub fn answer<B, S>(sb: &PreparedServiceBus, plan: &Plan<B>) -> crate::pipeline:
 pub fn stored<'p, B>(
     sb: &PreparedServiceBus,
     plan: &'p Plan<B>,
-) -> Option<crate::pipeline::StoredPlan<'p, B>> {
+) -> Option<crate::exchange::StoredPlan<'p, B>> {
     if sb.flavor != Flavor::ServiceBus {
         return None;
     }
@@ -1015,7 +1016,7 @@ pub fn stored<'p, B>(
         Payload::Text(t) => OutBody::Text(t),
         Payload::Empty => OutBody::Text(""),
     };
-    Some(crate::pipeline::StoredPlan {
+    Some(crate::exchange::StoredPlan {
         request: &plan.request,
         body,
         ids: plan.ids.clone(),
@@ -1111,9 +1112,9 @@ fn check_stored_broker(
 }
 
 /// The caller's 202 for a stored send: the message id(s) it will carry.
-pub fn queued<B, S>(sb: &PreparedServiceBus, plan: &Plan<B>) -> crate::pipeline::Answer<S> {
+pub fn queued<B, S>(sb: &PreparedServiceBus, plan: &Plan<B>) -> crate::exchange::Answer<S> {
     let body = ids_body("queued", sb.config.entity(), &plan.ids, sb.config.batch);
-    crate::pipeline::Answer::json(202, body)
+    crate::exchange::Answer::json(202, body)
 }
 
 /// The caller's 202 for events: Event Hubs answers 201 without ids, so there are none to give.
@@ -1284,6 +1285,40 @@ fn error_detail(body: &str) -> String {
         .map(|(d, _)| d)
         .unwrap_or("no reason given");
     super::log_detail(detail.split(" TrackingId:").next().unwrap_or(detail))
+}
+
+impl Backend for PreparedServiceBus {
+    type Plan<B> = Plan<B>;
+
+    async fn build<I: Io>(&self, cx: &mut Cx<'_>, io: &I) -> Result<Self::Plan<I::Bytes>, Problem> {
+        build(self, cx, io).await
+    }
+
+    async fn send<I: Io>(
+        &self,
+        plan: &Self::Plan<I::Bytes>,
+        bearer: &Bearer<'_>,
+        cx: &mut Cx<'_>,
+        io: &I,
+    ) -> Result<Reply<I::Stream>, Problem> {
+        send(self, plan, bearer, cx, io).await
+    }
+
+    fn answer<B, S>(&self, plan: &Self::Plan<B>, _reply: Reply<S>, _cx: &Cx<'_>) -> Answer<S> {
+        answer(self, plan)
+    }
+
+    fn request<'p, B>(&self, plan: &'p Self::Plan<B>) -> &'p BackendRequest {
+        plan.request()
+    }
+
+    fn stored<'p, B>(&self, plan: &'p Self::Plan<B>) -> Option<StoredPlan<'p, B>> {
+        stored(self, plan)
+    }
+
+    fn queued<B, S>(&self, plan: &Self::Plan<B>) -> Answer<S> {
+        queued(self, plan)
+    }
 }
 
 #[cfg(test)]

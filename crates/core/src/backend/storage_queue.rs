@@ -13,8 +13,10 @@ use std::cell::RefCell;
 
 use serde_json::json;
 
-use super::{BackendRequest, Verdict};
-use crate::pipeline::{Answer, BodyError, Cx, Io, Limit, OutBody, Reply};
+use super::Verdict;
+use crate::exchange::{
+    Answer, Backend, BackendRequest, Bearer, BodyError, Cx, Io, Limit, OutBody, Reply,
+};
 use crate::policy::prepared::PreparedStorageQueue;
 use crate::policy::{QueueEncoding, QUEUE_MESSAGE_MAX_BYTES};
 use crate::problem::Problem;
@@ -188,7 +190,7 @@ pub async fn build<I: Io>(
 pub async fn send<I: Io>(
     q: &PreparedStorageQueue,
     plan: &Plan,
-    bearer: &super::Bearer<'_>,
+    bearer: &Bearer<'_>,
     cx: &mut Cx<'_>,
     io: &I,
 ) -> Result<Reply<I::Stream>, Problem> {
@@ -331,7 +333,7 @@ pub fn error_detail(header_code: Option<&str>, body: &str) -> String {
     }
 }
 
-impl crate::pipeline::Backend for PreparedStorageQueue {
+impl Backend for PreparedStorageQueue {
     type Plan<B> = Plan;
 
     async fn build<I: Io>(&self, cx: &mut Cx<'_>, io: &I) -> Result<Self::Plan<I::Bytes>, Problem> {
@@ -341,7 +343,7 @@ impl crate::pipeline::Backend for PreparedStorageQueue {
     async fn send<I: Io>(
         &self,
         plan: &Self::Plan<I::Bytes>,
-        bearer: &super::Bearer<'_>,
+        bearer: &Bearer<'_>,
         cx: &mut Cx<'_>,
         io: &I,
     ) -> Result<Reply<I::Stream>, Problem> {

@@ -1,6 +1,7 @@
 //! The policy model of the two message backends beside Service Bus: Event Hubs and Storage
-//! queues (re-exported by [`super::model`], whose `Backend` enum names them), and what they
-//! resolve to (base URL, audience) with the defaults filled in.
+//! queues (re-exported by [`super::model`], whose `Backend` enum names them). What they
+//! resolve to (base URL, audience) with the defaults filled in is in [`super::resolve`], with
+//! the other backends'.
 //!
 //! Event Hubs' REST send is Service Bus's (same URL shape, headers and batch JSON), so an
 //! event hub route is prepared as a Service Bus backend of the Event Hubs flavour
@@ -13,10 +14,6 @@ use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "compile")]
 use schemars::JsonSchema;
-
-use super::cloud::EVENT_HUBS_AUDIENCE;
-use super::model::{Cloud, MessageMapping, ServiceBusBackend};
-use super::STORAGE_AUDIENCE;
 
 /// An event hub in an Event Hubs namespace.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,91 +124,8 @@ impl QueueEncoding {
     }
 }
 
-impl EventHubsBackend {
-    /// `https://{namespace}.servicebus.windows.net` or the explicit endpoint, no trailing slash.
-    pub fn base_url(&self, cloud: Cloud) -> String {
-        self.as_service_bus().base_url(cloud)
-    }
-
-    pub fn audience(&self) -> &str {
-        self.audience.as_deref().unwrap_or(EVENT_HUBS_AUDIENCE)
-    }
-
-    /// The mapping an event hub route sets: its `PartitionKey` and application properties.
-    pub fn mapping(&self) -> MessageMapping {
-        MessageMapping {
-            partition_key: self.partition_key.clone(),
-            properties: self.properties.clone(),
-            ..MessageMapping::default()
-        }
-    }
-
-    /// The Service Bus backend this event hub sends like: the same REST send to
-    /// `{namespace}/{hub}/messages`, with only what an event hub takes mapped.
-    pub fn as_service_bus(&self) -> ServiceBusBackend {
-        ServiceBusBackend {
-            namespace: self.namespace.clone(),
-            endpoint: self.endpoint.clone(),
-            queue: Some(self.hub.clone()),
-            topic: None,
-            identity: self.identity.clone(),
-            audience: Some(self.audience().to_owned()),
-            message: Some(self.mapping()),
-            batch: self.batch,
-            max_message_bytes: Some(self.max_message_bytes()),
-            // Event Hubs has none.
-            duplicate_detection: false,
-            coalesce: self.coalesce,
-            linger_ms: self.linger_ms,
-            max_batch_messages: self.max_batch_messages,
-        }
-    }
-
-    pub fn max_message_bytes(&self) -> u32 {
-        self.max_message_bytes
-            .unwrap_or(EVENT_HUBS_DEFAULT_MAX_MESSAGE_BYTES)
-    }
-}
-
 /// 1 MB: the largest event (or batch) Event Hubs takes from the Standard tier up.
 pub const EVENT_HUBS_DEFAULT_MAX_MESSAGE_BYTES: u32 = 1_048_576;
-
-impl StorageQueueBackend {
-    /// `https://{account}.queue.core.windows.net` or the explicit endpoint, no trailing slash.
-    pub fn base_url(&self, cloud: Cloud) -> String {
-        match (&self.endpoint, &self.account) {
-            (Some(endpoint), _) => endpoint.trim_end_matches('/').to_owned(),
-            (None, Some(account)) => format!("https://{account}.{}", cloud.queue_suffix()),
-            (None, None) => String::new(),
-        }
-    }
-
-    pub fn audience(&self) -> &str {
-        self.audience.as_deref().unwrap_or(STORAGE_AUDIENCE)
-    }
-
-    /// `{account}/{queue}/messages` with the route's fixed `visibilitytimeout` and `messagettl`.
-    pub fn send_url(&self, cloud: Cloud) -> String {
-        let mut url = format!("{}/{}/messages", self.base_url(cloud), self.queue);
-        let mut query = Vec::new();
-        if let Some(v) = self.visibility_timeout_seconds {
-            query.push(format!("visibilitytimeout={v}"));
-        }
-        if let Some(ttl) = self.message_ttl_seconds {
-            query.push(format!("messagettl={ttl}"));
-        }
-        if !query.is_empty() {
-            url.push('?');
-            url.push_str(&query.join("&"));
-        }
-        url
-    }
-
-    /// The largest body this route accepts.
-    pub fn max_body_bytes(&self) -> u32 {
-        self.max_body_bytes.unwrap_or(self.encoding.largest_body())
-    }
-}
 
 /// Azure's limit of one queue message's text, in bytes (after encoding).
 pub const QUEUE_MESSAGE_MAX_BYTES: u32 = 65_536;

@@ -8,13 +8,15 @@
 //! 2. shape, per route and per identity ([`read`]);
 //! 3. meaning ([`validate`]): names, references, hosts, templates, overlaps, protection;
 //!
-//! then [`prepared::compile`] turns the valid policy into the prepared form the worker embeds:
+//! then [`compile`] turns the valid policy into the prepared form the worker embeds:
 //! templates parsed, CIDRs, path matchers, URLs, token keys and key digests resolved. The
 //! worker only loads that ([`prepared::Prepared::load`]); no validation runs in the wasm.
 
 pub mod cloud;
 mod messaging;
 pub mod model;
+#[cfg(feature = "compile")]
+mod prepare;
 pub mod prepared;
 #[cfg(feature = "compile")]
 mod read;
@@ -28,6 +30,8 @@ use std::fmt;
 
 pub use cloud::{SERVICE_BUS_AUDIENCE, STORAGE_AUDIENCE};
 pub use model::*;
+#[cfg(feature = "compile")]
+pub use prepare::compile;
 #[cfg(feature = "compile")]
 pub use read::load;
 
@@ -52,6 +56,16 @@ impl fmt::Display for PolicyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.path, self.message)
     }
+}
+
+/// What an error says instead of a value that may be a secret.
+#[cfg(feature = "compile")]
+const NOT_SHOWN: &str = "not shown: it may be a secret";
+
+/// A string that may be a secret, described without its content (for an error's message).
+#[cfg(feature = "compile")]
+fn hidden_string(s: &str) -> String {
+    format!("a string of {} characters ({NOT_SHOWN})", s.chars().count())
 }
 
 /// The report of an invalid policy, exactly as `policy check` prints it (and build.rs, which

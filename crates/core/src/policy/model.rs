@@ -256,8 +256,7 @@ pub struct BreakerSettings {
 
 impl BreakerSettings {
     /// The settings with their defaults filled in.
-    pub fn resolve(settings: Option<&BreakerSettings>) -> crate::breaker::BreakerConfig {
-        use crate::breaker::*;
+    pub fn resolve(settings: Option<&BreakerSettings>) -> BreakerConfig {
         let s = settings.copied().unwrap_or(BreakerSettings {
             failures: None,
             window_seconds: None,
@@ -271,6 +270,37 @@ impl BreakerSettings {
         }
     }
 }
+
+/// A route's breaker settings, resolved at build time (what the runtime's breakers,
+/// [`crate::breaker`], read).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BreakerConfig {
+    /// Failures that open the route's own scopes; 0: no breaker at all on this route.
+    pub failures: u32,
+    /// The failures must fall within this many milliseconds of the first.
+    pub window_ms: f64,
+    /// How long an open breaker fails calls fast, in milliseconds, when Azure did not say.
+    pub cooldown_ms: f64,
+    /// The route's backend URL path is built from the request, so its calls go to many
+    /// resources (decided at build time).
+    pub many_resources: bool,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            failures: DEFAULT_FAILURES,
+            window_ms: f64::from(DEFAULT_WINDOW_SECONDS) * 1000.0,
+            cooldown_ms: f64::from(DEFAULT_COOLDOWN_SECONDS) * 1000.0,
+            many_resources: false,
+        }
+    }
+}
+
+/// A route's breaker settings when it sets none (`breaker`): failures, window and cool-down.
+pub const DEFAULT_FAILURES: u32 = 5;
+pub const DEFAULT_WINDOW_SECONDS: u32 = 30;
+pub const DEFAULT_COOLDOWN_SECONDS: u32 = 30;
 
 /// HTTP methods a route may accept (`OPTIONS` is the gateway's own, for CORS).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::model::*;
-use super::{validate, PolicyError};
+use super::{hidden_string, validate, PolicyError, NOT_SHOWN};
 
 /// Reads and validates a policy. `Err` holds every error found, in file order where possible.
 pub fn load(text: &str) -> Result<Policy, Vec<PolicyError>> {
@@ -326,13 +326,6 @@ fn plain_expected(expected: &str) -> String {
     } else {
         expected.to_owned()
     }
-}
-
-const NOT_SHOWN: &str = "not shown: it may be a secret";
-
-/// A string that may be a secret, described without its content.
-pub(crate) fn hidden_string(s: &str) -> String {
-    format!("a string of {} characters ({NOT_SHOWN})", s.chars().count())
 }
 
 /// A value under a secret-bearing path, described by its JSON type and size only.

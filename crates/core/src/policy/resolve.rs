@@ -1,13 +1,14 @@
 //! What a validated backend resolves to: its base URL, entity and token audience, with the
 //! defaults filled in. Used by `policy explain` and by the backends that build requests.
 
-use super::cloud::Service;
+use super::cloud::{Service, EVENT_HUBS_AUDIENCE};
 use super::model::{
-    AzureRestBackend, Backend, BlobBackend, Cloud, Credential, Identity, Inbound, Policy, Route,
-    ServiceBusBackend,
+    AzureRestBackend, Backend, BlobBackend, Cloud, Credential, EventHubsBackend, Identity, Inbound,
+    MessageMapping, Policy, Route, ServiceBusBackend, StorageQueueBackend,
+    EVENT_HUBS_DEFAULT_MAX_MESSAGE_BYTES,
 };
 use super::{SERVICE_BUS_AUDIENCE, STORAGE_AUDIENCE};
-use crate::backend::azure_rest::RestUrl;
+use crate::backend::azure_rest::url::RestUrl;
 
 impl ServiceBusBackend {
     /// `https://{namespace}.servicebus.windows.net` or the explicit endpoint, no trailing slash.
@@ -165,5 +166,88 @@ impl Policy {
             .as_ref()
             .map(|i| i.over(&defaults))
             .unwrap_or(defaults)
+    }
+}
+
+impl EventHubsBackend {
+    /// `https://{namespace}.servicebus.windows.net` or the explicit endpoint, no trailing slash.
+    pub fn base_url(&self, cloud: Cloud) -> String {
+        self.as_service_bus().base_url(cloud)
+    }
+
+    pub fn audience(&self) -> &str {
+        self.audience.as_deref().unwrap_or(EVENT_HUBS_AUDIENCE)
+    }
+
+    /// The mapping an event hub route sets: its `PartitionKey` and application properties.
+    pub fn mapping(&self) -> MessageMapping {
+        MessageMapping {
+            partition_key: self.partition_key.clone(),
+            properties: self.properties.clone(),
+            ..MessageMapping::default()
+        }
+    }
+
+    /// The Service Bus backend this event hub sends like: the same REST send to
+    /// `{namespace}/{hub}/messages`, with only what an event hub takes mapped.
+    pub fn as_service_bus(&self) -> ServiceBusBackend {
+        ServiceBusBackend {
+            namespace: self.namespace.clone(),
+            endpoint: self.endpoint.clone(),
+            queue: Some(self.hub.clone()),
+            topic: None,
+            identity: self.identity.clone(),
+            audience: Some(self.audience().to_owned()),
+            message: Some(self.mapping()),
+            batch: self.batch,
+            max_message_bytes: Some(self.max_message_bytes()),
+            // Event Hubs has none.
+            duplicate_detection: false,
+            coalesce: self.coalesce,
+            linger_ms: self.linger_ms,
+            max_batch_messages: self.max_batch_messages,
+        }
+    }
+
+    pub fn max_message_bytes(&self) -> u32 {
+        self.max_message_bytes
+            .unwrap_or(EVENT_HUBS_DEFAULT_MAX_MESSAGE_BYTES)
+    }
+}
+
+impl StorageQueueBackend {
+    /// `https://{account}.queue.core.windows.net` or the explicit endpoint, no trailing slash.
+    pub fn base_url(&self, cloud: Cloud) -> String {
+        match (&self.endpoint, &self.account) {
+            (Some(endpoint), _) => endpoint.trim_end_matches('/').to_owned(),
+            (None, Some(account)) => format!("https://{account}.{}", cloud.queue_suffix()),
+            (None, None) => String::new(),
+        }
+    }
+
+    pub fn audience(&self) -> &str {
+        self.audience.as_deref().unwrap_or(STORAGE_AUDIENCE)
+    }
+
+    /// `{account}/{queue}/messages` with the route's fixed `visibilitytimeout` and `messagettl`.
+    pub fn send_url(&self, cloud: Cloud) -> String {
+        let mut url = format!("{}/{}/messages", self.base_url(cloud), self.queue);
+        let mut query = Vec::new();
+        if let Some(v) = self.visibility_timeout_seconds {
+            query.push(format!("visibilitytimeout={v}"));
+        }
+        if let Some(ttl) = self.message_ttl_seconds {
+            query.push(format!("messagettl={ttl}"));
+        }
+        if !query.is_empty() {
+            url.push('?');
+            url.push_str(&query.join("&"));
+        }
+        url
+    }
+
+    /// The largest body this route accepts.
+    pub fn max_body_bytes(&self) -> u32 {
+        self.max_body_bytes.unwrap_or(self.encoding.largest_body())
     }
 }

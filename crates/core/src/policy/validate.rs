@@ -7,90 +7,19 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::model::*;
-use super::read::hidden_string;
-use super::PolicyError;
 use super::STORAGE_AUDIENCE;
+use super::{hidden_string, PolicyError};
 use crate::encoding::is_header_name;
 use crate::routing::PathTemplate;
-use crate::template::{Template, Var};
 
+mod common;
 mod queues;
 
-/// A URL split into the parts the policy cares about.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Url<'a> {
-    pub scheme: &'a str,
-    pub host: &'a str,
-    pub port: Option<u16>,
-    pub path: &'a str,
-}
-
-impl<'a> Url<'a> {
-    /// Parses `scheme://host[:port][/path]`; no user info, query or fragment.
-    pub fn parse(s: &'a str) -> Option<Url<'a>> {
-        let (scheme, rest) = s.split_once("://")?;
-        if !matches!(scheme, "http" | "https") || s.contains(['?', '#', '@', ' ', '\\']) {
-            return None;
-        }
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, ""),
-        };
-        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let end = v6.find(']')?;
-            let port = v6[end + 1..].strip_prefix(':');
-            (&authority[..end + 2], port)
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (authority, None),
-            }
-        };
-        let port = match port {
-            Some(p) => Some(p.parse::<u16>().ok()?),
-            None => None,
-        };
-        let host_ok = !host.is_empty()
-            && host.bytes().all(|b| {
-                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':')
-            });
-        host_ok.then_some(Url {
-            scheme,
-            host,
-            port,
-            path,
-        })
-    }
-
-    /// `scheme://host:port` with the scheme's default port made explicit, for comparison.
-    pub fn origin(&self) -> String {
-        let port = self
-            .port
-            .unwrap_or(if self.scheme == "https" { 443 } else { 80 });
-        format!(
-            "{}://{}:{}",
-            self.scheme,
-            self.host.to_ascii_lowercase(),
-            port
-        )
-    }
-}
-
-struct Checker<'p> {
-    policy: &'p Policy,
-    local_origins: BTreeSet<String>,
-    errors: Vec<PolicyError>,
-}
-
-impl Checker<'_> {
-    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.errors.push(PolicyError::new(path, message));
-    }
-
-    fn is_local(&self, url: &Url) -> bool {
-        self.local_origins.contains(&url.origin())
-    }
-}
+use common::{
+    check_audience, check_endpoint, check_identity_ref, check_message_mapping,
+    check_storage_account, check_template, check_vars, is_container, is_entity, is_guid, is_name,
+    is_namespace, is_tenant, Checker, Scope, Url,
+};
 
 /// Validates a policy whose shape has been read. `route_positions[i]` is the index in the file
 /// of `policy.routes[i]`; identities named in `unreadable_identities` exist in the file but
@@ -666,119 +595,6 @@ fn check_effective_inbound(c: &mut Checker, at: &str, route: &Route) {
     }
 }
 
-fn check_identity_ref(c: &mut Checker, at: &str, name: &str, unreadable: &BTreeSet<String>) {
-    if c.policy.identities.contains_key(name) || unreadable.contains(name) {
-        return;
-    }
-    // At most a few names: many routes may name a missing identity among many.
-    const LISTED: usize = 10;
-    let ids = &c.policy.identities;
-    let names: Vec<&str> = ids.keys().take(LISTED).map(String::as_str).collect();
-    let defined = match ids.len() {
-        0 => "none is defined".to_owned(),
-        n if n <= LISTED => format!("defined: {}", names.join(", ")),
-        n => format!("defined: {} and {} more", names.join(", "), n - LISTED),
-    };
-    c.err(
-        format!("{at}.identity"),
-        format!("the name of an identity under \"identities\" ({defined}), got \"{name}\""),
-    );
-}
-
-/// A storage account's name (or its explicit endpoint) for a Storage service with this host
-/// suffix.
-fn check_storage_account(
-    c: &mut Checker,
-    at: &str,
-    account: Option<&str>,
-    endpoint: Option<&str>,
-    suffix: &str,
-) {
-    if let Some(account) = account {
-        if !is_account(account) {
-            c.err(
-                format!("{at}.account"),
-                format!(
-                    "a storage account name: 3-24 lowercase letters or digits, got \"{account}\""
-                ),
-            );
-        }
-    }
-    check_endpoint(c, at, "account", account, endpoint, suffix, true);
-}
-
-/// Checks `namespace`/`account` against `endpoint`: exactly one, and the endpoint's host is
-/// this cloud's host for the service or a declared local endpoint.
-fn check_endpoint(
-    c: &mut Checker,
-    at: &str,
-    name_field: &str,
-    name: Option<&str>,
-    endpoint: Option<&str>,
-    suffix: &str,
-    allow_path: bool,
-) {
-    match (name, endpoint) {
-        (Some(_), Some(_)) => c.err(
-            at,
-            format!("either \"{name_field}\" or \"endpoint\", not both"),
-        ),
-        (None, None) => c.err(
-            at,
-            format!("\"{name_field}\" (the Azure resource name) or \"endpoint\" (a URL)"),
-        ),
-        (None, Some(endpoint)) => {
-            let at = format!("{at}.endpoint");
-            let Some(url) = Url::parse(endpoint) else {
-                c.err(at, format!("an absolute https:// URL, got \"{endpoint}\""));
-                return;
-            };
-            if c.is_local(&url) {
-                if !(allow_path || url.path.is_empty() || url.path == "/") {
-                    c.err(at, format!("a URL without a path, got \"{endpoint}\""));
-                }
-                return;
-            }
-            let azure_host = url
-                .host
-                .to_ascii_lowercase()
-                .strip_suffix(suffix)
-                .is_some_and(|h| h.ends_with('.') && h.len() > 1);
-            if url.scheme != "https"
-                || !azure_host
-                || url.port.is_some_and(|p| p != 443)
-                || !(url.path.is_empty() || url.path == "/")
-            {
-                c.err(
-                    at,
-                    format!("https://NAME.{suffix} (the host of this cloud, no path) or an origin listed in local_endpoints, got \"{endpoint}\""),
-                );
-            }
-        }
-        (Some(_), None) => {}
-    }
-}
-
-fn check_audience(
-    c: &mut Checker,
-    at: &str,
-    audience: Option<&str>,
-    allowed: &[String],
-    kind: &str,
-) {
-    let Some(audience) = audience else { return };
-    let trimmed = audience.strip_suffix('/').unwrap_or(audience);
-    if !allowed.iter().any(|a| a.as_str() == trimmed) {
-        c.err(
-            format!("{at}.audience"),
-            format!(
-                "an audience {kind} accepts: {}, got \"{audience}\"",
-                allowed.join(" or ")
-            ),
-        );
-    }
-}
-
 fn check_service_bus(
     c: &mut Checker,
     at: &str,
@@ -832,57 +648,6 @@ fn check_service_bus(
         allowed.push(format!("https://{ns}.{}", cloud.service_bus_suffix()));
     }
     check_audience(c, at, sb.audience.as_deref(), &allowed, "Service Bus");
-}
-
-/// Headers a message property may not be named as: they mean something to HTTP or to Service Bus.
-const RESERVED_PROPERTY_NAMES: &[&str] = &[
-    "authorization",
-    "brokerproperties",
-    "content-type",
-    "content-length",
-    "content-encoding",
-    "host",
-    "connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "expect",
-    "x-ms-version",
-    "user-agent",
-];
-
-fn check_message_mapping(c: &mut Checker, at: &str, m: &MessageMapping, scope: &Scope) {
-    let fields = [
-        ("message_id", &m.message_id),
-        ("correlation_id", &m.correlation_id),
-        ("session_id", &m.session_id),
-        ("partition_key", &m.partition_key),
-        ("label", &m.label),
-        ("to", &m.to),
-        ("reply_to", &m.reply_to),
-        ("scheduled_enqueue_time_utc", &m.scheduled_enqueue_time_utc),
-    ];
-    for (field, template) in fields {
-        if let Some(text) = template {
-            check_template(c, &format!("{at}.{field}"), text, scope);
-        }
-    }
-    if m.time_to_live == Some(0) {
-        c.err(
-            format!("{at}.time_to_live"),
-            "a time to live of at least 1 second, got 0",
-        );
-    }
-    for (name, text) in &m.properties {
-        let path = format!("{at}.properties.{name}");
-        if !is_header_name(name)
-            || RESERVED_PROPERTY_NAMES.contains(&name.to_ascii_lowercase().as_str())
-        {
-            c.err(&path, format!("a property name that is an HTTP header name and not one HTTP or Service Bus reserves, got \"{name}\""));
-        }
-        check_template(c, &path, text, scope);
-    }
 }
 
 fn check_blob(
@@ -997,72 +762,6 @@ const MAX_BLOB_BYTES: u64 = 5_000 * 1024 * 1024 * 1024;
 const MAX_BLOCKS_PER_BLOB: u64 = 50_000;
 const MIN_BLOCK_BYTES: u64 = 64 * 1024;
 const MAX_BLOCK_BYTES: u64 = crate::backend::blob::MAX_BLOCK_BYTES as u64;
-
-/// Parses a template and checks that every `{path.NAME}` is a parameter of the route's path.
-fn check_template(c: &mut Checker, at: &str, text: &str, scope: &Scope) -> Option<Template> {
-    let template = match Template::parse(text) {
-        Ok(t) => t,
-        Err(e) => {
-            c.err(at, e);
-            return None;
-        }
-    };
-    if let Some(var) = template
-        .vars()
-        .find(|v| matches!(v, Var::Body | Var::BodyBase64))
-    {
-        if !scope.body {
-            c.err(
-                at,
-                format!("{var} only in the body template of an azure_rest route"),
-            );
-        }
-    }
-    check_vars(c, at, template.vars(), scope);
-    Some(template)
-}
-
-/// Checks that each `{path.NAME}` names a parameter of the route's path and that `{jwt.…}`
-/// is used only where a JWT is checked.
-fn check_vars<'v>(c: &mut Checker, at: &str, vars: impl Iterator<Item = &'v Var>, scope: &Scope) {
-    let vars: Vec<&Var> = vars.collect();
-    for &var in &vars {
-        if let Var::Path(name) = var {
-            if scope.path_ok && !scope.params.contains(name.as_str()) {
-                let have: Vec<&str> = scope.params.iter().copied().collect();
-                let have = if have.is_empty() {
-                    "the path has none".to_owned()
-                } else {
-                    format!("the path has {}", have.join(", "))
-                };
-                c.err(
-                    at,
-                    format!(
-                        "{{path.NAME}} naming a parameter of the route's path ({have}), got {var}"
-                    ),
-                );
-            }
-        }
-    }
-    if !scope.jwt {
-        if let Some(var) = vars.iter().find(|v| matches!(v, Var::Jwt(_))) {
-            c.err(
-                at,
-                format!("{{jwt.CLAIM}} only on a route with a \"jwt\" inbound check, got {var}"),
-            );
-        }
-    }
-}
-
-/// What a route's templates may name: its path parameters, JWT claims when it checks a JWT,
-/// and the body in an `azure_rest` body template.
-#[derive(Clone)]
-struct Scope<'a> {
-    params: BTreeSet<&'a str>,
-    path_ok: bool,
-    jwt: bool,
-    body: bool,
-}
 
 fn check_blob_template(c: &mut Checker, at: &str, text: &str, scope: &Scope) {
     let Some(template) = check_template(c, at, text, scope) else {
@@ -1179,8 +878,9 @@ fn check_azure_rest(
     scope: &Scope,
     unreadable: &BTreeSet<String>,
 ) {
-    use crate::backend::azure_rest::{self as ar, BodyFormat, RestUrl};
+    use crate::backend::azure_rest::{self as ar, url::RestUrl};
     use crate::policy::cloud::Versioning;
+    use crate::template::BodyFormat;
     let cloud = c.policy.cloud;
     check_identity_ref(c, at, &rest.identity, unreadable);
     let url = match RestUrl::parse(&rest.url) {
@@ -1558,64 +1258,6 @@ fn check_azure_operation(
             }
         }
     }
-}
-
-fn is_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
-fn is_guid(s: &str) -> bool {
-    let groups: Vec<&str> = s.split('-').collect();
-    groups.len() == 5
-        && groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
-        && groups
-            .iter()
-            .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
-}
-
-fn is_tenant(s: &str) -> bool {
-    is_guid(s)
-        || (s.contains('.')
-            && s.len() <= 253
-            && s.split('.').all(|l| {
-                !l.is_empty()
-                    && !l.starts_with('-')
-                    && !l.ends_with('-')
-                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            }))
-}
-
-fn is_namespace(s: &str) -> bool {
-    (6..=50).contains(&s.len())
-        && s.starts_with(|ch: char| ch.is_ascii_alphabetic())
-        && s.ends_with(|ch: char| ch.is_ascii_alphanumeric())
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-}
-
-fn is_entity(s: &str) -> bool {
-    (1..=260).contains(&s.len())
-        && !s.starts_with('/')
-        && !s.ends_with('/')
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'/'))
-}
-
-fn is_account(s: &str) -> bool {
-    (3..=24).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-}
-
-fn is_container(s: &str) -> bool {
-    (3..=63).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-        && !s.contains("--")
 }
 
 /// Group commit's settings: not on a route that sends the caller's own batch, a linger of at

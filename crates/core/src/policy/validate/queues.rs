@@ -3,9 +3,9 @@
 
 use std::collections::BTreeSet;
 
-use super::{
-    check_audience, check_endpoint, check_identity_ref, check_message_mapping, is_container,
-    is_namespace, Checker, Scope,
+use super::common::{
+    check_audience, check_endpoint, check_identity_ref, check_message_mapping,
+    check_storage_account, is_container, is_namespace, Checker, Scope,
 };
 use crate::policy::cloud::EVENT_HUBS_AUDIENCE;
 use crate::policy::model::{
@@ -72,7 +72,7 @@ pub(super) fn check_storage_queue(
     unreadable: &BTreeSet<String>,
 ) {
     let cloud = c.policy.cloud;
-    super::check_storage_account(
+    check_storage_account(
         c,
         at,
         q.account.as_deref(),
