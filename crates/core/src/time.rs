@@ -1,5 +1,6 @@
 //! Time as plain numbers: milliseconds since the Unix epoch, passed in by the edge (the core
-//! never reads a clock, so tests use a fake one). Formatting for `x-ms-date` and templates.
+//! never reads a clock, so tests use a fake one). Formatting for `x-ms-date` and templates;
+//! the calendar from the `time` crate.
 
 /// Civil date and time (UTC) of a Unix time in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,28 +16,25 @@ pub struct Utc {
 }
 
 impl Utc {
+    /// From the `time` crate's calendar; its years are -9999 to 9999, and an instant outside
+    /// them is taken as the nearest it has.
     pub fn from_millis(ms: f64) -> Utc {
-        let secs = (ms / 1000.0).floor() as i64;
-        let days = secs.div_euclid(86_400);
-        let rem = secs.rem_euclid(86_400);
-        // Howard Hinnant's civil_from_days.
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z.rem_euclid(146_097);
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-        let year = yoe + era * 400 + i64::from(month <= 2);
+        let (first, last) = (
+            time::UtcDateTime::MIN.unix_timestamp(),
+            time::UtcDateTime::MAX.unix_timestamp(),
+        );
+        // Not `clamp`: its assertion on bounds it cannot see brings `Debug` for `i64` into the wasm.
+        let secs = ((ms / 1000.0).floor() as i64).max(first).min(last);
+        let t =
+            time::UtcDateTime::from_unix_timestamp(secs).unwrap_or(time::UtcDateTime::UNIX_EPOCH);
         Utc {
-            year,
-            month,
-            day,
-            hour: (rem / 3600) as u32,
-            minute: (rem % 3600 / 60) as u32,
-            second: (rem % 60) as u32,
-            weekday: (days + 4).rem_euclid(7) as u32,
+            year: i64::from(t.year()),
+            month: u32::from(u8::from(t.month())),
+            day: u32::from(t.day()),
+            hour: u32::from(t.hour()),
+            minute: u32::from(t.minute()),
+            second: u32::from(t.second()),
+            weekday: u32::from(t.weekday().number_days_from_sunday()),
         }
     }
 
