@@ -1,5 +1,20 @@
-//! Small encodings the gateway needs and that are not worth a dependency each: base64
-//! (standard and URL-safe), `application/x-www-form-urlencoded`, and PEM.
+//! Small encodings the gateway needs: base64 (standard and URL-safe),
+//! `application/x-www-form-urlencoded` and percent-encoding (the `form_urlencoded` and
+//! `percent-encoding` crates), and PEM.
+
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
+
+/// What a URL path segment or query value keeps as it is: RFC 3986's unreserved characters.
+pub const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Appends `value` to `out`, every byte but [`UNRESERVED`]'s percent-encoded (`%XX`, upper case).
+pub fn push_percent_encoded(out: &mut String, value: &str) {
+    out.extend(percent_encoding::utf8_percent_encode(value, UNRESERVED));
+}
 
 const STANDARD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 const URL_SAFE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
@@ -130,26 +145,14 @@ pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
 
 /// Percent-encodes a value for an `application/x-www-form-urlencoded` body.
 pub fn form_encode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
-                out.push(b as char)
-            }
-            b' ' => out.push('+'),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
+    form_urlencoded::byte_serialize(value.as_bytes()).collect()
 }
 
 /// A form body from name/value pairs.
 pub fn form(pairs: &[(&str, &str)]) -> String {
-    pairs
-        .iter()
-        .map(|(k, v)| format!("{}={}", form_encode(k), form_encode(v)))
-        .collect::<Vec<_>>()
-        .join("&")
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish()
 }
 
 /// The name/value pairs of a query string (`a=1&b=x+y`), `+` and `%XX` decoded. A pair
