@@ -1,5 +1,20 @@
-//! Small encodings the gateway needs and that are not worth a dependency each: base64
-//! (standard and URL-safe), `application/x-www-form-urlencoded`, and PEM.
+//! Small encodings the gateway needs: base64 (standard and URL-safe),
+//! `application/x-www-form-urlencoded` and percent-encoding (the `form_urlencoded` and
+//! `percent-encoding` crates), and PEM.
+
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
+
+/// What a URL path segment or query value keeps as it is: RFC 3986's unreserved characters.
+pub const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Appends `value` to `out`, every byte but [`UNRESERVED`]'s percent-encoded (`%XX`, upper case).
+pub fn push_percent_encoded(out: &mut String, value: &str) {
+    out.extend(percent_encoding::utf8_percent_encode(value, UNRESERVED));
+}
 
 const STANDARD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 const URL_SAFE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
@@ -130,46 +145,34 @@ pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
 
 /// Percent-encodes a value for an `application/x-www-form-urlencoded` body.
 pub fn form_encode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
-                out.push(b as char)
-            }
-            b' ' => out.push('+'),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
+    form_urlencoded::byte_serialize(value.as_bytes()).collect()
 }
 
 /// A form body from name/value pairs.
 pub fn form(pairs: &[(&str, &str)]) -> String {
-    pairs
-        .iter()
-        .map(|(k, v)| format!("{}={}", form_encode(k), form_encode(v)))
-        .collect::<Vec<_>>()
-        .join("&")
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish()
 }
 
 /// Decodes `%XX` escapes; `None` for a malformed escape or a result that is not UTF-8.
 pub fn percent_decode(s: &str) -> Option<String> {
+    // The crate passes a `%` without two hex digits after it through as it is: here it is an
+    // error, checked first.
     let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3)?;
-            let hi = (hex[0] as char).to_digit(16)?;
-            let lo = (hex[1] as char).to_digit(16)?;
-            out.push((hi * 16 + lo) as u8);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    let well_formed = bytes.iter().enumerate().all(|(i, &b)| {
+        b != b'%'
+            || bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !well_formed {
+        return None;
     }
-    String::from_utf8(out).ok()
+    percent_encoding::percent_decode(bytes)
+        .decode_utf8()
+        .ok()
+        .map(std::borrow::Cow::into_owned)
 }
 
 /// The name/value pairs of a query string (`a=1&b=x+y`), `+` and `%XX` decoded. A pair

@@ -79,14 +79,7 @@ pub fn encode_blob_name(name: &str) -> Result<String, Problem> {
 
 fn encode_segment(seg: &str) -> String {
     let mut out = String::with_capacity(seg.len());
-    for b in seg.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                out.push(b as char)
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
+    crate::encoding::push_percent_encoded(&mut out, seg);
     out
 }
 

@@ -246,13 +246,7 @@ impl RestUrl {
 
 /// Percent-encodes every byte but RFC 3986's unreserved characters.
 pub fn percent_encode(value: &str, out: &mut String) {
-    for b in value.bytes() {
-        if is_unreserved(b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
+    crate::encoding::push_percent_encoded(out, value);
 }
 
 /// A value a request template needs is not in the request.
