@@ -119,20 +119,39 @@ pub fn base64url(bytes: &[u8]) -> String {
     encode_with(bytes, URL_SAFE, false)
 }
 
+/// Each byte's base64 value (both alphabets), or what to do with it: skip (`=`, ASCII
+/// whitespace) or refuse.
+const SKIP: u8 = 0xFE;
+const BAD: u8 = 0xFF;
+const DECODE: [u8; 256] = {
+    let mut table = [BAD; 256];
+    let mut i = 0;
+    while i < 64 {
+        table[STANDARD[i] as usize] = i as u8;
+        table[URL_SAFE[i] as usize] = i as u8;
+        i += 1;
+    }
+    let skipped = *b"= \t\n\x0c\r";
+    let mut k = 0;
+    while k < skipped.len() {
+        table[skipped[k] as usize] = SKIP;
+        k += 1;
+    }
+    table
+};
+
 /// Decodes standard or URL-safe base64, padded or not, ignoring ASCII whitespace.
 pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(text.len() * 3 / 4);
     let (mut acc, mut bits) = (0u32, 0u32);
-    for c in text.bytes().filter(|c| !c.is_ascii_whitespace()) {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            b'=' => continue,
-            _ => return None,
-        };
+    for &c in text.as_bytes() {
+        let v = DECODE[c as usize];
+        if v >= SKIP {
+            if v == BAD {
+                return None;
+            }
+            continue;
+        }
         acc = (acc << 6) | u32::from(v);
         bits += 6;
         if bits >= 8 {
