@@ -115,6 +115,7 @@ describe('azure_rest through the gateway', { timeout: 600_000 }, () => {
     assert.ok(!/operation|subscriptions|127\.0\.0\.1/.test(bytes.toString('latin1')), 'the handle is encrypted');
     // version 2 ‖ 24-byte nonce ‖ ciphertext ‖ 16-byte tag (XChaCha20-Poly1305)
     assert.equal(bytes[0], 2);
+    assert.ok(bytes.subarray(1, 25).some((b) => b !== 0), 'the nonce came from crypto.getRandomValues, not zeros');
     const changed = (at) => { const b = Buffer.from(bytes); b[at] ^= 1; return b.toString('base64url'); };
     const olderFormat = `${bytes.subarray(25, -16).toString('base64url')}.${bytes.subarray(-16).toString('base64url')}`;
     for (const bad of [changed(bytes.length - 3), changed(5), changed(0), sealed.slice(0, -4), olderFormat, 'nonsense']) {
