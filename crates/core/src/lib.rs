@@ -24,6 +24,7 @@ pub mod policy;
 pub mod problem;
 pub mod retry;
 pub mod routing;
+pub mod sas;
 pub mod store;
 pub mod template;
 pub mod time;

@@ -1,0 +1,252 @@
+//! User delegation SAS (the valet key): a URL that lets its holder do one thing to one blob,
+//! signed with a user delegation key the gateway's identity obtained from Storage. Only the
+//! string-to-sign and the URL are built here; the HMAC comes from [`crate::crypto`].
+//!
+//! The signed version is fixed: [`SAS_VERSION`] (2025-11-05), whose string-to-sign has 26 lines
+//! (Azure's "Create a user delegation SAS", version 2025-07-05 and later: `skdutid` and `sduoid`
+//! after `scid`). It is the newest version Azurite verifies (the 28-line 2026-10-06 form is
+//! refused there), so the same URL is checked locally and accepted by Azure.
+
+/// The `sv` of every URL minted here, and the `x-ms-version` of the Get User Delegation Key call.
+pub const SAS_VERSION: &str = "2025-11-05";
+
+/// A user delegation key as Get User Delegation Key answers it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DelegationKey {
+    pub signed_oid: String,
+    pub signed_tid: String,
+    pub signed_start: String,
+    pub signed_expiry: String,
+    pub signed_service: String,
+    pub signed_version: String,
+    /// The key itself, base64 as Storage sends it. Never logged, never shown.
+    pub value: String,
+}
+
+/// Reads the answer of Get User Delegation Key (`<UserDelegationKey>…`); `None` when a field is
+/// missing.
+pub fn parse_delegation_key(xml: &str) -> Option<DelegationKey> {
+    let field = |name: &str| -> Option<String> {
+        let open = format!("<{name}>");
+        let close = format!("</{name}>");
+        let start = xml.find(&open)? + open.len();
+        let end = start + xml[start..].find(&close)?;
+        Some(xml[start..end].trim().to_owned())
+    };
+    Some(DelegationKey {
+        signed_oid: field("SignedOid")?,
+        signed_tid: field("SignedTid")?,
+        signed_start: field("SignedStart")?,
+        signed_expiry: field("SignedExpiry")?,
+        signed_service: field("SignedService")?,
+        signed_version: field("SignedVersion")?,
+        value: field("Value")?,
+    })
+}
+
+/// The body of Get User Delegation Key for a key valid from `start` to `expiry` (ISO 8601, UTC,
+/// to the second).
+pub fn key_request_body(start: &str, expiry: &str) -> String {
+    format!(
+        "<?xml version=\"1.0\" encoding=\"utf-8\"?><KeyInfo><Start>{start}</Start><Expiry>{expiry}</Expiry></KeyInfo>"
+    )
+}
+
+/// What one URL allows: a closed set, never a permission string from a caller or a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permission {
+    /// `c`: create a new blob; cannot overwrite one, cannot read.
+    Create,
+    /// `cw`: create or overwrite.
+    CreateWrite,
+    /// `r`: read.
+    Read,
+}
+
+impl Permission {
+    pub fn sp(self) -> &'static str {
+        match self {
+            Permission::Create => "c",
+            Permission::CreateWrite => "cw",
+            Permission::Read => "r",
+        }
+    }
+}
+
+/// One blob SAS to mint.
+#[derive(Debug, Clone)]
+pub struct BlobSas<'a> {
+    pub account: &'a str,
+    pub container: &'a str,
+    /// The blob's name, unencoded (the string-to-sign carries it as it is).
+    pub blob: &'a str,
+    pub permission: Permission,
+    pub start: &'a str,
+    pub expiry: &'a str,
+    /// `sip`: an address or range the URL is limited to (Azurite does not enforce it).
+    pub ip: Option<&'a str>,
+    /// `spr`: `https`, or `https,http` for a local endpoint.
+    pub protocol: &'a str,
+    /// `rscd`, `rsct`: response overrides for reads.
+    pub content_disposition: Option<&'a str>,
+    pub content_type: Option<&'a str>,
+}
+
+/// The string-to-sign of `sas` under `key`, in the documented order for [`SAS_VERSION`].
+pub fn string_to_sign(sas: &BlobSas<'_>, key: &DelegationKey) -> String {
+    let resource = format!("/blob/{}/{}/{}", sas.account, sas.container, sas.blob);
+    [
+        sas.permission.sp(),
+        sas.start,
+        sas.expiry,
+        &resource,
+        &key.signed_oid,
+        &key.signed_tid,
+        &key.signed_start,
+        &key.signed_expiry,
+        &key.signed_service,
+        &key.signed_version,
+        "", // saoid
+        "", // suoid
+        "", // scid
+        "", // skdutid
+        "", // sduoid
+        sas.ip.unwrap_or_default(),
+        sas.protocol,
+        SAS_VERSION,
+        "b", // sr
+        "",  // snapshot time
+        "",  // ses
+        "",  // rscc
+        sas.content_disposition.unwrap_or_default(),
+        "", // rsce
+        "", // rscl
+        sas.content_type.unwrap_or_default(),
+    ]
+    .join("\n")
+}
+
+/// The SAS query string (without `?`) of `sas` under `key`: what the URL of the blob carries.
+/// `None` when the key's value is not base64.
+pub fn query(sas: &BlobSas<'_>, key: &DelegationKey) -> Option<String> {
+    let secret = crate::encoding::base64_decode(&key.value)?;
+    let signature = crate::encoding::base64(&crate::crypto::hmac_sha256(
+        &secret,
+        string_to_sign(sas, key).as_bytes(),
+    ));
+    let mut pairs: Vec<(&str, &str)> = vec![
+        ("sp", sas.permission.sp()),
+        ("st", sas.start),
+        ("se", sas.expiry),
+        ("skoid", &key.signed_oid),
+        ("sktid", &key.signed_tid),
+        ("skt", &key.signed_start),
+        ("ske", &key.signed_expiry),
+        ("sks", &key.signed_service),
+        ("skv", &key.signed_version),
+    ];
+    if let Some(ip) = sas.ip {
+        pairs.push(("sip", ip));
+    }
+    pairs.extend([("spr", sas.protocol), ("sv", SAS_VERSION), ("sr", "b")]);
+    if let Some(v) = sas.content_disposition {
+        pairs.push(("rscd", v));
+    }
+    if let Some(v) = sas.content_type {
+        pairs.push(("rsct", v));
+    }
+    pairs.push(("sig", &signature));
+    let mut out = String::new();
+    for (i, (name, value)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        out.push_str(name);
+        out.push('=');
+        crate::encoding::push_percent_encoded(&mut out, value);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> DelegationKey {
+        parse_delegation_key(
+            "<?xml version=\"1.0\" encoding=\"utf-8\"?><UserDelegationKey>\
+             <SignedOid>oid-1</SignedOid><SignedTid>tid-1</SignedTid>\
+             <SignedStart>2026-12-07T10:00:00Z</SignedStart><SignedExpiry>2026-12-07T12:00:00Z</SignedExpiry>\
+             <SignedService>b</SignedService><SignedVersion>2025-11-05</SignedVersion>\
+             <Value>a2V5LWJ5dGVz</Value></UserDelegationKey>",
+        )
+        .unwrap()
+    }
+
+    fn sas() -> BlobSas<'static> {
+        BlobSas {
+            account: "contoso",
+            container: "uploads",
+            blob: "t1/report 1.pdf",
+            permission: Permission::Create,
+            start: "2026-12-07T10:55:00Z",
+            expiry: "2026-12-07T11:10:00Z",
+            ip: None,
+            protocol: "https",
+            content_disposition: None,
+            content_type: None,
+        }
+    }
+
+    #[test]
+    fn the_string_to_sign_has_the_26_lines_of_the_version_in_order() {
+        let s = string_to_sign(&sas(), &key());
+        let lines: Vec<&str> = s.split('\n').collect();
+        assert_eq!(lines.len(), 26);
+        assert_eq!(lines[0], "c");
+        assert_eq!(lines[3], "/blob/contoso/uploads/t1/report 1.pdf");
+        assert_eq!(
+            &lines[4..10],
+            [
+                "oid-1",
+                "tid-1",
+                "2026-12-07T10:00:00Z",
+                "2026-12-07T12:00:00Z",
+                "b",
+                "2025-11-05"
+            ]
+        );
+        assert_eq!(&lines[15..20], ["", "https", SAS_VERSION, "b", ""]);
+    }
+
+    #[test]
+    fn the_query_carries_the_signature_of_the_string_to_sign_and_no_key() {
+        let mut read = sas();
+        read.permission = Permission::Read;
+        read.content_disposition = Some("attachment; filename=\"r.pdf\"");
+        let q = query(&read, &key()).unwrap();
+        let expected = crate::encoding::base64(&crate::crypto::hmac_sha256(
+            b"key-bytes",
+            string_to_sign(&read, &key()).as_bytes(),
+        ));
+        let mut sig = String::new();
+        crate::encoding::push_percent_encoded(&mut sig, &expected);
+        assert!(q.ends_with(&format!("&sig={sig}")), "{q}");
+        assert!(q.starts_with("sp=r&st=2026-12-07T10%3A55%3A00Z&se="), "{q}");
+        assert!(
+            q.contains("&rscd=attachment%3B%20filename%3D%22r.pdf%22&sig="),
+            "{q}"
+        );
+        assert!(!q.contains("a2V5LWJ5dGVz"), "the key's value never leaves");
+        assert_eq!(
+            query(
+                &sas(),
+                &DelegationKey {
+                    value: "!".into(),
+                    ..key()
+                }
+            ),
+            None
+        );
+    }
+}
