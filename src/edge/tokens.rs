@@ -78,7 +78,7 @@ pub async fn obtain(
         let lookup = CACHE.with(|cache| cache.borrow_mut().lookup(key, clock()));
         let (token, source) = match lookup {
             Lookup::Hit {
-                token,
+                value: token,
                 refresh: false,
             } => (
                 token,
@@ -89,7 +89,7 @@ pub async fn obtain(
                 },
             ),
             Lookup::Hit {
-                token,
+                value: token,
                 refresh: true,
             } => {
                 let context = c();

@@ -526,6 +526,19 @@ pub struct LogFields {
     /// The batch's outcome came from its leader's send, which its leader's breakers counted:
     /// this request's breakers say nothing of it (the batch is counted once).
     pub batch_follower: bool,
+    /// A valet-key route: where its user delegation key came from (`cache`, `fetched`,
+    /// `waited`, `refreshed`, `cache_refresh_failed`).
+    pub key: Option<&'static str>,
+    /// A valet-key route: what the URL it answered with allows.
+    pub minted: Option<Minted>,
+}
+
+/// What the log line says of a minted URL: never the URL or its signature.
+#[derive(Debug, Clone)]
+pub struct Minted {
+    pub blob: String,
+    pub permission: &'static str,
+    pub expires: String,
 }
 
 // ---------------------------------------------------------------------------------------------

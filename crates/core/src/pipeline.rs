@@ -37,6 +37,7 @@ use crate::problem::Problem;
 use crate::routing::RouteMatch;
 
 mod delivery;
+mod valet;
 
 // ---------------------------------------------------------------------------------------------
 // The gateway and its driver
@@ -50,6 +51,8 @@ pub struct Gateway {
     key_digests: RefCell<FastMap<String, Option<[u8; 32]>>>,
     /// The circuit breakers of backend hosts.
     breakers: RefCell<Breakers>,
+    /// Storage's user delegation keys the valet-key routes sign with, by account and identity.
+    delegation_keys: RefCell<crate::sas::KeyCache>,
 }
 
 /// A request that matched a route.
@@ -66,6 +69,7 @@ impl Gateway {
             jwks: RefCell::new(jwt::JwksCache::new()),
             key_digests: RefCell::new(FastMap::default()),
             breakers: RefCell::new(Breakers::default()),
+            delegation_keys: RefCell::new(crate::sas::KeyCache::default()),
         }
     }
 
@@ -190,6 +194,7 @@ impl Gateway {
             PreparedBackend::EventHubs(eh) => self.call(eh, &eh.token, cx, io).await,
             PreparedBackend::StorageQueue(q) => self.call(q, &q.token, cx, io).await,
             PreparedBackend::AzureRest(r) => self.call(r, &r.token, cx, io).await,
+            PreparedBackend::BlobSas(s) => self.valet(s, cx, io).await,
             PreparedBackend::AzureOperation(op) => {
                 // 7. build: the handle opened; the call is the route's that started it.
                 let (rest, plan) = azure_rest::build_operation(op, &self.prepared.routes, cx, io)?;
@@ -632,6 +637,13 @@ fn log_line(cx: &Cx<'_>, status: u16, duration_ms: f64) -> String {
     line.opt_str("backend_detail", log.backend_detail.as_deref());
     if let Some((size, leader)) = &log.batch {
         line.uint("batch", *size as u64).str("batch_leader", leader);
+    }
+    // A minted URL is named by its blob, permission and expiry: never the URL (a credential).
+    line.opt_str("key", log.key);
+    if let Some(minted) = &log.minted {
+        line.str("blob", &minted.blob)
+            .str("sas_permission", minted.permission)
+            .str("sas_expires", &minted.expires);
     }
     line.finish()
 }

@@ -11,7 +11,7 @@
 pub const SAS_VERSION: &str = "2025-11-05";
 
 /// A user delegation key as Get User Delegation Key answers it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct DelegationKey {
     pub signed_oid: String,
     pub signed_tid: String,
@@ -22,6 +22,71 @@ pub struct DelegationKey {
     /// The key itself, base64 as Storage sends it. Never logged, never shown.
     pub value: String,
 }
+
+// The key's value signs URLs: never printed.
+impl std::fmt::Debug for DelegationKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DelegationKey")
+            .field("signed_oid", &self.signed_oid)
+            .field("signed_start", &self.signed_start)
+            .field("signed_expiry", &self.signed_expiry)
+            .field("value", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which key a valet route signs with: one per account and identity (token key).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct KeyId {
+    /// The account's URL, without a trailing slash.
+    pub account_url: String,
+    pub token: crate::identity::TokenKey,
+}
+
+/// How long a user delegation key is asked for. A URL must expire before its key, so a key is
+/// handed out only while it outlives the longest URL a route may mint
+/// ([`MAX_URL_LIFETIME_MS`]): a key of 3 hours serves for about 2, and is refreshed after about
+/// one (the cache's refresh point, half its usable life). A short key also bounds how long a
+/// gateway keeps minting with a key that was revoked.
+pub const KEY_LIFETIME_MS: f64 = 3.0 * 3600.0 * 1000.0;
+/// The longest a URL lives: a route's `lifetime_seconds` is at most this.
+pub const MAX_URL_LIFETIME_SECONDS: u32 = 3600;
+pub const MAX_URL_LIFETIME_MS: f64 = MAX_URL_LIFETIME_SECONDS as f64 * 1000.0;
+/// A key's start is set this far back: Storage's clock may be behind the Worker's.
+pub const KEY_START_SKEW_MS: f64 = 5.0 * 60.0 * 1000.0;
+
+/// A key held by the isolate's [`KeyCache`], shared by every request it signs for.
+#[derive(Debug, Clone)]
+pub struct HeldKey {
+    pub key: std::rc::Rc<DelegationKey>,
+    pub obtained_at: f64,
+    /// The key's expiry less [`MAX_URL_LIFETIME_MS`]: any URL minted before this expires
+    /// before its key.
+    pub serves_until: f64,
+}
+
+impl crate::identity::cache::Lease for HeldKey {
+    fn obtained_at(&self) -> f64 {
+        self.obtained_at
+    }
+    fn expires_at(&self) -> f64 {
+        self.serves_until
+    }
+}
+
+impl crate::identity::cache::Failure for crate::problem::Problem {
+    fn retry_after_secs(&self) -> Option<u64> {
+        self.headers
+            .iter()
+            .find(|(name, _)| *name == "retry-after")
+            .and_then(|(_, v)| v.parse().ok())
+    }
+}
+
+/// The user delegation keys of one isolate: the token cache's state machine (one fetch for
+/// many cold callers, refreshed ahead, served while usable when the identity provider or
+/// Storage is down, a failure remembered for a back-off).
+pub type KeyCache = crate::identity::cache::Cache<KeyId, HeldKey, crate::problem::Problem>;
 
 /// Reads the answer of Get User Delegation Key (`<UserDelegationKey>…`); `None` when a field is
 /// missing.

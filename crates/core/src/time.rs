@@ -85,9 +85,75 @@ impl Utc {
     }
 }
 
+/// `YYYY-MM-DDThh:mm:ss[.fraction]Z` (as Storage writes a key's expiry) in Unix milliseconds,
+/// to the second; `None` for anything else.
+pub fn parse_iso_utc(text: &str) -> Option<f64> {
+    let b = text.as_bytes();
+    let shape = b.len() >= 20
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b[10] == b'T'
+        && b[13] == b':'
+        && b[16] == b':'
+        && b[b.len() - 1] == b'Z';
+    if !shape {
+        return None;
+    }
+    let fraction = &b[19..b.len() - 1];
+    if !(fraction.is_empty()
+        || (fraction[0] == b'.' && fraction.len() > 1 && fraction[1..].iter().all(u8::is_ascii_digit)))
+    {
+        return None;
+    }
+    let number = |range: std::ops::Range<usize>| -> Option<u32> {
+        let digits = text.get(range)?;
+        digits
+            .bytes()
+            .all(|d| d.is_ascii_digit())
+            .then(|| digits.parse().ok())?
+    };
+    let month = time::Month::try_from(u8::try_from(number(5..7)?).ok()?).ok()?;
+    let date = time::Date::from_calendar_date(
+        i32::try_from(number(0..4)?).ok()?,
+        month,
+        u8::try_from(number(8..10)?).ok()?,
+    )
+    .ok()?;
+    let at = time::Time::from_hms(
+        u8::try_from(number(11..13)?).ok()?,
+        u8::try_from(number(14..16)?).ok()?,
+        u8::try_from(number(17..19)?).ok()?,
+    )
+    .ok()?;
+    Some(time::UtcDateTime::new(date, at).unix_timestamp() as f64 * 1000.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_iso_instants_as_storage_writes_them() {
+        let leap = 1_709_210_096_000.0; // 2024-02-29T12:34:56Z
+        assert_eq!(parse_iso_utc("2024-02-29T12:34:56Z"), Some(leap));
+        assert_eq!(parse_iso_utc("2024-02-29T12:34:56.1234567Z"), Some(leap));
+        assert_eq!(
+            parse_iso_utc(&Utc::from_millis(leap).format("%Y-%m-%dT%H:%M:%SZ")),
+            Some(leap)
+        );
+        for bad in [
+            "",
+            "2024-02-30T12:34:56Z",
+            "2024-02-29T24:00:00Z",
+            "2024-02-29 12:34:56Z",
+            "2024-02-29T12:34:56",
+            "2024-02-29T12:34:56.Z",
+            "2024-02-29T12:34:56+01:00",
+            "+024-02-29T12:34:56Z",
+        ] {
+            assert_eq!(parse_iso_utc(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn formats_known_instants() {

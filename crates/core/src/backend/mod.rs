@@ -9,6 +9,7 @@
 
 pub mod azure_rest;
 pub mod blob;
+pub mod blob_sas;
 pub mod service_bus;
 pub mod storage_queue;
 

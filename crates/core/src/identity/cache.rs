@@ -1,7 +1,10 @@
-//! The token cache of one isolate, as a state machine: the caller says what time it is and
-//! what happened; the cache says what to do. No I/O, no clock, no randomness of its own.
+//! The leases of one isolate (tokens; Storage's user delegation keys), as a state machine: the
+//! caller says what time it is and what happened; the cache says what to do. No I/O, no clock,
+//! no randomness of its own. [`TokenCache`] is it for tokens, by token endpoint, client and
+//! scope; the valet routes hold user delegation keys in one of their own
+//! ([`crate::sas::KeyCache`]).
 //!
-//! Per key (token endpoint, client, scope):
+//! Per key:
 //! - **miss**: the first caller becomes the *leader* and fetches ([`Lookup::Fetch`]); every
 //!   other caller is told to [`Lookup::Wait`] and look again, so any number of concurrent
 //!   misses make one token request;
@@ -14,9 +17,46 @@
 //!   error at once instead of each hammering the identity provider;
 //! - **eviction**: a backend's 401 for a token removes it ([`TokenCache::evict`]).
 
+use std::hash::Hash;
+
 use crate::fasthash::FastMap;
 
 use super::endpoint::{Token, TokenError, TokenKey};
+
+/// What a [`Cache`] holds: a value obtained at a time and good until its expiry.
+pub trait Lease: Clone {
+    fn obtained_at(&self) -> f64;
+    fn expires_at(&self) -> f64;
+    fn lifetime_ms(&self) -> f64 {
+        self.expires_at() - self.obtained_at()
+    }
+}
+
+/// Why a fetch failed, remembered for a back-off: the source's own `Retry-After`, if it gave
+/// one, sets its length.
+pub trait Failure: Clone {
+    fn retry_after_secs(&self) -> Option<u64>;
+}
+
+impl Lease for Token {
+    fn obtained_at(&self) -> f64 {
+        self.obtained_at
+    }
+    fn expires_at(&self) -> f64 {
+        self.expires_at
+    }
+}
+
+impl Failure for TokenError {
+    fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            TokenError::Transient {
+                retry_after_secs, ..
+            } => *retry_after_secs,
+            _ => None,
+        }
+    }
+}
 
 /// Tuning, shared by all keys.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -52,55 +92,78 @@ impl Default for CacheConfig {
 
 /// What a caller should do.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Lookup {
-    /// Use this token. With `refresh: true` the caller is also the refresh leader: it should
-    /// fetch a new token in the background and report with [`TokenCache::complete`].
-    Hit { token: Token, refresh: bool },
-    /// No usable token and nobody fetching: fetch, then [`TokenCache::complete`].
+pub enum Lookup<V = Token, E = TokenError> {
+    /// Use this value. With `refresh: true` the caller is also the refresh leader: it should
+    /// fetch a new one (in the background, where it can) and report with [`Cache::complete`].
+    Hit { value: V, refresh: bool },
+    /// No usable value and nobody fetching: fetch, then [`Cache::complete`].
     Fetch,
     /// Another caller is fetching: wait a moment and look again.
     Wait,
-    /// The last fetch failed moments ago and there is no usable token.
-    Failed(TokenError),
+    /// The last fetch failed moments ago and there is no usable value.
+    Failed(E),
 }
 
-#[derive(Debug, Default)]
-struct Entry {
-    token: Option<Token>,
+#[derive(Debug)]
+struct Entry<V, E> {
+    value: Option<V>,
     /// When the current token should be refreshed (and, after a failed refresh, retried).
     refresh_at: f64,
     /// Since when a leader has been fetching.
     fetching_since: Option<f64>,
     /// A recent failure and until when it is the answer.
-    failure: Option<(TokenError, f64)>,
+    failure: Option<(E, f64)>,
 }
 
-/// Tokens by key, for one isolate.
-#[derive(Debug, Default)]
-pub struct TokenCache {
+impl<V, E> Default for Entry<V, E> {
+    fn default() -> Self {
+        Entry {
+            value: None,
+            refresh_at: 0.0,
+            fetching_since: None,
+            failure: None,
+        }
+    }
+}
+
+/// Leases by key, for one isolate.
+#[derive(Debug)]
+pub struct Cache<K, V, E> {
     config: CacheConfig,
-    entries: FastMap<TokenKey, Entry>,
+    entries: FastMap<K, Entry<V, E>>,
 }
 
-/// Whether `token` may still be handed out at `now` (its margin before expiry not reached).
-fn usable(c: &CacheConfig, token: &Token, now: f64) -> bool {
-    let lifetime = token.lifetime_ms();
+/// Tokens by token endpoint, client and scope.
+pub type TokenCache = Cache<TokenKey, Token, TokenError>;
+
+impl<K, V, E> Default for Cache<K, V, E> {
+    fn default() -> Self {
+        Cache {
+            config: CacheConfig::default(),
+            entries: FastMap::default(),
+        }
+    }
+}
+
+/// Whether `lease` may still be handed out at `now` (its margin before expiry not reached).
+fn usable<V: Lease>(c: &CacheConfig, lease: &V, now: f64) -> bool {
+    let lifetime = lease.lifetime_ms();
     let margin = (lifetime * c.margin_share)
         .clamp(c.min_margin_ms, c.max_margin_ms)
         .min(lifetime / 2.0);
-    now < token.expires_at - margin
+    now < lease.expires_at() - margin
 }
 
-impl TokenCache {
-    pub fn new(config: CacheConfig) -> TokenCache {
-        TokenCache {
+impl<K: Hash + Eq + Clone, V: Lease, E: Failure> Cache<K, V, E> {
+    pub fn new(config: CacheConfig) -> Self {
+        Cache {
             config,
             entries: FastMap::default(),
         }
     }
 
     /// What to do for `key` at `now`.
-    pub fn lookup(&mut self, key: &TokenKey, now: f64) -> Lookup {
+    pub fn lookup(&mut self, key: &K, now: f64) -> Lookup<V, E> {
         let leader_timeout = self.config.leader_timeout_ms;
         let config = self.config;
         // The key is copied only the first time it is seen.
@@ -111,9 +174,9 @@ impl TokenCache {
             return Lookup::Fetch;
         };
         let usable = entry
-            .token
+            .value
             .as_ref()
-            .filter(|t| usable(&config, t, now))
+            .filter(|t| usable(&config, *t, now))
             .cloned();
         let leader_alive = entry
             .fetching_since
@@ -123,7 +186,10 @@ impl TokenCache {
             if refresh {
                 entry.fetching_since = Some(now);
             }
-            return Lookup::Hit { token, refresh };
+            return Lookup::Hit {
+                value: token,
+                refresh,
+            };
         }
         if leader_alive {
             return Lookup::Wait;
@@ -140,8 +206,8 @@ impl TokenCache {
     /// The leader's report. `jitter` is a random number in [0, 1) for the refresh point.
     pub fn complete(
         &mut self,
-        key: &TokenKey,
-        result: Result<Token, TokenError>,
+        key: &K,
+        result: Result<V, E>,
         now: f64,
         refresh_share: f64,
         jitter: f64,
@@ -153,17 +219,14 @@ impl TokenCache {
             Ok(token) => {
                 let lifetime = token.lifetime_ms();
                 let share = refresh_share + config.jitter_share * (2.0 * jitter - 1.0);
-                entry.refresh_at = token.obtained_at + lifetime * share.clamp(0.05, 0.95);
-                entry.token = Some(token);
+                entry.refresh_at = token.obtained_at() + lifetime * share.clamp(0.05, 0.95);
+                entry.value = Some(token);
                 entry.failure = None;
             }
             Err(error) => {
-                let backoff = match &error {
-                    TokenError::Transient {
-                        retry_after_secs: Some(s),
-                        ..
-                    } => (*s as f64 * 1000.0).min(300_000.0),
-                    _ => config.failure_backoff_ms,
+                let backoff = match error.retry_after_secs() {
+                    Some(s) => (s as f64 * 1000.0).min(300_000.0),
+                    None => config.failure_backoff_ms,
                 };
                 // Keep any token we have (it is served while usable); retry the refresh later.
                 entry.refresh_at = now + backoff;
@@ -172,22 +235,25 @@ impl TokenCache {
         }
     }
 
-    /// A backend refused this token (401): forget it, so the next request fetches anew.
-    /// A newer token that replaced it meanwhile is kept.
-    pub fn evict(&mut self, key: &TokenKey, access_token: &str) -> bool {
+    /// Forgets the value of `key` if `refused` says it is the one that was refused, so the
+    /// next caller fetches anew; a newer value that replaced it meanwhile is kept.
+    pub fn evict_if(&mut self, key: &K, refused: impl Fn(&V) -> bool) -> bool {
         match self.entries.get_mut(key) {
-            Some(entry)
-                if entry
-                    .token
-                    .as_ref()
-                    .is_some_and(|t| *t.access_token == *access_token) =>
-            {
-                entry.token = None;
+            Some(entry) if entry.value.as_ref().is_some_and(refused) => {
+                entry.value = None;
                 entry.refresh_at = 0.0;
                 true
             }
             _ => false,
         }
+    }
+}
+
+impl TokenCache {
+    /// A backend refused this token (401): forget it, so the next request fetches anew.
+    /// A newer token that replaced it meanwhile is kept.
+    pub fn evict(&mut self, key: &TokenKey, access_token: &str) -> bool {
+        self.evict_if(key, |t| *t.access_token == *access_token)
     }
 }
 
@@ -232,7 +298,7 @@ mod tests {
 
     fn hit(token_name: &str, refresh: bool, obtained_at: f64) -> Lookup {
         Lookup::Hit {
-            token: token(token_name, obtained_at),
+            value: token(token_name, obtained_at),
             refresh,
         }
     }
@@ -362,7 +428,7 @@ mod tests {
         assert_eq!(
             cache.lookup(&key(), T0 + 7_999.0),
             Lookup::Hit {
-                token: short,
+                value: short,
                 refresh: true
             }
         );

@@ -562,6 +562,10 @@ pub enum Backend {
     ServiceBus(ServiceBusBackend),
     /// Write or read blobs in a Blob Storage container.
     Blob(BlobBackend),
+    /// Hand out a short-lived URL (a user delegation SAS: the valet key) that lets the caller
+    /// do one thing to one blob directly with Storage: upload a file of any size, or download
+    /// one. Nothing of the file passes through the gateway.
+    BlobSas(BlobSasBackend),
     /// Send events to an event hub (Event Hubs' REST send, Service Bus's wire format).
     EventHubs(EventHubsBackend),
     /// Put messages on a Storage queue.
@@ -889,4 +893,70 @@ pub struct BlobBackend {
     /// Token audience; default `https://storage.azure.com`.
     #[serde(default)]
     pub audience: Option<String>,
+}
+
+/// A valet-key route: the URL it answers with lets its holder do `permission` to the one blob
+/// the name template names, until the URL expires.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct BlobSasBackend {
+    /// Storage account name: `{account}.blob.core.windows.net` (or the cloud's suffix).
+    #[serde(default)]
+    pub account: Option<String>,
+    /// Explicit account URL instead of `account`, e.g. Azurite's
+    /// `https://127.0.0.1:10000/devstoreaccount1` listed in `local_endpoints`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Container name.
+    pub container: String,
+    /// Blob name template, with the same variables and checks as blob routes, e.g.
+    /// `{path.tenant}/{uuid}.bin`: the URL is for this one name.
+    pub blob: String,
+    /// What the URL allows: `create` (upload a new blob in one Put Blob; it cannot overwrite
+    /// one, cannot read), `create_write` (create or overwrite, in one Put Blob or in blocks),
+    /// `read` (download).
+    pub permission: SasPermission,
+    /// How long the URL is valid, in seconds: default 300, at most 3600.
+    #[serde(default)]
+    pub lifetime_seconds: Option<u32>,
+    /// Limit the URL to the caller's address (`CF-Connecting-IP`, the SAS's `sip`).
+    #[serde(default)]
+    pub client_ip: bool,
+    /// `read` only: the `Content-Disposition` the download is served with (template), e.g.
+    /// `attachment; filename="{path.name}"`.
+    #[serde(default)]
+    pub response_content_disposition: Option<String>,
+    /// `read` only: the `Content-Type` the download is served with (template).
+    #[serde(default)]
+    pub response_content_type: Option<String>,
+    /// The identity that obtains the user delegation key (it needs the Storage Blob Delegator
+    /// role and a data role that allows `permission` on the container).
+    pub identity: String,
+    /// Token audience; default `https://storage.azure.com`.
+    #[serde(default)]
+    pub audience: Option<String>,
+}
+
+/// What a valet-key URL allows: a closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum SasPermission {
+    /// `c`: create a new blob (one Put Blob, up to 5000 MiB); an existing blob is refused.
+    Create,
+    /// `cw`: create or overwrite (Put Blob, or Put Block and Put Block List).
+    CreateWrite,
+    /// `r`: read the blob.
+    Read,
+}
+
+impl SasPermission {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SasPermission::Create => "create",
+            SasPermission::CreateWrite => "create_write",
+            SasPermission::Read => "read",
+        }
+    }
 }

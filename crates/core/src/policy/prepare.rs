@@ -130,6 +130,41 @@ fn prepare(policy: &Policy) -> Result<Prepared, String> {
                         .collect()
                 }),
             }),
+            Backend::BlobSas(b) => {
+                let base = b.base_url(policy.cloud);
+                let token = target(&b.identity, b.audience())?;
+                PreparedBackend::BlobSas(PreparedBlobSas {
+                    account: b.account_name().ok_or("no account name")?,
+                    container: b.container.clone(),
+                    container_url: format!("{base}/{}", b.container),
+                    name: template(&b.blob)?,
+                    permission: b.permission,
+                    lifetime_ms: f64::from(b.lifetime_seconds()) * 1000.0,
+                    client_ip: b.client_ip,
+                    protocol: if base.starts_with("http://") {
+                        "https,http"
+                    } else {
+                        "https"
+                    }
+                    .to_owned(),
+                    content_disposition: b
+                        .response_content_disposition
+                        .as_deref()
+                        .map(template)
+                        .transpose()?,
+                    content_type: b
+                        .response_content_type
+                        .as_deref()
+                        .map(template)
+                        .transpose()?,
+                    key_url: format!("{base}/?restype=service&comp=userdelegationkey"),
+                    key_id: crate::sas::KeyId {
+                        account_url: base,
+                        token: token.key.clone(),
+                    },
+                    token,
+                })
+            }
             Backend::Blob(b) => PreparedBackend::Blob(PreparedBlob {
                 container_url: format!("{}/{}", b.base_url(policy.cloud), b.container),
                 name: template(&b.blob)?,

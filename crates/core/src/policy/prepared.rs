@@ -91,6 +91,8 @@ pub enum PreparedBackend {
     StorageQueue(PreparedStorageQueue),
     AzureRest(PreparedRest),
     AzureOperation(PreparedOperation),
+    /// A valet-key route: answers with a URL; nothing of the file passes the gateway.
+    BlobSas(PreparedBlobSas),
 }
 
 impl PreparedBackend {
@@ -106,7 +108,8 @@ impl PreparedBackend {
                 .iter()
                 .any(|s| matches!(s, crate::backend::azure_rest::url::UrlPart::Var(_))),
             PreparedBackend::AzureOperation(_) => true,
-            PreparedBackend::ServiceBus(_)
+            PreparedBackend::BlobSas(_)
+            | PreparedBackend::ServiceBus(_)
             | PreparedBackend::EventHubs(_)
             | PreparedBackend::StorageQueue(_) => false,
         }
@@ -332,6 +335,30 @@ pub struct PreparedBlob {
     /// The path templates of the GET routes that read back what this route writes, in
     /// policy order: a write's `Location` is the first whose parameters the write has.
     pub readers: Vec<PathTemplate>,
+}
+
+/// A valet-key route, prepared: where its key comes from and what its URLs are for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PreparedBlobSas {
+    /// The account name the URLs are signed for.
+    pub account: String,
+    pub container: String,
+    /// `{account URL}/{container}`: URLs are this, `/`, the encoded name, `?`, the SAS.
+    pub container_url: String,
+    pub name: Template,
+    pub permission: SasPermission,
+    pub lifetime_ms: f64,
+    /// Whether the URL is limited to the caller's address (`sip`).
+    pub client_ip: bool,
+    /// `spr`: `https`, or `https,http` for a local endpoint served over plain HTTP.
+    pub protocol: String,
+    pub content_disposition: Option<Template>,
+    pub content_type: Option<Template>,
+    /// Get User Delegation Key: `{account URL}/?restype=service&comp=userdelegationkey`.
+    pub key_url: String,
+    /// The isolate's key cache entry: one key per account and identity.
+    pub key_id: crate::sas::KeyId,
+    pub token: TokenTarget,
 }
 
 impl Prepared {

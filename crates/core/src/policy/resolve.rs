@@ -3,7 +3,7 @@
 
 use super::cloud::{Service, EVENT_HUBS_AUDIENCE};
 use super::model::{
-    AzureRestBackend, Backend, BlobBackend, Cloud, Credential, EventHubsBackend, Identity, Inbound,
+    AzureRestBackend, Backend, BlobBackend, BlobSasBackend, Cloud, Credential, EventHubsBackend, Identity, Inbound,
     MessageMapping, Policy, Route, ServiceBusBackend, StorageQueueBackend,
     EVENT_HUBS_DEFAULT_MAX_MESSAGE_BYTES,
 };
@@ -33,18 +33,59 @@ impl ServiceBusBackend {
     }
 }
 
+/// `https://{account}.blob.core.windows.net` or the explicit endpoint, no trailing slash.
+fn blob_base_url(endpoint: Option<&str>, account: Option<&str>, cloud: Cloud) -> String {
+    match (endpoint, account) {
+        (Some(endpoint), _) => endpoint.trim_end_matches('/').to_owned(),
+        (None, Some(account)) => format!("https://{account}.{}", cloud.blob_suffix()),
+        (None, None) => String::new(),
+    }
+}
+
 impl BlobBackend {
     /// `https://{account}.blob.core.windows.net` or the explicit endpoint, no trailing slash.
     pub fn base_url(&self, cloud: Cloud) -> String {
-        match (&self.endpoint, &self.account) {
-            (Some(endpoint), _) => endpoint.trim_end_matches('/').to_owned(),
-            (None, Some(account)) => format!("https://{account}.{}", cloud.blob_suffix()),
-            (None, None) => String::new(),
-        }
+        blob_base_url(self.endpoint.as_deref(), self.account.as_deref(), cloud)
     }
 
     pub fn audience(&self) -> &str {
         self.audience.as_deref().unwrap_or(STORAGE_AUDIENCE)
+    }
+}
+
+/// A valet-key URL's lifetime when the route sets none, in seconds.
+pub const DEFAULT_SAS_LIFETIME_SECONDS: u32 = 300;
+
+impl BlobSasBackend {
+    /// `https://{account}.blob.core.windows.net` or the explicit endpoint, no trailing slash.
+    pub fn base_url(&self, cloud: Cloud) -> String {
+        blob_base_url(self.endpoint.as_deref(), self.account.as_deref(), cloud)
+    }
+
+    pub fn audience(&self) -> &str {
+        self.audience.as_deref().unwrap_or(STORAGE_AUDIENCE)
+    }
+
+    pub fn lifetime_seconds(&self) -> u32 {
+        self.lifetime_seconds
+            .unwrap_or(DEFAULT_SAS_LIFETIME_SECONDS)
+    }
+
+    /// The account name a SAS is signed for: `account`, or the endpoint's last path segment
+    /// (Azurite's `https://127.0.0.1:10000/devstoreaccount1`), or its host's first label
+    /// (`https://contoso.blob.core.windows.net`).
+    pub fn account_name(&self) -> Option<String> {
+        if let Some(account) = &self.account {
+            return Some(account.clone());
+        }
+        let endpoint = self.endpoint.as_deref()?;
+        let rest = endpoint.split_once("://")?.1.trim_end_matches('/');
+        let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let name = match path.rsplit('/').find(|s| !s.is_empty()) {
+            Some(last) => last,
+            None => host.split(['.', ':']).next()?,
+        };
+        (!name.is_empty()).then(|| name.to_owned())
     }
 }
 
@@ -96,6 +137,7 @@ impl Backend {
         match self {
             Backend::ServiceBus(_) => "service_bus",
             Backend::Blob(_) => "blob",
+            Backend::BlobSas(_) => "blob_sas",
             Backend::EventHubs(_) => "event_hubs",
             Backend::StorageQueue(_) => "storage_queue",
             Backend::AzureRest(_) => "azure_rest",
@@ -108,6 +150,7 @@ impl Backend {
         match self {
             Backend::ServiceBus(sb) => &sb.identity,
             Backend::Blob(b) => &b.identity,
+            Backend::BlobSas(b) => &b.identity,
             Backend::EventHubs(eh) => &eh.identity,
             Backend::StorageQueue(q) => &q.identity,
             Backend::AzureRest(r) => &r.identity,
@@ -119,6 +162,7 @@ impl Backend {
         match self {
             Backend::ServiceBus(sb) => sb.audience().to_owned(),
             Backend::Blob(b) => b.audience().to_owned(),
+            Backend::BlobSas(b) => b.audience().to_owned(),
             Backend::EventHubs(eh) => eh.audience().to_owned(),
             Backend::StorageQueue(q) => q.audience().to_owned(),
             Backend::AzureRest(r) => r.audience(cloud),
@@ -131,6 +175,13 @@ impl Backend {
         match self {
             Backend::ServiceBus(sb) => format!("{}/{}", sb.base_url(cloud), sb.entity()),
             Backend::Blob(b) => format!("{}/{}/{}", b.base_url(cloud), b.container, b.blob),
+            Backend::BlobSas(b) => format!(
+                "{}/{}/{} (URL: {})",
+                b.base_url(cloud),
+                b.container,
+                b.blob,
+                b.permission.as_str()
+            ),
             Backend::EventHubs(eh) => format!("{}/{}", eh.base_url(cloud), eh.hub),
             Backend::StorageQueue(q) => format!("{}/{}", q.base_url(cloud), q.queue),
             Backend::AzureRest(r) => RestUrl::parse(&r.url)

@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::model::*;
+use crate::sas::MAX_URL_LIFETIME_SECONDS as MAX_SAS_LIFETIME_SECONDS;
 use super::STORAGE_AUDIENCE;
 use super::{hidden_string, PolicyError};
 use crate::encoding::is_header_name;
@@ -375,6 +376,13 @@ fn check_route(
             &scope,
             unreadable_identities,
         ),
+        Backend::BlobSas(sas) => check_blob_sas(
+            c,
+            &format!("{at}.backend.blob_sas"),
+            sas,
+            &scope,
+            unreadable_identities,
+        ),
         Backend::EventHubs(eh) => queues::check_event_hubs(
             c,
             &format!("{at}.backend.event_hubs"),
@@ -650,6 +658,47 @@ fn check_service_bus(
     check_audience(c, at, sb.audience.as_deref(), &allowed, "Service Bus");
 }
 
+/// Where a blob route or a valet-key route points: the account, the container, the name
+/// template, and the identity and audience its token is for.
+struct BlobPlace<'a> {
+    account: Option<&'a str>,
+    endpoint: Option<&'a str>,
+    container: &'a str,
+    blob: &'a str,
+    identity: &'a str,
+    audience: Option<&'a str>,
+}
+
+fn check_blob_place(
+    c: &mut Checker,
+    at: &str,
+    place: BlobPlace<'_>,
+    scope: &Scope,
+    unreadable: &BTreeSet<String>,
+) {
+    let cloud = c.policy.cloud;
+    check_storage_account(c, at, place.account, place.endpoint, cloud.blob_suffix());
+    if !is_container(place.container) {
+        c.err(
+            format!("{at}.container"),
+            format!(
+                "3-63 lowercase letters, digits or single hyphens, got \"{}\"",
+                place.container
+            ),
+        );
+    }
+    check_blob_template(c, &format!("{at}.blob"), place.blob, scope);
+    check_identity_ref(c, at, place.identity, unreadable);
+    let mut allowed = vec![STORAGE_AUDIENCE.to_owned()];
+    if let Some(account) = place.account {
+        allowed.push(format!("https://{account}.{}", cloud.blob_suffix()));
+    }
+    if let Some(endpoint) = place.endpoint {
+        allowed.push(endpoint.trim_end_matches('/').to_owned());
+    }
+    check_audience(c, at, place.audience, &allowed, "Blob Storage");
+}
+
 fn check_blob(
     c: &mut Checker,
     at: &str,
@@ -657,24 +706,15 @@ fn check_blob(
     scope: &Scope,
     unreadable: &BTreeSet<String>,
 ) {
-    let cloud = c.policy.cloud;
-    check_storage_account(
-        c,
-        at,
-        blob.account.as_deref(),
-        blob.endpoint.as_deref(),
-        cloud.blob_suffix(),
-    );
-    if !is_container(&blob.container) {
-        c.err(
-            format!("{at}.container"),
-            format!(
-                "3-63 lowercase letters, digits or single hyphens, got \"{}\"",
-                blob.container
-            ),
-        );
-    }
-    check_blob_template(c, &format!("{at}.blob"), &blob.blob, scope);
+    let place = BlobPlace {
+        account: blob.account.as_deref(),
+        endpoint: blob.endpoint.as_deref(),
+        container: &blob.container,
+        blob: &blob.blob,
+        identity: &blob.identity,
+        audience: blob.audience.as_deref(),
+    };
+    check_blob_place(c, at, place, scope, unreadable);
     for (name, text) in &blob.metadata {
         let path = format!("{at}.metadata.{name}");
         let identifier = name.starts_with(|ch: char| ch.is_ascii_alphabetic() || ch == '_')
@@ -745,16 +785,59 @@ fn check_blob(
             );
         }
     }
-    check_identity_ref(c, at, &blob.identity, unreadable);
-    let mut allowed = vec![STORAGE_AUDIENCE.to_owned()];
-    if let Some(account) = &blob.account {
-        allowed.push(format!("https://{account}.{}", cloud.blob_suffix()));
-    }
-    if let Some(endpoint) = &blob.endpoint {
-        allowed.push(endpoint.trim_end_matches('/').to_owned());
-    }
-    check_audience(c, at, blob.audience.as_deref(), &allowed, "Blob Storage");
 }
+
+/// A valet-key route: the blob route's place and name checks, then what the URL may do.
+fn check_blob_sas(
+    c: &mut Checker,
+    at: &str,
+    sas: &BlobSasBackend,
+    scope: &Scope,
+    unreadable: &BTreeSet<String>,
+) {
+    let place = BlobPlace {
+        account: sas.account.as_deref(),
+        endpoint: sas.endpoint.as_deref(),
+        container: &sas.container,
+        blob: &sas.blob,
+        identity: &sas.identity,
+        audience: sas.audience.as_deref(),
+    };
+    check_blob_place(c, at, place, scope, unreadable);
+    if sas.endpoint.is_some() && sas.account_name().is_none() {
+        c.err(
+            format!("{at}.endpoint"),
+            "an account URL that names the account, in its path (Azurite's https://127.0.0.1:10000/devstoreaccount1) or as its host's first label (https://contoso.blob.core.windows.net): the URL's signature covers the account's name",
+        );
+    }
+    let lifetime = sas.lifetime_seconds();
+    if !(MIN_SAS_LIFETIME_SECONDS..=MAX_SAS_LIFETIME_SECONDS).contains(&lifetime) {
+        c.err(
+            format!("{at}.lifetime_seconds"),
+            format!("between {MIN_SAS_LIFETIME_SECONDS} and {MAX_SAS_LIFETIME_SECONDS} seconds (one hour: a URL is a bearer credential that cannot be taken back alone), got {lifetime}"),
+        );
+    }
+    for (field, text) in [
+        (
+            "response_content_disposition",
+            &sas.response_content_disposition,
+        ),
+        ("response_content_type", &sas.response_content_type),
+    ] {
+        let Some(text) = text else { continue };
+        let path = format!("{at}.{field}");
+        if sas.permission != SasPermission::Read {
+            c.err(
+                &path,
+                format!("only on a \"read\" route (it is how Storage serves a download), not on \"{}\"", sas.permission.as_str()),
+            );
+        }
+        check_template(c, &path, text, scope);
+    }
+}
+
+/// The shortest lifetime a valet-key URL may have, in seconds.
+const MIN_SAS_LIFETIME_SECONDS: u32 = 60;
 
 /// The largest block blob Azure stores (5000 GiB in this API version's terms).
 const MAX_BLOB_BYTES: u64 = 5_000 * 1024 * 1024 * 1024;
