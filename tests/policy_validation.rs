@@ -2284,3 +2284,103 @@ fn coalescing_is_not_for_batch_routes_and_its_limits_are_bounded() {
         assert!(errors.is_empty(), "{change}: {errors:?}");
     }
 }
+
+/// The base policy with a valet-key route (index 3) whose backend `change` edits.
+fn valet_errors(change: impl FnOnce(&mut Value)) -> Vec<String> {
+    errors_after(|p| {
+        p["routes"].as_array_mut().unwrap().push(json!({
+            "name": "upload-url",
+            "methods": ["POST"],
+            "path": "/upload-url/{tenant}/{name}",
+            "inbound": { "api_key": { "keys": [{ "name": "a", "secret": "FILES_KEY" }] } },
+            "backend": { "blob_sas": {
+                "account": "contosofiles", "container": "uploads",
+                "blob": "{path.tenant}/{path.name}", "permission": "create", "identity": "gw"
+            } }
+        }));
+        change(&mut p["routes"][3]["backend"]["blob_sas"]);
+    })
+}
+
+#[track_caller]
+fn assert_one_valet_error(change: impl FnOnce(&mut Value), field: &str, expected: &str) {
+    let errors = valet_errors(change);
+    let path = format!("routes[3].backend.blob_sas{field}");
+    assert_eq!(errors.len(), 1, "expected one error at {path}, got {errors:#?}");
+    let (got_path, message) = errors[0].split_once(": ").expect("path: message");
+    assert_eq!(got_path, path, "{errors:#?}");
+    assert!(message.contains(expected), "{message:?} should contain {expected:?}");
+}
+
+#[test]
+fn valet_routes_take_the_blob_checks_and_a_closed_set_of_permissions() {
+    assert_eq!(valet_errors(|_| {}), Vec::<String>::new());
+    assert_one_valet_error(
+        |b| b["blob"] = json!("{path.tenant}/../{path.name}"),
+        ".blob",
+        "without '.' or '..' segments",
+    );
+    assert_one_valet_error(|b| b["container"] = json!("Up_Loads"), ".container", "3-63 lowercase");
+    assert_one_valet_error(|b| b["blob"] = json!("{path.nope}"), ".blob", "nope");
+    assert_one_valet_error(|b| b["identity"] = json!("ghost"), ".identity", "ghost");
+    // A permission string is not a permission.
+    let errors = valet_errors(|b| b["permission"] = json!("racwd"));
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(errors[0].contains("create") && errors[0].contains("read"), "{errors:#?}");
+    assert_one_valet_error(|b| b["lifetime_seconds"] = json!(3601), ".lifetime_seconds", "between 60 and 3600 seconds");
+    assert_one_valet_error(|b| b["lifetime_seconds"] = json!(59), ".lifetime_seconds", "got 59");
+    assert_one_valet_error(
+        |b| b["response_content_disposition"] = json!("attachment"),
+        ".response_content_disposition",
+        "only on a \"read\" route",
+    );
+    assert_eq!(
+        valet_errors(|b| {
+            b["permission"] = json!("read");
+            b["response_content_disposition"] = json!("attachment; filename=\"{path.name}\"");
+            b["response_content_type"] = json!("{header.accept}");
+            b["client_ip"] = json!(true);
+            b["lifetime_seconds"] = json!(3600);
+        }),
+        Vec::<String>::new()
+    );
+    assert_one_valet_error(
+        |b| {
+            b.as_object_mut().unwrap().remove("account");
+            b["endpoint"] = json!("https://127.0.0.1:10000/");
+        },
+        ".endpoint",
+        "names the account",
+    );
+    assert_eq!(
+        valet_errors(|b| {
+            b.as_object_mut().unwrap().remove("account");
+            b["endpoint"] = json!("https://127.0.0.1:10000/devstoreaccount1");
+        }),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn a_valet_route_without_protection_or_storing_requests_is_refused() {
+    let errors = errors_after(|p| {
+        p["routes"].as_array_mut().unwrap().push(json!({
+            "name": "open", "methods": ["POST"], "path": "/open/{name}",
+            "backend": { "blob_sas": { "account": "contosofiles", "container": "uploads",
+                "blob": "{path.name}", "permission": "create_write", "identity": "gw" } }
+        }));
+    });
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(errors[0].contains("open relay"), "{errors:#?}");
+    let errors = valet_errors(|_| {});
+    assert!(errors.is_empty());
+    let errors = errors_after(|p| {
+        p["routes"].as_array_mut().unwrap().push(json!({
+            "name": "q", "methods": ["POST"], "path": "/q/{name}", "public": true, "when_unavailable": "queue",
+            "backend": { "blob_sas": { "account": "contosofiles", "container": "uploads",
+                "blob": "{path.name}", "permission": "create", "identity": "gw" } }
+        }));
+    });
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(errors[0].contains("when_unavailable"), "{errors:#?}");
+}

@@ -131,6 +131,14 @@ mod cli {
                 println!("{block}");
             }
         }
+        let valet: Vec<String> = p.routes.iter().filter_map(|r| valet_lines(&p, r)).collect();
+        if !valet.is_empty() {
+            println!();
+            println!("Valet-key routes (blob_sas): what the holder of a URL they answer with can do");
+            for block in valet {
+                println!("{block}");
+            }
+        }
         let stored: Vec<&Route> = p
             .routes
             .iter()
@@ -422,6 +430,53 @@ mod cli {
 
     /// For an `azure_rest` route: the URL's shape with the pinned version, the audience, what
     /// the caller's request may put into it, and what comes back.
+    /// What a valet-key URL allows, what a SAS cannot limit, and how to take URLs back. Never
+    /// a URL or a signature: explain mints nothing.
+    fn valet_lines(p: &Policy, r: &Route) -> Option<String> {
+        use azure_edge_gateway::policy::SasPermission;
+        let Backend::BlobSas(b) = &r.backend else {
+            return None;
+        };
+        let blob = format!("{}/{}", b.container, b.blob);
+        let what = match b.permission {
+            SasPermission::Create => format!(
+                "create the blob {blob} once, in one Put Blob of up to 5000 MiB (Azure's single Put Blob limit); it cannot overwrite a blob that exists, read, or write another name. Azure allows Put Block and Put Block List under \"c\" only from service version 2026-04-06, newer than the one these URLs are signed for (2025-11-05, the newest Azurite verifies), so a file over 5000 MiB needs \"create_write\""
+            ),
+            SasPermission::CreateWrite => format!(
+                "create or overwrite the blob {blob}, as often as it likes until the URL expires, in one Put Blob (up to 5000 MiB) or in blocks (Put Block, Put Block List); it cannot read or write another name"
+            ),
+            SasPermission::Read => {
+                let mut served = String::new();
+                if let Some(cd) = &b.response_content_disposition {
+                    served.push_str(&format!(", served with Content-Disposition {cd}"));
+                }
+                if let Some(ct) = &b.response_content_type {
+                    served.push_str(&format!(", served with Content-Type {ct}"));
+                }
+                format!("read the blob {blob} (Get Blob, Get Blob Properties) as often as it likes until the URL expires{served}; it cannot write, or read another name")
+            }
+        };
+        let mut lines = vec![format!(
+            "  {}: a URL valid {} s lets whoever holds it (it is a bearer credential) {what}.",
+            r.name,
+            b.lifetime_seconds()
+        )];
+        lines.push(if b.client_ip {
+            "    It is limited to the caller's IPv4 address (the SAS's sip; Azurite does not check it).".to_owned()
+        } else {
+            "    It works from any address (\"client_ip\": true limits it to the caller's).".to_owned()
+        });
+        if b.permission != SasPermission::Read {
+            lines.push("    A SAS cannot limit the size, the content or the content type of what is uploaded (up to Azure's limits). To bound them: a lifecycle management rule that deletes blobs under this container or prefix after some days, or an Event Grid subscription to BlobCreated that checks each new blob and deletes what is too large or not allowed.".to_owned());
+        }
+        lines.push(format!(
+            "    A URL cannot be taken back alone: revoking the account's user delegation keys (az storage account revoke-delegation-keys) voids every URL signed with them; the gateway keeps signing with its cached key until it refreshes it (within about an hour) or is deployed again. Identity {} needs Storage Blob Delegator (or a Storage Blob Data role) on {} and a data role that allows this on the container.",
+            b.identity,
+            b.base_url(p.cloud)
+        ));
+        Some(lines.join("\n"))
+    }
+
     fn rest_lines(p: &Policy, r: &Route) -> Option<String> {
         use azure_edge_gateway::backend::azure_rest::{url::RestUrl, DEFAULT_RESPONSE_HEADERS};
         use azure_edge_gateway::policy::{ErrorMode, RestBody};

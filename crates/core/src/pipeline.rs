@@ -695,6 +695,14 @@ mod tests {
             batch: Option<usize>,
             #[serde(skip_serializing_if = "Option::is_none")]
             batch_leader: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            key: Option<&'static str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            blob: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            sas_permission: Option<&'static str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            sas_expires: Option<&'a str>,
         }
         let log = &cx.log;
         serde_json::to_string(&Line {
@@ -721,6 +729,10 @@ mod tests {
             backend_detail: log.backend_detail.as_deref(),
             batch: log.batch.as_ref().map(|(n, _)| *n),
             batch_leader: log.batch.as_ref().map(|(_, l)| l.as_str()),
+            key: log.key,
+            blob: log.minted.as_ref().map(|m| m.blob.as_str()),
+            sas_permission: log.minted.as_ref().map(|m| m.permission),
+            sas_expires: log.minted.as_ref().map(|m| m.expires.as_str()),
         })
         .unwrap()
     }
@@ -775,6 +787,12 @@ mod tests {
                     problem_avoided: Some("backend-unavailable"),
                     batch: Some((i + 2, format!("leader{strange}"))),
                     batch_follower: i % 2 == 0,
+                    key: Some("waited"),
+                    minted: Some(crate::exchange::Minted {
+                        blob: format!("t/{strange}"),
+                        permission: "create",
+                        expires: "2026-12-07T14:00:00Z".into(),
+                    }),
                 };
             }
             for status in [200, 404, 503] {

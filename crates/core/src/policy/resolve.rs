@@ -83,7 +83,16 @@ impl BlobSasBackend {
         let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
         let name = match path.rsplit('/').find(|s| !s.is_empty()) {
             Some(last) => last,
-            None => host.split(['.', ':']).next()?,
+            // A host of the account's own: `{account}.{suffix}`, never an address.
+            None => {
+                let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+                let (first, rest) = host.split_once('.')?;
+                let address = host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[');
+                if address || rest.is_empty() {
+                    return None;
+                }
+                first
+            }
         };
         (!name.is_empty()).then(|| name.to_owned())
     }
