@@ -25,7 +25,7 @@ import { cpSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, write
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { REPO_ROOT } from '../dev/proc.mjs';
+import { REPO_ROOT, workerdCpuMs } from '../dev/proc.mjs';
 import { startGateway } from '../dev/gateway.mjs';
 
 const STATE = join(REPO_ROOT, 'target', 'entry-shim');
@@ -109,20 +109,6 @@ async function micro() {
 // ---------------------------------------------------------------------------------------------
 // workerd
 
-const TICK_MS = 1000 / Number(execFileSync('getconf', ['CLK_TCK']).toString().trim() || 100);
-function workerdCpuMs(pgid) {
-  let ms = 0;
-  for (const pid of readdirSync('/proc').filter((d) => /^\d+$/.test(d))) {
-    try {
-      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      if (Number(fields[2]) !== pgid) continue;
-      if (!readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('workerd')) continue;
-      ms += (Number(fields[11]) + Number(fields[12])) * TICK_MS;
-    } catch { /* gone */ }
-  }
-  return ms;
-}
 
 function oha(url, n, c) {
   const bin = process.env.OHA_BIN ?? join(process.env.AEG_TOOLS ?? '', 'oha-1.16.0', 'bin', 'oha');

@@ -12,30 +12,15 @@
  * 18798): do not run it beside that test. Bounded: it stops the stack when done or failed.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { request } from 'node:https';
 import { join } from 'node:path';
 import { startStack, storageToken } from '../dev/stack.mjs';
-import { REPO_ROOT, workerdRss } from '../dev/proc.mjs';
+import { REPO_ROOT, workerdCpuMs, workerdRss } from '../dev/proc.mjs';
 
 const MiB = 1024 * 1024;
 const size = Number(process.argv[2] ?? 1024) * MiB;
 
-/** CPU seconds (user + system) of workerd's processes in the process group `pgid`. */
-function workerdCpuSeconds(pgid) {
-  const ticks = 100; // USER_HZ on Linux
-  let total = 0;
-  for (const pid of readdirSync('/proc').filter((d) => /^\d+$/.test(d))) {
-    try {
-      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      if (Number(fields[2]) !== pgid) continue;
-      if (!readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('workerd')) continue;
-      total += (Number(fields[11]) + Number(fields[12])) / ticks;
-    } catch { /* gone */ }
-  }
-  return total;
-}
 
 /** PUTs `size` bytes (1 MiB of random bytes, each copy stamped with its index) to `url`. */
 function upload(url, headers, ca) {
@@ -92,14 +77,14 @@ try {
   const minted = await fetch(`${stack.gateway.url}/upload-url/bench/${name}`, { method: 'POST', headers: { 'x-api-key': stack.apiKey } });
   const answer = await minted.json();
   if (minted.status !== 200) throw new Error(`mint: ${minted.status} ${JSON.stringify(answer)}`);
-  const before = { cpu: workerdCpuSeconds(pgid), rss: workerdRss(pgid) };
+  const before = { cpu: workerdCpuMs(pgid), rss: workerdRss(pgid) };
   let peakRss = before.rss;
   const sampler = setInterval(() => { peakRss = Math.max(peakRss, workerdRss(pgid)); }, 50);
   const t0 = performance.now();
   const put = await upload(answer.url, answer.headers, stack.azurite.ca);
   const seconds = (performance.now() - t0) / 1000;
   clearInterval(sampler);
-  const afterUpload = { cpu: workerdCpuSeconds(pgid), rss: workerdRss(pgid) };
+  const afterUpload = { cpu: workerdCpuMs(pgid), rss: workerdRss(pgid) };
   if (put.status !== 201) throw new Error(`upload: ${put.status} ${put.body}`);
   const token = await storageToken(stack.issuer, stack.clientSecret);
   const back = await readBack(`${stack.azurite.url}/uploads/${answer.blob.split('/').map(encodeURIComponent).join('/')}`, token, stack.azurite.ca);
@@ -114,7 +99,7 @@ try {
     `| bytes uploaded | ${size} |`,
     `| upload time | ${seconds.toFixed(1)} s (${(size / MiB / seconds).toFixed(0)} MiB/s) |`,
     `| read back | ${back.status}, ${back.length} bytes, SHA-256 ${identical ? 'identical' : 'DIFFERENT'} |`,
-    `| workerd CPU during the upload | ${((afterUpload.cpu - before.cpu) * 1000).toFixed(0)} ms |`,
+    `| workerd CPU during the upload | ${(afterUpload.cpu - before.cpu).toFixed(0)} ms |`,
     `| workerd RSS before / peak during / after | ${(before.rss / 1024).toFixed(1)} / ${(peakRss / 1024).toFixed(1)} / ${(afterUpload.rss / 1024).toFixed(1)} MB |`,
     '',
     'The worker answered one request (the URL) before the upload and none during it: the file never',

@@ -8,7 +8,7 @@
  * process group and `process.kill(-pid)` reaches exactly that group. A process 'exit' hook kills
  * any group still alive when the parent dies (test failure, Ctrl-C, uncaught error).
  */
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { EventEmitter } from 'node:events';
 import { readdirSync, readFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
@@ -183,17 +183,35 @@ function parseJson(line) {
   }
 }
 
-/** Resident memory (kB) of every workerd process in process group `pgid` (a `wrangler dev` started by spawnService). */
-export function workerdRss(pgid) {
-  let total = 0;
+/** The `/proc/{pid}/stat` fields (after the command) of every workerd process in process group `pgid`. */
+function workerdStats(pgid) {
+  const found = [];
   for (const pid of readdirSync('/proc').filter((d) => /^\d+$/.test(d))) {
     try {
       const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
       const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
       if (Number(fields[2]) !== pgid) continue;
       if (!readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('workerd')) continue;
+      found.push({ pid, fields });
+    } catch { /* gone */ }
+  }
+  return found;
+}
+
+/** Resident memory (kB) of every workerd process in process group `pgid` (a `wrangler dev` started by spawnService). */
+export function workerdRss(pgid) {
+  let total = 0;
+  for (const { pid } of workerdStats(pgid)) {
+    try {
       total += Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0);
     } catch { /* gone */ }
   }
   return total;
+}
+
+const TICK_MS = 1000 / (Number(execFileSync('getconf', ['CLK_TCK']).toString().trim()) || 100);
+
+/** CPU time (user + system, ms, at the clock tick's resolution) of the workerd processes in process group `pgid`. */
+export function workerdCpuMs(pgid) {
+  return workerdStats(pgid).reduce((ms, { fields }) => ms + (Number(fields[11]) + Number(fields[12])) * TICK_MS, 0);
 }

@@ -2306,10 +2306,17 @@ fn valet_errors(change: impl FnOnce(&mut Value)) -> Vec<String> {
 fn assert_one_valet_error(change: impl FnOnce(&mut Value), field: &str, expected: &str) {
     let errors = valet_errors(change);
     let path = format!("routes[3].backend.blob_sas{field}");
-    assert_eq!(errors.len(), 1, "expected one error at {path}, got {errors:#?}");
+    assert_eq!(
+        errors.len(),
+        1,
+        "expected one error at {path}, got {errors:#?}"
+    );
     let (got_path, message) = errors[0].split_once(": ").expect("path: message");
     assert_eq!(got_path, path, "{errors:#?}");
-    assert!(message.contains(expected), "{message:?} should contain {expected:?}");
+    assert!(
+        message.contains(expected),
+        "{message:?} should contain {expected:?}"
+    );
 }
 
 #[test]
@@ -2320,15 +2327,30 @@ fn valet_routes_take_the_blob_checks_and_a_closed_set_of_permissions() {
         ".blob",
         "without '.' or '..' segments",
     );
-    assert_one_valet_error(|b| b["container"] = json!("Up_Loads"), ".container", "3-63 lowercase");
+    assert_one_valet_error(
+        |b| b["container"] = json!("Up_Loads"),
+        ".container",
+        "3-63 lowercase",
+    );
     assert_one_valet_error(|b| b["blob"] = json!("{path.nope}"), ".blob", "nope");
     assert_one_valet_error(|b| b["identity"] = json!("ghost"), ".identity", "ghost");
     // A permission string is not a permission.
     let errors = valet_errors(|b| b["permission"] = json!("racwd"));
     assert_eq!(errors.len(), 1, "{errors:#?}");
-    assert!(errors[0].contains("create") && errors[0].contains("read"), "{errors:#?}");
-    assert_one_valet_error(|b| b["lifetime_seconds"] = json!(3601), ".lifetime_seconds", "between 60 and 3600 seconds");
-    assert_one_valet_error(|b| b["lifetime_seconds"] = json!(59), ".lifetime_seconds", "got 59");
+    assert!(
+        errors[0].contains("create") && errors[0].contains("read"),
+        "{errors:#?}"
+    );
+    assert_one_valet_error(
+        |b| b["lifetime_seconds"] = json!(3601),
+        ".lifetime_seconds",
+        "between 60 and 3600 seconds",
+    );
+    assert_one_valet_error(
+        |b| b["lifetime_seconds"] = json!(59),
+        ".lifetime_seconds",
+        "got 59",
+    );
     assert_one_valet_error(
         |b| b["response_content_disposition"] = json!("attachment"),
         ".response_content_disposition",

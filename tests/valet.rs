@@ -160,7 +160,10 @@ fn a_create_url_is_signed_for_one_blob_and_its_signature_is_in_no_log_line() {
         assert_eq!(param(url, name).as_deref(), Some(value), "{name} in {url}");
     }
     assert_eq!(param(url, "sip"), None);
-    assert!(signature_holds(url, "/blob/contosofiles/uploads/t1/report 1.pdf"));
+    assert!(signature_holds(
+        url,
+        "/blob/contosofiles/uploads/t1/report 1.pdf"
+    ));
     assert!(
         !signature_holds(url, "/blob/contosofiles/uploads/t1/other.pdf"),
         "the signature covers the name"
@@ -177,7 +180,10 @@ fn a_create_url_is_signed_for_one_blob_and_its_signature_is_in_no_log_line() {
     assert_eq!(sent[0].token.as_deref(), Some("token-for-gw"));
     assert_eq!(sent[0].header("x-ms-version"), Some("2025-11-05"));
     let body = String::from_utf8(sent[0].body.clone()).unwrap();
-    assert!(body.contains("<Start>2023-11-14T22:08:20Z</Start><Expiry>2023-11-15T01:13:20Z</Expiry>"), "{body}");
+    assert!(
+        body.contains("<Start>2023-11-14T22:08:20Z</Start><Expiry>2023-11-15T01:13:20Z</Expiry>"),
+        "{body}"
+    );
     // The log names the blob, the permission and the expiry; never the URL or its signature.
     let log = log_of(&line);
     assert_eq!(log["blob"], "t1/report 1.pdf");
@@ -185,7 +191,10 @@ fn a_create_url_is_signed_for_one_blob_and_its_signature_is_in_no_log_line() {
     assert_eq!(log["sas_expires"], "2023-11-14T22:18:20Z");
     assert_eq!(log["key"], "fetched");
     let sig = param(url, "sig").unwrap();
-    assert!(!line.contains(&sig) && !line.contains(&url[url.find('?').unwrap()..]), "{line}");
+    assert!(
+        !line.contains(&sig) && !line.contains(&url[url.find('?').unwrap()..]),
+        "{line}"
+    );
     assert!(!line.contains("sig="), "{line}");
 }
 
@@ -194,7 +203,9 @@ fn two_hundred_cold_callers_make_one_key_request_and_one_token_request() {
     let g = gateway();
     let mut io = storage();
     io.concurrent = true;
-    let heads: Vec<RequestHead> = (0..200).map(|i| post(&format!("/uploads/t1/f{i}"))).collect();
+    let heads: Vec<RequestHead> = (0..200)
+        .map(|i| post(&format!("/uploads/t1/f{i}")))
+        .collect();
     let answers = block_on_all(heads.iter().map(|h| g.handle(h, &io)).collect());
     let mut sources = std::collections::BTreeMap::new();
     for (answer, line) in &answers {
@@ -234,7 +245,13 @@ fn a_cached_key_serves_while_the_identity_provider_is_down_and_not_past_its_life
     down.clock.set(warm.clock.get() + 120.0 * 60_000.0);
     let (status, answer, _) = run(&g, &post("/uploads/t1/d"), &down);
     assert_eq!(status, 503, "{answer}");
-    assert_eq!(answer["type"].as_str().map(|t| t.ends_with(":identity-unavailable")), Some(true), "{answer}");
+    assert_eq!(
+        answer["type"]
+            .as_str()
+            .map(|t| t.ends_with(":identity-unavailable")),
+        Some(true),
+        "{answer}"
+    );
     assert!(answer.get("url").is_none());
 }
 
@@ -246,15 +263,27 @@ fn storage_refusing_the_key_is_a_502_remembered_for_a_moment_and_nothing_is_mint
         "comp=userdelegationkey",
         Ok((
             403,
-            vec![("x-ms-error-code".into(), "AuthorizationPermissionMismatch".into())],
+            vec![(
+                "x-ms-error-code".into(),
+                "AuthorizationPermissionMismatch".into(),
+            )],
             "<Error/>".into(),
         )),
     );
     let (status, answer, line) = run(&g, &post("/uploads/t1/a"), &io);
     assert_eq!(status, 502, "{answer}");
-    assert!(answer["type"].as_str().unwrap().ends_with(":delegation-key-refused"));
-    assert!(answer["detail"].as_str().unwrap().contains("Storage Blob Delegator"));
-    assert!(answer.get("url").is_none() && !line.contains("sas_"), "{line}");
+    assert!(answer["type"]
+        .as_str()
+        .unwrap()
+        .ends_with(":delegation-key-refused"));
+    assert!(answer["detail"]
+        .as_str()
+        .unwrap()
+        .contains("Storage Blob Delegator"));
+    assert!(
+        answer.get("url").is_none() && !line.contains("sas_"),
+        "{line}"
+    );
     // Others get the same answer at once, without asking Storage again…
     let (status, _, _) = run(&g, &post("/uploads/t1/b"), &io);
     assert_eq!((status, io.sent().len()), (502, 1));
@@ -269,7 +298,9 @@ fn storage_refusing_the_key_is_a_502_remembered_for_a_moment_and_nothing_is_mint
 fn a_refused_token_is_replaced_once_and_the_key_asked_for_again() {
     let g = gateway();
     let io = Fake::new();
-    io.replies.borrow_mut().push_back(Ok((401, Vec::new(), String::new())));
+    io.replies
+        .borrow_mut()
+        .push_back(Ok((401, Vec::new(), String::new())));
     io.replies.borrow_mut().push_back(key_reply());
     let (status, answer, _) = run(&g, &post("/uploads/t1/a"), &io);
     assert_eq!(status, 200, "{answer}");
@@ -309,16 +340,27 @@ fn a_read_url_carries_the_download_overrides_under_its_signature() {
     assert_eq!(answer["method"], "GET");
     assert_eq!(answer["headers"], serde_json::json!({}));
     assert_eq!(param(url, "sp").as_deref(), Some("r"));
-    assert_eq!(param(url, "rscd").as_deref(), Some(r#"attachment; filename="r.pdf""#));
+    assert_eq!(
+        param(url, "rscd").as_deref(),
+        Some(r#"attachment; filename="r.pdf""#)
+    );
     assert_eq!(param(url, "rsct").as_deref(), Some("application/pdf"));
     assert_eq!(answer["expires"], "2023-11-14T22:23:20Z", "600 s");
     assert!(signature_holds(url, "/blob/contosofiles/uploads/t1/r.pdf"));
     // A value Storage could not send back as a header is refused, and nothing minted.
     let io = storage();
-    let head = request("GET", "/downloads/r.pdf?type=text%2Fplain%0D%0AX-Evil:%201", &[], false);
+    let head = request(
+        "GET",
+        "/downloads/r.pdf?type=text%2Fplain%0D%0AX-Evil:%201",
+        &[],
+        false,
+    );
     let (status, answer, _) = run(&g, &head, &io);
     assert_eq!(status, 400, "{answer}");
-    assert!(answer["type"].as_str().unwrap().ends_with(":unsendable-value"));
+    assert!(answer["type"]
+        .as_str()
+        .unwrap()
+        .ends_with(":unsendable-value"));
     assert_eq!(io.sent().len(), 0);
 }
 
@@ -334,7 +376,10 @@ fn a_url_limited_to_the_caller_names_its_ipv4_address() {
     assert!(signature_holds(url, "/blob/contosofiles/uploads/a"));
     let (status, answer, _) = run(&g, &from("2001:db8::1"), &io);
     assert_eq!(status, 400);
-    assert!(answer["type"].as_str().unwrap().ends_with(":address-not-supported"));
+    assert!(answer["type"]
+        .as_str()
+        .unwrap()
+        .ends_with(":address-not-supported"));
     let (status, _, _) = run(&g, &post("/pinned/a"), &io);
     assert_eq!(status, 400);
     assert_eq!(io.sent().len(), 1, "only the first request needed a key");

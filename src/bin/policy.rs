@@ -134,7 +134,9 @@ mod cli {
         let valet: Vec<String> = p.routes.iter().filter_map(|r| valet_lines(&p, r)).collect();
         if !valet.is_empty() {
             println!();
-            println!("Valet-key routes (blob_sas): what the holder of a URL they answer with can do");
+            println!(
+                "Valet-key routes (blob_sas): what the holder of a URL they answer with can do"
+            );
             for block in valet {
                 println!("{block}");
             }

@@ -101,7 +101,9 @@ pub fn parse_iso_utc(text: &str) -> Option<f64> {
     }
     let fraction = &b[19..b.len() - 1];
     if !(fraction.is_empty()
-        || (fraction[0] == b'.' && fraction.len() > 1 && fraction[1..].iter().all(u8::is_ascii_digit)))
+        || (fraction[0] == b'.'
+            && fraction.len() > 1
+            && fraction[1..].iter().all(u8::is_ascii_digit)))
     {
         return None;
     }

@@ -39,6 +39,16 @@ impl BlobOp {
     }
 }
 
+/// A template of the route could not be filled from the request (`missing` says what lacked).
+pub fn missing_value(missing: String) -> Problem {
+    Problem::new(
+        400,
+        "missing-request-value",
+        "The request lacks a value this route needs",
+        format!("This route builds a name from the request, but {missing}."),
+    )
+}
+
 /// Checks a rendered blob name and percent-encodes it for the URL path.
 pub fn encode_blob_name(name: &str) -> Result<String, Problem> {
     let bad = |why: &str| {
@@ -384,20 +394,15 @@ pub async fn build<I: Io>(
     let uuid = || io.uuid();
     let now = io.now();
     let values = cx.render_context(&header, &uuid, now);
-    let missing = |missing: String| {
-        Problem::new(
-            400,
-            "missing-request-value",
-            "The request lacks a value this route needs",
-            format!("This route builds a name from the request, but {missing}."),
-        )
-    };
-    let name = b.name.render(&values).map_err(missing)?;
+    let name = b.name.render(&values).map_err(missing_value)?;
     let encoded = encode_blob_name(&name)?;
     let mut metadata = Vec::new();
     if op == BlobOp::Write {
         for (meta, template) in &b.metadata {
-            metadata.push((meta.clone(), template.render(&values).map_err(missing)?));
+            metadata.push((
+                meta.clone(),
+                template.render(&values).map_err(missing_value)?,
+            ));
         }
         check_metadata(&metadata)?;
     }

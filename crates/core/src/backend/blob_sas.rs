@@ -52,14 +52,7 @@ pub fn build<I: Io>(s: &PreparedBlobSas, cx: &Cx<'_>, io: &I) -> Result<Plan, Pr
     let header = |name: &str| head.header(name).map(str::to_owned);
     let uuid = || io.uuid();
     let values = cx.render_context(&header, &uuid, io.now());
-    let missing = |missing: String| {
-        Problem::new(
-            400,
-            "missing-request-value",
-            "The request lacks a value this route needs",
-            format!("This route builds a name from the request, but {missing}."),
-        )
-    };
+    let missing = super::blob::missing_value;
     let name = s.name.render(&values).map_err(missing)?;
     let encoded = super::blob::encode_blob_name(&name)?;
     let mut overrides = [None, None];

@@ -3,8 +3,8 @@
 
 use super::cloud::{Service, EVENT_HUBS_AUDIENCE};
 use super::model::{
-    AzureRestBackend, Backend, BlobBackend, BlobSasBackend, Cloud, Credential, EventHubsBackend, Identity, Inbound,
-    MessageMapping, Policy, Route, ServiceBusBackend, StorageQueueBackend,
+    AzureRestBackend, Backend, BlobBackend, BlobSasBackend, Cloud, Credential, EventHubsBackend,
+    Identity, Inbound, MessageMapping, Policy, Route, ServiceBusBackend, StorageQueueBackend,
     EVENT_HUBS_DEFAULT_MAX_MESSAGE_BYTES,
 };
 use super::{SERVICE_BUS_AUDIENCE, STORAGE_AUDIENCE};

@@ -7,11 +7,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::model::*;
-use crate::sas::MAX_URL_LIFETIME_SECONDS as MAX_SAS_LIFETIME_SECONDS;
 use super::STORAGE_AUDIENCE;
 use super::{hidden_string, PolicyError};
 use crate::encoding::is_header_name;
 use crate::routing::PathTemplate;
+use crate::sas::MAX_URL_LIFETIME_SECONDS as MAX_SAS_LIFETIME_SECONDS;
 
 mod common;
 mod queues;
@@ -829,7 +829,10 @@ fn check_blob_sas(
         if sas.permission != SasPermission::Read {
             c.err(
                 &path,
-                format!("only on a \"read\" route (it is how Storage serves a download), not on \"{}\"", sas.permission.as_str()),
+                format!(
+                    "only on a \"read\" route (it is how Storage serves a download), not on \"{}\"",
+                    sas.permission.as_str()
+                ),
             );
         }
         check_template(c, &path, text, scope);
