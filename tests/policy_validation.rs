@@ -67,7 +67,12 @@ fn errors_after(change: impl FnOnce(&mut Value)) -> Vec<String> {
 /// Asserts exactly one error, at `path`, whose message contains `expected`.
 #[track_caller]
 fn assert_one_error(change: impl FnOnce(&mut Value), path: &str, expected: &str) {
-    let errors = errors_after(change);
+    assert_only_error(errors_after(change), path, expected);
+}
+
+/// Asserts that `errors` is exactly one, at `path`, whose message contains `expected`.
+#[track_caller]
+fn assert_only_error(errors: Vec<String>, path: &str, expected: &str) {
     assert_eq!(
         errors.len(),
         1,
@@ -2304,19 +2309,8 @@ fn valet_errors(change: impl FnOnce(&mut Value)) -> Vec<String> {
 
 #[track_caller]
 fn assert_one_valet_error(change: impl FnOnce(&mut Value), field: &str, expected: &str) {
-    let errors = valet_errors(change);
     let path = format!("routes[3].backend.blob_sas{field}");
-    assert_eq!(
-        errors.len(),
-        1,
-        "expected one error at {path}, got {errors:#?}"
-    );
-    let (got_path, message) = errors[0].split_once(": ").expect("path: message");
-    assert_eq!(got_path, path, "{errors:#?}");
-    assert!(
-        message.contains(expected),
-        "{message:?} should contain {expected:?}"
-    );
+    assert_only_error(valet_errors(change), &path, expected);
 }
 
 #[test]
