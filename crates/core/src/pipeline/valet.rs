@@ -89,6 +89,8 @@ impl Gateway {
         cx: &mut Cx<'_>,
         io: &I,
     ) -> Result<HeldKey, Problem> {
+        // Other callers wait on this fetch: it finishes even if this request's caller goes.
+        io.hold();
         let result = self.request_key(s, cx, io).await;
         self.delegation_keys.borrow_mut().complete(
             &s.key_id,
