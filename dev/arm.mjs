@@ -29,6 +29,8 @@
  * Resource model (in memory, seeded by `subscriptions`, case-insensitive names like ARM):
  *   GET  /subscriptions/{sub}                                                 (2020-01-01, 2022-12-01)
  *   GET  /subscriptions/{sub}/resourceGroups/{rg}                             (2021-04-01, 2022-09-01)
+ *   GET  /subscriptions/{sub}/resourcegroups                     (list; resource groups' api-versions)
+ *   GET  …/resourceGroups/{rg}/providers/Microsoft.Web/sites     (list; the sites' api-versions)
  *   GET  …/resourceGroups/{rg}/providers/Microsoft.Web/sites/{name}          (2022-09-01, 2023-01-01)
  *   POST …/sites/{name}/restart   202 Accepted, Azure-AsyncOperation + Location + Retry-After: 1;
  *                                 the site is "Stopped" until the operation succeeds, then "Running"
@@ -41,6 +43,16 @@
  *        polls (default 2), then 200 {"status":"Succeeded"};
  *   GET  …/locations/{loc}/operations/{id} (the Location URL): 202 (Location, Retry-After) while in
  *        progress, then 204. Both URLs count polls on the same operation.
+ * Lists are paged as ARM pages them: {"value": [at most pageSize elements, each as its GET answers
+ *   it]} and, while more remain, "nextLink": an absolute URL on the origin the request reached
+ *   (http:// + its Host header) with the same path, the same api-version, `$top` when given, and
+ *   `%24skiptoken=<token>` (ARM's own encoding of `$skiptoken`). The token is opaque: base64url of
+ *   {"offset", "listId"} (listId: a hash of the lower-cased collection path) and an HMAC under a
+ *   key drawn per start, so a token altered, made up, from another list or from another start of
+ *   the stand-in is 400 InvalidSkipToken. The last page has no nextLink. `$top` (1..1000, else 400
+ *   InvalidParameter, a stand-in choice) sets the page size of this request and is carried in its
+ *   nextLink. Elements come in seed order; offsets are not a snapshot (a list changed between
+ *   pages shifts, as ARM does not promise otherwise either).
  * Errors: 404 SubscriptionNotFound, ResourceGroupNotFound, ResourceNotFound ("The Resource
  * 'Microsoft.Web/sites/x' under resource group 'rg' was not found. …"), InvalidResourceType (an
  * unknown type), NoRegisteredProviderFound (a namespace other than Microsoft.Web); 405 for a
@@ -60,11 +72,14 @@
  *   dropped instead of answered (after the call when `after`);
  *   GET /__control/resources (the model as it is now), DELETE restores the seed.
  *
- * startArm({ port, jwksUrl, issuerPrefix, subscriptions, pollsBeforeDone }) resolves
+ * Seeding a long list: `manySites(n, fields?)` gives n sites (`site-01`…, each tagged {seq}) to put
+ * in a resource group's `sites` in `subscriptions`; reset() restores them like the rest of the seed.
+ *
+ * startArm({ port, jwksUrl, issuerPrefix, subscriptions, pollsBeforeDone, pageSize }) resolves
  * { url, port, stats(), resetStats(), requests(), clearRequests(), setFault(), clearFaults(),
  *   resources(), reset(), stop() }.
  */
-import { createHash, createPublicKey, randomUUID, verify } from 'node:crypto';
+import { createHash, createHmac, createPublicKey, randomBytes, randomUUID, verify } from 'node:crypto';
 import { createServer } from 'node:http';
 
 export const ARM_AUDIENCES = [
@@ -88,6 +103,18 @@ export const DEFAULT_SUBSCRIPTIONS = {
     },
   },
 };
+/**
+ * n sites for a resource group's `sites` seed, named `${prefix}-01`… (zero-padded so they sort as
+ * they are numbered), each with `fields` and the tag {seq: "1"…} added to fields.tags.
+ */
+export function manySites(n, { prefix = 'site', ...fields } = {}) {
+  if (!Number.isInteger(n) || n < 0) throw new Error('manySites: n must be a whole number');
+  const width = Math.max(2, String(n).length);
+  return Object.fromEntries(Array.from({ length: n }, (_, i) => [
+    `${prefix}-${String(i + 1).padStart(width, '0')}`,
+    { ...fields, tags: { ...(fields.tags ?? {}), seq: String(i + 1) } },
+  ]));
+}
 /** api-versions the stand-in supports, by resource type. */
 export const API_VERSIONS = {
   subscriptions: ['2022-12-01', '2020-01-01'],
@@ -100,6 +127,9 @@ const MAX_LOGGED_REQUESTS = 100;
 const MAX_FAULT_DELAY_MS = 120_000;
 const API_VERSION_SHAPE = /^\d{4}-\d{2}-\d{2}(-(preview|beta|alpha|privatepreview))?$/;
 const READ_LIMIT = 12_000;
+/** Elements per page of a list unless startArm's pageSize or the request's $top says otherwise. */
+export const DEFAULT_PAGE_SIZE = 2;
+const MAX_TOP = 1000;
 const WRITE_LIMIT = 1_200;
 
 /** The ARM-style display name of a location (westeurope → West Europe), for site bodies. */
@@ -115,7 +145,8 @@ const LOCATION_NAMES = {
  * appSettings?, tags? } } } } } }. Options: port (0 = any free port), host, jwksUrl (required),
  * issuerPrefix, authorizationUri (for WWW-Authenticate; default the issuer's tenant URL derived from
  * jwksUrl), pollsBeforeDone (InProgress polls before Succeeded, default 2), retryAfterSeconds
- * (default 1), apiVersions (overrides of API_VERSIONS), log (one line per request; default silent).
+ * (default 1), apiVersions (overrides of API_VERSIONS), pageSize (elements per page of a list,
+ * default DEFAULT_PAGE_SIZE), log (one line per request; default silent).
  */
 export async function startArm({
   port = 8420,
@@ -127,10 +158,12 @@ export async function startArm({
   pollsBeforeDone = 2,
   retryAfterSeconds = 1,
   apiVersions = {},
+  pageSize = DEFAULT_PAGE_SIZE,
   log = () => {},
 } = {}) {
   if (!jwksUrl) throw new Error('startArm: jwksUrl is required');
   if (!Number.isInteger(pollsBeforeDone) || pollsBeforeDone < 0) throw new Error('startArm: pollsBeforeDone must be a whole number');
+  if (!Number.isInteger(pageSize) || pageSize < 1 || pageSize > MAX_TOP) throw new Error(`startArm: pageSize must be 1..${MAX_TOP}`);
   const seed = structuredClone(subscriptions);
   const ctx = {
     url: null,
@@ -140,6 +173,8 @@ export async function startArm({
     pollsBeforeDone,
     retryAfterSeconds,
     apiVersions: { ...API_VERSIONS, ...apiVersions },
+    pageSize,
+    skipKey: randomBytes(32),
     model: buildModel(seed),
     operations: new Map(),
     limits: new Map(),
@@ -782,12 +817,14 @@ function parseRoute(method, pathname) {
     if (seg.length === 8 && eq(seg[4], 'locations') && eq(seg[6], 'operations')) return r('operation location', { sub, location: seg[5], id: seg[7] });
     return r('unknown type', { sub, namespace: 'Microsoft.Web', typeName: seg.slice(4).filter((_, i) => i % 2 === 0).join('/') });
   }
+  if (seg.length === 3 && eq(seg[2], 'resourceGroups')) return r('resource group list', { sub });
   if (!eq(seg[2], 'resourceGroups') || !seg[3]) return r('unknown type', { sub, namespace: 'Microsoft.Resources', typeName: seg[2] });
   const rg = seg[3];
   if (seg.length === 4) return r('resource group', { sub, rg });
   if (!eq(seg[4], 'providers') || !seg[5]) return r('unknown type', { sub, rg, namespace: 'Microsoft.Resources', typeName: seg[4] });
   const ns = seg[5];
   if (!eq(ns, 'Microsoft.Web')) return r('unknown provider', { sub, rg, namespace: ns, typeName: seg[6] ?? '' });
+  if (seg.length === 7 && eq(seg[6], 'sites')) return r('site list', { sub, rg });
   if (!seg[6] || !eq(seg[6], 'sites') || !seg[7]) return r('unknown type', { sub, rg, namespace: 'Microsoft.Web', typeName: seg[6] ?? '' });
   const site = seg[7];
   const rest = seg.slice(8).map((s) => s.toLowerCase()).join('/');
@@ -807,6 +844,8 @@ function parseRoute(method, pathname) {
 const METHODS = {
   subscription: ['GET'],
   'resource group': ['GET'],
+  'resource group list': ['GET'],
+  'site list': ['GET'],
   site: ['GET'],
   'site restart': ['POST'],
   'site stop': ['POST'],
@@ -842,7 +881,7 @@ function rateLimitHeaders(ctx, subId, method) {
   return { 'x-ms-ratelimit-remaining-subscription-writes': String(counts.writes) };
 }
 
-async function dispatch(ctx, { req, body, route, apiVersion, claims }) {
+async function dispatch(ctx, { req, url, body, route, apiVersion, claims }) {
   const { name } = route;
   if (name === 'unknown' || name === 'unknown type' || name === 'unknown provider') {
     if (route.sub) findSubscription(ctx, route.sub, claims);
@@ -869,6 +908,10 @@ async function dispatch(ctx, { req, body, route, apiVersion, claims }) {
     checkApiVersion(ctx, 'resourceGroups', apiVersion, {});
     return withLimits({ status: 200, body: resourceGroupBody(sub, findGroup(ctx, route.sub, route.rg)) });
   }
+  if (name === 'resource group list') {
+    checkApiVersion(ctx, 'resourceGroups', apiVersion, {});
+    return withLimits({ status: 200, body: listPage(ctx, req, url, [...sub.groups.values()], (rg) => resourceGroupBody(sub, rg)) });
+  }
   if (name === 'operation status' || name === 'operation location') {
     checkApiVersion(ctx, 'Microsoft.Web/sites', apiVersion, { typeLabel: 'locations/operationResults', location: route.location });
     return withLimits(pollOperation(ctx, sub, route, apiVersion));
@@ -878,6 +921,9 @@ async function dispatch(ctx, { req, body, route, apiVersion, claims }) {
   // for the type, as ARM resolves the group first.
   const rg = findGroup(ctx, route.sub, route.rg);
   checkApiVersion(ctx, 'Microsoft.Web/sites', apiVersion, { typeLabel: 'sites', location: rg.location });
+  if (name === 'site list') {
+    return withLimits({ status: 200, body: listPage(ctx, req, url, [...rg.sites.values()], (site) => siteBody(sub, rg, site)) });
+  }
   const site = rg.sites.get(route.site.toLowerCase());
   if (!site) {
     throw armError(404, 'ResourceNotFound',
@@ -943,6 +989,69 @@ function parseAppSettings(req, body) {
     if (typeof v !== 'string') throw invalid(`The value of app setting '${k}' must be a string, got ${v === null ? 'null' : typeof v}`);
   }
   return { ...properties };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paged lists
+
+/**
+ * One page of `items` (each answered as `body(item)`): from the offset in the request's
+ * $skiptoken, at most $top or ctx.pageSize of them, and a nextLink while more remain.
+ */
+function listPage(ctx, req, url, items, body) {
+  const list = listId(url.pathname);
+  const token = url.searchParams.get('$skiptoken');
+  const offset = token === null ? 0 : readSkipToken(ctx, token, list);
+  const top = readTop(url.searchParams.get('$top'));
+  const size = top ?? ctx.pageSize;
+  const page = { value: items.slice(offset, offset + size).map(body) };
+  if (offset + size < items.length) {
+    const query = new URLSearchParams({ 'api-version': url.searchParams.get('api-version') });
+    if (top !== null) query.set('$top', String(top));
+    query.set('$skiptoken', skipToken(ctx, list, offset + size));
+    page.nextLink = `${requestOrigin(ctx, req)}${url.pathname}?${query}`;
+  }
+  return page;
+}
+
+/** Which list a token belongs to: the collection path, case-insensitive as ARM's names are. */
+const listId = (pathname) => createHash('sha256').update(pathname.toLowerCase().replace(/\/+$/, '')).digest('base64url').slice(0, 16);
+
+const skipTokenMac = (ctx, payload) => createHmac('sha256', ctx.skipKey).update(payload).digest('base64url').slice(0, 22);
+
+function skipToken(ctx, list, offset) {
+  const payload = Buffer.from(JSON.stringify({ offset, listId: list })).toString('base64url');
+  return `${payload}.${skipTokenMac(ctx, payload)}`;
+}
+
+/** The offset of a token this start issued for this list; anything else is 400 InvalidSkipToken. */
+function readSkipToken(ctx, token, list) {
+  const invalid = () => armError(400, 'InvalidSkipToken', "The value of the '$skiptoken' query parameter is not valid. Use the nextLink of the previous page as it was returned.");
+  const m = /^([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]{22})$/.exec(token);
+  if (!m || skipTokenMac(ctx, m[1]) !== m[2]) throw invalid();
+  let parsed;
+  try {
+    parsed = JSON.parse(Buffer.from(m[1], 'base64url').toString('utf8'));
+  } catch {
+    throw invalid();
+  }
+  if (parsed?.listId !== list || !Number.isInteger(parsed.offset) || parsed.offset < 0) throw invalid();
+  return parsed.offset;
+}
+
+/** $top: absent (null) or a page size 1..MAX_TOP. */
+function readTop(raw) {
+  if (raw === null) return null;
+  if (!/^\d{1,4}$/.test(raw) || Number(raw) < 1 || Number(raw) > MAX_TOP) {
+    throw armError(400, 'InvalidParameter', `The value '${raw.slice(0, 40)}' of the '$top' query parameter is not valid. It must be an integer between 1 and ${MAX_TOP}.`);
+  }
+  return Number(raw);
+}
+
+/** The origin the request reached: http:// and its Host header; the stand-in's own when absent or odd. */
+function requestOrigin(ctx, req) {
+  const host = req.headers.host;
+  return typeof host === 'string' && /^([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:\d{1,5})?$/.test(host) ? `http://${host}` : ctx.url;
 }
 
 // ---------------------------------------------------------------------------------------------
