@@ -16,7 +16,7 @@ use crate::exchange::{
 use crate::policy::prepared::{PreparedOperation, PreparedRest, RestBodyPlan};
 
 use crate::crypto::{HandleKey, NONCE_LEN};
-use crate::policy::ErrorMode;
+use crate::policy::{ErrorMode, ResponseBody};
 use crate::problem::Problem;
 use crate::template::{render_var, BodyFormat, RenderContext, Template, Var};
 use crate::time::Utc;
@@ -68,6 +68,10 @@ pub const RESERVED_REQUEST_HEADERS: &[&str] = &[
 ];
 /// How long an operation handle the gateway hands out stays valid.
 pub const OPERATION_HANDLE_TTL_S: f64 = 24.0 * 3600.0;
+/// How long a next-page link the gateway hands out stays valid.
+pub const PAGE_HANDLE_TTL_S: f64 = 3600.0;
+/// The query parameter of the gateway's next-page links (`?page={handle}`).
+pub const PAGE_PARAMETER: &str = "page";
 /// Default largest answer read to pass on a part of it (`max_answer_bytes`).
 pub const DEFAULT_MAX_ANSWER_BYTES: u32 = 64 * 1024;
 /// The largest `max_answer_bytes` a route may set: an answer read is held three times over for a
@@ -105,7 +109,7 @@ fn no_handle_key(secrets: &[String]) -> Problem {
         500,
         "gateway-misconfigured",
         "Gateway is misconfigured",
-        format!("This route hands out links to follow Azure's operations, sealed with a key from its identity's credential, but none of the Worker secrets it may use ({}) is set; nothing was sent. The operator should set one with `wrangler secret put`.", secrets.join(", ")),
+        format!("This route hands out links to follow Azure's operations or pages, sealed with a key from its identity's credential, but none of the Worker secrets it may use ({}) is set; nothing was sent. The operator should set one with `wrangler secret put`.", secrets.join(", ")),
     )
 }
 
@@ -128,6 +132,13 @@ pub struct Plan<B> {
     shape: Option<Vec<String>>,
     /// The answer's text when the backend's reply was read here (projection).
     projected: std::cell::RefCell<Option<String>>,
+    /// On a route that pages its lists: the caller's path, which the next-page link is on
+    /// and which its handle is bound to.
+    page_path: Option<String>,
+    /// The next-page link the answer hands out (also as `Link: <…>; rel="next"`).
+    next: std::cell::RefCell<Option<String>>,
+    /// The text read and rewritten is Azure's XML (a Storage list), not JSON.
+    xml: std::cell::Cell<bool>,
 }
 
 impl<B> Plan<B> {
@@ -226,7 +237,37 @@ pub async fn build<I: Io>(
             extra.push((name, value));
         }
     }
-    let url = rest.url.render(&values, &extra)?;
+    let mut url = rest.url.render(&values, &extra)?;
+    // The handle keys come from whichever of the identity's secrets are set (during a rotation,
+    // perhaps only the next one): a route that hands out links must be able to seal them, so
+    // with none set nothing is sent. Links are sealed with the first and opened with any.
+    let keys: Vec<HandleKey> = if rest.operation_path.is_some() || rest.pages {
+        let keys: Vec<HandleKey> = rest
+            .handle_secrets
+            .iter()
+            .filter_map(|s| io.secret(s))
+            .map(|s| operation_key(&s))
+            .collect();
+        if keys.is_empty() {
+            return Err(no_handle_key(&rest.handle_secrets));
+        }
+        keys
+    } else {
+        Vec::new()
+    };
+    // A next page: Azure's URL from the handle, on this route and this path only, and for the
+    // resource this request names.
+    let page_path = rest.pages.then(|| head.path.clone());
+    if let Some(path) = &page_path {
+        let mut given = cx.query.iter().filter(|(n, _)| n == PAGE_PARAMETER);
+        if let Some((_, handle)) = given.next() {
+            let route = cx.route.map(|r| r.name.as_str()).unwrap_or_default();
+            let next = open_url(handle, &keys, &page_binding(route, path), now)
+                .filter(|next| same_origin(next, &rest.url.origin) && same_path(next, &url))
+                .filter(|_| given.next().is_none());
+            url = next.ok_or_else(page_not_found)?;
+        }
+    }
     let mut headers: Vec<(String, String)> = Vec::new();
     if let crate::policy::prepared::ApiVersion::Header(v) = &rest.api_version {
         headers.push(("x-ms-version".into(), v.clone()));
@@ -310,16 +351,7 @@ pub async fn build<I: Io>(
         ),
         other => other,
     };
-    // The handle key comes from whichever of the identity's secrets is set (during a rotation,
-    // perhaps only the next one): a route that follows operations must be able to hand one
-    // out, so with none set nothing is sent.
-    let handle_key = match &rest.operation_path {
-        Some(_) => match rest.handle_secrets.iter().find_map(|s| io.secret(s)) {
-            Some(secret) => Some(operation_key(&secret)),
-            None => return Err(no_handle_key(&rest.handle_secrets)),
-        },
-        None => None,
-    };
+    let handle_key = keys.into_iter().next();
     Ok(Plan {
         request,
         body,
@@ -333,6 +365,9 @@ pub async fn build<I: Io>(
         issuer: None,
         shape: None,
         projected: std::cell::RefCell::new(None),
+        page_path,
+        next: std::cell::RefCell::new(None),
+        xml: std::cell::Cell::new(false),
     })
 }
 
@@ -588,18 +623,29 @@ async fn finish<I: Io, B>(
         cx.log.backend_detail = message.map(|m| super::log_detail(&m));
         return Err(mapped_error(reply.status, code.as_deref(), retry_after));
     }
+    // A route that answers without Azure's body: status and headers only.
+    if rest.response_body == ResponseBody::None && plan.shape.is_none() {
+        super::drain(io, reply.body).await;
+        *plan.projected.borrow_mut() = Some(String::new());
+        return Ok(Reply {
+            status: reply.status,
+            headers: reply.headers,
+            body: None,
+        });
+    }
     // A followed operation's answer is always shaped; a route's own answer is projected when
-    // it is the resource (200, 201): a 202 starts an operation, and its body is not.
+    // it is the resource (200, 201): a 202 starts an operation, and its body is not. A page of
+    // a list (200) is read for its continuation.
+    let own = matches!(reply.status, 200 | 201)
+        && (!rest.project.is_empty() || !rest.project_items.is_empty());
+    let page = reply.status == 200 && plan.page_path.is_some();
     let pointers = match &plan.shape {
         Some(shape) if (200..300).contains(&reply.status) => shape.as_slice(),
-        None if !rest.project.is_empty() && matches!(reply.status, 200 | 201) => {
-            rest.project.as_slice()
-        }
+        None if own || page => rest.project.as_slice(),
         _ => return Ok(reply),
     };
-    let is_json = reply
-        .header("content-type")
-        .is_some_and(|ct| BodyFormat::of(ct) == Some(BodyFormat::Json));
+    let format = reply.header("content-type").and_then(BodyFormat::of);
+    let is_json = format == Some(BodyFormat::Json);
     let limit = rest.max_answer_bytes;
     let text = match reply.body {
         Some(body) => match io.text(body, limit).await {
@@ -618,12 +664,37 @@ async fn finish<I: Io, B>(
         },
         None => String::new(),
     };
+    // Azure's continuation, sealed into a link on this route; one to another list or host is
+    // not followed (and not shown).
+    let route = cx.route.map(|r| r.name.clone()).unwrap_or_default();
+    let dropped = std::cell::Cell::new(false);
+    let link = |next: &str| -> Option<String> {
+        let (path, key) = (plan.page_path.as_ref()?, plan.handle_key.as_ref()?);
+        if !(same_origin(next, &rest.url.origin) && same_path(next, &plan.request.url)) {
+            dropped.set(true);
+            return None;
+        }
+        let binding = page_binding(&route, path);
+        let handle = seal_url(key, &binding, next, plan.now_ms, PAGE_HANDLE_TTL_S, &plan.nonce);
+        Some(format!("{path}?{PAGE_PARAMETER}={handle}"))
+    };
     let projected = if text.is_empty() {
         // Nothing to project (an empty 200, 201 or 204).
         String::new()
+    } else if page && format == Some(BodyFormat::Xml) && plan.shape.is_none() && rest.project.is_empty() {
+        // A Storage list: its `<NextMarker>` becomes the link.
+        let (xml, next) = storage_page(&text, &plan.request.url, link);
+        *plan.next.borrow_mut() = next;
+        plan.xml.set(true);
+        xml
     } else {
         match serde_json::from_str::<Value>(&text) {
-            Ok(value) if is_json => project(&value, pointers).to_string(),
+            Ok(value) if is_json && plan.shape.is_some() => project(&value, pointers).to_string(),
+            Ok(value) if is_json => {
+                let (shaped, next) = shape_answer(value, pointers, &rest.project_items, page, link);
+                *plan.next.borrow_mut() = next;
+                shaped.to_string()
+            }
             _ => {
                 return Err(answer_unreadable(
                     "Azure answered something that is not JSON",
@@ -631,6 +702,10 @@ async fn finish<I: Io, B>(
             }
         }
     };
+    if dropped.get() {
+        cx.log.backend_detail =
+            Some("Azure's continuation names another list or host: not followed, not shown".into());
+    }
     *plan.projected.borrow_mut() = Some(projected);
     Ok(Reply {
         status: reply.status,
@@ -696,9 +771,16 @@ pub fn answer<B, S>(
             }
         }
     }
+    if let Some(next) = plan.next.borrow_mut().take() {
+        headers.push(("link", format!("<{next}>; rel=\"next\"")));
+    }
+    if rest.response_body == ResponseBody::None && plan.shape.is_none() {
+        headers.retain(|(n, _)| *n != "content-type");
+    }
     let projected = plan.projected.borrow_mut().take();
     let body = match (projected, reply.body) {
         (Some(text), _) if text.is_empty() => AnswerBody::Empty,
+        (Some(text), _) if plan.xml.get() => AnswerBody::Text(text),
         (Some(text), _) => {
             headers.retain(|(n, _)| *n != "content-type");
             headers.push(("content-type", "application/json".to_owned()));
@@ -918,9 +1000,33 @@ fn operation_binding(route: &str) -> String {
     format!("operation\n{route}")
 }
 
-/// A sealed, expiring handle of Azure's operation URL, issued by `route` (see
+/// A sealed handle of an Azure URL, expiring `ttl_s` after `now_ms` and bound to `binding` (see
 /// [`crate::crypto::seal`]): the caller learns nothing of Azure's URL from it, cannot change it,
-/// and cannot use it on another route. `nonce` comes from the platform's CSPRNG.
+/// and cannot use it where another binding is expected. `nonce` comes from the platform's
+/// CSPRNG. Operation and page handles are both this, with their own bindings.
+pub fn seal_url(
+    key: &HandleKey,
+    binding: &str,
+    url: &str,
+    now_ms: f64,
+    ttl_s: f64,
+    nonce: &[u8; NONCE_LEN],
+) -> String {
+    let expires = ((now_ms / 1000.0) + ttl_s).floor() as u64;
+    let plain = format!("{expires}\n{url}");
+    crate::crypto::seal(key, binding, plain.as_bytes(), nonce)
+}
+
+/// A handle's Azure URL, when one of `keys` sealed it for `binding` and it has not expired.
+pub fn open_url(handle: &str, keys: &[HandleKey], binding: &str, now_ms: f64) -> Option<String> {
+    let plain = crate::crypto::open(keys, binding, handle)?;
+    let text = String::from_utf8(plain).ok()?;
+    let (expires, url) = text.split_once('\n')?;
+    let expires: u64 = expires.parse().ok()?;
+    (expires as f64 * 1000.0 >= now_ms).then(|| url.to_owned())
+}
+
+/// A sealed, expiring handle of Azure's operation URL, issued by `route`.
 pub fn operation_handle(
     key: &HandleKey,
     route: &str,
@@ -928,18 +1034,132 @@ pub fn operation_handle(
     now_ms: f64,
     nonce: &[u8; NONCE_LEN],
 ) -> String {
-    let expires = ((now_ms / 1000.0) + OPERATION_HANDLE_TTL_S).floor() as u64;
-    let plain = format!("{expires}\n{url}");
-    crate::crypto::seal(key, &operation_binding(route), plain.as_bytes(), nonce)
+    let binding = operation_binding(route);
+    seal_url(key, &binding, url, now_ms, OPERATION_HANDLE_TTL_S, nonce)
 }
 
-/// A handle's Azure URL, when one of `keys` sealed it for `route` and it has not expired.
+/// An operation handle's Azure URL, when it was issued by `route` and has not expired.
 pub fn open_handle(handle: &str, keys: &[HandleKey], route: &str, now_ms: f64) -> Option<String> {
-    let plain = crate::crypto::open(keys, &operation_binding(route), handle)?;
-    let text = String::from_utf8(plain).ok()?;
-    let (expires, url) = text.split_once('\n')?;
-    let expires: u64 = expires.parse().ok()?;
-    (expires as f64 * 1000.0 >= now_ms).then(|| url.to_owned())
+    open_url(handle, keys, &operation_binding(route), now_ms)
+}
+
+/// What a route's next-page handles are bound to: the route, and the caller's path the list
+/// was asked on (so a link opens only for the same resource, on the same route).
+fn page_binding(route: &str, path: &str) -> String {
+    format!("page\n{route}\n{path}")
+}
+
+/// Whether `next` asks for the same resource as `url` (Azure's paths compare without case).
+fn same_path(next: &str, url: &str) -> bool {
+    let path = |u: &str| -> String {
+        let rest = u.split_once("://").map_or(u, |(_, r)| r);
+        let at = rest.find('/').unwrap_or(rest.len());
+        let path = rest[at..].split(['?', '#']).next().unwrap_or_default();
+        if path.is_empty() { "/" } else { path }.to_owned()
+    };
+    path(next).eq_ignore_ascii_case(&path(url))
+}
+
+fn page_not_found() -> Problem {
+    Problem::new(
+        404,
+        "page-not-found",
+        "No such page",
+        format!("This next-page link is not one this gateway issued for this route and path, or it has expired (links last {} minutes). List again from the first page. Nothing was sent.", PAGE_HANDLE_TTL_S / 60.0),
+    )
+}
+
+/// A JSON answer as the caller sees it: what `pointers` keep of it (all of it when there are
+/// none and no `items`), its `/value` list with what `items` keep of each element, and (on a
+/// page of a list) Azure's `nextLink` / `@odata.nextLink` replaced by `link` of it, or dropped
+/// when `link` gives none. Also returns the link handed out.
+pub fn shape_answer(
+    value: Value,
+    pointers: &[String],
+    items: &[String],
+    page: bool,
+    link: impl FnOnce(&str) -> Option<String>,
+) -> (Value, Option<String>) {
+    const CONTINUATIONS: [&str; 2] = ["nextLink", "@odata.nextLink"];
+    let continuation = CONTINUATIONS.iter().find_map(|field| {
+        let next = value.get(*field)?.as_str()?;
+        Some((*field, next.to_owned()))
+    });
+    let mut out = if !pointers.is_empty() {
+        project(&value, pointers)
+    } else if !items.is_empty() {
+        Value::Object(serde_json::Map::new())
+    } else {
+        value.clone()
+    };
+    if let Value::Object(map) = &mut out {
+        if page {
+            for field in CONTINUATIONS {
+                map.remove(field);
+            }
+        }
+        if !items.is_empty() {
+            if let Some(Value::Array(list)) = value.get("value") {
+                let kept = list.iter().map(|e| project(e, items)).collect();
+                map.insert("value".into(), Value::Array(kept));
+            }
+        }
+    }
+    let mut handed = None;
+    if let (true, Some((field, next)), Value::Object(map)) = (page, continuation, &mut out) {
+        if let Some(link) = link(&next) {
+            map.insert(field.into(), Value::String(link.clone()));
+            handed = Some(link);
+        }
+    }
+    (out, handed)
+}
+
+/// A Storage list answer (`<EnumerationResults>`) with its `<NextMarker>` replaced by `link` of
+/// the request's URL asking from that marker (emptied when `link` gives none), and the link.
+pub fn storage_page(
+    xml: &str,
+    request_url: &str,
+    link: impl FnOnce(&str) -> Option<String>,
+) -> (String, Option<String>) {
+    const OPEN: &str = "<NextMarker>";
+    const CLOSE: &str = "</NextMarker>";
+    let Some(start) = xml.find(OPEN).map(|i| i + OPEN.len()) else {
+        return (xml.to_owned(), None);
+    };
+    let Some(end) = xml[start..].find(CLOSE).map(|i| start + i) else {
+        return (xml.to_owned(), None);
+    };
+    let marker = xml[start..end].trim();
+    if marker.is_empty() {
+        return (xml.to_owned(), None);
+    }
+    // Storage escapes the marker as XML text; the URL carries it percent-encoded.
+    let marker = marker
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&amp;", "&");
+    let (base, query) = request_url.split_once('?').unwrap_or((request_url, ""));
+    // The service root is `https://host/`: a URL without a path gets its `/`.
+    let rooted = base.split_once("://").is_some_and(|(_, rest)| !rest.contains('/'));
+    let mut next = format!("{base}{}?", if rooted { "/" } else { "" });
+    for pair in query.split('&').filter(|p| !p.is_empty() && !p.starts_with("marker=")) {
+        next.push_str(pair);
+        next.push('&');
+    }
+    next.push_str("marker=");
+    crate::encoding::push_percent_encoded(&mut next, &marker);
+    let handed = link(&next);
+    let mut out = String::with_capacity(xml.len());
+    out.push_str(&xml[..start]);
+    if let Some(link) = &handed {
+        // A link is a path and a base64url handle: nothing in it needs escaping but `&`.
+        out.push_str(&link.replace('&', "&amp;"));
+    }
+    out.push_str(&xml[end..]);
+    (out, handed)
 }
 
 fn bad_handle() -> Problem {
@@ -1001,6 +1221,9 @@ pub fn build_operation<'p, I: Io>(
             issuer: Some(route.name.clone()),
             shape: Some(op.project.clone()),
             projected: std::cell::RefCell::new(None),
+            page_path: None,
+            next: std::cell::RefCell::new(None),
+            xml: std::cell::Cell::new(false),
         };
         return Ok((rest, plan));
     }

@@ -630,6 +630,25 @@ pub struct AzureRestBackend {
     /// most `max_answer_bytes`; the rest is never sent to the caller.
     #[serde(default)]
     pub project: Vec<String>,
+    /// Keep only these JSON pointers of each element of a successful JSON answer's `/value`
+    /// list (Resource Manager, Graph and Key Vault lists), e.g. `["/name", "/properties/state"]`.
+    /// The answer's `/value` is the list of what is kept of each element, beside what `project`
+    /// keeps (nothing else, when `project` is empty).
+    #[serde(default)]
+    pub project_items: Vec<String>,
+    /// Page Azure's lists through the gateway (GET routes): the `nextLink` or
+    /// `@odata.nextLink` of a JSON answer (Resource Manager, Graph, Key Vault), an absolute
+    /// Azure URL, becomes a link to this route's own path with `?page=` and a sealed handle of
+    /// Azure's URL (valid one hour, bound to the route and the path), also sent as
+    /// `Link: <…>; rel="next"`. A GET with `page` asks Azure for that page, as this route, with
+    /// its checks and projection. Answers are read whole (up to `max_answer_bytes`).
+    #[serde(default)]
+    pub pages: bool,
+    /// `none`: a successful answer carries Azure's status and the allowed headers, never
+    /// Azure's body (for answers that carry receipts or secrets the caller must not see, e.g.
+    /// Storage queue's `PopReceipt`). Default `pass`.
+    #[serde(default)]
+    pub response_body: ResponseBody,
     /// Largest answer the gateway reads to pass on a part of it, in bytes: a projected answer
     /// (`project`) and the answers of this route's operations followed through the gateway. A
     /// larger one is not read whole: the gateway stops reading as it passes the limit and
@@ -671,6 +690,18 @@ pub enum RestBody {
         content_type: String,
         template: String,
     },
+}
+
+/// Whether a successful answer carries Azure's body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "compile", derive(JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseBody {
+    /// Azure's body, projected when the route says so.
+    #[default]
+    Pass,
+    /// Status and allowed headers only.
+    None,
 }
 
 /// How Azure's error answers reach the caller.

@@ -142,13 +142,18 @@ pub struct PreparedRest {
     pub reply_headers: Vec<String>,
     pub errors: ErrorMode,
     pub project: Vec<String>,
+    /// Pointers kept of each element of the answer's `/value`.
+    pub project_items: Vec<String>,
+    /// Whether Azure's list continuations become links on this route (`?page=`).
+    pub pages: bool,
+    pub response_body: ResponseBody,
     pub timeout_ms: u32,
     pub token: TokenTarget,
     /// The path of the `azure_operation` route that follows this route's operations, with
     /// `{operation}` where the handle goes.
     pub operation_path: Option<String>,
-    /// The Worker secrets whose values sign operation handles (the identity's current and
-    /// next secret): handles are signed with the first and accepted with either.
+    /// The Worker secrets whose values seal operation and page handles (the identity's current
+    /// and next secret): handles are sealed with the first set and opened with either.
     pub handle_secrets: Vec<String>,
 }
 

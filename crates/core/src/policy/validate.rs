@@ -280,6 +280,18 @@ fn check_route(
             );
         }
     }
+    if let Backend::AzureRest(rest) = &route.backend {
+        let sends_get = match rest.method {
+            Some(m) => m == Method::Get,
+            None => route.methods.iter().all(|m| *m == Method::Get),
+        };
+        if rest.pages && !sends_get {
+            c.err(
+                format!("{at}.backend.azure_rest.pages"),
+                "false unless the route sends GET (a list is read with GET; its next pages are GETs of this route)",
+            );
+        }
+    }
     if matches!(route.backend, Backend::Blob(_)) {
         for (j, m) in route.methods.iter().enumerate() {
             if matches!(m, Method::Patch | Method::Delete) {
@@ -1203,6 +1215,39 @@ fn check_azure_rest(
                 format!("a JSON pointer such as \"/properties/state\", got \"{pointer}\""),
             );
         }
+    }
+    for (i, pointer) in rest.project_items.iter().enumerate() {
+        if !is_json_pointer(pointer) || pointer.is_empty() {
+            c.err(
+                format!("{at}.project_items[{i}]"),
+                format!("a JSON pointer within each element of the list, such as \"/name\" or \"/properties/state\", got \"{pointer}\""),
+            );
+        }
+    }
+    if !rest.project_items.is_empty() && rest.project.iter().any(|p| p == "/value" || p.starts_with("/value/")) {
+        c.err(
+            format!("{at}.project"),
+            "no pointer into /value beside project_items, which says what is kept of each element of /value",
+        );
+    }
+    if rest.response_body == ResponseBody::None
+        && (!rest.project.is_empty() || !rest.project_items.is_empty() || rest.pages)
+    {
+        c.err(
+            format!("{at}.response_body"),
+            "\"pass\" on a route that projects or pages its answers (\"none\" passes no body at all)",
+        );
+    }
+    if rest.pages
+        && rest
+            .query
+            .iter()
+            .any(|q| q.eq_ignore_ascii_case(crate::backend::azure_rest::PAGE_PARAMETER))
+    {
+        c.err(
+            format!("{at}.query"),
+            format!("no parameter named \"{}\" on a route that pages its lists: the gateway's next-page links use it", crate::backend::azure_rest::PAGE_PARAMETER),
+        );
     }
     if let Some(max) = rest.max_answer_bytes {
         if !(1..=ar::MAX_ANSWER_BYTES_LIMIT).contains(&max) {
