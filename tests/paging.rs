@@ -54,7 +54,10 @@ fn azure() -> Fake {
 fn json_reply(io: &Fake, body: Value) {
     io.replies.borrow_mut().push_back(Ok((
         200,
-        vec![("content-type".into(), "application/json; charset=utf-8".into())],
+        vec![(
+            "content-type".into(),
+            "application/json; charset=utf-8".into(),
+        )],
         body.to_string(),
     )));
 }
@@ -190,11 +193,26 @@ fn a_link_works_only_unchanged_in_time_on_its_route_and_path_and_a_bad_one_sends
     };
     let sent = io.sent().len();
     for (path, why) in [
-        (format!("/sites/rg1?page={tampered}"), "one character changed"),
-        (format!("/sites/rg1?page={}", &handle[..handle.len() - 4]), "cut short"),
-        (format!("/sites/rg2?page={handle}"), "another path of the same route"),
-        (format!("/also/rg1?page={handle}"), "another route with the same URL"),
-        (format!("/sites/rg1?page={handle}&page={handle}"), "given twice"),
+        (
+            format!("/sites/rg1?page={tampered}"),
+            "one character changed",
+        ),
+        (
+            format!("/sites/rg1?page={}", &handle[..handle.len() - 4]),
+            "cut short",
+        ),
+        (
+            format!("/sites/rg2?page={handle}"),
+            "another path of the same route",
+        ),
+        (
+            format!("/also/rg1?page={handle}"),
+            "another route with the same URL",
+        ),
+        (
+            format!("/sites/rg1?page={handle}&page={handle}"),
+            "given twice",
+        ),
         ("/sites/rg1?page=".to_owned(), "empty"),
     ] {
         let got = run(&g, &get(&path), &io);
@@ -255,7 +273,10 @@ fn graph_lists_page_by_their_odata_next_link() {
     assert_eq!(answer["value"], json!([{ "id": "u1" }]));
     let next = answer["@odata.nextLink"].as_str().unwrap();
     assert!(next.starts_with("/users?page="), "{next}");
-    assert!(answer.get("@odata.context").is_none(), "project_items keeps /value only");
+    assert!(
+        answer.get("@odata.context").is_none(),
+        "project_items keeps /value only"
+    );
     json_reply(&io, json!({ "value": [{ "id": "u2" }] }));
     let got = run(&g, &get(next), &io);
     assert_eq!(got.json(), json!({ "value": [{ "id": "u2" }] }));
@@ -282,10 +303,17 @@ fn a_storage_list_pages_by_its_next_marker() {
     )));
     let got = run(&g, &get("/queues"), &io);
     assert_eq!(got.status, 200, "{}", got.body);
-    let next = got.header("link").unwrap_or_else(|| panic!("{} {:?} {}", got.body, got.headers, got.log));
+    let next = got
+        .header("link")
+        .unwrap_or_else(|| panic!("{} {:?} {}", got.body, got.headers, got.log));
     let next = &next[1..next.find('>').unwrap()];
     assert!(next.starts_with("/queues?page="));
-    assert!(got.body.contains(&format!("<NextMarker>{next}</NextMarker>")), "{}", got.body);
+    assert!(
+        got.body
+            .contains(&format!("<NextMarker>{next}</NextMarker>")),
+        "{}",
+        got.body
+    );
     io.replies.borrow_mut().push_back(Ok((
         200,
         vec![("content-type".into(), "application/xml".into())],
@@ -312,10 +340,16 @@ fn an_answer_without_azures_body_carries_status_and_headers_only() {
         ],
         "<QueueMessagesList><QueueMessage><MessageId>m</MessageId><PopReceipt>AgAAAAMAAAA</PopReceipt></QueueMessage></QueueMessagesList>".into(),
     )));
-    let got = run(&g, &request("POST", "/jobs", &[("content-length", "5")], true), &io);
+    let got = run(
+        &g,
+        &request("POST", "/jobs", &[("content-length", "5")], true),
+        &io,
+    );
     assert_eq!(got.status, 201);
     assert_eq!(got.body, "");
     assert_eq!(got.header("content-type"), None);
     assert_eq!(got.header("x-ms-request-id"), Some("r-1"));
-    assert!(String::from_utf8(io.sent()[0].body.clone()).unwrap().contains("<MessageText>am9iIDE=</MessageText>"));
+    assert!(String::from_utf8(io.sent()[0].body.clone())
+        .unwrap()
+        .contains("<MessageText>am9iIDE=</MessageText>"));
 }

@@ -2400,3 +2400,130 @@ fn a_valet_route_without_protection_or_storing_requests_is_refused() {
     assert_eq!(errors.len(), 1, "{errors:#?}");
     assert!(errors[0].contains("when_unavailable"), "{errors:#?}");
 }
+
+/// The base policy with one more `azure_rest` route (index 3).
+fn with_rest(route: Value) -> Value {
+    let mut p = base();
+    p["routes"].as_array_mut().unwrap().push(route);
+    p
+}
+
+fn rest_route(name: &str, path: &str, backend: Value) -> Value {
+    json!({ "name": name, "methods": ["GET"], "path": path,
+        "inbound": { "api_key": { "keys": [{ "name": "a", "secret": "FILES_KEY" }] } },
+        "backend": { "azure_rest": backend } })
+}
+
+#[test]
+fn paging_projection_of_items_and_answers_without_body_are_checked() {
+    let sites = json!({ "identity": "gw", "api_version": "2022-09-01", "pages": true,
+        "project_items": ["/name"],
+        "url": "https://management.azure.com/subscriptions/{path.sub}/resourceGroups/{path.rg}/providers/Microsoft.Web/sites" });
+    let ok = with_rest(rest_route("sites", "/sites/{sub}/{rg}", sites.clone()));
+    assert_eq!(policy::load(&ok.to_string()).err().map(|e| e.len()), None);
+    let errors_of = |route: Value| -> Vec<String> {
+        match policy::load(&with_rest(route).to_string()) {
+            Ok(_) => Vec::new(),
+            Err(errors) => errors.iter().map(ToString::to_string).collect(),
+        }
+    };
+    let mut post = rest_route("sites", "/sites/{sub}/{rg}", sites.clone());
+    post["methods"] = json!(["POST"]);
+    assert_only_error(
+        errors_of(post),
+        "routes[3].backend.azure_rest.pages",
+        "unless the route sends GET",
+    );
+    let mut bad = sites.clone();
+    bad["project_items"] = json!(["name"]);
+    assert_only_error(
+        errors_of(rest_route("sites", "/sites/{sub}/{rg}", bad)),
+        "routes[3].backend.azure_rest.project_items[0]",
+        "a JSON pointer within each element",
+    );
+    let mut both = sites.clone();
+    both["project"] = json!(["/value/0/name"]);
+    assert_only_error(
+        errors_of(rest_route("sites", "/sites/{sub}/{rg}", both)),
+        "routes[3].backend.azure_rest.project",
+        "no pointer into /value",
+    );
+    let mut page_param = sites.clone();
+    page_param["query"] = json!(["Page"]);
+    assert_only_error(
+        errors_of(rest_route("sites", "/sites/{sub}/{rg}", page_param)),
+        "routes[3].backend.azure_rest.query",
+        "no parameter named \"page\"",
+    );
+    let mut none = sites.clone();
+    none["response_body"] = json!("none");
+    assert_only_error(
+        errors_of(rest_route("sites", "/sites/{sub}/{rg}", none)),
+        "routes[3].backend.azure_rest.response_body",
+        "\"pass\" on a route that projects or pages",
+    );
+}
+
+#[test]
+fn explain_warns_of_answers_that_carry_receipts_or_secrets_and_tells_how_lists_page() {
+    let route = |name: &str, url: &str, extra: Value| {
+        let mut backend = json!({ "identity": "gw", "url": url });
+        for (k, v) in extra.as_object().unwrap() {
+            backend[k] = v.clone();
+        }
+        rest_route(name, &format!("/{name}"), backend)
+    };
+    let mut p = base();
+    p["local_endpoints"] = json!([]);
+    let routes = p["routes"].as_array_mut().unwrap();
+    routes.truncate(2);
+    routes.extend([
+        route("enqueue", "https://contoso.queue.core.windows.net/jobs/messages", json!({ "api_version": "2021-08-06", "method": "POST" })),
+        route("enqueue-quiet", "https://contoso.queue.core.windows.net/jobs/messages", json!({ "api_version": "2021-08-06", "method": "POST", "response_body": "none" })),
+        route("secret", "https://contoso.vault.azure.net/secrets/db-password", json!({ "api_version": "7.4" })),
+        route("secret-meta", "https://contoso.vault.azure.net/secrets/db-password", json!({ "api_version": "7.4", "project": ["/id", "/attributes"] })),
+        route("keys", "https://management.azure.com/subscriptions/s/resourceGroups/rg/providers/Microsoft.Storage/storageAccounts/a/listKeys", json!({ "api_version": "2023-01-01", "method": "POST" })),
+        route("sites", "https://management.azure.com/subscriptions/s/resourceGroups/rg/providers/Microsoft.Web/sites", json!({ "api_version": "2022-09-01", "pages": true, "project_items": ["/name"] })),
+    ]);
+    let (code, out, err) = run_policy_tool("explain", "secrets-policy.json", &p);
+    assert_eq!(code, Some(0), "{out}{err}");
+    // A route's block: its line in the azure_rest section and the indented lines under it.
+    let block = |name: &str| -> String {
+        let section = out.split_once("azure_rest routes:").map_or("", |(_, s)| s);
+        let mut lines = section
+            .lines()
+            .skip_while(|l| !l.starts_with(&format!("  {name}: ")));
+        let first = lines
+            .next()
+            .unwrap_or_else(|| panic!("no {name} in:\n{out}"));
+        std::iter::once(first)
+            .chain(lines.take_while(|l| l.starts_with("    ")))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(
+        block("enqueue").contains("WARNING") && block("enqueue").contains("PopReceipt"),
+        "{}",
+        block("enqueue")
+    );
+    assert!(
+        !block("enqueue-quiet").contains("WARNING"),
+        "{}",
+        block("enqueue-quiet")
+    );
+    assert!(
+        block("enqueue-quiet").contains("no body"),
+        "{}",
+        block("enqueue-quiet")
+    );
+    assert!(block("secret").contains("WARNING") && block("secret").contains("secret's value"));
+    assert!(!block("secret-meta").contains("WARNING"));
+    assert!(block("keys").contains("WARNING") && block("keys").contains("account keys"));
+    let sites = block("sites");
+    assert!(!sites.contains("WARNING"), "{sites}");
+    assert!(
+        sites.contains("pages: Azure's nextLink") && sites.contains("/sites?page=<handle>"),
+        "{sites}"
+    );
+    assert!(sites.contains("/name of each element of /value"), "{sites}");
+}

@@ -430,8 +430,6 @@ mod cli {
             .collect()
     }
 
-    /// For an `azure_rest` route: the URL's shape with the pinned version, the audience, what
-    /// the caller's request may put into it, and what comes back.
     /// What a valet-key URL allows, what a SAS cannot limit, and how to take URLs back. Never
     /// a URL or a signature: explain mints nothing.
     fn valet_lines(p: &Policy, r: &Route) -> Option<String> {
@@ -479,6 +477,8 @@ mod cli {
         Some(lines.join("\n"))
     }
 
+    /// For an `azure_rest` route: the URL's shape with the pinned version, the audience, what
+    /// the caller's request may put into it, and what comes back.
     fn rest_lines(p: &Policy, r: &Route) -> Option<String> {
         use azure_edge_gateway::backend::azure_rest::{url::RestUrl, DEFAULT_RESPONSE_HEADERS};
         use azure_edge_gateway::policy::{ErrorMode, RestBody};
@@ -550,14 +550,27 @@ mod cli {
             back.push("x-ms-error-code".to_owned());
         }
         back.extend(rest.response_headers.iter().map(|h| h.to_ascii_lowercase()));
-        let body = if rest.project.is_empty() {
+        let read_limit = rest
+            .max_answer_bytes
+            .unwrap_or(azure_edge_gateway::backend::azure_rest::DEFAULT_MAX_ANSWER_BYTES);
+        let mut kept = Vec::new();
+        if !rest.project.is_empty() {
+            kept.push(rest.project.join(", "));
+        }
+        if !rest.project_items.is_empty() {
+            kept.push(format!(
+                "{} of each element of /value",
+                rest.project_items.join(", ")
+            ));
+        }
+        let body = if rest.response_body == azure_edge_gateway::policy::ResponseBody::None {
+            "no body (Azure's is never passed on)".to_owned()
+        } else if kept.is_empty() {
             "Azure's body".to_owned()
         } else {
             format!(
-                "only {} of Azure's JSON (read up to {} bytes, 502 past them)",
-                rest.project.join(", "),
-                rest.max_answer_bytes
-                    .unwrap_or(azure_edge_gateway::backend::azure_rest::DEFAULT_MAX_ANSWER_BYTES)
+                "only {} of Azure's JSON (read up to {read_limit} bytes, 502 past them)",
+                kept.join("; ")
             )
         };
         let errors = match rest.errors {
@@ -568,6 +581,19 @@ mod cli {
             "    caller gets: Azure's status, {body}, headers {}; {errors}",
             back.join(", ")
         ));
+        if rest.pages {
+            out.push(format!(
+                "    pages: Azure's nextLink / @odata.nextLink / <NextMarker> becomes {}?{}=<handle> (also Link: rel=\"next\"), sealed, for this route and path, valid {} min; never Azure's URL. Each page is read whole (up to {read_limit} bytes)",
+                r.path,
+                azure_edge_gateway::backend::azure_rest::PAGE_PARAMETER,
+                azure_edge_gateway::backend::azure_rest::PAGE_HANDLE_TTL_S / 60.0
+            ));
+        }
+        if let Some(warning) = rest.secret_warning(p.cloud) {
+            out.push(format!(
+                "    WARNING: passes Azure's answers whole, and {warning}"
+            ));
+        }
         if let Some(follower) = p
             .routes
             .iter()

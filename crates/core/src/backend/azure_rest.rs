@@ -675,13 +675,24 @@ async fn finish<I: Io, B>(
             return None;
         }
         let binding = page_binding(&route, path);
-        let handle = seal_url(key, &binding, next, plan.now_ms, PAGE_HANDLE_TTL_S, &plan.nonce);
+        let handle = seal_url(
+            key,
+            &binding,
+            next,
+            plan.now_ms,
+            PAGE_HANDLE_TTL_S,
+            &plan.nonce,
+        );
         Some(format!("{path}?{PAGE_PARAMETER}={handle}"))
     };
     let projected = if text.is_empty() {
         // Nothing to project (an empty 200, 201 or 204).
         String::new()
-    } else if page && format == Some(BodyFormat::Xml) && plan.shape.is_none() && rest.project.is_empty() {
+    } else if page
+        && format == Some(BodyFormat::Xml)
+        && plan.shape.is_none()
+        && rest.project.is_empty()
+    {
         // A Storage list: its `<NextMarker>` becomes the link.
         let (xml, next) = storage_page(&text, &plan.request.url, link);
         *plan.next.borrow_mut() = next;
@@ -1143,9 +1154,14 @@ pub fn storage_page(
         .replace("&amp;", "&");
     let (base, query) = request_url.split_once('?').unwrap_or((request_url, ""));
     // The service root is `https://host/`: a URL without a path gets its `/`.
-    let rooted = base.split_once("://").is_some_and(|(_, rest)| !rest.contains('/'));
+    let rooted = base
+        .split_once("://")
+        .is_some_and(|(_, rest)| !rest.contains('/'));
     let mut next = format!("{base}{}?", if rooted { "/" } else { "" });
-    for pair in query.split('&').filter(|p| !p.is_empty() && !p.starts_with("marker=")) {
+    for pair in query
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("marker="))
+    {
         next.push_str(pair);
         next.push('&');
     }

@@ -99,6 +99,44 @@ impl BlobSasBackend {
 }
 
 impl AzureRestBackend {
+    /// What Azure's answers on this route carry that a caller should not hold, when the
+    /// route passes them on whole (no `project`, no `project_items`, `response_body` pass):
+    /// receipts, secret values, keys or SAS tokens. `None` when nothing is known of it.
+    pub fn secret_warning(&self, cloud: Cloud) -> Option<&'static str> {
+        use super::model::ResponseBody;
+        if !self.project.is_empty()
+            || !self.project_items.is_empty()
+            || self.response_body == ResponseBody::None
+        {
+            return None;
+        }
+        let url = RestUrl::parse(&self.url).ok()?;
+        let shape = url.shape().to_ascii_lowercase();
+        let path = shape.split('?').next().unwrap_or_default();
+        let last = path.rsplit('/').find(|s| !s.is_empty()).unwrap_or_default();
+        match self.service(cloud)?.name {
+            "Queue Storage" if path.ends_with("/messages") || path.contains("/messages/") => Some(
+                "Storage queue answers to Put Message and Get Messages carry each message's PopReceipt, which lets its holder delete or change the message: set \"response_body\": \"none\", or use a storage_queue route (it holds the receipt back)",
+            ),
+            "Key Vault" if path.contains("/secrets") => Some(
+                "Key Vault's secret answers carry the secret's value: project only what the caller may see (e.g. [\"/id\", \"/attributes\"], or project_items for lists)",
+            ),
+            "Resource Manager"
+                if last.starts_with("list")
+                    && ["key", "sas", "secret", "credential", "connectionstring"]
+                        .iter()
+                        .any(|w| last.contains(w))
+                    || last.starts_with("regeneratekey") =>
+            {
+                Some("this Resource Manager action answers with account keys, connection strings, credentials or SAS tokens: project only what the caller may see, or set \"response_body\": \"none\"")
+            }
+            "Blob Storage" if shape.contains("comp=userdelegationkey") => Some(
+                "Get User Delegation Key answers with a key that signs SAS URLs for the whole account: use a blob_sas route, which keeps the key in the gateway",
+            ),
+            _ => None,
+        }
+    }
+
     /// The Azure service this route calls: by its host, or, for a local endpoint, by its
     /// audience.
     pub fn service(&self, cloud: Cloud) -> Option<&'static Service> {

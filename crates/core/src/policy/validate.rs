@@ -1224,7 +1224,12 @@ fn check_azure_rest(
             );
         }
     }
-    if !rest.project_items.is_empty() && rest.project.iter().any(|p| p == "/value" || p.starts_with("/value/")) {
+    if !rest.project_items.is_empty()
+        && rest
+            .project
+            .iter()
+            .any(|p| p == "/value" || p.starts_with("/value/"))
+    {
         c.err(
             format!("{at}.project"),
             "no pointer into /value beside project_items, which says what is kept of each element of /value",
