@@ -11,6 +11,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { after, before, beforeEach, describe, test } from 'node:test';
+import { manySites } from '../../dev/arm.mjs';
 import { REPO_ROOT } from '../../dev/proc.mjs';
 import { decodeBase64Text, gatewayClient, peekQueueMessages, startStack, storageToken } from './stack.mjs';
 
@@ -22,6 +23,9 @@ const SUBSCRIPTIONS = {
   [SUB]: {
     resourceGroups: {
       [RG]: { location: 'westeurope', sites: { [SITE]: { appSettings: { GREETING: 'hello', DB_PASSWORD: 'not-for-callers' } } } },
+      // Ten sites: five pages of the stand-in's two.
+      'rg-many': { location: 'westeurope', sites: manySites(10) },
+      'rg-few': { location: 'westeurope', sites: manySites(3, { prefix: 'few' }) },
     },
   },
 };
@@ -174,6 +178,82 @@ describe('azure_rest through the gateway', { timeout: 600_000 }, () => {
     const line = await logOf(res);
     assert.equal(line.backend_status, 401);
     assert.match(line.backend_detail, /audience/i);
+  });
+
+  test('a 5-page list is followed through the gateway: every element once, projected, never Azure\'s URL', async () => {
+    const seen = [];
+    let path = '/lists/rg-many/sites';
+    for (let page = 1; path; page += 1) {
+      assert.ok(page <= 5, 'at most 5 pages');
+      const res = await call('GET', path);
+      assert.equal(res.status, 200, res.text);
+      assert.ok(!/127\.0\.0\.1|skiptoken|subscriptions/i.test(res.text), `Azure's URL or ids in page ${page}: ${res.text}`);
+      for (const site of res.json.value) {
+        assert.deepEqual(Object.keys(site), ['name', 'properties']);
+        assert.deepEqual(site.properties, { state: 'Running' });
+        seen.push(site.name);
+      }
+      path = res.json.nextLink ?? null;
+      if (path) {
+        assert.match(path, /^\/lists\/rg-many\/sites\?page=[A-Za-z0-9_-]+$/);
+        assert.equal(res.headers.get('link'), `<${path}>; rel="next"`);
+      } else {
+        assert.equal(page, 5);
+        assert.equal(res.headers.get('link'), null);
+      }
+    }
+    assert.deepEqual(seen, Array.from({ length: 10 }, (_, i) => `site-${String(i + 1).padStart(2, '0')}`));
+    // Azure was asked for each page once: the first by the route's URL, then by its nextLinks.
+    const asked = await armSaw();
+    assert.equal(asked.length, 5);
+    assert.equal(asked[0].query.$skiptoken, undefined);
+    assert.ok(asked.slice(1).every((r) => r.query.$skiptoken && r.query['api-version'] === '2022-09-01'), JSON.stringify(asked.map((r) => r.query)));
+  });
+
+  test('a next-page link forged, changed, used on another path or route is refused and nothing is sent', async () => {
+    const first = await call('GET', '/lists/rg-few/sites');
+    const next = first.json.nextLink;
+    const handle = next.split('?page=')[1];
+    const flip = (h, i) => h.slice(0, i) + (h[i] === 'A' ? 'B' : 'A') + h.slice(i + 1);
+    await arm.clearRequests();
+    for (const [path, why] of [
+      [`/lists/rg-few/sites?page=${flip(handle, 10)}`, 'one character changed'],
+      [`/lists/rg-few/sites?page=${handle.slice(0, -3)}`, 'cut short'],
+      [`/lists/rg-many/sites?page=${handle}`, 'another path'],
+      [`/whole/rg-few/sites?page=${handle}`, 'another route'],
+      ['/lists/rg-few/sites?page=AgAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA', 'made up'],
+    ]) {
+      const res = await call('GET', path);
+      assert.equal(res.status, 404, `${why}: ${res.text}`);
+      assert.equal(res.json.type, 'urn:azure-edge-gateway:problem:page-not-found', why);
+    }
+    assert.equal((await armSaw()).length, 0, 'nothing reached Azure');
+    const ok = await call('GET', next);
+    assert.equal(ok.status, 200, ok.text);
+    assert.deepEqual(ok.json.value.map((s) => s.name), ['few-03']);
+  });
+
+  test('an unprojected paged list is Azure\'s body with the gateway\'s link in place of nextLink', async () => {
+    const res = await call('GET', '/whole/rg-few/sites');
+    assert.equal(res.status, 200, res.text);
+    assert.equal(res.json.value.length, 2);
+    assert.match(res.json.value[0].id, /\/sites\/few-01$/, 'the elements are Azure\'s, whole');
+    assert.match(res.json.nextLink, /^\/whole\/rg-few\/sites\?page=/);
+    assert.ok(!res.text.includes('127.0.0.1'), res.text);
+  });
+
+  test('a Storage answer without its body: no PopReceipt reaches the caller', async () => {
+    const payload = randomBytes(64);
+    const loud = await call('POST', '/jobs', { body: payload });
+    assert.equal(loud.status, 201);
+    assert.match(loud.text, /<PopReceipt>/, 'the route that passes the body shows the receipt');
+    const quiet = await call('POST', '/quiet/jobs', { body: payload });
+    assert.equal(quiet.status, 201, quiet.text);
+    assert.equal(quiet.text, '');
+    assert.equal(quiet.headers.get('content-type'), null);
+    const token = await storageToken(stack.issuer, stack.clientSecret);
+    const messages = await peekQueueMessages(stack.queue.url, 'jobs', token, { ca: stack.queue.ca });
+    assert.equal(messages.filter((m) => Buffer.from(m.messageText, 'base64').equals(payload)).length, 2, 'both were put');
   });
 
   test('a Storage Queue message built from an XML template is read back with Azurite\'s own API', async () => {
