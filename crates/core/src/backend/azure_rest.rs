@@ -242,12 +242,7 @@ pub async fn build<I: Io>(
     // perhaps only the next one): a route that hands out links must be able to seal them, so
     // with none set nothing is sent. Links are sealed with the first and opened with any.
     let keys: Vec<HandleKey> = if rest.operation_path.is_some() || rest.pages {
-        let keys: Vec<HandleKey> = rest
-            .handle_secrets
-            .iter()
-            .filter_map(|s| io.secret(s))
-            .map(|s| operation_key(&s))
-            .collect();
+        let keys = handle_keys(rest, io);
         if keys.is_empty() {
             return Err(no_handle_key(&rest.handle_secrets));
         }
@@ -1005,6 +1000,15 @@ pub fn operation_key(credential: &str) -> HandleKey {
     HandleKey::derive(credential)
 }
 
+/// The keys of a route's handles, one per identity secret that is set (the first seals).
+fn handle_keys<I: Io>(rest: &PreparedRest, io: &I) -> Vec<HandleKey> {
+    rest.handle_secrets
+        .iter()
+        .filter_map(|s| io.secret(s))
+        .map(|s| operation_key(&s))
+        .collect()
+}
+
 /// What a route's operation handles are bound to (the AEAD's associated data): a handle opens
 /// only as an operation of the route that issued it.
 fn operation_binding(route: &str) -> String {
@@ -1209,12 +1213,7 @@ pub fn build_operation<'p, I: Io>(
         let crate::policy::prepared::PreparedBackend::AzureRest(rest) = &route.backend else {
             continue;
         };
-        let keys: Vec<HandleKey> = rest
-            .handle_secrets
-            .iter()
-            .filter_map(|s| io.secret(s))
-            .map(|s| operation_key(&s))
-            .collect();
+        let keys = handle_keys(rest, io);
         let Some(url) = open_handle(handle, &keys, &route.name, now) else {
             continue;
         };
