@@ -384,3 +384,18 @@ fn a_url_limited_to_the_caller_names_its_ipv4_address() {
     assert_eq!(status, 400);
     assert_eq!(io.sent().len(), 1, "only the first request needed a key");
 }
+
+#[test]
+fn a_key_that_would_expire_before_a_url_is_not_used() {
+    let g = gateway();
+    let io = Fake::new();
+    // Storage gave 30 minutes, less than a one-hour URL needs: no URL is signed with it.
+    io.answer_for(
+        "comp=userdelegationkey",
+        Ok((200, Vec::new(), key_xml("2023-11-14T22:43:20Z"))),
+    );
+    let (status, answer, _) = run(&g, &post("/uploads/t1/a"), &io);
+    assert_eq!(status, 502, "{answer}");
+    assert!(answer["type"].as_str().unwrap().ends_with(":backend-error"));
+    assert!(answer.get("url").is_none());
+}

@@ -41,6 +41,9 @@ struct CostPath {
     /// Caller requests in flight together in one iteration (1 but for the coalesced path);
     /// bench/cost/run divides by it.
     group: usize,
+    /// One request before counting, so that the isolate holds what it caches (a valet route's
+    /// user delegation key): the path measured is the one most requests take.
+    warm: bool,
 }
 
 /// The paths measured. To add one: a route in bench/cost/policy.json if it needs one, and an
@@ -55,6 +58,7 @@ const PATHS: &[CostPath] = &[
         sends: 0,
         carries: Some(0),
         group: 1,
+        warm: false,
     },
     CostPath {
         name: "sb-send",
@@ -65,6 +69,7 @@ const PATHS: &[CostPath] = &[
         sends: 1,
         carries: Some(1024),
         group: 1,
+        warm: false,
     },
     CostPath {
         name: "sb-coalesced",
@@ -78,6 +83,7 @@ const PATHS: &[CostPath] = &[
         sends: 2,
         carries: None,
         group: 9,
+        warm: false,
     },
     CostPath {
         name: "blob-write",
@@ -103,6 +109,7 @@ const PATHS: &[CostPath] = &[
         sends: 1,
         carries: Some(1024),
         group: 1,
+        warm: false,
     },
     CostPath {
         name: "azure-rest",
@@ -127,6 +134,7 @@ const PATHS: &[CostPath] = &[
         sends: 1,
         carries: Some(1024),
         group: 1,
+        warm: false,
     },
     CostPath {
         name: "jwt-send",
@@ -163,6 +171,29 @@ const PATHS: &[CostPath] = &[
         sends: 1,
         carries: Some(1024),
         group: 1,
+        warm: false,
+    },
+    CostPath {
+        name: "valet-url",
+        about: "blob_sas create URL for a name from the path, the user delegation key from the isolate's cache (no send)",
+        io: || {
+            let io = Fake::new();
+            io.answer_for(
+                "comp=userdelegationkey",
+                Ok((
+                    200,
+                    Vec::new(),
+                    "<?xml version=\"1.0\" encoding=\"utf-8\"?><UserDelegationKey><SignedOid>6f1b2c3d-0000-4000-8000-000000000001</SignedOid><SignedTid>11111111-2222-3333-4444-555555555555</SignedTid><SignedStart>2023-11-14T22:08:20Z</SignedStart><SignedExpiry>2023-11-15T01:13:20Z</SignedExpiry><SignedService>b</SignedService><SignedVersion>2025-11-05</SignedVersion><Value>dGhlIGtleSdzIGJ5dGVzLCAzMiBvZiB0aGVtLCBmb3IgaG1hYw==</Value></UserDelegationKey>".to_owned(),
+                )),
+            );
+            io
+        },
+        head: || request("POST", "/valet/contoso/report%201.pdf", &[], false),
+        status: 200,
+        sends: 0,
+        carries: Some(0),
+        group: 1,
+        warm: true,
     },
 ];
 
@@ -214,7 +245,10 @@ fn main() {
     let gateway = Gateway::load(POLICY).unwrap_or_else(|e| panic!("bench/cost/policy.json: {e:?}"));
     let io = (path.io)();
     let head = (path.head)();
-    for i in 0..iterations {
+    // A warming request is the loop's first, not a call of its own: a second call site of
+    // `block_on` changes how the handler's future is inlined, and so what every path counts.
+    let warming = u32::from(path.warm);
+    for i in 0..iterations + warming {
         let answers = if path.group == 1 {
             vec![block_on(gateway.handle(&head, &io))]
         } else {
@@ -231,12 +265,12 @@ fn main() {
                 .map(|s| s.body.len() as u64 + s.stream.unwrap_or(0));
             (sent.len(), carried.sum::<u64>())
         };
-        for (answer, _log_line) in &answers {
+        for (answer, _log_line) in answers.iter().filter(|_| i >= warming) {
             let carried_ok = path.carries.is_none_or(|c| c == carried);
             if (answer.status, sent) != (path.status, path.sends) || !carried_ok {
                 eprintln!(
                     "aeg-cost: {name}, iteration {}: status {}, {sent} send(s) of {carried} bytes; expected {}, {} of {:?}",
-                    i + 1,
+                    i + 1 - warming,
                     answer.status,
                     path.status,
                     path.sends,

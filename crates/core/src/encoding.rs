@@ -309,6 +309,13 @@ impl JsonObject {
         self
     }
 
+    /// A JSON text another [`JsonObject`] wrote (a nested object).
+    pub fn object(&mut self, name: &str, value: JsonObject) -> &mut JsonObject {
+        let text = value.finish();
+        self.name(name).push_str(&text);
+        self
+    }
+
     pub fn bool(&mut self, name: &str, value: bool) -> &mut JsonObject {
         self.name(name)
             .push_str(if value { "true" } else { "false" });

@@ -203,13 +203,16 @@ pub fn held_key(text: &str, now_ms: f64) -> Result<HeldKey, Problem> {
     let unusable = unusable_answer;
     let key = sas::parse_delegation_key(text).ok_or_else(unusable)?;
     let expiry = crate::time::parse_iso_utc(&key.signed_expiry).ok_or_else(unusable)?;
-    if crate::encoding::base64_decode(&key.value).is_none() {
+    // A key must outlive the longest URL a route may sign with it: one that does not (Storage
+    // gave less than was asked) would sign URLs Azure refuses before they expire.
+    let serves_until = expiry - sas::MAX_URL_LIFETIME_MS;
+    if crate::encoding::base64_decode(&key.value).is_none() || serves_until <= now_ms {
         return Err(unusable());
     }
     Ok(HeldKey {
         key: std::rc::Rc::new(key),
         obtained_at: now_ms,
-        serves_until: expiry - sas::MAX_URL_LIFETIME_MS,
+        serves_until,
     })
 }
 
@@ -240,22 +243,24 @@ pub fn mint(s: &PreparedBlobSas, plan: &Plan, key: &DelegationKey, now_ms: f64) 
 /// The caller's 200: the URL, the method and headers to use it with, its expiry, the blob.
 /// Never stored by a cache on the way: the URL is a credential.
 pub fn answer<S>(s: &PreparedBlobSas, plan: &Plan, minted: &Minted) -> Answer<S> {
-    let (method, headers) = match s.permission {
+    use crate::encoding::JsonObject;
+    let mut headers = JsonObject::with_capacity(32);
+    let method = match s.permission {
         SasPermission::Create | SasPermission::CreateWrite => {
-            ("PUT", json!({ "x-ms-blob-type": "BlockBlob" }))
+            headers.str("x-ms-blob-type", "BlockBlob");
+            "PUT"
         }
-        SasPermission::Read => ("GET", json!({})),
+        SasPermission::Read => "GET",
     };
-    let body = json!({
-        "url": minted.url,
-        "method": method,
-        "headers": headers,
-        "expires": minted.expires,
-        "container": s.container,
-        "blob": plan.name,
-        "permission": s.permission.as_str(),
-    });
-    let mut answer = Answer::json(200, body.to_string());
+    let mut body = JsonObject::with_capacity(minted.url.len() + 256);
+    body.str("url", &minted.url)
+        .str("method", method)
+        .object("headers", headers)
+        .str("expires", &minted.expires)
+        .str("container", &s.container)
+        .str("blob", &plan.name)
+        .str("permission", s.permission.as_str());
+    let mut answer = Answer::json(200, body.finish());
     answer
         .headers
         .push(("cache-control", "no-store".to_owned()));
