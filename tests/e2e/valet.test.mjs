@@ -56,7 +56,11 @@ describe('valet-key routes against Azurite', () => {
     const logs = await Promise.all(answers.map(logOf));
     const keys = {};
     for (const log of logs) keys[log.key] = (keys[log.key] ?? 0) + 1;
-    assert.deepEqual(keys, { fetched: 1, waited: 199 }, 'one Get User Delegation Key, the others waited for it');
+    // One Get User Delegation Key; the others waited for it (a straggler on a slow machine may
+    // come after it and find the key cached: that is still no second request).
+    assert.equal(keys.fetched, 1, JSON.stringify(keys));
+    assert.equal((keys.waited ?? 0) + (keys.cache ?? 0), 199, JSON.stringify(keys));
+    assert.ok((keys.waited ?? 0) >= 150, `most callers were cold together: ${JSON.stringify(keys)}`);
     assert.equal(logs.filter((l) => l.token === 'fetched').length, 1);
     // Each URL works, for its own name only.
     const r = await direct(answers[7].json.url, { body: 'seven', headers: answers[7].json.headers });
