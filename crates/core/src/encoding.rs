@@ -229,6 +229,22 @@ pub fn xml_escape(text: &str, out: &mut String) -> Result<(), (usize, char)> {
     Ok(())
 }
 
+/// The text of the first `<name>…</name>` element in `xml` (Storage's answers: a receipt's
+/// fields, an error's code, a key's fields, a list's marker), as it stands (entities not
+/// decoded); `None` without one. A reader of known, flat answers, not an XML parser.
+pub fn xml_element<'a>(xml: &'a str, name: &str) -> Option<&'a str> {
+    let open = xml.match_indices('<').find_map(|(at, _)| {
+        let rest = xml[at + 1..].strip_prefix(name)?;
+        rest.starts_with('>').then_some(at + 1 + name.len() + 1)
+    })?;
+    let inner = &xml[open..];
+    let close = inner.match_indices("</").find_map(|(at, _)| {
+        let rest = inner[at + 2..].strip_prefix(name)?;
+        rest.starts_with('>').then_some(at)
+    })?;
+    Some(&inner[..close])
+}
+
 /// A JSON object written member by member, byte for byte as `serde_json` writes the same
 /// values (strings escaped as it escapes them, floats as it formats them), without a map or a
 /// serializer on the way: the log line of every request is written with it. Names are the
@@ -415,6 +431,30 @@ pub fn pem_block(pem: &str, label: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn xml_elements_are_found_by_their_exact_name() {
+        let xml = "<R><Queues><Queue><Name>a&amp;b</Name></Queue></Queues><NextMarker/><Code>X</Code><Code>Y</Code></R>";
+        assert_eq!(xml_element(xml, "Name"), Some("a&amp;b"));
+        assert_eq!(
+            xml_element(xml, "Queue"),
+            Some("<Name>a&amp;b</Name>"),
+            "not <Queues>"
+        );
+        assert_eq!(
+            xml_element(xml, "Queues"),
+            Some("<Queue><Name>a&amp;b</Name></Queue>")
+        );
+        assert_eq!(xml_element(xml, "Code"), Some("X"), "the first");
+        assert_eq!(
+            xml_element(xml, "NextMarker"),
+            None,
+            "an empty element has no text element"
+        );
+        assert_eq!(xml_element(xml, "Nam"), None);
+        assert_eq!(xml_element("<A>open", "A"), None);
+        assert_eq!(xml_element("<A></A>", "A"), Some(""));
+    }
 
     #[test]
     fn base64_matches_rfc4648_vectors() {

@@ -91,13 +91,8 @@ pub type KeyCache = crate::identity::cache::Cache<KeyId, HeldKey, crate::problem
 /// Reads the answer of Get User Delegation Key (`<UserDelegationKey>…`); `None` when a field is
 /// missing.
 pub fn parse_delegation_key(xml: &str) -> Option<DelegationKey> {
-    let field = |name: &str| -> Option<String> {
-        let open = format!("<{name}>");
-        let close = format!("</{name}>");
-        let start = xml.find(&open)? + open.len();
-        let end = start + xml[start..].find(&close)?;
-        Some(xml[start..end].trim().to_owned())
-    };
+    let field =
+        |name: &str| crate::encoding::xml_element(xml, name).map(|text| text.trim().to_owned());
     Some(DelegationKey {
         signed_oid: field("SignedOid")?,
         signed_tid: field("SignedTid")?,

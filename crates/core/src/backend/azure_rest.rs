@@ -878,12 +878,7 @@ pub fn azure_error(body: &str, header_code: Option<&str>) -> (Option<String>, Op
             return (code, text("message"));
         }
     }
-    let tag = |name: &str| {
-        let open = format!("<{name}>");
-        let start = body.find(&open)? + open.len();
-        let end = body[start..].find(&format!("</{name}>"))?;
-        Some(body[start..start + end].to_owned())
-    };
+    let tag = |name: &str| crate::encoding::xml_element(body, name).map(str::to_owned);
     if let Some(code) = tag("Code") {
         return (Some(code), tag("Message"));
     }
@@ -1137,15 +1132,12 @@ pub fn storage_page(
     request_url: &str,
     link: impl FnOnce(&str) -> Option<String>,
 ) -> (String, Option<String>) {
-    const OPEN: &str = "<NextMarker>";
-    const CLOSE: &str = "</NextMarker>";
-    let Some(start) = xml.find(OPEN).map(|i| i + OPEN.len()) else {
+    let Some(inner) = crate::encoding::xml_element(xml, "NextMarker") else {
         return (xml.to_owned(), None);
     };
-    let Some(end) = xml[start..].find(CLOSE).map(|i| start + i) else {
-        return (xml.to_owned(), None);
-    };
-    let marker = xml[start..end].trim();
+    let start = inner.as_ptr() as usize - xml.as_ptr() as usize;
+    let end = start + inner.len();
+    let marker = inner.trim();
     if marker.is_empty() {
         return (xml.to_owned(), None);
     }

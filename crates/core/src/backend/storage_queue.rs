@@ -14,6 +14,7 @@ use std::cell::RefCell;
 use serde_json::json;
 
 use super::Verdict;
+use crate::encoding::xml_element;
 use crate::exchange::{
     Answer, Backend, BackendRequest, Bearer, BodyError, Cx, Io, Limit, OutBody, Reply,
 };
@@ -87,10 +88,10 @@ pub struct Enqueued {
 /// Values are kept only when they look like what Azure sends (an id, an RFC 1123 date): the
 /// caller's answer never carries anything else from the response body.
 pub fn parse_enqueued(xml: &str) -> Option<Enqueued> {
-    let list = between(xml, "<QueueMessagesList>", "</QueueMessagesList>")?;
-    let message = between(list, "<QueueMessage>", "</QueueMessage>")?;
+    let list = xml_element(xml, "QueueMessagesList")?;
+    let message = xml_element(list, "QueueMessage")?;
     let field = |name: &str| {
-        between(message, &format!("<{name}>"), &format!("</{name}>"))
+        xml_element(message, name)
             .map(str::trim)
             .filter(|v| {
                 (1..=64).contains(&v.len())
@@ -105,11 +106,6 @@ pub fn parse_enqueued(xml: &str) -> Option<Enqueued> {
         expiration_time: field("ExpirationTime"),
         time_next_visible: field("TimeNextVisible"),
     })
-}
-
-fn between<'a>(text: &'a str, open: &str, close: &str) -> Option<&'a str> {
-    let (_, rest) = text.split_once(open)?;
-    rest.split_once(close).map(|(inside, _)| inside)
 }
 
 /// The caller's 202.
@@ -313,13 +309,13 @@ fn unavailable(why: &str, retry_after: Option<u64>) -> Problem {
 /// `<Message>` (without the request id and time that follow), for the log line.
 pub fn error_detail(header_code: Option<&str>, body: &str) -> String {
     let code: String = header_code
-        .or_else(|| between(body, "<Code>", "</Code>"))
+        .or_else(|| xml_element(body, "Code"))
         .unwrap_or("no error code")
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || *c == ' ')
         .take(64)
         .collect();
-    let message = between(body, "<Message>", "</Message>")
+    let message = xml_element(body, "Message")
         .map(|m| m.split(['\n', '\r']).next().unwrap_or(m))
         .unwrap_or("")
         .chars()
