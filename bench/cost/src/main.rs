@@ -174,6 +174,37 @@ const PATHS: &[CostPath] = &[
         warm: false,
     },
     CostPath {
+        name: "azure-rest-page",
+        about: "azure_rest GET of one page of a Resource Manager list (2 sites): elements projected, Azure's nextLink sealed into the gateway's link",
+        io: || {
+            let mut io = Fake::new();
+            io.secrets
+                .insert("COST_CLIENT_SECRET".into(), "cost-client-secret".into());
+            let site = |n: u32| {
+                json!({ "id": format!("/subscriptions/00000000-aaaa-bbbb-cccc-000000000001/resourceGroups/rg-edge/providers/Microsoft.Web/sites/site-{n}"),
+                    "name": format!("site-{n}"), "type": "Microsoft.Web/sites", "location": "westeurope",
+                    "properties": { "state": "Running", "hostNames": [format!("site-{n}.azurewebsites.net")] } })
+            };
+            let page = json!({ "value": [site(1), site(2)],
+                "nextLink": "https://management.azure.com/subscriptions/00000000-aaaa-bbbb-cccc-000000000001/resourceGroups/rg-edge/providers/Microsoft.Web/sites?api-version=2022-09-01&%24skiptoken=eyJvZmZzZXQiOjJ9" });
+            io.answer_for(
+                "management.azure.com",
+                Ok((
+                    200,
+                    headers(&[("content-type", "application/json; charset=utf-8")]),
+                    page.to_string(),
+                )),
+            );
+            io
+        },
+        head: || request("GET", "/lists/rg-edge/sites", &[], false),
+        status: 200,
+        sends: 1,
+        carries: Some(0),
+        group: 1,
+        warm: false,
+    },
+    CostPath {
         name: "valet-url",
         about: "blob_sas create URL for a name from the path, the user delegation key from the isolate's cache (no send)",
         io: || {

@@ -661,7 +661,7 @@ async fn finish<I: Io, B>(
     };
     // Azure's continuation, sealed into a link on this route; one to another list or host is
     // not followed (and not shown).
-    let route = cx.route.map(|r| r.name.clone()).unwrap_or_default();
+    let route: &str = cx.route.map(|r| r.name.as_str()).unwrap_or_default();
     let dropped = std::cell::Cell::new(false);
     let link = |next: &str| -> Option<String> {
         let (path, key) = (plan.page_path.as_ref()?, plan.handle_key.as_ref()?);
@@ -669,7 +669,7 @@ async fn finish<I: Io, B>(
             dropped.set(true);
             return None;
         }
-        let binding = page_binding(&route, path);
+        let binding = page_binding(route, path);
         let handle = seal_url(
             key,
             &binding,
@@ -951,16 +951,50 @@ fn timed_out() -> Problem {
 /// Keeps only the values at `pointers` of `value`, nested as they were (array elements by
 /// index become members named by the index).
 pub fn project(value: &Value, pointers: &[String]) -> Value {
+    project_parsed(value, &parse_pointers(pointers))
+}
+
+/// JSON pointers (RFC 6901) split into their unescaped tokens: once for a list's every element.
+fn parse_pointers(pointers: &[String]) -> Vec<Vec<String>> {
+    pointers
+        .iter()
+        .map(|pointer| {
+            pointer
+                .split('/')
+                .skip(1)
+                .map(|t| t.replace("~1", "/").replace("~0", "~"))
+                .collect()
+        })
+        .collect()
+}
+
+/// The value at a parsed pointer, as `Value::pointer` finds it (an array index is digits, with
+/// no leading zero).
+fn at_tokens<'v>(value: &'v Value, tokens: &[String]) -> Option<&'v Value> {
+    tokens.iter().try_fold(value, |at, token| match at {
+        Value::Object(map) => map.get(token),
+        Value::Array(list) => {
+            let digits = !token.is_empty() && token.bytes().all(|b| b.is_ascii_digit());
+            let canonical = token == "0" || !token.starts_with('0');
+            if !(digits && canonical) {
+                return None;
+            }
+            list.get(token.parse::<usize>().ok()?)
+        }
+        _ => None,
+    })
+}
+
+/// [`project`] with its pointers parsed.
+fn project_parsed(value: &Value, pointers: &[Vec<String>]) -> Value {
     let mut out = Value::Object(serde_json::Map::new());
-    for pointer in pointers {
-        let Some(found) = value.pointer(pointer) else {
+    for tokens in pointers {
+        let Some(found) = at_tokens(value, tokens) else {
             continue;
         };
-        let tokens: Vec<String> = pointer
-            .split('/')
-            .skip(1)
-            .map(|t| t.replace("~1", "/").replace("~0", "~"))
-            .collect();
+        if tokens.is_empty() {
+            return found.clone();
+        }
         let mut at = &mut out;
         for (i, token) in tokens.iter().enumerate() {
             let Value::Object(map) = at else { break };
@@ -971,9 +1005,6 @@ pub fn project(value: &Value, pointers: &[String]) -> Value {
             at = map
                 .entry(token.clone())
                 .or_insert_with(|| Value::Object(serde_json::Map::new()));
-        }
-        if tokens.is_empty() {
-            return found.clone();
         }
     }
     out
@@ -991,9 +1022,31 @@ fn fresh_nonce<I: Io>(io: &I) -> [u8; NONCE_LEN] {
 
 /// The key of a route's operation handles: derived (HKDF) from the identity's own credential,
 /// so it is the same in every isolate and needs no configuration of its own.
+///
+/// Derived once per isolate for each credential (HKDF is a dozen SHA-256 blocks: work for an
+/// isolate's start, not for each request that seals or opens a handle). An isolate has a few
+/// credentials at most; a new one past [`HANDLE_KEYS_KEPT`] replaces the oldest.
 pub fn operation_key(credential: &str) -> HandleKey {
-    HandleKey::derive(credential)
+    thread_local! {
+        static DERIVED: std::cell::RefCell<Vec<(String, HandleKey)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    DERIVED.with(|derived| {
+        if let Some((_, key)) = derived.borrow().iter().find(|(c, _)| c == credential) {
+            return key.clone();
+        }
+        let key = HandleKey::derive(credential);
+        let mut derived = derived.borrow_mut();
+        if derived.len() >= HANDLE_KEYS_KEPT {
+            derived.remove(0);
+        }
+        derived.push((credential.to_owned(), key.clone()));
+        key
+    })
 }
+
+/// How many credentials' handle keys an isolate keeps derived.
+const HANDLE_KEYS_KEPT: usize = 8;
 
 /// The keys of a route's handles, one per identity secret that is set (the first seals).
 fn handle_keys<I: Io>(rest: &PreparedRest, io: &I) -> Vec<HandleKey> {
@@ -1095,12 +1148,20 @@ pub fn shape_answer(
         let next = value.get(*field)?.as_str()?;
         Some((*field, next.to_owned()))
     });
+    // What `items` keep of each element of `/value`, their pointers parsed once for all.
+    let kept_items = match value.get("value") {
+        Some(Value::Array(list)) if !items.is_empty() => {
+            let items = parse_pointers(items);
+            Some(list.iter().map(|e| project_parsed(e, &items)).collect())
+        }
+        _ => None,
+    };
     let mut out = if !pointers.is_empty() {
         project(&value, pointers)
     } else if !items.is_empty() {
         Value::Object(serde_json::Map::new())
     } else {
-        value.clone()
+        value
     };
     if let Value::Object(map) = &mut out {
         if page {
@@ -1108,11 +1169,8 @@ pub fn shape_answer(
                 map.remove(field);
             }
         }
-        if !items.is_empty() {
-            if let Some(Value::Array(list)) = value.get("value") {
-                let kept = list.iter().map(|e| project(e, items)).collect();
-                map.insert("value".into(), Value::Array(kept));
-            }
+        if let Some(kept) = kept_items {
+            map.insert("value".into(), Value::Array(kept));
         }
     }
     let mut handed = None;
@@ -1274,6 +1332,34 @@ mod tests {
         // The format before this one (ciphertext.mac, v1) no longer opens.
         let v1 = "MDEyMzQ1Njc4OWFiY2RlZg.AAAA";
         assert_eq!(open_handle(v1, keys, "restart", 1_000_000.0), None);
+    }
+
+    #[test]
+    fn parsed_pointers_find_what_value_pointer_finds() {
+        let value = serde_json::json!({ "a": [10, {"b~c": 1, "d/e": 2}], "": 3, "0": 4 });
+        for pointer in [
+            "",
+            "/a",
+            "/a/0",
+            "/a/1/b~0c",
+            "/a/1/d~1e",
+            "/a/01",
+            "/a/+1",
+            "/a/2",
+            "/a/-",
+            "/a/",
+            "/",
+            "/0",
+            "/x/y",
+            "/a/1/b~c",
+        ] {
+            let parsed = parse_pointers(&[pointer.to_owned()]);
+            assert_eq!(
+                at_tokens(&value, &parsed[0]),
+                value.pointer(pointer),
+                "{pointer:?}"
+            );
+        }
     }
 
     #[test]
