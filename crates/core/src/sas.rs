@@ -19,8 +19,9 @@ pub struct DelegationKey {
     pub signed_expiry: String,
     pub signed_service: String,
     pub signed_version: String,
-    /// The key itself, base64 as Storage sends it. Never logged, never shown.
-    pub value: String,
+    /// The key itself, decoded from the base64 Storage sends once, when the answer is read.
+    /// Never logged, never shown.
+    pub secret: Vec<u8>,
 }
 
 // The key's value signs URLs: never printed.
@@ -30,7 +31,7 @@ impl std::fmt::Debug for DelegationKey {
             .field("signed_oid", &self.signed_oid)
             .field("signed_start", &self.signed_start)
             .field("signed_expiry", &self.signed_expiry)
-            .field("value", &"<redacted>")
+            .field("secret", &"<redacted>")
             .finish_non_exhaustive()
     }
 }
@@ -89,7 +90,7 @@ impl crate::identity::cache::Failure for crate::problem::Problem {
 pub type KeyCache = crate::identity::cache::Cache<KeyId, HeldKey, crate::problem::Problem>;
 
 /// Reads the answer of Get User Delegation Key (`<UserDelegationKey>…`); `None` when a field is
-/// missing.
+/// missing or the key's value is not base64.
 pub fn parse_delegation_key(xml: &str) -> Option<DelegationKey> {
     let field =
         |name: &str| crate::encoding::xml_element(xml, name).map(|text| text.trim().to_owned());
@@ -100,7 +101,7 @@ pub fn parse_delegation_key(xml: &str) -> Option<DelegationKey> {
         signed_expiry: field("SignedExpiry")?,
         signed_service: field("SignedService")?,
         signed_version: field("SignedVersion")?,
-        value: field("Value")?,
+        secret: crate::encoding::base64_decode(&field("Value")?)?,
     })
 }
 
@@ -187,11 +188,9 @@ pub fn string_to_sign(sas: &BlobSas<'_>, key: &DelegationKey) -> String {
 }
 
 /// The SAS query string (without `?`) of `sas` under `key`: what the URL of the blob carries.
-/// `None` when the key's value is not base64.
-pub fn query(sas: &BlobSas<'_>, key: &DelegationKey) -> Option<String> {
-    let secret = crate::encoding::base64_decode(&key.value)?;
+pub fn query(sas: &BlobSas<'_>, key: &DelegationKey) -> String {
     let signature = crate::encoding::base64(&crate::crypto::hmac_sha256(
-        &secret,
+        &key.secret,
         string_to_sign(sas, key).as_bytes(),
     ));
     let mut pairs: Vec<(&str, &str)> = vec![
@@ -225,7 +224,7 @@ pub fn query(sas: &BlobSas<'_>, key: &DelegationKey) -> Option<String> {
         out.push('=');
         crate::encoding::push_percent_encoded(&mut out, value);
     }
-    Some(out)
+    out
 }
 
 #[cfg(test)]
@@ -284,7 +283,7 @@ mod tests {
         let mut read = sas();
         read.permission = Permission::Read;
         read.content_disposition = Some("attachment; filename=\"r.pdf\"");
-        let q = query(&read, &key()).unwrap();
+        let q = query(&read, &key());
         let expected = crate::encoding::base64(&crate::crypto::hmac_sha256(
             b"key-bytes",
             string_to_sign(&read, &key()).as_bytes(),
@@ -298,15 +297,7 @@ mod tests {
             "{q}"
         );
         assert!(!q.contains("a2V5LWJ5dGVz"), "the key's value never leaves");
-        assert_eq!(
-            query(
-                &sas(),
-                &DelegationKey {
-                    value: "!".into(),
-                    ..key()
-                }
-            ),
-            None
-        );
+        let not_base64 = "<UserDelegationKey><SignedOid>o</SignedOid><SignedTid>t</SignedTid><SignedStart>s</SignedStart><SignedExpiry>e</SignedExpiry><SignedService>b</SignedService><SignedVersion>v</SignedVersion><Value>!</Value></UserDelegationKey>";
+        assert_eq!(parse_delegation_key(not_base64), None);
     }
 }
