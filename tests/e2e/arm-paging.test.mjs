@@ -186,7 +186,7 @@ describe('Resource Manager stand-in: paged lists', () => {
     const flipped = `${payload.slice(0, -1)}${payload.at(-1) === 'A' ? 'B' : 'A'}.${mac}`;
     const groups = await get(GROUPS, { apiVersion: '2022-09-01' });
     const foreign = skiptokenOf(groups.json.nextLink);
-    for (const token of [`${reoffset}.${mac}`, flipped, `${payload}.${mac.slice(0, -1)}x`, payload, '2', '', 'not a token', foreign]) {
+    for (const token of [`${reoffset}.${mac}`, flipped, `${payload}.${mac.slice(0, -1)}${mac.at(-1) === 'x' ? 'y' : 'x'}`, payload, '2', '', 'not a token', foreign]) {
       assertArmError(await get(SITES, { query: `$skiptoken=${encodeURIComponent(token)}` }), 400, 'InvalidSkipToken');
     }
     // A token from another start of the stand-in (its key differs), on the same path.
