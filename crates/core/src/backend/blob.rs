@@ -11,7 +11,7 @@ use crate::exchange::{
     Answer, AnswerBody, Backend, BackendRequest, Bearer, BodyError, Cx, Io, Limit, OutBody, Reply,
     StoredPlan,
 };
-use crate::policy::prepared::PreparedBlob;
+use crate::policy::prepared::{BlobSettings, PreparedBlob};
 use crate::policy::BlobBackend;
 use crate::problem::Problem;
 use crate::routing::{PathTemplate, Segment};
@@ -138,10 +138,6 @@ impl BlobBackend {
             needed.max(DEFAULT_BLOCK_BYTES)
         })
     }
-
-    pub fn idle_timeout_ms(&self) -> f64 {
-        f64::from(self.idle_timeout_ms.unwrap_or(DEFAULT_IDLE_TIMEOUT_MS))
-    }
 }
 
 /// How a write's body goes to Azure.
@@ -154,7 +150,7 @@ pub enum Upload {
 }
 
 /// Chooses the upload, or refuses a body whose declared length is over the route's limit.
-pub fn upload_for(backend: &BlobBackend, content_length: Option<u64>) -> Result<Upload, Problem> {
+pub fn upload_for(backend: &BlobSettings, content_length: Option<u64>) -> Result<Upload, Problem> {
     match content_length {
         Some(length) if length > backend.max_body_bytes() => {
             Err(body_too_large(length, backend.max_body_bytes()))
@@ -223,7 +219,7 @@ pub fn put_block_request(
 /// `PUT …?comp=blocklist`: commits the blocks as the blob, with its content type, metadata and
 /// create-only condition. The body is [`block_list_body`].
 pub fn put_block_list_request(
-    backend: &BlobBackend,
+    backend: &BlobSettings,
     container_url: &str,
     encoded_name: &str,
     now_ms: f64,
@@ -255,7 +251,7 @@ pub fn block_list_body(ids: &[String]) -> String {
     body
 }
 
-fn content_type<'a>(backend: &'a BlobBackend, info: BodyInfo<'a>) -> &'a str {
+fn content_type<'a>(backend: &'a BlobSettings, info: BodyInfo<'a>) -> &'a str {
     backend
         .content_type
         .as_deref()
@@ -263,7 +259,7 @@ fn content_type<'a>(backend: &'a BlobBackend, info: BodyInfo<'a>) -> &'a str {
         .unwrap_or("application/octet-stream")
 }
 
-fn push_write_headers(r: &mut BackendRequest, backend: &BlobBackend, info: BodyInfo) {
+fn push_write_headers(r: &mut BackendRequest, backend: &BlobSettings, info: BodyInfo) {
     for (name, value) in info.metadata {
         r.headers.push((format!("x-ms-meta-{name}"), value.clone()));
     }
@@ -301,7 +297,7 @@ pub fn check_metadata(metadata: &[(String, String)]) -> Result<(), Problem> {
 
 /// The request for `op` on the blob `encoded_name`; the edge streams a write's body.
 pub fn request(
-    backend: &BlobBackend,
+    backend: &BlobSettings,
     container_url: &str,
     op: BlobOp,
     encoded_name: &str,
@@ -894,8 +890,8 @@ impl Backend for PreparedBlob {
 mod tests {
     use super::*;
 
-    fn backend(overwrite: bool) -> BlobBackend {
-        BlobBackend {
+    fn backend(overwrite: bool) -> BlobSettings {
+        BlobSettings::from(&BlobBackend {
             account: Some("acct".into()),
             endpoint: None,
             container: "uploads".into(),
@@ -909,7 +905,7 @@ mod tests {
             overwrite,
             identity: "gw".into(),
             audience: None,
-        }
+        })
     }
 
     #[test]

@@ -1673,7 +1673,7 @@ mod tests {
             },
             lanes: Default::default(),
             message: prep(&mapping()),
-            config: backend,
+            config: (&backend).into(),
             flavor: Flavor::ServiceBus,
         };
         let r = single_request(&prepared, "application/json", props.broker_json(), &props);

@@ -83,7 +83,7 @@ fn prepare(policy: &Policy) -> Result<Prepared, String> {
                 PreparedBackend::ServiceBus(PreparedServiceBus {
                     send_url: format!("{}/{}/messages", sb.base_url(policy.cloud), sb.entity()),
                     token: target(&sb.identity, sb.audience())?,
-                    config: sb.clone(),
+                    config: sb.into(),
                     message,
                     flavor: Flavor::ServiceBus,
                     lanes: Default::default(),
@@ -95,7 +95,7 @@ fn prepare(policy: &Policy) -> Result<Prepared, String> {
                     send_url: format!("{}/{}/messages", sb.base_url(policy.cloud), sb.entity()),
                     token: target(&eh.identity, eh.audience())?,
                     message: PreparedMessage::from_mapping(&eh.mapping())?,
-                    config: sb,
+                    config: (&sb).into(),
                     flavor: Flavor::EventHubs,
                     lanes: Default::default(),
                 })
@@ -103,7 +103,7 @@ fn prepare(policy: &Policy) -> Result<Prepared, String> {
             Backend::StorageQueue(q) => PreparedBackend::StorageQueue(PreparedStorageQueue {
                 send_url: q.send_url(policy.cloud),
                 token: target(&q.identity, q.audience())?,
-                config: q.clone(),
+                config: q.into(),
             }),
             Backend::AzureRest(r) => PreparedBackend::AzureRest(prepare_rest(
                 policy,
@@ -175,7 +175,7 @@ fn prepare(policy: &Policy) -> Result<Prepared, String> {
                     .collect::<Result<_, String>>()?,
                 token: target(&b.identity, b.audience())?,
                 readers: readers_of(policy, b),
-                config: b.clone(),
+                config: b.into(),
             }),
         };
         let breaker = BreakerConfig {

@@ -250,7 +250,7 @@ pub struct TokenTarget {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PreparedServiceBus {
-    pub config: ServiceBusBackend,
+    pub config: ServiceBusSettings,
     /// `{namespace}/{entity}/messages`.
     pub send_url: String,
     pub token: TokenTarget,
@@ -273,10 +273,135 @@ pub enum Flavor {
     EventHubs,
 }
 
+/// What a Service Bus or Event Hubs route's requests read of its `backend`, defaults applied.
+///
+/// The prepared policy carries only this, not the policy's `backend` object: every field the
+/// wasm decodes is code in the upload, and the rest (the namespace, the `message` mapping now
+/// in [`PreparedMessage`], …) is never read after the build.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceBusSettings {
+    /// The queue, topic or event hub.
+    pub entity: String,
+    /// The caller sends a batch (a JSON array).
+    pub batch: bool,
+    pub duplicate_detection: bool,
+    pub linger_ms: Option<u32>,
+    coalesces: bool,
+    max_batch_messages: u32,
+    max_message_bytes: u32,
+}
+
+impl ServiceBusSettings {
+    pub fn entity(&self) -> &str {
+        &self.entity
+    }
+
+    /// Whether concurrent single-message sends leave together ([`crate::coalesce`]).
+    pub fn coalesces(&self) -> bool {
+        self.coalesces
+    }
+
+    /// The most messages in one coalesced batch.
+    pub fn max_batch_messages(&self) -> usize {
+        self.max_batch_messages as usize
+    }
+
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes as usize
+    }
+}
+
+impl From<&ServiceBusBackend> for ServiceBusSettings {
+    fn from(b: &ServiceBusBackend) -> Self {
+        ServiceBusSettings {
+            entity: b.entity().to_owned(),
+            batch: b.batch,
+            duplicate_detection: b.duplicate_detection,
+            linger_ms: b.linger_ms,
+            coalesces: b.coalesces(),
+            max_batch_messages: u32::try_from(b.max_batch_messages()).unwrap_or(u32::MAX),
+            max_message_bytes: u32::try_from(b.max_message_bytes()).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+/// What a Storage queue route's requests read of its `backend`, defaults applied.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StorageQueueSettings {
+    pub queue: String,
+    pub encoding: QueueEncoding,
+    max_body_bytes: u32,
+}
+
+impl StorageQueueSettings {
+    /// The largest body this route accepts.
+    pub fn max_body_bytes(&self) -> u32 {
+        self.max_body_bytes
+    }
+}
+
+impl From<&StorageQueueBackend> for StorageQueueSettings {
+    fn from(q: &StorageQueueBackend) -> Self {
+        StorageQueueSettings {
+            queue: q.queue.clone(),
+            encoding: q.encoding,
+            max_body_bytes: q.max_body_bytes(),
+        }
+    }
+}
+
+/// What a blob route's requests read of its `backend`, defaults applied.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlobSettings {
+    pub container: String,
+    /// The content type every write gets, over the caller's.
+    pub content_type: Option<String>,
+    /// Writes may replace a blob (otherwise they are create-only, `If-None-Match: *`).
+    pub overwrite: bool,
+    max_body_bytes: u64,
+    single_put_max_bytes: u64,
+    block_bytes: u32,
+    idle_timeout_ms: u32,
+}
+
+impl BlobSettings {
+    pub fn max_body_bytes(&self) -> u64 {
+        self.max_body_bytes
+    }
+
+    pub fn single_put_max_bytes(&self) -> u64 {
+        self.single_put_max_bytes
+    }
+
+    pub fn block_bytes(&self) -> u32 {
+        self.block_bytes
+    }
+
+    pub fn idle_timeout_ms(&self) -> f64 {
+        f64::from(self.idle_timeout_ms)
+    }
+}
+
+impl From<&BlobBackend> for BlobSettings {
+    fn from(b: &BlobBackend) -> Self {
+        BlobSettings {
+            container: b.container.clone(),
+            content_type: b.content_type.clone(),
+            overwrite: b.overwrite,
+            max_body_bytes: b.max_body_bytes(),
+            single_put_max_bytes: b.single_put_max_bytes(),
+            block_bytes: b.block_bytes(),
+            idle_timeout_ms: b
+                .idle_timeout_ms
+                .unwrap_or(crate::backend::blob::DEFAULT_IDLE_TIMEOUT_MS),
+        }
+    }
+}
+
 /// A Storage queue route: where it sends, with what token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PreparedStorageQueue {
-    pub config: StorageQueueBackend,
+    pub config: StorageQueueSettings,
     /// `{account}/{queue}/messages[?visibilitytimeout=…&messagettl=…]`.
     pub send_url: String,
     pub token: TokenTarget,
@@ -331,7 +456,7 @@ impl PreparedMessage {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PreparedBlob {
-    pub config: BlobBackend,
+    pub config: BlobSettings,
     /// `{account}/{container}`: blob URLs are this, `/`, the encoded name.
     pub container_url: String,
     pub name: Template,
