@@ -13,7 +13,9 @@ use super::{crypto, now, random};
 use crate::encoding::{base64url, pem_block};
 use crate::exchange::{Grant, NoToken};
 use crate::identity::cache::{Lookup, TokenCache};
-use crate::identity::endpoint::{assertion_signing_input, parse_token_response, Proof};
+use crate::identity::endpoint::{
+    assertion_signing_input, parse_token_response, token_summary, Proof,
+};
 use crate::identity::fetch::{Step, TokenFetch};
 use crate::identity::{Token, TokenError, TokenKey};
 use crate::policy::prepared::TokenTarget;
@@ -296,10 +298,9 @@ async fn attempt(
             )))
         }
     };
-    let (status, retry_after, body, over): (u16, Option<String>, String, Option<f64>) =
-        serde_json::from_str(&summary)
-            .map_err(|_| transient("reading the token response failed".into()))?;
-    if over.is_some() {
+    let (status, retry_after, body, over) = token_summary(&summary)
+        .ok_or_else(|| transient("reading the token response failed".into()))?;
+    if over {
         return Err(crate::identity::endpoint::oversized_token_response(
             status,
             retry_after.as_deref(),

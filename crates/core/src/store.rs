@@ -21,6 +21,7 @@
 //! take it either is it left on the queue, whose own dead-lettering then keeps it.
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::exchange::BackendRequest;
 
@@ -77,6 +78,40 @@ impl Stored {
             ids,
             stored_at: now,
         }
+    }
+
+    /// Reads one as [`Stored::new`]'s value is written (`serde_json::to_string`); `None` for
+    /// anything else. Read through a [`Value`]: a typed read would link serde_json's
+    /// type-mismatch messages, and with them float formatting, into the wasm.
+    pub fn parse(text: &str) -> Option<Stored> {
+        let Value::Object(o) = serde_json::from_str(text).ok()? else {
+            return None;
+        };
+        let text_of = |name: &str| o.get(name)?.as_str().map(str::to_owned);
+        let texts = |v: &Value| -> Option<Vec<String>> {
+            v.as_array()?
+                .iter()
+                .map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        };
+        Some(Stored {
+            v: u32::try_from(o.get("v")?.as_u64()?).ok()?,
+            route: text_of("route")?,
+            request_id: text_of("request_id")?,
+            method: text_of("method")?,
+            url: text_of("url")?,
+            headers: o
+                .get("headers")?
+                .as_array()?
+                .iter()
+                .map(|pair| match <[String; 2]>::try_from(texts(pair)?) {
+                    Ok([name, value]) => Some((name, value)),
+                    Err(_) => None,
+                })
+                .collect::<Option<_>>()?,
+            ids: texts(o.get("ids")?)?,
+            stored_at: o.get("stored_at")?.as_f64()?,
+        })
     }
 
     /// Its method, when it is `expected`.
@@ -167,4 +202,86 @@ pub struct DeadLetter {
     pub backend_status: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub backend_detail: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored() -> Stored {
+        let request = BackendRequest {
+            method: "POST",
+            url: "https://ns.servicebus.windows.net/orders/messages".into(),
+            headers: vec![
+                ("content-type".into(), "application/json".into()),
+                ("brokerproperties".into(), "{\"MessageId\":\"m-1\"}".into()),
+            ],
+            ..Default::default()
+        };
+        Stored::new(
+            "orders",
+            "r-1",
+            &request,
+            vec!["m-1".into()],
+            1_765_000_000_123.5,
+        )
+    }
+
+    #[test]
+    fn parse_reads_what_is_written_and_what_serde_reads() {
+        let s = stored();
+        let text = serde_json::to_string(&s).unwrap();
+        assert_eq!(Stored::parse(&text), Some(s.clone()));
+        // Field order and unknown fields do not matter, as for serde's reader.
+        let mut v = serde_json::to_value(&s).unwrap();
+        v["later"] = "ignored".into();
+        let reordered = serde_json::to_string(&v).unwrap();
+        assert_eq!(Stored::parse(&reordered), Some(s));
+    }
+
+    #[test]
+    fn parse_refuses_what_serde_refuses() {
+        let good = serde_json::to_value(stored()).unwrap();
+        let mut cases: Vec<Value> = vec![Value::Null, "x".into(), Value::Array(vec![])];
+        for field in [
+            "v",
+            "route",
+            "request_id",
+            "method",
+            "url",
+            "headers",
+            "ids",
+            "stored_at",
+        ] {
+            let mut missing = good.clone();
+            missing.as_object_mut().unwrap().remove(field);
+            cases.push(missing);
+            let mut wrong = good.clone();
+            wrong[field] = serde_json::json!({"a": 1});
+            cases.push(wrong);
+        }
+        for (field, bad) in [
+            ("v", serde_json::json!(-1)),
+            ("v", serde_json::json!(1.5)),
+            ("v", serde_json::json!(5_000_000_000u64)),
+            ("headers", serde_json::json!([["a"]])),
+            ("headers", serde_json::json!([["a", "b", "c"]])),
+            ("headers", serde_json::json!([["a", 1]])),
+            ("ids", serde_json::json!([1])),
+            ("stored_at", serde_json::json!("now")),
+        ] {
+            let mut wrong = good.clone();
+            wrong[field] = bad;
+            cases.push(wrong);
+        }
+        for case in cases {
+            let text = case.to_string();
+            assert!(
+                serde_json::from_str::<Stored>(&text).is_err(),
+                "serde reads {text}"
+            );
+            assert_eq!(Stored::parse(&text), None, "{text}");
+        }
+        assert_eq!(Stored::parse("{"), None);
+    }
 }

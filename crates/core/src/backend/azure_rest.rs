@@ -1128,7 +1128,7 @@ fn page_not_found() -> Problem {
         404,
         "page-not-found",
         "No such page",
-        format!("This next-page link is not one this gateway issued for this route and path, or it has expired (links last {} minutes). List again from the first page. Nothing was sent.", PAGE_HANDLE_TTL_S / 60.0),
+        format!("This next-page link is not one this gateway issued for this route and path, or it has expired (links last {} minutes). List again from the first page. Nothing was sent.", PAGE_HANDLE_TTL_S as u32 / 60),
     )
 }
 

@@ -253,6 +253,25 @@ fn is_b64token(t: &str) -> bool {
 /// Largest token endpoint answer read (Entra's are a few KB): a larger one is not read whole.
 pub const MAX_TOKEN_ANSWER_BYTES: u32 = 64 * 1024;
 
+/// edge.js's summary of the token response: `[status, retry-after or null, body, over or
+/// null]` (`over`: the body was cut at its limit). Read through a `Value`: a typed read would
+/// link serde_json's type-mismatch messages, and with them float formatting, into the wasm.
+pub fn token_summary(summary: &str) -> Option<(u16, Option<String>, String, bool)> {
+    let Value::Array(fields) = serde_json::from_str(summary).ok()? else {
+        return None;
+    };
+    let [status, retry_after, body, over] = <[Value; 4]>::try_from(fields).ok()?;
+    Some((
+        u16::try_from(status.as_u64()?).ok()?,
+        match retry_after {
+            Value::Null => None,
+            v => Some(v.as_str()?.to_owned()),
+        },
+        body.as_str()?.to_owned(),
+        !over.is_null(),
+    ))
+}
+
 /// A token endpoint's answer that was over [`MAX_TOKEN_ANSWER_BYTES`] and was not read: judged
 /// by its status alone (throttled or failing: worth a retry; refused: the refusal; a success
 /// that is too large to be a token answer: malformed).
@@ -372,6 +391,37 @@ fn aadsts_code(json: &Value) -> Option<u64> {
 mod tests {
     use super::*;
     use crate::policy::Credential;
+
+    #[test]
+    fn the_token_summary_is_read_as_edge_js_writes_it() {
+        assert_eq!(
+            token_summary(r#"[200,null,"{\"access_token\":\"x\"}",null]"#),
+            Some((200, None, r#"{"access_token":"x"}"#.to_owned(), false))
+        );
+        assert_eq!(
+            token_summary(r#"[429,"7","",null]"#),
+            Some((429, Some("7".to_owned()), String::new(), false))
+        );
+        assert_eq!(
+            token_summary(r#"[200,null,"",70000]"#),
+            Some((200, None, String::new(), true)),
+            "over the limit: the number of bytes seen"
+        );
+        for bad in [
+            "",
+            "{}",
+            "[200,null,\"\"]",
+            "[200,null,\"\",null,1]",
+            "[70000,null,\"\",null]",
+            "[-1,null,\"\",null]",
+            "[200.5,null,\"\",null]",
+            "[\"200\",null,\"\",null]",
+            "[200,7,\"\",null]",
+            "[200,null,{},null]",
+        ] {
+            assert_eq!(token_summary(bad), None, "{bad}");
+        }
+    }
 
     fn identity(endpoint: TokenEndpoint) -> Identity {
         Identity {

@@ -38,7 +38,7 @@ impl Gateway {
         use crate::store::{Delivered, Stored};
         let started = io.now();
         let mut log = LogFields::default();
-        let parsed: Option<Stored> = serde_json::from_str(stored).ok();
+        let parsed = Stored::parse(stored);
         let tried = match &parsed {
             None => Tried::Refused("it is not a stored request this gateway can read".to_owned()),
             Some(s) => self.deliver_stored(s, body, io, &mut log).await,
