@@ -247,7 +247,7 @@ impl Lanes {
     /// A send on this route took `ms`: the typical send moves towards it.
     fn note_sent(&self, ms: f64) {
         let typical = self.typical_ms.get();
-        let ms = ms.clamp(0.0, STALE_MS);
+        let ms = crate::time::within(ms, 0.0, STALE_MS);
         self.typical_ms.set(if typical == 0.0 {
             ms
         } else {

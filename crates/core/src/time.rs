@@ -85,6 +85,14 @@ impl Utc {
     }
 }
 
+/// `value` brought within `low..=high` (`low` for NaN). Not `f64::clamp`: its check that
+/// `low <= high` formats both with `Debug` when it fails, which links core's float formatting
+/// (about 7 KiB of the upload's gzip) into the wasm for a panic that cannot happen here.
+/// clippy.toml disallows `f64::clamp` for that reason.
+pub fn within(value: f64, low: f64, high: f64) -> f64 {
+    value.max(low).min(high)
+}
+
 /// `YYYY-MM-DDThh:mm:ss[.fraction]Z` (as Storage writes a key's expiry) in Unix milliseconds,
 /// to the second; `None` for anything else.
 pub fn parse_iso_utc(text: &str) -> Option<f64> {

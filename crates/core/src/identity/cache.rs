@@ -20,6 +20,7 @@
 use std::hash::Hash;
 
 use crate::fasthash::FastMap;
+use crate::time::within;
 
 use super::endpoint::{Token, TokenError, TokenKey};
 
@@ -148,9 +149,8 @@ impl<K, V, E> Default for Cache<K, V, E> {
 /// Whether `lease` may still be handed out at `now` (its margin before expiry not reached).
 fn usable<V: Lease>(c: &CacheConfig, lease: &V, now: f64) -> bool {
     let lifetime = lease.lifetime_ms();
-    let margin = (lifetime * c.margin_share)
-        .clamp(c.min_margin_ms, c.max_margin_ms)
-        .min(lifetime / 2.0);
+    let margin =
+        within(lifetime * c.margin_share, c.min_margin_ms, c.max_margin_ms).min(lifetime / 2.0);
     now < lease.expires_at() - margin
 }
 
@@ -219,7 +219,7 @@ impl<K: Hash + Eq + Clone, V: Lease, E: Failure> Cache<K, V, E> {
             Ok(token) => {
                 let lifetime = token.lifetime_ms();
                 let share = refresh_share + config.jitter_share * (2.0 * jitter - 1.0);
-                entry.refresh_at = token.obtained_at() + lifetime * share.clamp(0.05, 0.95);
+                entry.refresh_at = token.obtained_at() + lifetime * within(share, 0.05, 0.95);
                 entry.value = Some(token);
                 entry.failure = None;
             }
