@@ -138,6 +138,10 @@ impl BlobBackend {
             needed.max(DEFAULT_BLOCK_BYTES)
         })
     }
+
+    pub fn idle_timeout_ms(&self) -> u32 {
+        self.idle_timeout_ms.unwrap_or(DEFAULT_IDLE_TIMEOUT_MS)
+    }
 }
 
 /// How a write's body goes to Azure.

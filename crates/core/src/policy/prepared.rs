@@ -391,9 +391,7 @@ impl From<&BlobBackend> for BlobSettings {
             max_body_bytes: b.max_body_bytes(),
             single_put_max_bytes: b.single_put_max_bytes(),
             block_bytes: b.block_bytes(),
-            idle_timeout_ms: b
-                .idle_timeout_ms
-                .unwrap_or(crate::backend::blob::DEFAULT_IDLE_TIMEOUT_MS),
+            idle_timeout_ms: b.idle_timeout_ms(),
         }
     }
 }
