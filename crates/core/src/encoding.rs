@@ -229,6 +229,17 @@ pub fn xml_escape(text: &str, out: &mut String) -> Result<(), (usize, char)> {
     Ok(())
 }
 
+/// A JSON object, or `None` for anything else. The wasm reads JSON only as a `Value` and
+/// matches it: a typed read (into a struct, a tuple, a `Map` or a `Vec`) links serde_json's
+/// type-mismatch messages, and with them core's float formatting, into the upload
+/// (docs/development.md, "The upload's size").
+pub fn json_object(json: &[u8]) -> Option<serde_json::Map<String, serde_json::Value>> {
+    match serde_json::from_slice(json).ok()? {
+        serde_json::Value::Object(map) => Some(map),
+        _ => None,
+    }
+}
+
 /// The text of the first `<name>…</name>` element in `xml` (Storage's answers: a receipt's
 /// fields, an error's code, a key's fields, a list's marker), as it stands (entities not
 /// decoded); `None` without one. A reader of known, flat answers, not an XML parser.

@@ -81,12 +81,9 @@ impl Stored {
     }
 
     /// Reads one as [`Stored::new`]'s value is written (`serde_json::to_string`); `None` for
-    /// anything else. Read through a [`Value`]: a typed read would link serde_json's
-    /// type-mismatch messages, and with them float formatting, into the wasm.
+    /// anything else. Read by hand, not by its `Deserialize`: see [`crate::encoding::json_object`].
     pub fn parse(text: &str) -> Option<Stored> {
-        let Value::Object(o) = serde_json::from_str(text).ok()? else {
-            return None;
-        };
+        let o = crate::encoding::json_object(text.as_bytes())?;
         let text_of = |name: &str| o.get(name)?.as_str().map(str::to_owned);
         let texts = |v: &Value| -> Option<Vec<String>> {
             v.as_array()?

@@ -254,8 +254,8 @@ fn is_b64token(t: &str) -> bool {
 pub const MAX_TOKEN_ANSWER_BYTES: u32 = 64 * 1024;
 
 /// edge.js's summary of the token response: `[status, retry-after or null, body, over or
-/// null]` (`over`: the body was cut at its limit). Read through a `Value`: a typed read would
-/// link serde_json's type-mismatch messages, and with them float formatting, into the wasm.
+/// null]` (`over`: the body was cut at its limit). Read as a `Value`, not as a tuple: see
+/// [`crate::encoding::json_object`].
 pub fn token_summary(summary: &str) -> Option<(u16, Option<String>, String, bool)> {
     let Value::Array(fields) = serde_json::from_str(summary).ok()? else {
         return None;

@@ -202,15 +202,6 @@ fn typ_accepted(typ: &str) -> bool {
 }
 
 /// Splits and decodes a compact JWS and checks its header against the route's algorithms.
-/// A JSON object, read as a [`Value`] and matched: a typed read (`Map`) would link serde_json's
-/// type-mismatch messages, and with them float formatting, into the wasm.
-fn json_object(bytes: &[u8]) -> Option<Map<String, Value>> {
-    match serde_json::from_slice(bytes).ok()? {
-        Value::Object(map) => Some(map),
-        _ => None,
-    }
-}
-
 pub fn parse(token: &str, check: &JwtCheck) -> Result<Parsed, Problem> {
     if token.len() > MAX_TOKEN_BYTES {
         return Err(malformed());
@@ -222,7 +213,7 @@ pub fn parse(token: &str, check: &JwtCheck) -> Result<Parsed, Problem> {
         return Err(malformed());
     };
     let header: Map<String, Value> = decode_segment(header_b64)
-        .and_then(|bytes| json_object(&bytes))
+        .and_then(|bytes| crate::encoding::json_object(&bytes))
         .ok_or_else(malformed)?;
     let alg = header
         .get("alg")
@@ -245,7 +236,7 @@ pub fn parse(token: &str, check: &JwtCheck) -> Result<Parsed, Problem> {
         Some(_) => return Err(malformed()),
     };
     let claims: Map<String, Value> = decode_segment(payload_b64)
-        .and_then(|bytes| json_object(&bytes))
+        .and_then(|bytes| crate::encoding::json_object(&bytes))
         .ok_or_else(malformed)?;
     let signature = decode_segment(signature_b64).ok_or_else(malformed)?;
     // ES256 is r‖s, 32 bytes each (RFC 7518 §3.4), never DER.
